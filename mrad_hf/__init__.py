@@ -1,0 +1,52 @@
+# SPDX-License-Identifier: Apache-2.0
+"""mrad-hf: MRAD zero-shot anomaly detection (Xu et al., ICLR 2026, arXiv 2602.00522) on Hugging Face.
+
+Importing the package registers `MRADConfig` with `AutoConfig`, `MRADForAnomalyDetection` with `AutoModel`,
+`MRADImageProcessor` with `AutoImageProcessor` and the `"anomaly-detection"` pipeline task, so that
+
+    import mrad_hf
+    from transformers import AutoModel, pipeline
+    model = AutoModel.from_pretrained("path/to/mrad-model")
+    detector = pipeline("anomaly-detection", model="path/to/mrad-model")
+
+work without remote code.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .configuration_mrad import MRADConfig
+from .image_processing_mrad import MRADImageProcessor, MRADInputError, load_image
+from .memory_bank import MemoryBank, MemoryBankError
+from .modeling_mrad import MRADForAnomalyDetection, MRADOutput, MRADPreTrainedModel
+from .pipeline_anomaly_detection import AnomalyDetectionPipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnomalyDetectionPipeline",
+    "MRADConfig",
+    "MRADForAnomalyDetection",
+    "MRADImageProcessor",
+    "MRADInputError",
+    "MRADOutput",
+    "MRADPreTrainedModel",
+    "MemoryBank",
+    "MemoryBankError",
+    "load_image",
+    "__version__",
+]
+
+AutoConfig.register("mrad", MRADConfig, exist_ok=True)
+AutoModel.register(MRADConfig, MRADForAnomalyDetection, exist_ok=True)
+AutoImageProcessor.register(
+    MRADConfig, image_processor_classes={"pil": MRADImageProcessor, "torchvision": MRADImageProcessor}, exist_ok=True
+)
+# Saved folders carry their code (auto_map), so they also load with trust_remote_code=True where mrad_hf is
+# not installed; where it is installed, these local classes win.
+MRADConfig.register_for_auto_class()
+MRADForAnomalyDetection.register_for_auto_class("AutoModel")
+MRADImageProcessor.register_for_auto_class()
+PIPELINE_REGISTRY.register_pipeline(
+    "anomaly-detection", pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+)

@@ -1,0 +1,181 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MRAD configuration: every knob of the method as data, with the official code's defaults.
+
+MRAD (Xu et al., *Zero-Shot Anomaly Detection with Memory-Driven Retrieval*, ICLR 2026,
+arXiv 2602.00522). The defaults reproduce the released code (github.com/CROVO1026/MRAD, HEAD 1cc1c6b),
+which is the reference semantics of this package; where the paper's text differs, the paper's form
+is available as an option (``score_fusion="sum"``, ``retrieval_temperature``), never the default.
+
+Sections of the paper the knobs belong to: Sec. 3.1 (frozen CLIP with a V-V local branch),
+Sec. 3.2 (the two-level memory bank), Sec. 3.3 (retrieval and scoring).
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPConfig, PreTrainedConfig
+
+__all__ = ["MRADConfig", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_POSITION_INTERPOLATIONS = ("bilinear", "bicubic")
+_SCORE_FUSIONS = ("weighted", "sum")
+_REGION_RULES = ("exact", "majority")
+
+
+@strict
+class MRADConfig(PreTrainedConfig):
+    r"""Configuration of [`MRADForAnomalyDetection`].
+
+    Args:
+        clip_config (`CLIPConfig` or `dict`, *optional*):
+            The frozen CLIP backbone. Defaults to `CLIPConfig()`; real use loads
+            `openai/clip-vit-large-patch14-336` through `MRADForAnomalyDetection.from_clip`.
+        image_size (`int`, defaults to 518):
+            Side of the square network input. The image is stretched to it (no crop), as the reference does.
+        vv_start_layer (`int`, defaults to 1):
+            0-based index of the first encoder block that carries the V-V path. The reference replaces the
+            attention of blocks 2..24 of ViT-L/14 (`DAPM_replace(24)`), i.e. index 1 to the last.
+        feature_layer (`int`, defaults to -1):
+            Block whose V-V tokens are used for the patch memory (-1 = last). The reference uses only the last
+            layer (its other "layers" alias the last one).
+        neighbor_kernel_sizes (`list[int]`, defaults to `[1, 3, 5]`):
+            `average_neighbor`: mean of stride-1 average pools with these odd kernels, zero padding counted.
+        position_interpolation (`str`, defaults to `"bilinear"`):
+            How the positional table is resized to the input grid. `"bilinear"` (align_corners=False, CLS row
+            kept) is the reference; `"bicubic"` is what transformers' `interpolate_pos_encoding` does.
+        class_key_post_layernorm (`bool`, defaults to `False`):
+            Apply `post_layernorm` to the class token before `visual_projection`. The reference does not
+            (a quirk inherited from AnomalyCLIP); `True` gives CLIP's standard image embedding.
+        retrieval_temperature (`float`, defaults to 1.0):
+            tau in softmax(q K^T / tau). The reference uses none (tau = 1); the paper writes a tau.
+        retrieval_chunk_size (`int`, *optional*):
+            If set, retrieval streams over the bank in chunks of this many keys (exact, bounded memory).
+        image_score_weight (`float`, defaults to 0.7):
+            k in score = (1 - k) * mean(top pixels of the map) + k * p_anomaly(image retrieval).
+        top_k_ratio (`float`, defaults to 0.01):
+            Fraction of map pixels averaged for the pixel term of the image score (`int(H * W * ratio)`).
+        score_fusion (`str`, defaults to `"weighted"`):
+            `"weighted"` is the reference formula above; `"sum"` is the paper's S = Y_cls^a + TopKMean(M).
+        gaussian_sigma (`float`, defaults to 4.0):
+            Sigma of the Gaussian smoothing of the map (0 disables it).
+        gaussian_truncate (`float`, defaults to 4.0):
+            Kernel radius in sigmas, as scipy's `gaussian_filter(truncate=...)`.
+        mask_threshold (`float`, defaults to 0.5):
+            Ground-truth masks are binarised at this value after resizing to `image_size`.
+        region_rule (`str`, defaults to `"exact"`):
+            How a 518-pixel mask labels the patch grid when building the patch memory. `"exact"` is the
+            reference: bilinear downsampling, a patch is anomalous only at exactly 1 and normal only at exactly
+            0 (boundary patches are dropped). `"majority"` labels every patch by its bilinear value > 0.5.
+        image_mean, image_std (`list[float]`):
+            Normalisation of the input (OpenAI CLIP statistics).
+        image_bank_size (`int`, defaults to 0):
+            Number of image-level memory entries (class-token keys). Sets the shape of the bank buffers so that
+            `from_pretrained` restores them; filled by `build_memory_bank` / `set_memory_bank`.
+        patch_bank_size (`int`, defaults to 0):
+            Number of pixel-level memory entries (normal / anomalous region prototypes).
+        memory_bank_metadata (`dict`, *optional*):
+            Provenance of the attached banks (source dataset, counts, backbone fingerprint, format version).
+
+    Example:
+
+    ```python
+    >>> from transformers import CLIPConfig
+    >>> from mrad_hf import MRADConfig
+    >>> config = MRADConfig(clip_config=CLIPConfig(), image_size=518)
+    >>> config.image_score_weight
+    0.7
+    ```
+    """
+
+    model_type = "mrad"
+    sub_configs_defaults = {"clip_config": CLIPConfig}
+
+    clip_config: dict | CLIPConfig | None = None
+    image_size: int = 518
+    vv_start_layer: int = 1
+    feature_layer: int = -1
+    neighbor_kernel_sizes: list[int] | tuple[int, ...] | None = None
+    position_interpolation: str = "bilinear"
+    class_key_post_layernorm: bool = False
+    retrieval_temperature: float = 1.0
+    retrieval_chunk_size: int | None = None
+    image_score_weight: float = 0.7
+    top_k_ratio: float = 0.01
+    score_fusion: str = "weighted"
+    gaussian_sigma: float = 4.0
+    gaussian_truncate: float = 4.0
+    mask_threshold: float = 0.5
+    region_rule: str = "exact"
+    image_mean: list[float] | tuple[float, ...] | None = None
+    image_std: list[float] | tuple[float, ...] | None = None
+    image_bank_size: int = 0
+    patch_bank_size: int = 0
+    memory_bank_metadata: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.neighbor_kernel_sizes is None:
+            self.neighbor_kernel_sizes = [1, 3, 5]
+        self.neighbor_kernel_sizes = [int(k) for k in self.neighbor_kernel_sizes]
+        self.image_mean = list(OPENAI_CLIP_MEAN if self.image_mean is None else self.image_mean)
+        self.image_std = list(OPENAI_CLIP_STD if self.image_std is None else self.image_std)
+        super().__post_init__(**kwargs)
+
+    # ---- derived quantities (no state) ----
+    @property
+    def patch_size(self) -> int:
+        return self.clip_config.vision_config.patch_size
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the patch grid at `image_size` (37 for ViT-L/14 at 518)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def image_key_dim(self) -> int:
+        """Width of image-level keys: the projected class token (768 for ViT-L/14)."""
+        return self.clip_config.projection_dim
+
+    @property
+    def patch_key_dim(self) -> int:
+        """Width of pixel-level keys: un-projected V-V tokens (1024 for ViT-L/14)."""
+        return self.clip_config.vision_config.hidden_size
+
+    def validate_architecture(self):
+        """Checks run by `@strict` on construction and before every save."""
+        vision = self.clip_config.vision_config
+        problems = []
+        if self.image_size < vision.patch_size:
+            problems.append(f"image_size ({self.image_size}) is smaller than the patch size ({vision.patch_size})")
+        if not -vision.num_hidden_layers <= self.feature_layer < vision.num_hidden_layers:
+            problems.append(f"feature_layer ({self.feature_layer}) is outside the {vision.num_hidden_layers} blocks")
+        if not 0 <= self.vv_start_layer < vision.num_hidden_layers:
+            problems.append(f"vv_start_layer ({self.vv_start_layer}) must be in [0, {vision.num_hidden_layers - 1}]")
+        elif self.vv_start_layer > self.feature_layer % vision.num_hidden_layers:
+            problems.append("vv_start_layer is after feature_layer, so the V-V path would be empty")
+        if any(k < 1 or k % 2 == 0 for k in self.neighbor_kernel_sizes):
+            problems.append(f"neighbor_kernel_sizes must be positive odd integers, got {self.neighbor_kernel_sizes}")
+        if self.position_interpolation not in _POSITION_INTERPOLATIONS:
+            problems.append(f"position_interpolation must be one of {_POSITION_INTERPOLATIONS}")
+        if self.score_fusion not in _SCORE_FUSIONS:
+            problems.append(f"score_fusion must be one of {_SCORE_FUSIONS}")
+        if self.region_rule not in _REGION_RULES:
+            problems.append(f"region_rule must be one of {_REGION_RULES}")
+        if not self.retrieval_temperature > 0:
+            problems.append("retrieval_temperature must be > 0")
+        if self.retrieval_chunk_size is not None and self.retrieval_chunk_size < 1:
+            problems.append("retrieval_chunk_size must be >= 1 or None")
+        if not 0.0 <= self.image_score_weight <= 1.0:
+            problems.append("image_score_weight (k) must be in [0, 1]")
+        if not 0.0 < self.top_k_ratio <= 1.0:
+            problems.append("top_k_ratio must be in (0, 1]")
+        if self.gaussian_sigma < 0 or self.gaussian_truncate <= 0:
+            problems.append("gaussian_sigma must be >= 0 and gaussian_truncate > 0")
+        if self.image_bank_size < 0 or self.patch_bank_size < 0:
+            problems.append("bank sizes must be >= 0")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            problems.append("image_mean and image_std need 3 values (RGB)")
+        if problems:
+            raise ValueError("Invalid MRADConfig: " + "; ".join(problems) + ".")

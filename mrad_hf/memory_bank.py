@@ -1,0 +1,267 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MRAD's two-level memory bank as a standalone, versioned safetensors artefact (paper Sec. 3.2).
+
+* Image level: keys = L2-normalised projected class tokens of the auxiliary images (N_c x 768 for
+  ViT-L/14), values = one-hot labels (column 0 normal, column 1 anomaly).
+* Pixel level: keys = L2-normalised region prototypes (N_p x 1024): per auxiliary image, the mean
+  neighbour-averaged V-V token over its anomalous patches and over its normal patches; values one-hot.
+
+A bank is only meaningful for the backbone and feature settings that built it, so it carries metadata:
+format version, the backbone's architecture and a hash of its embedding weights, the feature settings
+(input size, V-V start, feature layer, neighbour kernels, ...), the source dataset and counts.
+`MemoryBank.check_compatible` refuses a bank built for another backbone with a message that says which
+field differs. Files are written atomically (temporary file, then rename), so an interrupted save never
+leaves a half-written bank under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "BANK_FORMAT_VERSION",
+    "MemoryBank",
+    "MemoryBankError",
+    "backbone_fingerprint",
+    "feature_settings",
+    "atomic_write",
+]
+
+BANK_FORMAT_VERSION = 1
+_METADATA_KEY = "mrad_memory_bank"
+_TENSOR_NAMES = ("image_keys", "image_values", "patch_keys", "patch_values", "patch_sources")
+LABEL_CONVENTION = "values[:, 0] = normal, values[:, 1] = anomaly"
+
+
+class MemoryBankError(ValueError):
+    """A memory bank that is missing, malformed, or built for another backbone; the message says what to do."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def backbone_fingerprint(clip_model: torch.nn.Module) -> dict[str, Any]:
+    """Identity of a CLIP backbone: its vision architecture and a SHA-256 of its embedding/projection weights.
+
+    The hash covers the patch embedding, class and position embeddings, the final layer norm and the visual
+    projection: cheap (a few MB) yet different for any two trained or randomly initialised backbones.
+    """
+    vision = clip_model.config.vision_config
+    tensors = [
+        clip_model.vision_model.embeddings.patch_embedding.weight,
+        clip_model.vision_model.embeddings.class_embedding,
+        clip_model.vision_model.embeddings.position_embedding.weight,
+        clip_model.vision_model.post_layernorm.weight,
+        clip_model.vision_model.post_layernorm.bias,
+        clip_model.visual_projection.weight,
+    ]
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {
+        "hidden_size": int(vision.hidden_size),
+        "projection_dim": int(clip_model.config.projection_dim),
+        "num_hidden_layers": int(vision.num_hidden_layers),
+        "patch_size": int(vision.patch_size),
+        "native_image_size": int(vision.image_size),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def feature_settings(config) -> dict[str, Any]:
+    """The `MRADConfig` fields that change what a bank key means; a bank must be used with the same ones."""
+    return {
+        "image_size": int(config.image_size),
+        "vv_start_layer": int(config.vv_start_layer),
+        "feature_layer": int(config.feature_layer),
+        "neighbor_kernel_sizes": [int(k) for k in config.neighbor_kernel_sizes],
+        "position_interpolation": str(config.position_interpolation),
+        "class_key_post_layernorm": bool(config.class_key_post_layernorm),
+        "region_rule": str(config.region_rule),
+        "mask_threshold": float(config.mask_threshold),
+    }
+
+
+def _check_values(name: str, values: torch.Tensor, keys: torch.Tensor) -> None:
+    if values.ndim != 2 or values.shape[1] != 2:
+        raise MemoryBankError(f"{name} must be (N, 2) one-hot labels ({LABEL_CONVENTION}), got shape {tuple(values.shape)}.")
+    if values.shape[0] != keys.shape[0]:
+        raise MemoryBankError(f"{name} has {values.shape[0]} rows but its keys have {keys.shape[0]}.")
+
+
+@dataclass
+class MemoryBank:
+    """Keys, values and provenance of MRAD's two memories.
+
+    Attributes:
+        image_keys: (N_c, D_c) float32, L2-normalised class-token keys.
+        image_values: (N_c, 2) float32 one-hot labels (column 1 = anomaly).
+        patch_keys: (N_p, D_p) float32, L2-normalised region prototypes.
+        patch_values: (N_p, 2) float32 one-hot labels.
+        patch_sources: (N_p,) int64 index of the image entry each prototype came from (-1 if unknown).
+        metadata: JSON-able provenance: `format_version`, `backbone` (see `backbone_fingerprint`),
+            `features` (see `feature_settings`), `source`, `counts`, `label_convention`, `image_ids`.
+    """
+
+    image_keys: torch.Tensor
+    image_values: torch.Tensor
+    patch_keys: torch.Tensor
+    patch_values: torch.Tensor
+    patch_sources: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.patch_sources is None:
+            self.patch_sources = torch.full((self.patch_keys.shape[0],), -1, dtype=torch.long)
+        self.validate()
+        self.metadata = dict(self.metadata)
+        self.metadata.setdefault("format_version", BANK_FORMAT_VERSION)
+        self.metadata.setdefault("label_convention", LABEL_CONVENTION)
+        self.metadata["counts"] = self.counts()
+
+    # ---- structure ----
+    def validate(self) -> None:
+        """Shapes, dtypes and finiteness; raises MemoryBankError naming the offending tensor."""
+        for name in ("image_keys", "patch_keys"):
+            keys = getattr(self, name)
+            if keys.ndim != 2:
+                raise MemoryBankError(f"{name} must be a 2-D (N, D) tensor, got shape {tuple(keys.shape)}.")
+            if not torch.isfinite(keys).all():
+                raise MemoryBankError(f"{name} contains NaN or infinite values; rebuild the bank.")
+        _check_values("image_values", self.image_values, self.image_keys)
+        _check_values("patch_values", self.patch_values, self.patch_keys)
+        if self.patch_sources.shape != (self.patch_keys.shape[0],):
+            raise MemoryBankError(f"patch_sources must have one entry per patch key ({self.patch_keys.shape[0]}).")
+
+    def counts(self) -> dict[str, int]:
+        image_labels = self.image_values.argmax(dim=1) if len(self.image_values) else self.image_values[:, 0].long()
+        patch_labels = self.patch_values.argmax(dim=1) if len(self.patch_values) else self.patch_values[:, 0].long()
+        return {
+            "image_entries": int(self.image_keys.shape[0]),
+            "image_normal": int((image_labels == 0).sum()),
+            "image_anomalous": int((image_labels == 1).sum()),
+            "patch_entries": int(self.patch_keys.shape[0]),
+            "patch_normal": int((patch_labels == 0).sum()),
+            "patch_anomalous": int((patch_labels == 1).sum()),
+        }
+
+    @property
+    def is_empty(self) -> bool:
+        return self.image_keys.shape[0] == 0 or self.patch_keys.shape[0] == 0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _TENSOR_NAMES}
+
+    def to(self, device=None, dtype=None) -> MemoryBank:
+        moved = {
+            name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype is not None else None)
+            for name, tensor in self.tensors().items()
+        }
+        return MemoryBank(**moved, metadata=self.metadata)
+
+    def __repr__(self) -> str:
+        counts = self.counts()
+        return (
+            f"MemoryBank(image={counts['image_entries']} x {self.image_keys.shape[1]} "
+            f"({counts['image_anomalous']} anomalous), patch={counts['patch_entries']} x {self.patch_keys.shape[1]} "
+            f"({counts['patch_anomalous']} anomalous), source={self.metadata.get('source')!r})"
+        )
+
+    # ---- compatibility ----
+    def check_compatible(self, backbone: dict[str, Any], features: dict[str, Any], *, strict: bool = True) -> None:
+        """Refuse (or, with strict=False, warn about) a bank built for another backbone or other feature settings.
+
+        Key widths must always match; a different weights hash or feature setting is an error when strict.
+        """
+        if self.image_keys.shape[1] != backbone["projection_dim"]:
+            raise MemoryBankError(
+                f"This bank's image keys are {self.image_keys.shape[1]}-d but the backbone projects class tokens to "
+                f"{backbone['projection_dim']}-d: the bank was built with another CLIP. Rebuild it with this model "
+                "(`model.build_memory_bank(...)`) or load the matching backbone."
+            )
+        if self.patch_keys.shape[1] != backbone["hidden_size"]:
+            raise MemoryBankError(
+                f"This bank's patch keys are {self.patch_keys.shape[1]}-d but the backbone's patch tokens are "
+                f"{backbone['hidden_size']}-d: the bank was built with another CLIP. Rebuild it with this model."
+            )
+        problems = []
+        stored_backbone = self.metadata.get("backbone") or {}
+        for key, value in backbone.items():
+            if key in stored_backbone and stored_backbone[key] != value:
+                problems.append(f"backbone {key}: bank {stored_backbone[key]!r} vs model {value!r}")
+        stored_features = self.metadata.get("features") or {}
+        for key, value in features.items():
+            if key in stored_features and stored_features[key] != value:
+                problems.append(f"feature setting {key}: bank {stored_features[key]!r} vs model {value!r}")
+        if not problems:
+            return
+        message = (
+            "The memory bank does not match this model (" + "; ".join(problems) + "). Its keys would be compared "
+            "with features of a different space and the scores would be meaningless. Rebuild the bank with this "
+            "model, or pass strict=False if you know the difference is harmless."
+        )
+        if strict:
+            raise MemoryBankError(message)
+        warnings.warn(message, stacklevel=3)
+
+    # ---- I/O ----
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bank as one safetensors file (metadata as JSON in the header), atomically."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / "memory_bank.safetensors" if path.is_dir() or not path.suffix else path
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.tensors().items()}
+        header = {_METADATA_KEY: json.dumps(self.metadata, sort_keys=True), "format": "pt"}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MemoryBank:
+        """Read a bank written by `save`; a malformed or foreign file raises MemoryBankError naming the file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "memory_bank.safetensors"
+        if not path.is_file():
+            raise MemoryBankError(f"Memory bank file '{path}' does not exist. Build one with `mrad build-bank` or check the path.")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise MemoryBankError(f"'{path}' is not a readable safetensors file ({error}); it may be truncated. Rebuild or re-download it.") from error
+        if _METADATA_KEY not in header:
+            raise MemoryBankError(f"'{path}' is a safetensors file but not an MRAD memory bank (no '{_METADATA_KEY}' metadata).")
+        missing = [name for name in _TENSOR_NAMES[:4] if name not in tensors]
+        if missing:
+            raise MemoryBankError(f"'{path}' lacks the tensors {missing}; it is not a complete MRAD memory bank.")
+        metadata = json.loads(header[_METADATA_KEY])
+        version = metadata.get("format_version", 0)
+        if version > BANK_FORMAT_VERSION:
+            raise MemoryBankError(f"'{path}' uses bank format {version}; this mrad_hf reads up to {BANK_FORMAT_VERSION}. Upgrade mrad_hf.")
+        try:
+            return cls(**{name: tensors[name] for name in _TENSOR_NAMES if name in tensors}, metadata=metadata)
+        except MemoryBankError as error:
+            raise MemoryBankError(f"'{path}': {error}") from error

@@ -1,0 +1,469 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MRAD for anomaly detection on a frozen Hugging Face CLIP (Xu et al., ICLR 2026, arXiv 2602.00522).
+
+Reading order, top to bottom: the output dataclass, the memory buffers, the pre-trained base class (all
+loading knobs), then `MRADForAnomalyDetection`: dual-path features (Sec. 3.1), building the two-level memory
+from labelled auxiliary images (Sec. 3.2), and retrieval-based maps and scores (Sec. 3.3, MRAD-TF).
+
+The math lives in small pure functions in sibling files (`features_mrad`, `retrieval`, `postprocessing`),
+shared by this model, the trainer, the evaluator and the tests. This file only composes them. It imports
+nothing but torch, transformers, safetensors and its siblings (relative imports), so that
+`save_pretrained` after `register_for_auto_class` ships a model that loads with `trust_remote_code=True`
+where `mrad_hf` is not installed.
+
+Reference semantics: github.com/CROVO1026/MRAD at 1cc1c6b (`mrad.py`, `test.py`, `AnomalyCLIP_lib`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import ModelOutput
+
+from .configuration_mrad import MRADConfig
+from .features_mrad import MRADVisionFeatures, dual_path_vision_features, neighbor_average
+from .image_processing_mrad import MRADImageProcessor
+from .pipeline_anomaly_detection import AnomalyDetectionPipeline
+from .memory_bank import MemoryBank, MemoryBankError, backbone_fingerprint, feature_settings
+from .postprocessing import fuse_image_score, gaussian_blur, upsample_patch_probabilities
+from .retrieval import l2_normalize, one_hot_labels, soft_retrieve
+
+__all__ = ["MRADOutput", "MRADMemory", "MRADPreTrainedModel", "MRADForAnomalyDetection"]
+
+
+@dataclass
+class MRADOutput(ModelOutput):
+    r"""Output of [`MRADForAnomalyDetection`]. B images, an S x S input and a G x G patch grid.
+
+    Args:
+        anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`):
+            Smoothed per-pixel anomaly probability at the network input size (518 x 518 by default).
+        anomaly_score (`torch.FloatTensor` of shape `(B,)`):
+            Image score: `(1 - k) * mean(top 1% of anomaly_map) + k * image_probabilities[:, 1]`.
+        image_probabilities (`torch.FloatTensor` of shape `(B, 2)`):
+            Image-level retrieval result [p_normal, p_anomaly].
+        patch_probabilities (`torch.FloatTensor` of shape `(B, G*G, 2)`):
+            Pixel-level retrieval result per patch, before upsampling and smoothing.
+        image_embeds (`torch.FloatTensor` of shape `(B, P)`, *optional*):
+            L2-normalised image-level queries (projected class tokens), when `output_features=True`.
+        patch_embeds (`torch.FloatTensor` of shape `(B, G*G, W)`, *optional*):
+            L2-normalised, neighbour-averaged pixel-level queries, when `output_features=True`.
+        loss (`torch.FloatTensor`, *optional*):
+            Training loss (trained variants only).
+    """
+
+    loss: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
+    anomaly_score: torch.FloatTensor | None = None
+    image_probabilities: torch.FloatTensor | None = None
+    patch_probabilities: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    patch_embeds: torch.FloatTensor | None = None
+
+
+class MRADMemory(nn.Module):
+    """The two memories as persistent buffers (saved in `model.safetensors` as `memory.*`, kept in fp32).
+
+    Shapes come from the config (`image_bank_size`, `patch_bank_size`) so that `from_pretrained` can restore them.
+    """
+
+    def __init__(self, config: MRADConfig):
+        super().__init__()
+        shapes = self.buffer_shapes(config)
+        for name, (shape, dtype) in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=True)
+
+    @staticmethod
+    def buffer_shapes(config: MRADConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {
+            "image_keys": ((config.image_bank_size, config.image_key_dim), torch.float32),
+            "image_values": ((config.image_bank_size, 2), torch.float32),
+            "patch_keys": ((config.patch_bank_size, config.patch_key_dim), torch.float32),
+            "patch_values": ((config.patch_bank_size, 2), torch.float32),
+            "patch_sources": ((config.patch_bank_size,), torch.long),
+        }
+
+    def replace(self, bank: MemoryBank) -> None:
+        device = self.image_keys.device if self.image_keys.device.type != "meta" else "cpu"
+        for name, tensor in bank.tensors().items():
+            dtype = torch.long if name == "patch_sources" else torch.float32
+            self.register_buffer(name, tensor.detach().to(device=device, dtype=dtype).clone(), persistent=True)
+
+
+class MRADPreTrainedModel(PreTrainedModel):
+    """Loading and initialisation knobs shared by the MRAD models.
+
+    `base_model_prefix = "clip"` with the attribute `self.clip` lets a plain CLIP checkpoint load straight into
+    MRAD (only the memory buffers are missing) and an MRAD checkpoint load back into `CLIPModel`.
+    """
+
+    config: MRADConfig
+    config_class = MRADConfig
+    base_model_prefix = "clip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLIPTextEmbeddings"]
+    _keys_to_ignore_on_load_missing = [r"^memory\."]
+    _keep_in_fp32_modules_strict = ["memory"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MRADMemory):
+            for name in MRADMemory.buffer_shapes(self.config):
+                init.zeros_(getattr(module, name))
+
+
+class MRADForAnomalyDetection(MRADPreTrainedModel):
+    r"""MRAD on a frozen CLIP: retrieval from a two-level memory bank gives anomaly maps and scores.
+
+    This class is MRAD-TF (train-free). Build the memory from labelled auxiliary images, then call the model.
+
+    Example:
+
+    ```python
+    >>> from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
+    >>> model = MRADForAnomalyDetection.from_clip("openai/clip-vit-large-patch14-336")  # doctest: +SKIP
+    >>> model.build_memory_bank(aux_dataset, source="visa")  # rows with image, label, mask  # doctest: +SKIP
+    >>> processor = MRADImageProcessor.from_config(model.config)
+    >>> outputs = model(**processor(images, return_tensors="pt"))  # doctest: +SKIP
+    >>> outputs.anomaly_score, outputs.anomaly_map.shape  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, config: MRADConfig):
+        super().__init__(config)
+        self.clip = CLIPModel._from_config(config.clip_config)
+        self.clip.requires_grad_(False)
+        self.memory = MRADMemory(config)
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_clip(cls, clip: str | os.PathLike | CLIPModel | CLIPConfig, **config_overrides) -> MRADForAnomalyDetection:
+        """Wrap any CLIP source in an MRAD model with an empty memory bank.
+
+        Args:
+            clip: a Hub id or local folder of a transformers CLIP checkpoint (e.g.
+                `"openai/clip-vit-large-patch14-336"`), a loaded `CLIPModel` (used as is, not copied), or a
+                `CLIPConfig` (random weights, for tests).
+            **config_overrides: `MRADConfig` fields, e.g. `image_size=518`, `image_score_weight=0.7`, plus
+                `from_pretrained` options (`revision`, `cache_dir`, `local_files_only`, `token`).
+        """
+        hub_keys = ("revision", "cache_dir", "local_files_only", "token", "force_download")
+        hub_kwargs = {key: config_overrides.pop(key) for key in hub_keys if key in config_overrides}
+        if isinstance(clip, CLIPConfig):
+            return cls(MRADConfig(clip_config=clip, **config_overrides))
+        if isinstance(clip, CLIPModel):
+            config = MRADConfig(clip_config=clip.config, **config_overrides)
+            with torch.device("meta"):
+                model = cls(config)
+            model.clip = clip.requires_grad_(False)
+            model.memory = MRADMemory(config)
+            return model.eval()
+        try:
+            clip_config = CLIPConfig.from_pretrained(clip, **hub_kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Could not load a CLIP configuration from {clip!r} ({error}). Pass a local folder with a transformers "
+                "CLIP checkpoint, or a Hub id while online; offline (HF_HUB_OFFLINE=1) only cached models load."
+            ) from error
+        config = MRADConfig(clip_config=clip_config, **config_overrides)
+        model = cls.from_pretrained(clip, config=config, **hub_kwargs)
+        return model.eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus what makes the folder self-contained for users.
+
+        Also writes `preprocessor_config.json` (the matching `MRADImageProcessor`) and registers the
+        `anomaly-detection` pipeline in `config.json` (`custom_pipelines`) with its code, so that
+        `pipeline(model=folder)` works with `mrad_hf` installed, and with `trust_remote_code=True` without it.
+        """
+        self.config.custom_pipelines = {
+            "anomaly-detection": {"impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline", "pt": ["AutoModel"], "type": "image"}
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            custom_object_save(AnomalyDetectionPipeline, save_directory)
+            MRADImageProcessor.from_config(self.config).save_pretrained(save_directory)
+
+    # ------------------------------------------------------------------ features (Sec. 3.1)
+    def extract_features(self, pixel_values: torch.Tensor) -> MRADVisionFeatures:
+        """One dual-path pass of the frozen vision tower; see `features_mrad.dual_path_vision_features`."""
+        config = self.config
+        expected = config.image_size
+        if pixel_values.shape[-1] != expected or pixel_values.shape[-2] != expected:
+            raise ValueError(
+                f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but this model expects "
+                f"{expected}x{expected}; preprocess with MRADImageProcessor.from_config(model.config)."
+            )
+        return dual_path_vision_features(
+            self.clip.vision_model,
+            self.clip.visual_projection,
+            pixel_values,
+            vv_start_layer=config.vv_start_layer,
+            feature_layer=config.feature_layer,
+            position_interpolation=config.position_interpolation,
+            class_key_post_layernorm=config.class_key_post_layernorm,
+        )
+
+    def retrieval_queries(self, features: MRADVisionFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image queries (B, P), patch queries (B, G*G, W)): normalised class embeds; averaged, normalised patches."""
+        image_queries = l2_normalize(features.class_embeds.float())
+        patch_tokens = neighbor_average(features.patch_tokens.float(), features.grid_size, self.config.neighbor_kernel_sizes)
+        return image_queries, l2_normalize(patch_tokens)
+
+    # ------------------------------------------------------------------ memory bank (Sec. 3.2)
+    def backbone_fingerprint(self) -> dict[str, Any]:
+        return backbone_fingerprint(self.clip)
+
+    def get_memory_bank(self) -> MemoryBank:
+        """The attached memory as a standalone `MemoryBank` (copies of the buffers plus metadata)."""
+        memory = self.memory
+        return MemoryBank(
+            image_keys=memory.image_keys.detach().cpu().clone(),
+            image_values=memory.image_values.detach().cpu().clone(),
+            patch_keys=memory.patch_keys.detach().cpu().clone(),
+            patch_values=memory.patch_values.detach().cpu().clone(),
+            patch_sources=memory.patch_sources.detach().cpu().clone(),
+            metadata=dict(self.config.memory_bank_metadata or {}),
+        )
+
+    def set_memory_bank(self, bank: MemoryBank | str | os.PathLike, *, strict: bool = True) -> None:
+        """Attach a memory bank (object or safetensors path) after checking it was built for this backbone."""
+        if not isinstance(bank, MemoryBank):
+            bank = MemoryBank.load(bank)
+        bank.check_compatible(self.backbone_fingerprint(), feature_settings(self.config), strict=strict)
+        self.memory.replace(bank)
+        self.config.image_bank_size = int(bank.image_keys.shape[0])
+        self.config.patch_bank_size = int(bank.patch_keys.shape[0])
+        self.config.memory_bank_metadata = dict(bank.metadata)
+
+    @torch.no_grad()
+    def build_memory_bank(
+        self,
+        samples: Iterable[Any],
+        *,
+        batch_size: int = 8,
+        source: str | None = None,
+        image_processor: MRADImageProcessor | None = None,
+        progress: bool = True,
+        attach: bool = True,
+    ) -> MemoryBank:
+        """Build both memories from labelled auxiliary samples, as the reference `build_*cache_model` does.
+
+        Args:
+            samples: an iterable (a list, a `datasets.Dataset`, a generator) of dicts with `image`, `label`
+                (0/1 or "normal"/"anomaly"), optional `mask` (None for good images) and optional `path`/`id`;
+                or tuples `(image, label[, mask])`. Images and masks may be paths, PIL images or arrays.
+            batch_size: images per forward pass (the result does not depend on it).
+            source: a name for the auxiliary data (e.g. "visa"), stored in the bank's metadata.
+            image_processor: defaults to `MRADImageProcessor.from_config(self.config)`.
+            progress: show a tqdm progress bar.
+            attach: also attach the bank to this model (`set_memory_bank`).
+
+        Returns:
+            The `MemoryBank`. Each image adds its class key (label = its image label) and up to two region
+            prototypes: the mean neighbour-averaged V-V token over its anomalous patches (label 1) and over its
+            normal patches (label 0), each L2-normalised. With the default `region_rule="exact"`, a patch is
+            anomalous only if the mask downsampled bilinearly to the grid is exactly 1, normal only if exactly 0.
+        """
+        processor = image_processor or MRADImageProcessor.from_config(self.config)
+        device = self.device
+        image_keys, image_labels, patch_keys, patch_labels, patch_sources, image_ids = [], [], [], [], [], []
+        unmasked_anomalies = 0
+        total = len(samples) if hasattr(samples, "__len__") else None
+        bar = _progress_bar(total, "Building memory bank", progress)
+        for batch in _batched(_iter_samples(samples), batch_size):
+            images, labels, masks, ids = zip(*batch)
+            unmasked_anomalies += sum(1 for label, mask in zip(labels, masks) if label == 1 and mask is None)
+            inputs = processor(list(images), masks=list(masks))
+            features = self.extract_features(inputs["pixel_values"].to(device=device, dtype=self.dtype))
+            queries, patch_tokens = l2_normalize(features.class_embeds.float()), features.patch_tokens.float()
+            patch_tokens = neighbor_average(patch_tokens, features.grid_size, self.config.neighbor_kernel_sizes)
+            regions = patch_region_labels(inputs["masks"].to(device), features.grid_size, self.config.region_rule)
+            for offset in range(len(images)):
+                entry_index = len(image_ids)
+                image_ids.append(ids[offset])
+                image_keys.append(queries[offset].cpu())
+                image_labels.append(labels[offset])
+                for region_label in (1, 0):  # the reference appends the anomalous prototype first
+                    selected = regions[offset] == region_label
+                    if selected.any():
+                        prototype = patch_tokens[offset][selected].mean(dim=0)
+                        patch_keys.append(l2_normalize(prototype).cpu())
+                        patch_labels.append(region_label)
+                        patch_sources.append(entry_index)
+            bar.update(len(images))
+        bar.close()
+        if not image_keys:
+            raise MemoryBankError("No samples were given to build_memory_bank; pass at least one labelled image.")
+        if unmasked_anomalies:
+            warnings.warn(
+                f"{unmasked_anomalies} anomalous sample(s) had no mask: as in the reference, their whole image counts as "
+                "a normal region for the pixel memory. Pass masks to use them as anomalous regions.",
+                stacklevel=2,
+            )
+        bank = MemoryBank(
+            image_keys=torch.stack(image_keys),
+            image_values=one_hot_labels(torch.tensor(image_labels)),
+            patch_keys=torch.stack(patch_keys) if patch_keys else torch.zeros(0, self.config.patch_key_dim),
+            patch_values=one_hot_labels(torch.tensor(patch_labels, dtype=torch.long)) if patch_keys else torch.zeros(0, 2),
+            patch_sources=torch.tensor(patch_sources, dtype=torch.long),
+            metadata={
+                "source": source,
+                "backbone": self.backbone_fingerprint(),
+                "features": feature_settings(self.config),
+                "image_ids": list(image_ids),
+            },
+        )
+        if attach:
+            self.set_memory_bank(bank)
+        return bank
+
+    # ------------------------------------------------------------------ retrieval and scoring (Sec. 3.3)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_features: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MRADOutput | tuple:
+        r"""Score images by retrieval from the attached memory bank (MRAD-TF).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, S, S)`): from `MRADImageProcessor`.
+            output_features: also return the normalised retrieval queries.
+
+        Extra keys a processor returns (`original_sizes`, `masks`) are accepted and ignored.
+        """
+        kwargs.pop("original_sizes", None)
+        kwargs.pop("masks", None)
+        if kwargs:
+            raise TypeError(f"MRADForAnomalyDetection.forward got unexpected arguments: {sorted(kwargs)}")
+        config = self.config
+        memory = self.memory
+        if memory.image_keys.shape[0] == 0 or memory.patch_keys.shape[0] == 0:
+            raise MemoryBankError(
+                "This model has no memory bank (or an empty one). Build one with model.build_memory_bank(samples) "
+                "or attach a saved one with model.set_memory_bank('memory_bank.safetensors')."
+            )
+        features = self.extract_features(pixel_values)
+        image_queries, patch_queries = self.retrieval_queries(features)
+        retrieve = dict(temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size)
+        image_probabilities = soft_retrieve(image_queries, memory.image_keys, memory.image_values, **retrieve)
+        patch_probabilities = soft_retrieve(patch_queries, memory.patch_keys, memory.patch_values, **retrieve)
+        anomaly_map, anomaly_score = self.maps_and_scores(patch_probabilities, image_probabilities[:, 1], features.grid_size)
+        output = MRADOutput(
+            anomaly_map=anomaly_map,
+            anomaly_score=anomaly_score,
+            image_probabilities=image_probabilities,
+            patch_probabilities=patch_probabilities,
+            image_embeds=image_queries if output_features else None,
+            patch_embeds=patch_queries if output_features else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def maps_and_scores(
+        self, patch_probabilities: torch.Tensor, image_anomaly_probability: torch.Tensor, grid_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference post-processing: upsample both channels, take the anomaly one, blur, fuse the image score."""
+        config = self.config
+        maps = upsample_patch_probabilities(patch_probabilities, grid_size, config.image_size)[:, 1]
+        maps = gaussian_blur(maps, config.gaussian_sigma, config.gaussian_truncate)
+        score = fuse_image_score(
+            maps, image_anomaly_probability, weight=config.image_score_weight, top_k_ratio=config.top_k_ratio, fusion=config.score_fusion
+        )
+        return maps, score
+
+
+# ---------------------------------------------------------------------- helpers (module-private)
+def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact") -> torch.Tensor:
+    """Label the G x G patch grid from (B, S, S) binary masks: 1 anomalous, 0 normal, -1 dropped.
+
+    "exact" (reference): bilinear (align_corners=False) downsampling; anomalous where the value is exactly 1,
+    normal where exactly 0, fractional boundary patches dropped. "majority": anomalous where > 0.5, else normal.
+    Returns (B, G*G) int64.
+    """
+    small = F.interpolate(masks.float().unsqueeze(1), size=(grid_size, grid_size), mode="bilinear", align_corners=False)
+    small = small.squeeze(1).flatten(1)
+    if rule == "exact":
+        labels = torch.full_like(small, -1, dtype=torch.long)
+        labels[small == 1] = 1
+        labels[small == 0] = 0
+        return labels
+    if rule == "majority":
+        return (small > 0.5).long()
+    raise ValueError(f"Unknown region rule {rule!r}; use 'exact' or 'majority'.")
+
+
+_LABEL_NAMES = {"normal": 0, "good": 0, "ok": 0, "anomaly": 1, "anomalous": 1, "defect": 1, "bad": 1, "ng": 1}
+
+
+def _label_value(label: Any, position: int) -> int:
+    if isinstance(label, str):
+        if label.lower() not in _LABEL_NAMES:
+            raise ValueError(f"Sample {position}: unknown label {label!r}; use 0/1 or 'normal'/'anomaly'.")
+        return _LABEL_NAMES[label.lower()]
+    value = int(label)
+    if value not in (0, 1):
+        raise ValueError(f"Sample {position}: label must be 0 (normal) or 1 (anomaly), got {label!r}.")
+    return value
+
+
+def _iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, str]]:
+    """Normalise dict / tuple samples to (image, label, mask, id)."""
+    for position, sample in enumerate(samples):
+        if isinstance(sample, dict):
+            if "image" not in sample or "label" not in sample:
+                raise ValueError(f"Sample {position} needs 'image' and 'label' keys, got {sorted(sample)}.")
+            image, label, mask = sample["image"], sample["label"], sample.get("mask")
+            sample_id = sample.get("id") or sample.get("path")
+        else:
+            if len(sample) not in (2, 3):
+                raise ValueError(f"Sample {position} must be (image, label) or (image, label, mask).")
+            image, label, mask = sample[0], sample[1], sample[2] if len(sample) == 3 else None
+            sample_id = None
+        if sample_id is None:
+            sample_id = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"sample-{position}"
+        yield image, _label_value(label, position), mask, str(sample_id)
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int | None, description: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency of transformers, but stay usable without it
+        return _NullBar()
+    return tqdm(total=total, desc=description, unit="img")

@@ -1,0 +1,90 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Retrieval against MRAD's memory banks: pure tensor functions (paper Sec. 3.2-3.3).
+
+A query q reads a key/value memory (K, V) by soft attention:
+
+    p = softmax(q K^T / tau) V
+
+With L2-normalised queries and keys and tau = 1 (the reference), the logits are cosine similarities.
+The values are one-hot labels (column 0 = normal, column 1 = anomaly), so p is a probability of each
+state. The same functions serve the image level (class-token keys) and the pixel level (region
+prototypes), the model, the trainer and the tests.
+
+`soft_retrieve` can stream over the bank in chunks with an online softmax (running max and sum), which
+gives the same result as the dense form with memory bounded by the chunk size, for banks of millions
+of keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["l2_normalize", "retrieval_logits", "soft_retrieve", "one_hot_labels"]
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| along the last axis, as the reference does (no epsilon; a zero vector stays NaN-free only if non-zero)."""
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def one_hot_labels(labels: torch.Tensor, num_states: int = 2) -> torch.Tensor:
+    """Integer labels (0 = normal, 1 = anomaly) to float one-hot memory values, shape (N, num_states)."""
+    return torch.nn.functional.one_hot(labels.long(), num_classes=num_states).float()
+
+
+def retrieval_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Similarity logits q K^T / tau. queries (..., D), keys (N, D) -> (..., N)."""
+    logits = torch.matmul(queries, keys.transpose(0, 1))
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def soft_retrieve(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Soft retrieval softmax(q K^T / tau) V.
+
+    Args:
+        queries: (..., D) query vectors (normalised by the caller where the method says so).
+        keys: (N, D) memory keys.
+        values: (N, C) memory values (one-hot labels).
+        temperature: tau.
+        chunk_size: if set and smaller than N, stream over the keys in chunks of this size with an online
+            softmax; exact up to float rounding, with peak memory O(queries x chunk_size).
+
+    Returns:
+        (..., C) retrieved values; for one-hot values, state probabilities that sum to 1.
+    """
+    if keys.shape[0] == 0:
+        raise ValueError("The memory bank is empty: build or load a memory bank before retrieval.")
+    if keys.shape[0] != values.shape[0]:
+        raise ValueError(f"Memory has {keys.shape[0]} keys but {values.shape[0]} values.")
+    values = values.to(queries.dtype)
+    keys = keys.to(queries.dtype)
+    if chunk_size is None or chunk_size >= keys.shape[0]:
+        weights = torch.softmax(retrieval_logits(queries, keys, temperature), dim=-1)
+        return torch.matmul(weights, values)
+
+    running_max = None
+    running_sum = None
+    accumulated = None
+    for start in range(0, keys.shape[0], chunk_size):
+        logits = retrieval_logits(queries, keys[start : start + chunk_size], temperature)
+        chunk_max = logits.amax(dim=-1, keepdim=True)
+        if running_max is None:
+            new_max = chunk_max
+            exp_logits = torch.exp(logits - new_max)
+            running_sum = exp_logits.sum(dim=-1, keepdim=True)
+            accumulated = torch.matmul(exp_logits, values[start : start + chunk_size])
+        else:
+            new_max = torch.maximum(running_max, chunk_max)
+            rescale = torch.exp(running_max - new_max)
+            exp_logits = torch.exp(logits - new_max)
+            running_sum = running_sum * rescale + exp_logits.sum(dim=-1, keepdim=True)
+            accumulated = accumulated * rescale + torch.matmul(exp_logits, values[start : start + chunk_size])
+        running_max = new_max
+    return accumulated / running_sum
