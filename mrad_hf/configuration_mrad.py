@@ -116,6 +116,11 @@ class MRADConfig(PreTrainedConfig):
     memory_bank_metadata: dict | None = None
 
     def __post_init__(self, **kwargs):
+        if __name__.startswith("mrad_hf."):
+            # Saved folders declare the pipeline as remote code (`custom_pipelines`) for users without mrad_hf.
+            # The installed package registers that pipeline itself, so drop the declaration: otherwise
+            # `pipeline("anomaly-detection", model=folder)` would demand trust_remote_code for our own code.
+            kwargs.pop("custom_pipelines", None)
         if self.neighbor_kernel_sizes is None:
             self.neighbor_kernel_sizes = [1, 3, 5]
         self.neighbor_kernel_sizes = [int(k) for k in self.neighbor_kernel_sizes]

@@ -151,6 +151,13 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, keeping the CLIP backbone frozen (the loader re-creates parameters)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.clip.requires_grad_(False)
+        return model
+
+    @classmethod
     def from_clip(cls, clip: str | os.PathLike | CLIPModel | CLIPConfig, **config_overrides) -> MRADForAnomalyDetection:
         """Wrap any CLIP source in an MRAD model with an empty memory bank.
 

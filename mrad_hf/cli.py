@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The `mrad` command: thin wrappers over the package (build banks, predict, make synthetic data, demo).
+
+    mrad demo --output-dir outputs/demo                      # the README's end-to-end run
+    mrad make-synthetic --output-dir data/synthetic
+    mrad build-bank --clip openai/clip-vit-large-patch14-336 --dataset visa --data-root /data/visa \
+        --output banks/visa.safetensors --save-model models/mrad-tf-visa
+    mrad predict --model models/mrad-tf-visa images/ --output-dir outputs/predict --threshold 0.5
+
+Every command prints what it uses (in particular whether the CLIP weights are pretrained or random) and
+exits with a one-line error, not a traceback, on bad input (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "RANDOM_BACKBONES", "load_detector"]
+
+#: Randomly initialised CLIP shapes for offline runs, where no pretrained weights can be downloaded.
+RANDOM_BACKBONES: dict[str, dict] = {
+    "random-small": dict(
+        vision_config=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6, image_size=224, patch_size=14),
+        text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=128,
+    ),
+    "random-vit-l14-336": dict(
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14),
+        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        projection_dim=768,
+    ),
+}
+RANDOM_WARNING = (
+    "NOTE: using a RANDOMLY INITIALISED CLIP backbone ({name}). No pretrained CLIP weights can be downloaded on this "
+    "machine, so the scores below show that the pipeline runs end to end, not MRAD's accuracy. For real results pass "
+    "--clip openai/clip-vit-large-patch14-336 (or a local folder with that checkpoint)."
+)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def load_detector(model: str | None = None, clip: str | None = None, *, image_size: int | None = None, seed: int = 0):
+    """An MRAD model from an MRAD folder / Hub id (`model`) or a CLIP source (`clip`, or a `random-*` name)."""
+    import torch
+    from transformers import CLIPConfig
+
+    from .modeling_mrad import MRADForAnomalyDetection
+
+    overrides = {} if image_size is None else {"image_size": image_size}
+    if model:
+        detector = MRADForAnomalyDetection.from_pretrained(model)
+        if image_size is not None and image_size != detector.config.image_size:
+            raise CLIError(f"--image-size {image_size} differs from the saved model's {detector.config.image_size}.")
+        _log(f"Loaded MRAD model from {model} (bank: {detector.config.image_bank_size} image / {detector.config.patch_bank_size} patch entries)")
+        return detector
+    if not clip:
+        raise CLIError("Pass --model (a saved MRAD model) or --clip (a CLIP checkpoint, or random-small for an offline run).")
+    if clip in RANDOM_BACKBONES:
+        _log(RANDOM_WARNING.format(name=clip))
+        torch.manual_seed(seed)
+        return MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[clip]), **overrides)
+    _log(f"Loading pretrained CLIP weights from {clip}")
+    return MRADForAnomalyDetection.from_clip(clip, **overrides)
+
+
+def _collect_images(inputs: Sequence[str]) -> list[Path]:
+    from .data.loaders import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise CLIError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under folder '{path}'.")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise CLIError(f"'{path}' is neither an image file nor a folder.")
+    return paths
+
+
+def _write_json(path: Path, payload) -> None:
+    from .memory_bank import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_make_synthetic(args) -> int:
+    from .data.synthetic import make_synthetic_benchmark
+
+    options = {"categories": tuple(args.categories)} if args.categories else {}
+    root = make_synthetic_benchmark(
+        args.output_dir, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite, progress=True, **options
+    )
+    _log(f"Synthetic benchmark (MVTec layout) written to {root}")
+    return 0
+
+
+def cmd_build_bank(args) -> int:
+    from .data.loaders import load_benchmark
+
+    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed)
+    dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories, split=args.split)
+    _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
+    started = time.perf_counter()
+    bank = detector.build_memory_bank(dataset, batch_size=args.batch_size, source=args.source or args.dataset)
+    elapsed = time.perf_counter() - started
+    path = bank.save(args.output)
+    _log(f"{bank} -> {path} ({elapsed:.1f} s, {len(dataset) / max(elapsed, 1e-9):.2f} images/s)")
+    if args.save_model:
+        detector.save_pretrained(args.save_model)
+        _log(f"Model with its bank saved to {args.save_model} (load with AutoModel.from_pretrained or pipeline('anomaly-detection'))")
+    return 0
+
+
+def _detector_pipeline(detector):
+    from transformers import pipeline
+
+    from .image_processing_mrad import MRADImageProcessor
+
+    processor = MRADImageProcessor.from_config(detector.config)
+    return processor, pipeline("anomaly-detection", model=detector, image_processor=processor, device=detector.device)
+
+
+def cmd_predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .image_processing_mrad import MRADInputError
+    from .visualization import save_panel
+
+    detector = load_detector(args.model, args.clip, seed=args.seed)
+    if args.bank:
+        detector.set_memory_bank(args.bank)
+        _log(f"Using memory bank {args.bank}")
+    processor, detect = _detector_pipeline(detector)
+    paths = _collect_images(args.inputs)
+    output_dir = Path(args.output_dir)
+    results, failures = [], []
+    for path in tqdm(paths, desc="Scoring", unit="img"):
+        try:
+            image = processor.load(path)
+        except MRADInputError as error:
+            if args.on_error == "fail":
+                raise CLIError(str(error)) from error
+            failures.append({"path": str(path), "error": str(error)})
+            continue
+        prediction = detect(image, threshold=args.threshold)
+        record = {"path": str(path), "score": prediction["score"]}
+        if args.threshold is not None:
+            record["label"] = prediction["label"]
+        heatmap = output_dir / "heatmaps" / f"{len(results):05d}_{path.stem}.png"
+        value_range = None if args.stretch else (0.0, 1.0)
+        save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
+        record["heatmap"] = str(heatmap)
+        results.append(record)
+        _log(f"{prediction['score']:.6f}  {path}")
+    summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": failures}
+    _write_json(output_dir / "scores.json", summary)
+    _log(f"Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    if failures:
+        _log(f"{len(failures)} file(s) could not be read and were skipped (see 'failures' in scores.json).")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Synthetic benchmark from real CC0 textures -> bank from auxiliary categories -> scores + heatmaps on a held-out one."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from .data.loaders import load_mvtec
+    from .data.synthetic import make_synthetic_benchmark
+    from .visualization import save_panel
+
+    output_dir = Path(args.output_dir)
+    data_root = output_dir / "data"
+    if not (data_root / "manifest.json").exists():
+        make_synthetic_benchmark(data_root, image_size=256, seed=args.seed, overwrite=True)
+    detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed)
+    categories = sorted(p.name for p in data_root.iterdir() if p.is_dir())
+    target = args.target or categories[-1]
+    auxiliary = [c for c in categories if c != target]
+    _log(f"Auxiliary (memory) categories: {auxiliary}; held-out target category: {target}")
+    bank = detector.build_memory_bank(load_mvtec(data_root, categories=auxiliary), source=f"synthetic:{'+'.join(auxiliary)}")
+    bank.save(output_dir / "memory_bank.safetensors")
+    test = load_mvtec(data_root, categories=[target])
+    _, detect = _detector_pipeline(detector)
+    scores, labels, pixel_maps, pixel_masks = [], [], [], []
+    for index, row in enumerate(test):
+        prediction = detect(row["image"])
+        mask = np.zeros(prediction["anomaly_map"].shape, bool) if row["mask"] is None else np.asarray(row["mask"].convert("L")) > 0
+        scores.append(prediction["score"])
+        labels.append(int(row["label"]))
+        pixel_maps.append(prediction["anomaly_map"].ravel())
+        pixel_masks.append(mask.ravel())
+        title = f"{row['defect_type']} score={prediction['score']:.4f}"
+        save_panel(output_dir / "heatmaps" / f"{index:03d}_{row['defect_type']}.png", row["image"], prediction["anomaly_map"], mask=mask, title=title, value_range=None)
+        _log(f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {Path(row['path']).relative_to(data_root)}")
+    image_auroc = roc_auc_score(labels, scores)
+    pixel_auroc = roc_auc_score(np.concatenate(pixel_masks), np.concatenate(pixel_maps))
+    summary = {
+        "backbone": args.clip,
+        "pretrained": args.clip not in RANDOM_BACKBONES,
+        "auxiliary_categories": auxiliary,
+        "target_category": target,
+        "image_auroc": image_auroc,
+        "pixel_auroc": pixel_auroc,
+        "scores": [{"path": r["path"], "label": int(r["label"]), "score": s} for r, s in zip(test, scores)],
+    }
+    _write_json(output_dir / "demo_results.json", summary)
+    _log(f"Image AUROC on held-out '{target}': {image_auroc:.3f}   pixel AUROC: {pixel_auroc:.3f}")
+    _log(f"Heatmaps (image | overlay | ground truth): {output_dir / 'heatmaps'}   results: {output_dir / 'demo_results.json'}")
+    if args.clip in RANDOM_BACKBONES:
+        _log(RANDOM_WARNING.format(name=args.clip))
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrad", description="MRAD zero-shot anomaly detection (ICLR 2026) on Hugging Face transformers.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(sub):
+        sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
+        sub.add_argument("--clip", help="a CLIP checkpoint (Hub id or folder), or random-small / random-vit-l14-336 (random weights)")
+        sub.add_argument("--seed", type=int, default=0, help="seed for random backbones")
+
+    demo = commands.add_parser("demo", help="end-to-end run on a synthetic benchmark made from real CC0 textures")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--clip", default="random-small", help="CLIP checkpoint; default: a random small ViT (offline)")
+    demo.add_argument("--image-size", type=int, default=224, help="network input size (518 for the paper setting)")
+    demo.add_argument("--target", help="held-out category (default: the last one)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=cmd_demo)
+
+    synthetic = commands.add_parser("make-synthetic", help="write a synthetic-defect benchmark in the MVTec layout")
+    synthetic.add_argument("--output-dir", required=True)
+    synthetic.add_argument("--categories", nargs="+")
+    synthetic.add_argument("--image-size", type=int, default=256)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--overwrite", action="store_true")
+    synthetic.set_defaults(handler=cmd_make_synthetic)
+
+    build = commands.add_parser("build-bank", help="build the two-level memory bank from a labelled auxiliary dataset")
+    model_options(build)
+    build.add_argument("--dataset", required=True, help="mvtec, visa, mpdd, btad, ..., or folder (your own data)")
+    build.add_argument("--data-root", required=True)
+    build.add_argument("--categories", nargs="+")
+    build.add_argument("--split", default="test", help="the reference builds banks from the auxiliary test split")
+    build.add_argument("--source", help="name stored in the bank's metadata (default: the dataset name)")
+    build.add_argument("--output", required=True, help="bank file (.safetensors)")
+    build.add_argument("--save-model", help="also save the model with this bank attached to this folder")
+    build.add_argument("--image-size", type=int, help="network input size (default 518)")
+    build.add_argument("--batch-size", type=int, default=8)
+    build.set_defaults(handler=cmd_build_bank)
+
+    predict = commands.add_parser("predict", help="score images (files or folders), write heatmap PNGs and scores.json")
+    model_options(predict)
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders")
+    predict.add_argument("--bank", help="memory bank file to use instead of the model's own")
+    predict.add_argument("--output-dir", default="outputs/predict")
+    predict.add_argument("--threshold", type=float, help="image score above which an image is labelled anomalous")
+    predict.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images: skip and report, or stop")
+    predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")
+    predict.set_defaults(handler=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("mrad: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one clear line for users; --debug for developers
+        if args.debug or os.environ.get("MRAD_DEBUG"):
+            raise
+        print(f"mrad {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

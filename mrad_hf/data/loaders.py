@@ -1,0 +1,1266 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark loaders: official anomaly-detection folder layouts -> one ``datasets.Dataset``.
+
+MRAD (arXiv 2602.00522) evaluates zero-shot on the **test split** of each benchmark. The same test
+split of the auxiliary set (VisA, or MVTec AD when VisA is the target) also fills the memory bank. So
+every loader returns one split, by default ``"test"``, as a ``datasets.Dataset`` with these features
+(:data:`LOADER_FEATURES`):
+
+============  ====================================  ==================================================
+column        feature                               content
+============  ====================================  ==================================================
+image         ``Image(decode=True)``                the image file, decoded lazily to ``PIL.Image``
+mask          ``Image(decode=True)``                the mask file as stored on disk; ``None`` for normal
+                                                    images and for image-level-only datasets
+label         ``ClassLabel(["normal", "anomaly"])`` 0 = normal, 1 = anomaly
+category      ``Value("string")``                   the class name as the MRAD reference spells it
+                                                    (it ends up in text prompts)
+defect_type   ``Value("string")``                   ``"good"`` for normal rows; otherwise the defect
+                                                    folder name, or ``"defect"`` if the set has none
+path          ``Value("string")``                   absolute image path
+mask_path     ``Value("string")``                   absolute mask path or ``None``
+============  ====================================  ==================================================
+
+Rows are sorted by ``(category, defect_type, path)``. The datasets are built in memory from file
+paths with ``Dataset.from_dict(..., features=...)``. Nothing is decoded and nothing is written to the
+Hugging Face cache. One exception: the raw KSDD2 layout stores an all-black ``*_GT.png`` for normal
+images, so its labels are read from the mask pixels.
+
+**Mask convention.** The ``mask`` column holds the raw annotation file; it is *not* binarised.
+Several sets store non-binary masks: VisA masks hold 0 and small defect ids (1, 2, ...), and Kvasir
+masks are JPEGs with compression noise. The MRAD reference binarises every mask with
+``np.array(mask.convert("L")) > 0``, and consumers must do the same. :func:`binarize_mask` does it
+for one mask (0/255, mode ``"L"``). :func:`with_binary_masks` returns a view of a dataset whose
+``mask`` column is already 0/255. That view uses ``with_transform``, so a later ``with_format`` or
+``with_transform`` replaces it.
+
+Mask pairing. Masks are matched to images by file stem, ignoring case, extension and a trailing
+``_mask`` / ``_label`` / ``_gt`` / ``_segmentation``. If *no* name in a folder matches and the image
+and mask counts are equal, images and masks are paired in sorted order, as the official MRAD json
+generators do, with a warning. A partial match raises :class:`DatasetLayoutError`.
+
+Layouts. ``<root>`` is what you pass as ``root``; ``[...]`` marks an optional level. These are the
+layouts the MRAD ``generate_dataset_json/*.py`` scripts expect, plus the accepted variants::
+
+    name      layout under <root>
+    mvtec     <cat>/{train/good, test/{good,<defect>}, ground_truth/<defect>/<id>_mask.png}
+    visa      split_csv/1cls.csv + <cat>/Data/{Images/{Normal,Anomaly}, Masks/Anomaly}
+              or anomalib's visa_pytorch: <cat>/{train/good, test/{good,bad}, ground_truth/bad}
+    mpdd      as mvtec (6 categories)
+    btad      {01,02,03}/{train/ok, test/{ok,ko}, ground_truth/ko/<id>.{png,bmp}}
+    ksdd2     "electrical commutators"/ laid out as mvtec
+              or the raw archive: {train,test}/<id>.png + <id>_GT.png
+    dagm      Class<k>/{Test,Train}/<id>.PNG + .../Label/<id>_label.PNG
+    dtd       as mvtec (12 DTD-Synthetic categories)
+    headct    brain/test/{good,<anomaly>}/*            (image labels only)
+    brainmri  [brain_tumor_dataset/]{no,yes}/*         (image labels only)
+    br35h     {no,yes}/*  (pred/ is ignored)           (image labels only)
+    isic      skin/test/<specie>/* + skin/ISBI2016_ISIC_Part1_Test_GroundTruth/*
+              or raw: ISBI2016_ISIC_Part1_Test_{Data,GroundTruth}/*
+    clinicdb  {images,masks}/*  or the original {Original,Ground Truth}/*
+    colondb   as clinicdb
+    kvasir    as clinicdb
+    endo      masks/* + any other folder of images (good/ = normal)
+    folder    [<cat>/]{good,<defect>}/* + optional masks (see load_folder)
+
+Splits: ``train`` and ``test`` for mvtec, visa, mpdd, btad, ksdd2, dagm and dtd; ``test`` only for the
+others. MRAD uses ``test`` everywhere.
+
+Licences, as far as known here. Check each source before you redistribute anything:
+
+- MVTec AD: CC BY-NC-SA 4.0 (Bergmann et al., IJCV 2021).
+- VisA: CC BY 4.0 (amazon-science/spot-diff).
+- MPDD: CC BY-NC-SA 4.0 (stepanje/MPDD; not verified here).
+- BTAD: CC BY-NC-SA 4.0 (as stated by anomalib).
+- KSDD2: CC BY-NC-SA 4.0 (ViCoS, University of Ljubljana; not verified here).
+- DAGM 2007: free for non-commercial research (HCI Heidelberg terms).
+- DTD-Synthetic: derived from DTD (research use), released by Aota et al. (WACV 2023); licence not
+  verified here.
+- HeadCT, BrainMRI and Br35H: Kaggle uploads with per-upload terms; not verified here.
+- ISIC 2016: ISIC Archive terms (CC-0 / CC BY-NC per image); not verified here.
+- CVC-ClinicDB and CVC-ColonDB: research use only, cite Bernal et al.
+- Kvasir-SEG: research and education use, cite Jha et al. (2020).
+- EndoTect 2020: challenge terms, cite Hicks et al. (2021).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import PIL.Image
+from datasets import ClassLabel, Dataset, Features, Image, Value
+
+__all__ = [
+    "BR35H_CATEGORIES",
+    "BRAINMRI_CATEGORIES",
+    "BTAD_CATEGORIES",
+    "CLINICDB_CATEGORIES",
+    "COLONDB_CATEGORIES",
+    "DAGM_CATEGORIES",
+    "DATASET_LOADERS",
+    "DTD_CATEGORIES",
+    "ENDO_CATEGORIES",
+    "HEADCT_CATEGORIES",
+    "IMAGE_EXTENSIONS",
+    "ISIC_CATEGORIES",
+    "KSDD2_CATEGORIES",
+    "KVASIR_CATEGORIES",
+    "LABEL_NAMES",
+    "LOADER_FEATURES",
+    "MPDD_CATEGORIES",
+    "MVTEC_CATEGORIES",
+    "NORMAL_DEFECT_TYPE",
+    "UNSPECIFIED_DEFECT_TYPE",
+    "VISA_CATEGORIES",
+    "DatasetLayoutError",
+    "DatasetLoader",
+    "binarize_mask",
+    "load_benchmark",
+    "load_br35h",
+    "load_brainmri",
+    "load_btad",
+    "load_clinicdb",
+    "load_colondb",
+    "load_dagm",
+    "load_dtd_synthetic",
+    "load_endo",
+    "load_folder",
+    "load_headct",
+    "load_isic",
+    "load_ksdd2",
+    "load_kvasir",
+    "load_mpdd",
+    "load_mvtec",
+    "load_visa",
+    "with_binary_masks",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+"""Image file extensions the loaders pick up (compared case-insensitively)."""
+
+LABEL_NAMES: tuple[str, str] = ("normal", "anomaly")
+NORMAL_DEFECT_TYPE = "good"
+UNSPECIFIED_DEFECT_TYPE = "defect"
+"""``defect_type`` of anomalous rows in sets that record no defect kind (VisA csv, DAGM, colon sets)."""
+
+LOADER_FEATURES = Features(
+    {
+        "image": Image(decode=True),
+        "mask": Image(decode=True),
+        "label": ClassLabel(names=list(LABEL_NAMES)),
+        "category": Value("string"),
+        "defect_type": Value("string"),
+        "path": Value("string"),
+        "mask_path": Value("string"),
+    }
+)
+
+MVTEC_CATEGORIES: tuple[str, ...] = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
+VISA_CATEGORIES: tuple[str, ...] = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)  # fmt: skip
+MPDD_CATEGORIES: tuple[str, ...] = (
+    "bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes",
+)  # fmt: skip
+BTAD_CATEGORIES: tuple[str, ...] = ("01", "02", "03")
+KSDD2_CATEGORIES: tuple[str, ...] = ("electrical commutators",)
+DAGM_CATEGORIES: tuple[str, ...] = tuple(f"Class{index}" for index in range(1, 11))
+DTD_CATEGORIES: tuple[str, ...] = (
+    "Woven_001", "Woven_127", "Woven_104", "Stratified_154", "Blotchy_099", "Woven_068",
+    "Woven_125", "Marbled_078", "Perforated_037", "Mesh_114", "Fibrous_183", "Matted_069",
+)  # fmt: skip
+HEADCT_CATEGORIES: tuple[str, ...] = ("brain",)
+BRAINMRI_CATEGORIES: tuple[str, ...] = ("brain",)
+BR35H_CATEGORIES: tuple[str, ...] = ("brain",)
+ISIC_CATEGORIES: tuple[str, ...] = ("skin",)
+CLINICDB_CATEGORIES: tuple[str, ...] = ("colon",)
+COLONDB_CATEGORIES: tuple[str, ...] = ("colon",)
+KVASIR_CATEGORIES: tuple[str, ...] = ("colon",)
+ENDO_CATEGORIES: tuple[str, ...] = ("colon",)
+
+_MASK_SUFFIXES: tuple[str, ...] = ("_mask", "_label", "_gt", "_segmentation")
+_GROUND_TRUTH_DIR = "ground_truth"
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors and layout descriptions
+# --------------------------------------------------------------------------------------------------
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset folder does not have the expected layout.
+
+    Attributes:
+        missing: The file or folder that was missing or wrong, when one can be named.
+    """
+
+    def __init__(self, message: str, missing: Path | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+@dataclass(frozen=True)
+class _LayoutDoc:
+    """What error messages say about one dataset: its name, expected tree and how to fix it."""
+
+    name: str
+    tree: str
+    hint: str
+
+    def error(self, problem: str, missing: Path | None = None) -> DatasetLayoutError:
+        tree = "\n".join(f"    {line}" for line in self.tree.strip("\n").splitlines())
+        message = f"{self.name}: {problem}\nExpected layout:\n{tree}\nWhat to do: {self.hint}"
+        return DatasetLayoutError(message, missing)
+
+
+class _Row(NamedTuple):
+    category: str
+    defect_type: str
+    image: Path
+    mask: Path | None
+
+    @property
+    def is_anomaly(self) -> bool:
+        return self.defect_type != NORMAL_DEFECT_TYPE
+
+
+class DatasetLoader(Protocol):
+    """Signature shared by every entry of :data:`DATASET_LOADERS`."""
+
+    def __call__(
+        self, root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
+    ) -> Dataset:
+        """Loads ``split`` of the dataset under ``root``, restricted to ``categories`` if given."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers: file system, validation, mask pairing, dataset construction
+# --------------------------------------------------------------------------------------------------
+
+
+def _absolute(root: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+
+
+def _require_dir(path: Path, doc: _LayoutDoc) -> Path:
+    if not path.is_dir():
+        raise doc.error(f"folder {path}/ not found.", missing=path)
+    return path
+
+
+def _require_file(path: Path, doc: _LayoutDoc) -> Path:
+    if not path.is_file():
+        raise doc.error(f"file {path} not found.", missing=path)
+    return path
+
+
+def _is_visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _list_images(directory: Path) -> list[Path]:
+    """Image files directly inside ``directory``, sorted by name; hidden files are skipped."""
+    with os.scandir(directory) as entries:
+        images = [
+            Path(entry.path)
+            for entry in entries
+            if entry.is_file() and _is_visible(entry.name) and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(images, key=lambda path: path.name)
+
+
+def _list_subdirs(directory: Path, exclude: Iterable[str] = ()) -> list[str]:
+    """Names of the visible sub-folders of ``directory``, sorted, minus ``exclude``."""
+    excluded = set(exclude)
+    with os.scandir(directory) as entries:
+        names = [e.name for e in entries if e.is_dir() and _is_visible(e.name) and e.name not in excluded]
+    return sorted(names)
+
+
+def _has_mask_suffix(path: Path) -> bool:
+    return path.stem.casefold().endswith(_MASK_SUFFIXES)
+
+
+def _mask_key(stem: str) -> str:
+    """The image stem a mask file name refers to: ``"000_mask"`` -> ``"000"``."""
+    key = stem.casefold()
+    for suffix in _MASK_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def _index_masks(masks: Iterable[Path], doc: _LayoutDoc) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for mask in masks:
+        key = _mask_key(mask.stem)
+        if key in index:
+            raise doc.error(f"two masks refer to the same image: {index[key]} and {mask}.", missing=mask)
+        index[key] = mask
+    return index
+
+
+def _pair_masks(images: Sequence[Path], mask_dir: Path, doc: _LayoutDoc) -> list[Path]:
+    """Pairs every image with its mask in ``mask_dir``.
+
+    Pairs by name first. If no name matches and the counts are equal, it pairs in sorted order, as the
+    official MRAD json generators do, and warns.
+
+    Raises:
+        DatasetLayoutError: If the folder is missing or some images have no mask.
+    """
+    masks = _list_images(_require_dir(mask_dir, doc))
+    index = _index_masks(masks, doc)
+    matched = [index.get(image.stem.casefold()) for image in images]
+    if all(mask is not None for mask in matched):
+        return [mask for mask in matched if mask is not None]
+    if not any(matched) and len(masks) == len(images):
+        warnings.warn(
+            f"{doc.name}: mask names in {mask_dir} do not match the image names; pairing images and masks "
+            "in sorted order, as the official MRAD json generator does.",
+            stacklevel=4,
+        )
+        return masks
+    unmatched = next(image for image, mask in zip(images, matched, strict=True) if mask is None)
+    expected = mask_dir / f"{unmatched.stem}_mask.png"
+    raise doc.error(
+        f"no mask for {unmatched} in {mask_dir}/ (looked for {unmatched.stem}.<ext> or "
+        f"{unmatched.stem}_mask.<ext>; {len(images)} images, {len(masks)} masks).",
+        missing=expected,
+    )
+
+
+def _check_split(split: str, available: Sequence[str], doc: _LayoutDoc) -> None:
+    if split not in available:
+        raise ValueError(f"{doc.name}: unknown split {split!r}; available splits: {', '.join(available)}.")
+
+
+def _select_categories(requested: Sequence[str] | str | None, available: Sequence[str], name: str) -> list[str]:
+    """Validates ``requested`` against ``available``; ``None`` means all of them."""
+    if requested is None:
+        return list(available)
+    if isinstance(requested, str):
+        requested = [requested]
+    unknown = [category for category in requested if category not in available]
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}; "
+            f"available: {', '.join(available)}."
+        )
+    return list(dict.fromkeys(requested))
+
+
+def _build_dataset(rows: Iterable[_Row], doc: _LayoutDoc, searched: Path) -> Dataset:
+    """Sorts the rows and turns them into a lazily decoded ``datasets.Dataset``."""
+    ordered = sorted(rows, key=lambda row: (row.category, row.defect_type, str(row.image)))
+    if not ordered:
+        raise doc.error(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {searched}/.", searched)
+    paths = [str(row.image) for row in ordered]
+    mask_paths = [None if row.mask is None else str(row.mask) for row in ordered]
+    columns = {
+        "image": paths,
+        "mask": mask_paths,
+        "label": [int(row.is_anomaly) for row in ordered],
+        "category": [row.category for row in ordered],
+        "defect_type": [row.defect_type for row in ordered],
+        "path": paths,
+        "mask_path": mask_paths,
+    }
+    return Dataset.from_dict(columns, features=LOADER_FEATURES)
+
+
+def _masks_per_defect(ground_truth: Path) -> Callable[[str], Path]:
+    """``defect -> ground_truth/defect``: one mask folder per defect folder (MVTec style)."""
+    return lambda defect: ground_truth / defect
+
+
+def _shared_masks(folder: Path) -> Callable[[str], Path]:
+    """``defect -> folder``: one mask folder shared by every defect folder."""
+    return lambda _defect: folder
+
+
+def _class_dir_rows(
+    base: Path,
+    category: str,
+    doc: _LayoutDoc,
+    *,
+    normal_dir: str = NORMAL_DEFECT_TYPE,
+    class_dirs: Sequence[str] | None = None,
+    exclude: Iterable[str] = (),
+    rename: Mapping[str, str] | None = None,
+    mask_dir_for: Callable[[str], Path] | None = None,
+) -> list[_Row]:
+    """Rows from ``base/<class folder>/*``: ``normal_dir`` is normal, every other folder is a defect.
+
+    Args:
+        base: The folder holding one sub-folder per class.
+        category: The category written into every row.
+        doc: Layout description for error messages.
+        normal_dir: Name of the folder of normal images.
+        class_dirs: Folders to read (all must exist); ``None`` reads every sub-folder except ``exclude``.
+        exclude: Sub-folders that are not classes (e.g. ``masks``).
+        rename: Folder name -> ``defect_type`` (e.g. ``{"yes": "tumor"}``).
+        mask_dir_for: Defect folder name -> folder of its masks; ``None`` for image-level-only sets.
+    """
+    names = list(class_dirs) if class_dirs is not None else _list_subdirs(_require_dir(base, doc), exclude)
+    rows: list[_Row] = []
+    for name in names:
+        images = _list_images(_require_dir(base / name, doc))
+        if name == normal_dir:
+            rows.extend(_Row(category, NORMAL_DEFECT_TYPE, image, None) for image in images)
+            continue
+        defect_type = (rename or {}).get(name, name)
+        masks: Sequence[Path | None] = (
+            _pair_masks(images, mask_dir_for(name), doc) if mask_dir_for and images else [None] * len(images)
+        )
+        rows.extend(_Row(category, defect_type, image, mask) for image, mask in zip(images, masks, strict=True))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# MVTec-style layouts: <category>/{train,test}/<class>/ + <category>/ground_truth/<defect>/
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _MVTecStyleLayout:
+    """An MVTec-like layout, described as data."""
+
+    doc: _LayoutDoc
+    categories: tuple[str, ...]
+    splits: tuple[str, ...] = ("train", "test")
+    normal_dir: str = NORMAL_DEFECT_TYPE
+    ground_truth_dir: str | None = _GROUND_TRUTH_DIR  # None: image-level labels only
+
+
+def _mvtec_tree(categories: Sequence[str], normal: str, defect: str, mask: str | None, train: bool = True) -> str:
+    lines = ["<root>/", f"  <category>/          one of {', '.join(categories)}"]
+    if train:
+        lines.append(f"    train/{normal}/*.png")
+    lines += [f"    test/{normal}/*.png", f"    test/{defect}/*.png"]
+    if mask is not None:
+        lines.append(f"    ground_truth/{defect}/{mask}")
+    return "\n".join(lines)
+
+
+def _mvtec_style_rows(
+    root: Path, layout: _MVTecStyleLayout, categories: Sequence[str] | None, split: str
+) -> list[_Row]:
+    doc = layout.doc
+    _check_split(split, layout.splits, doc)
+    selected = _select_categories(categories, layout.categories, doc.name)
+    _require_dir(root, doc)
+    rows: list[_Row] = []
+    for category in selected:
+        category_dir = _require_dir(root / category, doc)
+        gt_dir = layout.ground_truth_dir
+        rows += _class_dir_rows(
+            _require_dir(category_dir / split, doc),
+            category,
+            doc,
+            normal_dir=layout.normal_dir,
+            mask_dir_for=None if gt_dir is None else _masks_per_defect(category_dir / gt_dir),
+        )
+    return rows
+
+
+def _load_mvtec_style(
+    root: str | os.PathLike[str], layout: _MVTecStyleLayout, categories: Sequence[str] | None, split: str
+) -> Dataset:
+    directory = _absolute(root)
+    return _build_dataset(_mvtec_style_rows(directory, layout, categories, split), layout.doc, directory)
+
+
+_MVTEC = _MVTecStyleLayout(
+    _LayoutDoc(
+        "MVTec AD",
+        _mvtec_tree((*MVTEC_CATEGORIES[:3], "..."), "good", "<defect>", "<id>_mask.png"),
+        "extract mvtec_anomaly_detection.tar.xz and pass the folder that contains bottle/, cable/, ... as root.",
+    ),
+    MVTEC_CATEGORIES,
+)
+_MPDD = _MVTecStyleLayout(
+    _LayoutDoc(
+        "MPDD",
+        _mvtec_tree((*MPDD_CATEGORIES[:2], "..."), "good", "<defect>", "<id>_mask.png"),
+        "download MPDD (github.com/stepanje/MPDD) and pass the folder that contains bracket_black/, ... as root.",
+    ),
+    MPDD_CATEGORIES,
+)
+_BTAD = _MVTecStyleLayout(
+    _LayoutDoc(
+        "BTAD",
+        _mvtec_tree(BTAD_CATEGORIES, "ok", "ko", "<id>.png   (01, 02: .png; 03: .bmp)"),
+        "extract BTech_Dataset_transformed.zip and pass the folder that contains 01/, 02/, 03/ as root.",
+    ),
+    BTAD_CATEGORIES,
+    normal_dir="ok",
+)
+_KSDD2_MVTEC = _MVTecStyleLayout(
+    _LayoutDoc(
+        "KSDD2",
+        _mvtec_tree(KSDD2_CATEGORIES, "good", "<defect>", "<id>[_mask].png")
+        + "\nor the raw KolektorSDD2 archive:\n<root>/\n  train/<id>.png, train/<id>_GT.png\n"
+        "  test/<id>.png, test/<id>_GT.png",
+        "pass the folder that contains 'electrical commutators/' (MRAD's layout) or the raw KolektorSDD2 "
+        "folder that contains train/ and test/ as root.",
+    ),
+    KSDD2_CATEGORIES,
+)
+_DTD = _MVTecStyleLayout(
+    _LayoutDoc(
+        "DTD-Synthetic",
+        _mvtec_tree((*DTD_CATEGORIES[:2], "..."), "good", "<defect>", "<id>_mask.png"),
+        "download DTD-Synthetic (Aota et al., WACV 2023) and pass the folder that contains Woven_001/, ... as root.",
+    ),
+    DTD_CATEGORIES,
+)
+_HEADCT = _MVTecStyleLayout(
+    _LayoutDoc(
+        "HeadCT",
+        _mvtec_tree(HEADCT_CATEGORIES, "good", "<anomaly>", None, train=False) + "\n(image-level labels only)",
+        "arrange the Kaggle 'Head CT - hemorrhage' images as brain/test/good/ (normal) and "
+        "brain/test/<anomaly>/ (hemorrhage), as in the AnomalyCLIP/MRAD data release, and pass the folder "
+        "that contains brain/ as root.",
+    ),
+    HEADCT_CATEGORIES,
+    splits=("test",),
+    ground_truth_dir=None,
+)
+
+
+def load_mvtec(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads MVTec AD: ``<cat>/{train/good, test/<defect>, ground_truth/<defect>/<id>_mask.png}``.
+
+    Args:
+        root: The folder that contains the 15 category folders.
+        categories: Subset of :data:`MVTEC_CATEGORIES`; ``None`` loads (and requires) all of them.
+        split: ``"test"`` (the MRAD protocol) or ``"train"`` (``train/good`` only).
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+
+    Raises:
+        DatasetLayoutError: If a folder or mask is missing.
+        ValueError: For an unknown category or split.
+    """
+    return _load_mvtec_style(root, _MVTEC, categories, split)
+
+
+def load_mpdd(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads MPDD, which uses the MVTec AD layout with :data:`MPDD_CATEGORIES`.
+
+    Args:
+        root: The folder that contains ``bracket_black/``, ``connector/``, ...
+        categories: Subset of :data:`MPDD_CATEGORIES`; ``None`` loads all.
+        split: ``"test"`` or ``"train"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    return _load_mvtec_style(root, _MPDD, categories, split)
+
+
+def load_btad(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads BTAD (``BTech_Dataset_transformed``): ``{01,02,03}/{train/ok, test/{ok,ko}, ground_truth/ko}``.
+
+    ``ok`` rows get ``defect_type="good"``; ``ko`` rows keep ``"ko"``. The file extensions differ per
+    category (anomalib lists 01: bmp images / png masks, 02: png / png, 03: bmp / bmp), so masks are
+    matched by stem, whatever their extension.
+
+    Args:
+        root: The folder that contains ``01/``, ``02/`` and ``03/``.
+        categories: Subset of :data:`BTAD_CATEGORIES`; ``None`` loads all.
+        split: ``"test"`` or ``"train"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    return _load_mvtec_style(root, _BTAD, categories, split)
+
+
+def load_dtd_synthetic(
+    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
+) -> Dataset:
+    """Loads DTD-Synthetic, which uses the MVTec AD layout with the 12 :data:`DTD_CATEGORIES`.
+
+    Args:
+        root: The folder that contains ``Woven_001/``, ``Blotchy_099/``, ...
+        categories: Subset of :data:`DTD_CATEGORIES`; ``None`` loads all.
+        split: ``"test"`` or ``"train"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    return _load_mvtec_style(root, _DTD, categories, split)
+
+
+def load_headct(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads HeadCT as MRAD lays it out: ``brain/test/{good,<anomaly>}/*``, image labels only.
+
+    Every folder under ``brain/test`` other than ``good`` is anomalous, and its name becomes the
+    ``defect_type``. ``mask`` is always ``None``.
+
+    Args:
+        root: The folder that contains ``brain/``.
+        categories: ``None`` or ``["brain"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    return _load_mvtec_style(root, _HEADCT, categories, split)
+
+
+# --------------------------------------------------------------------------------------------------
+# VisA
+# --------------------------------------------------------------------------------------------------
+
+_VISA_DOC = _LayoutDoc(
+    "VisA",
+    """
+<root>/                          (the VisA_20220922 folder)
+  split_csv/1cls.csv             columns: object,split,label,image,mask
+  candle/Data/Images/Normal/*.JPG
+  candle/Data/Images/Anomaly/*.JPG
+  candle/Data/Masks/Anomaly/*.png
+  ...                            (12 objects; csv paths are relative to <root>)
+or anomalib's converted visa_pytorch folder:
+  candle/{train/good, test/{good,bad}, ground_truth/bad/*.png}
+""",
+    "extract VisA_20220922.tar and pass the folder that contains split_csv/ as root; split_csv/1cls.csv "
+    "is also in the amazon-science/spot-diff repository.",
+)
+_VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+_VISA_PYTORCH = _MVTecStyleLayout(_VISA_DOC, VISA_CATEGORIES)  # anomalib's converted layout
+
+
+def _read_csv_rows(path: Path, columns: Sequence[str], doc: _LayoutDoc) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [name.strip() for name in reader.fieldnames or []]
+        missing = [name for name in columns if name not in header]
+        if missing:
+            raise doc.error(f"{path} lacks the column(s) {', '.join(missing)}; it has {', '.join(header)}.", path)
+        return [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+
+
+def _visa_csv_row(root: Path, record: Mapping[str, str], doc: _LayoutDoc) -> _Row:
+    label = record["label"]
+    if label not in LABEL_NAMES:
+        raise doc.error(f"unknown label {label!r} in split_csv/1cls.csv (expected 'normal' or 'anomaly').")
+    image = _require_file(root / record["image"], doc)
+    if label == "normal":
+        return _Row(record["object"], NORMAL_DEFECT_TYPE, image, None)
+    if not record["mask"]:
+        raise doc.error(f"anomalous image {record['image']} has no mask entry in split_csv/1cls.csv.")
+    return _Row(record["object"], UNSPECIFIED_DEFECT_TYPE, image, _require_file(root / record["mask"], doc))
+
+
+def _visa_csv_rows(root: Path, csv_path: Path, selected: Sequence[str], split: str) -> list[_Row]:
+    records = _read_csv_rows(csv_path, _VISA_COLUMNS, _VISA_DOC)
+    available_splits = sorted({record["split"] for record in records})
+    _check_split(split, available_splits, _VISA_DOC)
+    rows = [
+        _visa_csv_row(root, record, _VISA_DOC)
+        for record in records
+        if record["split"] == split and record["object"] in selected
+    ]
+    found = {row.category for row in rows}
+    absent = [category for category in selected if category not in found]
+    if absent:
+        raise _VISA_DOC.error(f"{csv_path} has no {split!r} rows for {', '.join(absent)}.", csv_path)
+    return rows
+
+
+def load_visa(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads VisA from the official ``split_csv/1cls.csv`` (the split MRAD uses).
+
+    The csv has the columns ``object, split, label, image, mask``. ``label`` is ``normal`` or
+    ``anomaly``, and paths are relative to ``root``. Anomalous rows get ``defect_type="defect"``
+    because the csv names no defect kind. **VisA masks are not binary** (0 plus small defect ids
+    1, 2, ...). The ``mask`` column holds them raw: binarise with ``mask > 0``
+    (:func:`binarize_mask` / :func:`with_binary_masks`).
+
+    Second accepted layout: if there is no ``split_csv/1cls.csv`` but ``<root>/<object>/test/`` exists,
+    the folder is read as anomalib's converted ``visa_pytorch`` layout
+    (``<object>/{train/good, test/{good,bad}, ground_truth/bad}``, same 1cls split). Its anomalous rows
+    get ``defect_type="bad"``.
+
+    Args:
+        root: The ``VisA_20220922`` folder (the one that contains ``split_csv/``).
+        categories: Subset of :data:`VISA_CATEGORIES`; ``None`` loads all 12.
+        split: ``"test"`` (MRAD) or ``"train"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    directory = _absolute(root)
+    selected = _select_categories(categories, VISA_CATEGORIES, _VISA_DOC.name)
+    _require_dir(directory, _VISA_DOC)
+    csv_path = directory / "split_csv" / "1cls.csv"
+    if not csv_path.is_file() and (directory / selected[0] / "test").is_dir():
+        rows = _mvtec_style_rows(directory, _VISA_PYTORCH, selected, split)
+    else:
+        rows = _visa_csv_rows(directory, _require_file(csv_path, _VISA_DOC), selected, split)
+    return _build_dataset(rows, _VISA_DOC, directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# KSDD2 and DAGM: masks beside the images
+# --------------------------------------------------------------------------------------------------
+
+
+def _mask_is_empty(path: Path) -> bool:
+    with PIL.Image.open(path) as mask:
+        return mask.convert("L").getbbox() is None
+
+
+def _ksdd2_raw_rows(split_dir: Path, category: str) -> list[_Row]:
+    files = _list_images(split_dir)
+    images = [path for path in files if not _has_mask_suffix(path)]
+    masks = _index_masks((path for path in files if _has_mask_suffix(path)), _KSDD2_MVTEC.doc)
+    rows = []
+    for image in images:
+        mask = masks.get(image.stem.casefold())
+        if mask is None:
+            raise _KSDD2_MVTEC.doc.error(f"no ground truth for {image}.", split_dir / f"{image.stem}_GT.png")
+        is_normal = _mask_is_empty(mask)
+        rows.append(
+            _Row(
+                category,
+                NORMAL_DEFECT_TYPE if is_normal else UNSPECIFIED_DEFECT_TYPE,
+                image,
+                None if is_normal else mask,
+            )
+        )
+    return rows
+
+
+def load_ksdd2(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads KolektorSDD2 (the reference calls it ``SDD``). Two layouts are accepted.
+
+    1. MRAD's layout (detected when ``<root>/electrical commutators/`` exists): the MVTec AD layout
+       with the one category ``"electrical commutators"``.
+    2. The raw KolektorSDD2 archive: ``<root>/{train,test}/<id>.png`` with ``<id>_GT.png`` beside
+       each image. Normal images have an all-black ``_GT``, so the label comes from the mask pixels
+       (the only loader that reads pixels while it builds). Normal rows get ``mask=None``.
+       Anomalous rows get ``defect_type="defect"``.
+
+    Args:
+        root: See above.
+        categories: ``None`` or ``["electrical commutators"]``.
+        split: ``"test"`` or ``"train"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    directory = _absolute(root)
+    doc = _KSDD2_MVTEC.doc
+    if (directory / KSDD2_CATEGORIES[0]).is_dir() or not (directory / split).is_dir():
+        return _load_mvtec_style(directory, _KSDD2_MVTEC, categories, split)
+    _check_split(split, _KSDD2_MVTEC.splits, doc)
+    (category,) = _select_categories(categories, KSDD2_CATEGORIES, doc.name)
+    return _build_dataset(_ksdd2_raw_rows(directory / split, category), doc, directory / split)
+
+
+_DAGM_DOC = _LayoutDoc(
+    "DAGM",
+    """
+<root>/                          (e.g. DAGM_KaggleUpload)
+  Class1/ ... Class10/
+    Test/<id>.PNG
+    Test/Label/<id>_label.PNG    one per defective image (Labels.txt is ignored)
+    Train/<id>.PNG
+    Train/Label/<id>_label.PNG
+""",
+    "pass the folder that contains Class1/ ... Class10/ as root (the Kaggle upload of DAGM 2007).",
+)
+_DAGM_SPLIT_DIRS: Mapping[str, str] = {"test": "Test", "train": "Train"}
+
+
+def _dagm_rows(category_dir: Path, category: str, split_dir_name: str) -> list[_Row]:
+    split_dir = _require_dir(category_dir / split_dir_name, _DAGM_DOC)
+    masks = _index_masks(_list_images(_require_dir(split_dir / "Label", _DAGM_DOC)), _DAGM_DOC)
+    images = _list_images(split_dir)
+    orphans = sorted(set(masks) - {image.stem.casefold() for image in images})
+    if orphans:
+        raise _DAGM_DOC.error(
+            f"label {masks[orphans[0]]} has no image in {split_dir}/.", split_dir / f"{orphans[0]}.PNG"
+        )
+    rows = []
+    for image in images:
+        mask = masks.get(image.stem.casefold())
+        rows.append(_Row(category, NORMAL_DEFECT_TYPE if mask is None else UNSPECIFIED_DEFECT_TYPE, image, mask))
+    return rows
+
+
+def load_dagm(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads DAGM 2007: ``Class<k>/{Test,Train}/<id>.PNG`` with masks in ``Label/<id>_label.PNG``.
+
+    An image is anomalous exactly when it has a label mask, as in the MRAD generator. Anomalous rows
+    get ``defect_type="defect"``.
+
+    Args:
+        root: The folder that contains ``Class1/`` ... ``Class10/``.
+        categories: Subset of :data:`DAGM_CATEGORIES`; ``None`` loads all 10.
+        split: ``"test"`` (folder ``Test``) or ``"train"`` (folder ``Train``).
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    _check_split(split, tuple(_DAGM_SPLIT_DIRS), _DAGM_DOC)
+    selected = _select_categories(categories, DAGM_CATEGORIES, _DAGM_DOC.name)
+    directory = _require_dir(_absolute(root), _DAGM_DOC)
+    rows = [
+        row
+        for category in selected
+        for row in _dagm_rows(_require_dir(directory / category, _DAGM_DOC), category, _DAGM_SPLIT_DIRS[split])
+    ]
+    return _build_dataset(rows, _DAGM_DOC, directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# Medical sets
+# --------------------------------------------------------------------------------------------------
+
+_BRAIN_RENAME: Mapping[str, str] = {"yes": "tumor"}
+_BRAINMRI_DOC = _LayoutDoc(
+    "BrainMRI",
+    """
+<root>/
+  brain_tumor_dataset/no/*.jpg   normal
+  brain_tumor_dataset/yes/*.jpg  tumour (image-level labels only)
+or, without the brain_tumor_dataset/ level:
+  no/*.jpg, yes/*.jpg
+""",
+    "extract the Kaggle 'Brain MRI Images for Brain Tumor Detection' archive and pass its folder as root.",
+)
+_BR35H_DOC = _LayoutDoc(
+    "Br35H",
+    """
+<root>/
+  no/*.jpg    normal
+  yes/*.jpg   tumour (image-level labels only; pred/ and other folders are ignored)
+""",
+    "extract the Kaggle 'Br35H :: Brain Tumor Detection 2020' archive and pass the folder that contains no/ "
+    "and yes/ as root.",
+)
+
+
+def _single_split_category(
+    categories: Sequence[str] | None, split: str, available: Sequence[str], doc: _LayoutDoc
+) -> str:
+    _check_split(split, ("test",), doc)
+    (category,) = _select_categories(categories, available, doc.name)
+    return category
+
+
+def _load_no_yes(root: Path, category: str, doc: _LayoutDoc) -> Dataset:
+    rows = _class_dir_rows(root, category, doc, normal_dir="no", class_dirs=("no", "yes"), rename=_BRAIN_RENAME)
+    return _build_dataset(rows, doc, root)
+
+
+def load_brainmri(
+    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
+) -> Dataset:
+    """Loads BrainMRI: ``[brain_tumor_dataset/]{no,yes}/*``, image labels only.
+
+    The MRAD generator reads ``<root>/brain_tumor_dataset/``. The Kaggle archive also has ``no/`` and
+    ``yes/`` at the top level, so both are accepted, and ``brain_tumor_dataset/`` wins when both
+    exist. ``yes`` rows get ``defect_type="tumor"``.
+
+    Args:
+        root: See above.
+        categories: ``None`` or ``["brain"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    category = _single_split_category(categories, split, BRAINMRI_CATEGORIES, _BRAINMRI_DOC)
+    directory = _require_dir(_absolute(root), _BRAINMRI_DOC)
+    nested = directory / "brain_tumor_dataset"
+    return _load_no_yes(nested if nested.is_dir() else directory, category, _BRAINMRI_DOC)
+
+
+def load_br35h(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads Br35H: ``{no,yes}/*``, image labels only.
+
+    The official generator counts every folder that is not ``no`` as anomalous. Only ``no`` and
+    ``yes`` are read here, so the unlabelled ``pred/`` folder of the Kaggle archive is ignored.
+
+    Args:
+        root: The folder that contains ``no/`` and ``yes/``.
+        categories: ``None`` or ``["brain"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    category = _single_split_category(categories, split, BR35H_CATEGORIES, _BR35H_DOC)
+    return _load_no_yes(_require_dir(_absolute(root), _BR35H_DOC), category, _BR35H_DOC)
+
+
+_ISIC_GT = "ISBI2016_ISIC_Part1_Test_GroundTruth"
+_ISIC_DATA = "ISBI2016_ISIC_Part1_Test_Data"
+_ISIC_DOC = _LayoutDoc(
+    "ISIC",
+    f"""
+<root>/
+  skin/test/<specie>/*.jpg                      (good/ = normal, any other folder = lesion)
+  skin/{_ISIC_GT}/<id>_Segmentation.png
+or the raw ISBI 2016 Part 1 test archives:
+  {_ISIC_DATA}/<id>.jpg
+  {_ISIC_GT}/<id>_Segmentation.png
+""",
+    "pass the folder that contains skin/ (MRAD's layout) or the two extracted ISBI2016_ISIC_Part1_Test_* "
+    "folders as root.",
+)
+
+
+def load_isic(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads ISIC 2016 (ISBI 2016 Part 1 test set) with lesion masks. Two layouts are accepted.
+
+    1. MRAD's layout (when ``<root>/skin/`` exists): ``skin/test/<specie>/*`` plus one mask folder,
+       ``skin/ISBI2016_ISIC_Part1_Test_GroundTruth/``, shared by every anomalous specie.
+       ``good/`` would be normal; the defect type is the specie folder name.
+    2. The raw archives: ``ISBI2016_ISIC_Part1_Test_Data/`` and ``ISBI2016_ISIC_Part1_Test_GroundTruth/``.
+       Every image is anomalous, with ``defect_type="defect"``.
+
+    Masks ``<id>_Segmentation.png`` are matched to images ``<id>.jpg`` by name.
+
+    Args:
+        root: See above.
+        categories: ``None`` or ``["skin"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    category = _single_split_category(categories, split, ISIC_CATEGORIES, _ISIC_DOC)
+    directory = _require_dir(_absolute(root), _ISIC_DOC)
+    if (directory / category).is_dir():
+        base = directory / category
+        rows = _class_dir_rows(
+            _require_dir(base / "test", _ISIC_DOC), category, _ISIC_DOC, mask_dir_for=_shared_masks(base / _ISIC_GT)
+        )
+        return _build_dataset(rows, _ISIC_DOC, base / "test")
+    return _load_image_mask_pair(directory, category, _ISIC_DOC, ((_ISIC_DATA, _ISIC_GT),))
+
+
+_COLON_DIR_PAIRS: tuple[tuple[str, str], ...] = (("images", "masks"), ("Original", "Ground Truth"))
+
+
+def _colon_doc(name: str, source: str) -> _LayoutDoc:
+    return _LayoutDoc(
+        name,
+        """
+<root>/
+  images/*.png     every image shows a polyp (anomalous)
+  masks/*.png      same file names as images/
+or the original CVC folders:
+  Original/*.tif, Ground Truth/*.tif
+""",
+        f"pass the folder that contains images/ and masks/ as root ({source}).",
+    )
+
+
+_CLINICDB_DOC = _colon_doc("CVC-ClinicDB", "e.g. the PraNet TestDataset/CVC-ClinicDB folder")
+_COLONDB_DOC = _colon_doc("CVC-ColonDB", "e.g. the PraNet TestDataset/CVC-ColonDB folder")
+_KVASIR_DOC = _colon_doc("Kvasir", "the extracted Kvasir-SEG folder or PraNet TestDataset/Kvasir")
+
+
+def _load_image_mask_pair(root: Path, category: str, doc: _LayoutDoc, dir_pairs: Sequence[tuple[str, str]]) -> Dataset:
+    """All images in the first existing ``(image_dir, mask_dir)`` pair are anomalous, with a mask each."""
+    _require_dir(root, doc)
+    image_dir_name, mask_dir_name = next(
+        ((images, masks) for images, masks in dir_pairs if (root / images).is_dir()), dir_pairs[0]
+    )
+    images = _list_images(_require_dir(root / image_dir_name, doc))
+    masks = _pair_masks(images, root / mask_dir_name, doc) if images else []
+    rows = [_Row(category, UNSPECIFIED_DEFECT_TYPE, image, mask) for image, mask in zip(images, masks, strict=True)]
+    return _build_dataset(rows, doc, root / image_dir_name)
+
+
+def _load_colon(
+    root: str | os.PathLike[str],
+    categories: Sequence[str] | None,
+    split: str,
+    doc: _LayoutDoc,
+    available: Sequence[str],
+) -> Dataset:
+    category = _single_split_category(categories, split, available, doc)
+    return _load_image_mask_pair(_absolute(root), category, doc, _COLON_DIR_PAIRS)
+
+
+def load_clinicdb(
+    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
+) -> Dataset:
+    """Loads CVC-ClinicDB: ``images/*`` with same-named ``masks/*``; every image is anomalous.
+
+    The original release's ``Original/`` + ``Ground Truth/`` folders are accepted as well.
+
+    Args:
+        root: The folder that contains ``images/`` and ``masks/``.
+        categories: ``None`` or ``["colon"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    return _load_colon(root, categories, split, _CLINICDB_DOC, CLINICDB_CATEGORIES)
+
+
+def load_colondb(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads CVC-ColonDB, which uses the same layout as :func:`load_clinicdb`.
+
+    Args:
+        root: The folder that contains ``images/`` and ``masks/``.
+        categories: ``None`` or ``["colon"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    return _load_colon(root, categories, split, _COLONDB_DOC, COLONDB_CATEGORIES)
+
+
+def load_kvasir(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads Kvasir(-SEG), which uses the same layout as :func:`load_clinicdb`.
+
+    Kvasir-SEG masks are JPEGs, so they are not exactly binary: binarise with ``> 0`` like the
+    reference.
+
+    Args:
+        root: The folder that contains ``images/`` and ``masks/``.
+        categories: ``None`` or ``["colon"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    return _load_colon(root, categories, split, _KVASIR_DOC, KVASIR_CATEGORIES)
+
+
+_ENDO_DOC = _LayoutDoc(
+    "EndoTect",
+    """
+<root>/                          (EndoTect_2020_Segmentation_Test_Dataset)
+  masks/*                        one mask per anomalous image, matched by file name
+  <image folder>/*               e.g. images/; every folder except masks/ and good/ is anomalous
+  good/*                         optional normal images
+""",
+    "pass the folder that contains masks/ and the image folder(s) as root.",
+)
+
+
+def load_endo(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+    """Loads EndoTect 2020 (segmentation test set): ``masks/`` plus one or more image folders.
+
+    As in the MRAD generator, every sub-folder except ``masks/`` is an image folder. ``good/`` holds
+    normal images; any other folder holds anomalous ones, and its name becomes the ``defect_type``.
+
+    Args:
+        root: The folder that contains ``masks/``.
+        categories: ``None`` or ``["colon"]``.
+        split: Only ``"test"``.
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    category = _single_split_category(categories, split, ENDO_CATEGORIES, _ENDO_DOC)
+    directory = _require_dir(_absolute(root), _ENDO_DOC)
+    mask_dir = _require_dir(directory / "masks", _ENDO_DOC)
+    rows = _class_dir_rows(directory, category, _ENDO_DOC, exclude=("masks",), mask_dir_for=_shared_masks(mask_dir))
+    return _build_dataset(rows, _ENDO_DOC, directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic folder format
+# --------------------------------------------------------------------------------------------------
+
+_FOLDER_DOC = _LayoutDoc(
+    "folder",
+    """
+<root>/                          one object; root's folder name is the category
+  good/*.png                     normal images
+  <defect>/*.png                 anomalous images, one folder per defect kind
+  <defect>/<stem>_mask.png       optional mask beside its image, or
+  ground_truth/<defect>/<stem>[_mask].png
+or, with several categories:
+<root>/<category>/{good, <defect>, ground_truth}/...
+""",
+    "arrange the images as above (any of .png .jpg .jpeg .bmp .tif .tiff, any case) and pass <root>.",
+)
+
+
+def _detect_folder_categories(root: Path, normal_dir: str) -> dict[str, Path]:
+    """``{category: folder}``: flat if ``root`` has image folders of its own, otherwise one level down."""
+    children = _list_subdirs(root, exclude=(_GROUND_TRUTH_DIR,))
+    if normal_dir in children or any(_list_images(root / child) for child in children):
+        return {root.name: root}
+    categories = {
+        child: root / child
+        for child in children
+        if any(_list_images(root / child / name) for name in _list_subdirs(root / child, exclude=(_GROUND_TRUTH_DIR,)))
+    }
+    if not categories:
+        raise _FOLDER_DOC.error(f"no image folders found in {root}/ or one level below it.", root / normal_dir)
+    return categories
+
+
+def _is_folder_mask(path: Path) -> bool:
+    return path.stem.casefold().endswith("_mask")
+
+
+def _folder_category_rows(category_dir: Path, category: str, normal_dir: str) -> list[_Row]:
+    rows: list[_Row] = []
+    for name in _list_subdirs(category_dir, exclude=(_GROUND_TRUTH_DIR,)):
+        files = _list_images(category_dir / name)
+        images = [path for path in files if not _is_folder_mask(path)]
+        if name == normal_dir:
+            rows.extend(_Row(category, NORMAL_DEFECT_TYPE, image, None) for image in images)
+            continue
+        mirror_dir = category_dir / _GROUND_TRUTH_DIR / name
+        beside = _index_masks((path for path in files if _is_folder_mask(path)), _FOLDER_DOC)
+        mirror = _index_masks(_list_images(mirror_dir), _FOLDER_DOC) if mirror_dir.is_dir() else {}
+        for image in images:
+            key = image.stem.casefold()
+            rows.append(_Row(category, name, image, beside.get(key) or mirror.get(key)))
+    return rows
+
+
+def load_folder(
+    root: str | os.PathLike[str],
+    categories: Sequence[str] | None = None,
+    split: str = "test",
+    *,
+    normal_dir: str = NORMAL_DEFECT_TYPE,
+) -> Dataset:
+    """Loads your own data from a documented folder format.
+
+    Layout (image extensions .png .jpg .jpeg .bmp .tif .tiff, any case)::
+
+        <root>/
+          good/*.png                               normal images
+          <defect>/*.png                           anomalous images; the folder name is the defect type
+          <defect>/<stem>_mask.png                 optional mask beside the image, or
+          ground_truth/<defect>/<stem>[_mask].png  optional mask in a mirror folder
+
+    Masks are optional: an anomalous image without one gets ``mask=None``. Normal images never get
+    a mask. Files whose stem ends in ``_mask`` are never read as images.
+
+    Categories: if ``<root>`` has ``good/`` or any sub-folder with images in it, it is one category,
+    named after ``<root>`` itself. Name the folder after the object (``screw``, ``pcb``), because MRAD
+    puts the category into its text prompts. Otherwise every sub-folder of ``<root>`` that follows
+    the layout above is one category (``<root>/<category>/good/...``).
+
+    Args:
+        root: The folder described above.
+        categories: Subset of the detected categories; ``None`` loads all.
+        split: Only ``"test"`` (the format has no train split).
+        normal_dir: Name of the folder of normal images.
+
+    Returns:
+        A ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    _check_split(split, ("test",), _FOLDER_DOC)
+    directory = _require_dir(_absolute(root), _FOLDER_DOC)
+    found = _detect_folder_categories(directory, normal_dir)
+    selected = _select_categories(categories, tuple(found), _FOLDER_DOC.name)
+    rows = [row for category in selected for row in _folder_category_rows(found[category], category, normal_dir)]
+    return _build_dataset(rows, _FOLDER_DOC, directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks, registry
+# --------------------------------------------------------------------------------------------------
+
+
+def binarize_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
+    """Binarises a mask as the MRAD reference does: grey value ``> 0`` -> 255, else 0 (mode ``"L"``)."""
+    return mask.convert("L").point(lambda value: 255 if value > 0 else 0)
+
+
+def _binarize_mask_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    if "mask" in batch:
+        batch["mask"] = [None if mask is None else binarize_mask(mask) for mask in batch["mask"]]
+    return batch
+
+
+def with_binary_masks(dataset: Dataset) -> Dataset:
+    """Returns a view of ``dataset`` whose decoded ``mask`` is binary 0/255 (mode ``"L"``).
+
+    This is a lazy ``with_transform``: it replaces any earlier format or transform, and a later
+    ``with_format`` / ``with_transform`` replaces it in turn.
+    """
+    return dataset.with_transform(_binarize_mask_batch)
+
+
+DATASET_LOADERS: dict[str, DatasetLoader] = {
+    "mvtec": load_mvtec,
+    "visa": load_visa,
+    "mpdd": load_mpdd,
+    "btad": load_btad,
+    "ksdd2": load_ksdd2,
+    "dagm": load_dagm,
+    "dtd": load_dtd_synthetic,
+    "headct": load_headct,
+    "brainmri": load_brainmri,
+    "br35h": load_br35h,
+    "isic": load_isic,
+    "clinicdb": load_clinicdb,
+    "colondb": load_colondb,
+    "kvasir": load_kvasir,
+    "endo": load_endo,
+    "folder": load_folder,
+}
+"""Dataset name -> loader. Each loader takes ``(root, categories=None, split="test")``."""
+
+_ALIASES: Mapping[str, str] = {
+    "sdd": "ksdd2",
+    "dtd-synthetic": "dtd",
+    "dtd_synthetic": "dtd",
+    "isbi": "isic",
+    "br35": "br35h",
+    "endotect": "endo",
+    "mvtec_ad": "mvtec",
+    "mvtec-ad": "mvtec",
+}
+
+
+def load_benchmark(name: str, root: str | os.PathLike[str], **kwargs: Any) -> Dataset:
+    """Loads a benchmark by name (case-insensitive; the MRAD spellings ``SDD``, ``ISBI`` and ``Br35`` work too).
+
+    Args:
+        name: A key of :data:`DATASET_LOADERS`.
+        root: The dataset folder.
+        **kwargs: Passed on to the loader (``categories``, ``split``, ...).
+
+    Returns:
+        The loaded ``datasets.Dataset``.
+
+    Raises:
+        ValueError: If ``name`` is unknown; the message lists the known names.
+    """
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASET_LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_LOADERS)}.")
+    return DATASET_LOADERS[key](root, **kwargs)

@@ -1,0 +1,73 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: tiny random CLIP backbones (no pretrained weights exist offline) and small labelled samples."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))  # `import reference_mrad`
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPConfig
+
+TINY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px; the backbone's native grid is 4 x 4, so positions are interpolated
+
+
+def tiny_clip_config(**vision_overrides) -> CLIPConfig:
+    vision = dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, image_size=56, patch_size=14
+    )
+    vision.update(vision_overrides)
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        ),
+        vision_config=vision,
+        projection_dim=24,
+    )
+
+
+def make_tiny_model(seed: int = 0, **config_overrides):
+    from mrad_hf import MRADForAnomalyDetection
+
+    torch.manual_seed(seed)
+    config_overrides.setdefault("image_size", TINY_IMAGE_SIZE)
+    return MRADForAnomalyDetection.from_clip(tiny_clip_config(), **config_overrides).eval()
+
+
+def make_samples(count: int = 6, seed: int = 0, height: int = 100, width: int = 120):
+    """Random RGB images; odd ones are anomalous with a rectangular mask."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        mask = None
+        if index % 2:
+            mask = np.zeros((height, width), dtype=bool)
+            top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+            mask[top : top + height // 3, left : left + width // 3] = True
+            image[mask] = 255 - image[mask]
+        samples.append({"image": image, "label": index % 2, "mask": mask, "id": f"img{index}"})
+    return samples
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture
+def samples():
+    return make_samples()
+
+
+@pytest.fixture
+def model_with_bank(tiny_model, samples):
+    tiny_model.build_memory_bank(samples, batch_size=4, source="unit-test", progress=False)
+    return tiny_model

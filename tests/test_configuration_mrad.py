@@ -1,0 +1,54 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MRADConfig: reference defaults, derived sizes for ViT-L/14 at 518, validation, round trip."""
+
+import pytest
+from transformers import CLIPConfig
+
+from mrad_hf import MRADConfig
+
+
+def vit_l14_336() -> CLIPConfig:
+    return CLIPConfig(
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14),
+        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        projection_dim=768,
+    )
+
+
+def test_reference_defaults_and_vit_l_sizes():
+    config = MRADConfig(clip_config=vit_l14_336())
+    assert config.image_size == 518 and config.grid_size == 37
+    assert (config.image_key_dim, config.patch_key_dim) == (768, 1024)
+    assert config.vv_start_layer == 1 and config.feature_layer == -1
+    assert config.neighbor_kernel_sizes == [1, 3, 5]
+    assert config.retrieval_temperature == 1.0 and config.image_score_weight == 0.7 and config.top_k_ratio == 0.01
+    assert config.gaussian_sigma == 4.0 and config.gaussian_truncate == 4.0 and config.mask_threshold == 0.5
+    assert config.position_interpolation == "bilinear" and config.class_key_post_layernorm is False
+    assert config.score_fusion == "weighted" and config.region_rule == "exact"
+    assert int(config.image_size**2 * config.top_k_ratio) == 2683  # the reference's top-k pixel count
+
+
+def test_round_trip(tmp_path):
+    config = MRADConfig(clip_config=vit_l14_336(), image_score_weight=0.5, image_bank_size=3)
+    config.save_pretrained(tmp_path)
+    again = MRADConfig.from_pretrained(tmp_path)
+    assert again.image_score_weight == 0.5 and again.image_bank_size == 3
+    assert again.clip_config.vision_config.hidden_size == 1024
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"score_fusion": "max"}, "score_fusion"),
+        ({"neighbor_kernel_sizes": [2]}, "odd"),
+        ({"image_score_weight": 1.5}, "image_score_weight"),
+        ({"feature_layer": 30}, "feature_layer"),
+        ({"vv_start_layer": 24}, "vv_start_layer"),
+        ({"image_size": 10}, "smaller than the patch size"),
+        ({"retrieval_temperature": 0.0}, "retrieval_temperature"),
+        ({"position_interpolation": "nearest"}, "position_interpolation"),
+    ],
+)
+def test_invalid_values_are_refused(overrides, message):
+    with pytest.raises(Exception, match=message):
+        MRADConfig(clip_config=vit_l14_336(), **overrides)

@@ -1,0 +1,82 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Dual-path features: parity with a plain reference-style implementation and with transformers' CLIP."""
+
+import pytest
+import torch
+from conftest import TINY_IMAGE_SIZE, make_tiny_model
+from reference_mrad import reference_average_neighbor, reference_encode_image
+
+from mrad_hf.features_mrad import dual_path_vision_features, interpolate_position_embeddings, neighbor_average
+
+
+def _pixels(batch=3, size=TINY_IMAGE_SIZE, seed=1):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("image_size", [TINY_IMAGE_SIZE, 56, 84])
+def test_dual_path_matches_reference_style_path(image_size):
+    model = make_tiny_model(image_size=image_size)
+    pixels = _pixels(size=image_size)
+    features = model.extract_features(pixels)
+    ref_class, ref_patches = reference_encode_image(model.clip, pixels)
+    assert features.grid_size == image_size // 14
+    torch.testing.assert_close(features.class_embeds, ref_class, atol=1e-5, rtol=0)
+    torch.testing.assert_close(features.patch_tokens, ref_patches, atol=1e-5, rtol=0)
+    # and the values are not trivially equal to something else: the V-V path differs from the original path
+    plain = model.clip.vision_model(pixels, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+    assert (model.clip.vision_model.post_layernorm(plain) - features.patch_tokens).abs().max() > 1e-2
+
+
+def test_partial_dpam_matches_reference():
+    """vv_start_layer = 2 equals the reference's DAPM_replace(num_layers - 1)."""
+    model = make_tiny_model(vv_start_layer=2)
+    pixels = _pixels()
+    features = model.extract_features(pixels)
+    ref_class, ref_patches = reference_encode_image(model.clip, pixels, dpam_layer=3)
+    torch.testing.assert_close(features.class_embeds, ref_class, atol=1e-5, rtol=0)
+    torch.testing.assert_close(features.patch_tokens, ref_patches, atol=1e-5, rtol=0)
+
+
+def test_original_path_equals_transformers_clip_at_native_size():
+    """At the native grid the original path is plain CLIP: its class token matches CLIPVisionModel's."""
+    model = make_tiny_model(image_size=56)
+    pixels = _pixels(size=56)
+    hf = model.clip.vision_model(pixels)
+    features = model.extract_features(pixels)
+    torch.testing.assert_close(features.class_embeds, model.clip.visual_projection(hf.last_hidden_state[:, 0]), atol=1e-5, rtol=0)
+    # class_key_post_layernorm=True gives CLIP's standard image embedding instead (the reference skips ln_post)
+    with_ln = dual_path_vision_features(model.clip.vision_model, model.clip.visual_projection, pixels, class_key_post_layernorm=True)
+    standard = model.clip.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(with_ln.class_embeds, standard, atol=1e-5, rtol=0)
+    assert (with_ln.class_embeds - features.class_embeds).abs().max() > 1e-3
+
+
+def test_bilinear_position_interpolation_differs_from_transformers_bicubic():
+    model = make_tiny_model()
+    table = model.clip.vision_model.embeddings.position_embedding.weight
+    ours = interpolate_position_embeddings(table, 8, "bilinear")
+    bicubic = interpolate_position_embeddings(table, 8, "bicubic")
+    hf = model.clip.vision_model.embeddings.interpolate_pos_encoding(torch.zeros(1, 65, 48), TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)[0]
+    torch.testing.assert_close(bicubic, hf, atol=1e-6, rtol=0)
+    assert ours.shape == (65, 48)
+    torch.testing.assert_close(ours[0], table[0])  # class row kept
+    assert (ours - bicubic).abs().max() > 1e-3
+    assert interpolate_position_embeddings(table, 4) is table  # native grid: untouched
+
+
+def test_neighbor_average_hand_computed():
+    tokens = torch.arange(9, dtype=torch.float32).view(1, 9, 1)  # 3 x 3 grid 0..8
+    out = neighbor_average(tokens, 3, [1, 3]).view(3, 3)
+    # centre: (4 + mean(0..8)=4) / 2 = 4; corner (0,0): (0 + (0+1+3+4)/9) / 2 with zero padding counted
+    assert out[1, 1].item() == pytest.approx(4.0)
+    assert out[0, 0].item() == pytest.approx((0 + 8 / 9) / 2)
+    random_tokens = torch.randn(2, 25, 7)
+    torch.testing.assert_close(neighbor_average(random_tokens, 5, [1, 3, 5]), reference_average_neighbor(random_tokens))
+
+
+def test_bad_pixel_values_are_rejected():
+    model = make_tiny_model()
+    with pytest.raises(ValueError, match="expects 112x112"):
+        model.extract_features(torch.zeros(1, 3, 56, 56))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        dual_path_vision_features(model.clip.vision_model, model.clip.visual_projection, torch.zeros(1, 1, 112, 112))
