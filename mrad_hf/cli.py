@@ -25,6 +25,11 @@ __all__ = ["main", "RANDOM_BACKBONES", "load_detector"]
 
 #: Randomly initialised CLIP shapes for offline runs, where no pretrained weights can be downloaded.
 RANDOM_BACKBONES: dict[str, dict] = {
+    "random-tiny": dict(
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=112, patch_size=14),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=32,
+    ),
     "random-small": dict(
         vision_config=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6, image_size=224, patch_size=14),
         text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
@@ -36,6 +41,10 @@ RANDOM_BACKBONES: dict[str, dict] = {
         projection_dim=768,
     ),
 }
+#: With random weights all patch features are nearly collinear, so softmax retrieval at the reference's
+#: temperature 1.0 is almost uniform and the offline demo would show noise; it uses this sharper one instead
+#: (only for random backbones, and it says so). Real CLIP weights use the reference's 1.0.
+RANDOM_DEMO_TEMPERATURE = 0.01
 RANDOM_WARNING = (
     "NOTE: using a RANDOMLY INITIALISED CLIP backbone ({name}). No pretrained CLIP weights can be downloaded on this "
     "machine, so the scores below show that the pipeline runs end to end, not MRAD's accuracy. For real results pass "
@@ -51,14 +60,19 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def load_detector(model: str | None = None, clip: str | None = None, *, image_size: int | None = None, seed: int = 0):
-    """An MRAD model from an MRAD folder / Hub id (`model`) or a CLIP source (`clip`, or a `random-*` name)."""
+def load_detector(model: str | None = None, clip: str | None = None, *, image_size: int | None = None, seed: int = 0, **overrides):
+    """An MRAD model from an MRAD folder / Hub id (`model`) or a CLIP source (`clip`, or a `random-*` name).
+
+    `overrides` are MRADConfig fields for a new model (ignored when loading a saved one would change it).
+    """
     import torch
     from transformers import CLIPConfig
 
     from .modeling_mrad import MRADForAnomalyDetection
 
-    overrides = {} if image_size is None else {"image_size": image_size}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if image_size is not None:
+        overrides["image_size"] = image_size
     if model:
         detector = MRADForAnomalyDetection.from_pretrained(model)
         if image_size is not None and image_size != detector.config.image_size:
@@ -186,7 +200,7 @@ def cmd_demo(args) -> int:
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from .data.loaders import load_mvtec
+    from .data.loaders import load_mvtec_layout
     from .data.synthetic import make_synthetic_benchmark
     from .visualization import save_panel
 
@@ -194,14 +208,27 @@ def cmd_demo(args) -> int:
     data_root = output_dir / "data"
     if not (data_root / "manifest.json").exists():
         make_synthetic_benchmark(data_root, image_size=256, seed=args.seed, overwrite=True)
-    detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed)
-    categories = sorted(p.name for p in data_root.iterdir() if p.is_dir())
-    target = args.target or categories[-1]
-    auxiliary = [c for c in categories if c != target]
-    _log(f"Auxiliary (memory) categories: {auxiliary}; held-out target category: {target}")
-    bank = detector.build_memory_bank(load_mvtec(data_root, categories=auxiliary), source=f"synthetic:{'+'.join(auxiliary)}")
+    temperature = args.retrieval_temperature
+    if temperature is None:
+        temperature = RANDOM_DEMO_TEMPERATURE if args.clip in RANDOM_BACKBONES else 1.0
+    detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed, retrieval_temperature=temperature)
+    _log(f"Retrieval temperature: {temperature} (the reference uses 1.0{'; see RANDOM_DEMO_TEMPERATURE' if temperature != 1.0 else ''})")
+    protocol = args.protocol or ("held-out-images" if args.clip in RANDOM_BACKBONES else "zero-shot")
+    dataset = load_mvtec_layout(data_root)
+    categories = sorted(set(dataset["category"]))
+    if protocol == "zero-shot":
+        # the paper's protocol: the memory comes from other categories than the ones scored
+        target = args.target or categories[-1]
+        memory = dataset.filter(lambda row: row["category"] != target, input_columns=None)
+        test = dataset.filter(lambda row: row["category"] == target, input_columns=None)
+        _log(f"Protocol zero-shot: memory from {[c for c in categories if c != target]}, scoring held-out category '{target}'")
+    else:
+        # random features do not transfer across textures; show retrieval on unseen images of seen textures
+        memory = dataset.select(range(0, len(dataset), 2))
+        test = dataset.select(range(1, len(dataset), 2))
+        _log(f"Protocol held-out-images: memory from every other image of {categories}, scoring the other {len(test)} images")
+    bank = detector.build_memory_bank(memory, source=f"synthetic:{protocol}")
     bank.save(output_dir / "memory_bank.safetensors")
-    test = load_mvtec(data_root, categories=[target])
     _, detect = _detector_pipeline(detector)
     scores, labels, pixel_maps, pixel_masks = [], [], [], []
     for index, row in enumerate(test):
@@ -211,7 +238,7 @@ def cmd_demo(args) -> int:
         labels.append(int(row["label"]))
         pixel_maps.append(prediction["anomaly_map"].ravel())
         pixel_masks.append(mask.ravel())
-        title = f"{row['defect_type']} score={prediction['score']:.4f}"
+        title = f"{row['defect_type']}   score={prediction['score']:.4f}"
         save_panel(output_dir / "heatmaps" / f"{index:03d}_{row['defect_type']}.png", row["image"], prediction["anomaly_map"], mask=mask, title=title, value_range=None)
         _log(f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {Path(row['path']).relative_to(data_root)}")
     image_auroc = roc_auc_score(labels, scores)
@@ -219,14 +246,15 @@ def cmd_demo(args) -> int:
     summary = {
         "backbone": args.clip,
         "pretrained": args.clip not in RANDOM_BACKBONES,
-        "auxiliary_categories": auxiliary,
-        "target_category": target,
+        "retrieval_temperature": temperature,
+        "protocol": protocol,
+        "memory_entries": bank.counts(),
         "image_auroc": image_auroc,
         "pixel_auroc": pixel_auroc,
         "scores": [{"path": r["path"], "label": int(r["label"]), "score": s} for r, s in zip(test, scores)],
     }
     _write_json(output_dir / "demo_results.json", summary)
-    _log(f"Image AUROC on held-out '{target}': {image_auroc:.3f}   pixel AUROC: {pixel_auroc:.3f}")
+    _log(f"Image AUROC: {image_auroc:.3f}   pixel AUROC: {pixel_auroc:.3f}   ({protocol}, {len(test)} images)")
     _log(f"Heatmaps (image | overlay | ground truth): {output_dir / 'heatmaps'}   results: {output_dir / 'demo_results.json'}")
     if args.clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=args.clip))
@@ -246,9 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="end-to-end run on a synthetic benchmark made from real CC0 textures")
     demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--clip", default="random-small", help="CLIP checkpoint; default: a random small ViT (offline)")
+    demo.add_argument("--clip", default="random-tiny", help="CLIP checkpoint; default: a random tiny ViT (offline)")
+    demo.add_argument("--retrieval-temperature", type=float, help=f"default 1.0, or {RANDOM_DEMO_TEMPERATURE} for random backbones")
     demo.add_argument("--image-size", type=int, default=224, help="network input size (518 for the paper setting)")
-    demo.add_argument("--target", help="held-out category (default: the last one)")
+    demo.add_argument("--protocol", choices=("zero-shot", "held-out-images"), help="default: zero-shot for real weights, held-out-images for random ones")
+    demo.add_argument("--target", help="zero-shot: the held-out category (default: the last one)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo)
 

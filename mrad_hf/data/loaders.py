@@ -14,7 +14,7 @@ mask          ``Image(decode=True)``                the mask file as stored on d
                                                     images and for image-level-only datasets
 label         ``ClassLabel(["normal", "anomaly"])`` 0 = normal, 1 = anomaly
 category      ``Value("string")``                   the class name as the MRAD reference spells it
-                                                    (it ends up in text prompts)
+                                                    (per-category tables use it)
 defect_type   ``Value("string")``                   ``"good"`` for normal rows; otherwise the defect
                                                     folder name, or ``"defect"`` if the set has none
 path          ``Value("string")``                   absolute image path
@@ -136,6 +136,7 @@ __all__ = [
     "load_ksdd2",
     "load_kvasir",
     "load_mpdd",
+    "load_mvtec_layout",
     "load_mvtec",
     "load_visa",
     "with_binary_masks",
@@ -494,6 +495,14 @@ _MVTEC = _MVTecStyleLayout(
     ),
     MVTEC_CATEGORIES,
 )
+_MVTEC_LAYOUT = _MVTecStyleLayout(
+    _LayoutDoc(
+        "MVTec-layout dataset",
+        _mvtec_tree(("<any name>", "..."), "good", "<defect>", "<id>_mask.png"),
+        "pass the folder that contains the category folders (each with test/ and ground_truth/) as root.",
+    ),
+    (),
+)
 _MPDD = _MVTecStyleLayout(
     _LayoutDoc(
         "MPDD",
@@ -560,6 +569,25 @@ def load_mvtec(root: str | os.PathLike[str], categories: Sequence[str] | None = 
         ValueError: For an unknown category or split.
     """
     return _load_mvtec_style(root, _MVTEC, categories, split)
+
+
+def load_mvtec_layout(
+    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
+) -> Dataset:
+    """Loads any dataset in the MVTec AD layout, with the categories found on disk.
+
+    For the synthetic benchmark (``mrad make-synthetic``) and for users who arrange their own data like
+    MVTec AD: every sub-folder of ``root`` that has a ``test/`` folder is a category.
+
+    Raises:
+        DatasetLayoutError: If ``root`` has no category folder, or a folder or mask is missing.
+    """
+    directory = _require_dir(_absolute(root), _MVTEC_LAYOUT.doc)
+    found = tuple(name for name in _list_subdirs(directory) if (directory / name / "test").is_dir())
+    if not found:
+        raise _MVTEC_LAYOUT.doc.error(f"no category folder with a test/ sub-folder under {directory}/.", directory)
+    layout = _MVTecStyleLayout(_MVTEC_LAYOUT.doc, found)
+    return _build_dataset(_mvtec_style_rows(directory, layout, categories, split), layout.doc, directory)
 
 
 def load_mpdd(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
@@ -1167,8 +1195,8 @@ def load_folder(
     a mask. Files whose stem ends in ``_mask`` are never read as images.
 
     Categories: if ``<root>`` has ``good/`` or any sub-folder with images in it, it is one category,
-    named after ``<root>`` itself. Name the folder after the object (``screw``, ``pcb``), because MRAD
-    puts the category into its text prompts. Otherwise every sub-folder of ``<root>`` that follows
+    named after ``<root>`` itself; name the folder after the object (``screw``, ``pcb``), since evaluation
+    tables are reported per category. Otherwise every sub-folder of ``<root>`` that follows
     the layout above is one category (``<root>/<category>/good/...``).
 
     Args:
@@ -1230,6 +1258,7 @@ DATASET_LOADERS: dict[str, DatasetLoader] = {
     "kvasir": load_kvasir,
     "endo": load_endo,
     "folder": load_folder,
+    "mvtec-layout": load_mvtec_layout,
 }
 """Dataset name -> loader. Each loader takes ``(root, categories=None, split="test")``."""
 

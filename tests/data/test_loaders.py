@@ -587,7 +587,7 @@ def test_folder_without_images(tmp_path: Path) -> None:
 def test_registry_names() -> None:
     assert list(DATASET_LOADERS) == [
         "mvtec", "visa", "mpdd", "btad", "ksdd2", "dagm", "dtd", "headct",
-        "brainmri", "br35h", "isic", "clinicdb", "colondb", "kvasir", "endo", "folder",
+        "brainmri", "br35h", "isic", "clinicdb", "colondb", "kvasir", "endo", "folder", "mvtec-layout",
     ]  # fmt: skip
     assert len(loaders.MVTEC_CATEGORIES) == 15 and len(loaders.VISA_CATEGORIES) == 12
 
@@ -607,3 +607,17 @@ def test_load_benchmark_unknown_name() -> None:
 def test_missing_root_is_a_layout_error(tmp_path: Path, name: str) -> None:
     root = tmp_path / "not_there"
     assert_layout_error(lambda: load_benchmark(name, root), root)
+
+
+def test_mvtec_layout_discovers_categories(tmp_path: Path) -> None:
+    """Any category names in the MVTec layout (the synthetic benchmark uses brick, grass, gravel)."""
+    make_mvtec_style(tmp_path, "brick", {"scratch": ["000", "001"]})
+    make_mvtec_style(tmp_path, "grass", {"hole": ["000"]})
+    dataset = loaders.load_mvtec_layout(tmp_path)
+    assert sorted(set(dataset["category"])) == ["brick", "grass"]
+    anomalous = [row for row in dataset if row["label"] == 1]
+    assert {row["defect_type"] for row in anomalous} == {"scratch", "hole"}
+    assert all(row["mask_path"].endswith("_mask.png") for row in anomalous)
+    assert len(loaders.load_mvtec_layout(tmp_path, categories=["grass"])) == len([r for r in dataset if r["category"] == "grass"])
+    with pytest.raises(DatasetLayoutError, match="no category folder"):
+        loaders.load_mvtec_layout(tmp_path / "brick" / "ground_truth")
