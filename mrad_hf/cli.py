@@ -6,6 +6,8 @@
     mrad build-bank --clip openai/clip-vit-large-patch14-336 --dataset visa --data-root /data/visa \
         --output banks/visa.safetensors --save-model models/mrad-tf-visa
     mrad predict --model models/mrad-tf-visa images/ --output-dir outputs/predict --threshold 0.5
+    mrad evaluate --clip openai/clip-vit-large-patch14-336 --bank-from visa --bank-root /data/visa \
+        --dataset mvtec --data-root /data/mvtec --output-dir results/mvtec
 
 Every command prints what it uses (in particular whether the CLIP weights are pretrained or random) and
 exits with a one-line error, not a traceback, on bad input (`--debug` shows the traceback).
@@ -198,10 +200,11 @@ def cmd_predict(args) -> int:
 def cmd_demo(args) -> int:
     """Synthetic benchmark from real CC0 textures -> bank from auxiliary categories -> scores + heatmaps on a held-out one."""
     import numpy as np
-    from sklearn.metrics import roc_auc_score
 
     from .data.loaders import load_mvtec_layout
     from .data.synthetic import make_synthetic_benchmark
+    from .evaluation.metrics import image_auroc as compute_image_auroc
+    from .evaluation.metrics import pixel_auroc as compute_pixel_auroc
     from .visualization import save_panel
 
     output_dir = Path(args.output_dir)
@@ -236,13 +239,13 @@ def cmd_demo(args) -> int:
         mask = np.zeros(prediction["anomaly_map"].shape, bool) if row["mask"] is None else np.asarray(row["mask"].convert("L")) > 0
         scores.append(prediction["score"])
         labels.append(int(row["label"]))
-        pixel_maps.append(prediction["anomaly_map"].ravel())
-        pixel_masks.append(mask.ravel())
+        pixel_maps.append(prediction["anomaly_map"])
+        pixel_masks.append(mask)
         title = f"{row['defect_type']}   score={prediction['score']:.4f}"
         save_panel(output_dir / "heatmaps" / f"{index:03d}_{row['defect_type']}.png", row["image"], prediction["anomaly_map"], mask=mask, title=title, value_range=None)
         _log(f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {Path(row['path']).relative_to(data_root)}")
-    image_auroc = roc_auc_score(labels, scores)
-    pixel_auroc = roc_auc_score(np.concatenate(pixel_masks), np.concatenate(pixel_maps))
+    image_auroc = compute_image_auroc(labels, scores)
+    pixel_auroc = compute_pixel_auroc(np.stack(pixel_masks), np.stack(pixel_maps))  # images share one size here
     summary = {
         "backbone": args.clip,
         "pretrained": args.clip not in RANDOM_BACKBONES,
@@ -259,6 +262,41 @@ def cmd_demo(args) -> int:
     if args.clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=args.clip))
     return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Cross-dataset protocol: memory from one dataset (--bank-from/--bank-root or --bank), test on another."""
+    from .data.loaders import load_benchmark
+    from .evaluation.runner import evaluate_dataset
+
+    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed)
+    output_dir = Path(args.output_dir)
+    if args.bank:
+        detector.set_memory_bank(args.bank)
+        bank_source = args.bank
+    elif args.bank_from:
+        if not args.bank_root:
+            raise CLIError("--bank-from needs --bank-root (the auxiliary dataset's folder).")
+        auxiliary = load_benchmark(args.bank_from, args.bank_root)
+        _log(f"Building the memory bank from {len(auxiliary)} {args.bank_from} test images")
+        detector.build_memory_bank(auxiliary, batch_size=args.batch_size, source=args.bank_from).save(output_dir / "memory_bank.safetensors")
+        bank_source = args.bank_from
+    elif detector.config.image_bank_size:
+        bank_source = (detector.config.memory_bank_metadata or {}).get("source", "model")
+    else:
+        raise CLIError("No memory bank: pass --bank FILE, --bank-from NAME --bank-root DIR, or a --model saved with a bank.")
+    dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories)
+    _log(f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}")
+    run_info = {"model": args.model or args.clip, "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None, "bank": bank_source}
+    results = evaluate_dataset(
+        detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
+        heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
+    )
+    print((output_dir / "results.md").read_text(encoding="utf-8"))
+    _log(f"Tables: {output_dir / 'results.md'}, {output_dir / 'results.csv'}, {output_dir / 'results.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    if args.clip in RANDOM_BACKBONES:
+        _log(RANDOM_WARNING.format(name=args.clip))
+    return 0 if results["per_category"] else 1
 
 
 # ---------------------------------------------------------------------- parser
@@ -312,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images: skip and report, or stop")
     predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")
     predict.set_defaults(handler=cmd_predict)
+    evaluate = commands.add_parser("evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps")
+    model_options(evaluate)
+    evaluate.add_argument("--dataset", required=True, help="the benchmark to score (mvtec, visa, ..., mvtec-layout, folder)")
+    evaluate.add_argument("--data-root", required=True)
+    evaluate.add_argument("--categories", nargs="+")
+    evaluate.add_argument("--bank", help="a memory bank file")
+    evaluate.add_argument("--bank-from", help="build the memory from this auxiliary dataset's test split (e.g. visa)")
+    evaluate.add_argument("--bank-root", help="the auxiliary dataset's folder")
+    evaluate.add_argument("--output-dir", default="outputs/evaluate")
+    evaluate.add_argument("--image-size", type=int, help="network input size for a new model (default 518)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--heatmaps", type=int, default=3, help="heatmap panels per category")
+    evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference")
+    evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
+    evaluate.set_defaults(handler=cmd_evaluate)
     return parser
 
 

@@ -92,3 +92,50 @@ def test_demo_end_to_end(tmp_path, capsys):
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert len(heatmaps) == len(scores) and Image.open(heatmaps[0]).size == (3 * 256, 256 + 18)
     assert MemoryBank.load(out / "memory_bank.safetensors").counts()["image_entries"] == len(scores)
+
+
+def test_evaluate_cross_dataset_tables_match_independent_metrics(tmp_path, saved_tiny, capsys):
+    """`mrad evaluate`: memory from one synthetic benchmark, scoring another; the table equals metrics recomputed here."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from mrad_hf import MRADForAnomalyDetection
+    from mrad_hf.data.loaders import load_mvtec_layout
+    from mrad_hf.data.synthetic import make_synthetic_benchmark
+
+    aux = make_synthetic_benchmark(tmp_path / "aux", categories=("brick",), n_test_good=3, n_test_per_defect=1, image_size=96, seed=1)
+    target = make_synthetic_benchmark(tmp_path / "target", categories=("grass", "gravel"), n_test_good=3, n_test_per_defect=1, image_size=96, seed=2)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(saved_tiny), "--bank-from", "mvtec-layout", "--bank-root", str(aux),
+            "--dataset", "mvtec-layout", "--data-root", str(target), "--output-dir", str(out), "--heatmaps", "2"]
+    assert main(args) == 0
+    assert "| **mean** |" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [r["category"] for r in results["per_category"]] == ["grass", "gravel"]
+
+    model = MRADForAnomalyDetection.from_pretrained(saved_tiny)
+    model.set_memory_bank(out / "memory_bank.safetensors")
+    processor = MRADImageProcessor.from_config(model.config)
+    recomputed = {}
+    for category in ("grass", "gravel"):
+        rows = [r for r in load_mvtec_layout(target) if r["category"] == category]
+        inputs = processor([r["image"] for r in rows], masks=[r["mask"] for r in rows])
+        outputs = model(pixel_values=inputs["pixel_values"])
+        labels = [r["label"] for r in rows]
+        recomputed[category] = {
+            "image_auroc": roc_auc_score(labels, outputs.anomaly_score.numpy()),
+            "image_ap": average_precision_score(labels, outputs.anomaly_score.numpy()),
+            "pixel_auroc": roc_auc_score(inputs["masks"].numpy().ravel() > 0.5, outputs.anomaly_map.numpy().ravel()),
+        }
+    for record in results["per_category"]:
+        for key, value in recomputed[record["category"]].items():
+            assert record["metrics"][key] == pytest.approx(value, abs=1e-6), (record["category"], key)
+    for key in ("image_auroc", "pixel_auroc"):
+        assert results["mean"][key] == pytest.approx(np.mean([recomputed[c][key] for c in recomputed]), abs=1e-6)
+    table = (out / "results.md").read_text()
+    assert f"{100 * recomputed['grass']['image_auroc']:.1f}" in table.splitlines()[2]
+    assert (out / "results.csv").read_text().splitlines()[-1].startswith("mean,")
+    assert len(list((out / "heatmaps").glob("*.png"))) == 4
+    # resumable: finished categories are read back, not recomputed
+    (out / "per_category" / "grass.json").write_text((out / "per_category" / "grass.json").read_text().replace('"images": 7', '"images": 7, "resumed": true'))
+    assert main(args) == 0
+    assert json.loads((out / "per_category" / "grass.json").read_text())["resumed"] is True
