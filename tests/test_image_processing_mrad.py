@@ -143,3 +143,13 @@ def test_processor_round_trip(tmp_path):
     assert again.to_dict() == processor.to_dict()
     image = np.random.default_rng(0).integers(0, 256, (33, 44, 3), dtype=np.uint8)
     assert torch.equal(again(image)["pixel_values"], processor(image)["pixel_values"])
+
+
+def test_mask_resize_keeps_edges_in_place():
+    """An off-by-one (or a nearest/align_corners change) in the mask resize moves this edge and fails here."""
+    mask = np.zeros((100, 100), dtype=np.uint8)
+    mask[:, :50] = 255
+    out = preprocess_mask(mask, 200).numpy()
+    assert out[:, :100].all() and not out[:, 100:].any()
+    odd = preprocess_mask(mask, 518).numpy()  # the reference size: edge at 259 = 518 / 2
+    assert odd[:, :259].all() and not odd[:, 259:].any()
