@@ -222,8 +222,8 @@ def cmd_demo(args) -> int:
     if protocol == "zero-shot":
         # the paper's protocol: the memory comes from other categories than the ones scored
         target = args.target or categories[-1]
-        memory = dataset.filter(lambda row: row["category"] != target, input_columns=None)
-        test = dataset.filter(lambda row: row["category"] == target, input_columns=None)
+        memory = dataset.filter(lambda category: category != target, input_columns="category")  # no image decoding
+        test = dataset.filter(lambda category: category == target, input_columns="category")
         _log(f"Protocol zero-shot: memory from {[c for c in categories if c != target]}, scoring held-out category '{target}'")
     else:
         # random features do not transfer across textures; show retrieval on unseen images of seen textures
@@ -305,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def dataset_options(sub, what):
+        sub.add_argument("--dataset", required=True, help=f"{what}: mvtec, visa, mpdd, btad, ..., mvtec-layout, or folder (your own data)")
+        sub.add_argument("--data-root", required=True)
+        sub.add_argument("--categories", nargs="+")
+
     def model_options(sub):
         sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
         sub.add_argument("--clip", help="a CLIP checkpoint (Hub id or folder), or random-small / random-vit-l14-336 (random weights)")
@@ -330,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build-bank", help="build the two-level memory bank from a labelled auxiliary dataset")
     model_options(build)
-    build.add_argument("--dataset", required=True, help="mvtec, visa, mpdd, btad, ..., or folder (your own data)")
-    build.add_argument("--data-root", required=True)
-    build.add_argument("--categories", nargs="+")
+    dataset_options(build, "the auxiliary dataset")
     build.add_argument("--split", default="test", help="the reference builds banks from the auxiliary test split")
     build.add_argument("--source", help="name stored in the bank's metadata (default: the dataset name)")
     build.add_argument("--output", required=True, help="bank file (.safetensors)")
@@ -350,11 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images: skip and report, or stop")
     predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")
     predict.set_defaults(handler=cmd_predict)
+
     evaluate = commands.add_parser("evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps")
     model_options(evaluate)
-    evaluate.add_argument("--dataset", required=True, help="the benchmark to score (mvtec, visa, ..., mvtec-layout, folder)")
-    evaluate.add_argument("--data-root", required=True)
-    evaluate.add_argument("--categories", nargs="+")
+    dataset_options(evaluate, "the benchmark to score")
     evaluate.add_argument("--bank", help="a memory bank file")
     evaluate.add_argument("--bank-from", help="build the memory from this auxiliary dataset's test split (e.g. visa)")
     evaluate.add_argument("--bank-root", help="the auxiliary dataset's folder")

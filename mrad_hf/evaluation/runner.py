@@ -119,7 +119,8 @@ def evaluate_dataset(
 
     output_dir = Path(output_dir)
     processor = MRADImageProcessor.from_config(model.config)
-    categories = sorted(set(dataset["category"]))
+    category_column = dataset["category"]
+    categories = sorted(set(category_column))
     bar = tqdm(total=len(dataset), desc=f"Evaluating {name}", unit="img", disable=not progress)
     per_category = []
     for category in categories:
@@ -128,7 +129,8 @@ def evaluate_dataset(
             record = json.loads(record_path.read_text(encoding="utf-8"))
             bar.update(record["images"])
         else:
-            rows = [row for row in dataset if row["category"] == category]
+            # select by the category column so that only this category's images are decoded
+            rows = list(dataset.select([i for i, name in enumerate(category_column) if name == category]))
             record = evaluate_category(
                 model, rows, category, processor=processor, batch_size=batch_size,
                 heatmap_dir=output_dir / "heatmaps", heatmaps=heatmaps_per_category, aupro_protocol=aupro_protocol, progress=bar,
