@@ -7,7 +7,8 @@ which is the reference semantics of this package; where the paper's text differs
 is available as an option (``score_fusion="sum"``, ``retrieval_temperature``), never the default.
 
 Sections of the paper the knobs belong to: Sec. 3.1 (frozen CLIP with a V-V local branch),
-Sec. 3.2 (the two-level memory bank), Sec. 3.3 (retrieval and scoring).
+Sec. 3.2 (the two-level memory bank), Sec. 3.3 (retrieval and scoring), Sec. 3.4 (MRAD-FT: the
+recalibrated retrieval metric) and Sec. 3.5 (MRAD-CLIP: prompts with region-prior biases).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, PreTrainedConfig
 
-__all__ = ["MRADConfig", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+__all__ = ["MRADConfig", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "VARIANTS"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,6 +24,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _POSITION_INTERPOLATIONS = ("bilinear", "bicubic")
 _SCORE_FUSIONS = ("weighted", "sum")
 _REGION_RULES = ("exact", "majority")
+VARIANTS = ("tf", "ft", "clip")
 
 
 @strict
@@ -78,6 +80,36 @@ class MRADConfig(PreTrainedConfig):
             Number of pixel-level memory entries (normal / anomalous region prototypes).
         memory_bank_metadata (`dict`, *optional*):
             Provenance of the attached banks (source dataset, counts, backbone fingerprint, format version).
+        variant (`str`, defaults to `"tf"`):
+            `"tf"` (MRAD-TF, train-free retrieval), `"ft"` (MRAD-FT: learned query/key projections at both memory
+            levels) or `"clip"` (MRAD-CLIP: MRAD-FT plus learnable text prompts whose context vectors get biases
+            from the normal/anomalous region priors; the map comes from text-patch alignment).
+        image_dropout_quantile (`float`, defaults to 0.95):
+            Similarity dropout while training (Sec. 3.4): per query, entries whose *unprojected* cosine is strictly
+            above this quantile are masked out of the projected softmax (the top 5%).
+        patch_dropout_quantile (`float`, defaults to 0.8):
+            The same at the pixel level (top 20%). The reference notes 0.85 when the auxiliary data is MVTec AD.
+        classification_temperature (`float`, defaults to 0.07):
+            The training loss is `cross_entropy(image_probabilities / 0.07, label)` (a softmax over probabilities,
+            as the reference does).
+        prompt_context_length (`int`, defaults to 12):
+            Learnable context vectors per state in the MRAD-CLIP prompts `[X]*12 object.` / `[X]*12 damaged object.`
+        deep_prompt_length (`int`, defaults to 4), deep_prompt_depth (`int`, defaults to 9):
+            Deep text prompts: at text layers 2..depth (1-based) the tokens 1..length are replaced by learned vectors.
+        deep_prompt_fp16_rounding (`bool`, defaults to `True`):
+            The reference casts the deep prompts to fp16 before inserting them (values rounded to fp16 precision).
+            `False` keeps them in full precision.
+        normal_prompt (`str`, defaults to `"object"`), anomaly_prompt (`str`, defaults to `"damaged object"`):
+            Words after the context vectors (the paper writes "good object"; the code uses "object").
+        prompt_token_ids (`list[list[int]]`, *optional*):
+            Token ids of the two prompts (start token, one placeholder per context vector, the words, the period,
+            the end token), from the backbone's CLIP tokenizer; set by `tokenization_mrad.prompt_token_ids`.
+        text_temperature (`float`, defaults to 0.07):
+            Text-patch alignment: softmax(cos(patch, text) / 0.07).
+        region_prior_threshold (`float`, defaults to 0.5):
+            A patch belongs to the anomalous region prior when its projected patch retrieval gives p_anomaly > 0.5.
+        calibration (`dict`, *optional*):
+            Decision thresholds chosen on known-good images (see `mrad_hf.calibration`), saved with the model.
 
     Example:
 
@@ -114,6 +146,20 @@ class MRADConfig(PreTrainedConfig):
     image_bank_size: int = 0
     patch_bank_size: int = 0
     memory_bank_metadata: dict | None = None
+    variant: str = "tf"
+    image_dropout_quantile: float = 0.95
+    patch_dropout_quantile: float = 0.8
+    classification_temperature: float = 0.07
+    prompt_context_length: int = 12
+    deep_prompt_length: int = 4
+    deep_prompt_depth: int = 9
+    deep_prompt_fp16_rounding: bool = True
+    normal_prompt: str = "object"
+    anomaly_prompt: str = "damaged object"
+    prompt_token_ids: list | None = None
+    text_temperature: float = 0.07
+    region_prior_threshold: float = 0.5
+    calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
         if __name__.startswith("mrad_hf."):
@@ -147,6 +193,16 @@ class MRADConfig(PreTrainedConfig):
     def patch_key_dim(self) -> int:
         """Width of pixel-level keys: un-projected V-V tokens (1024 for ViT-L/14)."""
         return self.clip_config.vision_config.hidden_size
+
+    @property
+    def text_width(self) -> int:
+        """Width of the text transformer, i.e. of the context vectors (768 for ViT-L/14)."""
+        return self.clip_config.text_config.hidden_size
+
+    @property
+    def num_deep_prompts(self) -> int:
+        """Layers that receive deep prompts: text layers 2..deep_prompt_depth (8 for the reference depth 9)."""
+        return max(self.deep_prompt_depth - 1, 0)
 
     def validate_architecture(self):
         """Checks run by `@strict` on construction and before every save."""
@@ -182,5 +238,26 @@ class MRADConfig(PreTrainedConfig):
             problems.append("bank sizes must be >= 0")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             problems.append("image_mean and image_std need 3 values (RGB)")
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("image_dropout_quantile", "patch_dropout_quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1]")
+        if self.classification_temperature <= 0 or self.text_temperature <= 0:
+            problems.append("classification_temperature and text_temperature must be > 0")
+        if self.variant == "clip":
+            text = self.clip_config.text_config
+            if self.deep_prompt_depth - 1 > text.num_hidden_layers - 1:
+                problems.append(f"deep_prompt_depth ({self.deep_prompt_depth}) exceeds the {text.num_hidden_layers} text layers")
+            if self.deep_prompt_length > self.prompt_context_length:
+                problems.append("deep_prompt_length must not exceed prompt_context_length")
+            if self.prompt_token_ids is not None:
+                if len(self.prompt_token_ids) != 2:
+                    problems.append("prompt_token_ids needs two token lists (normal, anomaly)")
+                elif any(len(ids) < self.prompt_context_length + 2 or len(ids) > text.max_position_embeddings for ids in self.prompt_token_ids):
+                    problems.append(
+                        f"each prompt needs start + {self.prompt_context_length} context + end tokens and at most "
+                        f"{text.max_position_embeddings} tokens"
+                    )
         if problems:
             raise ValueError("Invalid MRADConfig: " + "; ".join(problems) + ".")
