@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import cli_hub
+
 __all__ = ["main", "RANDOM_BACKBONES", "load_detector"]
 
 #: Randomly initialised CLIP shapes for offline runs, where no pretrained weights can be downloaded.
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference")
     evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
     evaluate.set_defaults(handler=cmd_evaluate)
+    cli_hub.register(commands)  # mrad push / mrad pull
     return parser
 
 
