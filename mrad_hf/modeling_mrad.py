@@ -1,9 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """MRAD for anomaly detection on a frozen Hugging Face CLIP (Xu et al., ICLR 2026, arXiv 2602.00522).
 
-Reading order, top to bottom: the output dataclass, the memory buffers, the pre-trained base class (all
-loading knobs), then `MRADForAnomalyDetection`: dual-path features (Sec. 3.1), building the two-level memory
-from labelled auxiliary images (Sec. 3.2), and retrieval-based maps and scores (Sec. 3.3, MRAD-TF).
+Reading order, top to bottom: the output dataclass, the memory buffers, the trainable heads of the two trained
+variants (MRAD-FT's query/key projections, Sec. 3.4; MRAD-CLIP's prompt learner and region-prior biases, Sec. 3.5),
+the pre-trained base class (all loading knobs), then `MRADForAnomalyDetection`: dual-path features (Sec. 3.1),
+building the two-level memory from labelled auxiliary images (Sec. 3.2), retrieval-based maps and scores (Sec. 3.3)
+for the three variants, and the training losses.
+
+One class serves MRAD-TF, MRAD-FT and MRAD-CLIP (`config.variant`), so that `AutoModel` and the pipeline load any
+of them from a `save_pretrained` folder with no extra code.
 
 The math lives in small pure functions in sibling files (`features_mrad`, `retrieval`, `postprocessing`),
 shared by this model, the trainer, the evaluator and the tests. This file only composes them. It imports
@@ -16,6 +21,7 @@ Reference semantics: github.com/CROVO1026/MRAD at 1cc1c6b (`mrad.py`, `test.py`,
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -32,13 +38,32 @@ from transformers.utils import ModelOutput
 
 from .configuration_mrad import MRADConfig
 from .features_mrad import MRADVisionFeatures, dual_path_vision_features, neighbor_average
+from .hub import resolve_model_id
 from .image_processing_mrad import MRADImageProcessor
-from .pipeline_anomaly_detection import AnomalyDetectionPipeline
+from .losses import ft_loss, prompt_loss
 from .memory_bank import MemoryBank, MemoryBankError, backbone_fingerprint, feature_settings
+from .pipeline_anomaly_detection import AnomalyDetectionPipeline
 from .postprocessing import fuse_image_score, gaussian_blur, upsample_patch_probabilities
-from .retrieval import l2_normalize, one_hot_labels, soft_retrieve
+from .prompt_features_mrad import prompted_text_features
+from .retrieval import (
+    l2_normalize,
+    masked_soft_retrieve,
+    one_hot_labels,
+    region_prior_tokens,
+    retrieval_logits,
+    similarity_dropout_mask,
+    soft_retrieve,
+)
 
-__all__ = ["MRADOutput", "MRADMemory", "MRADPreTrainedModel", "MRADForAnomalyDetection"]
+__all__ = [
+    "MRADOutput",
+    "MRADMemory",
+    "MRADProjectionPair",
+    "MRADPromptLearner",
+    "MRADRegionBias",
+    "MRADPreTrainedModel",
+    "MRADForAnomalyDetection",
+]
 
 
 @dataclass
@@ -47,19 +72,23 @@ class MRADOutput(ModelOutput):
 
     Args:
         anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`):
-            Smoothed per-pixel anomaly probability at the network input size (518 x 518 by default).
+            Smoothed per-pixel anomaly probability at the network input size (518 x 518 by default). From the
+            pixel-level retrieval for MRAD-TF/FT, from text-patch alignment `(p_a + 1 - p_n) / 2` for MRAD-CLIP.
+            Not computed in training mode.
         anomaly_score (`torch.FloatTensor` of shape `(B,)`):
             Image score: `(1 - k) * mean(top 1% of anomaly_map) + k * image_probabilities[:, 1]`.
         image_probabilities (`torch.FloatTensor` of shape `(B, 2)`):
             Image-level retrieval result [p_normal, p_anomaly].
         patch_probabilities (`torch.FloatTensor` of shape `(B, G*G, 2)`):
             Pixel-level retrieval result per patch, before upsampling and smoothing.
+        text_probabilities (`torch.FloatTensor` of shape `(B, G*G, 2)`, *optional*):
+            MRAD-CLIP: softmax(cos(patch, [t_normal, t_anomaly]) / 0.07) per patch.
         image_embeds (`torch.FloatTensor` of shape `(B, P)`, *optional*):
             L2-normalised image-level queries (projected class tokens), when `output_features=True`.
         patch_embeds (`torch.FloatTensor` of shape `(B, G*G, W)`, *optional*):
             L2-normalised, neighbour-averaged pixel-level queries, when `output_features=True`.
         loss (`torch.FloatTensor`, *optional*):
-            Training loss (trained variants only).
+            Training loss, when `labels` and `masks` are given (trained variants only).
     """
 
     loss: torch.FloatTensor | None = None
@@ -67,6 +96,7 @@ class MRADOutput(ModelOutput):
     anomaly_score: torch.FloatTensor | None = None
     image_probabilities: torch.FloatTensor | None = None
     patch_probabilities: torch.FloatTensor | None = None
+    text_probabilities: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     patch_embeds: torch.FloatTensor | None = None
 
@@ -100,6 +130,60 @@ class MRADMemory(nn.Module):
             self.register_buffer(name, tensor.detach().to(device=device, dtype=dtype).clone(), persistent=True)
 
 
+class MRADProjectionPair(nn.Module):
+    """MRAD-FT's recalibrated metric at one memory level: logits = query(q) . key(k)^T (Sec. 3.4).
+
+    Two `Linear` layers with bias (the reference's `MLP.mlp1/mlp2` at the image level, `Projector.fc[0]/fc[1]` at the
+    pixel level). The keys are projected on the fly, so the bank keeps raw features.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.query = nn.Linear(in_features, out_features)
+        self.key = nn.Linear(in_features, out_features)
+
+
+class MRADPromptLearner(nn.Module):
+    """MRAD-CLIP's learnable text prompts (AnomalyCLIP-style, object-agnostic; Sec. 3.5).
+
+    Parameters: `normal_context` and `anomaly_context` (n_ctx, D): the context vectors of the two prompts;
+    `deep_prompts` (n_deep, t, D): the vectors that replace tokens 1..t at text layers 2..n_deep + 1.
+    """
+
+    def __init__(self, config: MRADConfig):
+        super().__init__()
+        width = config.text_width
+        self.normal_context = nn.Parameter(torch.empty(config.prompt_context_length, width))
+        self.anomaly_context = nn.Parameter(torch.empty(config.prompt_context_length, width))
+        self.deep_prompts = nn.Parameter(torch.empty(config.num_deep_prompts, config.deep_prompt_length, width))
+
+    def context(self, biases: torch.Tensor) -> torch.Tensor:
+        """(B, 2, n_ctx, D) context vectors: each state's vectors plus that state's (B, 2, D) bias, on every vector."""
+        base = torch.stack([self.normal_context, self.anomaly_context])  # (2, n_ctx, D)
+        return base.unsqueeze(0) + biases.unsqueeze(2)
+
+
+class MRADRegionBias(nn.Module):
+    """MRAD-CLIP's dynamic prompt biases: b_n = normal(normal region token), b_a = anomaly(anomalous region token)."""
+
+    def __init__(self, config: MRADConfig):
+        super().__init__()
+        self.normal = nn.Linear(config.image_key_dim, config.text_width)
+        self.anomaly = nn.Linear(config.image_key_dim, config.text_width)
+
+    def forward(self, region_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 2, P) [normal, anomalous] region tokens -> (B, 2, D) biases."""
+        return torch.stack([self.normal(region_tokens[:, 0]), self.anomaly(region_tokens[:, 1])], dim=1)
+
+
+def _torch_default_linear_init(linear: nn.Linear) -> None:
+    """PyTorch's own `nn.Linear` initialisation (what the reference's heads use), through transformers' init helpers."""
+    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+    if linear.bias is not None:
+        bound = 1.0 / math.sqrt(linear.in_features) if linear.in_features > 0 else 0.0
+        init.uniform_(linear.bias, -bound, bound)
+
+
 class MRADPreTrainedModel(PreTrainedModel):
     """Loading and initialisation knobs shared by the MRAD models.
 
@@ -113,7 +197,7 @@ class MRADPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLIPTextEmbeddings"]
-    _keys_to_ignore_on_load_missing = [r"^memory\."]
+    _keys_to_ignore_on_load_missing = [r"^memory\.", r"^image_projection\.", r"^patch_projection\.", r"^prompt_learner\.", r"^region_bias\."]
     _keep_in_fp32_modules_strict = ["memory"]
     _supports_sdpa = True
 
@@ -123,12 +207,24 @@ class MRADPreTrainedModel(PreTrainedModel):
         if isinstance(module, MRADMemory):
             for name in MRADMemory.buffer_shapes(self.config):
                 init.zeros_(getattr(module, name))
+        elif isinstance(module, MRADProjectionPair):
+            _torch_default_linear_init(module.query)
+            _torch_default_linear_init(module.key)
+        elif isinstance(module, MRADRegionBias):
+            _torch_default_linear_init(module.normal)
+            _torch_default_linear_init(module.anomaly)
+        elif isinstance(module, MRADPromptLearner):
+            for parameter in (module.normal_context, module.anomaly_context, module.deep_prompts):
+                init.normal_(parameter, mean=0.0, std=0.02)
 
 
 class MRADForAnomalyDetection(MRADPreTrainedModel):
     r"""MRAD on a frozen CLIP: retrieval from a two-level memory bank gives anomaly maps and scores.
 
-    This class is MRAD-TF (train-free). Build the memory from labelled auxiliary images, then call the model.
+    `config.variant` selects MRAD-TF (train-free retrieval), MRAD-FT (retrieval through learned query/key
+    projections) or MRAD-CLIP (the map from learnable text prompts biased by region priors, the score from projected
+    image retrieval). Build the memory from labelled auxiliary images (or attach a saved bank), then call the model;
+    train the FT/CLIP heads with `mrad_hf.training` (`mrad train`).
 
     Example:
 
@@ -147,29 +243,57 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         self.clip = CLIPModel._from_config(config.clip_config)
         self.clip.requires_grad_(False)
         self.memory = MRADMemory(config)
+        for name, head in self._make_heads(config).items():
+            setattr(self, name, head)
         self.post_init()
+
+    @staticmethod
+    def _make_heads(config: MRADConfig) -> dict[str, nn.Module]:
+        """The trainable modules of a variant: none for MRAD-TF; projections for FT; plus prompts and biases for CLIP."""
+        heads: dict[str, nn.Module] = {}
+        if config.variant in ("ft", "clip"):
+            heads["image_projection"] = MRADProjectionPair(config.image_key_dim, config.image_key_dim)
+            heads["patch_projection"] = MRADProjectionPair(config.patch_key_dim, config.image_key_dim)
+        if config.variant == "clip":
+            heads["prompt_learner"] = MRADPromptLearner(config)
+            heads["region_bias"] = MRADRegionBias(config)
+        return heads
+
+    def train(self, mode: bool = True):
+        """Training mode for the heads (enables similarity dropout); the frozen CLIP always stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, keeping the CLIP backbone frozen (the loader re-creates parameters)."""
+        if args:  # short names ("mrad-clip") -> Hub ids; a clear offline error when not cached (see hub.py)
+            args = (resolve_model_id(args[0], revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False)), *args[1:])
         model = super().from_pretrained(*args, **kwargs)
         model.clip.requires_grad_(False)
         return model
 
     @classmethod
-    def from_clip(cls, clip: str | os.PathLike | CLIPModel | CLIPConfig, **config_overrides) -> MRADForAnomalyDetection:
-        """Wrap any CLIP source in an MRAD model with an empty memory bank.
+    def from_clip(
+        cls, clip: str | os.PathLike | CLIPModel | CLIPConfig, *, tokenizer: Any = None, **config_overrides
+    ) -> MRADForAnomalyDetection:
+        """Wrap any CLIP source in an MRAD model with an empty memory bank (and freshly initialised heads).
 
         Args:
             clip: a Hub id or local folder of a transformers CLIP checkpoint (e.g.
                 `"openai/clip-vit-large-patch14-336"`), a loaded `CLIPModel` (used as is, not copied), or a
                 `CLIPConfig` (random weights, for tests).
-            **config_overrides: `MRADConfig` fields, e.g. `image_size=518`, `image_score_weight=0.7`, plus
-                `from_pretrained` options (`revision`, `cache_dir`, `local_files_only`, `token`).
+            tokenizer: MRAD-CLIP only: a CLIP tokenizer, a folder/Hub id, or OpenAI's `bpe_simple_vocab_16e6.txt.gz`,
+                used once to store the prompts' token ids in the config. Defaults to the tokenizer saved with `clip`.
+            **config_overrides: `MRADConfig` fields, e.g. `variant="ft"`, `image_size=518`, plus `from_pretrained`
+                options (`revision`, `cache_dir`, `local_files_only`, `token`).
         """
         hub_keys = ("revision", "cache_dir", "local_files_only", "token", "force_download")
         hub_kwargs = {key: config_overrides.pop(key) for key in hub_keys if key in config_overrides}
+        if config_overrides.get("variant") == "clip" and config_overrides.get("prompt_token_ids") is None:
+            config_overrides["prompt_token_ids"] = _prompt_token_ids_for(clip, tokenizer, config_overrides)
         if isinstance(clip, CLIPConfig):
             return cls(MRADConfig(clip_config=clip, **config_overrides))
         if isinstance(clip, CLIPModel):
@@ -178,6 +302,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 model = cls(config)
             model.clip = clip.requires_grad_(False)
             model.memory = MRADMemory(config)
+            for name, head in cls._make_heads(config).items():
+                head.apply(model._init_weights)
+                setattr(model, name, head)
             return model.eval()
         try:
             clip_config = CLIPConfig.from_pretrained(clip, **hub_kwargs)
@@ -339,63 +466,230 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             self.set_memory_bank(bank)
         return bank
 
-    # ------------------------------------------------------------------ retrieval and scoring (Sec. 3.3)
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_features: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MRADOutput | tuple:
-        r"""Score images by retrieval from the attached memory bank (MRAD-TF).
-
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, S, S)`): from `MRADImageProcessor`.
-            output_features: also return the normalised retrieval queries.
-
-        Extra keys a processor returns (`original_sizes`, `masks`) are accepted and ignored.
-        """
-        kwargs.pop("original_sizes", None)
-        kwargs.pop("masks", None)
-        if kwargs:
-            raise TypeError(f"MRADForAnomalyDetection.forward got unexpected arguments: {sorted(kwargs)}")
-        config = self.config
+    # ------------------------------------------------------------------ retrieval (Sec. 3.3-3.4)
+    def _memory_level(self, level: str) -> tuple[torch.Tensor, torch.Tensor, MRADProjectionPair | None]:
         memory = self.memory
-        if memory.image_keys.shape[0] == 0 or memory.patch_keys.shape[0] == 0:
+        if level == "image":
+            keys, values = memory.image_keys, memory.image_values
+        elif level == "patch":
+            keys, values = memory.patch_keys, memory.patch_values
+        else:
+            raise ValueError(f"level must be 'image' or 'patch', got {level!r}")
+        projection = getattr(self, f"{level}_projection", None) if self.config.variant != "tf" else None
+        return keys, values, projection
+
+    def retrieval_logits(self, level: str, queries: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax retrieval logits against every entry of one memory level, as the score uses them.
+
+        MRAD-TF: cos(q, k) / tau. MRAD-FT/CLIP: query(q) . key(k) / tau (raw dot products of the projected vectors,
+        tau = 1 in the reference). `queries` from `retrieval_queries`; returns (..., N).
+        """
+        keys, _, projection = self._memory_level(level)
+        if projection is not None:
+            queries, keys = projection.query(queries), projection.key(keys)
+        return retrieval_logits(queries, keys, self.config.retrieval_temperature)
+
+    def retrieve(self, level: str, queries: torch.Tensor, *, similarity_dropout: bool | None = None) -> torch.Tensor:
+        """Soft retrieval from one memory level: (..., 2) [p_normal, p_anomaly].
+
+        Similarity dropout (Sec. 3.4; trained variants, training mode by default) masks, per query, the entries whose
+        *unprojected* cosine is above `config.{image,patch}_dropout_quantile` before the projected softmax.
+        """
+        keys, values, projection = self._memory_level(level)
+        if keys.shape[0] == 0:
             raise MemoryBankError(
                 "This model has no memory bank (or an empty one). Build one with model.build_memory_bank(samples) "
                 "or attach a saved one with model.set_memory_bank('memory_bank.safetensors')."
             )
+        if similarity_dropout is None:
+            similarity_dropout = self.training and projection is not None
+        config = self.config
+        if not similarity_dropout:
+            if projection is not None:
+                queries, keys = projection.query(queries), projection.key(keys)
+            return soft_retrieve(queries, keys, values, temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size)
+        quantile = config.image_dropout_quantile if level == "image" else config.patch_dropout_quantile
+        drop = similarity_dropout_mask(retrieval_logits(queries, keys), quantile)
+        return masked_soft_retrieve(self.retrieval_logits(level, queries), values, drop)
+
+    # ------------------------------------------------------------------ MRAD-CLIP text branch (Sec. 3.5)
+    def projected_patch_tokens(self, features: MRADVisionFeatures) -> torch.Tensor:
+        """(B, G*G, P): V-V tokens through `visual_projection`, neighbour-averaged, L2-normalised (text-aligned space)."""
+        projected = self.clip.visual_projection(features.patch_tokens).float()
+        return l2_normalize(neighbor_average(projected, features.grid_size, self.config.neighbor_kernel_sizes))
+
+    def prompt_text_features(self, region_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 2, P) normalised text features [normal, anomalous] of the per-image prompts biased by region tokens."""
+        config = self.config
+        if config.prompt_token_ids is None:
+            raise ValueError(
+                "This MRAD-CLIP model has no prompt token ids; create it with MRADForAnomalyDetection.from_clip(..., "
+                "variant='clip', tokenizer=<CLIP tokenizer>) or set config.prompt_token_ids."
+            )
+        learner = self.prompt_learner
+        ids = config.prompt_token_ids
+        length = max(len(prompt) for prompt in ids)
+        device = learner.normal_context.device
+        token_ids = torch.zeros(len(ids), length, dtype=torch.long, device=device)
+        for row, prompt in enumerate(ids):
+            token_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        end_positions = torch.tensor([len(prompt) - 1 for prompt in ids], device=device)
+        text_dtype = self.clip.text_model.final_layer_norm.weight.dtype
+        context = learner.context(self.region_bias(region_tokens.to(learner.normal_context.dtype))).to(text_dtype)
+        features = prompted_text_features(
+            self.clip.text_model,
+            self.clip.text_projection,
+            context,
+            token_ids,
+            end_positions,
+            learner.deep_prompts.to(text_dtype),
+            round_deep_prompts_to_fp16=config.deep_prompt_fp16_rounding,
+        )
+        return l2_normalize(features.float())
+
+    # ------------------------------------------------------------------ forward: maps, scores, losses
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        loss_stage: str | None = None,
+        output_features: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MRADOutput | tuple:
+        r"""Score images by retrieval from the attached memory bank.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, S, S)`): from `MRADImageProcessor`.
+            labels (`torch.LongTensor` of shape `(B,)`, *optional*): image labels (0 normal, 1 anomaly); with `masks`,
+                the training loss of the trained variants is returned in `loss`.
+            masks (`torch.FloatTensor` of shape `(B, S, S)`, *optional*): binary ground truth (the processor's `masks`).
+            loss_stage (`str`, *optional*): `"ft"` (focal + dice on the pixel retrieval + image cross-entropy) or
+                `"prompt"` (MRAD-CLIP's focal + two dice on the text map). Defaults to the variant's own stage.
+            output_features: also return the normalised retrieval queries.
+
+        In training mode (`model.train()`) the trained variants apply similarity dropout, and the maps and scores
+        (which need smoothing) are skipped. The extra key `original_sizes` of a processor output is accepted.
+        """
+        kwargs.pop("original_sizes", None)
+        if kwargs:
+            raise TypeError(f"MRADForAnomalyDetection.forward got unexpected arguments: {sorted(kwargs)}")
+        config = self.config
+        want_loss = labels is not None and masks is not None
+        if want_loss and config.variant == "tf":
+            raise ValueError("MRAD-TF has nothing to train; create the model with variant='ft' or 'clip' to get a loss.")
+        stage = loss_stage or ("prompt" if config.variant == "clip" else "ft")
+        if stage not in ("ft", "prompt") or (stage == "prompt" and config.variant != "clip"):
+            raise ValueError(f"loss_stage {stage!r} is not available for variant {config.variant!r}")
+
         features = self.extract_features(pixel_values)
         image_queries, patch_queries = self.retrieval_queries(features)
-        retrieve = dict(temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size)
-        image_probabilities = soft_retrieve(image_queries, memory.image_keys, memory.image_values, **retrieve)
-        patch_probabilities = soft_retrieve(patch_queries, memory.patch_keys, memory.patch_values, **retrieve)
-        anomaly_map, anomaly_score = self.maps_and_scores(patch_probabilities, image_probabilities[:, 1], features.grid_size)
+        image_probabilities = self.retrieve("image", image_queries)
+        patch_probabilities = self.retrieve("patch", patch_queries)
+        grid, size = features.grid_size, config.image_size
+
+        text_probabilities = None
+        if config.variant == "clip":
+            patch_tokens = self.projected_patch_tokens(features)
+            region_tokens = region_prior_tokens(patch_probabilities[..., 1].detach(), patch_tokens, config.region_prior_threshold)
+            text_features = self.prompt_text_features(region_tokens)
+            similarity = torch.matmul(patch_tokens, text_features.transpose(1, 2))
+            text_probabilities = torch.softmax(similarity / config.text_temperature, dim=-1)
+
+        loss = None
+        if want_loss:
+            masks = masks.to(device=image_probabilities.device, dtype=torch.float32)
+            if stage == "ft":
+                retrieval_maps = upsample_patch_probabilities(patch_probabilities, grid, size)
+                loss = ft_loss(retrieval_maps, masks, image_probabilities, labels.to(masks.device), config.classification_temperature)
+            else:
+                loss = prompt_loss(upsample_patch_probabilities(text_probabilities, grid, size), masks)
+
+        anomaly_map = anomaly_score = None
+        if not self.training:
+            map_probabilities = text_probabilities if text_probabilities is not None else patch_probabilities
+            anomaly_map, anomaly_score = self.maps_and_scores(
+                map_probabilities, image_probabilities[:, 1], grid, text_map=text_probabilities is not None
+            )
         output = MRADOutput(
+            loss=loss,
             anomaly_map=anomaly_map,
             anomaly_score=anomaly_score,
             image_probabilities=image_probabilities,
             patch_probabilities=patch_probabilities,
+            text_probabilities=text_probabilities,
             image_embeds=image_queries if output_features else None,
             patch_embeds=patch_queries if output_features else None,
         )
         return output if return_dict is not False else output.to_tuple()
 
     def maps_and_scores(
-        self, patch_probabilities: torch.Tensor, image_anomaly_probability: torch.Tensor, grid_size: int
+        self, patch_probabilities: torch.Tensor, image_anomaly_probability: torch.Tensor, grid_size: int, text_map: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference post-processing: upsample both channels, take the anomaly one, blur, fuse the image score."""
+        """Reference post-processing: upsample both channels, take the anomaly channel (MRAD-CLIP's text map:
+        (p_a + 1 - p_n) / 2), blur, fuse the image score."""
         config = self.config
-        maps = upsample_patch_probabilities(patch_probabilities, grid_size, config.image_size)[:, 1]
+        upsampled = upsample_patch_probabilities(patch_probabilities, grid_size, config.image_size)
+        maps = (upsampled[:, 1] + 1 - upsampled[:, 0]) / 2.0 if text_map else upsampled[:, 1]
         maps = gaussian_blur(maps, config.gaussian_sigma, config.gaussian_truncate)
         score = fuse_image_score(
             maps, image_anomaly_probability, weight=config.image_score_weight, top_k_ratio=config.top_k_ratio, fusion=config.score_fusion
         )
         return maps, score
 
+    # ------------------------------------------------------------------ trainable parameters per stage
+    def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
+        """The parameters a training stage updates, as the reference: "ft" -> both projection pairs; "prompt" -> the
+        prompt learner and the region biases (the projections stay frozen)."""
+        if stage == "ft" and self.config.variant in ("ft", "clip"):
+            modules = [self.image_projection, self.patch_projection]
+        elif stage == "prompt" and self.config.variant == "clip":
+            modules = [self.prompt_learner, self.region_bias]
+        else:
+            raise ValueError(f"No stage {stage!r} for variant {self.config.variant!r}")
+        return [parameter for module in modules for parameter in module.parameters()]
+
+    def set_training_stage(self, stage: str | None) -> list[nn.Parameter]:
+        """Freeze everything except the stage's parameters (None freezes all); returns the trainable ones."""
+        self.requires_grad_(False)
+        if stage is None:
+            return []
+        parameters = self.trainable_parameters(stage)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        return parameters
+
 
 # ---------------------------------------------------------------------- helpers (module-private)
+def _prompt_token_ids_for(clip: Any, tokenizer: Any, config_overrides: dict[str, Any]) -> list[list[int]]:
+    """MRAD-CLIP prompt ids from a tokenizer object, a tokenizer source, or the tokenizer saved with `clip`."""
+    from .tokenization_mrad import OPENAI_DEFAULT_PROMPT_TOKEN_IDS, load_clip_tokenizer, prompt_token_ids
+
+    reference_prompts = all(
+        config_overrides.get(key, default) == default
+        for key, default in (("prompt_context_length", 12), ("normal_prompt", "object"), ("anomaly_prompt", "damaged object"))
+    )
+    if tokenizer is None:
+        if not isinstance(clip, (str, os.PathLike)):
+            vocab_size = (clip.config if isinstance(clip, CLIPModel) else clip).text_config.vocab_size
+            if reference_prompts and vocab_size == 49408:  # OpenAI's vocabulary: its ids are known
+                return [list(ids) for ids in OPENAI_DEFAULT_PROMPT_TOKEN_IDS]
+            raise ValueError(
+                "variant='clip' needs the CLIP tokenizer to encode its prompts: pass tokenizer=<CLIPTokenizer, folder, Hub id "
+                "or OpenAI bpe_simple_vocab_16e6.txt.gz>."
+            )
+        tokenizer = clip
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_clip_tokenizer(tokenizer)
+    return prompt_token_ids(
+        tokenizer,
+        context_length=config_overrides.get("prompt_context_length", 12),
+        normal_prompt=config_overrides.get("normal_prompt", "object"),
+        anomaly_prompt=config_overrides.get("anomaly_prompt", "damaged object"),
+    )
+
+
 def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact") -> torch.Tensor:
     """Label the G x G patch grid from (B, S, S) binary masks: 1 anomalous, 0 normal, -1 dropped.
 

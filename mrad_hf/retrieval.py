@@ -13,13 +13,27 @@ prototypes), the model, the trainer and the tests.
 `soft_retrieve` can stream over the bank in chunks with an online softmax (running max and sum), which
 gives the same result as the dense form with memory bounded by the chunk size, for banks of millions
 of keys.
+
+MRAD-FT (Sec. 3.4) reads the same memory through learned query/key projections; while training, the
+*similarity dropout* masks the entries most similar to the query in the original (unprojected) cosine
+space, so that an image cannot simply retrieve itself from a memory built from the training images
+(`similarity_dropout_mask`, `masked_soft_retrieve`). MRAD-CLIP (Sec. 3.5) summarises the pixel-level
+retrieval as two region priors (`region_prior_tokens`).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["l2_normalize", "retrieval_logits", "soft_retrieve", "one_hot_labels"]
+__all__ = [
+    "l2_normalize",
+    "retrieval_logits",
+    "soft_retrieve",
+    "one_hot_labels",
+    "similarity_dropout_mask",
+    "masked_soft_retrieve",
+    "region_prior_tokens",
+]
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -88,3 +102,46 @@ def soft_retrieve(
             accumulated = accumulated * rescale + torch.matmul(exp_logits, values[start : start + chunk_size])
         running_max = new_max
     return accumulated / running_sum
+
+
+def similarity_dropout_mask(original_similarity: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Entries to drop while training MRAD-FT: those above the per-query quantile of the original similarity.
+
+    Args:
+        original_similarity: (..., N) cosine similarities of each query with every key, *before* projection.
+        quantile: e.g. 0.95 (image level) or 0.8 (pixel level); `torch.quantile` with linear interpolation,
+            as the reference computes it.
+
+    Returns:
+        (..., N) bool, True where `similarity > threshold` (strictly), i.e. the entries to mask out.
+    """
+    threshold = torch.quantile(original_similarity, quantile, dim=-1, keepdim=True)
+    return original_similarity > threshold
+
+
+def masked_soft_retrieve(logits: torch.Tensor, values: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(logits with dropped entries at -inf) V. logits (..., N), values (N, C), drop_mask (..., N) bool."""
+    if drop_mask is not None:
+        logits = logits.masked_fill(drop_mask, float("-inf"))
+    return torch.matmul(torch.softmax(logits, dim=-1), values.to(logits.dtype))
+
+
+def region_prior_tokens(anomaly_probability: torch.Tensor, tokens: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """MRAD-CLIP's region priors: mean token over the normal and over the anomalous patches of each image.
+
+    Args:
+        anomaly_probability: (B, L) pixel-level retrieval p_anomaly per patch.
+        tokens: (B, L, D) patch tokens to average (the reference: normalised, neighbour-averaged, projected).
+        threshold: a patch is anomalous when p_anomaly > threshold (strict), normal otherwise.
+
+    Returns:
+        (B, 2, D): [normal token, anomalous token]; a region with no patch gives the zero vector.
+    """
+    anomalous = (anomaly_probability > threshold).to(tokens.dtype).unsqueeze(-1)
+    normal = 1.0 - anomalous
+    summaries = []
+    for region in (normal, anomalous):
+        count = region.sum(dim=1)
+        mean = (tokens * region).sum(dim=1) / count.clamp(min=1.0)
+        summaries.append(torch.where(count > 0, mean, torch.zeros_like(mean)))
+    return torch.stack(summaries, dim=1)
