@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         parser.error("give --cache-dir and --dataset, or --image-cache and --patch-cache")
     try:
         bank = convert_official_bank(image_cache, patch_cache, args.output, model=args.model, source=args.source or args.dataset)
-    except ConversionError as error:
+    except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote {args.output}: {bank}")

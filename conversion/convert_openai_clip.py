@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         model = convert_openai_clip(args.checkpoint, args.output_dir, vision_heads=args.vision_heads, text_heads=args.text_heads)
-    except ConversionError as error:
+    except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
     vision = model.config.vision_config
