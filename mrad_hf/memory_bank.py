@@ -12,6 +12,14 @@ format version, the backbone's architecture and a hash of its embedding weights,
 `MemoryBank.check_compatible` refuses a bank built for another backbone with a message that says which
 field differs. Files are written atomically (temporary file, then rename), so an interrupted save never
 leaves a half-written bank under the final name.
+
+Provenance of every entry (`MemoryBank.provenance`): the source (dataset or folder name), the image id
+(usually the image's path) and the entry kind ("image", "normal region", "anomalous region"). Image entry
+i has `metadata["image_sources"][i]` and `metadata["image_ids"][i]`; a region prototype inherits both from
+the image entry `patch_sources` points to. `image_sources` is optional metadata, so the tensor layout and
+the format version are unchanged: a bank without it (every bank written before it existed) reads as if
+all its entries came from `metadata["source"]`, and older readers ignore it. `mrad_hf.bank_tools` adds,
+merges, de-duplicates and removes entries while keeping these lists aligned.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "BANK_FORMAT_VERSION",
+    "ENTRY_KINDS",
     "MemoryBank",
     "MemoryBankError",
     "backbone_fingerprint",
@@ -39,6 +48,8 @@ __all__ = [
 ]
 
 BANK_FORMAT_VERSION = 1
+#: Kinds of memory entries, as `MemoryBank.provenance` reports them.
+ENTRY_KINDS = ("image", "normal region", "anomalous region")
 _METADATA_KEY = "mrad_memory_bank"
 _TENSOR_NAMES = ("image_keys", "image_values", "patch_keys", "patch_values", "patch_sources")
 LABEL_CONVENTION = "values[:, 0] = normal, values[:, 1] = anomaly"
@@ -138,6 +149,7 @@ class MemoryBank:
             self.patch_sources = torch.full((self.patch_keys.shape[0],), -1, dtype=torch.long)
         self.validate()
         self.metadata = dict(self.metadata)
+        self._check_provenance()
         self.metadata.setdefault("format_version", BANK_FORMAT_VERSION)
         self.metadata.setdefault("label_convention", LABEL_CONVENTION)
         self.metadata["counts"] = self.counts()
@@ -155,6 +167,59 @@ class MemoryBank:
         _check_values("patch_values", self.patch_values, self.patch_keys)
         if self.patch_sources.shape != (self.patch_keys.shape[0],):
             raise MemoryBankError(f"patch_sources must have one entry per patch key ({self.patch_keys.shape[0]}).")
+
+    def _check_provenance(self) -> None:
+        entries = int(self.image_keys.shape[0])
+        for name in ("image_ids", "image_sources"):
+            listed = self.metadata.get(name)
+            if listed is not None and len(listed) != entries:
+                raise MemoryBankError(
+                    f"metadata['{name}'] lists {len(listed)} entries but the bank has {entries} image entries; the "
+                    "provenance is out of step with the keys. Rebuild the bank, or edit it only with mrad_hf.bank_tools."
+                )
+        if len(self.patch_sources) and int(self.patch_sources.max()) >= entries:
+            raise MemoryBankError(
+                f"patch_sources points at image entry {int(self.patch_sources.max())} but the bank has only {entries} "
+                "image entries. Rebuild the bank, or edit it only with mrad_hf.bank_tools."
+            )
+
+    # ---- provenance ----
+    def image_ids(self) -> list[str]:
+        """The id (usually the path) of each image entry; `entry-<i>` where the bank does not record one."""
+        ids = self.metadata.get("image_ids")
+        return [str(i) for i in ids] if ids is not None else [f"entry-{i}" for i in range(self.image_keys.shape[0])]
+
+    def image_sources(self) -> list[str]:
+        """The source (dataset or folder) of each image entry; the bank's `source` where none is recorded per entry."""
+        sources = self.metadata.get("image_sources")
+        if sources is not None:
+            return [str(s) for s in sources]
+        return [str(self.metadata.get("source") or "unknown")] * int(self.image_keys.shape[0])
+
+    def provenance(self, level: str, index: int) -> dict[str, Any]:
+        """Where entry `index` of the "image" or "patch" memory came from.
+
+        Returns `{"level", "index", "kind", "label", "source", "image_id", "image_index"}`: kind is one of
+        ENTRY_KINDS, label 0 (normal) / 1 (anomaly), image_index the image entry it belongs to (-1 if unknown).
+        """
+        if level == "image":
+            image_index, label = int(index), int(self.image_values[index].argmax())
+            kind = "image"
+        elif level == "patch":
+            image_index, label = int(self.patch_sources[index]), int(self.patch_values[index].argmax())
+            kind = ENTRY_KINDS[2] if label == 1 else ENTRY_KINDS[1]
+        else:
+            raise ValueError(f"level must be 'image' or 'patch', got {level!r}.")
+        known = 0 <= image_index < self.image_keys.shape[0]
+        return {
+            "level": level,
+            "index": int(index),
+            "kind": kind,
+            "label": label,
+            "source": self.image_sources()[image_index] if known else str(self.metadata.get("source") or "unknown"),
+            "image_id": self.image_ids()[image_index] if known else None,
+            "image_index": image_index if known else -1,
+        }
 
     def counts(self) -> dict[str, int]:
         image_labels = self.image_values.argmax(dim=1) if len(self.image_values) else self.image_values[:, 0].long()
