@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli_hub
+from . import cli_hub, cli_tools
 
 __all__ = ["main", "RANDOM_BACKBONES", "load_detector"]
 
@@ -183,8 +183,8 @@ def cmd_predict(args) -> int:
             continue
         prediction = detect(image, threshold=args.threshold)
         record = {"path": str(path), "score": prediction["score"]}
-        if args.threshold is not None:
-            record["label"] = prediction["label"]
+        if "is_anomalous" in prediction:  # --threshold, or the model's calibration
+            record.update(label=prediction["label"], is_anomalous=prediction["is_anomalous"], thresholds=prediction["thresholds"])
         heatmap = output_dir / "heatmaps" / f"{len(results):05d}_{path.stem}.png"
         value_range = None if args.stretch else (0.0, 1.0)
         save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
@@ -370,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
     evaluate.set_defaults(handler=cmd_evaluate)
     cli_hub.register(commands)  # mrad push / mrad pull
+    cli_tools.register(commands)  # mrad bank / calibrate / explain / serve
     return parser
 
 

@@ -41,6 +41,8 @@ def test_batched_equals_single_and_thresholds(detector):
     middle = float(np.median(singles))
     decided = detector(images, threshold=middle)
     assert [r["label"] for r in decided] == ["anomaly" if s > middle else "normal" for s in singles]
+    assert [r["is_anomalous"] for r in decided] == [s > middle for s in singles]
+    assert decided[0]["thresholds"] == {"image": middle, "pixel": middle, "from": "arguments"}
     pixel = detector(images[0], threshold=middle, pixel_threshold=0.0)
     assert pixel["mask"].dtype == bool and pixel["mask"].all()  # probabilities are > 0 everywhere
     assert detector(images[0], pixel_threshold=1.0)["mask"].sum() == 0
