@@ -394,6 +394,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         image_processor: MRADImageProcessor | None = None,
         progress: bool = True,
         attach: bool = True,
+        accelerator: Any = None,
     ) -> MemoryBank:
         """Build both memories from labelled auxiliary samples, as the reference `build_*cache_model` does.
 
@@ -406,6 +407,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             image_processor: defaults to `MRADImageProcessor.from_config(self.config)`.
             progress: show a tqdm progress bar.
             attach: also attach the bank to this model (`set_memory_bank`).
+            accelerator: an `accelerate.Accelerator` of a multi-process run: batch k is computed by process
+                k % num_processes and the entries are gathered in the original order, so every process gets the
+                bank a single process builds (batches have the same composition either way).
 
         Returns:
             The `MemoryBank`. Each image adds its class key (label = its image label) and up to two region
@@ -414,44 +418,67 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             anomalous only if the mask downsampled bilinearly to the grid is exactly 1, normal only if exactly 0.
         """
         processor = image_processor or MRADImageProcessor.from_config(self.config)
-        device = self.device
-        image_keys, image_labels, patch_keys, patch_labels, patch_sources, image_ids = [], [], [], [], [], []
-        unmasked_anomalies = 0
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         total = len(samples) if hasattr(samples, "__len__") else None
-        bar = _progress_bar(total, "Building memory bank", progress)
-        for batch in _batched(_iter_samples(samples), batch_size):
-            images, labels, masks, ids = zip(*batch)
-            unmasked_anomalies += sum(1 for label, mask in zip(labels, masks) if label == 1 and mask is None)
-            inputs = processor(list(images), masks=list(masks))
-            features = self.extract_features(inputs["pixel_values"].to(device=device, dtype=self.dtype))
-            queries, patch_tokens = l2_normalize(features.class_embeds.float()), features.patch_tokens.float()
-            patch_tokens = neighbor_average(patch_tokens, features.grid_size, self.config.neighbor_kernel_sizes)
-            regions = patch_region_labels(inputs["masks"].to(device), features.grid_size, self.config.region_rule)
-            for offset in range(len(images)):
-                entry_index = len(image_ids)
-                image_ids.append(ids[offset])
-                image_keys.append(queries[offset].cpu())
-                image_labels.append(labels[offset])
-                for region_label in (1, 0):  # the reference appends the anomalous prototype first
-                    selected = regions[offset] == region_label
-                    if selected.any():
-                        prototype = patch_tokens[offset][selected].mean(dim=0)
-                        patch_keys.append(l2_normalize(prototype).cpu())
-                        patch_labels.append(region_label)
-                        patch_sources.append(entry_index)
-            bar.update(len(images))
+        if total is not None and world > 1:
+            total = sum(min(batch_size, total - start) for start in range(rank * batch_size, total, world * batch_size))
+        bar = _progress_bar(total, "Building memory bank" + (f" (process {rank})" if world > 1 else ""), progress)
+        batches = []
+        for batch_index, batch in enumerate(_batched(_iter_samples(samples), batch_size)):
+            if batch_index % world != rank:
+                continue
+            batches.append((batch_index, self._memory_entries(batch, processor)))
+            bar.update(len(batch))
         bar.close()
-        if not image_keys:
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            batches = sorted(gather_object(batches), key=lambda item: item[0])
+        entries = [entry for _, batch_entries in batches for entry in batch_entries]
+        bank = self._assemble_memory_bank(entries, source)
+        if attach:
+            self.set_memory_bank(bank)
+        return bank
+
+    def _memory_entries(self, batch: list[tuple[Any, int, Any, str]], processor: MRADImageProcessor) -> list[dict[str, Any]]:
+        """Per image of one batch: its id, label, class key and [(region label, prototype)] (anomalous first)."""
+        images, labels, masks, ids = zip(*batch)
+        inputs = processor(list(images), masks=list(masks))
+        features = self.extract_features(inputs["pixel_values"].to(device=self.device, dtype=self.dtype))
+        keys = l2_normalize(features.class_embeds.float()).cpu()
+        patch_tokens = neighbor_average(features.patch_tokens.float(), features.grid_size, self.config.neighbor_kernel_sizes)
+        regions = patch_region_labels(inputs["masks"].to(self.device), features.grid_size, self.config.region_rule)
+        entries = []
+        for offset in range(len(images)):
+            prototypes = []
+            for region_label in (1, 0):  # the reference appends the anomalous prototype first
+                selected = regions[offset] == region_label
+                if selected.any():
+                    prototypes.append((region_label, l2_normalize(patch_tokens[offset][selected].mean(dim=0)).cpu()))
+            entries.append(
+                {"id": ids[offset], "label": labels[offset], "key": keys[offset], "regions": prototypes, "unmasked_anomaly": labels[offset] == 1 and masks[offset] is None}
+            )
+        return entries
+
+    def _assemble_memory_bank(self, entries: list[dict[str, Any]], source: str | None) -> MemoryBank:
+        if not entries:
             raise MemoryBankError("No samples were given to build_memory_bank; pass at least one labelled image.")
+        unmasked_anomalies = sum(entry["unmasked_anomaly"] for entry in entries)
         if unmasked_anomalies:
             warnings.warn(
                 f"{unmasked_anomalies} anomalous sample(s) had no mask: as in the reference, their whole image counts as "
                 "a normal region for the pixel memory. Pass masks to use them as anomalous regions.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        bank = MemoryBank(
-            image_keys=torch.stack(image_keys),
-            image_values=one_hot_labels(torch.tensor(image_labels)),
+        patch_keys, patch_labels, patch_sources = [], [], []
+        for index, entry in enumerate(entries):
+            for region_label, prototype in entry["regions"]:
+                patch_keys.append(prototype)
+                patch_labels.append(region_label)
+                patch_sources.append(index)
+        return MemoryBank(
+            image_keys=torch.stack([entry["key"] for entry in entries]),
+            image_values=one_hot_labels(torch.tensor([entry["label"] for entry in entries])),
             patch_keys=torch.stack(patch_keys) if patch_keys else torch.zeros(0, self.config.patch_key_dim),
             patch_values=one_hot_labels(torch.tensor(patch_labels, dtype=torch.long)) if patch_keys else torch.zeros(0, 2),
             patch_sources=torch.tensor(patch_sources, dtype=torch.long),
@@ -459,12 +486,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 "source": source,
                 "backbone": self.backbone_fingerprint(),
                 "features": feature_settings(self.config),
-                "image_ids": list(image_ids),
+                "image_ids": [entry["id"] for entry in entries],
             },
         )
-        if attach:
-            self.set_memory_bank(bank)
-        return bank
 
     # ------------------------------------------------------------------ retrieval (Sec. 3.3-3.4)
     def _memory_level(self, level: str) -> tuple[torch.Tensor, torch.Tensor, MRADProjectionPair | None]:

@@ -155,3 +155,163 @@ def reference_tf_score(clip, pixel_values, image_keys, image_values, patch_keys,
         scores.append(((1 - k) * top + k * cls_probs[:, 1]).item())
         maps.append(anomaly_map[0].numpy())
     return np.stack(maps), np.array(scores)
+
+
+# ---------------------------------------------------------------------- MRAD-FT and MRAD-CLIP (train.py, test.py, mrad.py)
+def reference_compute_score(image_features, cache_keys, cache_values, proj=None, need_mask=False):
+    """`mrad.compute_socre`: proj is (mlp1, mlp2) or None; masks the projected logits by the unprojected top 5%."""
+    ori_sim_weights = image_features @ cache_keys.t()
+    if proj is not None:
+        sim_weights = proj[0](image_features) @ proj[1](cache_keys).t()
+    else:
+        sim_weights = ori_sim_weights
+    if need_mask:
+        th = torch.quantile(ori_sim_weights, 0.95, dim=-1, keepdim=True)
+        sim_weights = sim_weights.masked_fill(ori_sim_weights > th, float("-inf"))
+    return F.softmax(sim_weights, dim=-1) @ cache_values.float()
+
+
+def reference_compute_patch_score(patch_features, cache_keys, cache_values, proj=None, need_mask=False, patch_projection=None,
+                                  anomaly_threshold=0.5):
+    """`mrad.compute_patch_socre`: returns (logits (B, L, 2), region tokens (B, 2, P) [normal, anomaly] or None)."""
+    ori_sim_weights = patch_features @ cache_keys.t()
+    if proj is not None:
+        sim_weights = proj[0](patch_features) @ proj[1](cache_keys).T
+    else:
+        sim_weights = ori_sim_weights
+    if need_mask:
+        th = torch.quantile(ori_sim_weights, 0.8, dim=-1, keepdim=True)
+        sim_weights = sim_weights.masked_fill(ori_sim_weights > th, float("-inf"))
+    logits = F.softmax(sim_weights, dim=-1) @ cache_values.float()
+    if patch_projection is None:
+        return logits, None
+    anomaly_area = (logits[:, :, 1] > anomaly_threshold).float()
+    normal_area = 1.0 - anomaly_area
+    anomaly_mask, normal_mask = anomaly_area.unsqueeze(-1), normal_area.unsqueeze(-1)
+    anomaly_token = (patch_projection * anomaly_mask).sum(dim=1) / anomaly_mask.sum(dim=1).clamp(min=1.0)
+    normal_token = (patch_projection * normal_mask).sum(dim=1) / normal_mask.sum(dim=1).clamp(min=1.0)
+    anomaly_token[anomaly_mask.sum(dim=1).squeeze(-1) == 0] = 0.0
+    normal_token[normal_mask.sum(dim=1).squeeze(-1) == 0] = 0.0
+    return logits, torch.stack([normal_token, anomaly_token], dim=1)
+
+
+def reference_encode_image_projected(clip, pixel_values):
+    """The official `patch_token_proj`: ln_post(x_vv)[:, 1:] @ proj."""
+    image_features, patch_tokens = reference_encode_image(clip, pixel_values)
+    return image_features, patch_tokens, patch_tokens @ clip.visual_projection.weight.t()
+
+
+def reference_encode_text_learn(clip, ctx_pos, ctx_neg, bias, token_ids, deep_prompts, n_ctx):
+    """`AnomalyCLIP_PromptLearner.forward` + `encode_text_learn` at CLIP's full context length, LND layout.
+
+    token_ids: (2, T_max) zero-padded ids (normal, anomalous); deep_prompts: list of (t, D) tensors (cast to fp16 on
+    insertion, as the reference does). Returns (B, 2, P) text features, not normalised.
+    """
+    text = clip.text_model
+    batch = bias.shape[0]
+    embedding = text.embeddings.token_embedding(token_ids)
+    prefix, suffix = embedding[:, :1], embedding[:, 1 + n_ctx :]
+    prompts = []
+    for state, ctx in enumerate((ctx_pos, ctx_neg)):
+        ctx_b = ctx.unsqueeze(0) + bias[:, state].unsqueeze(1)
+        prompts.append(torch.cat([prefix[state].expand(batch, -1, -1), ctx_b, suffix[state].expand(batch, -1, -1)], dim=1))
+    x = torch.stack(prompts, dim=1).reshape(batch * 2, token_ids.shape[1], -1)
+    x = x + text.embeddings.position_embedding.weight[: x.shape[1]]
+    x = x.permute(1, 0, 2)  # LND
+    length = x.shape[0]
+    attn_mask = torch.empty(length, length).fill_(float("-inf")).triu_(1)
+    counter = 0
+    for index, layer in enumerate(text.encoder.layers):
+        if index > 0 and counter <= len(deep_prompts) - 1:
+            t = deep_prompts[counter].shape[0]
+            context = deep_prompts[counter].expand(x.shape[1], -1, -1).permute(1, 0, 2).half()
+            x = torch.cat([x[:1], context, x[1 + t :]], dim=0)
+            counter += 1
+        h = layer.layer_norm1(x).permute(1, 0, 2)
+        attention = layer.self_attn
+        heads, width = attention.num_heads, h.shape[-1]
+        weight, bias_in = _in_proj(attention)
+        qkv = (h @ weight.t() + bias_in).reshape(h.shape[0], h.shape[1], 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        weights = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5 + attn_mask).softmax(dim=-1)
+        out = attention.out_proj((weights @ v).transpose(1, 2).reshape(h.shape[0], h.shape[1], width))
+        x = x + out.permute(1, 0, 2)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    x = text.final_layer_norm(x.permute(1, 0, 2))
+    ids = token_ids.unsqueeze(0).expand(batch, -1, -1).reshape(batch * 2, -1)
+    x = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)] @ clip.text_projection.weight.t()
+    return x.reshape(batch, 2, -1)
+
+
+def _reference_map_and_score(anomaly_map_2d, cls_probability, k=0.7, sigma=4):
+    anomaly_map = torch.stack([anomaly_map_2d])
+    anomaly_map = torch.stack([torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.detach().cpu().numpy()], dim=0)
+    anomaly_map = anomaly_map.sum(dim=0)
+    flat = anomaly_map.flatten()
+    top = torch.topk(flat, int(flat.shape[0] * 0.01))[0].mean()
+    return anomaly_map[0].numpy(), ((1 - k) * top + k * cls_probability).item()
+
+
+@torch.no_grad()
+def reference_trained_score(clip, pixel_values, banks, image_proj, patch_proj, image_size, prompt=None):
+    """`test.py` with `--model_type mrad-ft` (prompt None) or `mrad-clip`, one image at a time.
+
+    banks: (image_keys, image_values, patch_keys, patch_values); image_proj/patch_proj: (query, key) Linear pairs;
+    prompt: dict(ctx_pos, ctx_neg, deep_prompts (list), token_ids (2, T), n_ctx, prompt_proj=(mlp1, mlp2)).
+    """
+    image_keys, image_values, patch_keys, patch_values = banks
+    maps, scores = [], []
+    for image in pixel_values.split(1):
+        image_features, patch_tokens, patch_proj_tokens = reference_encode_image_projected(clip, image)
+        projection = reference_average_neighbor(patch_proj_tokens)
+        projection = projection / projection.norm(dim=-1, keepdim=True)
+        patch = reference_average_neighbor(patch_tokens)
+        patch = patch / patch.norm(dim=-1, keepdim=True)
+        seg, regions = reference_compute_patch_score(
+            patch, patch_keys, patch_values, proj=patch_proj, patch_projection=projection if prompt is not None else None
+        )
+        side = int(seg.shape[1] ** 0.5)
+
+        def upsample(sm):
+            sm = sm.reshape(sm.shape[0], side, side, -1).permute(0, 3, 1, 2)
+            return F.interpolate(sm, image_size, mode="bilinear").permute(0, 2, 3, 1)
+
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        cls_probs = reference_compute_score(image_features, image_keys, image_values, proj=image_proj)
+        if prompt is None:
+            anomaly_map = upsample(seg)[..., 1]
+        else:
+            mlp1, mlp2 = prompt["prompt_proj"]
+            bias = torch.stack([mlp1(regions[:, 0, :]), mlp2(regions[:, 1, :])], dim=1)
+            text = reference_encode_text_learn(
+                clip, prompt["ctx_pos"], prompt["ctx_neg"], bias, prompt["token_ids"], prompt["deep_prompts"], prompt["n_ctx"]
+            ).float()
+            text = text / text.norm(dim=-1, keepdim=True)
+            similarity = ((projection @ text.transpose(1, 2)) / 0.07).softmax(-1)
+            sm = upsample(similarity)
+            anomaly_map = (sm[..., 1] + 1 - sm[..., 0]) / 2.0
+        anomaly_map, score = _reference_map_and_score(anomaly_map[0], cls_probs[:, 1])
+        maps.append(anomaly_map)
+        scores.append(score)
+    return np.stack(maps), np.array(scores)
+
+
+def reference_focal_loss(logit, target, gamma=2, smooth=1e-5):
+    """`utils/loss.FocalLoss` (alpha None, inputs already probabilities)."""
+    num_class = logit.shape[1]
+    logit = logit.view(logit.size(0), logit.size(1), -1).permute(0, 2, 1).contiguous().view(-1, num_class)
+    target = target.view(-1, 1)
+    idx = target.cpu().long()
+    one_hot_key = torch.zeros(target.size(0), num_class).scatter_(1, idx, 1)
+    one_hot_key = torch.clamp(one_hot_key, smooth / (num_class - 1), 1.0 - smooth)
+    pt = (one_hot_key * logit).sum(1) + smooth
+    return (-1 * torch.pow((1 - pt), gamma) * pt.log()).mean()
+
+
+def reference_dice_loss(inputs, targets):
+    """`utils/loss.BinaryDiceLoss`."""
+    n = targets.size()[0]
+    input_flat, targets_flat = inputs.view(n, -1), targets.view(n, -1)
+    intersection = input_flat * targets_flat
+    dice = (2 * intersection.sum(1) + 1) / (input_flat.sum(1) + targets_flat.sum(1) + 1)
+    return 1 - dice.sum() / n
