@@ -132,7 +132,7 @@ def _download_help(name: str, repo_id: str, revision: str | None, reason: str) -
     alias = f" ('{name}' is a short name for it; set {NAMESPACE_ENV} to use another organisation)" if name in SHORT_NAMES else ""
     return (
         f"Could not get '{repo_id}'{alias} at revision '{revision or 'main'}' from {constants.ENDPOINT} "
-        f"(offline mode: {'on' if _offline() else 'off'}, cache: {constants.HF_HUB_CACHE}): {reason}. "
+        f"(offline mode: {'on' if _offline() else 'off'}, cache: {constants.HF_HUB_CACHE}; no local folder '{name}' exists): {reason}. "
         f"To work offline: download it once while online with `mrad pull {name}"
         f"{f' --revision {revision}' if revision else ''}` (or `hf download {repo_id}`), then set HF_HUB_OFFLINE=1; "
         "or pass a local folder saved with save_pretrained."

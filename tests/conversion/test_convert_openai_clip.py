@@ -6,6 +6,7 @@ reproduce an independent OpenAI-style forward (sequence of `nn.MultiheadAttentio
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,9 @@ def _script_archive(state: dict[str, torch.Tensor], path: Path) -> None:
         module.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
     for name in ("input_resolution", "context_length", "vocab_size"):  # non-weight entries OpenAI's archives carry
         root.register_buffer(name, torch.tensor(CONTEXT))
-    torch.jit.save(torch.jit.script(root), str(path))
+    with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's files are TorchScript archives
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(root), str(path))
 
 
 @pytest.mark.parametrize("layout", ["state_dict", "torchscript"])

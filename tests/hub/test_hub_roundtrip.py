@@ -190,3 +190,21 @@ def test_offline_short_name_not_cached_is_actionable(monkeypatch, tmp_path):
                      "mrad pull mrad-clip --revision v1", "hf download", "local folder"):
         assert expected in message, (expected, message)
     assert isinstance(error.value, OSError)
+
+
+def test_plain_push_to_hub_ships_processor_pipeline_code_and_keeps_the_card(fake_hub, online, monkeypatch, model_with_bank):
+    """`PreTrainedModel.push_to_hub` goes through our `save_pretrained` (processor config, pipeline code); after a
+    `push_model`, a plain push updates the weights and keeps the rendered card."""
+    from huggingface_hub import constants
+    from transformers.utils import hub as transformers_hub
+
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches one HfApi (and its endpoint) per process
+    push_model(model_with_bank, "tester/plain-push", endpoint=fake_hub.url, token="t")
+    card = fake_hub.files("tester/plain-push")["README.md"]
+    model_with_bank.push_to_hub("tester/plain-push", token="t", commit_message="plain push")
+    files = fake_hub.files("tester/plain-push")
+    assert {"preprocessor_config.json", "pipeline_anomaly_detection.py", "modeling_mrad.py", "model.safetensors"} <= set(files)
+    assert b"pipeline_tag: image-segmentation" in files["README.md"] and b"# MRAD-TF" in files["README.md"]
+    assert files["README.md"].split(b"\n---\n", 1)[1] == card.split(b"\n---\n", 1)[1]  # the card's text is untouched
