@@ -155,7 +155,7 @@ def merge_banks(banks: Sequence[MemoryBank], *, names: Sequence[str] | None = No
 
 
 # ---------------------------------------------------------------------- de-duplication
-def _greedy_keep(keys: torch.Tensor, labels: torch.Tensor, threshold: float, protected: torch.Tensor | None = None, block: int = 1024) -> list[int]:
+def _greedy_keep(keys: torch.Tensor, labels: torch.Tensor, threshold: float, protected: torch.Tensor | None = None, block: int = 256) -> list[int]:
     """Indices kept by the rule in the module docstring: in order, drop an entry whose same-label cosine with
     an already kept entry exceeds `threshold`, unless it is `protected` (protected entries are always kept)."""
     keys = l2_normalize(keys.float())
@@ -196,7 +196,10 @@ def deduplicate(bank: MemoryBank, threshold: float = DEFAULT_DEDUP_THRESHOLD, *,
     image_kept = _greedy_keep(bank.image_keys, _labels(bank.image_values), threshold, protected=has_region)
     removed = {"image": bank.image_keys.shape[0] - len(image_kept), "patch": bank.patch_keys.shape[0] - len(patch_kept)}
     history = list(bank.metadata.get("history") or []) + [{"operation": "deduplicate", "threshold": threshold, "removed": removed}]
-    return select_entries(bank, image_kept, patch_kept, history=history)
+    result = select_entries(bank, image_kept, patch_kept, history=history)
+    if any(removed.values()):
+        result.metadata.pop("calibration", None)  # thresholds were chosen with the entries just removed
+    return result
 
 
 # ---------------------------------------------------------------------- remove
