@@ -42,6 +42,7 @@ __all__ = [
     "NAMESPACE_ENV",
     "SHORT_NAMES",
     "HubDownloadError",
+    "explain_download_error",
     "hub_namespace",
     "resolve_model_id",
     "load_model",
@@ -108,10 +109,16 @@ def resolve_model_id(
     name = os.fspath(name)
     if _is_local(name):
         return name
-    repo_id = f"{hub_namespace()}/{SHORT_NAMES[name]}" if name in SHORT_NAMES else name
+    repo_id = _repo_for(name)
     if (local_files_only or _offline()) and not _in_cache(repo_id, filename, revision, cache_dir):
-        raise HubDownloadError(_download_help(name, repo_id, revision, reason=f"'{filename}' of this revision is not in the local cache"))
+        reason = f"'{filename}' of this revision is not in the local cache"
+        raise HubDownloadError(_download_help(name, repo_id, revision, reason=reason, cache_dir=cache_dir))
     return repo_id
+
+
+def _repo_for(name: str) -> str:
+    """The Hub id a name stands for: `<namespace>/<repo>` for short names, the name itself otherwise."""
+    return f"{hub_namespace()}/{SHORT_NAMES[name]}" if name in SHORT_NAMES else name
 
 
 def _in_cache(repo_id: str, filename: str, revision: str | None, cache_dir) -> bool:
@@ -126,38 +133,41 @@ def _in_cache(repo_id: str, filename: str, revision: str | None, cache_dir) -> b
     return isinstance(found, str)
 
 
-def _download_help(name: str, repo_id: str, revision: str | None, reason: str) -> str:
+def _download_help(name: str, repo_id: str, revision: str | None, reason: str, cache_dir=None) -> str:
     from huggingface_hub import constants
 
     alias = f" ('{name}' is a short name for it; set {NAMESPACE_ENV} to use another organisation)" if name in SHORT_NAMES else ""
     return (
         f"Could not get '{repo_id}'{alias} at revision '{revision or 'main'}' from {constants.ENDPOINT} "
-        f"(offline mode: {'on' if _offline() else 'off'}, cache: {constants.HF_HUB_CACHE}; no local folder '{name}' exists): {reason}. "
+        f"(offline mode: {'on' if _offline() else 'off'}, cache: {cache_dir or constants.HF_HUB_CACHE}; no local folder '{name}' exists): {reason}. "
         f"To work offline: download it once while online with `mrad pull {name}"
         f"{f' --revision {revision}' if revision else ''}` (or `hf download {repo_id}`), then set HF_HUB_OFFLINE=1; "
         "or pass a local folder saved with save_pretrained."
     )
 
 
-def _explain(name: str, repo_id: str, revision: str | None, error: Exception) -> HubDownloadError:
-    return HubDownloadError(_download_help(name, repo_id, revision, reason=f"{type(error).__name__}: {error}"))
+def explain_download_error(name: str | os.PathLike, error: Exception, *, revision: str | None = None, cache_dir=None) -> Exception:
+    """The `HubDownloadError` (with what was tried and the offline recipe) for a failed download of `name`.
+
+    Returns `error` itself when `name` is a local path or the error is already explained, so callers can always
+    `raise explain_download_error(name, error, revision=...) from error` around a `from_pretrained` call.
+    """
+    name = os.fspath(name)
+    if isinstance(error, HubDownloadError) or _is_local(name):
+        return error
+    reason = f"{type(error).__name__}: {error}"
+    return HubDownloadError(_download_help(name, _repo_for(name), revision, reason=reason, cache_dir=cache_dir))
 
 
 # ---------------------------------------------------------------------- models
 def load_model(name: str | os.PathLike, **kwargs):
-    """`MRADForAnomalyDetection.from_pretrained(name, **kwargs)` with short names and an actionable error."""
+    """`MRADForAnomalyDetection.from_pretrained(name, **kwargs)`; any download failure becomes a `HubDownloadError`."""
     from .modeling_mrad import MRADForAnomalyDetection
 
-    revision = kwargs.get("revision")
-    repo_id = resolve_model_id(name, revision=revision, cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False))
     try:
-        return MRADForAnomalyDetection.from_pretrained(repo_id, **kwargs)
-    except HubDownloadError:
-        raise
+        return MRADForAnomalyDetection.from_pretrained(name, **kwargs)
     except OSError as error:
-        if _is_local(repo_id):
-            raise
-        raise _explain(os.fspath(name), repo_id, revision, error) from error
+        raise explain_download_error(name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")) from error
 
 
 def pull_model(
@@ -171,11 +181,10 @@ def pull_model(
 def _snapshot(name: str, repo_type: str, **kwargs) -> str:
     from huggingface_hub import snapshot_download
 
-    repo_id = f"{hub_namespace()}/{SHORT_NAMES[name]}" if name in SHORT_NAMES else name
     try:
-        return snapshot_download(repo_id, repo_type=repo_type, **kwargs)
+        return snapshot_download(_repo_for(name), repo_type=repo_type, **kwargs)
     except Exception as error:  # network, auth, missing repo or revision: all end here with the recipe
-        raise _explain(name, repo_id, kwargs.get("revision"), error) from error
+        raise explain_download_error(name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")) from error
 
 
 def _api(token, endpoint):
@@ -278,7 +287,7 @@ def load_memory_bank(
             repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only, endpoint=endpoint
         )
     except Exception as error:
-        raise _explain(name, repo_id, revision, error) from error
+        raise explain_download_error(name, error, revision=revision, cache_dir=cache_dir) from error
     return MemoryBank.load(path)
 
 

@@ -208,3 +208,26 @@ def test_plain_push_to_hub_ships_processor_pipeline_code_and_keeps_the_card(fake
     assert {"preprocessor_config.json", "pipeline_anomaly_detection.py", "modeling_mrad.py", "model.safetensors"} <= set(files)
     assert b"pipeline_tag: image-segmentation" in files["README.md"] and b"# MRAD-TF" in files["README.md"]
     assert files["README.md"].split(b"\n---\n", 1)[1] == card.split(b"\n---\n", 1)[1]  # the card's text is untouched
+
+
+def test_mrad_push_cli_and_load_model_error(fake_hub, online, monkeypatch, model_with_bank, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    from mrad_hf.cli import main
+    from mrad_hf.hub import load_model
+
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    model_with_bank.save_pretrained(tmp_path / "model")
+    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    assert main(["push", str(tmp_path / "model"), "tester/cli-model"]) == 0
+    assert main(["push", "--bank", str(tmp_path / "bank.safetensors"), "tester/cli-bank", "--revision", "v1"]) == 0
+    out = capsys.readouterr().out
+    assert "Pushed model" in out and f"at commit {fake_hub.repos[('model', 'tester/cli-bank')].refs['v1']}" in out
+    assert b"# MRAD-TF" in fake_hub.files("tester/cli-model")["README.md"]
+    assert "memory_bank.json" in fake_hub.files("tester/cli-bank", "v1") and "memory_bank.json" not in fake_hub.files("tester/cli-bank")
+
+    assert torch.equal(load_model("tester/cli-model", cache_dir=tmp_path / "c").memory.patch_keys, model_with_bank.memory.patch_keys)
+    with pytest.raises(HubDownloadError, match=r"(?s)'tester/absent' at revision 'main'.*offline mode: off, cache: .*/c;.*mrad pull tester/absent"):
+        load_model("tester/absent", cache_dir=tmp_path / "c")
+    assert main(["pull", "tester/absent"]) == 2 and "Could not get 'tester/absent'" in capsys.readouterr().err
