@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,12 @@ def push_model(
     Returns:
         huggingface_hub's `CommitInfo` (`.oid` is the commit sha, usable as `revision=`).
     """
+    if model.memory.image_keys.shape[0] == 0:
+        warnings.warn(
+            f"Pushing {repo_id} without a memory bank: it cannot score images until users attach one "
+            "(model.set_memory_bank). Build or attach the bank before pushing if that is not intended.",
+            stacklevel=2,
+        )
     api = _api(token, endpoint)
     card = render_model_card(model.config, repo_id=repo_id, results=results, base_model=base_model)
     with tempfile.TemporaryDirectory(prefix="mrad-push-") as folder:
