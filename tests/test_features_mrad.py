@@ -6,7 +6,7 @@ import torch
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 from reference_mrad import reference_average_neighbor, reference_encode_image
 
-from mrad_hf.features_mrad import dual_path_vision_features, interpolate_position_embeddings, neighbor_average
+from mrad_hf.features_mrad import dual_path_vision_features, interpolate_position_embeddings, neighbor_average, set_backbone_dtype
 
 
 def _pixels(batch=3, size=TINY_IMAGE_SIZE, seed=1):
@@ -80,3 +80,49 @@ def test_bad_pixel_values_are_rejected():
         model.extract_features(torch.zeros(1, 3, 56, 56))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         dual_path_vision_features(model.clip.vision_model, model.clip.visual_projection, torch.zeros(1, 1, 112, 112))
+
+
+def test_last_block_class_only_path_keeps_plain_clip_values_when_vv_starts_late():
+    """vv_start_layer = num_layers - 1: only the last block is dual; its class-only original path still equals CLIP."""
+    model = make_tiny_model(image_size=56, vv_start_layer=3)
+    pixels = _pixels(size=56)
+    hf = model.clip.vision_model(pixels, output_hidden_states=True)
+    features = model.extract_features(pixels)
+    torch.testing.assert_close(features.class_embeds, model.clip.visual_projection(hf.last_hidden_state[:, 0]), atol=1e-5, rtol=0)
+    ref_class, ref_patches = reference_encode_image(model.clip, pixels, dpam_layer=2)
+    torch.testing.assert_close(features.patch_tokens, ref_patches, atol=1e-5, rtol=0)
+
+
+def test_half_precision_backbone_keeps_memory_and_scores_float32(samples):
+    fp32 = make_tiny_model()
+    fp32.build_memory_bank(samples, batch_size=4, progress=False)
+    half = make_tiny_model()
+    half.build_memory_bank(samples, batch_size=4, progress=False)
+    assert set_backbone_dtype(half, "bfloat16") is half
+    assert half.clip.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert half.memory.image_keys.dtype == torch.float32 and half.memory.patch_keys.dtype == torch.float32
+    torch.testing.assert_close(half.memory.patch_keys, fp32.memory.patch_keys, atol=0, rtol=0)  # the bank is not rounded
+    pixels = _pixels(batch=2)
+    with torch.no_grad():
+        expected, got = fp32(pixels), half(pixels.to(torch.bfloat16))
+    assert got.anomaly_map.dtype == torch.float32 and got.image_probabilities.dtype == torch.float32
+    difference = (got.anomaly_map - expected.anomaly_map).abs().max().item()
+    assert 0 < difference < 2e-2  # bf16 features (8-bit mantissa) move the maps a little, not a lot
+    torch.testing.assert_close(got.anomaly_score, expected.anomaly_score, atol=2e-2, rtol=0)
+    set_backbone_dtype(half, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(half(pixels).anomaly_map, expected.anomaly_map, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="Unknown backbone dtype 'half'"):
+        set_backbone_dtype(half, "half")
+    assert set_backbone_dtype(half, None) is half
+
+
+def test_cli_dtype_option_casts_only_the_tower():
+    from mrad_hf.cli import build_parser, load_detector
+
+    args = build_parser().parse_args(["predict", "--clip", "random-tiny", "--dtype", "bfloat16", "image.png"])
+    assert args.dtype == "bfloat16"
+    assert build_parser().parse_args(["predict", "--clip", "random-tiny", "image.png"]).dtype == "float32"
+    detector = load_detector(None, "random-tiny", dtype=args.dtype)
+    assert detector.clip.visual_projection.weight.dtype == torch.bfloat16
+    assert detector.memory.image_keys.dtype == torch.float32

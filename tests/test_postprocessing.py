@@ -42,3 +42,14 @@ def test_top_k_mean_and_fusion_hand_computed():
     assert fuse_image_score(maps, p, top_k_ratio=0.03, fusion="sum").item() == pytest.approx(1.75 / 3 + 0.2)
     with pytest.raises(ValueError, match="Unknown score fusion"):
         fuse_image_score(maps, p, fusion="max")
+
+
+@pytest.mark.parametrize(("sigma", "truncate"), [(4.0, 4.0), (2.5, 3.0), (1.0, 4.0), (6.0, 2.0)])
+def test_gaussian_blur_equals_scipy_for_other_sigmas_and_truncations(sigma, truncate):
+    """The reference's gaussian_filter (mode "reflect") within 1e-5, on maps smaller than the kernel radius too."""
+    generator = torch.Generator().manual_seed(1)
+    for shape in [(2, 37, 29), (1, 5, 70)]:
+        maps = torch.rand(shape, generator=generator) ** 3  # peaky, like anomaly maps
+        expected = np.stack([gaussian_filter(m, sigma=sigma, truncate=truncate) for m in maps.numpy()])
+        np.testing.assert_allclose(gaussian_blur(maps, sigma, truncate).numpy(), expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(gaussian_blur(maps.double(), sigma, truncate).numpy(), expected, atol=1e-5, rtol=0)
