@@ -64,11 +64,25 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def load_detector(model: str | None = None, clip: str | None = None, *, image_size: int | None = None, seed: int = 0, **overrides):
+def load_detector(model: str | None = None, clip: str | None = None, *, image_size: int | None = None, seed: int = 0, dtype: str | None = None, **overrides):
     """An MRAD model from an MRAD folder / Hub id (`model`) or a CLIP source (`clip`, or a `random-*` name).
 
     `overrides` are MRADConfig fields for a new model (ignored when loading a saved one would change it).
+    `dtype` ("bfloat16", "float16") runs the CLIP tower in half precision (`features_mrad.set_backbone_dtype`).
     """
+    detector = _load_detector(model, clip, image_size=image_size, seed=seed, **overrides)
+    return _set_dtype(detector, dtype)
+
+
+def _set_dtype(detector, dtype: str | None):
+    from .features_mrad import set_backbone_dtype
+
+    if dtype and dtype != "float32":
+        _log(f"CLIP tower in {dtype}; memory bank, retrieval and scores stay float32 (opt-in; slower than float32 on CPUs without bf16 matrix units)")
+    return set_backbone_dtype(detector, dtype)
+
+
+def _load_detector(model: str | None, clip: str | None, *, image_size: int | None, seed: int, **overrides):
     import torch
     from transformers import CLIPConfig
 
@@ -136,7 +150,7 @@ def cmd_make_synthetic(args) -> int:
 def cmd_build_bank(args) -> int:
     from .data.loaders import load_benchmark
 
-    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed)
+    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=args.dtype)
     dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories, split=args.split)
     _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
     started = time.perf_counter()
@@ -169,6 +183,7 @@ def cmd_predict(args) -> int:
     if args.bank:
         detector.set_memory_bank(args.bank)
         _log(f"Using memory bank {args.bank}")
+    _set_dtype(detector, args.dtype)  # after the bank check, which fingerprints the float32 weights
     processor, detect = _detector_pipeline(detector)
     paths = _collect_images(args.inputs)
     output_dir = Path(args.output_dir)
@@ -271,10 +286,11 @@ def cmd_evaluate(args) -> int:
     from .data.loaders import load_benchmark
     from .evaluation.runner import evaluate_dataset
 
-    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed)
+    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=None if args.bank else args.dtype)
     output_dir = Path(args.output_dir)
     if args.bank:
         detector.set_memory_bank(args.bank)
+        _set_dtype(detector, args.dtype)  # after the bank check, which fingerprints the float32 weights
         bank_source = args.bank
     elif args.bank_from:
         if not args.bank_root:
@@ -316,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
         sub.add_argument("--clip", help="a CLIP checkpoint (Hub id or folder), or random-small / random-vit-l14-336 (random weights)")
         sub.add_argument("--seed", type=int, default=0, help="seed for random backbones")
+        sub.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                         help="CLIP tower precision (memory, retrieval, scores stay float32); half precision pays off on GPUs and CPUs with AMX/AVX512-BF16")
 
     demo = commands.add_parser("demo", help="end-to-end run on a synthetic benchmark made from real CC0 textures")
     demo.add_argument("--output-dir", default="outputs/demo")
