@@ -59,9 +59,10 @@ def test_promised_false_positive_rate_on_held_out_normals(brick_model_and_normal
     # mean m (n + 1 - k) / (n + 1) <= target m. Accept anything but the extreme 0.1 % tails.
     k = math.ceil((n + 1) * (1 - target))
     law = betabinom(m, n + 1 - k, k)
+    print(f"held-out normals flagged: {flagged} of {m}; accepted band [{law.ppf(0.001):.0f}, {law.ppf(0.999):.0f}], mean {law.mean():.1f}")
     assert law.ppf(0.001) <= flagged <= law.ppf(0.999), (flagged, m)
     assert law.mean() <= target * m
-    assert len(np.unique(held_out)) == m  # continuous scores: the law above applies
+    assert not np.any(held_out == calibration["image_threshold"])  # no tie at the threshold: the count is the law's
     # the pixel threshold is the same order statistic over the calibration images' pixels
     _, maps, _ = score_images(model, normals[:n], progress=False, batch_size=64)
     pixels = maps.size
