@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli_hub, cli_tools
+from . import cli_hub, cli_tools, cli_train
 
 __all__ = ["main", "RANDOM_BACKBONES", "load_detector"]
 
@@ -86,6 +87,7 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
     import torch
     from transformers import CLIPConfig
 
+    from .memory_bank import verify_model_memory
     from .modeling_mrad import MRADForAnomalyDetection
 
     overrides = {key: value for key, value in overrides.items() if value is not None}
@@ -93,6 +95,7 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
         overrides["image_size"] = image_size
     if model:
         detector = MRADForAnomalyDetection.from_pretrained(model)
+        verify_model_memory(detector)  # config and weights from the same save, bank built for this backbone
         if image_size is not None and image_size != detector.config.image_size:
             raise CLIError(f"--image-size {image_size} differs from the saved model's {detector.config.image_size}.")
         _log(f"Loaded MRAD model from {model} (bank: {detector.config.image_bank_size} image / {detector.config.patch_bank_size} patch entries)")
@@ -147,21 +150,53 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
+def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_error: str):
+    """Build (and attach) a bank from a loader dataset, reading files through MRAD's decoder.
+
+    Unreadable images or masks are skipped and listed in `bank.metadata["skipped_files"]` (`on_error="skip"`),
+    or stop the command with a one-line error (`"fail"`).
+    """
+    from .data.loaders import iter_readable_rows
+    from .image_processing_mrad import MRADImageProcessor, MRADInputError
+
+    processor = MRADImageProcessor.from_config(detector.config)
+    skipped: list[dict[str, str]] = []
+    rows = iter_readable_rows(dataset, processor.load_pair, on_error=on_error, failures=skipped)
+    try:
+        bank = detector.build_memory_bank(rows, batch_size=batch_size, source=source, image_processor=processor)
+    except MRADInputError as error:
+        raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
+    if skipped:
+        bank.metadata["skipped_files"] = skipped
+    return bank
+
+
 def cmd_build_bank(args) -> int:
     from .data.loaders import load_benchmark
+    from .memory_bank import atomic_directory
 
     detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=args.dtype)
     dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories, split=args.split)
     _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
     started = time.perf_counter()
-    bank = detector.build_memory_bank(dataset, batch_size=args.batch_size, source=args.source or args.dataset)
+    bank = _build_bank_from(detector, dataset, source=args.source or args.dataset, batch_size=args.batch_size, on_error=args.on_error)
     elapsed = time.perf_counter() - started
     path = bank.save(args.output)
-    _log(f"{bank} -> {path} ({elapsed:.1f} s, {len(dataset) / max(elapsed, 1e-9):.2f} images/s)")
+    built = bank.counts()["image_entries"]
+    _log(f"{bank} -> {path} ({elapsed:.1f} s, {built / max(elapsed, 1e-9):.2f} images/s)")
     if args.save_model:
-        detector.save_pretrained(args.save_model)
+        with atomic_directory(args.save_model) as staging:  # an interrupted save leaves the old folder intact
+            detector.save_pretrained(staging)
         _log(f"Model with its bank saved to {args.save_model} (load with AutoModel.from_pretrained or pipeline('anomaly-detection'))")
+    _report_skipped(bank.metadata.get("skipped_files", []), f"the bank's metadata ('skipped_files' in {path})")
     return 0
+
+
+def _report_skipped(skipped: list[dict[str, str]], where: str) -> None:
+    """The summary line of a run that skipped unreadable files: how many, the first one, where the full list is."""
+    if skipped:
+        _log(f"SKIPPED {len(skipped)} file(s) that could not be read, e.g. {skipped[0]['path']}: {skipped[0]['error']} "
+             f"All skipped files are listed in {where}.")
 
 
 def _detector_pipeline(detector):
@@ -191,12 +226,14 @@ def cmd_predict(args) -> int:
     for path in tqdm(paths, desc="Scoring", unit="img"):
         try:
             image = processor.load(path)
+            prediction = detect(image, threshold=args.threshold)
+            if not math.isfinite(prediction["score"]):
+                raise MRADInputError(f"Image '{path}' gave a non-finite score ({prediction['score']}); it is not scored. Check the image and the bank.")
         except MRADInputError as error:
             if args.on_error == "fail":
-                raise CLIError(str(error)) from error
+                raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
             failures.append({"path": str(path), "error": str(error)})
             continue
-        prediction = detect(image, threshold=args.threshold)
         record = {"path": str(path), "score": prediction["score"]}
         if "is_anomalous" in prediction:  # --threshold, or the model's calibration
             record.update(label=prediction["label"], is_anomalous=prediction["is_anomalous"], thresholds=prediction["thresholds"])
@@ -208,9 +245,8 @@ def cmd_predict(args) -> int:
         _log(f"{prediction['score']:.6f}  {path}")
     summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": failures}
     _write_json(output_dir / "scores.json", summary)
-    _log(f"Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}")
-    if failures:
-        _log(f"{len(failures)} file(s) could not be read and were skipped (see 'failures' in scores.json).")
+    _log(f"Scored {len(results)} of {len(paths)} image(s). Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    _report_skipped(failures, f"'failures' in {output_dir / 'scores.json'}")
     return 0
 
 
@@ -285,6 +321,7 @@ def cmd_evaluate(args) -> int:
     """Cross-dataset protocol: memory from one dataset (--bank-from/--bank-root or --bank), test on another."""
     from .data.loaders import load_benchmark
     from .evaluation.runner import evaluate_dataset
+    from .image_processing_mrad import MRADInputError
 
     detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=None if args.bank else args.dtype)
     output_dir = Path(args.output_dir)
@@ -297,7 +334,9 @@ def cmd_evaluate(args) -> int:
             raise CLIError("--bank-from needs --bank-root (the auxiliary dataset's folder).")
         auxiliary = load_benchmark(args.bank_from, args.bank_root)
         _log(f"Building the memory bank from {len(auxiliary)} {args.bank_from} test images")
-        detector.build_memory_bank(auxiliary, batch_size=args.batch_size, source=args.bank_from).save(output_dir / "memory_bank.safetensors")
+        bank = _build_bank_from(detector, auxiliary, source=args.bank_from, batch_size=args.batch_size, on_error=args.on_error)
+        bank_path = bank.save(output_dir / "memory_bank.safetensors")
+        _report_skipped(bank.metadata.get("skipped_files", []), f"'skipped_files' in the metadata of {bank_path}")
         bank_source = args.bank_from
     elif detector.config.image_bank_size:
         bank_source = (detector.config.memory_bank_metadata or {}).get("source", "model")
@@ -306,12 +345,17 @@ def cmd_evaluate(args) -> int:
     dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories)
     _log(f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}")
     run_info = {"model": args.model or args.clip, "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None, "bank": bank_source}
-    results = evaluate_dataset(
-        detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
-        heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
-    )
+    try:
+        results = evaluate_dataset(
+            detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
+            heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
+            on_error=args.on_error,
+        )
+    except MRADInputError as error:
+        raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
     print((output_dir / "results.md").read_text(encoding="utf-8"))
     _log(f"Tables: {output_dir / 'results.md'}, {output_dir / 'results.csv'}, {output_dir / 'results.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    _report_skipped(results["skipped_files"], f"'skipped_files' in {output_dir / 'results.json'}")
     if args.clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=args.clip))
     return 0 if results["per_category"] else 1
@@ -362,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--save-model", help="also save the model with this bank attached to this folder")
     build.add_argument("--image-size", type=int, help="network input size (default 518)")
     build.add_argument("--batch-size", type=int, default=8)
+    build.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images/masks: skip and report, or stop")
     build.set_defaults(handler=cmd_build_bank)
 
     predict = commands.add_parser("predict", help="score images (files or folders), write heatmap PNGs and scores.json")
@@ -386,9 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--heatmaps", type=int, default=3, help="heatmap panels per category")
     evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference")
     evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
+    evaluate.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images/masks: skip and report, or stop")
     evaluate.set_defaults(handler=cmd_evaluate)
     cli_hub.register(commands)  # mrad push / mrad pull
     cli_tools.register(commands)  # mrad bank / calibrate / explain / serve
+    cli_train.register(commands)  # mrad train
     return parser
 
 

@@ -784,11 +784,11 @@ class _NullBar:
         pass
 
 
-def _progress_bar(total: int | None, description: str, enabled: bool):
+def _progress_bar(total: int | None, description: str, enabled: bool, unit: str = "img"):
     if not enabled:
         return _NullBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency of transformers, but stay usable without it
         return _NullBar()
-    return tqdm(total=total, desc=description, unit="img")
+    return tqdm(total=total, desc=description, unit=unit)

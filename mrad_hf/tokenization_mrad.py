@@ -65,10 +65,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(code) for code in codes)))
 
 
-def clip_tokenizer_from_bpe(bpe_path: str | os.PathLike, output_dir: str | os.PathLike):
+def clip_tokenizer_from_bpe(bpe_path: str | os.PathLike, output_dir: str | os.PathLike, num_merges: int = _NUM_MERGES):
     """Write a Hugging Face CLIP tokenizer (vocab.json, merges.txt) from OpenAI's `bpe_simple_vocab_16e6.txt.gz`.
 
-    Returns `CLIPTokenizer.from_pretrained(output_dir)`; the ids equal OpenAI's ("Hi there" -> 49406, 1883, 997, 49407).
+    The vocabulary is OpenAI's construction: the 256 byte symbols, the same with `</w>`, one token per merge (the
+    first `num_merges` merge lines after the header), then the start and end tokens. Returns
+    `CLIPTokenizer.from_pretrained(output_dir)`; the ids equal OpenAI's ("Hi there" -> 49406, 1883, 997, 49407).
     """
     from transformers import CLIPTokenizer
 
@@ -77,9 +79,9 @@ def clip_tokenizer_from_bpe(bpe_path: str | os.PathLike, output_dir: str | os.Pa
         lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
     except (OSError, EOFError) as error:
         raise ValueError(f"{bpe_path}: not a readable gzip BPE file ({error}); pass OpenAI's bpe_simple_vocab_16e6.txt.gz.") from error
-    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
-    if len(merges) != _NUM_MERGES or any(len(pair) != 2 for pair in merges):
-        raise ValueError(f"{bpe_path}: expected {_NUM_MERGES} merge pairs after the header; this is not OpenAI's CLIP BPE file.")
+    merges = [tuple(line.split()) for line in lines[1 : num_merges + 1]]
+    if len(merges) != num_merges or any(len(pair) != 2 for pair in merges):
+        raise ValueError(f"{bpe_path}: expected {num_merges} merge pairs after the header; this is not OpenAI's CLIP BPE file.")
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]

@@ -407,7 +407,7 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         losses = []
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)  # the order of epoch n does not depend on having run epochs 0..n-1 in this process
-        bar = _progress_bar(steps_per_epoch, f"Epoch {epoch + 1}/{len(stages)} [{stage}]", progress and accelerator.is_local_main_process)
+        bar = _progress_bar(steps_per_epoch, f"Epoch {epoch + 1}/{len(stages)} [{stage}]", progress and accelerator.is_local_main_process, unit="step")
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
                 break

@@ -57,6 +57,36 @@ def make_samples(count: int = 6, seed: int = 0, height: int = 100, width: int = 
     return samples
 
 
+#: Prompt ids for tiny text towers (vocabulary 99): start 0, twelve placeholders 5, words, end 98 (the largest id, so
+#: that the reference's argmax finds it). Real backbones use tokenization_mrad.prompt_token_ids.
+TINY_PROMPT_TOKEN_IDS = [[0] + [5] * 12 + [7, 8, 98], [0] + [5] * 12 + [9, 7, 8, 98]]
+
+
+def make_tiny_trained_model(variant: str, seed: int = 0, **config_overrides):
+    """A tiny MRAD-FT or MRAD-CLIP model (text tower: 3 layers, 24 positions; deep prompts at text layers 2-3)."""
+    from mrad_hf import MRADForAnomalyDetection
+
+    clip_config = tiny_clip_config()
+    clip_config.text_config.max_position_embeddings = 24
+    clip_config.text_config.num_hidden_layers = 3
+    config_overrides.setdefault("image_size", TINY_IMAGE_SIZE)
+    if variant == "clip":
+        config_overrides.setdefault("prompt_token_ids", TINY_PROMPT_TOKEN_IDS)
+        config_overrides.setdefault("deep_prompt_depth", 3)
+    torch.manual_seed(seed)
+    return MRADForAnomalyDetection.from_clip(clip_config, variant=variant, **config_overrides).eval()
+
+
+@pytest.fixture
+def reset_accelerate():
+    """Accelerate's state is a process-wide singleton; reset it around tests that create an Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()

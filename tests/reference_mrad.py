@@ -243,8 +243,8 @@ def reference_encode_text_learn(clip, ctx_pos, ctx_neg, bias, token_ids, deep_pr
     return x.reshape(batch, 2, -1)
 
 
-def _reference_map_and_score(anomaly_map_2d, cls_probability, k=0.7, sigma=4):
-    anomaly_map = torch.stack([anomaly_map_2d])
+def _reference_map_and_score(anomaly_map_1hw, cls_probability, k=0.7, sigma=4):
+    anomaly_map = torch.stack([anomaly_map_1hw])  # the official list of layers: (1, 1, S, S)
     anomaly_map = torch.stack([torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.detach().cpu().numpy()], dim=0)
     anomaly_map = anomaly_map.sum(dim=0)
     flat = anomaly_map.flatten()
@@ -290,7 +290,7 @@ def reference_trained_score(clip, pixel_values, banks, image_proj, patch_proj, i
             similarity = ((projection @ text.transpose(1, 2)) / 0.07).softmax(-1)
             sm = upsample(similarity)
             anomaly_map = (sm[..., 1] + 1 - sm[..., 0]) / 2.0
-        anomaly_map, score = _reference_map_and_score(anomaly_map[0], cls_probs[:, 1])
+        anomaly_map, score = _reference_map_and_score(anomaly_map, cls_probs[:, 1])
         maps.append(anomaly_map)
         scores.append(score)
     return np.stack(maps), np.array(scores)

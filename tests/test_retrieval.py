@@ -41,3 +41,37 @@ def test_logits_and_errors():
         soft_retrieve(q, torch.zeros(0, 4), torch.zeros(0, 2))
     with pytest.raises(ValueError, match="5 keys but 3 values"):
         soft_retrieve(q, k, torch.zeros(3, 2))
+
+
+def test_similarity_dropout_mask_on_hand_made_similarities():
+    from mrad_hf.retrieval import similarity_dropout_mask
+
+    cosine = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.7]])
+    # quantile 0.8 with linear interpolation: sorted [.1 .3 .5 .7 .9], position 3.2 -> 0.74: only 0.9 is dropped
+    assert similarity_dropout_mask(cosine, 0.8).tolist() == [[False, True, False, False, False]]
+    # quantile 0.5 is exactly 0.5; the rule is strict (>), so 0.5 itself stays
+    assert similarity_dropout_mask(cosine, 0.5).tolist() == [[False, True, False, False, True]]
+    # per query: each row gets its own threshold
+    two = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.7], [0.9, 0.8, 0.7, 0.6, 0.5]])
+    assert similarity_dropout_mask(two, 0.8)[1].tolist() == [True, False, False, False, False]
+
+
+def test_masked_soft_retrieve_ignores_dropped_entries():
+    from mrad_hf.retrieval import masked_soft_retrieve
+
+    logits = torch.tensor([[5.0, 0.0, 0.0]])
+    values = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    assert masked_soft_retrieve(logits, values)[0, 1] > 0.98
+    dropped = masked_soft_retrieve(logits, values, torch.tensor([[True, False, False]]))
+    torch.testing.assert_close(dropped, torch.tensor([[1.0, 0.0]]))
+
+
+def test_region_prior_tokens_means_and_empty_regions():
+    from mrad_hf.retrieval import region_prior_tokens
+
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    anomaly = torch.tensor([[0.9, 0.2, 0.5]])  # 0.5 is not > 0.5: normal
+    tokens_out = region_prior_tokens(anomaly, tokens, 0.5)
+    torch.testing.assert_close(tokens_out, torch.tensor([[[0.5, 1.0], [1.0, 0.0]]]))
+    all_normal = region_prior_tokens(torch.zeros(1, 3), tokens, 0.5)
+    torch.testing.assert_close(all_normal[0, 1], torch.zeros(2))  # empty anomalous region -> zero token
