@@ -38,7 +38,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_mrad import MRADConfig
 from .features_mrad import MRADVisionFeatures, dual_path_vision_features, neighbor_average
-from .hub import resolve_model_id
+from .hub import explain_download_error, resolve_model_id
 from .image_processing_mrad import MRADImageProcessor
 from .losses import ft_loss, prompt_loss
 from .memory_bank import MemoryBank, MemoryBankError, backbone_fingerprint, feature_settings
@@ -74,7 +74,7 @@ class MRADOutput(ModelOutput):
         anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`):
             Smoothed per-pixel anomaly probability at the network input size (518 x 518 by default). From the
             pixel-level retrieval for MRAD-TF/FT, from text-patch alignment `(p_a + 1 - p_n) / 2` for MRAD-CLIP.
-            Not computed in training mode.
+            Not computed in a training step (training mode with labels and masks).
         anomaly_score (`torch.FloatTensor` of shape `(B,)`):
             Image score: `(1 - k) * mean(top 1% of anomaly_map) + k * image_probabilities[:, 1]`.
         image_probabilities (`torch.FloatTensor` of shape `(B, 2)`):
@@ -271,7 +271,11 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         """`PreTrainedModel.from_pretrained`, keeping the CLIP backbone frozen (the loader re-creates parameters)."""
         if args:  # short names ("mrad-clip") -> Hub ids; a clear offline error when not cached (see hub.py)
             args = (resolve_model_id(args[0], revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False)), *args[1:])
-        model = super().from_pretrained(*args, **kwargs)
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        except OSError as error:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+            raise explain_download_error(source, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")) from error
         model.clip.requires_grad_(False)
         return model
 
@@ -295,7 +299,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         if config_overrides.get("variant") == "clip" and config_overrides.get("prompt_token_ids") is None:
             config_overrides["prompt_token_ids"] = _prompt_token_ids_for(clip, tokenizer, config_overrides)
         if isinstance(clip, CLIPConfig):
-            return cls(MRADConfig(clip_config=clip, **config_overrides))
+            return cls(MRADConfig(clip_config=clip, **config_overrides)).eval()
         if isinstance(clip, CLIPModel):
             config = MRADConfig(clip_config=clip.config, **config_overrides)
             with torch.device("meta"):
@@ -593,8 +597,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 `"prompt"` (MRAD-CLIP's focal + two dice on the text map). Defaults to the variant's own stage.
             output_features: also return the normalised retrieval queries.
 
-        In training mode (`model.train()`) the trained variants apply similarity dropout, and the maps and scores
-        (which need smoothing) are skipped. The extra key `original_sizes` of a processor output is accepted.
+        In training mode (`model.train()`) the trained variants apply similarity dropout; a training step (training
+        mode with `labels` and `masks`) skips the smoothed maps and scores, which it does not need. The extra key
+        `original_sizes` of a processor output is accepted.
         """
         kwargs.pop("original_sizes", None)
         if kwargs:
@@ -631,7 +636,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 loss = prompt_loss(upsample_patch_probabilities(text_probabilities, grid, size), masks)
 
         anomaly_map = anomaly_score = None
-        if not self.training:
+        if not (self.training and want_loss):
             map_probabilities = text_probabilities if text_probabilities is not None else patch_probabilities
             anomaly_map, anomaly_score = self.maps_and_scores(
                 map_probabilities, image_probabilities[:, 1], grid, text_map=text_probabilities is not None
