@@ -45,7 +45,7 @@ def _detector(args, bank=None, *, attach: bool = True):
         overrides.update({key: features[key] for key in _FEATURE_FIELDS if key in features})
         if "neighbor_kernel_sizes" in overrides:
             overrides["neighbor_kernel_sizes"] = tuple(overrides["neighbor_kernel_sizes"])
-    detector = _cli.load_detector(args.model, args.clip, seed=args.seed, **overrides)
+    detector = _cli.load_detector(args.model, args.clip, seed=args.seed, **overrides).eval()  # inference only: maps and scores
     if args.model and overrides["retrieval_temperature"] is not None:
         detector.config.retrieval_temperature = overrides["retrieval_temperature"]
     if bank is not None and attach:
