@@ -39,9 +39,11 @@ DEFAULT_TOP_K = 5
 
 
 def _attached_bank(model) -> MemoryBank:
+    """The attached memory's labels and provenance; provenance needs no keys, so zero-width key views keep the
+    bank's checks (finiteness, checksum) from reading the whole memory on every call."""
     memory = model.memory
     return MemoryBank(
-        image_keys=memory.image_keys, image_values=memory.image_values, patch_keys=memory.patch_keys,
+        image_keys=memory.image_keys[:, :0], image_values=memory.image_values, patch_keys=memory.patch_keys[:, :0],
         patch_values=memory.patch_values, patch_sources=memory.patch_sources, metadata=dict(model.config.memory_bank_metadata or {}),
     )
 
