@@ -74,7 +74,8 @@ class FaissRetrievalIndex:
         top_k: how many nearest keys enter the softmax (capped at N; k = N with `index="flat"` is exact).
         temperature: tau, as in `soft_retrieve`.
         index: "flat" (exhaustive search, exact top k) or "ivf" (inverted file, approximate search).
-        nlist: IVF clusters (default about 4 * sqrt(N), at least 1 and at most N // 39 so k-means has data).
+        nlist: IVF clusters (default sqrt(N), at least 1 and at most N // 39 so k-means has data); k-means trains on
+            at most 64 keys per cluster.
         nprobe: IVF clusters searched per query (default min(nlist, 16)).
         seed: seed of the IVF k-means training.
     """
@@ -108,12 +109,13 @@ class FaissRetrievalIndex:
         if index == "flat":
             self.index = faiss.IndexFlatIP(self.dim)
         elif index == "ivf":
-            nlist = nlist or int(4 * math.sqrt(self.num_keys))
+            nlist = nlist or int(math.sqrt(self.num_keys))
             nlist = max(1, min(nlist, self.num_keys // 39))
             quantizer = faiss.IndexFlatIP(self.dim)
             self.index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             self.index.cp.seed = seed
-            self.index.train(matrix)
+            rows = np.random.default_rng(seed).permutation(self.num_keys)[: 64 * nlist]  # k-means on a sample
+            self.index.train(matrix[np.sort(rows)])
             self.index.nprobe = min(nlist, nprobe or 16)
             self._quantizer = quantizer  # the IVF index does not own it
         else:
