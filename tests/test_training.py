@@ -139,3 +139,33 @@ def test_two_processes_give_the_one_process_bank_and_model(tmp_path):
         first, second = (m(pixel_values=pixel_values) for m in models)
     torch.testing.assert_close(first.anomaly_score, second.anomaly_score, atol=1e-5, rtol=0)
     torch.testing.assert_close(first.anomaly_map, second.anomaly_map, atol=1e-5, rtol=0)
+
+
+def test_an_accelerate_tracker_receives_losses_and_bf16_autocast_runs_on_cpu(tmp_path):
+    from accelerate.tracking import GeneralTracker
+
+    class RecordingTracker(GeneralTracker):
+        name = "recording"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.configuration = [], None
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.configuration = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, dict(values)))
+
+    tracker = RecordingTracker()
+    args = MRADTrainingArguments(output_dir=str(tmp_path), batch_size=4, mixed_precision="bf16", log_with=[tracker], resume=False)
+    result = train_mrad(make_tiny_trained_model("ft"), make_samples(8), args, progress=False)
+    step_losses = [values["ft/loss"] for _, values in tracker.logged if "ft/loss" in values]
+    assert step_losses == result.step_losses and len(step_losses) == 2
+    assert tracker.configuration["variant"] == "ft" and tracker.configuration["mixed_precision"] == "bf16"
+    assert all(torch.isfinite(torch.tensor(step_losses)))

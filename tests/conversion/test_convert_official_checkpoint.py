@@ -18,7 +18,7 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from conftest import TINY_IMAGE_SIZE, make_samples, make_tiny_model, tiny_clip_config
-from reference_mrad import reference_average_neighbor, reference_encode_image
+from reference_mrad import reference_average_neighbor, reference_encode_image, reference_trained_score
 
 from conversion.common import ConversionError
 from conversion.convert_official_checkpoint import convert_official_checkpoint, main
@@ -174,6 +174,21 @@ def test_clip_checkpoint_maps_every_tensor_and_drops_only_known_unused(tmp_path)
         torch.testing.assert_close(out.image_probabilities[index], image_probs[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(out.patch_probabilities[index], seg[0], rtol=0, atol=1e-5)
     assert out.text_probabilities is not None and torch.isfinite(out.anomaly_map).all()
+
+    # the whole MRAD-CLIP inference (region priors, biased prompts, deep prompts in fp16, text map, score) against the
+    # plain re-statement of the official test.py, computed from the original checkpoint tensors
+    layer = lambda weights, name: (lambda x: _project(x, {"weight": weights[f"{name}.weight"], "bias": weights[f"{name}.bias"]}))  # noqa: E731
+    image_proj = (layer(checkpoint["image_proj"], "mlp1"), layer(checkpoint["image_proj"], "mlp2"))
+    patch_proj = (layer(checkpoint["patch_proj"], "fc.0"), layer(checkpoint["patch_proj"], "fc.1"))
+    prompt = dict(
+        ctx_pos=official["ctx_pos"][0, 0], ctx_neg=official["ctx_neg"][0, 0], deep_prompts=[official["compound_prompts_text.0"]],
+        token_ids=torch.cat([official["tokenized_prompts_pos"].reshape(1, -1), official["tokenized_prompts_neg"].reshape(1, -1)]).long(),
+        n_ctx=N_CTX, prompt_proj=(layer(checkpoint["prompt_proj"], "mlp1"), layer(checkpoint["prompt_proj"], "mlp2")),
+    )
+    banks = (bank.image_keys, bank.image_values, bank.patch_keys, bank.patch_values)
+    ref_maps, ref_scores = reference_trained_score(tf_model.clip, pixels, banks, image_proj, patch_proj, TINY_IMAGE_SIZE, prompt=prompt)
+    np.testing.assert_allclose(out.anomaly_map.numpy(), ref_maps, atol=2e-5)
+    np.testing.assert_allclose(out.anomaly_score.numpy(), ref_scores, atol=2e-5)
 
 
 @pytest.mark.parametrize(
