@@ -6,7 +6,10 @@ crop; PIL always antialiases), then RGB conversion, /255, OpenAI CLIP mean/std. 
 the reference's torchvision transforms do on a PIL image.
 
 Masks: any non-zero pixel is anomalous (`mask.convert("L") > 0`), the 0/255 image is resized bilinearly to
-S x S in PIL, divided by 255 and thresholded at `mask_threshold` (0.5).
+S x S in PIL, divided by 255 and thresholded at `mask_threshold` (0.5). Single-channel 16-bit, 32-bit and
+float masks are binarised on their raw values (`> 0`), so a 16-bit mask holding defect id 1 stays anomalous
+(what `convert("L")` gives too; for float masks the reference's `convert("L")` would truncate 0.7 to 0, we
+do not). A mask must have its image's size; NaN masks are rejected.
 
 Inputs that the reference never sees are normalised first and documented here, each a deliberate choice
 (README, "Bad input"):
@@ -17,13 +20,17 @@ Inputs that the reference never sees are normalised first and documented here, e
 * 16-bit and 32-bit integer images are scaled to 8 bits by their nominal range; float images in [0, 1]
   are scaled by 255; NaN or infinite values are rejected;
 * images smaller than `min_image_side` (default: one 14-pixel patch) are rejected;
-* PIL's decompression-bomb guard is kept and reported with the file name and how to lift it.
+* PIL's decompression-bomb guard is kept and reported with the file name and how to lift it;
+* files are decoded by content, not by extension; anything that fails to decode (random bytes, truncated
+  or corrupt files, a folder or a missing path) raises `MRADInputError`, whatever exception the decoder threw.
 
 Every failure raises `MRADInputError` naming the file (or the input's position) and what to do.
+`docs/reliability.md` lists each kind of bad input, what the user sees and the test that checks it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,9 +45,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-__all__ = ["MRADImageProcessor", "MRADInputError", "load_image", "to_pil_image", "preprocess_image", "preprocess_mask"]
+__all__ = ["MRADImageProcessor", "MRADInputError", "load_image", "load_mask", "to_pil_image", "preprocess_image", "preprocess_mask"]
 
-ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+ImageLike = str | os.PathLike | bytes | dict | Image.Image | np.ndarray | torch.Tensor
 
 
 class MRADInputError(ValueError):
@@ -50,6 +57,10 @@ class MRADInputError(ValueError):
 def _describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return f"'{os.fspath(source)}'"
+    if isinstance(source, dict) and source.get("path"):
+        return f"'{source['path']}'"
+    if isinstance(source, (bytes, bytearray, dict)):
+        return "in-memory image bytes"
     if isinstance(source, Image.Image):
         return f"PIL image ({source.mode}, {source.width}x{source.height})"
     if isinstance(source, (np.ndarray, torch.Tensor)):
@@ -116,45 +127,116 @@ def _normalise_mode(image: Image.Image, name: str) -> Image.Image:
         raise MRADInputError(f"{name}: cannot convert PIL mode {mode!r} to RGB ({error}). Save the image as 8-bit RGB.") from error
 
 
-def load_image(source: ImageLike, *, exif_transpose: bool = True) -> Image.Image:
-    """Open a path or accept a PIL image / array, fully decoded, in a mode MRAD can resize.
-
-    Raises:
-        MRADInputError: unreadable, empty, truncated or bomb-sized files; NaN arrays; unsupported layouts.
-    """
-    name = _describe(source)
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Image:
+    """Fully decode one image file (or its bytes); any decoder failure becomes an MRADInputError naming it."""
+    if data is None:
+        if path.is_dir():
+            raise MRADInputError(f"Image path {name} is a folder, not an image file. Pass the files inside it (the CLI accepts folders).")
         if not path.is_file():
-            raise MRADInputError(f"Image file {name} does not exist (or is not a file). Check the path.")
+            raise MRADInputError(f"Image file {name} does not exist (or is not a regular file). Check the path.")
         if path.stat().st_size == 0:
             raise MRADInputError(f"Image file {name} is empty (0 bytes). Re-export or remove it.")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as opened:
-                    opened.load()
-                    image = opened.copy()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise MRADInputError(
-                f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
-                "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first."
-            ) from error
-        except UnidentifiedImageError as error:
-            raise MRADInputError(f"Image file {name} is not a readable image (unknown or corrupt format). Re-export it as PNG or JPEG.") from error
-        except (OSError, SyntaxError, ValueError) as error:
-            raise MRADInputError(f"Image file {name} could not be decoded ({error}); it is probably truncated or corrupt.") from error
-    elif isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, torch.Tensor):
-        image = _array_to_pil(source.detach().cpu().numpy(), name)
-    elif isinstance(source, np.ndarray):
-        image = _array_to_pil(source, name)
-    else:
-        raise MRADInputError(f"Unsupported image input: {name}. Pass a file path, a PIL image or an (H, W[, C]) array.")
+    elif len(data) == 0:
+        raise MRADInputError(f"Image {name} is empty (0 bytes). Re-export or remove it.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path if data is None else io.BytesIO(data)) as opened:
+                opened.load()
+                return opened.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise MRADInputError(
+            f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first."
+        ) from error
+    except UnidentifiedImageError as error:
+        raise MRADInputError(f"Image file {name} is not a readable image (unknown or corrupt format). Re-export it as PNG or JPEG.") from error
+    except Exception as error:  # noqa: BLE001 - decoders of untrusted bytes raise anything (struct.error, IndexError, ...)
+        raise MRADInputError(
+            f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated or corrupt. "
+            "Re-export it as PNG or JPEG, or remove it."
+        ) from error
+
+
+def _decode(source: Any, name: str) -> Image.Image:
+    """The source as a PIL image, before EXIF and mode handling."""
+    if isinstance(source, (str, os.PathLike)):
+        return _decode_file(Path(source), name)
+    if isinstance(source, dict) and ("path" in source or "bytes" in source):  # datasets' undecoded Image value
+        if source.get("bytes") is not None:
+            return _decode_file(Path(source.get("path") or "<bytes>"), name, data=source["bytes"])
+        if source.get("path"):
+            return _decode_file(Path(source["path"]), name)
+        raise MRADInputError(f"Image {name} has neither a path nor bytes.")
+    if isinstance(source, (bytes, bytearray)):
+        return _decode_file(Path("<bytes>"), name, data=bytes(source))
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, torch.Tensor):
+        return _array_to_pil(source.detach().cpu().numpy(), name)
+    if isinstance(source, np.ndarray):
+        return _array_to_pil(source, name)
+    raise MRADInputError(f"Unsupported image input: {name}. Pass a file path, a PIL image or an (H, W[, C]) array.")
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: message` of a decoder error on one line (messages are printed as one-line CLI errors)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def _exif_transpose(image: Image.Image, name: str) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - a corrupt EXIF block must not crash a batch
+        raise MRADInputError(f"Image {name} has a corrupt EXIF block ({_one_line(error)}); re-export it without EXIF.") from error
+
+
+def load_image(source: ImageLike, *, exif_transpose: bool = True) -> Image.Image:
+    """Open a path / bytes / PIL image / array, fully decoded, in a mode MRAD can resize (L, RGB, RGBA or LA).
+
+    Raises:
+        MRADInputError: unreadable, empty, truncated or bomb-sized files; folders; NaN arrays; unsupported layouts.
+    """
+    name = _describe(source)
+    image = _decode(source, name)
     if exif_transpose:
-        image = ImageOps.exif_transpose(image)
-    return _normalise_mode(image, name)
+        image = _exif_transpose(image, name)
+    try:
+        return _normalise_mode(image, name)
+    except MRADInputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - e.g. a decoded image whose pixel data is inconsistent
+        raise MRADInputError(f"Image {name} could not be converted to RGB ({_one_line(error)}). Save it as 8-bit RGB.") from error
+
+
+def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
+    """A ground-truth mask as an (H, W) bool array: True where the mask is non-zero (the reference's `> 0`).
+
+    Files and PIL images: single-channel numeric modes (L, 1, I, I;16, F) are compared on their raw values,
+    any other mode through `convert("L")` as the reference does. Arrays: (H, W), (1, H, W) or (H, W, 1), `> 0`.
+    """
+    name = f"Mask {_describe(source)}"
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+            array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
+    else:
+        image = _decode(source, f"{_describe(source)} (a mask)")
+        if exif_transpose:
+            image = _exif_transpose(image, name)
+        try:
+            array = np.asarray(image if image.mode in _RAW_MASK_MODES else image.convert("L"))
+        except Exception as error:  # noqa: BLE001
+            raise MRADInputError(f"{name} could not be converted to grey levels ({_one_line(error)}). Save it as an 8-bit PNG.") from error
+    if array.ndim != 2:
+        raise MRADInputError(f"{name}: expected a single-channel (H, W) mask, got shape {array.shape}.")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise MRADInputError(f"{name} contains NaN or infinite values; clean it (0 = normal, > 0 = anomalous).")
+    return array > 0
+
+
+_RAW_MASK_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def to_pil_image(source: ImageLike) -> Image.Image:
@@ -180,18 +262,7 @@ def preprocess_mask(mask: ImageLike | None, size: int, threshold: float = 0.5, *
     """Reference mask preprocessing -> (S, S) float tensor of 0/1. `None` (a good image) gives all zeros."""
     if mask is None:
         return torch.zeros(size, size)
-    if isinstance(mask, (str, os.PathLike)) or isinstance(mask, Image.Image):
-        pil = load_image(mask, exif_transpose=exif_transpose)
-        binary = np.asarray(pil.convert("L")) > 0
-    else:
-        array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-            array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
-        if array.ndim != 2:
-            raise MRADInputError(f"Mask {_describe(mask)}: expected a single-channel (H, W) mask.")
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise MRADInputError(f"Mask {_describe(mask)} contains NaN or infinite values.")
-        binary = array > 0
+    binary = load_mask(mask, exif_transpose=exif_transpose)
     mask_image = Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
     resized = np.asarray(mask_image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy((resized > threshold).astype(np.float32))
@@ -253,6 +324,22 @@ class MRADImageProcessor(BaseImageProcessor):
             )
         return image
 
+    def load_pair(self, image: ImageLike, mask: ImageLike | None = None) -> tuple[Image.Image, np.ndarray | None]:
+        """Decode and check one image and its mask (None for a good image): the mask must have the image's size.
+
+        Returns the decoded image and the mask as an (H, W) bool array (or None).
+        """
+        decoded = self.load(image)
+        if mask is None:
+            return decoded, None
+        binary = load_mask(mask, exif_transpose=self.exif_transpose)
+        if binary.shape != (decoded.height, decoded.width):
+            raise MRADInputError(
+                f"Mask {_describe(mask)} is {binary.shape[1]}x{binary.shape[0]} but its image {_describe(image)} is "
+                f"{decoded.width}x{decoded.height}; masks must have the image's size. Fix or remove the mask."
+            )
+        return decoded, binary
+
     def preprocess(self, images, masks=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         if kwargs:
             raise TypeError(f"MRADImageProcessor got unexpected arguments: {sorted(kwargs)}")
@@ -264,20 +351,11 @@ class MRADImageProcessor(BaseImageProcessor):
                 raise MRADInputError(f"Got {len(images)} images but {len(masks)} masks; pass one mask (or None) per image.")
         pixel_values, sizes, processed_masks = [], [], []
         for index, source in enumerate(images):
-            image = self.load(source)
+            image, mask = self.load_pair(source, None if masks is None else masks[index])
             sizes.append((image.height, image.width))
             pixel_values.append(preprocess_image(image, self.image_size, self.image_mean, self.image_std))
             if masks is not None:
-                mask = masks[index]
-                if isinstance(mask, (str, os.PathLike)):
-                    mask = load_image(mask, exif_transpose=self.exif_transpose)
-                mask_size = None if mask is None else _mask_size(mask)
-                if mask_size is not None and mask_size != (image.height, image.width):
-                    raise MRADInputError(
-                        f"Mask {_describe(masks[index])} is {mask_size[1]}x{mask_size[0]} but its image {_describe(source)} is "
-                        f"{image.width}x{image.height}; masks must have the image's size."
-                    )
-                processed_masks.append(preprocess_mask(mask, self.image_size, self.mask_threshold, exif_transpose=False))
+                processed_masks.append(preprocess_mask(mask, self.image_size, self.mask_threshold))
         data = {"pixel_values": torch.stack(pixel_values), "original_sizes": torch.tensor(sizes, dtype=torch.long)}
         if masks is not None:
             data["masks"] = torch.stack(processed_masks)
@@ -294,12 +372,3 @@ class MRADImageProcessor(BaseImageProcessor):
             output["auto_map"] = self.auto_map
         return output
 
-
-def _mask_size(mask: Image.Image | np.ndarray | torch.Tensor) -> tuple[int, int] | None:
-    """(height, width) of a decoded mask or mask array."""
-    if isinstance(mask, Image.Image):
-        return mask.height, mask.width
-    shape = tuple(mask.shape)
-    if len(shape) == 3:
-        shape = shape[1:] if shape[0] == 1 else shape[:2]
-    return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else None

@@ -11,7 +11,10 @@ format version, the backbone's architecture and a hash of its embedding weights,
 (input size, V-V start, feature layer, neighbour kernels, ...), the source dataset and counts.
 `MemoryBank.check_compatible` refuses a bank built for another backbone with a message that says which
 field differs. Files are written atomically (temporary file, then rename), so an interrupted save never
-leaves a half-written bank under the final name.
+leaves a half-written bank under the final name; `atomic_directory` does the same for a whole folder (a
+saved model). Integrity: `metadata["tensors_sha256"]` is a SHA-256 of the five tensors, recomputed whenever
+a bank is made; `load` and `verify_model_memory` refuse a file or a saved model whose tensors no longer
+match it (a corrupted file, tensors edited by hand, or a config and weights from two different saves).
 
 Provenance of every entry (`MemoryBank.provenance`): the source (dataset or folder name), the image id
 (usually the image's path) and the entry kind ("image", "normal region", "anomalous region"). Image entry
@@ -26,9 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
+import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,9 @@ __all__ = [
     "backbone_fingerprint",
     "feature_settings",
     "atomic_write",
+    "atomic_directory",
+    "tensors_checksum",
+    "verify_model_memory",
 ]
 
 BANK_FORMAT_VERSION = 1
@@ -72,6 +81,67 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path`, on any exception it is removed.
+
+    An interrupted write (exception, Ctrl-C) leaves `path` exactly as it was: never a folder that mixes files of
+    two saves. The swap is two renames (old folder aside, new folder in, old folder deleted); should the process
+    die between them, the previous folder survives as `.<name>.old-*` beside it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"'{path}' exists and is not a folder; choose another output folder.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a bank's tensors (floats as float32, indices as int64, on CPU)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu")
+        tensor = tensor.to(torch.float32) if tensor.is_floating_point() else tensor.to(torch.int64)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def verify_model_memory(model) -> None:
+    """Check that a loaded MRAD model's memory buffers are the bank its config describes, built for its backbone.
+
+    Catches a model folder whose `model.safetensors` and `config.json` come from different saves, bank buffers
+    edited after saving, or CLIP weights swapped under a bank. Models without a bank, or saved before banks carried
+    a checksum, are only checked where they can be. Raises MemoryBankError.
+    """
+    config = model.config
+    metadata = dict(config.memory_bank_metadata or {})
+    if not config.image_bank_size and not config.patch_bank_size:
+        return
+    expected = metadata.get("tensors_sha256")
+    bank = model.get_memory_bank()
+    if expected is not None and bank.metadata["tensors_sha256"] != expected:
+        raise MemoryBankError(
+            f"The model's memory bank ({config.image_bank_size} image / {config.patch_bank_size} patch entries) does not match "
+            "the checksum in its config.json: the weights file and the config come from different saves, or the file was "
+            "modified. Re-save the model (`model.save_pretrained`) or re-download it."
+        )
+    bank.check_compatible(model.backbone_fingerprint(), feature_settings(config))
 
 
 def backbone_fingerprint(clip_model: torch.nn.Module) -> dict[str, Any]:
@@ -116,6 +186,20 @@ def feature_settings(config) -> dict[str, Any]:
     }
 
 
+def _check_label_values(tensors: dict[str, torch.Tensor]) -> None:
+    """Stored values must be one-hot rows of 0/1 (LABEL_CONVENTION), keys floating point, patch_sources integers."""
+    for name in ("image_values", "patch_values"):
+        values = tensors[name]
+        if values.ndim == 2 and values.numel() and not (((values == 0) | (values == 1)).all() and (values.sum(dim=1) == 1).all()):
+            raise MemoryBankError(f"{name} must hold one-hot 0/1 rows ({LABEL_CONVENTION}); this file's do not.")
+    for name in ("image_keys", "patch_keys"):
+        if not tensors[name].is_floating_point():
+            raise MemoryBankError(f"{name} must be floating point, got {tensors[name].dtype}.")
+    sources = tensors.get("patch_sources")
+    if sources is not None and sources.is_floating_point():
+        raise MemoryBankError(f"patch_sources must be integer indices, got {sources.dtype}.")
+
+
 def _check_values(name: str, values: torch.Tensor, keys: torch.Tensor) -> None:
     if values.ndim != 2 or values.shape[1] != 2:
         raise MemoryBankError(f"{name} must be (N, 2) one-hot labels ({LABEL_CONVENTION}), got shape {tuple(values.shape)}.")
@@ -153,6 +237,7 @@ class MemoryBank:
         self.metadata.setdefault("format_version", BANK_FORMAT_VERSION)
         self.metadata.setdefault("label_convention", LABEL_CONVENTION)
         self.metadata["counts"] = self.counts()
+        self.metadata["tensors_sha256"] = tensors_checksum(self.tensors())
 
     # ---- structure ----
     def validate(self) -> None:
@@ -322,11 +407,26 @@ class MemoryBank:
         missing = [name for name in _TENSOR_NAMES[:4] if name not in tensors]
         if missing:
             raise MemoryBankError(f"'{path}' lacks the tensors {missing}; it is not a complete MRAD memory bank.")
-        metadata = json.loads(header[_METADATA_KEY])
+        try:
+            metadata = json.loads(header[_METADATA_KEY])
+            if not isinstance(metadata, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            raise MemoryBankError(f"'{path}' has corrupt bank metadata ({error}); rebuild or re-download it.") from error
         version = metadata.get("format_version", 0)
+        if not isinstance(version, int):
+            raise MemoryBankError(f"'{path}' has an invalid format_version {version!r}; rebuild or re-download it.")
         if version > BANK_FORMAT_VERSION:
             raise MemoryBankError(f"'{path}' uses bank format {version}; this mrad_hf reads up to {BANK_FORMAT_VERSION}. Upgrade mrad_hf.")
         try:
-            return cls(**{name: tensors[name] for name in _TENSOR_NAMES if name in tensors}, metadata=metadata)
+            _check_label_values(tensors)
+            bank = cls(**{name: tensors[name] for name in _TENSOR_NAMES if name in tensors}, metadata=metadata)
         except MemoryBankError as error:
             raise MemoryBankError(f"'{path}': {error}") from error
+        stored = metadata.get("tensors_sha256")
+        if stored is not None and stored != bank.metadata["tensors_sha256"]:
+            raise MemoryBankError(
+                f"'{path}' is corrupt: its tensors do not match the SHA-256 recorded when it was saved (edited or damaged "
+                "on disk). Rebuild or re-download it."
+            )
+        return bank

@@ -153,3 +153,32 @@ def test_mask_resize_keeps_edges_in_place():
     assert out[:, :100].all() and not out[:, 100:].any()
     odd = preprocess_mask(mask, 518).numpy()  # the reference size: edge at 259 = 518 / 2
     assert odd[:, :259].all() and not odd[:, 259:].any()
+
+
+def test_bytes_and_datasets_style_sources(tmp_path):
+    """`load_image` takes raw bytes and datasets' undecoded `{"path", "bytes"}` values; errors name the path."""
+    buffer = io.BytesIO()
+    array = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(array).save(buffer, "PNG")
+    np.testing.assert_array_equal(np.asarray(load_image(buffer.getvalue())), array)
+    np.testing.assert_array_equal(np.asarray(load_image({"path": "in/zip.png", "bytes": buffer.getvalue()})), array)
+    path = tmp_path / "on_disk.png"
+    path.write_bytes(buffer.getvalue())
+    np.testing.assert_array_equal(np.asarray(load_image({"path": str(path), "bytes": None})), array)
+    with pytest.raises(MRADInputError, match=r"'in/zip.png' could not be decoded"):
+        load_image({"path": "in/zip.png", "bytes": buffer.getvalue()[:100]})
+    with pytest.raises(MRADInputError, match="in-memory image bytes is empty"):
+        load_image(b"")
+
+
+def test_load_pair_returns_the_binary_mask_at_the_image_size():
+    processor = MRADImageProcessor(image_size=56)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[3:9, 4:20] = 2
+    image, binary = processor.load_pair(np.zeros((30, 40, 3), np.uint8), mask)
+    assert image.size == (40, 30) and binary.dtype == bool and binary.sum() == 6 * 16
+    assert processor.load_pair(np.zeros((30, 40, 3), np.uint8), None)[1] is None
+    # a decoded pair goes through the processor unchanged: same tensors as the raw pair
+    direct = processor(np.zeros((30, 40, 3), np.uint8), masks=mask)
+    again = processor(image, masks=binary)
+    assert torch.equal(direct["pixel_values"], again["pixel_values"]) and torch.equal(direct["masks"], again["masks"])

@@ -84,3 +84,36 @@ def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
         _bank(n_patch=3).save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]  # no temporary left behind
+
+
+def test_checksum_tracks_every_tensor_and_ignores_metadata():
+    from mrad_hf.memory_bank import tensors_checksum
+
+    bank = _bank()
+    assert bank.metadata["tensors_sha256"] == tensors_checksum(bank.tensors())
+    assert MemoryBank(**bank.tensors(), metadata={"source": "other"}).metadata["tensors_sha256"] == bank.metadata["tensors_sha256"]
+    for name in ("image_keys", "patch_keys"):
+        edited = dict(bank.tensors())
+        edited[name] = edited[name].clone()
+        edited[name][0, 0] = torch.nextafter(edited[name][0, 0], torch.tensor(2.0))  # one ulp
+        assert MemoryBank(**edited).metadata["tensors_sha256"] != bank.metadata["tensors_sha256"], name
+    sources = dict(bank.tensors(), patch_sources=bank.patch_sources.flip(0))
+    assert MemoryBank(**sources).metadata["tensors_sha256"] != bank.metadata["tensors_sha256"]
+
+
+def test_atomic_directory_replaces_on_success_and_keeps_the_old_folder_on_error(tmp_path):
+    from mrad_hf.memory_bank import atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError, match="half way"):
+        with atomic_directory(target) as staging:
+            (staging / "a.txt").write_text("second")
+            raise RuntimeError("half way")
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and (target / "a.txt").read_text() == "first"
+    with atomic_directory(target) as staging:
+        (staging / "b.txt").write_text("third")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old folders left

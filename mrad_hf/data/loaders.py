@@ -34,6 +34,12 @@ for one mask (0/255, mode ``"L"``). :func:`with_binary_masks` returns a view of 
 ``mask`` column is already 0/255. That view uses ``with_transform``, so a later ``with_format`` or
 ``with_transform`` replaces it.
 
+**Unreadable files.** The loaders only list files; they decode nothing, so a corrupt, truncated or empty
+image is found when it is read. :func:`iter_readable_rows` reads rows through MRAD's own decoder
+(``MRADImageProcessor.load_pair``: image, mask, mask size) and, with ``on_error="skip"``, reports and skips a
+row whose image or mask cannot be used instead of stopping the run; ``mrad build-bank`` and ``mrad evaluate``
+use it (``--on-error skip|fail``).
+
 Mask pairing. Masks are matched to images by file stem, ignoring case, extension and a trailing
 ``_mask`` / ``_label`` / ``_gt`` / ``_segmentation``. If *no* name in a folder matches and the image
 and mask counts are equal, images and masks are paired in sorted order, as the official MRAD json
@@ -139,6 +145,7 @@ __all__ = [
     "load_mvtec_layout",
     "load_mvtec",
     "load_visa",
+    "iter_readable_rows",
     "with_binary_masks",
 ]
 
@@ -755,8 +762,9 @@ def load_visa(root: str | os.PathLike[str], categories: Sequence[str] | None = N
 
 
 def _mask_is_empty(path: Path) -> bool:
-    with PIL.Image.open(path) as mask:
-        return mask.convert("L").getbbox() is None
+    from ..image_processing_mrad import load_mask  # raises MRADInputError naming an unreadable mask
+
+    return not load_mask(path).any()
 
 
 def _ksdd2_raw_rows(split_dir: Path, category: str) -> list[_Row]:
@@ -1239,6 +1247,41 @@ def with_binary_masks(dataset: Dataset) -> Dataset:
     ``with_format`` / ``with_transform`` replaces it in turn.
     """
     return dataset.with_transform(_binarize_mask_batch)
+
+
+def iter_readable_rows(
+    dataset: Dataset,
+    load_pair: Callable[[Any, Any], tuple[Any, Any]],
+    *,
+    on_error: str = "skip",
+    failures: list[dict[str, str]] | None = None,
+) -> Iterable[dict[str, Any]]:
+    """Rows of ``dataset`` with ``image`` and ``mask`` decoded by ``load_pair(image, mask)``, unreadable rows skipped.
+
+    ``load_pair`` is normally ``MRADImageProcessor.load_pair`` (returns a PIL image and a bool mask or None). The
+    ``Image`` columns are read undecoded, so every file goes through MRAD's decoder and its errors. With
+    ``on_error="skip"`` a row whose image or mask raises ``MRADInputError`` is appended to ``failures`` as
+    ``{"path": ..., "error": ...}`` and skipped; with ``on_error="fail"`` the error propagates.
+    """
+    from ..image_processing_mrad import MRADInputError
+
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}.")
+    undecoded = dataset
+    for column in ("image", "mask"):
+        feature = undecoded.features.get(column)
+        if isinstance(feature, Image) and feature.decode:
+            undecoded = undecoded.cast_column(column, Image(decode=False))
+    for row in undecoded:
+        try:
+            image, mask = load_pair(row["image"], row.get("mask"))
+        except MRADInputError as error:
+            if on_error == "fail":
+                raise
+            if failures is not None:
+                failures.append({"path": str(row.get("path") or row.get("image")), "error": str(error)})
+            continue
+        yield {**row, "image": image, "mask": mask}
 
 
 DATASET_LOADERS: dict[str, DatasetLoader] = {

@@ -6,6 +6,9 @@ masks resized bilinearly and binarised at 0.5), maps are the model's smoothed 51
 computed per category and then averaged over categories (`metrics.compute_all_metrics`, reference AUPRO by
 default). Results stream to disk: each finished category is written to `per_category/<name>.json` at once,
 so a crash late in a run loses nothing, and a rerun with `resume=True` skips the finished categories.
+Images and masks are read through MRAD's decoder (`data.loaders.iter_readable_rows`): with `on_error="skip"`
+(the default) a file that cannot be used is listed under `skipped` in its category's record and in
+`results.json` (`skipped_files`), and the other images are still scored; `on_error="fail"` stops instead.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.loaders import iter_readable_rows
 from ..image_processing_mrad import MRADImageProcessor
 from ..memory_bank import atomic_write
 from ..visualization import save_panel
@@ -46,6 +50,9 @@ def evaluate_category(
 ) -> dict[str, Any]:
     """Score one category's rows and return its metrics, counts and throughput."""
     labels, scores, maps, masks = [], [], [], []
+    if not rows:
+        empty = {key: None for key in METRIC_KEYS}
+        return {"category": category, "images": 0, "anomalous": 0, "seconds": 0.0, "images_per_second": float("nan"), "metrics": empty, "scores": []}
     shown = _evenly_spaced(len(rows), heatmaps)
     started = time.perf_counter()
     for start in range(0, len(rows), batch_size):
@@ -108,11 +115,13 @@ def evaluate_dataset(
     resume: bool = True,
     progress: bool = True,
     run_info: dict[str, Any] | None = None,
+    on_error: str = "skip",
 ) -> dict[str, Any]:
     """Evaluate `model` on every category of `dataset` (rows with image, mask, label, category, defect_type, path).
 
     Writes `per_category/<category>.json` as each category finishes, then `results.json`, `results.csv` and
     `results.md` (per-category rows and the mean over categories), plus heatmap panels under `heatmaps/`.
+    Unreadable images or masks are skipped and listed (`on_error="skip"`) or stop the run (`"fail"`).
     Returns the content of `results.json`.
     """
     from tqdm.auto import tqdm
@@ -127,14 +136,18 @@ def evaluate_dataset(
         record_path = output_dir / "per_category" / f"{category}.json"
         if resume and record_path.exists():
             record = json.loads(record_path.read_text(encoding="utf-8"))
-            bar.update(record["images"])
+            bar.update(record["images"] + len(record.get("skipped", [])))
         else:
             # select by the category column so that only this category's images are decoded
-            rows = list(dataset.select([i for i, name in enumerate(category_column) if name == category]))
+            selected = dataset.select([i for i, name in enumerate(category_column) if name == category])
+            skipped: list[dict[str, str]] = []
+            rows = list(iter_readable_rows(selected, processor.load_pair, on_error=on_error, failures=skipped))
+            bar.update(len(skipped))
             record = evaluate_category(
                 model, rows, category, processor=processor, batch_size=batch_size,
                 heatmap_dir=output_dir / "heatmaps", heatmaps=heatmaps_per_category, aupro_protocol=aupro_protocol, progress=bar,
             )
+            record["skipped"] = skipped
             _write_text(record_path, json.dumps(record, indent=2))
         per_category.append(record)
     bar.close()
@@ -147,7 +160,8 @@ def evaluate_dataset(
         "protocol": {"aupro": aupro_protocol, "image_size": model.config.image_size, "mask_threshold": model.config.mask_threshold},
         "run": run_info or {},
         "mean": mean,
-        "per_category": [{k: v for k, v in r.items() if k != "scores"} for r in per_category],
+        "per_category": [{k: v for k, v in r.items() if k not in ("scores", "skipped")} for r in per_category],
+        "skipped_files": [failure for r in per_category for failure in r.get("skipped", [])],
     }
     _write_text(output_dir / "results.json", json.dumps(results, indent=2))
     buffer = io.StringIO()

@@ -1,0 +1,85 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Determinism on CPU: what holds bit for bit today, and (strict xfail) what does not yet.
+
+Holds: the same inputs and weights give bit-identical maps and scores across repeated runs, across the order of
+the images in a batch, and whatever the other images of a batch of the same size are; a reloaded model too, once
+its memory-mapped weights are copied to aligned memory. Does not hold yet: an image scored alone vs inside a
+batch differs in the last bits (~1e-7), because a few small-M CPU kernels (MKL GEMM with M = batch size, a
+strided norm, a batch-1 convolution) pick another summation order for another batch size; and a model straight
+from `from_pretrained` differs from the in-memory one by ~1e-7 (misaligned weights, see the test). docs/reliability.md ("Determinism") has the measurements and the
+fixes proposed to the owners of features_mrad.py, retrieval.py, postprocessing.py and modeling_mrad.py; once applied, the
+strict xfail below starts passing and fails the suite as a reminder to drop its marker.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_samples, make_tiny_model
+
+from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
+
+
+@pytest.fixture(scope="module")
+def scored():
+    model = make_tiny_model()
+    model.build_memory_bank(make_samples(8), batch_size=4, progress=False)
+    pixels = MRADImageProcessor.from_config(model.config)([s["image"] for s in make_samples(6, seed=9)])["pixel_values"]
+    with torch.no_grad():
+        reference = model(pixel_values=pixels[:4])
+    return model, pixels, reference
+
+
+def _same(outputs, reference, index) -> bool:
+    return torch.equal(outputs.anomaly_map, reference.anomaly_map[index]) and torch.equal(outputs.anomaly_score, reference.anomaly_score[index])
+
+
+@torch.no_grad()
+def test_repeated_runs_are_bit_identical(scored):
+    model, pixels, reference = scored
+    for _ in range(3):
+        assert _same(model(pixel_values=pixels[:4]), reference, slice(0, 4))
+
+
+@torch.no_grad()
+def test_a_reloaded_model_is_bit_identical_once_its_weights_are_aligned(scored, tmp_path):
+    """from_pretrained maps safetensors: weights land at 4-byte offsets, and MKL's GEMM rounds differently on
+    misaligned data (last bits only). Copied into PyTorch's (64-byte aligned) memory, the reload is bit-identical."""
+    model, pixels, reference = scored
+    model.save_pretrained(tmp_path)
+    reloaded = MRADForAnomalyDetection.from_pretrained(tmp_path)
+    as_loaded = reloaded(pixel_values=pixels[:4])
+    torch.testing.assert_close(as_loaded.anomaly_score, reference.anomaly_score, atol=1e-6, rtol=0)
+    torch.testing.assert_close(as_loaded.anomaly_map, reference.anomaly_map, atol=1e-6, rtol=0)
+    for tensor in [*reloaded.parameters(), *reloaded.buffers()]:
+        tensor.data = tensor.data.clone()
+    assert all(tensor.data_ptr() % 64 == 0 for tensor in reloaded.parameters())
+    assert _same(reloaded(pixel_values=pixels[:4]), reference, slice(0, 4))
+
+
+@torch.no_grad()
+def test_batch_order_and_other_batch_members_do_not_change_an_image(scored):
+    model, pixels, reference = scored
+    order = [3, 1, 0, 2]
+    assert _same(model(pixel_values=pixels[order]), reference, order)
+    mixed = model(pixel_values=torch.stack([pixels[0], pixels[5], pixels[4], pixels[2]]))  # same size, other members
+    assert torch.equal(mixed.anomaly_score[[0, 3]], reference.anomaly_score[[0, 2]])
+    assert torch.equal(mixed.anomaly_map[[0, 3]], reference.anomaly_map[[0, 2]])
+
+
+@torch.no_grad()
+def test_image_alone_is_close_to_the_same_image_in_a_batch(scored):
+    model, pixels, reference = scored
+    for index in range(4):
+        alone = model(pixel_values=pixels[index : index + 1])
+        torch.testing.assert_close(alone.anomaly_score, reference.anomaly_score[index : index + 1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(alone.anomaly_map, reference.anomaly_map[index : index + 1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="batch-size-dependent CPU kernels; fix proposed in docs/reliability.md#determinism")
+@torch.no_grad()
+def test_image_alone_is_bit_identical_to_the_same_image_in_a_batch(scored):
+    model, pixels, reference = scored
+    for size in (1, 2, 3):
+        for start in range(0, 4 - size + 1):
+            assert _same(model(pixel_values=pixels[start : start + size]), reference, slice(start, start + size))
