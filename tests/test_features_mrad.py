@@ -126,3 +126,28 @@ def test_cli_dtype_option_casts_only_the_tower():
     detector = load_detector(None, "random-tiny", dtype=args.dtype)
     assert detector.clip.visual_projection.weight.dtype == torch.bfloat16
     assert detector.memory.image_keys.dtype == torch.float32
+
+
+def test_benchmark_reference_path_equals_the_test_oracle(model_with_bank):
+    """benchmarks/reference_style.py (the benchmark's baseline) computes what tests/reference_mrad.py does."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    from benchmark_inference import dual_path_flops
+    from reference_mrad import reference_tf_score
+    from reference_style import reference_end_to_end
+
+    model = model_with_bank
+    memory = model.memory
+    bank = (memory.image_keys, memory.image_values, memory.patch_keys, memory.patch_values)
+    pixels = _pixels(batch=2)
+    maps, scores, class_embeds, patch_tokens = reference_end_to_end(model.clip, pixels, bank, TINY_IMAGE_SIZE)
+    oracle_maps, oracle_scores = reference_tf_score(model.clip, pixels, *bank, TINY_IMAGE_SIZE)
+    oracle_class, oracle_patches = reference_encode_image(model.clip, pixels)
+    torch.testing.assert_close(class_embeds, oracle_class, atol=1e-6, rtol=0)
+    torch.testing.assert_close(patch_tokens, oracle_patches, atol=1e-6, rtol=0)
+    torch.testing.assert_close(maps, torch.from_numpy(oracle_maps), atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores, torch.from_numpy(oracle_scores).float(), atol=1e-6, rtol=0)
+    # the analytic cost of ViT-L/14 at 518 px through both paths (issue 8: about 1.26 TFLOP per image)
+    assert dual_path_flops(1024, 4096, 24, 14, 518, 768) == pytest.approx(1.2565e12, rel=1e-4)
