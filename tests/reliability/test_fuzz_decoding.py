@@ -72,7 +72,7 @@ def test_fuzzed_files_through_the_pipeline(fuzz_model, tmp_path):
 
     detector = pipeline("anomaly-detection", model=fuzz_model, image_processor=MRADImageProcessor.from_config(fuzz_model.config))
     outcomes = {"error": 0, "scored": 0}
-    for name, data in fuzz_cases(60, seed=13):
+    for name, data in fuzz_cases(50, seed=13):
         path = write(tmp_path / name, data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -84,12 +84,12 @@ def test_fuzzed_files_through_the_pipeline(fuzz_model, tmp_path):
                 continue
         assert math.isfinite(result["score"]) and np.isfinite(result["anomaly_map"]).all()
         outcomes["scored"] += 1
-    assert outcomes["error"] >= 30 and outcomes["scored"] >= 3
+    assert outcomes["error"] >= 25 and outcomes["scored"] >= 3
 
 
 def test_fuzzed_folder_through_mrad_predict(saved_fuzz_model, tmp_path):
     folder = tmp_path / "inputs"
-    cases = fuzz_cases(100, seed=14)
+    cases = fuzz_cases(80, seed=14)
     for name, data in cases:
         write(folder / name, data)
     write(folder / "zz_valid.png", valid_image_bytes(0)["png"])
@@ -101,7 +101,7 @@ def test_fuzzed_folder_through_mrad_predict(saved_fuzz_model, tmp_path):
     listed = {record["path"] for record in summary["results"]} | {failure["path"] for failure in summary["failures"]}
     images = {str(path) for path in folder.iterdir() if path.suffix.lower() in (".png", ".jpg", ".tif", ".bmp")}
     assert listed == images  # every image file is either scored or listed as a failure; nothing lost silently
-    assert summary["failed"] == len(summary["failures"]) >= 40
+    assert summary["failed"] == len(summary["failures"]) >= 30
     for failure in summary["failures"]:
         assert failure["path"] in failure["error"] and "\n" not in failure["error"]
     assert all(math.isfinite(record["score"]) for record in summary["results"])

@@ -149,7 +149,7 @@ def banks(draw):
     )
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(bank=banks())
 def test_bank_round_trip_is_bit_exact(bank, tmp_path):
     loaded = MemoryBank.load(bank.save(tmp_path / "bank.safetensors"))
