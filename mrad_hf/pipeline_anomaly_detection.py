@@ -39,6 +39,7 @@ class AnomalyDetectionPipeline(Pipeline):
     _load_processor = False
     _load_tokenizer = False
     _load_feature_extractor = False
+    _load_video_processor = False  # else transformers probes for a video processor and asks about remote code
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

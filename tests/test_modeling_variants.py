@@ -161,7 +161,7 @@ def test_loss_requires_a_trained_variant_and_masks(bank_samples):
 
 
 @pytest.mark.parametrize("variant", ["ft", "clip"])
-def test_save_and_reload_through_automodel_and_pipeline(variant, bank_samples, tmp_path):
+def test_save_and_reload_through_automodel_and_pipeline(variant, bank_samples, tmp_path, capsys):
     model = make_tiny_trained_model(variant)
     _randomise_heads(model)
     model.build_memory_bank(bank_samples, batch_size=4, progress=False)
@@ -177,6 +177,7 @@ def test_save_and_reload_through_automodel_and_pipeline(variant, bank_samples, t
     torch.testing.assert_close(again, expected, atol=1e-6, rtol=0)
     result = pipeline("anomaly-detection", model=str(tmp_path))(image)
     assert abs(result["score"] - expected.item()) < 1e-6
+    assert "custom code" not in capsys.readouterr().out  # mrad_hf is installed: no remote-code prompt
 
 
 def test_clip_variant_needs_prompt_ids_or_a_tokenizer():

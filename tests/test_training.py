@@ -113,7 +113,7 @@ def test_a_failed_final_save_leaves_no_model_folder(tmp_path, monkeypatch):
 def test_two_processes_give_the_one_process_bank_and_model(tmp_path):
     script = Path(__file__).with_name("two_process_training.py")
     environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script), str(tmp_path / "two")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two")]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     sys.path.insert(0, str(script.parent))
