@@ -163,7 +163,10 @@ def convert_openai_clip(
     state_dict = require_mapping(load_torch_file(checkpoint, "OpenAI CLIP checkpoint"), checkpoint, "OpenAI CLIP checkpoint")
     model = convert_openai_state_dict(state_dict, vision_heads=vision_heads, text_heads=text_heads)
     if output_dir is not None:
-        model.save_pretrained(output_dir)
+        from mrad_hf.memory_bank import atomic_directory
+
+        with atomic_directory(output_dir) as staging:  # an interrupted conversion leaves no half-written folder
+            model.save_pretrained(staging)
     return model
 
 
