@@ -76,7 +76,7 @@ def score_images(model, images: Iterable[Any], *, masks: Iterable[Any] | None = 
 
     Images as the image processor takes them (paths, PIL images, arrays); the scores equal the pipeline's.
     """
-    from .modeling_mrad import _progress_bar
+    from .utils import progress_bar
 
     images = list(images)
     masks = list(masks) if masks is not None else [None] * len(images)
@@ -84,7 +84,7 @@ def score_images(model, images: Iterable[Any], *, masks: Iterable[Any] | None = 
         raise ValueError(f"Got {len(images)} images but {len(masks)} masks.")
     processor = MRADImageProcessor.from_config(model.config)
     scores, maps, mask_out = [], [], []
-    bar = _progress_bar(len(images), "Scoring calibration images", progress)
+    bar = progress_bar(len(images), "Scoring calibration images", progress)
     for start in range(0, len(images), batch_size):
         inputs = processor(images[start : start + batch_size], masks=masks[start : start + batch_size])
         outputs = model(pixel_values=inputs["pixel_values"].to(device=model.device, dtype=model.dtype))

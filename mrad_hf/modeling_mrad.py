@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ from .retrieval import (
     similarity_dropout_mask,
     soft_retrieve,
 )
+from .utils import batched, iter_samples, progress_bar
 
 __all__ = [
     "MRADOutput",
@@ -426,9 +427,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         total = len(samples) if hasattr(samples, "__len__") else None
         if total is not None and world > 1:
             total = sum(min(batch_size, total - start) for start in range(rank * batch_size, total, world * batch_size))
-        bar = _progress_bar(total, "Building memory bank" + (f" (process {rank})" if world > 1 else ""), progress)
+        bar = progress_bar(total, "Building memory bank" + (f" (process {rank})" if world > 1 else ""), progress)
         batches = []
-        for batch_index, batch in enumerate(_batched(_iter_samples(samples), batch_size)):
+        for batch_index, batch in enumerate(batched(iter_samples(samples), batch_size)):
             if batch_index % world != rank:
                 continue
             batches.append((batch_index, self._memory_entries(batch, processor)))
@@ -736,64 +737,3 @@ def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact"
     if rule == "majority":
         return (small > 0.5).long()
     raise ValueError(f"Unknown region rule {rule!r}; use 'exact' or 'majority'.")
-
-
-_LABEL_NAMES = {"normal": 0, "good": 0, "ok": 0, "anomaly": 1, "anomalous": 1, "defect": 1, "bad": 1, "ng": 1}
-
-
-def _label_value(label: Any, position: int) -> int:
-    if isinstance(label, str):
-        if label.lower() not in _LABEL_NAMES:
-            raise ValueError(f"Sample {position}: unknown label {label!r}; use 0/1 or 'normal'/'anomaly'.")
-        return _LABEL_NAMES[label.lower()]
-    value = int(label)
-    if value not in (0, 1):
-        raise ValueError(f"Sample {position}: label must be 0 (normal) or 1 (anomaly), got {label!r}.")
-    return value
-
-
-def _iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, str]]:
-    """Normalise dict / tuple samples to (image, label, mask, id)."""
-    for position, sample in enumerate(samples):
-        if isinstance(sample, dict):
-            if "image" not in sample or "label" not in sample:
-                raise ValueError(f"Sample {position} needs 'image' and 'label' keys, got {sorted(sample)}.")
-            image, label, mask = sample["image"], sample["label"], sample.get("mask")
-            sample_id = sample.get("id") or sample.get("path")
-        else:
-            if len(sample) not in (2, 3):
-                raise ValueError(f"Sample {position} must be (image, label) or (image, label, mask).")
-            image, label, mask = sample[0], sample[1], sample[2] if len(sample) == 3 else None
-            sample_id = None
-        if sample_id is None:
-            sample_id = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"sample-{position}"
-        yield image, _label_value(label, position), mask, str(sample_id)
-
-
-def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int | None, description: str, enabled: bool, unit: str = "img"):
-    if not enabled:
-        return _NullBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency of transformers, but stay usable without it
-        return _NullBar()
-    return tqdm(total=total, desc=description, unit=unit)

@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 from .configuration_mrad import MRADConfig
 from .image_processing_mrad import MRADImageProcessor
 from .memory_bank import atomic_directory
-from .modeling_mrad import MRADForAnomalyDetection, _iter_samples, _progress_bar
+from .modeling_mrad import MRADForAnomalyDetection
+from .utils import iter_samples, progress_bar
 
 __all__ = [
     "MRADTrainingArguments",
@@ -141,7 +142,7 @@ class MRADTrainDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image, label, mask, _ = next(_iter_samples([self.samples[index]]))
+        image, label, mask, _ = next(iter_samples([self.samples[index]]))
         inputs = self.processor([image], masks=[mask])
         return {
             "pixel_values": inputs["pixel_values"][0],
@@ -407,7 +408,7 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         losses = []
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)  # the order of epoch n does not depend on having run epochs 0..n-1 in this process
-        bar = _progress_bar(steps_per_epoch, f"Epoch {epoch + 1}/{len(stages)} [{stage}]", progress and accelerator.is_local_main_process, unit="step")
+        bar = progress_bar(steps_per_epoch, f"Epoch {epoch + 1}/{len(stages)} [{stage}]", progress and accelerator.is_local_main_process, unit="step")
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
                 break

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import TINY_PROMPT_TOKEN_IDS, make_samples, make_tiny_trained_model
 from reference_mrad import (
-    reference_build_banks,
     reference_compute_patch_score,
     reference_compute_score,
     reference_encode_text_learn,
