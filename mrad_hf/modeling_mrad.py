@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import warnings
+from pathlib import Path
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,7 @@ from .features_mrad import MRADVisionFeatures, dual_path_vision_features, neighb
 from .hub import explain_download_error, resolve_model_id
 from .image_processing_mrad import MRADImageProcessor
 from .losses import ft_loss, prompt_loss
-from .memory_bank import MemoryBank, MemoryBankError, backbone_fingerprint, feature_settings
+from .memory_bank import MemoryBank, MemoryBankError, atomic_directory, backbone_fingerprint, feature_settings, verify_model_memory
 from .pipeline_anomaly_detection import AnomalyDetectionPipeline
 from .postprocessing import fuse_image_score, gaussian_blur, upsample_patch_probabilities
 from .prompt_features_mrad import prompted_text_features
@@ -51,6 +53,7 @@ from .retrieval import (
     one_hot_labels,
     region_prior_tokens,
     retrieval_logits,
+    rowwise_matmul,
     similarity_dropout_mask,
     soft_retrieve,
 )
@@ -142,6 +145,10 @@ class MRADProjectionPair(nn.Module):
         super().__init__()
         self.query = nn.Linear(in_features, out_features)
         self.key = nn.Linear(in_features, out_features)
+
+    def project_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """query(q); image-level (2-D) queries one image at a time, so a score does not depend on its batch."""
+        return rowwise_matmul(queries, self.query.weight.t()) + self.query.bias
 
 
 class MRADPromptLearner(nn.Module):
@@ -278,6 +285,10 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
             raise explain_download_error(source, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")) from error
         model.clip.requires_grad_(False)
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()  # memory-mapped weights can be misaligned; MKL rounds differently on them
+        verify_model_memory(model)  # refuses a folder whose weights and config.json come from different saves
         return model
 
     @classmethod
@@ -328,10 +339,34 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         Also writes `preprocessor_config.json` (the matching `MRADImageProcessor`) and registers the
         `anomaly-detection` pipeline in `config.json` (`custom_pipelines`) with its code, so that
         `pipeline(model=folder)` works with `mrad_hf` installed, and with `trust_remote_code=True` without it.
+
+        The files are written to a staging folder first. A new folder appears complete or not at all; into an existing
+        folder the finished files are moved one by one, `config.json` last, and the user's other files are kept.
         """
         self.config.custom_pipelines = {
             "anomaly-detection": {"impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline", "pt": ["AutoModel"], "type": "image"}
         }
+        if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub"):
+            return self._save_files(save_directory, *args, **kwargs)
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(f"'{target}' exists and is not a folder; choose another output folder.")
+        if not target.exists() or not any(target.iterdir()):
+            with atomic_directory(target) as staging:
+                self._save_files(staging, *args, **kwargs)
+            return None
+        staging_root = target.with_name(f".{target.name}.staging")
+        with atomic_directory(staging_root) as staging:
+            self._save_files(staging, *args, **kwargs)
+            for path in sorted(staging.rglob("*"), key=lambda path: path.name == "config.json"):
+                if path.is_file():
+                    destination = target / path.relative_to(staging)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, destination)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        return None
+
+    def _save_files(self, save_directory, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             custom_object_save(AnomalyDetectionPipeline, save_directory)
@@ -515,7 +550,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         """
         keys, _, projection = self._memory_level(level)
         if projection is not None:
-            queries, keys = projection.query(queries), projection.key(keys)
+            queries, keys = projection.project_queries(queries), projection.key(keys)
         return retrieval_logits(queries, keys, self.config.retrieval_temperature)
 
     def retrieve(self, level: str, queries: torch.Tensor, *, similarity_dropout: bool | None = None) -> torch.Tensor:
@@ -535,7 +570,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         config = self.config
         if not similarity_dropout:
             if projection is not None:
-                queries, keys = projection.query(queries), projection.key(keys)
+                queries, keys = projection.project_queries(queries), projection.key(keys)
             return soft_retrieve(queries, keys, values, temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size)
         quantile = config.image_dropout_quantile if level == "image" else config.patch_dropout_quantile
         drop = similarity_dropout_mask(retrieval_logits(queries, keys), quantile)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "rowwise_matmul",
     "l2_normalize",
     "retrieval_logits",
     "soft_retrieve",
@@ -34,6 +35,19 @@ __all__ = [
     "masked_soft_retrieve",
     "region_prior_tokens",
 ]
+
+
+def rowwise_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, where for a 2-D `a` (one row per image) every row is its own product.
+
+    CPU GEMM libraries pick kernels by the number of rows (a single row is a GEMV), so a plain `a @ b` over a batch
+    can differ in the last bit from the same row alone. One product per row makes an image's result independent of
+    the batch it is scored in (see docs/reliability.md, "Determinism"); for 3-D `a` (many patches per image) the row
+    count does not depend on the batch composition and a plain matmul is used.
+    """
+    if a.ndim != 2:
+        return torch.matmul(a, b)
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(0).expand(a.shape[0], -1, -1)).squeeze(1)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +62,7 @@ def one_hot_labels(labels: torch.Tensor, num_states: int = 2) -> torch.Tensor:
 
 def retrieval_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Similarity logits q K^T / tau. queries (..., D), keys (N, D) -> (..., N)."""
-    logits = torch.matmul(queries, keys.transpose(0, 1))
+    logits = rowwise_matmul(queries, keys.transpose(0, 1))
     return logits if temperature == 1.0 else logits / temperature
 
 
@@ -81,7 +95,7 @@ def soft_retrieve(
     keys = keys.to(queries.dtype)
     if chunk_size is None or chunk_size >= keys.shape[0]:
         weights = torch.softmax(retrieval_logits(queries, keys, temperature), dim=-1)
-        return torch.matmul(weights, values)
+        return rowwise_matmul(weights, values)
 
     running_max = None
     running_sum = None
@@ -93,13 +107,13 @@ def soft_retrieve(
             new_max = chunk_max
             exp_logits = torch.exp(logits - new_max)
             running_sum = exp_logits.sum(dim=-1, keepdim=True)
-            accumulated = torch.matmul(exp_logits, values[start : start + chunk_size])
+            accumulated = rowwise_matmul(exp_logits, values[start : start + chunk_size])
         else:
             new_max = torch.maximum(running_max, chunk_max)
             rescale = torch.exp(running_max - new_max)
             exp_logits = torch.exp(logits - new_max)
             running_sum = running_sum * rescale + exp_logits.sum(dim=-1, keepdim=True)
-            accumulated = accumulated * rescale + torch.matmul(exp_logits, values[start : start + chunk_size])
+            accumulated = accumulated * rescale + rowwise_matmul(exp_logits, values[start : start + chunk_size])
         running_max = new_max
     return accumulated / running_sum
 
@@ -123,7 +137,7 @@ def masked_soft_retrieve(logits: torch.Tensor, values: torch.Tensor, drop_mask: 
     """softmax(logits with dropped entries at -inf) V. logits (..., N), values (N, C), drop_mask (..., N) bool."""
     if drop_mask is not None:
         logits = logits.masked_fill(drop_mask, float("-inf"))
-    return torch.matmul(torch.softmax(logits, dim=-1), values.to(logits.dtype))
+    return rowwise_matmul(torch.softmax(logits, dim=-1), values.to(logits.dtype))
 
 
 def region_prior_tokens(anomaly_probability: torch.Tensor, tokens: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
