@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,26 @@ def test_sample_validation_and_unmasked_anomaly_warning(tiny_model):
     with pytest.warns(UserWarning, match="had no mask"):
         bank = tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False)
     assert bank.counts()["patch_anomalous"] == 0 and bank.counts()["image_anomalous"] == 1
+
+
+def test_save_pretrained_is_staged_and_keeps_the_users_other_files(model_with_bank, tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    model_with_bank.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine" and (target / "config.json").is_file()
+    assert not list(tmp_path.glob(".model.*"))  # no staging folder left behind
+    reloaded = AutoModel.from_pretrained(target)
+    assert torch.equal(reloaded.memory.image_keys, model_with_bank.memory.image_keys)
+
+    def crash(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MRADForAnomalyDetection, "_save_files", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model_with_bank.save_pretrained(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()  # a new folder appears complete or not at all
+    with pytest.raises(OSError, match="disk full"):
+        model_with_bank.save_pretrained(target)
+    assert AutoModel.from_pretrained(target).config.image_bank_size == model_with_bank.config.image_bank_size  # old save intact
