@@ -118,6 +118,10 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            masks = [p for p in found if _looks_like_mask(p.relative_to(path))]
+            if masks:
+                _log(f"Skipping {len(masks)} ground-truth mask file(s) under '{path}' (a 'ground_truth' folder or a '_mask' name), e.g. {masks[0]}")
+            found = [p for p in found if p not in set(masks)]
             if not found:
                 raise CLIError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under folder '{path}'.")
             paths.extend(found)
@@ -126,6 +130,12 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
         else:
             raise CLIError(f"'{path}' is neither an image file nor a folder.")
     return paths
+
+
+def _looks_like_mask(relative: Path) -> bool:
+    """Ground-truth masks inside a dataset folder (MVTec-style `ground_truth/`, `<id>_mask.png`) are not inputs."""
+    parts = {part.lower() for part in relative.parts[:-1]}
+    return bool(parts & {"ground_truth", "gt", "masks"}) or relative.stem.lower().endswith("_mask")
 
 
 def _write_json(path: Path, payload) -> None:

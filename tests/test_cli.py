@@ -139,3 +139,16 @@ def test_evaluate_cross_dataset_tables_match_independent_metrics(tmp_path, saved
     (out / "per_category" / "grass.json").write_text((out / "per_category" / "grass.json").read_text().replace('"images": 7', '"images": 7, "resumed": true'))
     assert main(args) == 0
     assert json.loads((out / "per_category" / "grass.json").read_text())["resumed"] is True
+
+
+def test_folder_inputs_skip_ground_truth_masks(tmp_path, capsys):
+    from PIL import Image
+
+    from mrad_hf.cli import _collect_images
+
+    for relative in ("test/good/000.png", "test/hole/001.png", "ground_truth/hole/001_mask.png", "extra/002_mask.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / relative)
+    found = _collect_images([str(tmp_path)])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["test/good/000.png", "test/hole/001.png"]
+    assert "Skipping 2 ground-truth mask file(s)" in capsys.readouterr().out
