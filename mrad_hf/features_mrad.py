@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .retrieval import rowwise_matmul
+
 __all__ = [
     "MRADVisionFeatures",
     "interpolate_position_embeddings",
@@ -90,7 +92,7 @@ def neighbor_average(tokens: torch.Tensor, grid_size: int, kernel_sizes: list[in
     grid = tokens.transpose(1, 2).reshape(batch, channels, grid_size, grid_size)
     pooled = [F.avg_pool2d(grid, kernel_size=k, stride=1, padding=k // 2) for k in kernel_sizes]
     averaged = sum(pooled) / len(pooled)
-    return averaged.flatten(2).transpose(1, 2)
+    return averaged.flatten(2).transpose(1, 2).contiguous()  # one layout for any batch size: same norm order
 
 
 def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None):
@@ -101,8 +103,8 @@ def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None):
     which keeps the memory float32 through `_keep_in_fp32_modules_strict`) to `model.to(torch.bfloat16)`, which
     also rounds the memory bank's keys to bfloat16. `None` leaves the model unchanged.
 
-    Note: a bank's backbone fingerprint hashes the CLIP weights, so attach banks *before* casting (a bank built or
-    checked against half-precision weights does not match the float32 fingerprint).
+    The backbone fingerprint of the float32 weights is kept on the model first, so banks built for (or checked
+    against) the float32 backbone still attach after the cast.
     """
     if dtype is None:
         return model
@@ -112,6 +114,8 @@ def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None):
         dtype = BACKBONE_DTYPES[dtype]
     if dtype not in BACKBONE_DTYPES.values():
         raise ValueError(f"Unsupported backbone dtype {dtype}; use one of {sorted(BACKBONE_DTYPES)}.")
+    if getattr(model, "_float32_fingerprint", None) is None and next(model.clip.parameters()).dtype == torch.float32:
+        model._float32_fingerprint = model.backbone_fingerprint()  # banks keep matching the float32 weights
     model.clip.to(dtype)
     return model
 
@@ -126,6 +130,18 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+def _per_image_linear(linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+    """`linear` on (B, 1, D) rows, one product per image.
+
+    A GEMM whose row count is the batch size picks its kernel by that size on CPU (one row is a GEMV), so an image
+    scored alone would differ in the last bit from the same image in a batch; per-image products do not.
+    """
+    out = rowwise_matmul(rows[:, 0], linear.weight.t())
+    if linear.bias is not None:
+        out = out + linear.bias
+    return out.unsqueeze(1)
+
+
 def _block_attention(
     attention: nn.Module, normed: torch.Tensor, with_vv: bool, class_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -137,15 +153,20 @@ def _block_attention(
     (original_out, vv_out or None), after `out_proj`.
     """
     num_heads = attention.num_heads
-    query = _split_heads(attention.q_proj(normed[:, :1] if class_only else normed), num_heads)
+    query = _split_heads(_per_image_linear(attention.q_proj, normed[:, :1]) if class_only else attention.q_proj(normed), num_heads)
     key = _split_heads(attention.k_proj(normed), num_heads)
     value = _split_heads(attention.v_proj(normed), num_heads)
     if class_only:  # one query row: a plain softmax(q k^T) v (cheap, and bitwise reproducible across processes)
-        original = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * attention.scale, dim=-1) @ value
+        # as explicit products and sums: a batched matmul with one query row picks batch-size-dependent kernels
+        weights = torch.softmax((query * key).sum(dim=-1, keepdim=True).transpose(-2, -1) * attention.scale, dim=-1)
+        original = (weights.transpose(-2, -1) * value).sum(dim=-2, keepdim=True)
         if not with_vv:
-            return attention.out_proj(_merge_heads(original)), None
+            return _per_image_linear(attention.out_proj, _merge_heads(original)), None
+        value = value.contiguous()  # a strided view picks batch-size-dependent SDPA paths; contiguous input does not
         vv = F.scaled_dot_product_attention(value, value, value, scale=attention.scale)
-        projected = attention.out_proj(torch.cat([_merge_heads(original), _merge_heads(vv)], dim=1))
+        merged = torch.cat([_merge_heads(original), _merge_heads(vv)], dim=1)
+        # one out_proj per image: the row count (1 + L) then never depends on the batch, which GEMM kernels can see
+        projected = torch.cat([attention.out_proj(image) for image in merged.split(1)])
         return projected[:, :1], projected[:, 1:]
     if not with_vv:
         attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
@@ -210,13 +231,17 @@ def dual_path_vision_features(
         if class_only:
             hidden = hidden[:, :1]
         hidden = hidden + original
-        hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        if class_only:  # one row per image: per-image products keep it independent of the batch (see _per_image_linear)
+            mlp = layer.mlp
+            hidden = hidden + _per_image_linear(mlp.fc2, mlp.activation_fn(_per_image_linear(mlp.fc1, layer.layer_norm2(hidden))))
+        else:
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         if index + 1 == vv_start_layer:
             vv_hidden = hidden
 
     class_state = hidden[:, 0]
     if class_key_post_layernorm:
         class_state = vision_model.post_layernorm(class_state)
-    class_embeds = visual_projection(class_state)
+    class_embeds = _per_image_linear(visual_projection, class_state.unsqueeze(1))[:, 0]
     patch_tokens = vision_model.post_layernorm(vv_hidden)[:, 1:]
     return MRADVisionFeatures(class_embeds=class_embeds, patch_tokens=patch_tokens, grid_size=grid_size)

@@ -127,6 +127,15 @@ class MRADMemory(nn.Module):
             "patch_sources": ((config.patch_bank_size,), torch.long),
         }
 
+    def _apply(self, fn, recurse=True):
+        """Keep the bank float32 under `model.to(torch.bfloat16)` / `.half()` (retrieval and scores are float32)."""
+        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None and buffer.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = original.to(self._buffers[name].device)
+        return self
+
     def replace(self, bank: MemoryBank) -> None:
         device = self.image_keys.device if self.image_keys.device.type != "meta" else "cpu"
         for name, tensor in bank.tensors().items():
@@ -400,7 +409,10 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
     # ------------------------------------------------------------------ memory bank (Sec. 3.2)
     def backbone_fingerprint(self) -> dict[str, Any]:
-        return backbone_fingerprint(self.clip)
+        """Identity of the CLIP backbone (see `memory_bank.backbone_fingerprint`); that of its float32 weights when
+        `features_mrad.set_backbone_dtype` has cast the tower to half precision."""
+        cached = getattr(self, "_float32_fingerprint", None)
+        return dict(cached) if cached is not None else backbone_fingerprint(self.clip)
 
     def get_memory_bank(self) -> MemoryBank:
         """The attached memory as a standalone `MemoryBank` (copies of the buffers plus metadata)."""
@@ -582,6 +594,28 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         projected = self.clip.visual_projection(features.patch_tokens).float()
         return l2_normalize(neighbor_average(projected, features.grid_size, self.config.neighbor_kernel_sizes))
 
+    def text_patch_probabilities(self, features: MRADVisionFeatures, patch_anomaly_probability: torch.Tensor) -> torch.Tensor:
+        """MRAD-CLIP's text branch: (B, G*G, 2) softmax(cos(patch, [t_normal, t_anomaly]) / 0.07) per patch.
+
+        The prompts of an image are biased by its region priors (patches with pixel-retrieval p_anomaly above
+        `region_prior_threshold` vs the rest). Computed image by image: the text tower and the projections then see
+        the same shapes whatever the batch, so an image's map does not depend on the images scored with it.
+        """
+        config = self.config
+        per_image = []
+        for index in range(features.patch_tokens.shape[0]):
+            single = MRADVisionFeatures(
+                class_embeds=features.class_embeds[index : index + 1],
+                patch_tokens=features.patch_tokens[index : index + 1],
+                grid_size=features.grid_size,
+            )
+            patch_tokens = self.projected_patch_tokens(single)
+            region_tokens = region_prior_tokens(patch_anomaly_probability[index : index + 1], patch_tokens, config.region_prior_threshold)
+            text_features = self.prompt_text_features(region_tokens)
+            similarity = torch.matmul(patch_tokens, text_features.transpose(1, 2))
+            per_image.append(torch.softmax(similarity / config.text_temperature, dim=-1))
+        return torch.cat(per_image)
+
     def prompt_text_features(self, region_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 2, P) normalised text features [normal, anomalous] of the per-image prompts biased by region tokens."""
         config = self.config
@@ -656,11 +690,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
         text_probabilities = None
         if config.variant == "clip":
-            patch_tokens = self.projected_patch_tokens(features)
-            region_tokens = region_prior_tokens(patch_probabilities[..., 1].detach(), patch_tokens, config.region_prior_threshold)
-            text_features = self.prompt_text_features(region_tokens)
-            similarity = torch.matmul(patch_tokens, text_features.transpose(1, 2))
-            text_probabilities = torch.softmax(similarity / config.text_temperature, dim=-1)
+            text_probabilities = self.text_patch_probabilities(features, patch_probabilities[..., 1].detach())
 
         loss = None
         if want_loss:

@@ -55,6 +55,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
         return maps
     if maps.ndim != 3:
         raise ValueError(f"gaussian_blur expects (B, H, W) maps, got shape {tuple(maps.shape)}.")
+    if maps.shape[0] > 1:  # oneDNN picks the convolution algorithm by batch size: blur image by image (batch invariant)
+        return torch.cat([gaussian_blur(single, sigma, truncate) for single in maps.split(1)])
     compute_dtype = maps.dtype if maps.dtype in (torch.float32, torch.float64) else torch.float32
     weights = gaussian_kernel1d(sigma, truncate, device=maps.device).to(compute_dtype)
     radius = (weights.numel() - 1) // 2

@@ -151,3 +151,15 @@ def test_benchmark_reference_path_equals_the_test_oracle(model_with_bank):
     torch.testing.assert_close(scores, torch.from_numpy(oracle_scores).float(), atol=1e-6, rtol=0)
     # the analytic cost of ViT-L/14 at 518 px through both paths (issue 8: about 1.26 TFLOP per image)
     assert dual_path_flops(1024, 4096, 24, 14, 518, 768) == pytest.approx(1.2565e12, rel=1e-4)
+
+
+def test_half_precision_casts_keep_the_bank_float32_and_matching(model_with_bank):
+    bank = model_with_bank.get_memory_bank()
+    model_with_bank.to(torch.bfloat16)  # a plain cast of the whole model: the memory stays float32
+    assert model_with_bank.memory.image_keys.dtype == torch.float32
+    assert torch.equal(model_with_bank.memory.image_keys, bank.image_keys)
+    fresh = make_tiny_model()
+    before = fresh.backbone_fingerprint()
+    set_backbone_dtype(fresh, "bfloat16")
+    assert fresh.backbone_fingerprint() == before  # the float32 identity is kept ...
+    fresh.set_memory_bank(bank)  # ... so a bank built for the float32 backbone still attaches

@@ -201,7 +201,8 @@ def test_interrupted_model_save_leaves_the_previous_folder_loadable(built, tmp_p
 
 
 def test_model_folder_mixing_two_saves_is_refused(built, tmp_path, capsys):
-    """config.json of one save with model.safetensors of another (same bank sizes): loads, but is refused."""
+    """config.json of one save with model.safetensors of another (same bank sizes): transformers would load it;
+    from_pretrained refuses it (it runs verify_model_memory), and so does the CLI."""
     model, _ = built
     other = make_tiny_model()
     other.build_memory_bank(make_samples(6, seed=5), progress=False)
@@ -209,9 +210,8 @@ def test_model_folder_mixing_two_saves_is_refused(built, tmp_path, capsys):
     model.save_pretrained(tmp_path / "a")
     other.save_pretrained(tmp_path / "b")
     shutil.copy(tmp_path / "b" / "config.json", tmp_path / "a" / "config.json")
-    mixed = MRADForAnomalyDetection.from_pretrained(tmp_path / "a")
     with pytest.raises(MemoryBankError, match="does not match the checksum in its config.json"):
-        verify_model_memory(mixed)
+        MRADForAnomalyDetection.from_pretrained(tmp_path / "a")
     code = main(["predict", "--model", str(tmp_path / "a"), str(tmp_path), "--output-dir", str(tmp_path / "out")])
     assert code == 2 and "different saves" in capsys.readouterr().err
     verify_model_memory(MRADForAnomalyDetection.from_pretrained(tmp_path / "b"))  # an intact folder passes
