@@ -15,14 +15,9 @@ from mrad_hf.cli import main
 @pytest.fixture
 def user_folder(tmp_path):
     """The documented generic layout: good/, <defect>/ with <stem>_mask.png beside the image."""
-    root = tmp_path / "widget"
-    for index, sample in enumerate(make_samples(6, seed=21)):
-        folder = root / ("scratch" if sample["label"] else "good")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(sample["image"]).save(folder / f"{index:03d}.png")
-        if sample["mask"] is not None:
-            Image.fromarray(sample["mask"].astype(np.uint8) * 255).save(folder / f"{index:03d}_mask.png")
-    return root
+    from reliability._files import write_folder_dataset
+
+    return write_folder_dataset(tmp_path / "widget", make_samples(6, seed=21))
 
 
 @pytest.fixture
