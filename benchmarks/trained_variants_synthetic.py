@@ -84,15 +84,15 @@ def main() -> None:
               "memory_images": len(memory), "scored_images": len(queries), "variants": rows}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"trained-variants-synthetic-tau{args.temperature:g}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    stem = f"trained-variants-synthetic-tau{args.temperature:g}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     lines = [f"# Trained vs train-free, held-out synthetic images ({args.backbone}, {args.image_size} px, tau {args.temperature:g})", "",
              f"Memory / training set: {len(memory)} images; scored: {len(queries)} other images. Command: "
              f"`python benchmarks/trained_variants_synthetic.py --temperature {args.temperature:g}`.", "",
              "| variant | image AUROC | pixel AUROC | epoch losses | seconds |", "|---|---|---|---|---|"]
     for variant, row in rows.items():
         lines.append(f"| MRAD-{variant.upper()} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['epoch_losses'] or '-'} | {row['seconds']:.0f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 
