@@ -91,7 +91,7 @@ def test_save_load_automodel_bit_exact(model_with_bank, tmp_path):
 def test_remote_code_loads_in_fresh_process_without_mrad_hf(model_with_bank, tmp_path):
     model_with_bank.save_pretrained(tmp_path / "model")
     pixels = _inputs(model_with_bank, make_samples(2, seed=5))["pixel_values"]
-    torch.save(pixels, tmp_path / "pixels.pt")
+    np.save(tmp_path / "pixels.npy", pixels.numpy())  # a plain array file: no pickle
     expected = model_with_bank(pixel_values=pixels).anomaly_score
     script = textwrap.dedent(
         f"""
@@ -101,7 +101,7 @@ def test_remote_code_loads_in_fresh_process_without_mrad_hf(model_with_bank, tmp
         from transformers import AutoModel, pipeline
         model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
         assert "transformers_modules" in type(model).__module__, type(model).__module__
-        pixels = torch.load({str(tmp_path / 'pixels.pt')!r}, weights_only=True)
+        pixels = torch.from_numpy(np.load({str(tmp_path / 'pixels.npy')!r}, allow_pickle=False))
         print(",".join(repr(v) for v in model(pixel_values=pixels).anomaly_score.tolist()))
         pipe = pipeline("anomaly-detection", model={str(tmp_path / 'model')!r}, trust_remote_code=True, device="cpu")
         print(pipe(np.zeros((30, 40, 3), dtype=np.uint8))["anomaly_map"].shape)
@@ -194,3 +194,33 @@ def test_save_pretrained_is_staged_and_keeps_the_users_other_files(model_with_ba
     with pytest.raises(OSError, match="disk full"):
         model_with_bank.save_pretrained(target)
     assert AutoModel.from_pretrained(target).config.image_bank_size == model_with_bank.config.image_bank_size  # old save intact
+
+
+@pytest.mark.parametrize("variant", ["ft", "clip"])
+def test_trained_variants_load_as_remote_code_without_mrad_hf(variant, tmp_path):
+    from conftest import make_tiny_trained_model
+
+    model = make_tiny_trained_model(variant)
+    model.build_memory_bank(make_samples(4), batch_size=4, progress=False)
+    model.save_pretrained(tmp_path / "model")
+    pixels = _inputs(model, make_samples(2, seed=5))["pixel_values"]
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).anomaly_score
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["mrad_hf"] = None
+        import numpy as np, torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert "transformers_modules" in type(model).__module__ and model.config.variant == {variant!r}
+        pixels = torch.from_numpy(np.load({str(tmp_path / 'pixels.npy')!r}, allow_pickle=False))
+        with torch.no_grad():
+            print(",".join(repr(v) for v in model(pixel_values=pixels).anomaly_score.tolist()))
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.array([float(v) for v in result.stdout.strip().splitlines()[-1].split(",")]), expected.numpy(), atol=1e-6)
