@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .retrieval import rowwise_matmul
+from .retrieval import rowwise_linear
 
 __all__ = [
     "MRADVisionFeatures",
@@ -130,18 +130,6 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-def _per_image_linear(linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
-    """`linear` on (B, 1, D) rows, one product per image.
-
-    A GEMM whose row count is the batch size picks its kernel by that size on CPU (one row is a GEMV), so an image
-    scored alone would differ in the last bit from the same image in a batch; per-image products do not.
-    """
-    out = rowwise_matmul(rows[:, 0], linear.weight.t())
-    if linear.bias is not None:
-        out = out + linear.bias
-    return out.unsqueeze(1)
-
-
 def _block_attention(
     attention: nn.Module, normed: torch.Tensor, with_vv: bool, class_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,7 +141,8 @@ def _block_attention(
     (original_out, vv_out or None), after `out_proj`.
     """
     num_heads = attention.num_heads
-    query = _split_heads(_per_image_linear(attention.q_proj, normed[:, :1]) if class_only else attention.q_proj(normed), num_heads)
+    # the class row alone (last block): one product per image, so its result does not depend on the batch size
+    query = _split_heads(rowwise_linear(attention.q_proj, normed[:, 0]).unsqueeze(1) if class_only else attention.q_proj(normed), num_heads)
     key = _split_heads(attention.k_proj(normed), num_heads)
     value = _split_heads(attention.v_proj(normed), num_heads)
     if class_only:  # one query row: a plain softmax(q k^T) v (cheap, and bitwise reproducible across processes)
@@ -161,7 +150,7 @@ def _block_attention(
         weights = torch.softmax((query * key).sum(dim=-1, keepdim=True).transpose(-2, -1) * attention.scale, dim=-1)
         original = (weights.transpose(-2, -1) * value).sum(dim=-2, keepdim=True)
         if not with_vv:
-            return _per_image_linear(attention.out_proj, _merge_heads(original)), None
+            return rowwise_linear(attention.out_proj, _merge_heads(original)[:, 0]).unsqueeze(1), None
         value = value.contiguous()  # a strided view picks batch-size-dependent SDPA paths; contiguous input does not
         vv = F.scaled_dot_product_attention(value, value, value, scale=attention.scale)
         merged = torch.cat([_merge_heads(original), _merge_heads(vv)], dim=1)
@@ -231,9 +220,9 @@ def dual_path_vision_features(
         if class_only:
             hidden = hidden[:, :1]
         hidden = hidden + original
-        if class_only:  # one row per image: per-image products keep it independent of the batch (see _per_image_linear)
-            mlp = layer.mlp
-            hidden = hidden + _per_image_linear(mlp.fc2, mlp.activation_fn(_per_image_linear(mlp.fc1, layer.layer_norm2(hidden))))
+        if class_only:  # one row per image: per-image products keep it independent of the batch (rowwise_linear)
+            mlp, row = layer.mlp, layer.layer_norm2(hidden)[:, 0]
+            hidden = hidden + rowwise_linear(mlp.fc2, mlp.activation_fn(rowwise_linear(mlp.fc1, row))).unsqueeze(1)
         else:
             hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         if index + 1 == vv_start_layer:
@@ -242,6 +231,6 @@ def dual_path_vision_features(
     class_state = hidden[:, 0]
     if class_key_post_layernorm:
         class_state = vision_model.post_layernorm(class_state)
-    class_embeds = _per_image_linear(visual_projection, class_state.unsqueeze(1))[:, 0]
+    class_embeds = rowwise_linear(visual_projection, class_state)
     patch_tokens = vision_model.post_layernorm(vv_hidden)[:, 1:]
     return MRADVisionFeatures(class_embeds=class_embeds, patch_tokens=patch_tokens, grid_size=grid_size)

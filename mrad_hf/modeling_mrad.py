@@ -53,7 +53,7 @@ from .retrieval import (
     one_hot_labels,
     region_prior_tokens,
     retrieval_logits,
-    rowwise_matmul,
+    rowwise_linear,
     similarity_dropout_mask,
     soft_retrieve,
 )
@@ -154,10 +154,6 @@ class MRADProjectionPair(nn.Module):
         super().__init__()
         self.query = nn.Linear(in_features, out_features)
         self.key = nn.Linear(in_features, out_features)
-
-    def project_queries(self, queries: torch.Tensor) -> torch.Tensor:
-        """query(q); image-level (2-D) queries one image at a time, so a score does not depend on its batch."""
-        return rowwise_matmul(queries, self.query.weight.t()) + self.query.bias
 
 
 class MRADPromptLearner(nn.Module):
@@ -562,7 +558,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         """
         keys, _, projection = self._memory_level(level)
         if projection is not None:
-            queries, keys = projection.project_queries(queries), projection.key(keys)
+            queries, keys = rowwise_linear(projection.query, queries), projection.key(keys)
         return retrieval_logits(queries, keys, self.config.retrieval_temperature)
 
     def retrieve(self, level: str, queries: torch.Tensor, *, similarity_dropout: bool | None = None) -> torch.Tensor:
@@ -582,7 +578,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         config = self.config
         if not similarity_dropout:
             if projection is not None:
-                queries, keys = projection.project_queries(queries), projection.key(keys)
+                queries, keys = rowwise_linear(projection.query, queries), projection.key(keys)
             return soft_retrieve(queries, keys, values, temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size)
         quantile = config.image_dropout_quantile if level == "image" else config.patch_dropout_quantile
         drop = similarity_dropout_mask(retrieval_logits(queries, keys), quantile)

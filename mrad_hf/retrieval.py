@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "rowwise_matmul",
+    "rowwise_linear",
     "l2_normalize",
     "retrieval_logits",
     "soft_retrieve",
@@ -48,6 +49,14 @@ def rowwise_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.ndim != 2:
         return torch.matmul(a, b)
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(0).expand(a.shape[0], -1, -1)).squeeze(1)
+
+
+def rowwise_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)`, where for a 2-D `x` (one row per image) every row is its own product (see `rowwise_matmul`)."""
+    if x.ndim != 2:
+        return linear(x)
+    out = rowwise_matmul(x, linear.weight.t())
+    return out if linear.bias is None else out + linear.bias
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
