@@ -280,11 +280,14 @@ def _restore_memory_bank(model: MRADForAnomalyDetection, folder: Path, state: di
 
 
 def _load_checkpoint(accelerator, model, optimizers: dict[str, Any], scheduler, folder: Path, state: dict[str, Any]) -> None:
+    """Trained heads, optimizers, scheduler and this process's RNG states (the bank: `_restore_memory_bank`)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    trained = load_file(str(folder / "trainable_state.safetensors"))
+    with safe_open(str(folder / "trainable_state.safetensors"), framework="pt") as handle:  # the bank is already restored
+        trained = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith("memory.")}
     missing, unexpected = model.load_state_dict(trained, strict=False)
-    missing = [key for key in missing if not key.startswith("clip.")]
+    missing = [key for key in missing if not key.startswith(("clip.", "memory."))]
     if missing or unexpected:
         raise RuntimeError(
             f"Checkpoint {folder} does not match this model (missing {missing}, unexpected {unexpected}); "
