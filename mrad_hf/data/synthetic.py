@@ -50,11 +50,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
+
+from ..memory_bank import atomic_write
 
 __all__ = [
     "DEFECT_KINDS",
@@ -403,26 +404,13 @@ def _sample_rng(seed: int, category: str, group: str, index: int) -> np.random.G
     return np.random.default_rng([seed, _stable_id(category), _stable_id(group), index])
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Writes a file through a temporary sibling and ``os.replace``, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def _write_png(path: Path, array: NDArray[np.uint8]) -> None:
     image = Image.fromarray(array)
-    _atomic_write_bytes(path, lambda handle: image.save(handle, format="PNG"))
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def _check_names(values: Sequence[str], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
