@@ -20,34 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from transformers import CLIPConfig
 
-from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
+from mrad_hf import MRADForAnomalyDetection
 from mrad_hf.cli import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
+from mrad_hf.evaluation.runner import held_out_aurocs, held_out_split
 from mrad_hf.training import MRADTrainingArguments, train_mrad
-
-
-def _split(root: Path):
-    rows = list(load_mvtec_layout(root))
-    order = np.random.default_rng(0).permutation(len(rows))
-    half = len(rows) // 2
-    return [rows[i] for i in order[:half]], [rows[i] for i in order[half:]]
-
-
-def _aurocs(model, queries):
-    processor = MRADImageProcessor.from_config(model.config)
-    inputs = processor([r["image"] for r in queries], masks=[r["mask"] for r in queries])
-    with torch.no_grad():
-        out = model.eval()(pixel_values=inputs["pixel_values"])
-    return (
-        float(roc_auc_score([r["label"] for r in queries], out.anomaly_score.numpy())),
-        float(roc_auc_score(inputs["masks"].numpy().ravel() > 0.5, out.anomaly_map.numpy().ravel())),
-    )
 
 
 def main() -> None:
@@ -61,7 +42,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mrad-trained-variants-"))
     root = make_synthetic_benchmark(work / "data", n_test_good=8, n_test_per_defect=4, image_size=128, seed=0, progress=False)
-    memory, queries = _split(root)
+    memory, queries = held_out_split(list(load_mvtec_layout(root)))
     clip_config = CLIPConfig(**RANDOM_BACKBONES[args.backbone])
     rows = {}
     for variant in ("tf", "ft", "clip"):
@@ -76,7 +57,7 @@ def main() -> None:
             history = train_mrad(model, memory, MRADTrainingArguments(output_dir=str(work / variant), resume=False), progress=False).history
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-        image, pixel = _aurocs(model, queries)
+        image, pixel = held_out_aurocs(model, queries)
         rows[variant] = {"image_auroc": image, "pixel_auroc": pixel, "seconds": time.perf_counter() - started,
                          "epoch_losses": [round(record["loss"], 4) for record in history]}
         print(f"{variant}: image AUROC {image:.3f}, pixel AUROC {pixel:.3f}", flush=True)

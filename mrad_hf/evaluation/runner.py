@@ -28,9 +28,30 @@ from ..data.loaders import iter_readable_rows
 from ..image_processing_mrad import MRADImageProcessor
 from ..memory_bank import atomic_write
 from ..visualization import save_panel
-from .metrics import METRIC_KEYS, compute_all_metrics
+from .metrics import METRIC_KEYS, compute_all_metrics, image_auroc, pixel_auroc
 
-__all__ = ["evaluate_dataset", "format_markdown_table"]
+__all__ = ["evaluate_dataset", "format_markdown_table", "held_out_split", "held_out_aurocs"]
+
+
+def held_out_split(rows: list[dict[str, Any]], seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The held-out-images setting for random backbones: a seeded random half of `rows` is the memory (and the
+    training set of the trained variants), the other half is scored."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    half = len(rows) // 2
+    return [rows[i] for i in order[:half]], [rows[i] for i in order[half:]]
+
+
+@torch.no_grad()
+def held_out_aurocs(model, rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(image AUROC, pixel AUROC) of `model` (put in eval mode) on `rows` (image, label, mask), in one batch, with
+    the maps and masks at the network input size."""
+    processor = MRADImageProcessor.from_config(model.config)
+    inputs = processor([row["image"] for row in rows], masks=[row["mask"] for row in rows])
+    outputs = model.eval()(pixel_values=inputs["pixel_values"])
+    return (
+        image_auroc([row["label"] for row in rows], outputs.anomaly_score.numpy()),
+        pixel_auroc(inputs["masks"].numpy() > 0.5, outputs.anomaly_map.numpy()),
+    )
 
 
 def _write_text(path: Path, text: str) -> None:
