@@ -209,7 +209,7 @@ def make_model(backbone: str, image_size: int, device: torch.device, seed: int =
     from transformers import CLIPConfig
 
     from mrad_hf import MRADForAnomalyDetection
-    from mrad_hf.cli import RANDOM_BACKBONES
+    from mrad_hf.cli.common import RANDOM_BACKBONES
 
     torch.manual_seed(seed)
     model = MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[backbone]), image_size=image_size).eval()
@@ -217,8 +217,8 @@ def make_model(backbone: str, image_size: int, device: torch.device, seed: int =
 
 
 def random_bank(model, sizes: dict, seed: int = 0):
-    from mrad_hf.memory_bank import MemoryBank
-    from mrad_hf.retrieval import l2_normalize, one_hot_labels
+    from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank
+    from mrad_hf.models.mrad.retrieval_mrad import l2_normalize, one_hot_labels
 
     generator = torch.Generator().manual_seed(seed)
     config = model.config
@@ -237,7 +237,7 @@ def random_bank(model, sizes: dict, seed: int = 0):
 
 def _backbone_shapes(backbone: str) -> tuple:
     """(hidden, intermediate, layers, patch) of a random backbone of `mrad_hf.cli.RANDOM_BACKBONES`."""
-    from mrad_hf.cli import RANDOM_BACKBONES
+    from mrad_hf.cli.common import RANDOM_BACKBONES
 
     vision = RANDOM_BACKBONES[backbone]["vision_config"]
     return vision["hidden_size"], vision["intermediate_size"], vision["num_hidden_layers"], vision["patch_size"]
@@ -323,7 +323,7 @@ def stage_model(model, args, device, results) -> None:
             run_ours(pixels_all[:1])
             run_reference(pixels_all[:1])
         else:  # a smaller image warms the same kernels and allocator paths at a fraction of the cost
-            from mrad_hf.features_mrad import dual_path_vision_features
+            from mrad_hf.models.mrad.features_mrad import dual_path_vision_features
 
             small = pixels_all[:1, :, :warm, :warm]
             with torch.no_grad():
@@ -370,7 +370,7 @@ def stage_model(model, args, device, results) -> None:
 
 def stage_retrieval_and_post(model, args, device, results, stages) -> None:
     """`retrieval` and `postprocessing` on stored random features (their cost does not depend on the values)."""
-    from mrad_hf.features_mrad import MRADVisionFeatures
+    from mrad_hf.models.mrad.features_mrad import MRADVisionFeatures
 
     config = model.config
     grid = config.image_size // config.clip_config.vision_config.patch_size
@@ -433,7 +433,7 @@ def _random_unit(rows: int, dim: int, seed: int, device, block: int = 65536) -> 
 
 def stage_scaling(args, device, results) -> None:
     """Retrieval of one image's patch queries against banks of growing size: exact dense, exact chunked, FAISS."""
-    from mrad_hf.retrieval import soft_retrieve
+    from mrad_hf.models.mrad.retrieval_mrad import soft_retrieve
 
     dim, num_queries = args.scaling_dim, args.scaling_queries
     queries = _random_unit(num_queries, dim, 3, device)
@@ -466,7 +466,7 @@ def stage_scaling(args, device, results) -> None:
 
 def _scaling_faiss(queries, keys, values, exact, size, args, device, results) -> None:
     try:
-        from mrad_hf.retrieval_index import FaissRetrievalIndex, import_faiss
+        from retrieval_index import FaissRetrievalIndex, import_faiss
 
         import_faiss()
     except ImportError as error:
@@ -493,7 +493,7 @@ def _scaling_faiss(queries, keys, values, exact, size, args, device, results) ->
 def stage_dtype(args, device, results) -> None:
     """bf16/fp16 CLIP tower: feature speed on the benchmark backbone, and accuracy on the synthetic benchmark."""
     from mrad_hf.evaluation.metrics import image_auroc, pixel_auroc
-    from mrad_hf.features_mrad import set_backbone_dtype
+    from mrad_hf.models.mrad.features_mrad import set_backbone_dtype
 
     flops = None
     # speed: one batch of the benchmark backbone through the feature path, per dtype
@@ -537,7 +537,7 @@ def stage_dtype(args, device, results) -> None:
             model.config.retrieval_temperature = 0.01  # as the offline demo with random weights (see cli.RANDOM_DEMO_TEMPERATURE)
             set_backbone_dtype(model, dtype)
             model.build_memory_bank(memory_rows, batch_size=8, progress=False)
-            from mrad_hf.image_processing_mrad import MRADImageProcessor
+            from mrad_hf.models.mrad.image_processing_mrad import MRADImageProcessor
 
             processor = MRADImageProcessor.from_config(model.config)
             maps, scores = [], []
@@ -722,7 +722,7 @@ def markdown(results: dict) -> str:
 
 
 def save(results: dict, output_dir: Path, name: str) -> tuple[Path, Path]:
-    from mrad_hf.memory_bank import atomic_write
+    from mrad_hf.models.mrad.memory_bank_mrad import atomic_write
 
     output_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = output_dir / f"{name}.md", output_dir / f"{name}.json"

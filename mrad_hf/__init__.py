@@ -15,11 +15,11 @@ work without remote code.
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_mrad import MRADConfig
-from .image_processing_mrad import MRADImageProcessor, MRADInputError, load_image
-from .memory_bank import MemoryBank, MemoryBankError
-from .modeling_mrad import MRADForAnomalyDetection, MRADOutput, MRADPreTrainedModel
-from .pipeline_anomaly_detection import AnomalyDetectionPipeline
+from .models.mrad.configuration_mrad import MRADConfig
+from .models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError, load_image
+from .models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError
+from .models.mrad.modeling_mrad import MRADForAnomalyDetection, MRADOutput, MRADPreTrainedModel
+from .models.mrad.pipeline_anomaly_detection import AnomalyDetectionPipeline
 
 __version__ = "0.1.0"
 

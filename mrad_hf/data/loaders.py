@@ -762,7 +762,7 @@ def load_visa(root: str | os.PathLike[str], categories: Sequence[str] | None = N
 
 
 def _mask_is_empty(path: Path) -> bool:
-    from ..image_processing_mrad import load_mask  # raises MRADInputError naming an unreadable mask
+    from ..models.mrad.image_processing_mrad import load_mask  # raises MRADInputError naming an unreadable mask
 
     return not load_mask(path).any()
 
@@ -1263,7 +1263,7 @@ def iter_readable_rows(
     ``on_error="skip"`` a row whose image or mask raises ``MRADInputError`` is appended to ``failures`` as
     ``{"path": ..., "error": ...}`` and skipped; with ``on_error="fail"`` the error propagates.
     """
-    from ..image_processing_mrad import MRADInputError
+    from ..models.mrad.image_processing_mrad import MRADInputError
 
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}.")

@@ -55,7 +55,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from ..memory_bank import atomic_write
+from ..models.mrad.memory_bank_mrad import atomic_write
 
 __all__ = [
     "DEFECT_KINDS",

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ..data.loaders import iter_readable_rows
-from ..image_processing_mrad import MRADImageProcessor
-from ..memory_bank import atomic_write
-from ..visualization import save_panel
+from ..models.mrad.image_processing_mrad import MRADImageProcessor
+from ..models.mrad.memory_bank_mrad import atomic_write
+from ..tools.visualization import save_panel
 from .metrics import METRIC_KEYS, compute_all_metrics, image_auroc, pixel_auroc
 
 __all__ = ["evaluate_dataset", "format_markdown_table", "held_out_split", "held_out_aurocs"]

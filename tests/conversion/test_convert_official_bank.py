@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from conftest import TINY_IMAGE_SIZE, make_samples
 from reference_mrad import reference_tf_score
 
-from conversion.common import ConversionError
-from conversion.convert_official_bank import convert_official_bank, main
+from mrad_hf.conversion.common import ConversionError
+from mrad_hf.conversion.convert_official_bank import convert_official_bank, main
 from mrad_hf import MemoryBank, MRADImageProcessor
 
 

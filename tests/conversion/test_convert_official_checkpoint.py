@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from conftest import TINY_IMAGE_SIZE, make_samples, make_tiny_model, tiny_clip_config
 from reference_mrad import reference_average_neighbor, reference_encode_image, reference_trained_score
 
-from conversion.common import ConversionError
-from conversion.convert_official_checkpoint import convert_official_checkpoint, main
+from mrad_hf.conversion.common import ConversionError
+from mrad_hf.conversion.convert_official_checkpoint import convert_official_checkpoint, main
 from mrad_hf import MemoryBank, MRADForAnomalyDetection, MRADImageProcessor
 
 IMAGE_DIM, PATCH_DIM, TEXT_DIM = 24, 48, 32  # tiny_clip_config: projection, vision width, text width

@@ -14,10 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the top-level `conversion` package
 
-from conversion.common import ConversionError
-from conversion.convert_openai_clip import convert_openai_clip, main
+from mrad_hf.conversion.common import ConversionError
+from mrad_hf.conversion.convert_openai_clip import convert_openai_clip, main
 
 # tiny, with OpenAI's head rule (width // 64): vision 128 -> 2 heads, text 64 -> 1 head
 VISION_WIDTH, VISION_LAYERS, PATCH, GRID = 128, 2, 14, 4

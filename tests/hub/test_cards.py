@@ -17,10 +17,9 @@ from PIL import Image
 
 from conftest import make_samples
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # hub_cards/render_card.py
 
-from hub_cards.render_card import main as render_main
-from mrad_hf.hub import eval_results_from_json, render_bank_card, render_model_card
+from mrad_hf.hub.cards import main as render_main
+from mrad_hf.hub.api import eval_results_from_json, render_bank_card, render_model_card
 
 VARIANTS = ("tf", "ft", "clip")
 
@@ -52,7 +51,7 @@ def results_json(tmp_path_factory):
 
 
 def _config(variant, auxiliary):
-    from hub_cards.render_card import card_config
+    from mrad_hf.hub.cards import card_config
 
     return card_config(variant, auxiliary)
 

@@ -24,7 +24,7 @@ from conftest import make_samples
 from fake_hub_server import FakeHub
 
 from mrad_hf import MRADImageProcessor
-from mrad_hf.hub import HubDownloadError, load_memory_bank, pull_model, push_memory_bank, push_model, resolve_model_id
+from mrad_hf.hub.api import HubDownloadError, load_memory_bank, load_model, pull_model, push_memory_bank, push_model, resolve_model_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,7 +89,7 @@ def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, 
     online_env = {"HF_ENDPOINT": fake_hub.url, "HF_HOME": str(home), "HF_TOKEN": "test-token", "HF_HUB_DISABLE_XET": "1",
                   "HF_HUB_OFFLINE": "0", "MRAD_HUB_NAMESPACE": "tester"}
     _run("""
-        from mrad_hf.cli import main
+        from mrad_hf.cli.main import main
         assert main(["pull", "mrad-tf"]) == 0                               # short name -> tester/mrad-tf-visa
         assert main(["pull", "--bank", "tester/bank-tiny", "--revision", "v2"]) == 0
     """, online_env, tmp_path)
@@ -100,9 +100,9 @@ def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, 
     _run(f"""
         import numpy as np, torch
         from mrad_hf import MRADForAnomalyDetection
-        from mrad_hf.hub import load_memory_bank
+        from mrad_hf.hub.api import load_memory_bank, load_model
         pixels = torch.from_numpy(np.load("pixels.npy"))
-        model = MRADForAnomalyDetection.from_pretrained("mrad-tf").eval()   # offline, from the cache
+        model = load_model("mrad-tf").eval()   # offline, from the cache
         with torch.no_grad():
             own = model(pixel_values=pixels)
             model.set_memory_bank(load_memory_bank("tester/bank-tiny", revision="v2"))
@@ -170,7 +170,7 @@ def test_short_names_namespace_and_local_folder_precedence(monkeypatch, tmp_path
     assert resolve_model_id("mrad-tf") == "mrad-tf"  # a local folder of that name wins
     from mrad_hf import MRADForAnomalyDetection
 
-    loaded = MRADForAnomalyDetection.from_pretrained("mrad-tf")
+    loaded = load_model("mrad-tf")
     assert torch.equal(loaded.memory.image_keys, model_with_bank.memory.image_keys)
 
 
@@ -184,7 +184,7 @@ def test_offline_short_name_not_cached_is_actionable(monkeypatch, tmp_path):
     monkeypatch.delenv("MRAD_HUB_NAMESPACE", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(HubDownloadError) as error:
-        MRADForAnomalyDetection.from_pretrained("mrad-clip", revision="v1")
+        load_model("mrad-clip", revision="v1")
     message = str(error.value)
     for expected in ("'mrad-hf/mrad-clip-visa'", "short name", "MRAD_HUB_NAMESPACE", "revision 'v1'", "offline mode: on",
                      "mrad pull mrad-clip --revision v1", "hf download", "local folder"):
@@ -213,8 +213,8 @@ def test_plain_push_to_hub_ships_processor_pipeline_code_and_keeps_the_card(fake
 def test_mrad_push_cli_and_load_model_error(fake_hub, online, monkeypatch, model_with_bank, tmp_path, capsys):
     from huggingface_hub import constants
 
-    from mrad_hf.cli import main
-    from mrad_hf.hub import load_model
+    from mrad_hf.cli.main import main
+    from mrad_hf.hub.api import load_model
 
     monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")

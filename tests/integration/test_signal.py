@@ -15,7 +15,7 @@ import torch
 from transformers import CLIPConfig
 
 from mrad_hf import MRADForAnomalyDetection
-from mrad_hf.cli import RANDOM_BACKBONES
+from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
 from mrad_hf.evaluation.runner import held_out_aurocs, held_out_split

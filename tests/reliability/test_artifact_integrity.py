@@ -14,10 +14,10 @@ import torch
 from conftest import TINY_IMAGE_SIZE, make_samples, make_tiny_model
 from safetensors.torch import load_file, save_file
 
-import mrad_hf.memory_bank as memory_bank_module
+import mrad_hf.models.mrad.memory_bank_mrad as memory_bank_module
 from mrad_hf import MemoryBank, MemoryBankError, MRADForAnomalyDetection
-from mrad_hf.cli import main
-from mrad_hf.memory_bank import atomic_directory, tensors_checksum, verify_model_memory
+from mrad_hf.cli.main import main
+from mrad_hf.models.mrad.memory_bank_mrad import atomic_directory, tensors_checksum, verify_model_memory
 
 from ._files import mutate, write_folder_dataset
 

@@ -16,9 +16,9 @@ from conftest import make_samples, make_tiny_model
 from PIL import Image
 
 from mrad_hf import MemoryBank, MRADImageProcessor, MRADInputError, load_image
-from mrad_hf.cli import main
+from mrad_hf.cli.main import main
 from mrad_hf.data.loaders import iter_readable_rows, load_folder, load_ksdd2
-from mrad_hf.image_processing_mrad import load_mask, preprocess_image, preprocess_mask
+from mrad_hf.models.mrad.image_processing_mrad import load_mask, preprocess_image, preprocess_mask
 
 from ._files import encode, texture, valid_image_bytes, write, write_folder_dataset
 

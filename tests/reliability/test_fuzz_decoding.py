@@ -18,7 +18,7 @@ import torch
 from conftest import make_samples, make_tiny_model
 
 from mrad_hf import MRADImageProcessor, MRADInputError
-from mrad_hf.cli import main
+from mrad_hf.cli.main import main
 
 from ._files import fuzz_cases, valid_image_bytes, write
 

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mrad_hf import MemoryBank, MRADImageProcessor
-from mrad_hf.configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from mrad_hf.models.mrad.configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mrad_hf.evaluation.metrics import f1_max, image_ap, image_auroc
-from mrad_hf.image_processing_mrad import load_mask, preprocess_mask
-from mrad_hf.retrieval import one_hot_labels
+from mrad_hf.models.mrad.image_processing_mrad import load_mask, preprocess_mask
+from mrad_hf.models.mrad.retrieval_mrad import one_hot_labels
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 SIZE = 28

@@ -60,9 +60,10 @@ def test_scanner_finds_what_it_must():
     assert violations('"""pickle and torch.load in a docstring are fine"""\n', allow_weights_only_torch_load=False) == []
 
 
-@pytest.mark.parametrize("folder, allowed", [("mrad_hf", False), ("conversion", True)])
+@pytest.mark.parametrize("folder, allowed", [("mrad_hf", False), ("mrad_hf/conversion", True)])
 def test_no_pickle_in_the_source(folder, allowed):
-    files = sorted((REPO / folder).rglob("*.py"))
+    # the converters (and only they) may read plain pickled state dicts, with torch.load(weights_only=True)
+    files = sorted(path for path in (REPO / folder).rglob("*.py") if allowed or "conversion" not in path.relative_to(REPO).parts)
     assert files, f"no Python files under {folder}/"
     problems = {str(path.relative_to(REPO)): found for path in files if (found := violations(path.read_text(encoding="utf-8"), allow_weights_only_torch_load=allowed))}
     assert problems == {}

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_samples
 from PIL import Image
 
-from mrad_hf.app import analyse, build_app, detector_for
+from mrad_hf.tools.app import analyse, build_app, detector_for
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -55,7 +55,7 @@ def test_analyse_decides_with_a_threshold(model_with_bank):
 def test_missing_gradio_gives_the_install_command(monkeypatch):
     import sys
 
-    from mrad_hf.app import import_gradio
+    from mrad_hf.tools.app import import_gradio
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # what an environment without the extra looks like
     with pytest.raises(ImportError, match=r'pip install "mrad-hf\[app\]"'):

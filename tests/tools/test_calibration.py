@@ -12,7 +12,7 @@ from scipy.stats import betabinom
 from transformers import pipeline
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
-from mrad_hf.calibration import ConformalError, apply_calibration, calibrate, conformal_threshold, minimum_normal_images, resampling_study, score_images
+from mrad_hf.tools.calibration import ConformalError, apply_calibration, calibrate, conformal_threshold, minimum_normal_images, resampling_study, score_images
 from mrad_hf.data.synthetic import load_texture, paste_defect, sample_normal_image
 
 SIZE = 56  # the tiny backbone's native size: fast, and enough for many scores

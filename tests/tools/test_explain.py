@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import pipeline
 
 from mrad_hf import MRADImageProcessor
-from mrad_hf.explain import explain_images, render_explanation, save_explanation
+from mrad_hf.tools.explain import explain_images, render_explanation, save_explanation
 
 
 @pytest.fixture

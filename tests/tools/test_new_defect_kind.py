@@ -14,8 +14,8 @@ from sklearn.metrics import roc_auc_score
 from transformers import CLIPConfig
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
-from mrad_hf.bank_tools import add_samples
-from mrad_hf.cli import RANDOM_BACKBONES
+from mrad_hf.memory.tools import add_samples
+from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
 

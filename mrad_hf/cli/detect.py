@@ -1,0 +1,290 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`mrad demo`, `make-synthetic`, `build-bank`, `predict` and `evaluate`: the detection commands."""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import time
+from pathlib import Path
+
+from .common import (
+    RANDOM_BACKBONES,
+    RANDOM_DEMO_TEMPERATURE,
+    RANDOM_WARNING,
+    CLIError,
+    _build_bank_from,
+    _collect_images,
+    _detector_pipeline,
+    _log,
+    _report_skipped,
+    _set_dtype,
+    _write_json,
+    load_detector,
+)
+
+__all__ = ["register"]
+
+
+def cmd_make_synthetic(args) -> int:
+    from ..data.synthetic import make_synthetic_benchmark
+
+    options = {"categories": tuple(args.categories)} if args.categories else {}
+    root = make_synthetic_benchmark(
+        args.output_dir, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite, progress=True, **options
+    )
+    _log(f"Synthetic benchmark (MVTec layout) written to {root}")
+    return 0
+
+
+def cmd_build_bank(args) -> int:
+    from ..data.loaders import load_benchmark
+    from ..models.mrad.memory_bank_mrad import atomic_directory
+
+    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=args.dtype)
+    dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories, split=args.split)
+    _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
+    started = time.perf_counter()
+    bank = _build_bank_from(detector, dataset, source=args.source or args.dataset, batch_size=args.batch_size, on_error=args.on_error)
+    elapsed = time.perf_counter() - started
+    path = bank.save(args.output)
+    built = bank.counts()["image_entries"]
+    _log(f"{bank} -> {path} ({elapsed:.1f} s, {built / max(elapsed, 1e-9):.2f} images/s)")
+    if args.save_model:
+        with atomic_directory(args.save_model) as staging:  # an interrupted save leaves the old folder intact
+            detector.save_pretrained(staging)
+        _log(f"Model with its bank saved to {args.save_model} (load with AutoModel.from_pretrained or pipeline('anomaly-detection'))")
+    _report_skipped(bank.metadata.get("skipped_files", []), f"the bank's metadata ('skipped_files' in {path})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..models.mrad.image_processing_mrad import MRADInputError
+    from ..tools.visualization import save_panel
+
+    detector = load_detector(args.model, args.clip, seed=args.seed)
+    if args.bank:
+        detector.set_memory_bank(args.bank)
+        _log(f"Using memory bank {args.bank}")
+    _set_dtype(detector, args.dtype)  # after the bank check, which fingerprints the float32 weights
+    processor, detect = _detector_pipeline(detector)
+    paths = _collect_images(args.inputs)
+    output_dir = Path(args.output_dir)
+    results, failures = [], []
+    for path in tqdm(paths, desc="Scoring", unit="img"):
+        try:
+            image = processor.load(path)
+            prediction = detect(image, threshold=args.threshold)
+            if not math.isfinite(prediction["score"]):
+                raise MRADInputError(f"Image '{path}' gave a non-finite score ({prediction['score']}); it is not scored. Check the image and the bank.")
+        except MRADInputError as error:
+            if args.on_error == "fail":
+                raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
+            failures.append({"path": str(path), "error": str(error)})
+            continue
+        record = {"path": str(path), "score": prediction["score"]}
+        if "is_anomalous" in prediction:  # --threshold, or the model's calibration
+            record.update(label=prediction["label"], is_anomalous=prediction["is_anomalous"], thresholds=prediction["thresholds"])
+        heatmap = output_dir / "heatmaps" / f"{len(results):05d}_{path.stem}.png"
+        value_range = None if args.stretch else (0.0, 1.0)
+        save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
+        record["heatmap"] = str(heatmap)
+        results.append(record)
+        _log(f"{prediction['score']:.6f}  {path}")
+    summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": failures}
+    _write_json(output_dir / "scores.json", summary)
+    _log(f"Scored {len(results)} of {len(paths)} image(s). Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    _report_skipped(failures, f"'failures' in {output_dir / 'scores.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Synthetic benchmark from real CC0 textures -> bank from auxiliary categories -> scores + heatmaps on a held-out one."""
+    import numpy as np
+
+    from ..data.loaders import load_mvtec_layout
+    from ..data.synthetic import make_synthetic_benchmark
+    from ..evaluation.metrics import image_auroc as compute_image_auroc
+    from ..evaluation.metrics import pixel_auroc as compute_pixel_auroc
+    from ..tools.visualization import save_panel
+
+    # absolute the way the loaders make dataset paths absolute (no symlink resolution), so the two always agree
+    output_dir = Path(os.path.abspath(os.path.expanduser(args.output_dir)))
+    data_root = output_dir / "data"
+    if not (data_root / "manifest.json").exists():
+        make_synthetic_benchmark(data_root, image_size=256, seed=args.seed, overwrite=True)
+    temperature = args.retrieval_temperature
+    if temperature is None:
+        temperature = RANDOM_DEMO_TEMPERATURE if args.clip in RANDOM_BACKBONES else 1.0
+    detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed, retrieval_temperature=temperature)
+    _log(f"Retrieval temperature: {temperature} (the reference uses 1.0{'; see RANDOM_DEMO_TEMPERATURE' if temperature != 1.0 else ''})")
+    protocol = args.protocol or ("held-out-images" if args.clip in RANDOM_BACKBONES else "zero-shot")
+    dataset = load_mvtec_layout(data_root)
+    categories = sorted(set(dataset["category"]))
+    if protocol == "zero-shot":
+        # the paper's protocol: the memory comes from other categories than the ones scored
+        target = args.target or categories[-1]
+        memory = dataset.filter(lambda category: category != target, input_columns="category")  # no image decoding
+        test = dataset.filter(lambda category: category == target, input_columns="category")
+        _log(f"Protocol zero-shot: memory from {[c for c in categories if c != target]}, scoring held-out category '{target}'")
+    else:
+        # random features do not transfer across textures; show retrieval on unseen images of seen textures
+        memory = dataset.select(range(0, len(dataset), 2))
+        test = dataset.select(range(1, len(dataset), 2))
+        _log(f"Protocol held-out-images: memory from every other image of {categories}, scoring the other {len(test)} images")
+    bank = detector.build_memory_bank(memory, source=f"synthetic:{protocol}")
+    bank.save(output_dir / "memory_bank.safetensors")
+    _, detect = _detector_pipeline(detector)
+    scores, labels, pixel_maps, pixel_masks = [], [], [], []
+    for index, row in enumerate(test):
+        prediction = detect(row["image"])
+        mask = np.zeros(prediction["anomaly_map"].shape, bool) if row["mask"] is None else np.asarray(row["mask"].convert("L")) > 0
+        scores.append(prediction["score"])
+        labels.append(int(row["label"]))
+        pixel_maps.append(prediction["anomaly_map"])
+        pixel_masks.append(mask)
+        title = f"{row['defect_type']}   score={prediction['score']:.4f}"
+        save_panel(output_dir / "heatmaps" / f"{index:03d}_{row['defect_type']}.png", row["image"], prediction["anomaly_map"], mask=mask, title=title, value_range=None)
+        _log(f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {os.path.relpath(row['path'], data_root)}")
+    image_auroc = compute_image_auroc(labels, scores)
+    pixel_auroc = compute_pixel_auroc(np.stack(pixel_masks), np.stack(pixel_maps))  # images share one size here
+    summary = {
+        "backbone": args.clip,
+        "pretrained": args.clip not in RANDOM_BACKBONES,
+        "retrieval_temperature": temperature,
+        "protocol": protocol,
+        "memory_entries": bank.counts(),
+        "image_auroc": image_auroc,
+        "pixel_auroc": pixel_auroc,
+        "scores": [{"path": r["path"], "label": int(r["label"]), "score": s} for r, s in zip(test, scores)],
+    }
+    model_dir = output_dir / "model"
+    detector.save_pretrained(model_dir)  # the backbone, the bank and the settings the scores above used
+    summary["model"] = str(model_dir)
+    _write_json(output_dir / "demo_results.json", summary)
+    _log(f"Image AUROC: {image_auroc:.3f}   pixel AUROC: {pixel_auroc:.3f}   ({protocol}, {len(test)} images)")
+    _log(f"Heatmaps (image | overlay | ground truth): {output_dir / 'heatmaps'}   results: {output_dir / 'demo_results.json'}")
+    _log(f"Model (backbone + this bank + settings): {model_dir}")
+    if args.clip in RANDOM_BACKBONES:
+        _log(RANDOM_WARNING.format(name=args.clip))
+    _log("Next: score your own images with what the demo built:")
+    shown = os.path.relpath(model_dir)
+    shown = str(model_dir) if shown.startswith("..") else shown
+    _log(f"  mrad predict --model {shlex.quote(shown)} path/to/your_image.png --output-dir {shlex.quote(os.path.join(os.path.dirname(shown), 'predict'))}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Cross-dataset protocol: memory from one dataset (--bank-from/--bank-root or --bank), test on another."""
+    from ..data.loaders import load_benchmark
+    from ..evaluation.runner import evaluate_dataset
+    from ..models.mrad.image_processing_mrad import MRADInputError
+
+    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=None if args.bank else args.dtype)
+    output_dir = Path(args.output_dir)
+    if args.bank:
+        detector.set_memory_bank(args.bank)
+        _set_dtype(detector, args.dtype)  # after the bank check, which fingerprints the float32 weights
+        bank_source = args.bank
+    elif args.bank_from:
+        if not args.bank_root:
+            raise CLIError("--bank-from needs --bank-root (the auxiliary dataset's folder).")
+        auxiliary = load_benchmark(args.bank_from, args.bank_root)
+        _log(f"Building the memory bank from {len(auxiliary)} {args.bank_from} test images")
+        bank = _build_bank_from(detector, auxiliary, source=args.bank_from, batch_size=args.batch_size, on_error=args.on_error)
+        bank_path = bank.save(output_dir / "memory_bank.safetensors")
+        _report_skipped(bank.metadata.get("skipped_files", []), f"'skipped_files' in the metadata of {bank_path}")
+        bank_source = args.bank_from
+    elif detector.config.image_bank_size:
+        bank_source = (detector.config.memory_bank_metadata or {}).get("source", "model")
+    else:
+        raise CLIError("No memory bank: pass --bank FILE, --bank-from NAME --bank-root DIR, or a --model saved with a bank.")
+    dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories)
+    _log(f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}")
+    run_info = {"model": args.model or args.clip, "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None, "bank": bank_source}
+    try:
+        results = evaluate_dataset(
+            detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
+            heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
+            on_error=args.on_error,
+        )
+    except MRADInputError as error:
+        raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
+    print((output_dir / "results.md").read_text(encoding="utf-8"))
+    _log(f"Tables: {output_dir / 'results.md'}, {output_dir / 'results.csv'}, {output_dir / 'results.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    _report_skipped(results["skipped_files"], f"'skipped_files' in {output_dir / 'results.json'}")
+    if args.clip in RANDOM_BACKBONES:
+        _log(RANDOM_WARNING.format(name=args.clip))
+    return 0 if results["per_category"] else 1
+
+
+def register(commands) -> None:
+    def dataset_options(sub, what):
+        sub.add_argument("--dataset", required=True, help=f"{what}: mvtec, visa, mpdd, btad, ..., mvtec-layout, or folder (your own data)")
+        sub.add_argument("--data-root", required=True)
+        sub.add_argument("--categories", nargs="+")
+
+    def model_options(sub):
+        sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
+        sub.add_argument("--clip", help="a CLIP checkpoint (Hub id or folder), or random-small / random-vit-l14-336 (random weights)")
+        sub.add_argument("--seed", type=int, default=0, help="seed for random backbones")
+        sub.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                         help="CLIP tower precision (memory, retrieval, scores stay float32); half precision pays off on GPUs and CPUs with AMX/AVX512-BF16")
+
+    demo = commands.add_parser("demo", help="end-to-end run on a synthetic benchmark made from real CC0 textures")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--clip", default="random-tiny", help="CLIP checkpoint; default: a random tiny ViT (offline)")
+    demo.add_argument("--retrieval-temperature", type=float, help=f"default 1.0, or {RANDOM_DEMO_TEMPERATURE} for random backbones")
+    demo.add_argument("--image-size", type=int, default=224, help="network input size (518 for the paper setting)")
+    demo.add_argument("--protocol", choices=("zero-shot", "held-out-images"), help="default: zero-shot for real weights, held-out-images for random ones")
+    demo.add_argument("--target", help="zero-shot: the held-out category (default: the last one)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=cmd_demo)
+
+    synthetic = commands.add_parser("make-synthetic", help="write a synthetic-defect benchmark in the MVTec layout")
+    synthetic.add_argument("--output-dir", required=True)
+    synthetic.add_argument("--categories", nargs="+")
+    synthetic.add_argument("--image-size", type=int, default=256)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--overwrite", action="store_true")
+    synthetic.set_defaults(handler=cmd_make_synthetic)
+
+    build = commands.add_parser("build-bank", help="build the two-level memory bank from a labelled auxiliary dataset")
+    model_options(build)
+    dataset_options(build, "the auxiliary dataset")
+    build.add_argument("--split", default="test", help="the reference builds banks from the auxiliary test split")
+    build.add_argument("--source", help="name stored in the bank's metadata (default: the dataset name)")
+    build.add_argument("--output", required=True, help="bank file (.safetensors)")
+    build.add_argument("--save-model", help="also save the model with this bank attached to this folder")
+    build.add_argument("--image-size", type=int, help="network input size (default 518)")
+    build.add_argument("--batch-size", type=int, default=8)
+    build.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images/masks: skip and report, or stop")
+    build.set_defaults(handler=cmd_build_bank)
+
+    predict = commands.add_parser("predict", help="score images (files or folders), write heatmap PNGs and scores.json")
+    model_options(predict)
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders")
+    predict.add_argument("--bank", help="memory bank file to use instead of the model's own")
+    predict.add_argument("--output-dir", default="outputs/predict")
+    predict.add_argument("--threshold", type=float, help="image score above which an image is labelled anomalous")
+    predict.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images: skip and report, or stop")
+    predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")
+    predict.set_defaults(handler=cmd_predict)
+
+    evaluate = commands.add_parser("evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps")
+    model_options(evaluate)
+    dataset_options(evaluate, "the benchmark to score")
+    evaluate.add_argument("--bank", help="a memory bank file")
+    evaluate.add_argument("--bank-from", help="build the memory from this auxiliary dataset's test split (e.g. visa)")
+    evaluate.add_argument("--bank-root", help="the auxiliary dataset's folder")
+    evaluate.add_argument("--output-dir", default="outputs/evaluate")
+    evaluate.add_argument("--image-size", type=int, help="network input size for a new model (default 518)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--heatmaps", type=int, default=3, help="heatmap panels per category")
+    evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference")
+    evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
+    evaluate.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images/masks: skip and report, or stop")
+    evaluate.set_defaults(handler=cmd_evaluate)

@@ -1,0 +1,301 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`mrad bank`, `mrad calibrate`, `mrad explain`, `mrad serve`: living banks, decisions, explanations, demo app.
+
+    mrad bank info banks/visa.safetensors
+    mrad bank add banks/visa.safetensors --model models/mrad-tf-visa --dataset folder --data-root line3/ \
+        --source line-3 --output banks/visa+line3.safetensors
+    mrad bank add banks/visa.safetensors --model models/mrad-tf-visa --images bad/*.png --masks bad_masks/*.png \
+        --label anomaly --source line-3-defects
+    mrad bank merge banks/visa.safetensors banks/mvtec.safetensors --output banks/visa+mvtec.safetensors
+    mrad bank remove banks/visa+line3.safetensors --source line-3 --output banks/visa.safetensors
+    mrad calibrate --model models/mrad-tf-visa good/ --target-fpr 0.05 --save-model models/mrad-tf-visa-calibrated
+    mrad explain --model models/mrad-tf-visa part.png --output-dir outputs/explain --top-k 5
+    mrad serve --model models/mrad-tf-visa --port 7860          # needs the `app` extra (gradio)
+
+`register(commands)` adds them to the parser built in `mrad_hf/cli.py`. The functions they call live in
+`bank_tools`, `calibration`, `explain` and `app`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import common as _cli  # the shared helpers
+
+__all__ = ["register"]
+
+_FEATURE_FIELDS = (
+    "image_size", "vv_start_layer", "feature_layer", "neighbor_kernel_sizes", "position_interpolation",
+    "class_key_post_layernorm", "region_rule", "mask_threshold",
+)
+
+
+def _load_bank(path):
+    from ..models.mrad.memory_bank_mrad import MemoryBank
+
+    return MemoryBank.load(path)
+
+
+def _detector(args, bank=None, *, attach: bool = True):
+    """The model named by --model / --clip; a new --clip model takes the bank's feature settings; the bank is attached."""
+    overrides = {"retrieval_temperature": getattr(args, "retrieval_temperature", None)}
+    if bank is not None and not args.model:
+        features = bank.metadata.get("features") or {}
+        overrides.update({key: features[key] for key in _FEATURE_FIELDS if key in features})
+        if "neighbor_kernel_sizes" in overrides:
+            overrides["neighbor_kernel_sizes"] = tuple(overrides["neighbor_kernel_sizes"])
+    detector = _cli.load_detector(args.model, args.clip, seed=args.seed, **overrides).eval()  # inference only: maps and scores
+    if args.model and overrides["retrieval_temperature"] is not None:
+        detector.config.retrieval_temperature = overrides["retrieval_temperature"]
+    if bank is not None and attach:
+        detector.set_memory_bank(bank)
+    return detector
+
+
+def _samples(args) -> list | object:
+    """Labelled samples from --dataset/--data-root (any loader), or from --images with one --label (and --masks)."""
+    if args.dataset:
+        from ..data.loaders import load_benchmark
+
+        if not args.data_root:
+            raise _cli.CLIError("--dataset needs --data-root (the folder to read).")
+        return load_benchmark(args.dataset, args.data_root, categories=args.categories)
+    if not args.images:
+        raise _cli.CLIError("Give the images to add: --dataset folder --data-root DIR (good/ and <defect>/ sub-folders), or --images FILES --label normal|anomaly.")
+    if not args.label:
+        raise _cli.CLIError("--images needs --label normal or --label anomaly (one label for all of them).")
+    images = _cli._collect_images(args.images)
+    masks = _cli._collect_images(args.masks) if args.masks else [None] * len(images)
+    if len(masks) != len(images):
+        raise _cli.CLIError(f"Got {len(images)} images but {len(masks)} masks; masks are paired with images in sorted order, one each.")
+    if args.label == "normal" and args.masks:
+        raise _cli.CLIError("Normal images have no defect masks; drop --masks or use --label anomaly.")
+    return [{"image": str(i), "label": args.label, "mask": str(m) if m else None, "path": str(i)} for i, m in zip(images, masks)]
+
+
+# ---------------------------------------------------------------------- mrad bank
+def _print_info(info: dict) -> None:
+    counts = info["counts"]
+    _cli._log(f"source: {info['source']}   format version: {info['format_version']}   key widths: image {info['key_widths']['image']}, patch {info['key_widths']['patch']}")
+    _cli._log(f"entries: {counts['image_entries']} image ({counts['image_anomalous']} anomalous), {counts['patch_entries']} region ({counts['patch_anomalous']} anomalous)")
+    for source, per in info["per_source"].items():
+        _cli._log(f"  {source}: " + ", ".join(f"{count} {kind}" for kind, count in sorted(per.items())))
+    if info["calibration"]:
+        _cli._log(f"calibration: image threshold {info['calibration']['image_threshold']:.6f} at target FPR {info['calibration']['target_fpr']}")
+    for step in info["history"]:
+        _cli._log(f"  history: {json.dumps(step)}")
+
+
+def cmd_bank_info(args) -> int:
+    from ..memory.tools import bank_info
+
+    info = bank_info(_load_bank(args.bank))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def _dedup(args):
+    return None if args.no_dedup else args.dedup
+
+
+def _save(bank, path) -> None:
+    saved = bank.save(path)
+    _cli._log(f"{bank} -> {saved}")
+
+
+def cmd_bank_add(args) -> int:
+    from ..memory.tools import add_samples
+
+    bank = _load_bank(args.bank)
+    detector = _detector(args, bank, attach=False)
+    samples = _samples(args)
+    result = add_samples(bank, detector, samples, source=args.source, dedup_threshold=_dedup(args), batch_size=args.batch_size)
+    before, after = bank.counts(), result.counts()
+    _cli._log(f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}")
+    _save(result, args.output or args.bank)
+    return 0
+
+
+def cmd_bank_merge(args) -> int:
+    from ..memory.tools import merge_banks
+
+    banks = [_load_bank(path) for path in args.banks]
+    merged = merge_banks(banks, names=list(args.banks), dedup_threshold=_dedup(args))
+    total = sum(b.counts()["image_entries"] + b.counts()["patch_entries"] for b in banks)
+    kept = merged.counts()["image_entries"] + merged.counts()["patch_entries"]
+    _cli._log(f"Merged {len(banks)} banks: {kept} of {total} entries kept ({total - kept} near-duplicates dropped)")
+    _save(merged, args.output)
+    return 0
+
+
+def cmd_bank_remove(args) -> int:
+    from ..memory.tools import remove_sources
+
+    bank = _load_bank(args.bank)
+    result = remove_sources(bank, args.source)
+    _cli._log(f"Removed {args.source}: {bank.counts()['image_entries']} -> {result.counts()['image_entries']} image entries")
+    _save(result, args.output or args.bank)
+    return 0
+
+
+# ---------------------------------------------------------------------- mrad calibrate
+def cmd_calibrate(args) -> int:
+    from ..tools.calibration import apply_calibration, calibrate
+
+    bank = _load_bank(args.bank) if args.bank else None
+    detector = _detector(args, bank)
+    if not detector.config.image_bank_size:
+        raise _cli.CLIError("The model has no memory bank: pass --bank FILE or a --model saved with a bank.")
+    defects, masks = None, None
+    if args.dataset:
+        rows = _samples(args)
+        normals = [row["image"] for row in rows if int(row["label"]) == 0]
+        defect_rows = [row for row in rows if int(row["label"]) == 1]
+        defects, masks = [row["image"] for row in defect_rows], [row["mask"] for row in defect_rows]
+    else:
+        normals = [str(path) for path in _cli._collect_images(args.images or [])]
+    if not normals:
+        raise _cli.CLIError("No known-good images: pass them with --images (files or folders) or a --dataset with a good/ folder.")
+    _cli._log(f"Calibrating on {len(normals)} known-good image(s){f' and {len(defects)} known defect(s)' if defects else ''} for a false-positive rate of {args.target_fpr}")
+    calibration = calibrate(detector, normals, target_fpr=args.target_fpr, pixel_fpr=args.pixel_fpr, defect_images=defects, defect_masks=masks, batch_size=args.batch_size)
+    target_bank = bank if bank is not None or not args.bank_output else detector.get_memory_bank()
+    apply_calibration(detector, calibration, bank=target_bank)
+    _cli._write_json(Path(args.output), calibration)
+    _cli._log(f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f} -> {args.output}")
+    if calibration["defects"]:
+        _cli._log(f"on the known defects: image recall {calibration['defects']['image_recall']:.3f}, pixel recall {calibration['defects']['pixel_recall']}")
+    if args.save_model:
+        detector.save_pretrained(args.save_model)
+        _cli._log(f"Calibrated model saved to {args.save_model}: pipeline('anomaly-detection') now returns is_anomalous and mask")
+    if args.bank_output:
+        _save(target_bank, args.bank_output)
+    return 0
+
+
+# ---------------------------------------------------------------------- mrad explain
+def cmd_explain(args) -> int:
+    from tqdm.auto import tqdm
+
+    from ..tools.app import detector_for
+    from ..tools.explain import save_explanation
+
+    bank = _load_bank(args.bank) if args.bank else None
+    detector = _detector(args, bank)
+    detect = detector_for(detector)
+    output_dir = Path(args.output_dir)
+    records = []
+    for index, path in enumerate(tqdm(_cli._collect_images(args.images), desc="Explaining", unit="img")):
+        image = detect.image_processor.load(path)
+        result = detect(image, explain=True, top_k=args.top_k, threshold=args.threshold)
+        panel = save_explanation(output_dir / f"{index:05d}_{path.stem}_explanation.png", image, result["anomaly_map"], result["explanation"])
+        record = {"path": str(path), "score": result["score"], "panel": str(panel), "explanation": result["explanation"]}
+        if "is_anomalous" in result:
+            record.update(is_anomalous=bool(result["is_anomalous"]), thresholds=result["thresholds"])
+        records.append(record)
+        top = result["explanation"]["image"]["neighbours"][0]
+        _cli._log(f"{result['score']:.6f}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}")
+    _cli._write_json(output_dir / "explanations.json", records)
+    _cli._log(f"Panels and explanations.json in {output_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------- mrad serve
+def cmd_serve(args) -> int:
+    from ..tools.app import import_gradio, serve
+
+    import_gradio()  # fail with the install hint before loading a model
+    bank = _load_bank(args.bank) if args.bank else None
+    detector = _detector(args, bank)
+    _cli._log(f"Serving on http://{args.host}:{args.port}/ (Ctrl+C stops)")
+    serve(detector, host=args.host, port=args.port, top_k=args.top_k, threshold=args.threshold)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def _model_options(sub, bank_help: str | None = "a memory bank file to use instead of the model's own") -> None:
+    sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
+    sub.add_argument("--clip", help="a CLIP checkpoint, or random-tiny / random-small (random weights, offline)")
+    sub.add_argument("--seed", type=int, default=0, help="seed for random backbones")
+    sub.add_argument("--retrieval-temperature", type=float, help="override tau (random backbones need ~0.01)")
+    if bank_help:
+        sub.add_argument("--bank", help=bank_help)
+
+
+def _sample_options(sub) -> None:
+    sub.add_argument("--dataset", help="a loader name (folder, mvtec-layout, mvtec, visa, ...) for labelled images")
+    sub.add_argument("--data-root", help="the folder the --dataset loader reads")
+    sub.add_argument("--categories", nargs="+")
+    sub.add_argument("--images", nargs="+", help="image files and/or folders")
+
+
+def _dedup_options(sub) -> None:
+    from ..memory.tools import DEFAULT_DEDUP_THRESHOLD
+
+    sub.add_argument("--dedup", type=float, default=DEFAULT_DEDUP_THRESHOLD, help="drop same-label entries with cosine above this (default %(default)s)")
+    sub.add_argument("--no-dedup", action="store_true", help="keep near-identical entries")
+
+
+def register(commands) -> None:
+    """Add `bank`, `calibrate`, `explain` and `serve` to the `mrad` subcommand parser."""
+    bank = commands.add_parser("bank", help="living memory banks: info, add images, merge, remove a source")
+    actions = bank.add_subparsers(dest="bank_command", required=True)
+
+    info = actions.add_parser("info", help="entries per source and kind, backbone, feature settings, history")
+    info.add_argument("bank")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_bank_info)
+
+    add = actions.add_parser("add", help="add labelled images (with or without masks) to a bank, no training")
+    add.add_argument("bank", help="the bank file to extend")
+    _model_options(add, bank_help=None)
+    _sample_options(add)
+    add.add_argument("--label", choices=("normal", "anomaly"), help="label of all --images")
+    add.add_argument("--masks", nargs="+", help="defect masks for --images (files or folders), paired in sorted order")
+    add.add_argument("--source", required=True, help="name of the new entries' source (used to list or remove them)")
+    add.add_argument("--output", help="write here instead of replacing the bank file")
+    add.add_argument("--batch-size", type=int, default=8)
+    _dedup_options(add)
+    add.set_defaults(handler=cmd_bank_add)
+
+    merge = actions.add_parser("merge", help="merge compatible banks (same backbone and feature settings)")
+    merge.add_argument("banks", nargs="+", help="bank files, the first one's entries win near-duplicates")
+    merge.add_argument("--output", required=True)
+    _dedup_options(merge)
+    merge.set_defaults(handler=cmd_bank_merge)
+
+    remove = actions.add_parser("remove", help="remove every entry of one or more sources")
+    remove.add_argument("bank")
+    remove.add_argument("--source", nargs="+", required=True)
+    remove.add_argument("--output", help="write here instead of replacing the bank file")
+    remove.set_defaults(handler=cmd_bank_remove)
+
+    calibrate = commands.add_parser("calibrate", help="choose image and pixel thresholds for a target false-positive rate")
+    _model_options(calibrate)
+    _sample_options(calibrate)
+    calibrate.add_argument("--target-fpr", type=float, default=0.05, help="share of good images flagged (default %(default)s)")
+    calibrate.add_argument("--pixel-fpr", type=float, help="share of good pixels in the mask (default min(target, 0.01))")
+    calibrate.add_argument("--output", default="calibration.json", help="where to write the thresholds as JSON")
+    calibrate.add_argument("--save-model", help="save the model with its calibration (and bank) to this folder")
+    calibrate.add_argument("--bank-output", help="also write the bank with the calibration in its metadata")
+    calibrate.add_argument("--batch-size", type=int, default=8)
+    calibrate.set_defaults(handler=cmd_calibrate)
+
+    explain = commands.add_parser("explain", help="the memory entries behind each image's score and most anomalous region, as PNG panels")
+    _model_options(explain)
+    explain.add_argument("images", nargs="+", help="image files and/or folders")
+    explain.add_argument("--output-dir", default="outputs/explain")
+    explain.add_argument("--top-k", type=int, default=5)
+    explain.add_argument("--threshold", type=float, help="image threshold (default: the model's calibration, if any)")
+    explain.set_defaults(handler=cmd_explain)
+
+    serve = commands.add_parser("serve", help="demo app: drop an image, see score, heatmap, decision, explanation (needs gradio)")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--top-k", type=int, default=5)
+    serve.add_argument("--threshold", type=float, help="image threshold (default: the model's calibration, if any)")
+    serve.set_defaults(handler=cmd_serve)

@@ -1,0 +1,289 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Living memory banks: add a line's own labelled images, merge banks, de-duplicate, remove by source.
+
+MRAD's memory is explicit data, so it can be edited without any training step. Every function here takes
+`MemoryBank` objects and returns a new one (inputs are not modified); `mrad bank add|merge|remove|info`
+wraps them. Provenance stays aligned with the keys throughout: image entry i keeps its source and image
+id (`metadata["image_sources"][i]`, `metadata["image_ids"][i]`), and region prototypes keep pointing at
+their image entry through `patch_sources` (see `MemoryBank.provenance`).
+
+* **add** (`add_samples`): entries for new labelled images are computed with the model's own
+  `build_memory_bank(..., attach=False)` (same features, same region rule as the rest of the bank) and
+  appended. Images with a mask give an image entry plus a normal and an anomalous region prototype; an
+  anomalous image without a mask gives an anomalous image entry and (as in the reference) a normal region.
+* **merge** (`merge_banks`): refused unless the banks were built with the same backbone and feature
+  settings (`check_mergeable`: key widths, the backbone fingerprint, `feature_settings`).
+* **de-duplicate** (`deduplicate`), the rule: entries are visited in bank order (for a merge: the first
+  bank, then the next), and an entry is dropped when an entry already kept *at the same level, with the
+  same label* has cosine similarity > `threshold` with it (default `DEFAULT_DEDUP_THRESHOLD`). Region
+  prototypes are de-duplicated first; an image entry is then dropped only if, in addition, none of its
+  region prototypes survived, so every remaining prototype still has its image entry and provenance. The
+  earlier entry always wins, so a public bank's entries are never replaced by a later near-copy; when
+  adding images, only new entries can be dropped (the existing bank is kept whole).
+* **remove** (`remove_sources`): drops every image entry of the named sources and the region prototypes
+  built from them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings
+from ..models.mrad.retrieval_mrad import l2_normalize
+
+__all__ = [
+    "DEFAULT_DEDUP_THRESHOLD",
+    "add_samples",
+    "bank_info",
+    "check_mergeable",
+    "deduplicate",
+    "entries_from_samples",
+    "merge_banks",
+    "remove_sources",
+    "select_entries",
+]
+
+#: Cosine similarity above which two same-label keys count as near-identical: meant to catch the same
+#: image added twice (or re-encoded), not similar parts. Soft retrieval sums over entries, so a copy
+#: doubles an entry's weight; dropping it restores that, while dropping merely *similar* entries would
+#: change the scores, hence a threshold this close to 1. Random-weight backbones (tests, offline demo)
+#: give nearly collinear features, for which even distinct images can exceed it.
+DEFAULT_DEDUP_THRESHOLD = 0.999
+
+
+def _labels(values: torch.Tensor) -> torch.Tensor:
+    return values.argmax(dim=1) if len(values) else torch.zeros(0, dtype=torch.long)
+
+
+def select_entries(bank: MemoryBank, image_indices: Sequence[int], patch_indices: Sequence[int], **metadata_updates) -> MemoryBank:
+    """A new bank with the given image and patch entries (in that order), provenance kept aligned.
+
+    Every selected patch entry's image entry must be selected too (or the patch entry's source must be
+    unknown, -1); otherwise a MemoryBankError names the orphan.
+    """
+    image_index = torch.as_tensor(list(image_indices), dtype=torch.long)
+    patch_index = torch.as_tensor(list(patch_indices), dtype=torch.long)
+    remap = torch.full((bank.image_keys.shape[0] + 1,), -1, dtype=torch.long)  # last slot maps -1 to -1
+    remap[image_index] = torch.arange(len(image_index))
+    old_sources = bank.patch_sources[patch_index]
+    new_sources = remap[old_sources]
+    orphans = (old_sources >= 0) & (new_sources < 0)
+    if orphans.any():
+        first = int(patch_index[orphans.nonzero()[0, 0]])
+        raise MemoryBankError(f"Patch entry {first} would lose its image entry {int(bank.patch_sources[first])}; select both or neither.")
+    ids, sources = bank.image_ids(), bank.image_sources()
+    metadata = dict(bank.metadata)
+    metadata.update(
+        image_ids=[ids[i] for i in image_index.tolist()],
+        image_sources=[sources[i] for i in image_index.tolist()],
+        **metadata_updates,
+    )
+    return MemoryBank(
+        image_keys=bank.image_keys[image_index].clone(),
+        image_values=bank.image_values[image_index].clone(),
+        patch_keys=bank.patch_keys[patch_index].clone(),
+        patch_values=bank.patch_values[patch_index].clone(),
+        patch_sources=new_sources,
+        metadata=metadata,
+    )
+
+
+# ---------------------------------------------------------------------- merge
+def _backbone_of(bank: MemoryBank) -> dict[str, Any]:
+    backbone = dict(bank.metadata.get("backbone") or {})
+    backbone.setdefault("projection_dim", int(bank.image_keys.shape[1]))
+    backbone.setdefault("hidden_size", int(bank.patch_keys.shape[1]))
+    return backbone
+
+
+def check_mergeable(first: MemoryBank, second: MemoryBank, names: tuple[str, str] = ("first bank", "second bank")) -> None:
+    """Raise MemoryBankError unless both banks were built with the same backbone and feature settings."""
+    try:
+        first.check_compatible(_backbone_of(second), second.metadata.get("features") or {}, strict=True)
+    except MemoryBankError as error:
+        raise MemoryBankError(
+            f"Cannot merge {names[1]} into {names[0]}: {error} Rebuild one of them with the other's model "
+            "(`mrad bank add` computes entries with a given model)."
+        ) from error
+
+
+def _source_name(bank: MemoryBank) -> str:
+    return str(bank.metadata.get("source") or "unknown")
+
+
+def merge_banks(banks: Sequence[MemoryBank], *, names: Sequence[str] | None = None, dedup_threshold: float | None = DEFAULT_DEDUP_THRESHOLD) -> MemoryBank:
+    """Concatenate compatible banks (first bank's entries first), then de-duplicate (None: keep every entry).
+
+    The result keeps the first bank's backbone and feature metadata; its `source` joins the distinct sources
+    with "+", and `metadata["history"]` records the merge.
+    """
+    if not banks:
+        raise MemoryBankError("merge_banks needs at least one bank.")
+    names = list(names) if names is not None else [f"bank {i}" for i in range(len(banks))]
+    for bank, name in zip(banks[1:], names[1:]):
+        check_mergeable(banks[0], bank, (names[0], name))
+    image_offset, patch_sources, ids, sources = 0, [], [], []
+    for bank in banks:
+        shifted = bank.patch_sources.clone()
+        shifted[shifted >= 0] += image_offset
+        patch_sources.append(shifted)
+        ids += bank.image_ids()
+        sources += bank.image_sources()
+        image_offset += bank.image_keys.shape[0]
+    distinct = list(dict.fromkeys(sources))
+    metadata = dict(banks[0].metadata)
+    metadata.update(
+        image_ids=ids,
+        image_sources=sources,
+        source="+".join(distinct) if distinct else _source_name(banks[0]),
+        history=list(metadata.get("history") or []) + [{"operation": "merge", "banks": [str(n) for n in names], "entries": [b.counts() for b in banks]}],
+    )
+    metadata.pop("calibration", None)  # thresholds chosen for one bank do not carry over to another
+    merged = MemoryBank(
+        image_keys=torch.cat([b.image_keys.float() for b in banks]),
+        image_values=torch.cat([b.image_values.float() for b in banks]),
+        patch_keys=torch.cat([b.patch_keys.float() for b in banks]),
+        patch_values=torch.cat([b.patch_values.float() for b in banks]),
+        patch_sources=torch.cat(patch_sources),
+        metadata=metadata,
+    )
+    return merged if dedup_threshold is None else deduplicate(merged, dedup_threshold)
+
+
+# ---------------------------------------------------------------------- de-duplication
+def _greedy_keep(keys: torch.Tensor, labels: torch.Tensor, threshold: float, protected: torch.Tensor | None = None, block: int = 256) -> list[int]:
+    """Indices kept by the rule in the module docstring: in order, drop an entry whose same-label cosine with
+    an already kept entry exceeds `threshold`, unless it is `protected` (protected entries are always kept)."""
+    keys = l2_normalize(keys.float())
+    count = keys.shape[0]
+    protected = torch.zeros(count, dtype=torch.bool) if protected is None else protected
+    kept: list[int] = []
+    for start in range(0, count, block):
+        chunk, chunk_labels = keys[start : start + block], labels[start : start + block]
+        duplicate = torch.zeros(len(chunk), dtype=torch.bool)
+        if kept:
+            kept_index = torch.tensor(kept)
+            similar = (chunk @ keys[kept_index].T > threshold) & (chunk_labels[:, None] == labels[kept_index][None])
+            duplicate |= similar.any(dim=1)
+        inner = (chunk @ chunk.T > threshold) & (chunk_labels[:, None] == chunk_labels[None])
+        for offset in range(len(chunk)):
+            if duplicate[offset] and not protected[start + offset]:
+                continue
+            kept.append(start + offset)
+            later = inner[offset].clone()
+            later[: offset + 1] = False
+            duplicate |= later
+    return kept
+
+
+def deduplicate(bank: MemoryBank, threshold: float = DEFAULT_DEDUP_THRESHOLD, *, keep_leading: tuple[int, int] = (0, 0)) -> MemoryBank:
+    """Drop near-identical entries (same level, same label, cosine > threshold); the rule is in the module docstring.
+
+    `keep_leading=(i, p)` always keeps the first i image and p patch entries (`add_samples` passes the existing
+    bank's sizes, so adding images never removes what was there).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"The de-duplication threshold is a cosine similarity in (0, 1], got {threshold}.")
+    leading_patches = torch.arange(bank.patch_keys.shape[0]) < keep_leading[1]
+    patch_kept = _greedy_keep(bank.patch_keys, _labels(bank.patch_values), threshold, protected=leading_patches)
+    has_region = torch.arange(bank.image_keys.shape[0]) < keep_leading[0]
+    surviving_sources = bank.patch_sources[torch.tensor(patch_kept, dtype=torch.long)] if patch_kept else torch.zeros(0, dtype=torch.long)
+    has_region[surviving_sources[surviving_sources >= 0]] = True
+    image_kept = _greedy_keep(bank.image_keys, _labels(bank.image_values), threshold, protected=has_region)
+    removed = {"image": bank.image_keys.shape[0] - len(image_kept), "patch": bank.patch_keys.shape[0] - len(patch_kept)}
+    history = list(bank.metadata.get("history") or []) + [{"operation": "deduplicate", "threshold": threshold, "removed": removed}]
+    result = select_entries(bank, image_kept, patch_kept, history=history)
+    if any(removed.values()):
+        result.metadata.pop("calibration", None)  # thresholds were chosen with the entries just removed
+    return result
+
+
+# ---------------------------------------------------------------------- remove
+def remove_sources(bank: MemoryBank, sources: Iterable[str]) -> MemoryBank:
+    """Remove every entry whose source is in `sources` (image entries and the region prototypes built from them)."""
+    sources = set(sources)
+    image_sources = bank.image_sources()
+    present = set(image_sources)
+    unknown = sorted(sources - present)
+    if unknown:
+        raise MemoryBankError(f"The bank has no entries from {unknown}; its sources are {sorted(present)}.")
+    image_kept = [i for i, source in enumerate(image_sources) if source not in sources]
+    if not image_kept:
+        raise MemoryBankError(f"Removing {sorted(sources)} would leave the bank empty; build a new bank instead.")
+    keep_image = torch.zeros(bank.image_keys.shape[0] + 1, dtype=torch.bool)  # last slot: unknown source (-1)
+    keep_image[torch.tensor(image_kept)] = True
+    keep_image[-1] = _source_name(bank) not in sources
+    patch_kept = keep_image[bank.patch_sources].nonzero().flatten().tolist()
+    if not patch_kept:
+        raise MemoryBankError(f"Removing {sorted(sources)} would leave the pixel memory empty; build a new bank instead.")
+    remaining = list(dict.fromkeys(image_sources[i] for i in image_kept))
+    history = list(bank.metadata.get("history") or []) + [{"operation": "remove", "sources": sorted(sources)}]
+    metadata = {"source": "+".join(remaining), "history": history}
+    result = select_entries(bank, image_kept, patch_kept, **metadata)
+    result.metadata.pop("calibration", None)
+    return result
+
+
+# ---------------------------------------------------------------------- add
+def entries_from_samples(model, samples: Iterable[Any], *, source: str, batch_size: int = 8, progress: bool = True) -> MemoryBank:
+    """Memory entries for labelled samples, computed by `model.build_memory_bank(..., attach=False)`.
+
+    `samples` as for `build_memory_bank`: dicts with `image`, `label` and optional `mask` / `path` / `id`,
+    or a `datasets.Dataset` from `mrad_hf.data.loaders`. Every entry gets `source` as its provenance.
+    """
+    if not source:
+        raise ValueError("Name the source of the new entries (e.g. 'line-3-defects'): it is how they are listed and removed later.")
+    bank = model.build_memory_bank(samples, batch_size=batch_size, source=source, progress=progress, attach=False)
+    bank.metadata["image_sources"] = [source] * bank.image_keys.shape[0]
+    return bank
+
+
+def add_samples(
+    bank: MemoryBank,
+    model,
+    samples: Iterable[Any],
+    *,
+    source: str,
+    dedup_threshold: float | None = DEFAULT_DEDUP_THRESHOLD,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> MemoryBank:
+    """Append the entries of new labelled images to `bank` (no training). `model` must be the bank's backbone."""
+    bank.check_compatible(model.backbone_fingerprint(), feature_settings(model.config), strict=True)
+    if source in set(bank.image_sources()):
+        raise MemoryBankError(f"The bank already has entries from source {source!r}; pick a new name, or remove that source first.")
+    new = entries_from_samples(model, samples, source=source, batch_size=batch_size, progress=progress)
+    merged = merge_banks([bank, new], names=[_source_name(bank), source], dedup_threshold=None)
+    merged.metadata["history"][-1] = {"operation": "add", "source": source, "entries": new.counts()}
+    if dedup_threshold is None:
+        return merged
+    return deduplicate(merged, dedup_threshold, keep_leading=(bank.image_keys.shape[0], bank.patch_keys.shape[0]))
+
+
+# ---------------------------------------------------------------------- info
+def bank_info(bank: MemoryBank) -> dict[str, Any]:
+    """Counts overall and per source, key widths, backbone and feature settings, history: JSON-able."""
+    sources = bank.image_sources()
+    image_labels = _labels(bank.image_values).tolist()
+    patch_labels = _labels(bank.patch_values).tolist()
+    per_source: dict[str, Counter] = {}
+    for source, label in zip(sources, image_labels):
+        per_source.setdefault(source, Counter())["anomalous images" if label else "normal images"] += 1
+    for image_index, label in zip(bank.patch_sources.tolist(), patch_labels):
+        source = sources[image_index] if image_index >= 0 else _source_name(bank)
+        per_source.setdefault(source, Counter())["anomalous regions" if label else "normal regions"] += 1
+    return {
+        "source": bank.metadata.get("source"),
+        "format_version": bank.metadata.get("format_version"),
+        "counts": bank.counts(),
+        "key_widths": {"image": int(bank.image_keys.shape[1]), "patch": int(bank.patch_keys.shape[1])},
+        "per_source": {source: dict(counter) for source, counter in per_source.items()},
+        "backbone": bank.metadata.get("backbone"),
+        "features": bank.metadata.get("features"),
+        "calibration": bank.metadata.get("calibration"),
+        "history": bank.metadata.get("history") or [],
+    }

@@ -1,0 +1,115 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MRAD-CLIP's prompted text features over the weights of a Hugging Face `CLIPModel` (paper Sec. 3.5).
+
+MRAD-CLIP describes the two states with AnomalyCLIP-style learnable prompts
+
+    normal:    [SOT] P_1 ... P_12 object . [EOT]
+    anomalous: [SOT] P_1 ... P_12 damaged object . [EOT]
+
+whose context vectors P_i get a per-image bias from the region priors (added to every P_i), and
+*deep* prompts: at text layers 2..9 (1-based) the hidden states of tokens 1..4 are replaced by learned
+vectors, which the reference rounds to fp16 before inserting. The text feature of a prompt is its
+end-token state after the final layer norm, times `text_projection`.
+
+`prompted_text_features` is a pure function of the frozen CLIP text weights and the learned vectors.
+Because the text transformer is causal, tokens after the end token cannot influence it, so the
+sequence is cut right after the longest prompt's end token instead of CLIP's 77 positions (the same
+result, ~4x less work).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "causal_attention_mask",
+    "prompted_text_features",
+    "prompt_texts",
+    "prompt_token_ids",
+    "OPENAI_DEFAULT_PROMPT_TOKEN_IDS",
+]
+
+CONTEXT_PLACEHOLDER = "X"
+#: What OpenAI's CLIP tokenizer gives for the reference prompts (12 placeholders, "object" / "damaged object"):
+#: start 49406, "x" 343 x 12, ("damaged" 13568), "object" 14115, "." 269, end 49407. Used when no tokenizer is at
+#: hand (e.g. random offline backbones with CLIP's vocabulary size); a test checks them against the real vocabulary.
+OPENAI_DEFAULT_PROMPT_TOKEN_IDS = (
+    [49406] + [343] * 12 + [14115, 269, 49407],
+    [49406] + [343] * 12 + [13568, 14115, 269, 49407],
+)
+def prompt_texts(context_length: int, normal_prompt: str = "object", anomaly_prompt: str = "damaged object") -> list[str]:
+    """The two prompt strings with one placeholder word per context vector, e.g. "X X ... X damaged object."."""
+    placeholders = " ".join([CONTEXT_PLACEHOLDER] * context_length)
+    return [f"{placeholders} {normal_prompt}.", f"{placeholders} {anomaly_prompt}."]
+
+
+def prompt_token_ids(tokenizer, context_length: int = 12, normal_prompt: str = "object", anomaly_prompt: str = "damaged object") -> list[list[int]]:
+    """Ids (start token ... end token, no padding) of the normal and anomalous prompts.
+
+    Raises ValueError when a placeholder does not map to exactly one token (the context vectors would then
+    not sit at positions 1..context_length).
+    """
+    ids = [list(tokenizer(text)["input_ids"]) for text in prompt_texts(context_length, normal_prompt, anomaly_prompt)]
+    for prompt in ids:
+        placeholders = prompt[1 : 1 + context_length]
+        if len(set(placeholders)) != 1 or prompt[1 + context_length] == placeholders[0]:
+            raise ValueError(
+                f"The tokenizer does not encode the placeholder {CONTEXT_PLACEHOLDER!r} as one token each (got {prompt}); "
+                "use a CLIP tokenizer."
+            )
+    return ids
+
+
+def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive (1, 1, T, T) mask: 0 on and below the diagonal, the dtype's minimum above it."""
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+    return mask[None, None]
+
+
+def prompted_text_features(
+    text_model: nn.Module,
+    text_projection: nn.Module,
+    context: torch.Tensor,
+    token_ids: torch.Tensor,
+    end_positions: torch.Tensor,
+    deep_prompts: torch.Tensor | None = None,
+    *,
+    round_deep_prompts_to_fp16: bool = True,
+) -> torch.Tensor:
+    """Text features of per-image prompts, shape (B, S, P) for S states (2: normal, anomalous), not normalised.
+
+    Args:
+        text_model: `CLIPModel.text_model` (embeddings, encoder.layers, final_layer_norm).
+        text_projection: `CLIPModel.text_projection`.
+        context: (B, S, n_ctx, D) context vectors, biases already added.
+        token_ids: (S, T) token ids of each prompt, padded after its end token; positions 1..n_ctx are placeholders
+            whose embeddings are replaced by `context`.
+        end_positions: (S,) index of each prompt's end token.
+        deep_prompts: (n_deep, t, D): inserted at layers 1..n_deep (0-based), replacing tokens 1..t.
+        round_deep_prompts_to_fp16: round the deep prompts to fp16 values first (the reference's `.half()`).
+    """
+    batch, states, n_ctx, width = context.shape
+    length = int(end_positions.max()) + 1
+    token_ids = token_ids[:, :length]
+    embeddings = text_model.embeddings
+    words = embeddings.token_embedding(token_ids).to(context.dtype)  # (S, T, D)
+    prefix = words[:, :1].unsqueeze(0).expand(batch, -1, -1, -1)
+    suffix = words[:, 1 + n_ctx :].unsqueeze(0).expand(batch, -1, -1, -1)
+    hidden = torch.cat([prefix, context, suffix], dim=2).reshape(batch * states, length, width)
+    hidden = hidden + embeddings.position_embedding.weight[:length].to(hidden.dtype)
+
+    mask = causal_attention_mask(length, hidden.dtype, hidden.device)
+    num_deep = 0 if deep_prompts is None else deep_prompts.shape[0]
+    for index, layer in enumerate(text_model.encoder.layers):
+        if 1 <= index <= num_deep:
+            deep = deep_prompts[index - 1]
+            if round_deep_prompts_to_fp16:
+                deep = deep.half()
+            deep = deep.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+            hidden = torch.cat([hidden[:, :1], deep, hidden[:, 1 + deep.shape[1] :]], dim=1)
+        hidden = layer(hidden, attention_mask=mask)
+    hidden = text_model.final_layer_norm(hidden)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    ends = end_positions.to(hidden.device).repeat(batch)
+    return text_projection(hidden[rows, ends]).reshape(batch, states, -1)

@@ -1,0 +1,162 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Explanations by retrieval: which memory entries drove an image's score and its most anomalous region.
+
+MRAD scores by soft retrieval, softmax(similarity) V, so the entries with the largest similarity carry the
+largest weight in the score. For one image, `explain_images` reports
+
+* **image level**: the top-k image entries by the similarity the image score uses;
+* **region level**: the patch with the highest anomaly probability among the per-patch probabilities the
+  map is made of (`patch_probabilities[..., 1]`, or MRAD-CLIP's `text_probabilities[..., 1]`, before
+  upsampling and smoothing) and the top-k region prototypes for that patch's query;
+
+each with its provenance (`MemoryBank.provenance`: source, image id, kind), its label, its similarity
+(the pre-softmax retrieval logit, `model.retrieval_logits(level, queries)`: cosine / tau for MRAD-TF,
+projected dot products for the trained variants) and its softmax weight (its share of the retrieval).
+Queries come from `model.retrieval_queries(model.extract_features(pixel_values))`, the model's own path.
+
+`render_explanation` draws one PNG panel: query image with the region boxed, heatmap overlay, and the
+nearest labelled examples (the source image's thumbnail where its id is an existing file, otherwise a
+labelled placeholder). Imports only torch, numpy, Pillow and siblings, so it can travel with the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..models.mrad.memory_bank_mrad import MemoryBank, atomic_write
+from .visualization import overlay_heatmap
+
+__all__ = ["DEFAULT_TOP_K", "explain_images", "render_explanation", "save_explanation"]
+
+DEFAULT_TOP_K = 5
+
+
+def _attached_bank(model) -> MemoryBank:
+    """The attached memory's labels and provenance; provenance needs no keys, so zero-width key views keep the
+    bank's checks (finiteness, checksum) from reading the whole memory on every call."""
+    memory = model.memory
+    return MemoryBank(
+        image_keys=memory.image_keys[:, :0], image_values=memory.image_values, patch_keys=memory.patch_keys[:, :0],
+        patch_values=memory.patch_values, patch_sources=memory.patch_sources, metadata=dict(model.config.memory_bank_metadata or {}),
+    )
+
+
+def _neighbours(bank: MemoryBank, level: str, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
+    weights = torch.softmax(logits.float(), dim=-1)
+    values, indices = torch.topk(logits.float(), min(top_k, logits.shape[-1]))
+    entries = []
+    for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+        entry = bank.provenance(level, index)
+        entry.update(rank=rank, similarity=float(value), weight=float(weights[index]))
+        entries.append(entry)
+    return entries
+
+
+@torch.no_grad()
+def explain_images(model, pixel_values: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, outputs=None) -> list[dict[str, Any]]:
+    """One explanation dict per image of the batch (JSON-able; see the module docstring for the fields).
+
+    `outputs` (the model's output for the same `pixel_values`) avoids a second scoring pass when given.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    if outputs is None:
+        outputs = model(pixel_values=pixel_values)
+    image_queries, patch_queries = model.retrieval_queries(model.extract_features(pixel_values))
+    bank = _attached_bank(model)
+    image_logits = model.retrieval_logits("image", image_queries)
+    # the probabilities the map is made of: the pixel retrieval (MRAD-TF/FT) or the text map (MRAD-CLIP)
+    map_probabilities = getattr(outputs, "text_probabilities", None)
+    anomaly = (outputs.patch_probabilities if map_probabilities is None else map_probabilities)[..., 1].float()
+    grid = int(round(anomaly.shape[1] ** 0.5))
+    explanations = []
+    for b in range(pixel_values.shape[0]):
+        patch = int(anomaly[b].argmax())
+        row, col = divmod(patch, grid)
+        patch_logits = model.retrieval_logits("patch", patch_queries[b, patch][None])[0]
+        explanations.append(
+            {
+                "score": float(outputs.anomaly_score[b]),
+                "image": {"p_anomaly": float(outputs.image_probabilities[b, 1]), "neighbours": _neighbours(bank, "image", image_logits[b], top_k)},
+                "region": {
+                    "patch_index": patch,
+                    "row": row,
+                    "col": col,
+                    "grid_size": grid,
+                    "box": [col / grid, row / grid, (col + 1) / grid, (row + 1) / grid],  # x0, y0, x1, y1 as fractions
+                    "p_anomaly": float(anomaly[b, patch]),
+                    "neighbours": _neighbours(bank, "patch", patch_logits, top_k),
+                },
+            }
+        )
+    return explanations
+
+
+# ---------------------------------------------------------------------- rendering
+def _thumbnail(entry: dict[str, Any], size: int) -> Image.Image:
+    label = "anomaly" if entry["label"] else "normal"
+    colour = (200, 40, 40) if entry["label"] else (40, 150, 60)
+    image_id = entry.get("image_id")
+    tile = None
+    if image_id and os.path.isfile(image_id):
+        try:
+            with Image.open(image_id) as source:
+                tile = source.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        except OSError:
+            tile = None
+    if tile is None:
+        tile = Image.new("RGB", (size, size), (225, 225, 225))
+        ImageDraw.Draw(tile).multiline_text((4, size // 3), "\n".join(textwrap.wrap(f"no image: {image_id or 'unknown'}", 18)[:4]), fill="black")
+    ImageDraw.Draw(tile).rectangle([0, 0, size - 1, size - 1], outline=colour, width=3)
+    caption = Image.new("RGB", (size, 40), "white")
+    text = f"#{entry['rank']} {entry['kind']} ({label})\nsim {entry['similarity']:.3f} w {entry['weight']:.2f}\n{entry['source']}"
+    ImageDraw.Draw(caption).multiline_text((2, 1), text, fill=colour, spacing=1)
+    out = Image.new("RGB", (size, size + 40), "white")
+    out.paste(tile, (0, 0))
+    out.paste(caption, (0, size))
+    return out
+
+
+def render_explanation(image: Image.Image, anomaly_map: np.ndarray, explanation: dict[str, Any], *, tile: int = 160, title: str | None = None) -> Image.Image:
+    """One panel: row 1 = query (most anomalous patch boxed) | heatmap overlay; rows 2-3 = nearest image entries
+    and nearest region prototypes of that patch."""
+    base = image.convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
+    x0, y0, x1, y1 = (v * tile for v in explanation["region"]["box"])
+    ImageDraw.Draw(base).rectangle([x0, y0, x1, y1], outline=(255, 255, 0), width=2)
+    heat_map = np.asarray(Image.fromarray(np.asarray(anomaly_map, dtype=np.float32)).resize((tile, tile), Image.Resampling.BILINEAR))
+    heat = overlay_heatmap(base, heat_map)
+    rows = [
+        ("query | heatmap", [base, heat]),
+        ("nearest image entries", [_thumbnail(e, tile) for e in explanation["image"]["neighbours"]]),
+        ("nearest regions (most anomalous patch)", [_thumbnail(e, tile) for e in explanation["region"]["neighbours"]]),
+    ]
+    strip, gap = 18, 4
+    columns = max(len(tiles) for _, tiles in rows)
+    height = sum(strip + max(t.height for t in tiles) for _, tiles in rows) + strip
+    panel = Image.new("RGB", (columns * (tile + gap) + gap, height), "white")
+    draw = ImageDraw.Draw(panel)
+    header = title or f"score {explanation['score']:.4f}   p_anomaly(image) {explanation['image']['p_anomaly']:.3f}"
+    draw.text((gap, 3), header, fill="black")
+    top = strip
+    for name, tiles in rows:
+        draw.text((gap, top + 3), name, fill="black")
+        top += strip
+        for index, tile_image in enumerate(tiles):
+            panel.paste(tile_image, (gap + index * (tile + gap), top))
+        top += max(t.height for t in tiles)
+    return panel
+
+
+def save_explanation(path: str | os.PathLike, image: Image.Image, anomaly_map: np.ndarray, explanation: dict[str, Any], **kwargs) -> Path:
+    """Render and write the explanation panel PNG atomically; returns the path."""
+    path = Path(path)
+    panel = render_explanation(image, anomaly_map, explanation, **kwargs)
+    atomic_write(path, lambda tmp: panel.save(tmp, format="PNG"))
+    return path

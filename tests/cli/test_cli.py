@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The `mrad` command: build-bank and predict on a user folder, bad files skipped, clear one-line errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_samples, make_tiny_model
+from PIL import Image
+
+from mrad_hf import MemoryBank, MRADImageProcessor
+from mrad_hf.cli.main import main
+
+
+@pytest.fixture
+def user_folder(tmp_path):
+    """The documented generic layout: good/, <defect>/ with <stem>_mask.png beside the image."""
+    from reliability._files import write_folder_dataset
+
+    return write_folder_dataset(tmp_path / "widget", make_samples(6, seed=21))
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    path = tmp_path / "tiny"
+    make_tiny_model().save_pretrained(path)
+    return path
+
+
+def test_build_bank_then_predict_with_a_bad_file(user_folder, saved_tiny, tmp_path, capsys):
+    bank_path, model_dir = tmp_path / "bank.safetensors", tmp_path / "with_bank"
+    code = main(["build-bank", "--model", str(saved_tiny), "--dataset", "folder", "--data-root", str(user_folder),
+                 "--output", str(bank_path), "--save-model", str(model_dir), "--batch-size", "4"])
+    assert code == 0
+    bank = MemoryBank.load(bank_path)
+    assert bank.counts()["image_entries"] == 6 and bank.counts()["patch_anomalous"] == 3
+    assert bank.metadata["source"] == "folder"
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    query_images = [s["image"] for s in make_samples(3, seed=22)]
+    for index, image in enumerate(query_images):
+        Image.fromarray(image).save(queries / f"q{index}.png")
+    (queries / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(model_dir), str(queries), "--output-dir", str(out), "--threshold", "0.5"]) == 0
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["scored"] == 3 and summary["failed"] == 1
+    failure = summary["failures"][0]
+    assert failure["path"].endswith("broken.png") and "broken.png" in failure["error"]
+    # scores equal the model's own
+    from mrad_hf import MRADForAnomalyDetection
+
+    model = MRADForAnomalyDetection.from_pretrained(model_dir)
+    processor = MRADImageProcessor.from_config(model.config)
+    expected = model(**processor(query_images)).anomaly_score.tolist()
+    assert [r["score"] for r in summary["results"]] == pytest.approx(expected, abs=1e-6)
+    assert all(r["label"] in ("anomaly", "normal") for r in summary["results"])
+    panel = Image.open(summary["results"][0]["heatmap"])
+    assert panel.size[0] == 2 * 120 and panel.mode == "RGB"
+
+    assert main(["predict", "--model", str(model_dir), str(queries), "--output-dir", str(out), "--on-error", "fail"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["predict", "--clip", "random-small", str(tmp_path / "nope.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mrad predict: error:") and "neither an image file nor a folder" in err
+    assert main(["build-bank", "--dataset", "mvtec", "--data-root", str(tmp_path), "--output", str(tmp_path / "b.safetensors")]) == 2
+    assert "Pass --model" in capsys.readouterr().err
+
+
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    """The README's main job, as written (a relative output folder, here reached through a symlink): synthetic
+    benchmark -> bank -> scores, AUROCs and heatmap PNGs, honest about weights; then the printed next command scores
+    an image with the saved model and gets the demo's own score for it."""
+    import shlex
+
+    from sklearn.metrics import roc_auc_score
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    out = Path("link/outputs/demo")  # relative, and through a symlink: the loaders' absolute paths must still match
+    assert main(["demo", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOMLY INITIALISED CLIP" in printed and "Retrieval temperature: 0.01" in printed
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["pretrained"] is False and results["protocol"] == "held-out-images"
+    scores = results["scores"]
+    assert len(scores) == 27 and printed.count(" score=") == 27  # every held-out image scored, none lost on a path
+    assert results["image_auroc"] == pytest.approx(roc_auc_score([s["label"] for s in scores], [s["score"] for s in scores]))
+    assert results["pixel_auroc"] > 0.75  # retrieval localises the pasted defects (measured 0.95)
+    heatmaps = sorted((out / "heatmaps").glob("*.png"))
+    assert len(heatmaps) == len(scores) and Image.open(heatmaps[0]).size == (3 * 256, 256 + 18)
+    assert MemoryBank.load(out / "memory_bank.safetensors").counts()["image_entries"] == len(scores)
+
+    # the next command the demo prints works as printed, with the model it saved
+    next_command = [line.strip() for line in printed.splitlines() if line.strip().startswith("mrad predict --model")]
+    assert len(next_command) == 1
+    argv = shlex.split(next_command[0].replace("path/to/your_image.png", shlex.quote(scores[4]["path"])))[1:]
+    assert main(argv) == 0
+    predicted = json.loads((Path(argv[argv.index("--output-dir") + 1]) / "scores.json").read_text())
+    assert [r["score"] for r in predicted["results"]] == pytest.approx([scores[4]["score"]], abs=1e-6)
+
+
+def test_evaluate_cross_dataset_tables_match_independent_metrics(tmp_path, saved_tiny, capsys):
+    """`mrad evaluate`: memory from one synthetic benchmark, scoring another; the table equals metrics recomputed here."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from mrad_hf import MRADForAnomalyDetection
+    from mrad_hf.data.loaders import load_mvtec_layout
+    from mrad_hf.data.synthetic import make_synthetic_benchmark
+
+    aux = make_synthetic_benchmark(tmp_path / "aux", categories=("brick",), n_test_good=3, n_test_per_defect=1, image_size=96, seed=1)
+    target = make_synthetic_benchmark(tmp_path / "target", categories=("grass", "gravel"), n_test_good=3, n_test_per_defect=1, image_size=96, seed=2)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(saved_tiny), "--bank-from", "mvtec-layout", "--bank-root", str(aux),
+            "--dataset", "mvtec-layout", "--data-root", str(target), "--output-dir", str(out), "--heatmaps", "2"]
+    assert main(args) == 0
+    assert "| **mean** |" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [r["category"] for r in results["per_category"]] == ["grass", "gravel"]
+
+    model = MRADForAnomalyDetection.from_pretrained(saved_tiny)
+    model.set_memory_bank(out / "memory_bank.safetensors")
+    processor = MRADImageProcessor.from_config(model.config)
+    recomputed = {}
+    for category in ("grass", "gravel"):
+        rows = [r for r in load_mvtec_layout(target) if r["category"] == category]
+        inputs = processor([r["image"] for r in rows], masks=[r["mask"] for r in rows])
+        outputs = model(pixel_values=inputs["pixel_values"])
+        labels = [r["label"] for r in rows]
+        recomputed[category] = {
+            "image_auroc": roc_auc_score(labels, outputs.anomaly_score.numpy()),
+            "image_ap": average_precision_score(labels, outputs.anomaly_score.numpy()),
+            "pixel_auroc": roc_auc_score(inputs["masks"].numpy().ravel() > 0.5, outputs.anomaly_map.numpy().ravel()),
+        }
+    for record in results["per_category"]:
+        for key, value in recomputed[record["category"]].items():
+            assert record["metrics"][key] == pytest.approx(value, abs=1e-6), (record["category"], key)
+    for key in ("image_auroc", "pixel_auroc"):
+        assert results["mean"][key] == pytest.approx(np.mean([recomputed[c][key] for c in recomputed]), abs=1e-6)
+    table = (out / "results.md").read_text()
+    assert f"{100 * recomputed['grass']['image_auroc']:.1f}" in table.splitlines()[2]
+    assert (out / "results.csv").read_text().splitlines()[-1].startswith("mean,")
+    assert len(list((out / "heatmaps").glob("*.png"))) == 4
+    # resumable: finished categories are read back, not recomputed
+    (out / "per_category" / "grass.json").write_text((out / "per_category" / "grass.json").read_text().replace('"images": 7', '"images": 7, "resumed": true'))
+    assert main(args) == 0
+    assert json.loads((out / "per_category" / "grass.json").read_text())["resumed"] is True
+
+
+def test_folder_inputs_skip_ground_truth_masks(tmp_path, capsys):
+    from PIL import Image
+
+    from mrad_hf.cli.common import _collect_images
+
+    for relative in ("test/good/000.png", "test/hole/001.png", "ground_truth/hole/001_mask.png", "extra/002_mask.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / relative)
+    found = _collect_images([str(tmp_path)])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["test/good/000.png", "test/hole/001.png"]
+    assert "Skipping 2 ground-truth mask file(s)" in capsys.readouterr().out

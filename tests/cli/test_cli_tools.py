@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`mrad bank add|info|merge|remove`, `mrad calibrate`, `mrad explain` end to end on files, plus decisions in `mrad predict`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_samples
+from PIL import Image
+
+from mrad_hf import MRADForAnomalyDetection
+from mrad_hf.cli.main import main
+from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank
+
+
+@pytest.fixture
+def workspace(model_with_bank, tmp_path):
+    model_with_bank.save_pretrained(tmp_path / "model")
+    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    line = tmp_path / "line"
+    (line / "good").mkdir(parents=True)
+    (line / "dent").mkdir()
+    for index, sample in enumerate(make_samples(4, seed=51)):
+        if sample["mask"] is None:
+            Image.fromarray(sample["image"]).save(line / "good" / f"g{index}.png")
+        else:
+            Image.fromarray(sample["image"]).save(line / "dent" / f"d{index}.png")
+            Image.fromarray(sample["mask"].astype(np.uint8) * 255).save(line / "dent" / f"d{index}_mask.png")
+    good = tmp_path / "good"
+    good.mkdir()
+    for index, sample in enumerate(make_samples(9, seed=52)):
+        Image.fromarray(sample["image"]).save(good / f"ok{index}.png")
+    return tmp_path
+
+
+def test_bank_add_info_merge_remove(workspace, capsys):
+    base = MemoryBank.load(workspace / "bank.safetensors")
+    args = ["bank", "add", str(workspace / "bank.safetensors"), "--model", str(workspace / "model"), "--dataset", "folder",
+            "--data-root", str(workspace / "line"), "--source", "line", "--output", str(workspace / "grown.safetensors"), "--no-dedup"]
+    assert main(args) == 0
+    grown = MemoryBank.load(workspace / "grown.safetensors")
+    assert grown.counts()["image_entries"] == 10 and grown.counts()["patch_entries"] == base.counts()["patch_entries"] + 6
+    assert grown.image_sources()[6:] == ["line"] * 4
+    assert grown.image_ids()[6] == str(workspace / "line" / "dent" / "d1.png")  # loader order: defect folders, then good
+    capsys.readouterr()
+    assert main(["bank", "info", str(workspace / "grown.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["per_source"]["line"] == {"anomalous images": 2, "normal images": 2, "anomalous regions": 2, "normal regions": 4}
+    assert main(["bank", "merge", str(workspace / "bank.safetensors"), str(workspace / "grown.safetensors"), "--output", str(workspace / "merged.safetensors")]) == 0
+    merged = MemoryBank.load(workspace / "merged.safetensors")
+    assert merged.counts() == grown.counts()  # the grown bank's copy of the base entries is deduplicated away
+    assert merged.image_sources() == grown.image_sources()
+    assert main(["bank", "remove", str(workspace / "grown.safetensors"), "--source", "line", "--output", str(workspace / "back.safetensors")]) == 0
+    back = MemoryBank.load(workspace / "back.safetensors")
+    assert torch.equal(back.patch_keys, base.patch_keys) and torch.equal(back.image_keys, base.image_keys)
+
+
+def test_bank_add_images_with_one_label_and_bad_input(workspace, capsys):
+    bank = str(workspace / "bank.safetensors")
+    dents = sorted(str(p) for p in (workspace / "line" / "dent").glob("d?.png"))
+    assert main(["bank", "add", bank, "--model", str(workspace / "model"), "--images", *dents, "--label", "anomaly", "--source", "bad"]) == 0
+    grown = MemoryBank.load(bank)  # replaced in place
+    assert grown.image_values[-2:].argmax(1).tolist() == [1, 1] and grown.image_ids()[-2:] == dents
+    capsys.readouterr()
+    assert main(["bank", "add", bank, "--model", str(workspace / "model"), "--images", *dents, "--masks", dents[0], "--label", "anomaly", "--source", "x"]) == 2
+    assert "Got 2 images but 1 masks" in capsys.readouterr().err
+    assert main(["bank", "remove", bank, "--source", "nope"]) == 2
+    assert "its sources are ['bad', 'unit-test']" in capsys.readouterr().err
+
+
+def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
+    assert main(["calibrate", "--model", str(workspace / "model"), "--images", str(workspace / "good"), "--target-fpr", "0.1",
+                 "--output", str(workspace / "cal.json"), "--save-model", str(workspace / "calibrated")]) == 0
+    calibration = json.loads((workspace / "cal.json").read_text())
+    assert calibration["n_normal_images"] == 9 and calibration["target_fpr"] == 0.1
+    assert MRADForAnomalyDetection.from_pretrained(workspace / "calibrated").config.calibration == calibration
+    out = workspace / "explain"
+    dents = sorted(str(p) for p in (workspace / "line" / "dent").glob("d?.png"))
+    assert main(["explain", "--model", str(workspace / "calibrated"), *dents, "--output-dir", str(out), "--top-k", "2"]) == 0
+    records = json.loads((out / "explanations.json").read_text())
+    assert len(records) == 2 and all(Image.open(r["panel"]).size[0] > 0 for r in records)
+    for record in records:
+        assert record["is_anomalous"] == (record["score"] > calibration["image_threshold"])
+        assert [n["rank"] for n in record["explanation"]["image"]["neighbours"]] == [1, 2]
+    assert main(["predict", "--model", str(workspace / "calibrated"), str(workspace / "good"), "--output-dir", str(workspace / "pred")]) == 0
+    scored = json.loads((workspace / "pred" / "scores.json").read_text())["results"]
+    assert all(r["is_anomalous"] == (r["score"] > calibration["image_threshold"]) for r in scored)
+    assert all(r["thresholds"]["from"] == "calibration" for r in scored)
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(workspace / "model"), "--images", str(workspace / "good"), "--target-fpr", "0.05"]) == 2
+    assert "needs at least 19 known-good images" in capsys.readouterr().err

@@ -1,0 +1,226 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MRAD-TF end to end against the reference-style computation; save/load; AutoModel; remote code; from_clip."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_IMAGE_SIZE, make_samples, make_tiny_model, tiny_clip_config
+from reference_mrad import reference_build_banks, reference_tf_score
+from transformers import AutoConfig, AutoModel, CLIPModel
+
+from mrad_hf import MemoryBankError, MRADConfig, MRADForAnomalyDetection, MRADImageProcessor
+from mrad_hf.models.mrad.modeling_mrad import patch_region_labels
+
+
+def _inputs(model, samples):
+    processor = MRADImageProcessor.from_config(model.config)
+    return processor([s["image"] for s in samples], masks=[s["mask"] for s in samples])
+
+
+def test_bank_and_scores_match_reference(model_with_bank, samples):
+    model = model_with_bank
+    inputs = _inputs(model, samples)
+    labels = torch.tensor([s["label"] for s in samples])
+    ref = reference_build_banks(
+        model.clip, inputs["pixel_values"].split(4), labels.split(4), inputs["masks"].split(4)
+    )
+    bank = model.get_memory_bank()
+    for ours, theirs in zip((bank.image_keys, bank.image_values, bank.patch_keys, bank.patch_values), ref):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert bank.counts()["image_anomalous"] == 3
+
+    queries = make_samples(4, seed=7)
+    query_inputs = _inputs(model, queries)
+    outputs = model(pixel_values=query_inputs["pixel_values"])
+    ref_maps, ref_scores = reference_tf_score(model.clip, query_inputs["pixel_values"], *ref, TINY_IMAGE_SIZE)
+    np.testing.assert_allclose(outputs.anomaly_map.numpy(), ref_maps, atol=1e-5)
+    np.testing.assert_allclose(outputs.anomaly_score.numpy(), ref_scores, atol=1e-5)
+    assert outputs.patch_probabilities.shape == (4, 64, 2)
+    torch.testing.assert_close(outputs.patch_probabilities.sum(-1), torch.ones(4, 64))
+
+
+def test_batch_composition_does_not_change_results(model_with_bank):
+    inputs = _inputs(model_with_bank, make_samples(4, seed=3))["pixel_values"]
+    together = model_with_bank(pixel_values=inputs)
+    alone = [model_with_bank(pixel_values=x) for x in inputs.split(1)]
+    torch.testing.assert_close(together.anomaly_score, torch.cat([a.anomaly_score for a in alone]), atol=1e-6, rtol=0)
+
+
+def test_patch_region_labels_exact_rule_drops_boundaries():
+    masks = torch.zeros(1, 56, 56)
+    masks[0, 0:28, 0:28] = 1  # exactly the top-left 2 x 2 patches of a 4 x 4 grid
+    masks[0, 40:42, 40:56] = 1  # a thin stripe through the centres (rows 14i+6, 14i+7) of the last patch row? no: row 2
+    labels = patch_region_labels(masks, 4, "exact").view(4, 4)
+    assert labels[0, 0] == 1 and labels[1, 1] == 1
+    assert labels[3, 3] == 0
+    # a one-pixel-wide stripe at row 48 (centre rows of patch row 3 are 48 and 49): value 0.5, dropped
+    masks2 = torch.zeros(1, 56, 56)
+    masks2[0, 48, :] = 1
+    labels2 = patch_region_labels(masks2, 4, "exact").view(4, 4)
+    assert (labels2[3] == -1).all() and (labels2[:3] == 0).all()
+    assert (patch_region_labels(masks2, 4, "majority").view(4, 4) == 0).all()
+    with pytest.raises(ValueError, match="Unknown region rule"):
+        patch_region_labels(masks, 4, "any")
+
+
+def test_save_load_automodel_bit_exact(model_with_bank, tmp_path):
+    model_with_bank.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "mrad" and saved["patch_bank_size"] == model_with_bank.config.patch_bank_size
+    assert saved["auto_map"]["AutoModel"] == "modeling_mrad.MRADForAnomalyDetection"
+    assert (tmp_path / "preprocessor_config.json").exists() and (tmp_path / "pipeline_anomaly_detection.py").exists()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MRADConfig)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, MRADForAnomalyDetection)
+    for name, buffer in model_with_bank.memory.named_buffers():
+        assert torch.equal(buffer, getattr(loaded.memory, name)), name
+    pixels = _inputs(model_with_bank, make_samples(2, seed=5))["pixel_values"]
+    assert torch.equal(model_with_bank(pixel_values=pixels).anomaly_map, loaded(pixel_values=pixels).anomaly_map)
+    assert loaded.get_memory_bank().metadata["source"] == "unit-test"
+    assert not any(p.requires_grad for p in loaded.clip.parameters())
+
+
+def test_remote_code_loads_in_fresh_process_without_mrad_hf(model_with_bank, tmp_path):
+    model_with_bank.save_pretrained(tmp_path / "model")
+    pixels = _inputs(model_with_bank, make_samples(2, seed=5))["pixel_values"]
+    np.save(tmp_path / "pixels.npy", pixels.numpy())  # a plain array file: no pickle
+    expected = model_with_bank(pixel_values=pixels).anomaly_score
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["mrad_hf"] = None  # the package is not importable in this process
+        import numpy as np, torch
+        from transformers import AutoModel, pipeline
+        model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
+        assert "transformers_modules" in type(model).__module__, type(model).__module__
+        pixels = torch.from_numpy(np.load({str(tmp_path / 'pixels.npy')!r}, allow_pickle=False))
+        print(",".join(repr(v) for v in model(pixel_values=pixels).anomaly_score.tolist()))
+        pipe = pipeline("anomaly-detection", model={str(tmp_path / 'model')!r}, trust_remote_code=True, device="cpu")
+        print(pipe(np.zeros((30, 40, 3), dtype=np.uint8))["anomaly_map"].shape)
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    np.testing.assert_array_equal(np.array([float(v) for v in lines[-2].split(",")]), expected.numpy())
+    assert lines[-1] == "(30, 40)"
+
+
+def test_from_clip_folder_and_instance(tmp_path):
+    torch.manual_seed(3)
+    clip = CLIPModel(tiny_clip_config()).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    from_folder = MRADForAnomalyDetection.from_clip(tmp_path / "clip", image_size=56, image_score_weight=0.5)
+    from_instance = MRADForAnomalyDetection.from_clip(clip, image_size=56)
+    assert from_folder.config.image_score_weight == 0.5 and from_folder.config.image_size == 56
+    for (name, a), (_, b) in zip(from_folder.clip.state_dict().items(), clip.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert from_instance.clip is clip
+    assert from_folder.memory.image_keys.shape == (0, 24) and from_instance.memory.image_keys.device.type == "cpu"
+    with pytest.raises(OSError, match="Could not load a CLIP configuration"):
+        MRADForAnomalyDetection.from_clip(tmp_path / "missing")
+
+
+def test_empty_bank_and_foreign_bank_errors(tiny_model, samples, tmp_path):
+    pixels = _inputs(tiny_model, samples[:1])["pixel_values"]
+    with pytest.raises(MemoryBankError, match="no memory bank"):
+        tiny_model(pixel_values=pixels)
+    bank = tiny_model.build_memory_bank(samples, progress=False, attach=False)
+    bank_path = bank.save(tmp_path / "bank.safetensors")
+    other = make_tiny_model(seed=1)  # same architecture, different weights
+    with pytest.raises(MemoryBankError, match="weights_sha256"):
+        other.set_memory_bank(bank_path)
+    with pytest.warns(UserWarning, match="does not match"):
+        other.set_memory_bank(bank_path, strict=False)
+    same_backbone = make_tiny_model(seed=0, image_size=TINY_IMAGE_SIZE)
+    wider_clip = MRADForAnomalyDetection.from_clip(tiny_clip_config(hidden_size=64), image_size=TINY_IMAGE_SIZE)
+    with pytest.raises(MemoryBankError, match="patch keys are 48-d"):
+        wider_clip.set_memory_bank(bank_path)
+    different_features = make_tiny_model(seed=0, vv_start_layer=2)
+    with pytest.raises(MemoryBankError, match="vv_start_layer"):
+        different_features.set_memory_bank(bank_path)
+    same_backbone.set_memory_bank(bank_path)  # same weights and settings: accepted
+    assert same_backbone(pixel_values=pixels).anomaly_score.shape == (1,)
+
+
+def test_bank_build_is_independent_of_batch_size(tiny_model, samples):
+    one = tiny_model.build_memory_bank(samples, batch_size=1, progress=False, attach=False)
+    five = tiny_model.build_memory_bank(samples, batch_size=5, progress=False, attach=False)
+    torch.testing.assert_close(one.patch_keys, five.patch_keys, atol=1e-6, rtol=0)
+    assert one.metadata["image_ids"] == [f"img{i}" for i in range(6)]
+    assert one.patch_sources.tolist() == five.patch_sources.tolist()
+
+
+def test_sample_validation_and_unmasked_anomaly_warning(tiny_model):
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="label must be 0"):
+        tiny_model.build_memory_bank([(image, 3)], progress=False)
+    with pytest.raises(ValueError, match="unknown label 'weird'"):
+        tiny_model.build_memory_bank([{"image": image, "label": "weird"}], progress=False)
+    with pytest.raises(MemoryBankError, match="No samples"):
+        tiny_model.build_memory_bank([], progress=False)
+    with pytest.warns(UserWarning, match="had no mask"):
+        bank = tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False)
+    assert bank.counts()["patch_anomalous"] == 0 and bank.counts()["image_anomalous"] == 1
+
+
+def test_save_pretrained_is_staged_and_keeps_the_users_other_files(model_with_bank, tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    model_with_bank.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine" and (target / "config.json").is_file()
+    assert not list(tmp_path.glob(".model.*"))  # no staging folder left behind
+    reloaded = AutoModel.from_pretrained(target)
+    assert torch.equal(reloaded.memory.image_keys, model_with_bank.memory.image_keys)
+
+    def crash(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MRADForAnomalyDetection, "_save_files", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model_with_bank.save_pretrained(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()  # a new folder appears complete or not at all
+    with pytest.raises(OSError, match="disk full"):
+        model_with_bank.save_pretrained(target)
+    assert AutoModel.from_pretrained(target).config.image_bank_size == model_with_bank.config.image_bank_size  # old save intact
+
+
+@pytest.mark.parametrize("variant", ["ft", "clip"])
+def test_trained_variants_load_as_remote_code_without_mrad_hf(variant, tmp_path):
+    from conftest import make_tiny_trained_model
+
+    model = make_tiny_trained_model(variant)
+    model.build_memory_bank(make_samples(4), batch_size=4, progress=False)
+    model.save_pretrained(tmp_path / "model")
+    pixels = _inputs(model, make_samples(2, seed=5))["pixel_values"]
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).anomaly_score
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["mrad_hf"] = None
+        import numpy as np, torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert "transformers_modules" in type(model).__module__ and model.config.variant == {variant!r}
+        pixels = torch.from_numpy(np.load({str(tmp_path / 'pixels.npy')!r}, allow_pickle=False))
+        with torch.no_grad():
+            print(",".join(repr(v) for v in model(pixel_values=pixels).anomaly_score.tolist()))
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.array([float(v) for v in result.stdout.strip().splitlines()[-1].split(",")]), expected.numpy(), atol=1e-6)
