@@ -100,20 +100,21 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
 
 
 def _collect_images(inputs: Sequence[str]) -> list[Path]:
-    from ..data.loaders import IMAGE_EXTENSIONS
+    """Image files named or found (recursively) in folders; masks and ignored files per `data.loaders.scan_folder`."""
+    from ..data.loaders import IMAGE_EXTENSIONS, scan_folder
 
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            masks = [p for p in found if _looks_like_mask(p.relative_to(path))]
-            if masks:
-                _log(f"Skipping {len(masks)} ground-truth mask file(s) under '{path}' (a 'ground_truth' folder or a '_mask' name), e.g. {masks[0]}")
-            found = [p for p in found if p not in set(masks)]
-            if not found:
+            scan = scan_folder(path)  # the loaders' one rule for what is an image and what is a mask
+            if scan.masks:
+                _log(f"Skipping {len(scan.masks)} ground-truth mask file(s) under '{path}' (a 'ground_truth'/'masks'/'gt' folder or a '_mask' name), e.g. {scan.masks[0]}")
+            if scan.ignored:
+                _log(scan.summary(path))
+            if not scan.images:
                 raise CLIError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under folder '{path}'.")
-            paths.extend(found)
+            paths.extend(scan.images)
         elif path.is_file():
             paths.append(path)
         else:
@@ -122,9 +123,32 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def _looks_like_mask(relative: Path) -> bool:
-    """Ground-truth masks inside a dataset folder (MVTec-style `ground_truth/`, `<id>_mask.png`) are not inputs."""
-    parts = {part.lower() for part in relative.parts[:-1]}
-    return bool(parts & {"ground_truth", "gt", "masks"}) or relative.stem.lower().endswith("_mask")
+    """Ground-truth masks inside a dataset folder are not inputs: `data.loaders.classify_file`, the one rule."""
+    from ..data.loaders import classify_file
+
+    return classify_file(Path(relative).with_suffix(".png"), Path()) == "mask"
+
+
+def dataset_options(sub, what: str = "the dataset", *, required: bool = True) -> None:
+    """`--dataset`, `--data-root`, `--categories` and the explicit folders, for every command that reads a dataset."""
+    sub.add_argument("--dataset", required=required, help=f"{what}: mvtec, visa, mpdd, btad, ..., mvtec-layout, or folder (your own data)")
+    sub.add_argument("--data-root", help="the dataset folder (with --normal-dir etc.: the folder they are relative to)")
+    sub.add_argument("--categories", nargs="+", help="only these categories")
+    sub.add_argument("--normal-dir", action="append", default=[], metavar="DIR", help="--dataset folder: a folder of normal images (repeatable, globs allowed)")
+    sub.add_argument("--abnormal-dir", action="append", default=[], metavar="DIR", help="--dataset folder: a folder of anomalous images, named after the defect (repeatable, globs allowed)")
+    sub.add_argument("--mask-dir", action="append", default=[], metavar="DIR", help="--dataset folder: masks of the anomalous images, matched by file stem (repeatable, globs allowed)")
+
+
+def load_dataset_from_args(args, **kwargs):
+    """The dataset named by `dataset_options`' arguments (`kwargs`, e.g. split=..., go to the loader)."""
+    from ..data.loaders import load_benchmark
+
+    explicit = {"normal_dirs": args.normal_dir, "abnormal_dirs": args.abnormal_dir, "mask_dirs": args.mask_dir}
+    if not args.data_root and not any(explicit.values()):
+        raise CLIError(f"--dataset {args.dataset} needs --data-root DIR (or, with --dataset folder, --normal-dir/--abnormal-dir).")
+    if any(explicit.values()):
+        kwargs.update(explicit)
+    return load_benchmark(args.dataset, args.data_root, categories=args.categories, **kwargs)
 
 
 def _write_json(path: Path, payload) -> None:

@@ -17,6 +17,8 @@ from .common import (
     _build_bank_from,
     _collect_images,
     _detector_pipeline,
+    dataset_options,
+    load_dataset_from_args,
     _log,
     _report_skipped,
     _set_dtype,
@@ -39,11 +41,10 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_build_bank(args) -> int:
-    from ..data.loaders import load_benchmark
     from ..models.mrad.memory_bank_mrad import atomic_directory
 
     detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=args.dtype)
-    dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories, split=args.split)
+    dataset = load_dataset_from_args(args, split=args.split)
     _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
     started = time.perf_counter()
     bank = _build_bank_from(detector, dataset, source=args.source or args.dataset, batch_size=args.batch_size, on_error=args.on_error)
@@ -202,14 +203,14 @@ def cmd_evaluate(args) -> int:
         bank_source = (detector.config.memory_bank_metadata or {}).get("source", "model")
     else:
         raise CLIError("No memory bank: pass --bank FILE, --bank-from NAME --bank-root DIR, or a --model saved with a bank.")
-    dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories)
+    dataset = load_dataset_from_args(args)
     _log(f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}")
     run_info = {"model": args.model or args.clip, "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None, "bank": bank_source}
     try:
         results = evaluate_dataset(
             detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
             heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
-            on_error=args.on_error,
+            on_error=args.on_error, exclude_bank_images=args.exclude_bank_images,
         )
     except MRADInputError as error:
         raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
@@ -222,11 +223,6 @@ def cmd_evaluate(args) -> int:
 
 
 def register(commands) -> None:
-    def dataset_options(sub, what):
-        sub.add_argument("--dataset", required=True, help=f"{what}: mvtec, visa, mpdd, btad, ..., mvtec-layout, or folder (your own data)")
-        sub.add_argument("--data-root", required=True)
-        sub.add_argument("--categories", nargs="+")
-
     def model_options(sub):
         sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
         sub.add_argument("--clip", help="a CLIP checkpoint (Hub id or folder), or random-small / random-vit-l14-336 (random weights)")
@@ -287,4 +283,5 @@ def register(commands) -> None:
     evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference")
     evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
     evaluate.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images/masks: skip and report, or stop")
+    evaluate.add_argument("--exclude-bank-images", action="store_true", help="leave out scored images that are in the memory bank (same file content or id)")
     evaluate.set_defaults(handler=cmd_evaluate)

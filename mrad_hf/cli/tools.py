@@ -56,22 +56,20 @@ def _detector(args, bank=None, *, attach: bool = True):
 def _samples(args) -> list | object:
     """Labelled samples from --dataset/--data-root (any loader), or from --images with one --label (and --masks)."""
     if args.dataset:
-        from ..data.loaders import load_benchmark
-
-        if not args.data_root:
-            raise _cli.CLIError("--dataset needs --data-root (the folder to read).")
-        return load_benchmark(args.dataset, args.data_root, categories=args.categories)
+        return _cli.load_dataset_from_args(args)
     if not args.images:
         raise _cli.CLIError("Give the images to add: --dataset folder --data-root DIR (good/ and <defect>/ sub-folders), or --images FILES --label normal|anomaly.")
     if not args.label:
         raise _cli.CLIError("--images needs --label normal or --label anomaly (one label for all of them).")
-    images = _cli._collect_images(args.images)
-    masks = _cli._collect_images(args.masks) if args.masks else [None] * len(images)
-    if len(masks) != len(images):
-        raise _cli.CLIError(f"Got {len(images)} images but {len(masks)} masks; masks are paired with images in sorted order, one each.")
+    from ..data.loaders import ignored_summary
+    from ..memory.tools import samples_from_files
+
     if args.label == "normal" and args.masks:
         raise _cli.CLIError("Normal images have no defect masks; drop --masks or use --label anomaly.")
-    return [{"image": str(i), "label": args.label, "mask": str(m) if m else None, "path": str(i)} for i, m in zip(images, masks)]
+    samples, ignored = samples_from_files(args.images, args.label, args.masks)  # masks paired as the folder loader does
+    if ignored:
+        _cli._log(ignored_summary(ignored, "the --images/--masks inputs"))
+    return samples
 
 
 # ---------------------------------------------------------------------- mrad bank
@@ -116,6 +114,10 @@ def cmd_bank_add(args) -> int:
     result = add_samples(bank, detector, samples, source=args.source, dedup_threshold=_dedup(args), batch_size=args.batch_size)
     before, after = bank.counts(), result.counts()
     _cli._log(f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}")
+    added = next((step for step in reversed(result.metadata.get("history") or []) if step.get("operation") == "add"), {})
+    if added.get("image_level_only_anomalies"):
+        _cli._log(f"{added['image_level_only_anomalies']} anomalous image(s) had no mask: added as image-level anomalous entries only "
+                  "(no region entry; give <stem>_mask.png beside an image, or --masks, to add its defect region)")
     _save(result, args.output or args.bank)
     return 0
 
@@ -226,9 +228,7 @@ def _model_options(sub, bank_help: str | None = "a memory bank file to use inste
 
 
 def _sample_options(sub) -> None:
-    sub.add_argument("--dataset", help="a loader name (folder, mvtec-layout, mvtec, visa, ...) for labelled images")
-    sub.add_argument("--data-root", help="the folder the --dataset loader reads")
-    sub.add_argument("--categories", nargs="+")
+    _cli.dataset_options(sub, "a loader name for labelled images", required=False)
     sub.add_argument("--images", nargs="+", help="image files and/or folders")
 
 
@@ -254,7 +254,7 @@ def register(commands) -> None:
     _model_options(add, bank_help=None)
     _sample_options(add)
     add.add_argument("--label", choices=("normal", "anomaly"), help="label of all --images")
-    add.add_argument("--masks", nargs="+", help="defect masks for --images (files or folders), paired in sorted order")
+    add.add_argument("--masks", nargs="+", help="defect masks for --images (files or folders), paired by file stem (<stem>_mask.png beside an image is found without it)")
     add.add_argument("--source", required=True, help="name of the new entries' source (used to list or remove them)")
     add.add_argument("--output", help="write here instead of replacing the bank file")
     add.add_argument("--batch-size", type=int, default=8)

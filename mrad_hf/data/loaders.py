@@ -17,8 +17,11 @@ category      ``Value("string")``                   the class name as the MRAD r
                                                     (per-category tables use it)
 defect_type   ``Value("string")``                   ``"good"`` for normal rows; otherwise the defect
                                                     folder name, or ``"defect"`` if the set has none
-path          ``Value("string")``                   absolute image path
+path          ``Value("string")``                   absolute image path (for reading)
 mask_path     ``Value("string")``                   absolute mask path or ``None``
+id            ``Value("string")``                   the image path relative to the dataset root, POSIX
+                                                    form (banks store it; never an absolute path)
+dataset       ``Value("string")``                   the loader name (``"mvtec"``, ``"folder"``, ...)
 ============  ====================================  ==================================================
 
 Rows are sorted by ``(category, defect_type, path)``. The datasets are built in memory from file
@@ -67,7 +70,8 @@ layouts the MRAD ``generate_dataset_json/*.py`` scripts expect, plus the accepte
     colondb   as clinicdb
     kvasir    as clinicdb
     endo      masks/* + any other folder of images (good/ = normal)
-    folder    [<cat>/]{good,<defect>}/* + optional masks (see load_folder)
+    folder    [<cat>/]{good,<defect>}/* + optional masks (see load_folder), or explicit
+              normal_dirs / abnormal_dirs / mask_dirs (see load_folders)
 
 Splits: ``train`` and ``test`` for mvtec, visa, mpdd, btad, ksdd2, dagm and dtd; ``test`` only for the
 others. MRAD uses ``test`` everywhere.
@@ -92,6 +96,8 @@ Licences, as far as known here. Check each source before you redistribute anythi
 from __future__ import annotations
 
 import csv
+import errno
+import glob
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -114,6 +120,9 @@ __all__ = [
     "ENDO_CATEGORIES",
     "HEADCT_CATEGORIES",
     "IMAGE_EXTENSIONS",
+    "MASK_DIR_NAMES",
+    "MASK_STEM_SUFFIX",
+    "NORMAL_DIR_NAMES",
     "ISIC_CATEGORIES",
     "KSDD2_CATEGORIES",
     "KVASIR_CATEGORIES",
@@ -126,6 +135,14 @@ __all__ = [
     "VISA_CATEGORIES",
     "DatasetLayoutError",
     "DatasetLoader",
+    "FolderScan",
+    "IgnoredFile",
+    "IgnoredFilesWarning",
+    "classify_file",
+    "ignored_summary",
+    "load_folders",
+    "pair_image_files",
+    "scan_folder",
     "binarize_mask",
     "load_benchmark",
     "load_br35h",
@@ -153,8 +170,24 @@ __all__ = [
 # Constants
 # --------------------------------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-"""Image file extensions the loaders pick up (compared case-insensitively)."""
+try:  # the decoder's own list, once the image processor exports it: one decoder, one list of formats
+    from ..models.mrad.image_processing_mrad import SUPPORTED_IMAGE_EXTENSIONS as _DECODER_EXTENSIONS
+except ImportError:  # pragma: no cover - until the processor exports it
+    _DECODER_EXTENSIONS = frozenset(
+        {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+    )
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(extension.lower() for extension in _DECODER_EXTENSIONS)
+"""Image file extensions the loaders and the CLI pick up (compared case-insensitively): what the decoder reads."""
+
+NORMAL_DIR_NAMES: tuple[str, ...] = ("good", "normal", "nominal", "ok")
+"""Folder names (any case) that hold normal images in the generic folder layout."""
+
+MASK_DIR_NAMES: tuple[str, ...] = ("ground_truth", "masks", "gt")
+"""Folder names (any case) whose files are ground-truth masks, never images (see :func:`classify_file`)."""
+
+MASK_STEM_SUFFIX = "_mask"
+"""A file whose stem ends with this (any case) is a mask, never an image (see :func:`classify_file`)."""
 
 LABEL_NAMES: tuple[str, str] = ("normal", "anomaly")
 NORMAL_DEFECT_TYPE = "good"
@@ -170,6 +203,8 @@ LOADER_FEATURES = Features(
         "defect_type": Value("string"),
         "path": Value("string"),
         "mask_path": Value("string"),
+        "id": Value("string"),
+        "dataset": Value("string"),
     }
 )
 
@@ -228,6 +263,7 @@ class _LayoutDoc:
     name: str
     tree: str
     hint: str
+    key: str = ""  # the DATASET_LOADERS name, written into every row's ``dataset`` column
 
     def error(self, problem: str, missing: Path | None = None) -> DatasetLayoutError:
         tree = "\n".join(f"    {line}" for line in self.tree.strip("\n").splitlines())
@@ -298,6 +334,154 @@ def _list_subdirs(directory: Path, exclude: Iterable[str] = ()) -> list[str]:
     with os.scandir(directory) as entries:
         names = [e.name for e in entries if e.is_dir() and _is_visible(e.name) and e.name not in excluded]
     return sorted(names)
+
+
+def classify_file(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str | None:
+    """The one rule every entry point uses for a file in a user's folder: ``"image"``, ``"mask"`` or ``None``.
+
+    * ``None`` (not read): the extension is not one of :data:`IMAGE_EXTENSIONS` (any case).
+    * ``"mask"``: the stem ends with ``_mask`` (any case), or a folder between ``root`` and the file is named
+      ``ground_truth``, ``masks`` or ``gt`` (any case, :data:`MASK_DIR_NAMES`). A mask is never scored.
+    * ``"image"``: anything else.
+
+    The generic folder loader, ``mrad predict`` / ``explain`` / ``calibrate`` folder inputs and ``mrad bank add
+    --images`` all call this, so they agree on what is an image and what is a mask.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return None
+    if root is not None:
+        try:
+            folders = Path(os.path.relpath(path, root)).parts[:-1]
+        except ValueError:  # another drive on Windows
+            folders = ()
+        folders = tuple(part for part in folders if part not in ("..", "."))
+    else:
+        folders = ()
+    if path.stem.casefold().endswith(MASK_STEM_SUFFIX) or any(part.casefold() in MASK_DIR_NAMES for part in folders):
+        return "mask"
+    return "image"
+
+
+class IgnoredFile(NamedTuple):
+    """A file or folder a loader saw and did not read, and why."""
+
+    path: Path
+    reason: str
+
+
+class IgnoredFilesWarning(UserWarning):
+    """Files in a folder that were not read (unsupported extension, symlink loop, FIFO, unreadable, ...)."""
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_folder` found: image files, mask files and the ignored entries with their reason."""
+
+    images: list[Path]
+    masks: list[Path]
+    ignored: list[IgnoredFile]
+
+    def summary(self, where: str | os.PathLike[str]) -> str | None:
+        """One line: how many entries were ignored and why, with an example each; ``None`` if nothing was."""
+        return ignored_summary(self.ignored, where)
+
+
+def ignored_summary(ignored: Sequence[IgnoredFile], where: str | os.PathLike[str]) -> str | None:
+    """``"Ignored 3 file(s) under X: 2 unsupported extension (e.g. notes.txt), 1 symlink loop (e.g. a/loop)"``."""
+    if not ignored:
+        return None
+    examples: dict[str, Path] = {}
+    counts: dict[str, int] = {}
+    for item in ignored:
+        counts[item.reason] = counts.get(item.reason, 0) + 1
+        examples.setdefault(item.reason, item.path)
+    parts = ", ".join(f"{count} {reason} (e.g. {examples[reason]})" for reason, count in counts.items())
+    return f"Ignored {len(ignored)} file(s) under {where}: {parts}."
+
+
+_UNSUPPORTED = "unsupported extension"
+_SYMLINK_LOOP = "symlink loop"
+_SPECIAL_FILE = "not a regular file (FIFO, socket or device)"
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """``"dir"``, ``"file"`` or the reason the entry cannot be read."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file" if os.access(entry.path, os.R_OK) else "unreadable (permission denied)"
+        if entry.is_symlink():
+            os.stat(entry.path)  # raises for a loop or a dangling link
+        return _SPECIAL_FILE
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return _SYMLINK_LOOP
+        if isinstance(error, FileNotFoundError):
+            return "broken symlink"
+        return f"unreadable ({error.strerror or error})"
+
+
+def scan_folder(
+    folder: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None, recursive: bool = True
+) -> FolderScan:
+    """Image and mask files under ``folder`` (sorted), classified by :func:`classify_file`, and what was ignored.
+
+    Hidden entries (``.name``) are skipped silently. Everything else that is not read is listed in
+    ``ignored`` with its reason: unsupported extension, symlink loop (a folder link back to one of its own
+    parents, or a self-referencing link), broken symlink, FIFO / socket / device, unreadable file or folder,
+    and, when ``recursive=False``, sub-folders (``"sub-folder not read"``).
+
+    Args:
+        folder: The folder to list.
+        root: Where :func:`classify_file` starts looking for mask folder names (default: ``folder``).
+        recursive: Descend into sub-folders.
+    """
+    start = Path(folder)
+    base = start if root is None else Path(root)
+    images: list[Path] = []
+    masks: list[Path] = []
+    ignored: list[IgnoredFile] = []
+    pending: list[tuple[Path, frozenset[str]]] = [(start, frozenset({os.path.realpath(start)}))]
+    while pending:
+        directory, ancestors = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            ignored.append(IgnoredFile(directory, f"unreadable folder ({error.strerror or error})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            if not _is_visible(entry.name):
+                continue
+            path = Path(entry.path)
+            kind = _entry_kind(entry)
+            if kind == "dir":
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    ignored.append(IgnoredFile(path, _SYMLINK_LOOP))
+                elif recursive:
+                    subfolders.append((path, ancestors | {real}))
+                else:
+                    ignored.append(IgnoredFile(path, "sub-folder not read"))
+            elif kind != "file":
+                ignored.append(IgnoredFile(path, kind))
+            else:
+                role = classify_file(path, base)
+                if role is None:
+                    ignored.append(IgnoredFile(path, _UNSUPPORTED))
+                else:
+                    (images if role == "image" else masks).append(path)
+        pending.extend(reversed(subfolders))
+    return FolderScan(sorted(images), sorted(masks), ignored)
+
+
+def _warn_ignored(ignored: Sequence[IgnoredFile], where: Path) -> None:
+    summary = ignored_summary(ignored, where)
+    if summary:
+        warnings.warn(summary, IgnoredFilesWarning, stacklevel=3)
 
 
 def _has_mask_suffix(path: Path) -> bool:
@@ -373,13 +557,23 @@ def _select_categories(requested: Sequence[str] | str | None, available: Sequenc
     return list(dict.fromkeys(requested))
 
 
-def _build_dataset(rows: Iterable[_Row], doc: _LayoutDoc, searched: Path) -> Dataset:
-    """Sorts the rows and turns them into a lazily decoded ``datasets.Dataset``."""
+def _row_id(image: Path, root: Path) -> str:
+    """The image path relative to the dataset root, in POSIX form (ids never hold absolute paths)."""
+    relative = os.path.relpath(image, root)
+    return Path(relative).as_posix() if not relative.startswith("..") else image.name
+
+
+def _build_dataset(rows: Iterable[_Row], doc: _LayoutDoc, searched: Path, root: Path | None = None) -> Dataset:
+    """Sorts the rows and turns them into a lazily decoded ``datasets.Dataset``.
+
+    ``root`` is the dataset root the ``id`` column is relative to (default: ``searched``).
+    """
     ordered = sorted(rows, key=lambda row: (row.category, row.defect_type, str(row.image)))
     if not ordered:
         raise doc.error(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {searched}/.", searched)
     paths = [str(row.image) for row in ordered]
     mask_paths = [None if row.mask is None else str(row.mask) for row in ordered]
+    base = root if root is not None else searched
     columns = {
         "image": paths,
         "mask": mask_paths,
@@ -388,6 +582,8 @@ def _build_dataset(rows: Iterable[_Row], doc: _LayoutDoc, searched: Path) -> Dat
         "defect_type": [row.defect_type for row in ordered],
         "path": paths,
         "mask_path": mask_paths,
+        "id": [_row_id(row.image, base) for row in ordered],
+        "dataset": [doc.key or doc.name] * len(ordered),
     }
     return Dataset.from_dict(columns, features=LOADER_FEATURES)
 
@@ -499,6 +695,7 @@ _MVTEC = _MVTecStyleLayout(
         "MVTec AD",
         _mvtec_tree((*MVTEC_CATEGORIES[:3], "..."), "good", "<defect>", "<id>_mask.png"),
         "extract mvtec_anomaly_detection.tar.xz and pass the folder that contains bottle/, cable/, ... as root.",
+        "mvtec",
     ),
     MVTEC_CATEGORIES,
 )
@@ -507,6 +704,7 @@ _MVTEC_LAYOUT = _MVTecStyleLayout(
         "MVTec-layout dataset",
         _mvtec_tree(("<any name>", "..."), "good", "<defect>", "<id>_mask.png"),
         "pass the folder that contains the category folders (each with test/ and ground_truth/) as root.",
+        "mvtec-layout",
     ),
     (),
 )
@@ -515,6 +713,7 @@ _MPDD = _MVTecStyleLayout(
         "MPDD",
         _mvtec_tree((*MPDD_CATEGORIES[:2], "..."), "good", "<defect>", "<id>_mask.png"),
         "download MPDD (github.com/stepanje/MPDD) and pass the folder that contains bracket_black/, ... as root.",
+        "mpdd",
     ),
     MPDD_CATEGORIES,
 )
@@ -523,6 +722,7 @@ _BTAD = _MVTecStyleLayout(
         "BTAD",
         _mvtec_tree(BTAD_CATEGORIES, "ok", "ko", "<id>.png   (01, 02: .png; 03: .bmp)"),
         "extract BTech_Dataset_transformed.zip and pass the folder that contains 01/, 02/, 03/ as root.",
+        "btad",
     ),
     BTAD_CATEGORIES,
     normal_dir="ok",
@@ -535,6 +735,7 @@ _KSDD2_MVTEC = _MVTecStyleLayout(
         "  test/<id>.png, test/<id>_GT.png",
         "pass the folder that contains 'electrical commutators/' (MRAD's layout) or the raw KolektorSDD2 "
         "folder that contains train/ and test/ as root.",
+        "ksdd2",
     ),
     KSDD2_CATEGORIES,
 )
@@ -543,6 +744,7 @@ _DTD = _MVTecStyleLayout(
         "DTD-Synthetic",
         _mvtec_tree((*DTD_CATEGORIES[:2], "..."), "good", "<defect>", "<id>_mask.png"),
         "download DTD-Synthetic (Aota et al., WACV 2023) and pass the folder that contains Woven_001/, ... as root.",
+        "dtd",
     ),
     DTD_CATEGORIES,
 )
@@ -553,6 +755,7 @@ _HEADCT = _MVTecStyleLayout(
         "arrange the Kaggle 'Head CT - hemorrhage' images as brain/test/good/ (normal) and "
         "brain/test/<anomaly>/ (hemorrhage), as in the AnomalyCLIP/MRAD data release, and pass the folder "
         "that contains brain/ as root.",
+        "headct",
     ),
     HEADCT_CATEGORIES,
     splits=("test",),
@@ -680,6 +883,7 @@ or anomalib's converted visa_pytorch folder:
 """,
     "extract VisA_20220922.tar and pass the folder that contains split_csv/ as root; split_csv/1cls.csv "
     "is also in the amazon-science/spot-diff repository.",
+    "visa",
 )
 _VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 _VISA_PYTORCH = _MVTecStyleLayout(_VISA_DOC, VISA_CATEGORIES)  # anomalib's converted layout
@@ -812,7 +1016,7 @@ def load_ksdd2(root: str | os.PathLike[str], categories: Sequence[str] | None = 
         return _load_mvtec_style(directory, _KSDD2_MVTEC, categories, split)
     _check_split(split, _KSDD2_MVTEC.splits, doc)
     (category,) = _select_categories(categories, KSDD2_CATEGORIES, doc.name)
-    return _build_dataset(_ksdd2_raw_rows(directory / split, category), doc, directory / split)
+    return _build_dataset(_ksdd2_raw_rows(directory / split, category), doc, directory / split, directory)
 
 
 _DAGM_DOC = _LayoutDoc(
@@ -826,6 +1030,7 @@ _DAGM_DOC = _LayoutDoc(
     Train/Label/<id>_label.PNG
 """,
     "pass the folder that contains Class1/ ... Class10/ as root (the Kaggle upload of DAGM 2007).",
+    "dagm",
 )
 _DAGM_SPLIT_DIRS: Mapping[str, str] = {"test": "Test", "train": "Train"}
 
@@ -886,6 +1091,7 @@ or, without the brain_tumor_dataset/ level:
   no/*.jpg, yes/*.jpg
 """,
     "extract the Kaggle 'Brain MRI Images for Brain Tumor Detection' archive and pass its folder as root.",
+    "brainmri",
 )
 _BR35H_DOC = _LayoutDoc(
     "Br35H",
@@ -896,6 +1102,7 @@ _BR35H_DOC = _LayoutDoc(
 """,
     "extract the Kaggle 'Br35H :: Brain Tumor Detection 2020' archive and pass the folder that contains no/ "
     "and yes/ as root.",
+    "br35h",
 )
 
 
@@ -967,6 +1174,7 @@ or the raw ISBI 2016 Part 1 test archives:
 """,
     "pass the folder that contains skin/ (MRAD's layout) or the two extracted ISBI2016_ISIC_Part1_Test_* "
     "folders as root.",
+    "isic",
 )
 
 
@@ -996,14 +1204,14 @@ def load_isic(root: str | os.PathLike[str], categories: Sequence[str] | None = N
         rows = _class_dir_rows(
             _require_dir(base / "test", _ISIC_DOC), category, _ISIC_DOC, mask_dir_for=_shared_masks(base / _ISIC_GT)
         )
-        return _build_dataset(rows, _ISIC_DOC, base / "test")
+        return _build_dataset(rows, _ISIC_DOC, base / "test", directory)
     return _load_image_mask_pair(directory, category, _ISIC_DOC, ((_ISIC_DATA, _ISIC_GT),))
 
 
 _COLON_DIR_PAIRS: tuple[tuple[str, str], ...] = (("images", "masks"), ("Original", "Ground Truth"))
 
 
-def _colon_doc(name: str, source: str) -> _LayoutDoc:
+def _colon_doc(name: str, source: str, key: str) -> _LayoutDoc:
     return _LayoutDoc(
         name,
         """
@@ -1014,12 +1222,13 @@ or the original CVC folders:
   Original/*.tif, Ground Truth/*.tif
 """,
         f"pass the folder that contains images/ and masks/ as root ({source}).",
+        key,
     )
 
 
-_CLINICDB_DOC = _colon_doc("CVC-ClinicDB", "e.g. the PraNet TestDataset/CVC-ClinicDB folder")
-_COLONDB_DOC = _colon_doc("CVC-ColonDB", "e.g. the PraNet TestDataset/CVC-ColonDB folder")
-_KVASIR_DOC = _colon_doc("Kvasir", "the extracted Kvasir-SEG folder or PraNet TestDataset/Kvasir")
+_CLINICDB_DOC = _colon_doc("CVC-ClinicDB", "e.g. the PraNet TestDataset/CVC-ClinicDB folder", "clinicdb")
+_COLONDB_DOC = _colon_doc("CVC-ColonDB", "e.g. the PraNet TestDataset/CVC-ColonDB folder", "colondb")
+_KVASIR_DOC = _colon_doc("Kvasir", "the extracted Kvasir-SEG folder or PraNet TestDataset/Kvasir", "kvasir")
 
 
 def _load_image_mask_pair(root: Path, category: str, doc: _LayoutDoc, dir_pairs: Sequence[tuple[str, str]]) -> Dataset:
@@ -1031,7 +1240,7 @@ def _load_image_mask_pair(root: Path, category: str, doc: _LayoutDoc, dir_pairs:
     images = _list_images(_require_dir(root / image_dir_name, doc))
     masks = _pair_masks(images, root / mask_dir_name, doc) if images else []
     rows = [_Row(category, UNSPECIFIED_DEFECT_TYPE, image, mask) for image, mask in zip(images, masks, strict=True)]
-    return _build_dataset(rows, doc, root / image_dir_name)
+    return _build_dataset(rows, doc, root / image_dir_name, root)
 
 
 def _load_colon(
@@ -1103,6 +1312,7 @@ _ENDO_DOC = _LayoutDoc(
   good/*                         optional normal images
 """,
     "pass the folder that contains masks/ and the image folder(s) as root.",
+    "endo",
 )
 
 
@@ -1135,50 +1345,130 @@ _FOLDER_DOC = _LayoutDoc(
     "folder",
     """
 <root>/                          one object; root's folder name is the category
-  good/*.png                     normal images
+  good/*.png                     normal images (or normal/, nominal/, ok/)
   <defect>/*.png                 anomalous images, one folder per defect kind
   <defect>/<stem>_mask.png       optional mask beside its image, or
-  ground_truth/<defect>/<stem>[_mask].png
+  masks/<defect>/<stem>.png      a mirror of the defect folders (ground_truth/ works too), or
+  masks/<stem>.png               one flat mask folder (stems unique across defects)
 or, with several categories:
-<root>/<category>/{good, <defect>, ground_truth}/...
+<root>/<category>/{good, <defect>, masks}/...
 """,
-    "arrange the images as above (any of .png .jpg .jpeg .bmp .tif .tiff, any case) and pass <root>.",
+    "arrange the images as above (any of " + " ".join(sorted(IMAGE_EXTENSIONS)) + ", any case) and pass <root>, "
+    "or name the folders yourself with --normal-dir / --abnormal-dir / --mask-dir.",
+    "folder",
 )
 
+_MASK_WITHOUT_IMAGE = "mask without a matching anomalous image"
 
-def _detect_folder_categories(root: Path, normal_dir: str) -> dict[str, Path]:
+
+def _normal_names(normal_dir: str | Sequence[str] | None) -> frozenset[str]:
+    if normal_dir is None:
+        return frozenset(NORMAL_DIR_NAMES)
+    names = [normal_dir] if isinstance(normal_dir, str) else list(normal_dir)
+    return frozenset(name.casefold() for name in names)
+
+
+def _is_mask_dir(name: str) -> bool:
+    return name.casefold() in MASK_DIR_NAMES
+
+
+def _detect_folder_categories(root: Path, normal_names: frozenset[str]) -> dict[str, Path]:
     """``{category: folder}``: flat if ``root`` has image folders of its own, otherwise one level down."""
-    children = _list_subdirs(root, exclude=(_GROUND_TRUTH_DIR,))
-    if normal_dir in children or any(_list_images(root / child) for child in children):
+    children = [name for name in _list_subdirs(root) if not _is_mask_dir(name)]
+    if any(name.casefold() in normal_names for name in children) or any(_list_images(root / c) for c in children):
         return {root.name: root}
     categories = {
         child: root / child
         for child in children
-        if any(_list_images(root / child / name) for name in _list_subdirs(root / child, exclude=(_GROUND_TRUTH_DIR,)))
+        if any(_list_images(root / child / name) for name in _list_subdirs(root / child) if not _is_mask_dir(name))
     }
     if not categories:
-        raise _FOLDER_DOC.error(f"no image folders found in {root}/ or one level below it.", root / normal_dir)
+        raise _FOLDER_DOC.error(f"no image folders found in {root}/ or one level below it.", root / "good")
     return categories
 
 
-def _is_folder_mask(path: Path) -> bool:
-    return path.stem.casefold().endswith("_mask")
+class _MaskIndex:
+    """Masks of one category, by placement: beside the image, mirrored per defect folder, or one flat folder."""
+
+    def __init__(self, mask_roots: Sequence[Path], doc: _LayoutDoc, ignored: list[IgnoredFile]) -> None:
+        self.doc = doc
+        self.mirrored: dict[str, dict[str, Path]] = {}
+        flat: list[Path] = []
+        for mask_root in mask_roots:
+            scan = scan_folder(mask_root, recursive=False)
+            flat += scan.images + scan.masks  # every image file in a mask folder is a mask
+            ignored += [item for item in scan.ignored if item.reason != "sub-folder not read"]
+            for defect in _list_subdirs(mask_root):
+                nested = scan_folder(mask_root / defect, recursive=False)
+                ignored += nested.ignored
+                index = _index_masks(nested.images + nested.masks, doc)
+                self.mirrored.setdefault(defect, {}).update(index)
+        self.flat = _index_masks(flat, doc)
+        self.flat_users: dict[str, list[Path]] = {}
+        self.used: set[Path] = set()
+
+    def find(self, image: Path, defect: str, beside: Mapping[str, Path]) -> Path | None:
+        key = image.stem.casefold()
+        mask = beside.get(key) or self.mirrored.get(defect, {}).get(key)
+        if mask is None and key in self.flat:
+            mask = self.flat[key]
+            self.flat_users.setdefault(key, []).append(image)
+        if mask is not None:
+            self.used.add(mask)
+        return mask
+
+    def finish(self, ignored: list[IgnoredFile]) -> None:
+        """Refuses a flat mask claimed by two images; lists the masks no image used."""
+        for key, users in self.flat_users.items():
+            if len(users) > 1:
+                raise self.doc.error(
+                    f"the flat mask {self.flat[key]} matches {len(users)} images ({', '.join(map(str, users))}); "
+                    "put the masks in one folder per defect (masks/<defect>/<stem>.png) instead.",
+                    self.flat[key],
+                )
+        every = list(self.flat.values()) + [mask for index in self.mirrored.values() for mask in index.values()]
+        ignored += [IgnoredFile(mask, _MASK_WITHOUT_IMAGE) for mask in every if mask not in self.used]
 
 
-def _folder_category_rows(category_dir: Path, category: str, normal_dir: str) -> list[_Row]:
+def _folder_class_rows(
+    folder: Path,
+    category: str,
+    defect_type: str,
+    masks: _MaskIndex | None,
+    ignored: list[IgnoredFile],
+    *,
+    recursive: bool = False,
+    mask_defect: str | None = None,
+) -> list[_Row]:
+    """Rows of one class folder: ``defect_type="good"`` for normal folders (never a mask), else anomalous."""
+    scan = scan_folder(folder, recursive=recursive)
+    ignored += scan.ignored
+    if defect_type == NORMAL_DEFECT_TYPE:
+        ignored += [IgnoredFile(mask, "mask in a folder of normal images") for mask in scan.masks]
+        return [_Row(category, NORMAL_DEFECT_TYPE, image, None) for image in scan.images]
+    beside = _index_masks(scan.masks, _FOLDER_DOC)
+    used = set()
+    rows = []
+    for image in scan.images:
+        mask = masks.find(image, mask_defect or folder.name, beside) if masks else beside.get(image.stem.casefold())
+        used.add(mask)
+        rows.append(_Row(category, defect_type, image, mask))
+    ignored += [IgnoredFile(mask, _MASK_WITHOUT_IMAGE) for mask in scan.masks if mask not in used]
+    return rows
+
+
+def _folder_category_rows(
+    category_dir: Path, category: str, normal_names: frozenset[str], ignored: list[IgnoredFile]
+) -> list[_Row]:
+    names = _list_subdirs(category_dir)
+    masks = _MaskIndex([category_dir / name for name in names if _is_mask_dir(name)], _FOLDER_DOC, ignored)
     rows: list[_Row] = []
-    for name in _list_subdirs(category_dir, exclude=(_GROUND_TRUTH_DIR,)):
-        files = _list_images(category_dir / name)
-        images = [path for path in files if not _is_folder_mask(path)]
-        if name == normal_dir:
-            rows.extend(_Row(category, NORMAL_DEFECT_TYPE, image, None) for image in images)
+    for name in names:
+        if _is_mask_dir(name):
             continue
-        mirror_dir = category_dir / _GROUND_TRUTH_DIR / name
-        beside = _index_masks((path for path in files if _is_folder_mask(path)), _FOLDER_DOC)
-        mirror = _index_masks(_list_images(mirror_dir), _FOLDER_DOC) if mirror_dir.is_dir() else {}
-        for image in images:
-            key = image.stem.casefold()
-            rows.append(_Row(category, name, image, beside.get(key) or mirror.get(key)))
+        defect_type = NORMAL_DEFECT_TYPE if name.casefold() in normal_names else name
+        rows += _folder_class_rows(category_dir / name, category, defect_type, masks, ignored)
+    masks.finish(ignored)
     return rows
 
 
@@ -1187,41 +1477,246 @@ def load_folder(
     categories: Sequence[str] | None = None,
     split: str = "test",
     *,
-    normal_dir: str = NORMAL_DEFECT_TYPE,
+    normal_dir: str | Sequence[str] | None = None,
 ) -> Dataset:
-    """Loads your own data from a documented folder format.
+    """Loads your own data from a documented folder format (see also ``docs/own-data.md``).
 
-    Layout (image extensions .png .jpg .jpeg .bmp .tif .tiff, any case)::
+    Layout (any image extension in :data:`IMAGE_EXTENSIONS`, any case)::
 
         <root>/
-          good/*.png                               normal images
-          <defect>/*.png                           anomalous images; the folder name is the defect type
-          <defect>/<stem>_mask.png                 optional mask beside the image, or
-          ground_truth/<defect>/<stem>[_mask].png  optional mask in a mirror folder
+          good/*.png                    normal images; normal/, nominal/ and ok/ count as normal too
+          <defect>/*.png                anomalous images; the folder name is the defect type
+        masks, optional, in any of three placements (the first one found wins):
+          <defect>/<stem>_mask.png      beside the image
+          masks/<defect>/<stem>.png     a mirror of the defect folders (``<stem>_mask.png`` works too)
+          masks/<stem>.png              one flat folder; stems must then be unique across defect folders
 
-    Masks are optional: an anomalous image without one gets ``mask=None``. Normal images never get
-    a mask. Files whose stem ends in ``_mask`` are never read as images.
+    ``ground_truth/`` or ``gt/`` may stand for ``masks/``. A mask folder is never a defect class, and no
+    mask is ever read as an image: the rule is :func:`classify_file` (stem ending in ``_mask``, or inside a
+    ``ground_truth`` / ``masks`` / ``gt`` folder), which ``mrad predict`` and ``mrad bank add`` use too.
+    An anomalous image without a mask gets ``mask=None`` (evaluation leaves it out of the pixel metrics and
+    reports how many). Normal images never get a mask. What was not read (unsupported extensions, masks
+    without an image, symlink loops, FIFOs, unreadable files, nested folders) is reported in one
+    :class:`IgnoredFilesWarning` line.
 
-    Categories: if ``<root>`` has ``good/`` or any sub-folder with images in it, it is one category,
+    Categories: if ``<root>`` has a normal folder or any sub-folder with images in it, it is one category,
     named after ``<root>`` itself; name the folder after the object (``screw``, ``pcb``), since evaluation
-    tables are reported per category. Otherwise every sub-folder of ``<root>`` that follows
-    the layout above is one category (``<root>/<category>/good/...``).
+    tables are reported per category. Otherwise every sub-folder of ``<root>`` that follows the layout
+    above is one category (``<root>/<category>/good/...``).
 
     Args:
         root: The folder described above.
         categories: Subset of the detected categories; ``None`` loads all.
         split: Only ``"test"`` (the format has no train split).
-        normal_dir: Name of the folder of normal images.
+        normal_dir: Name(s) of the folders of normal images; default :data:`NORMAL_DIR_NAMES`.
 
     Returns:
         A ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
     """
     _check_split(split, ("test",), _FOLDER_DOC)
     directory = _require_dir(_absolute(root), _FOLDER_DOC)
-    found = _detect_folder_categories(directory, normal_dir)
+    normal_names = _normal_names(normal_dir)
+    found = _detect_folder_categories(directory, normal_names)
     selected = _select_categories(categories, tuple(found), _FOLDER_DOC.name)
-    rows = [row for category in selected for row in _folder_category_rows(found[category], category, normal_dir)]
+    ignored: list[IgnoredFile] = []
+    rows = [row for name in selected for row in _folder_category_rows(found[name], name, normal_names, ignored)]
+    _warn_ignored(ignored, directory)
     return _build_dataset(rows, _FOLDER_DOC, directory)
+
+
+def pair_image_files(
+    inputs: Sequence[str | os.PathLike[str]], masks: Sequence[str | os.PathLike[str]] | None = None
+) -> tuple[list[tuple[Path, Path | None]], list[IgnoredFile]]:
+    """Images named by ``inputs`` (files and/or folders), each with its mask, by the folder loader's rules.
+
+    Files are classified by :func:`classify_file`, so ``bad/*.png`` that also matches ``bad/001_mask.png``
+    gives one image with its mask, not two images. A mask is found, in this order, in ``masks`` (files
+    and/or folders, matched by stem; if no stem matches and the counts are equal, in sorted order, with a
+    warning), beside the image (``<stem>_mask.<ext>`` in the image's folder, listed or not), or among the
+    masks found in the input folders (``masks/``, ``ground_truth/``, matched by stem). An image without a
+    mask gets ``None``.
+
+    Returns:
+        ``[(image, mask or None)]`` in the order found, and the entries that were not read.
+
+    Raises:
+        DatasetLayoutError: For a path that does not exist, a mask name claimed by two images, or explicit
+            masks that only partly match the images.
+    """
+    images: list[Path] = []
+    pooled: list[Path] = []
+    ignored: list[IgnoredFile] = []
+
+    def collect(items: Sequence[str | os.PathLike[str]], into_masks: bool) -> None:
+        for item in items:
+            path = Path(item)
+            if path.is_dir():
+                scan = scan_folder(path)
+                ignored.extend(scan.ignored)
+                if into_masks:
+                    pooled_masks.extend(scan.images + scan.masks)
+                else:
+                    images.extend(scan.images)
+                    pooled.extend(scan.masks)
+            elif path.is_file():
+                role = classify_file(path)
+                if role is None:
+                    ignored.append(IgnoredFile(path, _UNSUPPORTED))
+                elif into_masks:
+                    pooled_masks.append(path)
+                else:
+                    (images if role == "image" else pooled).append(path)
+            else:
+                raise DatasetLayoutError(f"'{path}' is neither an image file nor a folder; check the path.", path)
+
+    pooled_masks: list[Path] = []
+    collect(inputs, into_masks=False)
+    if masks:
+        collect(masks, into_masks=True)
+    images = list(dict.fromkeys(images))
+    explicit: list[Path | None] = [None] * len(images)
+    if masks:
+        index = _index_masks(pooled_masks, _PAIRING_DOC)
+        explicit = [index.get(image.stem.casefold()) for image in images]
+        if not any(explicit) and len(pooled_masks) == len(images):
+            warnings.warn(
+                "mask names do not match the image names; pairing images and masks in sorted order.", stacklevel=2
+            )
+            explicit = list(sorted(pooled_masks))
+            images = sorted(images)
+        elif not all(explicit):
+            missing = next(image for image, mask in zip(images, explicit, strict=True) if mask is None)
+            raise _PAIRING_DOC.error(f"no mask among the given masks for {missing} (looked for {missing.stem}[_mask].<ext>).", missing)
+    beside_by_folder: dict[Path, dict[str, Path]] = {}
+    for folder in {image.parent for image in images}:
+        found = scan_folder(folder, recursive=False).masks
+        beside_by_folder[folder] = _index_masks(found, _PAIRING_DOC)
+    pool = _index_masks(list(dict.fromkeys(pooled)), _PAIRING_DOC)
+    pool_users: dict[str, list[Path]] = {}
+    pairs: list[tuple[Path, Path | None]] = []
+    for image, given in zip(images, explicit, strict=True):
+        key = image.stem.casefold()
+        mask = given or beside_by_folder[image.parent].get(key)
+        if mask is None and key in pool:
+            mask = pool[key]
+            pool_users.setdefault(key, []).append(image)
+        pairs.append((image, mask))
+    for key, users in pool_users.items():
+        if len(users) > 1:
+            raise _PAIRING_DOC.error(f"the mask {pool[key]} matches {len(users)} images ({', '.join(map(str, users))}).", pool[key])
+    used = {mask for _, mask in pairs}
+    ignored += [IgnoredFile(mask, _MASK_WITHOUT_IMAGE) for mask in dict.fromkeys(pooled) if mask not in used]
+    return pairs, ignored
+
+
+_PAIRING_DOC = _LayoutDoc(
+    "images",
+    """
+<folder>/<stem>.png          an image
+<folder>/<stem>_mask.png     its mask, beside it (or pass the masks with --masks, matched by stem)
+""",
+    "give each anomalous image its mask as <stem>_mask.png beside it, or pass --masks with the same stems.",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Explicit folders (anomalib's Folder datamodule: normal_dir, abnormal_dir, mask_dir)
+# --------------------------------------------------------------------------------------------------
+
+_FOLDERS_DOC = _LayoutDoc(
+    "folders",
+    """
+--normal-dir DIR     normal images (repeatable; globs such as 'lines/*/good' allowed)
+--abnormal-dir DIR   anomalous images; the folder name is the defect type (repeatable, globs)
+--mask-dir DIR       masks, matched to anomalous images by stem (<stem>.png or <stem>_mask.png);
+                     one --mask-dir per --abnormal-dir (same order) pairs them folder by folder
+relative folders are read under --data-root when it is given
+""",
+    "name existing folders (check the spelling and the glob) and give at least one --abnormal-dir and, for "
+    "evaluation, one --normal-dir.",
+    "folder",
+)
+
+
+def _expand_dirs(patterns: Sequence[str | os.PathLike[str]], base: Path | None, option: str) -> list[Path]:
+    """Folders named by ``patterns`` (globs allowed), relative ones under ``base``; each must match a folder."""
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    folders: list[Path] = []
+    for pattern in patterns:
+        text = os.path.expanduser(os.fspath(pattern))
+        if base is not None and not os.path.isabs(text):
+            text = os.path.join(base, text)
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        matched = [_absolute(match) for match in matches if os.path.isdir(match)]
+        if not matched:
+            raise _FOLDERS_DOC.error(f"{option} {os.fspath(pattern)!r} matches no folder (looked for {text}).", Path(text))
+        folders += [folder for folder in matched if folder not in folders]
+    return folders
+
+
+def load_folders(
+    normal_dirs: Sequence[str | os.PathLike[str]] = (),
+    abnormal_dirs: Sequence[str | os.PathLike[str]] = (),
+    mask_dirs: Sequence[str | os.PathLike[str]] = (),
+    *,
+    root: str | os.PathLike[str] | None = None,
+    category: str | None = None,
+) -> Dataset:
+    """Loads images from explicitly named folders, as anomalib's ``Folder`` datamodule does.
+
+    Every image under a normal folder (recursively) is normal. Every image under an abnormal folder is
+    anomalous, with the folder name as ``defect_type``. Masks come from ``mask_dirs`` (matched by stem, with or
+    without ``_mask``) or from ``<stem>_mask.png`` files beside the images; with as many mask folders as
+    abnormal folders they are paired in order, otherwise the mask folders are pooled. Files are classified by
+    :func:`classify_file`, so a mask beside an image is never read as an image.
+
+    Args:
+        normal_dirs, abnormal_dirs, mask_dirs: Folders or glob patterns; relative ones are read under ``root``.
+        root: The dataset root: relative folders are read under it and the ``id`` column is relative to it
+            (default: the folders' common parent).
+        category: The ``category`` of every row (default: the name of ``root``, or of the common parent).
+
+    Returns:
+        A ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
+    """
+    base = None if root is None else _require_dir(_absolute(root), _FOLDERS_DOC)
+    normals = _expand_dirs(normal_dirs, base, "--normal-dir")
+    abnormals = _expand_dirs(abnormal_dirs, base, "--abnormal-dir")
+    mask_folders = _expand_dirs(mask_dirs, base, "--mask-dir")
+    if not normals and not abnormals:
+        raise _FOLDERS_DOC.error("no --normal-dir or --abnormal-dir was given.")
+    if mask_folders and not abnormals:
+        raise _FOLDERS_DOC.error("--mask-dir needs an --abnormal-dir: masks belong to anomalous images.")
+    both = set(normals) & set(abnormals)
+    if both:
+        raise _FOLDERS_DOC.error(f"{sorted(both)[0]} is given as both a normal and an abnormal folder.")
+    folders = normals + abnormals + mask_folders
+    dataset_root = base if base is not None else Path(os.path.commonpath([str(folder) for folder in folders]))
+    if len(folders) == 1 or dataset_root in folders:
+        dataset_root = dataset_root.parent if base is None else dataset_root
+    name = category or dataset_root.name or "folders"
+    ignored: list[IgnoredFile] = []
+    rows: list[_Row] = []
+    for folder in normals:
+        rows += _folder_class_rows(folder, name, NORMAL_DEFECT_TYPE, None, ignored, recursive=True)
+    paired = len(mask_folders) == len(abnormals) > 1
+    shared = None if paired or not mask_folders else _MaskIndex(mask_folders, _FOLDERS_DOC, ignored)
+    for index, folder in enumerate(abnormals):
+        masks = _MaskIndex([mask_folders[index]], _FOLDERS_DOC, ignored) if paired else shared
+        rows += _folder_class_rows(folder, name, folder.name, masks, ignored, recursive=True, mask_defect="")
+        if paired and masks is not None:
+            masks.finish(ignored)
+    if shared is not None:
+        shared.finish(ignored)
+    seen: dict[Path, str] = {}
+    for row in rows:
+        if row.image in seen and seen[row.image] != row.defect_type:
+            raise _FOLDERS_DOC.error(f"{row.image} is in two of the named folders; name each image once.", row.image)
+        seen[row.image] = row.defect_type
+    _warn_ignored(ignored, dataset_root)
+    unique = list({row.image: row for row in rows}.values())
+    return _build_dataset(unique, _FOLDERS_DOC, dataset_root, dataset_root)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1317,12 +1812,22 @@ _ALIASES: Mapping[str, str] = {
 }
 
 
-def load_benchmark(name: str, root: str | os.PathLike[str], **kwargs: Any) -> Dataset:
+def load_benchmark(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    normal_dirs: Sequence[str | os.PathLike[str]] = (),
+    abnormal_dirs: Sequence[str | os.PathLike[str]] = (),
+    mask_dirs: Sequence[str | os.PathLike[str]] = (),
+    **kwargs: Any,
+) -> Dataset:
     """Loads a benchmark by name (case-insensitive; the MRAD spellings ``SDD``, ``ISBI`` and ``Br35`` work too).
 
     Args:
         name: A key of :data:`DATASET_LOADERS`.
-        root: The dataset folder.
+        root: The dataset folder (optional with explicit folders, which are then read relative to it).
+        normal_dirs, abnormal_dirs, mask_dirs: Explicit folders (globs allowed), as anomalib's ``Folder``
+            takes them; only with ``name="folder"`` (see :func:`load_folders`).
         **kwargs: Passed on to the loader (``categories``, ``split``, ...).
 
     Returns:
@@ -1335,4 +1840,23 @@ def load_benchmark(name: str, root: str | os.PathLike[str], **kwargs: Any) -> Da
     key = _ALIASES.get(key, key)
     if key not in DATASET_LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_LOADERS)}.")
+    if normal_dirs or abnormal_dirs or mask_dirs:
+        if key != "folder":
+            raise ValueError(
+                f"--normal-dir / --abnormal-dir / --mask-dir name your own folders; use them with --dataset folder, "
+                f"not {name!r}."
+            )
+        categories = kwargs.pop("categories", None)
+        _check_split(kwargs.pop("split", "test"), ("test",), _FOLDERS_DOC)
+        if kwargs:
+            raise TypeError(f"load_benchmark got unexpected arguments for explicit folders: {sorted(kwargs)}")
+        category = None
+        if categories:
+            names = [categories] if isinstance(categories, str) else list(categories)
+            if len(names) != 1:
+                raise ValueError("explicit folders form one category; pass at most one --categories name.")
+            category = names[0]
+        return load_folders(normal_dirs, abnormal_dirs, mask_dirs, root=root, category=category)
+    if root is None:
+        raise ValueError(f"{name}: pass the dataset folder (--data-root), or explicit folders (--normal-dir ...).")
     return DATASET_LOADERS[key](root, **kwargs)

@@ -9,8 +9,11 @@ their image entry through `patch_sources` (see `MemoryBank.provenance`).
 
 * **add** (`add_samples`): entries for new labelled images are computed with the model's own
   `build_memory_bank(..., attach=False)` (same features, same region rule as the rest of the bank) and
-  appended. Images with a mask give an image entry plus a normal and an anomalous region prototype; an
-  anomalous image without a mask gives an anomalous image entry and (as in the reference) a normal region.
+  appended. Images with a mask give an image entry plus a normal and an anomalous region prototype. An
+  anomalous image without a mask gives an anomalous **image-level entry only**: no region prototype, since
+  its defect pixels are unknown and its whole image is not a normal region (the reference would add one;
+  `add_samples` removes it and counts these images in its history record). `samples_from_files` pairs
+  `<stem>_mask.png` files with their images by the folder loader's rule (`data.loaders.pair_image_files`).
 * **merge** (`merge_banks`): refused unless the banks were built with the same backbone and feature
   settings (`check_mergeable`: key widths, the backbone fingerprint, `feature_settings`).
 * **de-duplicate** (`deduplicate`), the rule: entries are visited in bank order (for a merge: the first
@@ -30,9 +33,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import os
+import warnings
+from pathlib import Path
+
 import torch
 
-from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings
+from ..data.loaders import IgnoredFile, pair_image_files
+from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings, label_value
 from ..models.mrad.retrieval_mrad import l2_normalize
 
 __all__ = [
@@ -44,7 +52,9 @@ __all__ = [
     "entries_from_samples",
     "merge_banks",
     "remove_sources",
+    "samples_from_files",
     "select_entries",
+    "unmasked_anomalies",
 ]
 
 #: Cosine similarity above which two same-label keys count as near-identical: meant to catch the same
@@ -77,11 +87,11 @@ def select_entries(bank: MemoryBank, image_indices: Sequence[int], patch_indices
         raise MemoryBankError(f"Patch entry {first} would lose its image entry {int(bank.patch_sources[first])}; select both or neither.")
     ids, sources = bank.image_ids(), bank.image_sources()
     metadata = dict(bank.metadata)
-    metadata.update(
-        image_ids=[ids[i] for i in image_index.tolist()],
-        image_sources=[sources[i] for i in image_index.tolist()],
-        **metadata_updates,
-    )
+    chosen = image_index.tolist()
+    metadata.update(image_ids=[ids[i] for i in chosen], image_sources=[sources[i] for i in chosen], **metadata_updates)
+    hashes = _image_hashes(bank)
+    if hashes is not None:
+        metadata["image_sha256"] = [hashes[i] for i in chosen]
     return MemoryBank(
         image_keys=bank.image_keys[image_index].clone(),
         image_values=bank.image_values[image_index].clone(),
@@ -90,6 +100,14 @@ def select_entries(bank: MemoryBank, image_indices: Sequence[int], patch_indices
         patch_sources=new_sources,
         metadata=metadata,
     )
+
+
+def _image_hashes(bank: MemoryBank) -> list[str | None] | None:
+    """The bank's per-image-entry content hashes (`metadata["image_sha256"]`), or None when it has none."""
+    hashes = bank.metadata.get("image_sha256")
+    if isinstance(hashes, list) and len(hashes) == bank.image_keys.shape[0]:
+        return hashes
+    return None
 
 
 # ---------------------------------------------------------------------- merge
@@ -136,6 +154,9 @@ def merge_banks(banks: Sequence[MemoryBank], *, names: Sequence[str] | None = No
         image_offset += bank.image_keys.shape[0]
     distinct = list(dict.fromkeys(sources))
     metadata = dict(banks[0].metadata)
+    hashes = [_image_hashes(b) for b in banks]
+    if any(h is not None for h in hashes):  # per-image content hashes stay aligned with the entries
+        metadata["image_sha256"] = [v for b, h in zip(banks, hashes) for v in (h or [None] * b.image_keys.shape[0])]
     metadata.update(
         image_ids=ids,
         image_sources=sources,
@@ -229,16 +250,81 @@ def remove_sources(bank: MemoryBank, sources: Iterable[str]) -> MemoryBank:
 
 
 # ---------------------------------------------------------------------- add
+def samples_from_files(
+    images: Sequence[str | os.PathLike[str]], label: str | int, masks: Sequence[str | os.PathLike[str]] | None = None
+) -> tuple[list[dict[str, Any]], list[IgnoredFile]]:
+    """Labelled samples (dicts for `build_memory_bank`) from image files and/or folders with one label.
+
+    Masks are paired as the folder loader pairs them (`data.loaders.pair_image_files`: `--masks` by stem, then
+    `<stem>_mask.png` beside the image); a mask file is never added as an image. Normal images never get a mask.
+    Ids are the paths relative to the images' common folder (no absolute paths in a bank).
+
+    Returns:
+        The samples and the files that were not read (with the reason).
+    """
+    value = label_value(label, 0)
+    if value == 0 and masks:
+        raise ValueError("Normal images have no defect masks; drop --masks or use --label anomaly.")
+    pairs, ignored = pair_image_files(images, masks)
+    if not pairs:
+        raise ValueError(f"No images found in {', '.join(map(str, images))}.")
+    if value == 0:
+        ignored += [IgnoredFile(mask, "mask of an image labelled normal") for _, mask in pairs if mask is not None]
+        pairs = [(image, None) for image, _ in pairs]
+    paths = [str(image) for image, _ in pairs]
+    base = os.path.commonpath([os.path.abspath(os.path.dirname(path)) for path in paths])
+    return [
+        {"image": str(image), "label": value, "mask": None if mask is None else str(mask), "path": str(image),
+         "id": Path(os.path.relpath(os.path.abspath(image), base)).as_posix()}
+        for image, mask in pairs
+    ], ignored
+
+
+def unmasked_anomalies(samples: Any) -> list[bool]:
+    """Per sample: anomalous and without a mask (read from the columns of a loader dataset, nothing decoded)."""
+    if hasattr(samples, "column_names"):  # a datasets.Dataset from data.loaders
+        masks = samples["mask_path"] if "mask_path" in samples.column_names else samples.cast_column("mask", _undecoded())["mask"]
+        return [int(label) == 1 and mask is None for label, mask in zip(samples["label"], masks)]
+    flags = []
+    for position, sample in enumerate(samples):
+        if isinstance(sample, dict):
+            label, mask = sample["label"], sample.get("mask")
+        else:
+            label, mask = sample[1], sample[2] if len(sample) == 3 else None
+        flags.append(label_value(label, position) == 1 and mask is None)
+    return flags
+
+
+def _undecoded():
+    from datasets import Image
+
+    return Image(decode=False)
+
+
 def entries_from_samples(model, samples: Iterable[Any], *, source: str, batch_size: int = 8, progress: bool = True) -> MemoryBank:
     """Memory entries for labelled samples, computed by `model.build_memory_bank(..., attach=False)`.
 
     `samples` as for `build_memory_bank`: dicts with `image`, `label` and optional `mask` / `path` / `id`,
-    or a `datasets.Dataset` from `mrad_hf.data.loaders`. Every entry gets `source` as its provenance.
+    or a `datasets.Dataset` from `mrad_hf.data.loaders`. Every entry gets `source` as its provenance. An
+    anomalous sample without a mask gets its image entry only: the region prototype the reference would
+    build from its whole image (as if it were all normal) is dropped. `metadata["image_level_only"]` counts them.
     """
     if not source:
         raise ValueError("Name the source of the new entries (e.g. 'line-3-defects'): it is how they are listed and removed later.")
-    bank = model.build_memory_bank(samples, batch_size=batch_size, source=source, progress=progress, attach=False)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+    if not hasattr(samples, "column_names") and not isinstance(samples, (list, tuple)):
+        samples = list(samples)
+    unmasked = unmasked_anomalies(samples)
+    with warnings.catch_warnings():  # the model's "whole image counts as a normal region" note: handled below
+        warnings.filterwarnings("ignore", message=r".*had no mask.*", category=UserWarning)
+        bank = model.build_memory_bank(samples, batch_size=batch_size, source=source, progress=progress, attach=False)
     bank.metadata["image_sources"] = [source] * bank.image_keys.shape[0]
+    if len(unmasked) == bank.image_keys.shape[0] and any(unmasked):
+        flagged = torch.tensor(unmasked, dtype=torch.bool)
+        keep = [j for j, image in enumerate(bank.patch_sources.tolist()) if image < 0 or not flagged[image]]
+        bank = select_entries(bank, range(bank.image_keys.shape[0]), keep)
+    bank.metadata["image_level_only"] = int(sum(unmasked))
     return bank
 
 
@@ -252,13 +338,20 @@ def add_samples(
     batch_size: int = 8,
     progress: bool = True,
 ) -> MemoryBank:
-    """Append the entries of new labelled images to `bank` (no training). `model` must be the bank's backbone."""
+    """Append the entries of new labelled images to `bank` (no training). `model` must be the bank's backbone.
+
+    The history record of the addition counts the anomalous images without a mask
+    (`image_level_only_anomalies`): they were added as image-level entries only (see `entries_from_samples`).
+    """
     bank.check_compatible(model.backbone_fingerprint(), feature_settings(model.config), strict=True)
     if source in set(bank.image_sources()):
         raise MemoryBankError(f"The bank already has entries from source {source!r}; pick a new name, or remove that source first.")
     new = entries_from_samples(model, samples, source=source, batch_size=batch_size, progress=progress)
+    image_level_only = new.metadata.pop("image_level_only", 0)
     merged = merge_banks([bank, new], names=[_source_name(bank), source], dedup_threshold=None)
-    merged.metadata["history"][-1] = {"operation": "add", "source": source, "entries": new.counts()}
+    merged.metadata["history"][-1] = {
+        "operation": "add", "source": source, "entries": new.counts(), "image_level_only_anomalies": image_level_only,
+    }
     if dedup_threshold is None:
         return merged
     return deduplicate(merged, dedup_threshold, keep_leading=(bank.image_keys.shape[0], bank.patch_keys.shape[0]))
