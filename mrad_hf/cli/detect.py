@@ -181,7 +181,9 @@ def cmd_demo(args) -> int:
 def cmd_evaluate(args) -> int:
     """Cross-dataset protocol: memory from one dataset (--bank-from/--bank-root or --bank), test on another."""
     from ..data.loaders import load_benchmark
-    from ..evaluation.runner import evaluate_dataset
+    import warnings
+
+    from ..evaluation.runner import BankOverlapWarning, evaluate_dataset
     from ..models.mrad.image_processing_mrad import MRADInputError
 
     detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=None if args.bank else args.dtype)
@@ -207,16 +209,20 @@ def cmd_evaluate(args) -> int:
     _log(f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}")
     run_info = {"model": args.model or args.clip, "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None, "bank": bank_source}
     try:
-        results = evaluate_dataset(
-            detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
-            heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
-            on_error=args.on_error, exclude_bank_images=args.exclude_bank_images,
-        )
+        with warnings.catch_warnings():  # printed below as one line, not as a Python warning
+            warnings.simplefilter("ignore", BankOverlapWarning)
+            results = evaluate_dataset(
+                detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
+                heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
+                on_error=args.on_error, exclude_bank_images=args.exclude_bank_images,
+            )
     except MRADInputError as error:
         raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
     print((output_dir / "results.md").read_text(encoding="utf-8"))
     _log(f"Tables: {output_dir / 'results.md'}, {output_dir / 'results.csv'}, {output_dir / 'results.json'}; heatmaps: {output_dir / 'heatmaps'}")
     _report_skipped(results["skipped_files"], f"'skipped_files' in {output_dir / 'results.json'}")
+    if results["bank_overlap"].get("message"):
+        _log(results["bank_overlap"]["message"])
     if args.clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=args.clip))
     return 0 if results["per_category"] else 1

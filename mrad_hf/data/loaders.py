@@ -1591,7 +1591,8 @@ def pair_image_files(
     for folder in {image.parent for image in images}:
         found = scan_folder(folder, recursive=False).masks
         beside_by_folder[folder] = _index_masks(found, _PAIRING_DOC)
-    pool = _index_masks(list(dict.fromkeys(pooled)), _PAIRING_DOC)
+    image_folders = set(beside_by_folder)  # a mask beside images belongs to its folder's images only
+    pool = _index_masks([mask for mask in dict.fromkeys(pooled) if mask.parent not in image_folders], _PAIRING_DOC)
     pool_users: dict[str, list[Path]] = {}
     pairs: list[tuple[Path, Path | None]] = []
     for image, given in zip(images, explicit, strict=True):

@@ -746,8 +746,13 @@ def compute_all_metrics(
     maps: ArrayLike | None = None,
     *,
     aupro_protocol: AuproProtocol = "reference",
+    pixel_images: ArrayLike | None = None,
 ) -> dict[str, float]:
     """All metrics of one category: image AUROC/AP/F1-max and, with masks, the pixel metrics.
+
+    ``pixel_images`` (``(N,)`` bool) selects the images whose masks are known: the others (anomalous images
+    without a ground-truth mask) are left out of the pixel metrics instead of counting as all-normal pixels,
+    which would bias pixel AUROC and AP. Image metrics always use every image.
 
     Undefined metrics are reported as NaN with a ``RuntimeWarning`` instead of raising, so that
     a whole benchmark can run: image metrics when every image has the same label, pixel metrics
@@ -761,6 +766,7 @@ def compute_all_metrics(
         masks: Optional binary masks ``(N, H, W)`` (or ``(N, 1, H, W)``) at the map size.
         maps: Anomaly maps of the same shape as ``masks``; required when ``masks`` is given.
         aupro_protocol: ``"reference"`` (cflow-ad, default) or ``"anomalib"``; see :func:`aupro`.
+        pixel_images: Optional ``(N,)`` bool: which images enter the pixel metrics (default: all).
 
     Returns:
         A dict with the keys of :data:`METRIC_KEYS` (the four pixel keys only when masks are
@@ -775,6 +781,11 @@ def compute_all_metrics(
     _check_aupro_options(aupro_protocol, 200, 0.3)
     results: dict[str, float] = dict(_image_metrics(labels, scores))
     if masks is not None and maps is not None:
+        if pixel_images is not None:
+            selected = np.asarray(pixel_images)
+            if selected.dtype != np.bool_ or selected.shape != (len(masks),):
+                raise ValueError(f"pixel_images must be a bool array of shape ({len(masks)},), got {selected.dtype} {selected.shape}.")
+            masks, maps = np.asarray(masks)[selected], np.asarray(maps)[selected]
         results.update(_pixel_metrics(masks, maps, aupro_protocol))
     return {key: results[key] for key in METRIC_KEYS if key in results}
 

@@ -9,15 +9,27 @@ so a crash late in a run loses nothing, and a rerun with `resume=True` skips the
 Images and masks are read through MRAD's decoder (`data.loaders.iter_readable_rows`): with `on_error="skip"`
 (the default) a file that cannot be used is listed under `skipped` in its category's record and in
 `results.json` (`skipped_files`), and the other images are still scored; `on_error="fail"` stops instead.
+
+What the numbers mean, checked before scoring:
+
+* A dataset whose images all carry one label has no defined metric: `evaluate_dataset` refuses it
+  (`EvaluationDataError`) and says where normal (or anomalous) images must go.
+* Anomalous images without a ground-truth mask are left out of the pixel metrics (never counted as all-normal
+  pixels); each category reports how many (`pixel_excluded`, the "no mask" column of the table).
+* Leakage: scored images that are also in the memory bank (same file content, by the bank metadata's
+  `image_sha256`; for entries without a hash, the same id) score against themselves. They are counted and
+  warned about (`BankOverlapWarning`, `results["bank_overlap"]`), and `exclude_bank_images=True` leaves them out.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +42,91 @@ from ..models.mrad.memory_bank_mrad import atomic_write
 from ..tools.visualization import save_panel
 from .metrics import METRIC_KEYS, compute_all_metrics, image_auroc, pixel_auroc
 
-__all__ = ["evaluate_dataset", "format_markdown_table", "held_out_split", "held_out_aurocs"]
+__all__ = [
+    "BankOverlapWarning",
+    "EvaluationDataError",
+    "bank_overlap",
+    "evaluate_dataset",
+    "file_sha256",
+    "format_markdown_table",
+    "held_out_aurocs",
+    "held_out_split",
+]
+
+
+class EvaluationDataError(ValueError):
+    """The dataset cannot give meaningful metrics (e.g. every image has the same label); the message says the fix."""
+
+
+class BankOverlapWarning(UserWarning):
+    """Some scored images are in the memory bank, so they are retrieved as their own nearest entry."""
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes (the content hash banks store per image entry); None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def bank_overlap(dataset, bank_metadata: dict[str, Any] | None) -> tuple[list[int], str]:
+    """Indices of the `dataset` rows whose image is in the bank described by `bank_metadata`, and how they matched.
+
+    By content first: a row matches when the SHA-256 of its file is one of the bank's `image_sha256` values.
+    Bank entries without a hash (older banks, in-memory images) match by id instead: the bank id equals the
+    row's absolute `path`, or equals its relative `id` while the entry's source is the row's `dataset` name.
+    """
+    metadata = bank_metadata or {}
+    ids = list(metadata.get("image_ids") or [])
+    hashes = list(metadata.get("image_sha256") or [None] * len(ids))
+    if len(hashes) != len(ids):
+        hashes = hashes + [None] * (len(ids) - len(hashes)) if len(hashes) < len(ids) else hashes
+    sources = list(metadata.get("image_sources") or [metadata.get("source")] * len(ids))
+    known_hashes = {value for value in hashes if value}
+    unhashed = [(entry, source) for entry, source, value in zip(ids, sources, hashes) if not value]
+    by_path = {entry for entry, _ in unhashed}
+    by_id = {(entry, str(source)) for entry, source in unhashed}
+    if not known_hashes and not unhashed:
+        return [], "none"
+    columns = dataset.column_names
+    paths = dataset["path"]
+    row_ids = dataset["id"] if "id" in columns else [None] * len(paths)
+    names = dataset["dataset"] if "dataset" in columns else [None] * len(paths)
+    hits, how = [], set()
+    for index, (path, row_id, name) in enumerate(zip(paths, row_ids, names)):
+        if known_hashes and file_sha256(path) in known_hashes:
+            hits.append(index)
+            how.add("content (sha256)")
+        elif path in by_path or (row_id is not None and (row_id, str(name)) in by_id):
+            hits.append(index)
+            how.add("id")
+    return hits, " and ".join(sorted(how)) or ("content (sha256)" if known_hashes else "id")
+
+
+def _check_both_labels(dataset, name: str) -> None:
+    labels = {int(label) for label in dataset["label"]}
+    if len(labels) > 1:
+        return
+    count = len(dataset)
+    if labels == {1}:
+        raise EvaluationDataError(
+            f"{name}: all {count} images are labelled anomalous, so no metric is defined. Put the normal images in a "
+            "folder named good/, normal/, nominal/ or ok/ (or pass --normal-dir DIR with --dataset folder)."
+        )
+    raise EvaluationDataError(
+        f"{name}: all {count} images are labelled normal, so no metric is defined. Add defect images in <defect>/ "
+        "folders beside good/ (or pass --abnormal-dir DIR with --dataset folder)."
+    )
+
+
+def _check_count(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
 
 
 def held_out_split(rows: list[dict[str, Any]], seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -70,10 +166,10 @@ def evaluate_category(
     heatmaps: int, aupro_protocol: str, progress,
 ) -> dict[str, Any]:
     """Score one category's rows and return its metrics, counts and throughput."""
-    labels, scores, maps, masks = [], [], [], []
+    labels, scores, maps, masks, known = [], [], [], [], []
     if not rows:
         empty = {key: None for key in METRIC_KEYS}
-        return {"category": category, "images": 0, "anomalous": 0, "seconds": 0.0, "images_per_second": float("nan"), "metrics": empty, "scores": []}
+        return {"category": category, "images": 0, "anomalous": 0, "pixel_excluded": 0, "seconds": 0.0, "images_per_second": float("nan"), "metrics": empty, "scores": []}
     shown = _evenly_spaced(len(rows), heatmaps)
     started = time.perf_counter()
     for start in range(0, len(rows), batch_size):
@@ -86,20 +182,24 @@ def evaluate_category(
             scores.append(float(outputs.anomaly_score[offset]))
             maps.append(outputs.anomaly_map[offset].float().cpu().numpy())
             masks.append(inputs["masks"][offset].numpy() > 0.5)
+            known.append(not (labels[-1] == 1 and row["mask"] is None))  # an anomaly without a mask: pixels unknown
             if heatmap_dir is not None and index in shown:
                 image = processor.load(row["image"]).resize((maps[-1].shape[1], maps[-1].shape[0]))
                 name = f"{category}_{index:04d}_{row['defect_type']}.png".replace("/", "_").replace(" ", "_")
                 save_panel(heatmap_dir / name, image, maps[-1], mask=masks[-1], title=f"{category} {row['defect_type']} score={scores[-1]:.4f}", value_range=None)
         progress.update(len(batch))
     elapsed = time.perf_counter() - started
-    has_masks = any(mask.any() for mask in masks)
+    has_masks = any(mask.any() for mask, is_known in zip(masks, known) if is_known)
+    pixel_excluded = sum(1 for is_known in known if not is_known)
     metrics = compute_all_metrics(
-        labels, scores, np.stack(masks) if has_masks else None, np.stack(maps) if has_masks else None, aupro_protocol=aupro_protocol
+        labels, scores, np.stack(masks) if has_masks else None, np.stack(maps) if has_masks else None,
+        aupro_protocol=aupro_protocol, pixel_images=np.array(known, dtype=bool) if has_masks else None,
     )
     return {
         "category": category,
         "images": len(rows),
         "anomalous": int(sum(labels)),
+        "pixel_excluded": pixel_excluded if has_masks else 0,
         "seconds": elapsed,
         "images_per_second": len(rows) / elapsed if elapsed > 0 else float("nan"),
         "metrics": {key: (None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)) for key, value in metrics.items()},
@@ -109,18 +209,26 @@ def evaluate_category(
 
 def format_markdown_table(per_category: list[dict[str, Any]], mean: dict[str, float | None]) -> str:
     """Per-category rows and a mean row, metrics x 100 with one decimal (the papers' convention)."""
-    header = ["category", *METRIC_KEYS, "images", "img/s"]
+    excluded = sum(r.get("pixel_excluded", 0) for r in per_category)
+    header = ["category", *METRIC_KEYS, "images", *(["no mask"] if excluded else []), "img/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(value):
         return "–" if value is None else f"{100 * value:.1f}"
 
+    def no_mask(count):
+        return f" | {count}" if excluded else ""
+
     for result in per_category:
         values = [cell(result["metrics"].get(key)) for key in METRIC_KEYS]
-        lines.append(f"| {result['category']} | " + " | ".join(values) + f" | {result['images']} | {result['images_per_second']:.2f} |")
+        lines.append(f"| {result['category']} | " + " | ".join(values) + f" | {result['images']}{no_mask(result.get('pixel_excluded', 0))} | {result['images_per_second']:.2f} |")
     total = sum(r["images"] for r in per_category)
     seconds = sum(r["seconds"] for r in per_category)
-    lines.append("| **mean** | " + " | ".join(cell(mean.get(key)) for key in METRIC_KEYS) + f" | {total} | {total / seconds if seconds else float('nan'):.2f} |")
+    lines.append("| **mean** | " + " | ".join(cell(mean.get(key)) for key in METRIC_KEYS) + f" | {total}{no_mask(excluded)} | {total / seconds if seconds else float('nan'):.2f} |")
+    if excluded:
+        lines.append("")
+        lines.append(f"Pixel metrics leave out {excluded} anomalous image(s) without a ground-truth mask (column \"no mask\"); "
+                     "image metrics use every image.")
     return "\n".join(lines) + "\n"
 
 
@@ -137,16 +245,42 @@ def evaluate_dataset(
     progress: bool = True,
     run_info: dict[str, Any] | None = None,
     on_error: str = "skip",
+    exclude_bank_images: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` on every category of `dataset` (rows with image, mask, label, category, defect_type, path).
 
     Writes `per_category/<category>.json` as each category finishes, then `results.json`, `results.csv` and
     `results.md` (per-category rows and the mean over categories), plus heatmap panels under `heatmaps/`.
     Unreadable images or masks are skipped and listed (`on_error="skip"`) or stop the run (`"fail"`).
+    A dataset with one label only raises `EvaluationDataError`; scored images that are in the model's memory bank
+    are counted (`results["bank_overlap"]`, a `BankOverlapWarning`) and, with `exclude_bank_images`, left out.
     Returns the content of `results.json`.
     """
     from tqdm.auto import tqdm
 
+    _check_count(batch_size, "batch_size", 1)
+    _check_count(heatmaps_per_category, "heatmaps_per_category", 0)
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}.")
+    if aupro_protocol not in ("reference", "anomalib"):
+        raise ValueError(f"aupro_protocol must be 'reference' or 'anomalib', got {aupro_protocol!r}.")
+    _check_both_labels(dataset, name)
+    hits, matched_by = bank_overlap(dataset, model.config.memory_bank_metadata)
+    overlap = {"images": len(hits), "of": len(dataset), "matched_by": matched_by if hits else None, "excluded": bool(exclude_bank_images and hits)}
+    if hits and exclude_bank_images:
+        hit_set = set(hits)
+        dataset = dataset.select([index for index in range(len(dataset)) if index not in hit_set])
+        overlap["message"] = f"Left out {len(hits)} of {overlap['of']} scored images that are in the memory bank (same {matched_by}); {len(dataset)} remain."
+        if not len(dataset):
+            raise EvaluationDataError(f"{name}: every scored image is in the memory bank; score a different dataset or build the bank from other images.")
+        _check_both_labels(dataset, name)
+    elif hits:
+        overlap["message"] = (
+            f"LEAKAGE: {len(hits)} of {len(dataset)} scored images are in the memory bank (same {matched_by}); each is retrieved as "
+            "its own nearest entry, so the metrics are optimistic. Pass --exclude-bank-images (exclude_bank_images=True) to leave them out."
+        )
+    if "message" in overlap:
+        warnings.warn(overlap["message"], BankOverlapWarning, stacklevel=2)
     output_dir = Path(output_dir)
     processor = MRADImageProcessor.from_config(model.config)
     category_column = dataset["category"]
@@ -183,14 +317,16 @@ def evaluate_dataset(
         "mean": mean,
         "per_category": [{k: v for k, v in r.items() if k not in ("scores", "skipped")} for r in per_category],
         "skipped_files": [failure for r in per_category for failure in r.get("skipped", [])],
+        "pixel_excluded_images": sum(r.get("pixel_excluded", 0) for r in per_category),
+        "bank_overlap": overlap,
     }
     _write_text(output_dir / "results.json", json.dumps(results, indent=2))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["category", *METRIC_KEYS, "images", "images_per_second"])
+    writer.writerow(["category", *METRIC_KEYS, "images", "pixel_excluded", "images_per_second"])
     for r in per_category:
-        writer.writerow([r["category"], *[r["metrics"].get(k) for k in METRIC_KEYS], r["images"], r["images_per_second"]])
-    writer.writerow(["mean", *[mean[k] for k in METRIC_KEYS], sum(r["images"] for r in per_category), ""])
+        writer.writerow([r["category"], *[r["metrics"].get(k) for k in METRIC_KEYS], r["images"], r.get("pixel_excluded", 0), r["images_per_second"]])
+    writer.writerow(["mean", *[mean[k] for k in METRIC_KEYS], sum(r["images"] for r in per_category), results["pixel_excluded_images"], ""])
     _write_text(output_dir / "results.csv", buffer.getvalue())
     _write_text(output_dir / "results.md", format_markdown_table(per_category, mean))
     return results
