@@ -163,11 +163,13 @@ def cmd_calibrate(args) -> int:
     if not normals:
         raise _cli.CLIError("No known-good images: pass them with --images (files or folders) or a --dataset with a good/ folder.")
     _cli._log(f"Calibrating on {len(normals)} known-good image(s){f' and {len(defects)} known defect(s)' if defects else ''} for a false-positive rate of {args.target_fpr}")
-    calibration = calibrate(detector, normals, target_fpr=args.target_fpr, pixel_fpr=args.pixel_fpr, defect_images=defects, defect_masks=masks, batch_size=args.batch_size)
+    calibration = calibrate(detector, normals, target_fpr=args.target_fpr, pixel_fpr=args.pixel_fpr, defect_images=defects, defect_masks=masks,
+                            batch_size=args.batch_size, on_error=getattr(args, "on_error", "skip"))
     target_bank = bank if bank is not None or not args.bank_output else detector.get_memory_bank()
     apply_calibration(detector, calibration, bank=target_bank)
     _cli._write_json(Path(args.output), calibration)
     _cli._log(f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f} -> {args.output}")
+    _cli._report_skipped(calibration["skipped_files"], f"'skipped_files' in {args.output}")
     if calibration["defects"]:
         _cli._log(f"on the known defects: image recall {calibration['defects']['image_recall']:.3f}, pixel recall {calibration['defects']['pixel_recall']}")
     if args.save_model:

@@ -19,8 +19,9 @@ __all__ = ["register", "cmd_train"]
 def cmd_train(args) -> int:
     from transformers import CLIPConfig
 
-    from .common import RANDOM_BACKBONES, _log, load_detector
-    from ..data.loaders import load_benchmark
+    from .common import RANDOM_BACKBONES, _log, _report_skipped, load_detector
+    from ..data.loaders import load_benchmark, readable_subset
+    from ..models.mrad.image_processing_mrad import MRADImageProcessor
     from ..training.trainer import MRADTrainingArguments, train_mrad
 
     overrides = dict(variant=args.variant)
@@ -44,6 +45,11 @@ def cmd_train(args) -> int:
         detector.set_memory_bank(args.bank)
         _log(f"Memory bank: {args.bank}")
     dataset = load_benchmark(args.aux_dataset, args.aux_root, categories=args.categories, split=args.split)
+    skipped: list[dict[str, str]] = []  # unreadable files: named and skipped (or, with --on-error fail, the error) before training
+    dataset = readable_subset(dataset, MRADImageProcessor.from_config(detector.config).load_pair, on_error=getattr(args, "on_error", "skip"), failures=skipped)
+    for failure in skipped[1:]:
+        _log(f"  skipped {failure['path']}: {failure['error']}")
+    _report_skipped(skipped, "the lines above (they are not trained on)")
     _log(f"Training MRAD-{args.variant.upper()} on {len(dataset)} {args.aux_dataset} images ({args.split} split) from {args.aux_root}")
     training_args = MRADTrainingArguments(
         output_dir=args.output_dir, ft_epochs=args.ft_epochs, prompt_epochs=args.prompt_epochs, batch_size=args.batch_size,

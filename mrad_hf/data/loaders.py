@@ -163,6 +163,9 @@ __all__ = [
     "load_mvtec",
     "load_visa",
     "iter_readable_rows",
+    "readable_items",
+    "readable_subset",
+    "undecoded_images",
     "with_binary_masks",
 ]
 
@@ -1745,6 +1748,32 @@ def with_binary_masks(dataset: Dataset) -> Dataset:
     return dataset.with_transform(_binarize_mask_batch)
 
 
+_ON_ERROR = ("skip", "fail")
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in _ON_ERROR:
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}.")
+
+
+def undecoded_images(dataset: Any) -> Any:
+    """``dataset`` with its ``Image`` columns undecoded, so that files are read by MRAD's decoder (whose errors name
+    the file and the fix), not by PIL inside ``datasets`` (raw ``OSError``). Anything that is not a
+    ``datasets.Dataset`` is returned as it is."""
+    if not isinstance(dataset, Dataset):
+        return dataset
+    for column in ("image", "mask"):
+        feature = dataset.features.get(column)
+        if isinstance(feature, Image) and feature.decode:
+            dataset = dataset.cast_column(column, Image(decode=False))
+    return dataset
+
+
+def _row_name(row: Mapping[str, Any]) -> str:
+    image = row.get("image")
+    return str(row.get("path") or (image.get("path") if isinstance(image, dict) else image))
+
+
 def iter_readable_rows(
     dataset: Dataset,
     load_pair: Callable[[Any, Any], tuple[Any, Any]],
@@ -1761,23 +1790,74 @@ def iter_readable_rows(
     """
     from ..models.mrad.image_processing_mrad import MRADInputError
 
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}.")
-    undecoded = dataset
-    for column in ("image", "mask"):
-        feature = undecoded.features.get(column)
-        if isinstance(feature, Image) and feature.decode:
-            undecoded = undecoded.cast_column(column, Image(decode=False))
-    for row in undecoded:
+    _check_on_error(on_error)
+    for row in undecoded_images(dataset):
         try:
             image, mask = load_pair(row["image"], row.get("mask"))
         except MRADInputError as error:
             if on_error == "fail":
                 raise
             if failures is not None:
-                failures.append({"path": str(row.get("path") or row.get("image")), "error": str(error)})
+                failures.append({"path": _row_name(row), "error": str(error)})
             continue
         yield {**row, "image": image, "mask": mask}
+
+
+def readable_subset(
+    dataset: Dataset,
+    load_pair: Callable[[Any, Any], tuple[Any, Any]],
+    *,
+    on_error: str = "skip",
+    failures: list[dict[str, str]] | None = None,
+) -> Dataset:
+    """``dataset`` without the rows whose image or mask MRAD's decoder cannot use (as :func:`iter_readable_rows`).
+
+    For consumers that take a whole dataset and decode it themselves (training, ``build_memory_bank``): every file
+    is read once here, so a truncated or corrupt file is reported by name (``failures``, ``on_error="skip"``) or
+    raised as ``MRADInputError`` (``"fail"``) before the run starts, instead of stopping it with a raw PIL error.
+    """
+    from ..models.mrad.image_processing_mrad import MRADInputError
+
+    _check_on_error(on_error)
+    keep = []
+    for index, row in enumerate(undecoded_images(dataset)):
+        try:
+            load_pair(row["image"], row.get("mask"))
+        except MRADInputError as error:
+            if on_error == "fail":
+                raise
+            if failures is not None:
+                failures.append({"path": _row_name(row), "error": str(error)})
+            continue
+        keep.append(index)
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
+
+
+def readable_items(
+    items: Sequence[Any],
+    load: Callable[[Any], Any],
+    *,
+    on_error: str = "skip",
+    failures: list[dict[str, str]] | None = None,
+) -> list[Any]:
+    """The ``items`` (paths, PIL images, ``(image, mask)`` pairs, ...) that ``load(item)`` decodes without an
+    ``MRADInputError``; the others are listed in ``failures`` (``on_error="skip"``) or raise (``"fail"``)."""
+    from ..models.mrad.image_processing_mrad import MRADInputError
+
+    _check_on_error(on_error)
+    kept = []
+    for item in items:
+        try:
+            load(item)
+        except MRADInputError as error:
+            if on_error == "fail":
+                raise
+            if failures is not None:
+                first = item[0] if isinstance(item, tuple) else item
+                failures.append({"path": str(first) if isinstance(first, (str, os.PathLike)) else type(first).__name__, "error": str(error)})
+            continue
+        kept.append(item)
+    return kept
 
 
 DATASET_LOADERS: dict[str, DatasetLoader] = {

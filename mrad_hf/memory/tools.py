@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.loaders import IgnoredFile, pair_image_files
+from ..data.loaders import IgnoredFile, pair_image_files, undecoded_images
 from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings, label_value
 from ..models.mrad.retrieval_mrad import l2_normalize
 
@@ -315,6 +315,7 @@ def entries_from_samples(model, samples: Iterable[Any], *, source: str, batch_si
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
     if not hasattr(samples, "column_names") and not isinstance(samples, (list, tuple)):
         samples = list(samples)
+    samples = undecoded_images(samples)  # a corrupt file raises MRAD's error naming it, not a raw PIL OSError
     unmasked = unmasked_anomalies(samples)
     with warnings.catch_warnings():  # the model's "whole image counts as a normal region" note: handled below
         warnings.filterwarnings("ignore", message=r".*had no mask.*", category=UserWarning)

@@ -115,8 +115,12 @@ def calibrate(
     defect_masks: Sequence[Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    on_error: str = "skip",
 ) -> dict[str, Any]:
     """Choose the image and pixel thresholds (estimators in the module docstring); returns a JSON-able dict.
+
+    Every image is decoded first: an unreadable one is never counted as a good image. With `on_error="skip"` it is
+    left out and listed under `skipped_files` (the minimum count applies to the readable ones); `"fail"` raises.
 
     Args:
         model: an `MRADForAnomalyDetection` with the bank it will be used with.
@@ -125,8 +129,20 @@ def calibrate(
         pixel_fpr: wanted share of good pixels in the binary mask; default min(target_fpr, 0.01).
         defect_images, defect_masks: optional known defects, only to report the recall of the thresholds.
     """
+    from ..data.loaders import readable_items
+
     pixel_fpr = min(target_fpr, 0.01) if pixel_fpr is None else pixel_fpr
     _check_rate(pixel_fpr, "pixel_fpr")
+    processor = MRADImageProcessor.from_config(model.config)
+    skipped: list[dict[str, str]] = []
+    normal_images = readable_items(list(normal_images), processor.load, on_error=on_error, failures=skipped)
+    if defect_images:
+        defect_masks = list(defect_masks) if defect_masks is not None else [None] * len(defect_images)
+        if len(defect_masks) != len(defect_images):
+            raise ValueError(f"Got {len(defect_images)} defect images but {len(defect_masks)} masks.")
+        pairs = list(zip(defect_images, defect_masks))
+        pairs = readable_items(pairs, lambda pair: processor.load_pair(*pair), on_error=on_error, failures=skipped)
+        defect_images, defect_masks = [image for image, _ in pairs], [mask for _, mask in pairs]
     needed = minimum_normal_images(target_fpr)
     if len(normal_images) < needed:
         conformal_threshold(np.zeros(len(normal_images)), target_fpr)  # raises with the actionable message
@@ -146,6 +162,7 @@ def calibrate(
         "decision": "anomalous when score > image_threshold; mask = anomaly_map > pixel_threshold",
         "bank": _bank_signature(model),
         "defects": None,
+        "skipped_files": skipped,
     }
     if defect_images:
         defect_scores, defect_maps, masks = score_images(model, defect_images, masks=defect_masks, batch_size=batch_size, progress=progress)

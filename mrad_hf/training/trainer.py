@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.loaders import undecoded_images
 from ..models.mrad.configuration_mrad import MRADConfig
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.memory_bank_mrad import atomic_directory
@@ -346,6 +347,7 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         )
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
+    train_samples = undecoded_images(train_samples)  # files read by MRAD's decoder: a corrupt one is named, not a raw OSError
 
     latest = _latest_checkpoint(output_dir) if args.resume else None
     if latest is not None:
