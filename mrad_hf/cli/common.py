@@ -148,7 +148,19 @@ def load_dataset_from_args(args, **kwargs):
         raise CLIError(f"--dataset {args.dataset} needs --data-root DIR (or, with --dataset folder, --normal-dir/--abnormal-dir).")
     if any(explicit.values()):
         kwargs.update(explicit)
-    return load_benchmark(args.dataset, args.data_root, categories=args.categories, **kwargs)
+    import warnings
+
+    from ..data.loaders import IgnoredFilesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IgnoredFilesWarning)
+        dataset = load_benchmark(args.dataset, args.data_root, categories=args.categories, **kwargs)
+    for warning in caught:  # the loader's one-line summary of what it did not read, printed as a line
+        if issubclass(warning.category, IgnoredFilesWarning):
+            _log(str(warning.message))
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return dataset
 
 
 def _write_json(path: Path, payload) -> None:

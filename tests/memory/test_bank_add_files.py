@@ -97,3 +97,32 @@ def test_cli_bank_add_says_so(model_with_bank, tmp_path, capsys):
     added_labels = grown.patch_values[base.patch_keys.shape[0]:].argmax(1).tolist()
     assert sorted(added_labels) == [0, 0, 1, 1]  # two masked images: one normal and one anomalous region each
     assert torch.equal(grown.image_values[-3:].argmax(1), torch.ones(3, dtype=torch.long))
+
+
+def test_api_values_are_validated(tiny_model, model_with_bank):
+    samples = make_samples(2, seed=8)
+    for value in (0, -3, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+            entries_from_samples(tiny_model, samples, source="x", batch_size=value, progress=False)
+    with pytest.raises(ValueError, match="cosine similarity in \\(0, 1\\]"):
+        add_samples(model_with_bank.get_memory_bank(), model_with_bank, samples, source="x", dedup_threshold=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="unknown label"):
+        samples_from_files([], "maybe")
+
+
+def test_cli_prints_the_ignored_summary_as_one_line(model_with_bank, tmp_path, capsys):
+    from mrad_hf.cli.main import main as cli_main
+
+    model_with_bank.save_pretrained(tmp_path / "model")
+    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    save_line(tmp_path / "line" / "dent", count=1, seed=9)
+    (tmp_path / "line" / "good").mkdir()
+    Image.fromarray(make_samples(1, seed=9)[0]["image"]).save(tmp_path / "line" / "good" / "g.png")
+    (tmp_path / "line" / "good" / "notes.txt").write_text("x")
+    args = ["bank", "add", str(tmp_path / "bank.safetensors"), "--model", str(tmp_path / "model"), "--dataset", "folder",
+            "--data-root", str(tmp_path / "line"), "--source", "line", "--output", str(tmp_path / "g.safetensors")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a Python warning: a line of the command's output
+        assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    assert "Ignored 1 file(s) under" in captured.out and "1 unsupported extension" in captured.out

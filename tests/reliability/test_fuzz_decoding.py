@@ -99,7 +99,9 @@ def test_fuzzed_folder_through_mrad_predict(saved_fuzz_model, tmp_path):
         assert main(["predict", "--model", str(saved_fuzz_model), str(folder), "--output-dir", str(out)]) == 0
     summary = json.loads((out / "scores.json").read_text())
     listed = {record["path"] for record in summary["results"]} | {failure["path"] for failure in summary["failures"]}
-    images = {str(path) for path in folder.iterdir() if path.suffix.lower() in (".png", ".jpg", ".tif", ".bmp")}
+    from mrad_hf.data.loaders import IMAGE_EXTENSIONS  # every format the decoder reads, .webp and .gif included
+
+    images = {str(path) for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS}
     assert listed == images  # every image file is either scored or listed as a failure; nothing lost silently
     assert summary["failed"] == len(summary["failures"]) >= 30
     for failure in summary["failures"]:
