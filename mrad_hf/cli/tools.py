@@ -111,7 +111,9 @@ def cmd_bank_add(args) -> int:
     bank = _load_bank(args.bank)
     detector = _detector(args, bank, attach=False)
     samples = _samples(args)
-    result = add_samples(bank, detector, samples, source=args.source, dedup_threshold=_dedup(args), batch_size=args.batch_size)
+    skipped: list[dict[str, str]] = []
+    result = add_samples(bank, detector, samples, source=args.source, dedup_threshold=_dedup(args), batch_size=args.batch_size,
+                         on_error=getattr(args, "on_error", "skip"), failures=skipped)
     before, after = bank.counts(), result.counts()
     _cli._log(f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}")
     added = next((step for step in reversed(result.metadata.get("history") or []) if step.get("operation") == "add"), {})
@@ -119,6 +121,9 @@ def cmd_bank_add(args) -> int:
         _cli._log(f"{added['image_level_only_anomalies']} anomalous image(s) had no mask: added as image-level anomalous entries only "
                   "(no region entry; give <stem>_mask.png beside an image, or --masks, to add its defect region)")
     _save(result, args.output or args.bank)
+    _cli._report_skipped(skipped, "the lines above (not added)")
+    for failure in skipped[1:]:
+        _cli._log(f"  skipped {failure['path']}: {failure['error']}")
     return 0
 
 

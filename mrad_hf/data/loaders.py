@@ -98,6 +98,7 @@ from __future__ import annotations
 import csv
 import errno
 import glob
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -139,6 +140,7 @@ __all__ = [
     "IgnoredFile",
     "IgnoredFilesWarning",
     "classify_file",
+    "file_sha256",
     "ignored_summary",
     "load_folders",
     "pair_image_files",
@@ -1774,6 +1776,18 @@ def _row_name(row: Mapping[str, Any]) -> str:
     return str(row.get("path") or (image.get("path") if isinstance(image, dict) else image))
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """SHA-256 of a file's bytes (what banks store per image entry as ``image_sha256``); None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def iter_readable_rows(
     dataset: Dataset,
     load_pair: Callable[[Any, Any], tuple[Any, Any]],
@@ -1786,7 +1800,8 @@ def iter_readable_rows(
     ``load_pair`` is normally ``MRADImageProcessor.load_pair`` (returns a PIL image and a bool mask or None). The
     ``Image`` columns are read undecoded, so every file goes through MRAD's decoder and its errors. With
     ``on_error="skip"`` a row whose image or mask raises ``MRADInputError`` is appended to ``failures`` as
-    ``{"path": ..., "error": ...}`` and skipped; with ``on_error="fail"`` the error propagates.
+    ``{"path": ..., "error": ...}`` and skipped; with ``on_error="fail"`` the error propagates. Each row also gets
+    ``sha256``, the :func:`file_sha256` of its image file (None without a file), which banks store per entry.
     """
     from ..models.mrad.image_processing_mrad import MRADInputError
 
@@ -1800,7 +1815,9 @@ def iter_readable_rows(
             if failures is not None:
                 failures.append({"path": _row_name(row), "error": str(error)})
             continue
-        yield {**row, "image": image, "mask": mask}
+        source = row.get("image")
+        path = source.get("path") if isinstance(source, dict) else row.get("path")
+        yield {**row, "image": image, "mask": mask, "sha256": file_sha256(path) if path else None}
 
 
 def readable_subset(

@@ -24,7 +24,6 @@ What the numbers mean, checked before scoring:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.loaders import iter_readable_rows
+from ..data.loaders import file_sha256, iter_readable_rows
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.memory_bank_mrad import atomic_write
 from ..tools.visualization import save_panel
@@ -60,18 +59,6 @@ class EvaluationDataError(ValueError):
 
 class BankOverlapWarning(UserWarning):
     """Some scored images are in the memory bank, so they are retrieved as their own nearest entry."""
-
-
-def file_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a file's bytes (the content hash banks store per image entry); None if it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def bank_overlap(dataset, bank_metadata: dict[str, Any] | None) -> tuple[list[int], str]:

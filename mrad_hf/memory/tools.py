@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.loaders import IgnoredFile, pair_image_files, undecoded_images
+from ..data.loaders import IgnoredFile, iter_readable_rows, pair_image_files
 from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings, label_value
 from ..models.mrad.retrieval_mrad import l2_normalize
 
@@ -301,11 +301,22 @@ def _undecoded():
     return Image(decode=False)
 
 
-def entries_from_samples(model, samples: Iterable[Any], *, source: str, batch_size: int = 8, progress: bool = True) -> MemoryBank:
+def entries_from_samples(
+    model,
+    samples: Iterable[Any],
+    *,
+    source: str,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_error: str = "fail",
+    failures: list[dict[str, str]] | None = None,
+) -> MemoryBank:
     """Memory entries for labelled samples, computed by `model.build_memory_bank(..., attach=False)`.
 
     `samples` as for `build_memory_bank`: dicts with `image`, `label` and optional `mask` / `path` / `id`,
-    or a `datasets.Dataset` from `mrad_hf.data.loaders`. Every entry gets `source` as its provenance. An
+    or a `datasets.Dataset` from `mrad_hf.data.loaders`, whose files are read by MRAD's decoder
+    (`data.loaders.iter_readable_rows`: a corrupt file is named, and with `on_error="skip"` listed in
+    `failures` and left out, never a raw PIL `OSError`). Every entry gets `source` as its provenance. An
     anomalous sample without a mask gets its image entry only: the region prototype the reference would
     build from its whole image (as if it were all normal) is dropped. `metadata["image_level_only"]` counts them.
     """
@@ -313,13 +324,25 @@ def entries_from_samples(model, samples: Iterable[Any], *, source: str, batch_si
         raise ValueError("Name the source of the new entries (e.g. 'line-3-defects'): it is how they are listed and removed later.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-    if not hasattr(samples, "column_names") and not isinstance(samples, (list, tuple)):
-        samples = list(samples)
-    samples = undecoded_images(samples)  # a corrupt file raises MRAD's error naming it, not a raw PIL OSError
-    unmasked = unmasked_anomalies(samples)
+    unmasked: list[bool] = []
+    if hasattr(samples, "column_names"):  # a loader dataset: decode through MRAD, note each readable row's flag
+        from ..models.mrad.image_processing_mrad import MRADImageProcessor
+
+        processor = MRADImageProcessor.from_config(model.config)
+        readable = iter_readable_rows(samples, processor.load_pair, on_error=on_error, failures=failures)
+
+        def rows():
+            for row in readable:
+                unmasked.append(int(row["label"]) == 1 and row["mask"] is None)
+                yield row
+
+        samples_in = rows()
+    else:
+        samples_in = samples if isinstance(samples, (list, tuple)) else list(samples)
+        unmasked = unmasked_anomalies(samples_in)
     with warnings.catch_warnings():  # the model's "whole image counts as a normal region" note: handled below
         warnings.filterwarnings("ignore", message=r".*had no mask.*", category=UserWarning)
-        bank = model.build_memory_bank(samples, batch_size=batch_size, source=source, progress=progress, attach=False)
+        bank = model.build_memory_bank(samples_in, batch_size=batch_size, source=source, progress=progress, attach=False)
     bank.metadata["image_sources"] = [source] * bank.image_keys.shape[0]
     if len(unmasked) == bank.image_keys.shape[0] and any(unmasked):
         flagged = torch.tensor(unmasked, dtype=torch.bool)
@@ -338,8 +361,12 @@ def add_samples(
     dedup_threshold: float | None = DEFAULT_DEDUP_THRESHOLD,
     batch_size: int = 8,
     progress: bool = True,
+    on_error: str = "fail",
+    failures: list[dict[str, str]] | None = None,
 ) -> MemoryBank:
     """Append the entries of new labelled images to `bank` (no training). `model` must be the bank's backbone.
+
+    `on_error` / `failures` as in `entries_from_samples` (unreadable files of a loader dataset).
 
     The history record of the addition counts the anomalous images without a mask
     (`image_level_only_anomalies`): they were added as image-level entries only (see `entries_from_samples`).
@@ -347,7 +374,7 @@ def add_samples(
     bank.check_compatible(model.backbone_fingerprint(), feature_settings(model.config), strict=True)
     if source in set(bank.image_sources()):
         raise MemoryBankError(f"The bank already has entries from source {source!r}; pick a new name, or remove that source first.")
-    new = entries_from_samples(model, samples, source=source, batch_size=batch_size, progress=progress)
+    new = entries_from_samples(model, samples, source=source, batch_size=batch_size, progress=progress, on_error=on_error, failures=failures)
     image_level_only = new.metadata.pop("image_level_only", 0)
     merged = merge_banks([bank, new], names=[_source_name(bank), source], dedup_threshold=None)
     merged.metadata["history"][-1] = {

@@ -95,3 +95,33 @@ def test_calibrate_never_counts_an_unreadable_file_as_good(tmp_path):
     with pytest.raises(MRADInputError, match="ok3.png"):
         calibrate(model, [str(p) for p in paths], target_fpr=0.2, progress=False, on_error="fail")
     assert readable_items([str(paths[0]), str(paths[3])], MRADImageProcessor(image_size=56).load) == [str(paths[0])]
+
+
+def test_bank_entries_skip_corrupt_rows_and_keep_flags_aligned(folder_with_truncated_file):
+    from mrad_hf.data.loaders import file_sha256
+
+    root = folder_with_truncated_file
+    (root / "dent" / "img5_mask.png").unlink()  # img5: anomalous without a mask, after the skipped row
+    dataset = load_folder(root)
+    failures = []
+    bank = entries_from_samples(make_tiny_model(), dataset, source="line", progress=False, on_error="skip", failures=failures)
+    assert len(failures) == 1 and failures[0]["path"].endswith("img0.png")
+    ids = bank.image_ids()
+    assert len(ids) == len(dataset) - 1 and "good/img0.png" not in ids
+    unmasked = ids.index("dent/img5.png")
+    assert unmasked not in bank.patch_sources.tolist()  # no region prototype from the unmasked anomaly
+    assert set(bank.patch_sources.tolist()) == set(range(len(ids))) - {unmasked}
+    assert bank.metadata["image_level_only"] == 1
+    rows = list(iter_readable_rows(dataset, MRADImageProcessor(image_size=56).load_pair))
+    assert [row["sha256"] for row in rows] == [file_sha256(row["path"]) for row in rows] and all(rows[0]["sha256"])
+
+
+def test_cli_bank_add_from_a_dataset_skips_the_corrupt_file(folder_with_truncated_file, model_with_bank, tmp_path, capsys):
+    model_with_bank.save_pretrained(tmp_path / "model")
+    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    args = ["bank", "add", str(tmp_path / "bank.safetensors"), "--model", str(tmp_path / "model"), "--dataset", "folder",
+            "--data-root", str(folder_with_truncated_file), "--source", "line", "--output", str(tmp_path / "g.safetensors"), "--no-dedup"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "SKIPPED 1 file(s) that could not be read" in out and "img0.png" in out
+    assert "image entries 6 -> 11" in out
