@@ -1591,7 +1591,9 @@ def pair_image_files(
             images = sorted(images)
         elif not all(explicit):
             missing = next(image for image, mask in zip(images, explicit, strict=True) if mask is None)
-            raise _PAIRING_DOC.error(f"no mask among the given masks for {missing} (looked for {missing.stem}[_mask].<ext>).", missing)
+            raise _PAIRING_DOC.error(
+                f"no mask among the given masks for {missing} (looked for {missing.stem}[_mask].<ext>).", missing
+            )
     beside_by_folder: dict[Path, dict[str, Path]] = {}
     for folder in {image.parent for image in images}:
         found = scan_folder(folder, recursive=False).masks
@@ -1609,7 +1611,8 @@ def pair_image_files(
         pairs.append((image, mask))
     for key, users in pool_users.items():
         if len(users) > 1:
-            raise _PAIRING_DOC.error(f"the mask {pool[key]} matches {len(users)} images ({', '.join(map(str, users))}).", pool[key])
+            claimed = ", ".join(map(str, users))
+            raise _PAIRING_DOC.error(f"the mask {pool[key]} matches {len(users)} images ({claimed}).", pool[key])
     used = {mask for _, mask in pairs}
     ignored += [IgnoredFile(mask, _MASK_WITHOUT_IMAGE) for mask in dict.fromkeys(pooled) if mask not in used]
     return pairs, ignored
@@ -1656,7 +1659,8 @@ def _expand_dirs(patterns: Sequence[str | os.PathLike[str]], base: Path | None, 
         matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
         matched = [_absolute(match) for match in matches if os.path.isdir(match)]
         if not matched:
-            raise _FOLDERS_DOC.error(f"{option} {os.fspath(pattern)!r} matches no folder (looked for {text}).", Path(text))
+            problem = f"{option} {os.fspath(pattern)!r} matches no folder (looked for {text})."
+            raise _FOLDERS_DOC.error(problem, Path(text))
         folders += [folder for folder in matched if folder not in folders]
     return folders
 
@@ -1710,7 +1714,8 @@ def load_folders(
     shared = None if paired or not mask_folders else _MaskIndex(mask_folders, _FOLDERS_DOC, ignored)
     for index, folder in enumerate(abnormals):
         masks = _MaskIndex([mask_folders[index]], _FOLDERS_DOC, ignored) if paired else shared
-        rows += _folder_class_rows(folder, name, folder.name, masks, ignored, recursive=True, mask_defect="")
+        defect = folder.name if folder.name != NORMAL_DEFECT_TYPE else UNSPECIFIED_DEFECT_TYPE  # "good" means normal
+        rows += _folder_class_rows(folder, name, defect, masks, ignored, recursive=True, mask_defect="")
         if paired and masks is not None:
             masks.finish(ignored)
     if shared is not None:
@@ -1871,7 +1876,8 @@ def readable_items(
                 raise
             if failures is not None:
                 first = item[0] if isinstance(item, tuple) else item
-                failures.append({"path": str(first) if isinstance(first, (str, os.PathLike)) else type(first).__name__, "error": str(error)})
+                name = str(first) if isinstance(first, (str, os.PathLike)) else type(first).__name__
+                failures.append({"path": name, "error": str(error)})
             continue
         kept.append(item)
     return kept
