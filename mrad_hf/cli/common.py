@@ -1,6 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What every `mrad` command shares: loading a detector (saved model, CLIP checkpoint or random backbone), the
-user-facing error type, logging, JSON output, image collection and the bank-building step."""
+"""What every `mrad` command shares: the parser (help with defaults, bounded values), the one set of model options
+and the detector they load (saved model, CLIP checkpoint or random backbone; bank, dtype, device), the user-facing
+error type and message, logging that goes through progress bars and rank 0, JSON output, image collection and the
+bank-building step.
+
+Importing this module costs only the standard library: torch and transformers are imported where a command runs
+the model, so `mrad --help` and every `mrad <command> --help` answer at once."""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["CLIError", "RANDOM_BACKBONES", "load_detector"]
+__all__ = ["CLIError", "RANDOM_BACKBONES", "ArgumentParser", "cli_message", "detector_from_args", "load_detector", "model_options"]
 
 #: Randomly initialised CLIP shapes for offline runs, where no pretrained weights can be downloaded.
 RANDOM_BACKBONES: dict[str, dict] = {
@@ -48,25 +53,344 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _log(message: str) -> None:
-    print(message, flush=True)
+# ---------------------------------------------------------------------- messages
+def _is_main_process() -> bool:
+    """Rank 0 of a multi-process run (torchrun / accelerate launch set RANK), or a single process."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
-def load_detector(model: str | None = None, clip: str | None = None, *, image_size: int | None = None, seed: int = 0, dtype: str | None = None, **overrides):
+def _log(message: str, *, all_ranks: bool = False) -> None:
+    """Print one message line: through `tqdm.write` while tqdm is loaded (so a live progress bar does not swallow or
+    break it), from rank 0 only in a multi-process run unless `all_ranks`."""
+    if not (all_ranks or _is_main_process()):
+        return
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        tqdm_module.tqdm.write(str(message), file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(message, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the CLI: one 'WARNING: ...' line on stderr, above any progress bar, rank 0 only."""
+    if not _is_main_process():
+        return
+    text = f"WARNING: {cli_message(message) if isinstance(message, Warning) else message}"
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        tqdm_module.tqdm.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+#: Python-API advice inside library messages -> what a command-line user types instead.
+CLI_ADVICE: tuple[tuple[str, str], ...] = (
+    ("pass strict=False", "pass --trust-bank"),
+    ("strict=False", "--trust-bank"),
+    ("allow_random_backbone=True", "a pretrained --clip (runs on random backbones give meaningless numbers)"),
+    ("(`model.build_memory_bank(...)`)", "(`mrad build-bank`)"),
+    ("`model.build_memory_bank(...)`", "`mrad build-bank`"),
+)
+
+
+def cli_message(error: BaseException) -> str:
+    """The one line a user sees for `error`: its message in command-line terms (never an empty line)."""
+    message = " ".join(str(error).split()) or f"{type(error).__name__} (no message; rerun with --debug for the traceback)"
+    for python_advice, cli_advice in CLI_ADVICE:
+        message = message.replace(python_advice, cli_advice)
+    return message
+
+
+# ---------------------------------------------------------------------- parser: formatting and bounded values
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' after every option's help, except where there is nothing to show (None, a flag's False)
+    or the help already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text.lower() or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
+class _CommandsAction(argparse._SubParsersAction):
+    """Subcommands whose `help=` (the line in `mrad --help`) is also their description in `mrad <command> --help`."""
+
+    def add_parser(self, name, **kwargs):
+        if kwargs.get("help") and "description" not in kwargs:
+            kwargs["description"] = kwargs["help"][0].upper() + kwargs["help"][1:] + "."
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        return super().add_parser(name, **kwargs)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The `mrad` parser: defaults shown in every help, subcommands described, errors as one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _CommandsAction)
+
+
+def _bounded(kind: type, name: str, *, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse `type=` that parses `kind` and refuses non-finite values and values outside [low, high]."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r} (not a finite number)")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _bounded(int, "an integer >= 1", low=1)
+non_negative_int = _bounded(int, "an integer >= 0", low=0)
+finite_float = _bounded(float, "a finite number")
+positive_float = _bounded(float, "a finite number > 0", low=0.0, low_open=True)
+probability = _bounded(float, "a number strictly between 0 and 1", low=0.0, high=1.0, low_open=True, high_open=True)
+unit_interval = _bounded(float, "a number in (0, 1]", low=0.0, high=1.0, low_open=True)
+seed_int = _bounded(int, "an integer seed in [0, 2**32 - 1]", low=0, high=2**32 - 1)
+port_int = _bounded(int, "a TCP port in [1, 65535]", low=1, high=65535)
+#: The network input side: at least one 14-px patch; 518 is the paper's. Above 2048 px the two attentions of a
+#: ViT-L/14 need tens of GiB per image (tokens grow with the square of the side), so it is refused here.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 14, 2048
+image_size_int = _bounded(int, f"an image side in pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (the paper uses 518)", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$")
+
+
+def device_name(text: str) -> str:
+    """--device: auto, cpu, cuda, cuda:N, mps, xpu[:N], npu[:N] (checked against the machine when the model loads)."""
+    if not _DEVICE_PATTERN.match(text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text.strip().lower()
+
+
+def clip_source(text: str) -> str:
+    """--clip: a Hub id or folder, or one of the random backbone names (a misspelt random-* name is refused)."""
+    if text.startswith("random-") and text not in RANDOM_BACKBONES:
+        raise argparse.ArgumentTypeError(f"unknown random backbone {text!r}; use one of {', '.join(RANDOM_BACKBONES)}")
+    return text
+
+
+RANDOM_NAMES = " / ".join(RANDOM_BACKBONES)
+
+
+# ---------------------------------------------------------------------- the shared model options
+def model_options(
+    sub: argparse.ArgumentParser,
+    *,
+    model: bool = True,
+    clip_required: bool = False,
+    clip_default: str | None = None,
+    bank: bool = True,
+    image_size: bool = True,
+    batch_size: bool = True,
+    on_error: bool = True,
+    seed_default: int = 0,
+    image_size_default: int | None = None,
+    temperature_help: str | None = None,
+    runs_model: bool = True,
+) -> argparse.ArgumentParser:
+    """Add the model options every model-running command shares (one definition, one help text each):
+
+    `--model | --clip`, `--bank` (+ `--trust-bank`), `--image-size`, `--retrieval-temperature`, `--dtype`,
+    `--device`, `--batch-size`, `--on-error`, `--seed`. `detector_from_args(args)` turns them into a model.
+    """
+    group = sub.add_argument_group("model options")
+    source = group.add_mutually_exclusive_group(required=clip_required) if model else group
+    if model:
+        source.add_argument("--model", help="a saved MRAD model folder (from --save-model, `mrad demo` or `mrad train`) or a Hub id / short name (mrad-tf, mrad-clip, ...)")
+    clip_help = f"a CLIP checkpoint (Hub id such as openai/clip-vit-large-patch14-336, or a local folder) for a new model, or a random backbone for offline runs: {RANDOM_NAMES}"
+    clip_options = {"required": True} if clip_required and not model else {}
+    source.add_argument("--clip", type=clip_source, default=clip_default, help=clip_help, **clip_options)
+    if bank:
+        group.add_argument("--bank", help="a memory bank (.safetensors file, or a Hub bank id such as mrad-bank-visa) to use instead of the model's own")
+        group.add_argument("--trust-bank", action="store_true", help="attach a --bank built for another backbone or other feature settings (warn instead of refusing)")
+    if image_size:
+        size_help = "network input side in pixels" + (" (518 is the paper's)" if image_size_default else " for a new model (default: 518, the paper's; a saved model keeps its own)")
+        group.add_argument("--image-size", type=image_size_int, default=image_size_default, help=size_help)
+    temperature_help = temperature_help or "softmax temperature of retrieval (default: the model's; 1.0 is the reference, random backbones need about 0.01)"
+    group.add_argument("--retrieval-temperature", type=positive_float, help=temperature_help)
+    if runs_model:
+        group.add_argument("--dtype", choices=DTYPES, default="float32", help="CLIP tower precision; bank, retrieval and scores stay float32. auto: bfloat16 on GPUs that support it, else float32")
+        group.add_argument("--device", type=device_name, default="auto", help="where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps")
+    if batch_size:
+        group.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    if on_error:
+        group.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images or masks: skip them and report the list, or stop at the first")
+    group.add_argument("--seed", type=seed_int, default=seed_default, help="random seed (random backbones' weights, shuffling)")
+    return group
+
+
+# ---------------------------------------------------------------------- local paths and Hub ids
+def _looks_like_local_path(name: str) -> bool:
+    """A name the user meant as a path (not a Hub id `name` / `org/name`)."""
+    return (
+        name.startswith((".", "/", "~", "\\"))
+        or name.endswith(("/", "\\"))
+        or name.count("/") > 1
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or os.path.splitext(name)[1].lower() in {".safetensors", ".json", ".pt", ".pth", ".bin"}
+    )
+
+
+def check_local_path(option: str, name: str) -> str:
+    """`name` expanded if it exists locally; a one-line error at once if it is meant as a path and does not exist.
+
+    Anything else is returned unchanged, to be tried as a Hub id (no network is touched here).
+    """
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        return expanded
+    if not _looks_like_local_path(name):
+        return name
+    import difflib
+
+    parent = os.path.dirname(os.path.abspath(expanded)) or "."
+    hint = ""
+    if os.path.isdir(parent):
+        close = difflib.get_close_matches(os.path.basename(expanded.rstrip("/\\")), os.listdir(parent), n=1)
+        if close:
+            hint = f" Did you mean '{os.path.join(os.path.dirname(name.rstrip('/')), close[0])}'?"
+    else:
+        hint = f" (its folder '{parent}' does not exist either)."
+    raise CLIError(f"{option} '{name}': no such file or folder ({os.path.abspath(expanded)}); it is not tried on the Hub because it is a path.{hint}")
+
+
+# ---------------------------------------------------------------------- devices and precision
+def resolve_device(device: str | None) -> str:
+    """`auto` -> "cuda" when a CUDA device is visible, else "cpu"; an explicit device that is not there is an error."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: no CUDA device is visible to torch {torch.__version__} (torch.cuda.is_available() is False); use --device cpu, or install a CUDA build of torch.")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CLIError("--device mps: the Apple MPS backend is not available here; use --device cpu.")
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """`auto` -> the precision the device runs best (bfloat16 on CUDA devices that support it, else float32)."""
+    if dtype != "auto":
+        return dtype or "float32"
+    try:  # the speed helper's rule, when present (one place for the rule); the CLI's own otherwise
+        from ..models.mrad.features_mrad import resolve_dtype as resolve_backbone_dtype
+    except ImportError:
+        resolve_backbone_dtype = None
+    if resolve_backbone_dtype is not None:
+        resolved = resolve_backbone_dtype("auto", device)
+        return str(resolved).replace("torch.", "")
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+# ---------------------------------------------------------------------- loading a detector
+_FROM_ARGS = object()
+
+
+def detector_from_args(args: argparse.Namespace, *, bank=_FROM_ARGS, **overrides):
+    """The model the shared options (`model_options`) name: loaded, bank attached, cast to --dtype, on --device.
+
+    `bank` (a path, a Hub id, a `MemoryBank` or None) replaces `--bank`; `overrides` are MRADConfig fields.
+    """
+    if getattr(args, "retrieval_temperature", None) is not None:
+        overrides.setdefault("retrieval_temperature", args.retrieval_temperature)
+    return load_detector(
+        getattr(args, "model", None), getattr(args, "clip", None), image_size=getattr(args, "image_size", None),
+        seed=getattr(args, "seed", 0), dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
+        bank=getattr(args, "bank", None) if bank is _FROM_ARGS else bank, trust_bank=getattr(args, "trust_bank", False),
+        **overrides,
+    )
+
+
+def load_detector(
+    model: str | None = None,
+    clip: str | None = None,
+    *,
+    image_size: int | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    device: str | None = None,
+    bank=None,
+    trust_bank: bool = False,
+    **overrides,
+):
     """An MRAD model from an MRAD folder / Hub id (`model`) or a CLIP source (`clip`, or a `random-*` name).
 
-    `overrides` are MRADConfig fields for a new model (ignored when loading a saved one would change it).
-    `dtype` ("bfloat16", "float16") runs the CLIP tower in half precision (`features_mrad.set_backbone_dtype`).
+    `overrides` are MRADConfig fields for a new model (for a saved one only `retrieval_temperature` may change).
+    `bank` (a file, a Hub bank id or a `MemoryBank`) replaces the model's own, checked against the float32
+    backbone (`trust_bank` warns instead of refusing a mismatch). Then the CLIP tower is cast to `dtype`
+    ("bfloat16", "float16", "auto"; memory, retrieval and scores stay float32) and the model moved to `device`
+    ("auto": CUDA when available).
     """
-    detector = _load_detector(model, clip, image_size=image_size, seed=seed, **overrides)
-    return _set_dtype(detector, dtype)
+    if model:
+        model = check_local_path("--model", model)
+    elif clip and clip not in RANDOM_BACKBONES:
+        clip = check_local_path("--clip", clip)
+    if isinstance(bank, (str, os.PathLike)):
+        bank = check_local_path("--bank", os.fspath(bank))
+    device = resolve_device(device)  # before any loading: a wrong --device fails at once
+    detector = _load_detector(model, clip, image_size=image_size, seed=seed, **overrides).eval()
+    if bank is not None:
+        _attach_bank(detector, bank, trust=trust_bank)
+    detector.to(device)
+    _set_dtype(detector, resolve_dtype(dtype, device))
+    if device != "cpu":
+        _log(f"Running on {device}")
+    return detector
+
+
+def load_bank(name: str, option: str = "--bank"):
+    """A `MemoryBank` from a local file, or else a Hub bank repo / short name (a missing local path fails at once)."""
+    from ..models.mrad.memory_bank_mrad import MemoryBank
+
+    name = check_local_path(option, os.fspath(name))
+    if os.path.exists(name):
+        return MemoryBank.load(name)
+    from ..hub.api import load_memory_bank  # not a path (check_local_path said so): a Hub bank repo or short name
+
+    return load_memory_bank(name)
+
+
+def _attach_bank(detector, bank, *, trust: bool) -> None:
+    name = bank if isinstance(bank, str) else None
+    if name is not None:
+        bank = load_bank(name)
+    detector.set_memory_bank(bank, strict=not trust)
+    if name is not None:
+        _log(f"Using memory bank {name} ({bank.counts()['image_entries']} image / {bank.counts()['patch_entries']} region entries)")
 
 
 def _set_dtype(detector, dtype: str | None):
     from ..models.mrad.features_mrad import set_backbone_dtype
 
     if dtype and dtype != "float32":
-        _log(f"CLIP tower in {dtype}; memory bank, retrieval and scores stay float32 (opt-in; slower than float32 on CPUs without bf16 matrix units)")
+        _log(f"CLIP tower in {dtype}; memory bank, retrieval and scores stay float32 (pays off on GPUs and CPUs with bf16 matrix units; slower elsewhere)")
     return set_backbone_dtype(detector, dtype)
 
 
@@ -81,22 +405,27 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
     if image_size is not None:
         overrides["image_size"] = image_size
     if model:
-        from ..hub.api import load_model
+        from ..hub.api import load_model  # the processor helper's "model folder + its saved preprocessor" goes here
 
         detector = load_model(model)
         verify_model_memory(detector)  # config and weights from the same save, bank built for this backbone
         if image_size is not None and image_size != detector.config.image_size:
-            raise CLIError(f"--image-size {image_size} differs from the saved model's {detector.config.image_size}.")
+            raise CLIError(f"--image-size {image_size} differs from the saved model's {detector.config.image_size}; drop --image-size (a saved model's bank was built at its own size).")
+        if "retrieval_temperature" in overrides:
+            detector.config.retrieval_temperature = overrides["retrieval_temperature"]
         _log(f"Loaded MRAD model from {model} (bank: {detector.config.image_bank_size} image / {detector.config.patch_bank_size} patch entries)")
         return detector
     if not clip:
-        raise CLIError("Pass --model (a saved MRAD model) or --clip (a CLIP checkpoint, or random-small for an offline run).")
+        raise CLIError(f"Pass --model (a saved MRAD model) or --clip (a CLIP checkpoint, or {RANDOM_NAMES} for an offline run with random weights).")
     if clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=clip))
         torch.manual_seed(seed)
         return MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[clip]), **overrides)
     _log(f"Loading pretrained CLIP weights from {clip}")
-    return MRADForAnomalyDetection.from_clip(clip, **overrides)
+    try:
+        return MRADForAnomalyDetection.from_clip(clip, **overrides)
+    except OSError as error:
+        raise CLIError(f"Could not load the CLIP checkpoint '{clip}': {cli_message(error)} Offline, use a local CLIP folder (`mrad convert clip` makes one from OpenAI's .pt file) or --clip random-small to check the pipeline with random weights.") from error
 
 
 def _collect_images(inputs: Sequence[str]) -> list[Path]:

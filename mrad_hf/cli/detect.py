@@ -21,9 +21,13 @@ from .common import (
     load_dataset_from_args,
     _log,
     _report_skipped,
-    _set_dtype,
     _write_json,
-    load_detector,
+    detector_from_args,
+    image_size_int,
+    model_options,
+    seed_int,
+    non_negative_int,
+    finite_float,
 )
 
 __all__ = ["register"]
@@ -43,7 +47,7 @@ def cmd_make_synthetic(args) -> int:
 def cmd_build_bank(args) -> int:
     from ..models.mrad.memory_bank_mrad import atomic_directory
 
-    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=args.dtype)
+    detector = detector_from_args(args)
     dataset = load_dataset_from_args(args, split=args.split)
     _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
     started = time.perf_counter()
@@ -60,41 +64,67 @@ def cmd_build_bank(args) -> int:
     return 0
 
 
+def _predictions(detect, paths, *, batch_size: int, threshold: float | None, failures: list, on_error: str):
+    """(path, image, prediction) for each readable image, `batch_size` images per forward pass, in input order.
+
+    Unreadable files are appended to `failures` (`on_error="skip"`) or stop the run (`"fail"`). Images are read as
+    the pipeline consumes them, so memory holds about one batch, whatever the number of files.
+    """
+    from collections import deque
+
+    from ..models.mrad.image_processing_mrad import MRADInputError
+
+    pending: deque = deque()
+
+    def readable_images():
+        for path in paths:
+            try:
+                image = detect.image_processor.load(path)
+            except MRADInputError as error:
+                if on_error == "fail":
+                    raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
+                failures.append({"path": str(path), "error": str(error)})
+                continue
+            pending.append((path, image))
+            yield image
+
+    for prediction in detect(readable_images(), batch_size=batch_size, threshold=threshold):
+        path, image = pending.popleft()
+        yield path, image, prediction
+
+
 def cmd_predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from ..models.mrad.image_processing_mrad import MRADInputError
     from ..tools.visualization import save_panel
 
-    detector = load_detector(args.model, args.clip, seed=args.seed)
-    if args.bank:
-        detector.set_memory_bank(args.bank)
-        _log(f"Using memory bank {args.bank}")
-    _set_dtype(detector, args.dtype)  # after the bank check, which fingerprints the float32 weights
-    processor, detect = _detector_pipeline(detector)
+    detector = detector_from_args(args)
+    _, detect = _detector_pipeline(detector)
     paths = _collect_images(args.inputs)
     output_dir = Path(args.output_dir)
     results, failures = [], []
-    for path in tqdm(paths, desc="Scoring", unit="img"):
-        try:
-            image = processor.load(path)
-            prediction = detect(image, threshold=args.threshold)
+    value_range = None if args.stretch else (0.0, 1.0)
+    with tqdm(total=len(paths), desc="Scoring", unit="img") as bar:
+        predictions = _predictions(detect, paths, batch_size=args.batch_size, threshold=args.threshold, failures=failures, on_error=args.on_error)
+        for path, image, prediction in predictions:
+            bar.n = len(results) + len(failures) + 1
+            bar.refresh()
             if not math.isfinite(prediction["score"]):
-                raise MRADInputError(f"Image '{path}' gave a non-finite score ({prediction['score']}); it is not scored. Check the image and the bank.")
-        except MRADInputError as error:
-            if args.on_error == "fail":
-                raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
-            failures.append({"path": str(path), "error": str(error)})
-            continue
-        record = {"path": str(path), "score": prediction["score"]}
-        if "is_anomalous" in prediction:  # --threshold, or the model's calibration
-            record.update(label=prediction["label"], is_anomalous=prediction["is_anomalous"], thresholds=prediction["thresholds"])
-        heatmap = output_dir / "heatmaps" / f"{len(results):05d}_{path.stem}.png"
-        value_range = None if args.stretch else (0.0, 1.0)
-        save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
-        record["heatmap"] = str(heatmap)
-        results.append(record)
-        _log(f"{prediction['score']:.6f}  {path}")
+                message = f"Image '{path}' gave a non-finite score ({prediction['score']}); it is not scored. Check the image and the bank."
+                if args.on_error == "fail":
+                    raise CLIError(message)
+                failures.append({"path": str(path), "error": message})
+                continue
+            record = {"path": str(path), "score": prediction["score"]}
+            if "is_anomalous" in prediction:  # --threshold, or the model's calibration
+                record.update(label=prediction["label"], is_anomalous=prediction["is_anomalous"], thresholds=prediction["thresholds"])
+            heatmap = output_dir / "heatmaps" / f"{len(results):05d}_{path.stem}.png"
+            save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
+            record["heatmap"] = str(heatmap)
+            results.append(record)
+            _log(f"{prediction['score']:.6f}  {path}")
+        bar.n = len(paths)
+        bar.refresh()
     summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": failures}
     _write_json(output_dir / "scores.json", summary)
     _log(f"Scored {len(results)} of {len(paths)} image(s). Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}")
@@ -120,7 +150,7 @@ def cmd_demo(args) -> int:
     temperature = args.retrieval_temperature
     if temperature is None:
         temperature = RANDOM_DEMO_TEMPERATURE if args.clip in RANDOM_BACKBONES else 1.0
-    detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed, retrieval_temperature=temperature)
+    detector = detector_from_args(args, retrieval_temperature=temperature)
     _log(f"Retrieval temperature: {temperature} (the reference uses 1.0{'; see RANDOM_DEMO_TEMPERATURE' if temperature != 1.0 else ''})")
     protocol = args.protocol or ("held-out-images" if args.clip in RANDOM_BACKBONES else "zero-shot")
     dataset = load_mvtec_layout(data_root)
@@ -186,11 +216,9 @@ def cmd_evaluate(args) -> int:
     from ..evaluation.runner import BankOverlapWarning, evaluate_dataset
     from ..models.mrad.image_processing_mrad import MRADInputError
 
-    detector = load_detector(args.model, args.clip, image_size=args.image_size, seed=args.seed, dtype=None if args.bank else args.dtype)
+    detector = detector_from_args(args)  # attaches --bank (checked against the float32 weights), then --dtype, --device
     output_dir = Path(args.output_dir)
     if args.bank:
-        detector.set_memory_bank(args.bank)
-        _set_dtype(detector, args.dtype)  # after the bank check, which fingerprints the float32 weights
         bank_source = args.bank
     elif args.bank_from:
         if not args.bank_root:
@@ -229,65 +257,47 @@ def cmd_evaluate(args) -> int:
 
 
 def register(commands) -> None:
-    def model_options(sub):
-        sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
-        sub.add_argument("--clip", help="a CLIP checkpoint (Hub id or folder), or random-small / random-vit-l14-336 (random weights)")
-        sub.add_argument("--seed", type=int, default=0, help="seed for random backbones")
-        sub.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                         help="CLIP tower precision (memory, retrieval, scores stay float32); half precision pays off on GPUs and CPUs with AMX/AVX512-BF16")
-
-    demo = commands.add_parser("demo", help="end-to-end run on a synthetic benchmark made from real CC0 textures")
-    demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--clip", default="random-tiny", help="CLIP checkpoint; default: a random tiny ViT (offline)")
-    demo.add_argument("--retrieval-temperature", type=float, help=f"default 1.0, or {RANDOM_DEMO_TEMPERATURE} for random backbones")
-    demo.add_argument("--image-size", type=int, default=224, help="network input size (518 for the paper setting)")
+    demo = commands.add_parser("demo", help="end-to-end run on a synthetic benchmark made from real CC0 textures: bank, scores, heatmaps, a saved model")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the data, heatmaps, results and model go")
+    model_options(demo, model=False, clip_default="random-tiny", bank=False, on_error=False, image_size_default=224,
+                  temperature_help=f"softmax temperature of retrieval (default: 1.0, the reference's, or {RANDOM_DEMO_TEMPERATURE} for random backbones)")
     demo.add_argument("--protocol", choices=("zero-shot", "held-out-images"), help="default: zero-shot for real weights, held-out-images for random ones")
     demo.add_argument("--target", help="zero-shot: the held-out category (default: the last one)")
-    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo)
 
     synthetic = commands.add_parser("make-synthetic", help="write a synthetic-defect benchmark in the MVTec layout")
-    synthetic.add_argument("--output-dir", required=True)
-    synthetic.add_argument("--categories", nargs="+")
-    synthetic.add_argument("--image-size", type=int, default=256)
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--overwrite", action="store_true")
+    synthetic.add_argument("--output-dir", required=True, help="the benchmark's root folder")
+    synthetic.add_argument("--categories", nargs="+", help="textures to use (default: brick, grass, gravel)")
+    synthetic.add_argument("--image-size", type=image_size_int, default=256, help="side of the written images in pixels")
+    synthetic.add_argument("--seed", type=seed_int, default=0, help="random seed (crops, defects)")
+    synthetic.add_argument("--overwrite", action="store_true", help="replace an existing benchmark in --output-dir")
     synthetic.set_defaults(handler=cmd_make_synthetic)
 
     build = commands.add_parser("build-bank", help="build the two-level memory bank from a labelled auxiliary dataset")
-    model_options(build)
+    model_options(build, bank=False)
     dataset_options(build, "the auxiliary dataset")
-    build.add_argument("--split", default="test", help="the reference builds banks from the auxiliary test split")
+    build.add_argument("--split", default="test", help="dataset split; the reference builds banks from the auxiliary test split")
     build.add_argument("--source", help="name stored in the bank's metadata (default: the dataset name)")
     build.add_argument("--output", required=True, help="bank file (.safetensors)")
     build.add_argument("--save-model", help="also save the model with this bank attached to this folder")
-    build.add_argument("--image-size", type=int, help="network input size (default 518)")
-    build.add_argument("--batch-size", type=int, default=8)
-    build.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images/masks: skip and report, or stop")
     build.set_defaults(handler=cmd_build_bank)
 
     predict = commands.add_parser("predict", help="score images (files or folders), write heatmap PNGs and scores.json")
     model_options(predict)
     predict.add_argument("inputs", nargs="+", help="image files and/or folders")
-    predict.add_argument("--bank", help="memory bank file to use instead of the model's own")
-    predict.add_argument("--output-dir", default="outputs/predict")
-    predict.add_argument("--threshold", type=float, help="image score above which an image is labelled anomalous")
-    predict.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images: skip and report, or stop")
+    predict.add_argument("--output-dir", default="outputs/predict", help="where scores.json and heatmaps/ go")
+    predict.add_argument("--threshold", type=finite_float, help="image score above which an image is labelled anomalous (default: the model's calibration, if any)")
     predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = commands.add_parser("evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps")
     model_options(evaluate)
     dataset_options(evaluate, "the benchmark to score")
-    evaluate.add_argument("--bank", help="a memory bank file")
     evaluate.add_argument("--bank-from", help="build the memory from this auxiliary dataset's test split (e.g. visa)")
-    evaluate.add_argument("--bank-root", help="the auxiliary dataset's folder")
-    evaluate.add_argument("--output-dir", default="outputs/evaluate")
-    evaluate.add_argument("--image-size", type=int, help="network input size for a new model (default 518)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--heatmaps", type=int, default=3, help="heatmap panels per category")
-    evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference")
+    evaluate.add_argument("--bank-root", help="the auxiliary dataset's folder (with --bank-from)")
+    evaluate.add_argument("--output-dir", default="outputs/evaluate", help="where tables, per-category results and heatmaps go")
+    evaluate.add_argument("--heatmaps", type=non_negative_int, default=3, help="heatmap panels per category")
+    evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference", help="AUPRO definition: the MRAD/AnomalyCLIP code's or anomalib's")
     evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
-    evaluate.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images/masks: skip and report, or stop")
     evaluate.add_argument("--exclude-bank-images", action="store_true", help="leave out scored images that are in the memory bank (same file content or id)")
     evaluate.set_defaults(handler=cmd_evaluate)

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from . import common as _cli  # the shared helpers
+from .common import finite_float, model_options, positive_int, probability, unit_interval, port_int
 
 __all__ = ["register"]
 
@@ -32,25 +33,20 @@ _FEATURE_FIELDS = (
 
 
 def _load_bank(path):
-    from ..models.mrad.memory_bank_mrad import MemoryBank
-
-    return MemoryBank.load(path)
+    return _cli.load_bank(path)
 
 
 def _detector(args, bank=None, *, attach: bool = True):
-    """The model named by --model / --clip; a new --clip model takes the bank's feature settings; the bank is attached."""
-    overrides = {"retrieval_temperature": getattr(args, "retrieval_temperature", None)}
+    """The model the shared options name; a new --clip model takes the bank's feature settings; the bank is attached."""
+    overrides = {}
     if bank is not None and not args.model:
         features = bank.metadata.get("features") or {}
         overrides.update({key: features[key] for key in _FEATURE_FIELDS if key in features})
         if "neighbor_kernel_sizes" in overrides:
             overrides["neighbor_kernel_sizes"] = tuple(overrides["neighbor_kernel_sizes"])
-    detector = _cli.load_detector(args.model, args.clip, seed=args.seed, **overrides).eval()  # inference only: maps and scores
-    if args.model and overrides["retrieval_temperature"] is not None:
-        detector.config.retrieval_temperature = overrides["retrieval_temperature"]
-    if bank is not None and attach:
-        detector.set_memory_bank(bank)
-    return detector
+        if getattr(args, "image_size", None) is not None:
+            overrides.pop("image_size", None)  # an explicit --image-size wins (and the bank check names a mismatch)
+    return _cli.detector_from_args(args, bank=bank if attach else None, **overrides)  # attached before --dtype / --device
 
 
 def _samples(args) -> list | object:
@@ -225,84 +221,80 @@ def cmd_serve(args) -> int:
 
 
 # ---------------------------------------------------------------------- parser
-def _model_options(sub, bank_help: str | None = "a memory bank file to use instead of the model's own") -> None:
-    sub.add_argument("--model", help="a saved MRAD model folder or Hub id")
-    sub.add_argument("--clip", help="a CLIP checkpoint, or random-tiny / random-small (random weights, offline)")
-    sub.add_argument("--seed", type=int, default=0, help="seed for random backbones")
-    sub.add_argument("--retrieval-temperature", type=float, help="override tau (random backbones need ~0.01)")
-    if bank_help:
-        sub.add_argument("--bank", help=bank_help)
-
-
 def _sample_options(sub) -> None:
     _cli.dataset_options(sub, "a loader name for labelled images", required=False)
     sub.add_argument("--images", nargs="+", help="image files and/or folders")
 
 
-def _dedup_options(sub) -> None:
-    from ..memory.tools import DEFAULT_DEDUP_THRESHOLD
+#: the bank tools' near-duplicate rule (`memory.tools.DEFAULT_DEDUP_THRESHOLD`, repeated here so that building
+#: the parser imports no torch; tests/cli checks the two agree)
+DEFAULT_DEDUP_THRESHOLD = 0.999
 
-    sub.add_argument("--dedup", type=float, default=DEFAULT_DEDUP_THRESHOLD, help="drop same-label entries with cosine above this (default %(default)s)")
+
+def _dedup_options(sub) -> None:
+    sub.add_argument("--dedup", type=unit_interval, default=DEFAULT_DEDUP_THRESHOLD, help="drop same-label entries whose cosine similarity is above this")
     sub.add_argument("--no-dedup", action="store_true", help="keep near-identical entries")
+
+
+def _threshold_option(sub) -> None:
+    sub.add_argument("--threshold", type=finite_float, help="image threshold (default: the model's calibration, if any)")
 
 
 def register(commands) -> None:
     """Add `bank`, `calibrate`, `explain` and `serve` to the `mrad` subcommand parser."""
     bank = commands.add_parser("bank", help="living memory banks: info, add images, merge, remove a source")
-    actions = bank.add_subparsers(dest="bank_command", required=True)
+    actions = bank.add_subparsers(dest="bank_command", required=True, metavar="<action>")
 
     info = actions.add_parser("info", help="entries per source and kind, backbone, feature settings, history")
-    info.add_argument("bank")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("bank", help="a bank .safetensors file")
+    info.add_argument("--json", action="store_true", help="print the information as JSON")
     info.set_defaults(handler=cmd_bank_info)
 
     add = actions.add_parser("add", help="add labelled images (with or without masks) to a bank, no training")
     add.add_argument("bank", help="the bank file to extend")
-    _model_options(add, bank_help=None)
+    model_options(add, bank=False)
     _sample_options(add)
     add.add_argument("--label", choices=("normal", "anomaly"), help="label of all --images")
     add.add_argument("--masks", nargs="+", help="defect masks for --images (files or folders), paired by file stem (<stem>_mask.png beside an image is found without it)")
     add.add_argument("--source", required=True, help="name of the new entries' source (used to list or remove them)")
     add.add_argument("--output", help="write here instead of replacing the bank file")
-    add.add_argument("--batch-size", type=int, default=8)
     _dedup_options(add)
     add.set_defaults(handler=cmd_bank_add)
 
     merge = actions.add_parser("merge", help="merge compatible banks (same backbone and feature settings)")
     merge.add_argument("banks", nargs="+", help="bank files, the first one's entries win near-duplicates")
-    merge.add_argument("--output", required=True)
+    merge.add_argument("--output", required=True, help="the merged bank file")
     _dedup_options(merge)
     merge.set_defaults(handler=cmd_bank_merge)
 
     remove = actions.add_parser("remove", help="remove every entry of one or more sources")
-    remove.add_argument("bank")
-    remove.add_argument("--source", nargs="+", required=True)
+    remove.add_argument("bank", help="a bank .safetensors file")
+    remove.add_argument("--source", nargs="+", required=True, help="the source name(s) to remove (see `mrad bank info`)")
     remove.add_argument("--output", help="write here instead of replacing the bank file")
     remove.set_defaults(handler=cmd_bank_remove)
 
     calibrate = commands.add_parser("calibrate", help="choose image and pixel thresholds for a target false-positive rate")
-    _model_options(calibrate)
+    model_options(calibrate)
     _sample_options(calibrate)
-    calibrate.add_argument("--target-fpr", type=float, default=0.05, help="share of good images flagged (default %(default)s)")
-    calibrate.add_argument("--pixel-fpr", type=float, help="share of good pixels in the mask (default min(target, 0.01))")
+    calibrate.add_argument("--target-fpr", type=probability, default=0.05, help="share of good images flagged")
+    calibrate.add_argument("--pixel-fpr", type=probability, help="share of good pixels in the mask (default: min(target, 0.01))")
     calibrate.add_argument("--output", default="calibration.json", help="where to write the thresholds as JSON")
     calibrate.add_argument("--save-model", help="save the model with its calibration (and bank) to this folder")
     calibrate.add_argument("--bank-output", help="also write the bank with the calibration in its metadata")
-    calibrate.add_argument("--batch-size", type=int, default=8)
     calibrate.set_defaults(handler=cmd_calibrate)
 
     explain = commands.add_parser("explain", help="the memory entries behind each image's score and most anomalous region, as PNG panels")
-    _model_options(explain)
+    model_options(explain)
     explain.add_argument("images", nargs="+", help="image files and/or folders")
-    explain.add_argument("--output-dir", default="outputs/explain")
-    explain.add_argument("--top-k", type=int, default=5)
-    explain.add_argument("--threshold", type=float, help="image threshold (default: the model's calibration, if any)")
+    explain.add_argument("--output-dir", default="outputs/explain", help="where the panels and explanations.json go")
+    explain.add_argument("--top-k", type=positive_int, default=5, help="memory entries shown per image")
+    _threshold_option(explain)
     explain.set_defaults(handler=cmd_explain)
 
     serve = commands.add_parser("serve", help="demo app: drop an image, see score, heatmap, decision, explanation (needs gradio)")
-    _model_options(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--top-k", type=int, default=5)
-    serve.add_argument("--threshold", type=float, help="image threshold (default: the model's calibration, if any)")
+    model_options(serve, batch_size=False)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=port_int, default=7860, help="port to listen on")
+    serve.add_argument("--top-k", type=positive_int, default=5, help="memory entries shown per image")
+    _threshold_option(serve)
     serve.set_defaults(handler=cmd_serve)

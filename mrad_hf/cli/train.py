@@ -17,6 +17,10 @@ __all__ = ["register", "cmd_train"]
 
 
 def cmd_train(args) -> int:
+    import os
+
+    if args.device == "cpu":  # Accelerate places each process itself; hiding the GPUs is how to keep it on the CPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from transformers import CLIPConfig
 
     from .common import RANDOM_BACKBONES, _log, _report_skipped, load_detector
@@ -40,10 +44,8 @@ def cmd_train(args) -> int:
         from ..training.tokenization import load_clip_tokenizer
 
         overrides["tokenizer"] = load_clip_tokenizer(args.tokenizer)
-    detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed, **overrides)
-    if args.bank:
-        detector.set_memory_bank(args.bank)
-        _log(f"Memory bank: {args.bank}")
+    detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed, device="cpu", bank=args.bank,
+                             trust_bank=args.trust_bank, **overrides)  # Accelerate moves it to each process's device
     dataset = load_benchmark(args.aux_dataset, args.aux_root, categories=args.categories, split=args.split)
     skipped: list[dict[str, str]] = []  # unreadable files: named and skipped (or, with --on-error fail, the error) before training
     dataset = readable_subset(dataset, MRADImageProcessor.from_config(detector.config).load_pair, on_error=getattr(args, "on_error", "skip"), failures=skipped)
@@ -65,27 +67,25 @@ def cmd_train(args) -> int:
 
 
 def register(commands) -> None:
+    from .common import model_options, non_negative_int, positive_float, positive_int, unit_interval
+
     train = commands.add_parser("train", help="train MRAD-FT or MRAD-CLIP on a labelled auxiliary dataset (Accelerate)")
-    train.add_argument("--variant", choices=("ft", "clip"), required=True)
-    train.add_argument("--clip", required=True, help="CLIP checkpoint (Hub id or folder), or random-tiny / random-small / random-vit-l14-336")
+    train.add_argument("--variant", choices=("ft", "clip"), required=True, help="ft: projection heads; clip: heads, then prompts and region biases")
+    model_options(train, model=False, clip_required=True, on_error=False, runs_model=False, seed_default=111)
+    train.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto: the GPU(s) Accelerate finds, else CPU; cpu: stay on the CPU")
     train.add_argument("--aux-dataset", required=True, help="auxiliary dataset (visa, mvtec, ..., mvtec-layout, folder)")
-    train.add_argument("--aux-root", required=True)
-    train.add_argument("--categories", nargs="+")
-    train.add_argument("--split", default="test", help="the reference trains on the auxiliary test split")
-    train.add_argument("--bank", help="use this memory bank instead of building it from the auxiliary data")
-    train.add_argument("--output-dir", required=True)
-    train.add_argument("--tokenizer", help="MRAD-CLIP: CLIP tokenizer folder / Hub id / OpenAI bpe_simple_vocab_16e6.txt.gz")
-    train.add_argument("--image-size", type=int, help="network input size (default 518)")
-    train.add_argument("--ft-epochs", type=int, default=1)
-    train.add_argument("--prompt-epochs", type=int, default=5)
-    train.add_argument("--batch-size", type=int, default=8, help="global batch size (split across processes)")
-    train.add_argument("--learning-rate", type=float, default=4e-4)
-    train.add_argument("--seed", type=int, default=111)
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
-    train.add_argument("--log-with", help="an Accelerate tracker, e.g. tensorboard")
-    train.add_argument("--patch-dropout-quantile", type=float, help="default 0.8 (0.85 when --aux-dataset mvtec)")
-    train.add_argument("--retrieval-temperature", type=float, help="default 1.0 (the reference)")
-    train.add_argument("--max-steps-per-epoch", type=int, help="cap the batches per epoch (smoke tests)")
+    train.add_argument("--aux-root", required=True, help="the auxiliary dataset's folder")
+    train.add_argument("--categories", nargs="+", help="only these categories (default: all)")
+    train.add_argument("--split", default="test", help="dataset split; the reference trains on the auxiliary test split")
+    train.add_argument("--output-dir", required=True, help="checkpoints/ and final/ (the trained model) go here; a rerun resumes")
+    train.add_argument("--tokenizer", help="MRAD-CLIP: CLIP tokenizer folder / Hub id / OpenAI bpe_simple_vocab_16e6.txt.gz (default: the reference ids)")
+    train.add_argument("--ft-epochs", type=non_negative_int, default=1, help="epochs of the projection-head stage")
+    train.add_argument("--prompt-epochs", type=non_negative_int, default=5, help="MRAD-CLIP: epochs of the prompt stage")
+    train.add_argument("--learning-rate", type=positive_float, default=4e-4, help="Adam learning rate")
+    train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="optimiser step every k batches")
+    train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="Accelerate autocast (fp16 needs a GPU)")
+    train.add_argument("--log-with", help="an Accelerate tracker, e.g. tensorboard (default: none)")
+    train.add_argument("--patch-dropout-quantile", type=unit_interval, help="similarity dropout at pixel level (default: 0.8, 0.85 when --aux-dataset mvtec)")
+    train.add_argument("--max-steps-per-epoch", type=positive_int, help="cap the batches per epoch (smoke tests; default: all)")
     train.add_argument("--no-resume", action="store_true", help="start over even if --output-dir holds checkpoints")
     train.set_defaults(handler=cmd_train)
