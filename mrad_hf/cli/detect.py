@@ -94,11 +94,12 @@ def _predictions(detect, paths, *, batch_size: int, threshold: float | None, fai
 
 
 def cmd_predict(args) -> int:
+    detector = detector_from_args(args)  # first: a wrong --model / --bank / --device fails before anything loads
+
     from tqdm.auto import tqdm
 
     from ..tools.visualization import save_panel
 
-    detector = detector_from_args(args)
     _, detect = _detector_pipeline(detector)
     paths = _collect_images(args.inputs)
     output_dir = Path(args.output_dir)

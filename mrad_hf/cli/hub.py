@@ -7,7 +7,7 @@
     mrad pull --bank myorg/mrad-bank-visa --revision v1
     HF_HUB_OFFLINE=1 mrad predict --model mrad-clip images/    # afterwards, from the cache
 
-`register(commands)` adds the subcommands to the parser built in `mrad_hf/cli.py`.
+`register(commands)` adds the subcommands to the parser built in `mrad_hf/cli/main.py`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def register(commands) -> None:
     push.add_argument("--results", nargs="+", help="results.json files from `mrad evaluate` for the card's model-index")
     push.add_argument("--base-model", help="CLIP checkpoint id named in the card (default openai/clip-vit-large-patch14-336)")
     push.add_argument("--revision", help="branch to push to (created if missing)")
-    push.add_argument("--private", action="store_true", default=None)
-    push.add_argument("--create-pr", action="store_true")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo as private (default: public; an existing repo keeps its visibility)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     push.set_defaults(handler=cmd_push)
 
     pull = commands.add_parser("pull", help="download a model or bank repo into the Hub cache for offline use")

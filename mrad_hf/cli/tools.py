@@ -12,8 +12,8 @@
     mrad explain --model models/mrad-tf-visa part.png --output-dir outputs/explain --top-k 5
     mrad serve --model models/mrad-tf-visa --port 7860          # needs the `app` extra (gradio)
 
-`register(commands)` adds them to the parser built in `mrad_hf/cli.py`. The functions they call live in
-`bank_tools`, `calibration`, `explain` and `app`.
+`register(commands)` adds them to the parser built in `mrad_hf/cli/main.py`. The functions they call live in
+`mrad_hf.memory.tools`, `mrad_hf.tools.calibration`, `mrad_hf.tools.explain` and `mrad_hf.tools.app`.
 """
 
 from __future__ import annotations
