@@ -18,15 +18,32 @@ imports only the standard library, so `mrad --help` answers at once; each comman
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__
 from . import common, detect, hub, tools, train
 
 __all__ = ["main", "build_parser"]
+
+
+class _VersionAction(argparse.Action):
+    """`mrad --version`: the installed distribution's version (read only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("mrad-hf")
+        except PackageNotFoundError:
+            installed = "unknown (not installed; pip install . to install it)"
+        print(f"mrad {installed}")
+        parser.exit()
 
 
 def build_parser() -> common.ArgumentParser:
@@ -34,7 +51,7 @@ def build_parser() -> common.ArgumentParser:
         prog="mrad", description="MRAD zero-shot anomaly detection (ICLR 2026) on Hugging Face transformers: score images "
         "for defects by retrieval from a memory of labelled examples. `mrad <command> --help` for each command's options.",
     )
-    parser.add_argument("--version", action="version", version=f"mrad {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="show the installed mrad-hf version and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 

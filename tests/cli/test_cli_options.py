@@ -106,10 +106,15 @@ def test_every_command_and_option_is_described_and_shows_its_default():
         assert path[-1] in help_text or path[0] in help_text
 
 
-def test_version(capsys):
+def test_version_is_the_installed_one_and_the_package_s(capsys):
+    from importlib.metadata import version
+
+    import mrad_hf
+
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
-    assert exit.value.code == 0 and capsys.readouterr().out.strip() == "mrad 0.1.0"
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"mrad {version('mrad-hf')}"
+    assert version("mrad-hf") == mrad_hf.__version__
 
 
 def test_the_model_options_are_the_same_on_every_model_command():
@@ -230,7 +235,12 @@ def test_device_and_dtype_reach_the_model(monkeypatch):
     assert next(float32.clip.parameters()).dtype == torch.float32
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert common.resolve_device("auto") == "cpu" and common.resolve_dtype("auto", "cpu") == "float32"
+    assert common.resolve_device("auto") == "cpu"
+    from mrad_hf.models.mrad import features_mrad
+
+    rule = getattr(features_mrad, "resolve_dtype", None)  # the one rule for "auto" where it exists
+    assert common.resolve_dtype("auto", "cpu") == (str(rule("auto", "cpu")).replace("torch.", "") if rule else "float32")
+    assert common.resolve_dtype("float16", "cpu") == "float16" and common.resolve_dtype(None, "cpu") == "float32"
     with pytest.raises(common.CLIError, match="--device cuda: no CUDA device"):
         common.detector_from_args(_parse("predict", "--clip", "random-tiny", "--device", "cuda", "x.png"))
 
