@@ -167,7 +167,7 @@ def cmd_demo(args) -> int:
         memory = dataset.select(range(0, len(dataset), 2))
         test = dataset.select(range(1, len(dataset), 2))
         _log(f"Protocol held-out-images: memory from every other image of {categories}, scoring the other {len(test)} images")
-    bank = detector.build_memory_bank(memory, source=f"synthetic:{protocol}")
+    bank = detector.build_memory_bank(memory, source=f"synthetic:{protocol}", batch_size=args.batch_size)
     bank.save(output_dir / "memory_bank.safetensors")
     _, detect = _detector_pipeline(detector)
     scores, labels, pixel_maps, pixel_masks = [], [], [], []

@@ -71,7 +71,7 @@ def register(commands) -> None:
 
     train = commands.add_parser("train", help="train MRAD-FT or MRAD-CLIP on a labelled auxiliary dataset (Accelerate)")
     train.add_argument("--variant", choices=("ft", "clip"), required=True, help="ft: projection heads; clip: heads, then prompts and region biases")
-    model_options(train, model=False, clip_required=True, on_error=False, runs_model=False, seed_default=111)
+    model_options(train, model=False, clip_required=True, runs_model=False, seed_default=111)
     train.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto: the GPU(s) Accelerate finds, else CPU; cpu: stay on the CPU")
     train.add_argument("--aux-dataset", required=True, help="auxiliary dataset (visa, mvtec, ..., mvtec-layout, folder)")
     train.add_argument("--aux-root", required=True, help="the auxiliary dataset's folder")
