@@ -13,10 +13,18 @@ work without remote code.
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.models.auto import image_processing_auto as _auto_image_processing
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import is_torchvision_available
 
 from .models.mrad.configuration_mrad import MRADConfig
-from .models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError, load_image
+from .models.mrad.image_processing_mrad import (
+    SUPPORTED_IMAGE_EXTENSIONS,
+    MRADImageProcessor,
+    MRADImageProcessorFast,
+    MRADInputError,
+    load_image,
+)
 from .models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError
 from .models.mrad.modeling_mrad import MRADForAnomalyDetection, MRADOutput, MRADPreTrainedModel
 from .models.mrad.pipeline_anomaly_detection import AnomalyDetectionPipeline
@@ -28,20 +36,28 @@ __all__ = [
     "MRADConfig",
     "MRADForAnomalyDetection",
     "MRADImageProcessor",
+    "MRADImageProcessorFast",
     "MRADInputError",
     "MRADOutput",
     "MRADPreTrainedModel",
     "MemoryBank",
     "MemoryBankError",
+    "SUPPORTED_IMAGE_EXTENSIONS",
     "load_image",
     "__version__",
 ]
 
 AutoConfig.register("mrad", MRADConfig, exist_ok=True)
 AutoModel.register(MRADConfig, MRADForAnomalyDetection, exist_ok=True)
+# The PIL backend is the reference preprocessing (bit-exact); the torchvision one only where torchvision imports, and
+# only on request (`backend="torchvision"`): its bicubic differs slightly, so it is kept off the default path.
 AutoImageProcessor.register(
-    MRADConfig, image_processor_classes={"pil": MRADImageProcessor, "torchvision": MRADImageProcessor}, exist_ok=True
+    MRADConfig,
+    image_processor_classes={"pil": MRADImageProcessor, **({"torchvision": MRADImageProcessorFast} if is_torchvision_available() else {})},
+    exist_ok=True,
 )
+if "MRADImageProcessor" not in getattr(_auto_image_processing, "DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS", ["MRADImageProcessor"]):
+    _auto_image_processing.DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS.append("MRADImageProcessor")
 # Saved folders carry their code (auto_map), so they also load with trust_remote_code=True where mrad_hf is
 # not installed; where it is installed, these local classes win.
 MRADConfig.register_for_auto_class()

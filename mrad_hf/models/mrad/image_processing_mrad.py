@@ -1,31 +1,25 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The one preprocessing of images and ground-truth masks for MRAD (reference: `utils/transforms.py`, `utils/dataset.py`).
+"""MRAD's image processor: CLIP's processors plus what MRAD adds (paper Sec. 4.1; reference `utils/transforms.py`).
 
-Images: PIL `resize((S, S), BICUBIC)` in the image's own mode (this **stretches**, no aspect-preserving
-crop; PIL always antialiases), then RGB conversion, /255, OpenAI CLIP mean/std. This is bit-for-bit what
-the reference's torchvision transforms do on a PIL image.
+Pixels are CLIP's: `MRADImageProcessor` is `CLIPImageProcessorPil` set to the reference transform, a PIL bicubic
+**stretch** to `size` x `size` (518, no crop, PIL always antialiases), /255 and the OpenAI mean/std. It is bit-for-bit
+the reference's `Resize((518, 518), BICUBIC)` + `ToTensor` + `Normalize` (tests). `MRADImageProcessorFast` is the
+same on CLIP's torchvision backend (needs torchvision; its bicubic is close to PIL's, not bit-identical, so it is
+used only on request: `AutoImageProcessor.from_pretrained(folder, backend="torchvision")`).
 
-Masks: any non-zero pixel is anomalous (`mask.convert("L") > 0`), the 0/255 image is resized bilinearly to
-S x S in PIL, divided by 255 and thresholded at `mask_threshold` (0.5). Single-channel 16-bit, 32-bit and
-float masks are binarised on their raw values (`> 0`), so a 16-bit mask holding defect id 1 stays anomalous
-(what `convert("L")` gives too; for float masks the reference's `convert("L")` would truncate 0.7 to 0, we
-do not). A mask must have its image's size; NaN masks are rejected.
+MRAD adds, for every entry point (pipeline, CLI, evaluation, training, bank building):
 
-Inputs that the reference never sees are normalised first and documented here, each a deliberate choice
-(README, "Bad input"):
-
-* EXIF orientation is applied (`exif_transpose=True`), as `transformers.image_utils.load_image` does;
-  benchmark images carry no orientation tag, so this never changes a benchmark result.
-* palette ("P"), 1-bit, CMYK/YCbCr/LAB/HSV images are converted to RGB (or L / RGBA) before resizing;
-* 16-bit and 32-bit integer images are scaled to 8 bits by their nominal range; float images in [0, 1]
-  are scaled by 255; NaN or infinite values are rejected;
-* images smaller than `min_image_side` (default: one 14-pixel patch) are rejected;
-* PIL's decompression-bomb guard is kept and reported with the file name and how to lift it;
-* files are decoded by content, not by extension; anything that fails to decode (random bytes, truncated
-  or corrupt files, a folder or a missing path) raises `MRADInputError`, whatever exception the decoder threw.
-
-Every failure raises `MRADInputError` naming the file (or the input's position) and what to do.
-`docs/reliability.md` lists each kind of bad input, what the user sees and the test that checks it.
+* **one decoder** (`load_image`) with **one error** (`MRADInputError`, naming the input and the fix): files are read
+  by content, not extension (`SUPPORTED_IMAGE_EXTENSIONS`: PNG, JPEG/JFIF, BMP, TIFF, WebP, GIF and APNG (first
+  frame), Netpbm, TGA, JPEG 2000, QOI, as this PIL build decodes them); EXIF orientation applied; palette, 1-bit,
+  CMYK, YCbCr, LAB, HSV converted; 16/32-bit integers scaled by their nominal range, floats in [0, 1] by 255 (NaN
+  refused); alpha kept for the resize and dropped after it, as the reference's `convert("RGB")` after `Resize` (CLIP
+  would composite on white); images under `min_image_side` (one patch) refused; PIL's decompression-bomb guard kept;
+  URLs fetched by `transformers.image_utils.load_image` (with `timeout=`), as in every transformers image pipeline.
+* **masks**: any non-zero pixel is anomalous; the 0/255 mask is resized bilinearly in PIL, /255, thresholded at
+  `mask_threshold` (0.5) (the reference's ground-truth transform); 16-bit and float masks are binarised on their raw
+  values; a mask must have its image's size.
+* **`post_process_anomaly_detection`**: maps at the original image sizes, scores, and masks / labels for a threshold.
 """
 
 from __future__ import annotations
@@ -39,15 +33,37 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import PILImageResampling
+from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import is_torchvision_available
 
 from .configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-__all__ = ["MRADImageProcessor", "MRADInputError", "load_image", "load_mask", "to_pil_image", "preprocess_image", "preprocess_mask"]
+__all__ = [
+    "SUPPORTED_IMAGE_EXTENSIONS", "MRADImageProcessor", "MRADImageProcessorFast", "MRADInputError", "load_image",
+    "load_mask", "preprocess_image", "preprocess_mask",
+]
 
 ImageLike = str | os.PathLike | bytes | dict | Image.Image | np.ndarray | torch.Tensor
+
+
+def _decodable(extensions: Sequence[str]) -> tuple[str, ...]:
+    Image.init()
+    registered = Image.registered_extensions()
+    return tuple(ext for ext in extensions if registered.get(ext) in Image.OPEN)
+
+
+#: File extensions MRAD reads as images (the raster formats this PIL build decodes; GIF/APNG/TIFF: first frame).
+#: Folder loaders and the CLI use this list; decoding itself goes by content.
+SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = _decodable((
+    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpx", ".qoi",
+))
 
 
 class MRADInputError(ValueError):
@@ -158,8 +174,23 @@ def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Imag
         ) from error
 
 
-def _decode(source: Any, name: str) -> Image.Image:
+def _fetch(url: str, name: str, timeout: float | None) -> Image.Image:
+    """An image URL through `transformers.image_utils.load_image` (as every image pipeline); failures name the URL."""
+    from transformers.image_utils import load_image as fetch_url
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return fetch_url(url, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - network errors, HTTP error pages, undecodable bodies
+        raise MRADInputError(f"Image URL {name} could not be fetched and decoded ({_one_line(error)}). "
+                             "Check the address (and timeout=), or download the file and pass its path.") from error
+
+
+def _decode(source: Any, name: str, timeout: float | None = None) -> Image.Image:
     """The source as a PIL image, before EXIF and mode handling."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return _fetch(source, name, timeout)
     if isinstance(source, (str, os.PathLike)):
         return _decode_file(Path(source), name)
     if isinstance(source, dict) and ("path" in source or "bytes" in source):  # datasets' undecoded Image value
@@ -192,14 +223,15 @@ def _exif_transpose(image: Image.Image, name: str) -> Image.Image:
         raise MRADInputError(f"Image {name} has a corrupt EXIF block ({_one_line(error)}); re-export it without EXIF.") from error
 
 
-def load_image(source: ImageLike, *, exif_transpose: bool = True) -> Image.Image:
-    """Open a path / bytes / PIL image / array, fully decoded, in a mode MRAD can resize (L, RGB, RGBA or LA).
+def load_image(source: ImageLike, *, exif_transpose: bool = True, timeout: float | None = None) -> Image.Image:
+    """The one decoder: a path / URL / bytes / datasets value / PIL image / array, fully decoded, as L, RGB, RGBA or LA.
 
     Raises:
-        MRADInputError: unreadable, empty, truncated or bomb-sized files; folders; NaN arrays; unsupported layouts.
+        MRADInputError: unreadable, empty, truncated or bomb-sized files; folders; NaN arrays; unsupported layouts;
+            URLs that cannot be fetched within `timeout` seconds.
     """
     name = _describe(source)
-    image = _decode(source, name)
+    image = _decode(source, name, timeout)
     if exif_transpose:
         image = _exif_transpose(image, name)
     try:
@@ -239,84 +271,80 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
 _RAW_MASK_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def to_pil_image(source: ImageLike) -> Image.Image:
-    """Alias of `load_image` with default options, for callers that only need a PIL image."""
-    return load_image(source)
 
 
-def preprocess_image(
-    image: Image.Image,
-    size: int,
-    mean: Sequence[float] = OPENAI_CLIP_MEAN,
-    std: Sequence[float] = OPENAI_CLIP_STD,
-) -> torch.Tensor:
-    """Reference preprocessing of one decoded image: bicubic stretch to size x size, RGB, /255, normalise -> (3, S, S)."""
-    resized = image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return pixels.sub(mean_t).div(std_t)
-
-
-def preprocess_mask(mask: ImageLike | None, size: int, threshold: float = 0.5, *, exif_transpose: bool = True) -> torch.Tensor:
-    """Reference mask preprocessing -> (S, S) float tensor of 0/1. `None` (a good image) gives all zeros."""
+def preprocess_mask(mask: ImageLike | None, size: int | tuple[int, int], threshold: float = 0.5, *, exif_transpose: bool = True) -> torch.Tensor:
+    """Reference mask preprocessing -> (S, S) (or (H, W) for `size=(H, W)`) float tensor of 0/1; `None` gives zeros."""
+    height, width = (size, size) if isinstance(size, int) else size
     if mask is None:
-        return torch.zeros(size, size)
+        return torch.zeros(height, width)
     binary = load_mask(mask, exif_transpose=exif_transpose)
     mask_image = Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
-    resized = np.asarray(mask_image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    resized = np.asarray(mask_image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy((resized > threshold).astype(np.float32))
 
 
-class MRADImageProcessor(BaseImageProcessor):
-    r"""Image (and mask) processor for MRAD, with the reference's exact resize and normalisation.
+def preprocess_image(image: ImageLike, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
+    """One image through `MRADImageProcessor` at `size` x `size` -> (3, S, S) (no minimum side)."""
+    processor = MRADImageProcessor(image_size=size, image_mean=mean, image_std=std, min_image_side=1)
+    return processor(image, return_tensors="pt")["pixel_values"][0]
 
-    Args:
-        image_size (`int`, defaults to 518): side of the square network input.
-        image_mean, image_std (`list[float]`): OpenAI CLIP statistics by default.
+
+class MRADImageProcessorKwargs(ImagesKwargs, total=False):
+    """CLIP's image kwargs plus MRAD's: mask binarisation, EXIF handling and the smallest accepted image side."""
+
+    mask_threshold: float
+    exif_transpose: bool
+    min_image_side: int
+
+
+class _MRADProcessing:
+    """What MRAD adds to a CLIP image processor backend; mixed in before `CLIPImageProcessorPil` / `CLIPImageProcessor`.
+
+    Args (besides CLIP's `size`, `resample`, `image_mean`, `image_std`, ...):
+        image_size (`int`, *optional*): shorthand for `size={"height": S, "width": S}` (also read from folders saved
+            before MRAD's processor was built on CLIP's); defaults to 518.
         mask_threshold (`float`, defaults to 0.5): binarisation threshold of resized masks.
         exif_transpose (`bool`, defaults to `True`): apply EXIF orientation to files and PIL images.
-        min_image_side (`int`, defaults to 14): smaller images are rejected (one ViT-L/14 patch).
+        min_image_side (`int`, defaults to 14): smaller images are refused (one ViT-L/14 patch).
 
-    Calling it returns a `BatchFeature` with `pixel_values` (B, 3, S, S), `original_sizes` (B, 2) as
-    (height, width) and, when `masks` are given, `masks` (B, S, S) of 0/1.
+    Calling it returns a `BatchFeature` with `pixel_values` (B, 3, S, S), `original_sizes` (B, 2) as (height, width)
+    and, when `masks` are given (one per image, `None` for a good image), `masks` (B, S, S) of 0/1.
     """
 
+    valid_kwargs = MRADImageProcessorKwargs
     model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"height": 518, "width": 518}
+    crop_size = {"height": 518, "width": 518}
+    default_to_square = True
+    do_center_crop = False  # the reference's CenterCrop(518) after a 518 x 518 stretch is a no-op
+    mask_threshold = 0.5
+    exif_transpose = True
+    min_image_side = 14
 
-    def __init__(
-        self,
-        image_size: int = 518,
-        image_mean: Sequence[float] | None = None,
-        image_std: Sequence[float] | None = None,
-        mask_threshold: float = 0.5,
-        exif_transpose: bool = True,
-        min_image_side: int = 14,
-        **kwargs,
-    ):
-        kwargs.pop("image_processor_type", None)
+    def __init__(self, image_size: int | None = None, **kwargs):
+        if image_size is not None:
+            kwargs["size"] = kwargs["crop_size"] = {"height": int(image_size), "width": int(image_size)}
         super().__init__(**kwargs)
-        self.image_size = int(image_size)
-        self.image_mean = list(OPENAI_CLIP_MEAN if image_mean is None else image_mean)
-        self.image_std = list(OPENAI_CLIP_STD if image_std is None else image_std)
-        self.mask_threshold = float(mask_threshold)
-        self.exif_transpose = bool(exif_transpose)
-        self.min_image_side = int(min_image_side)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square network input (`size["height"]`)."""
+        return int(self.size["height"])
 
     @classmethod
-    def from_config(cls, config) -> MRADImageProcessor:
+    def from_config(cls, config, **kwargs):
         """The processor that matches an `MRADConfig` (size, statistics, mask threshold, smallest image)."""
-        return cls(
-            image_size=config.image_size,
-            image_mean=config.image_mean,
-            image_std=config.image_std,
-            mask_threshold=config.mask_threshold,
-            min_image_side=config.patch_size,
-        )
+        settings = dict(image_size=config.image_size, image_mean=config.image_mean, image_std=config.image_std,
+                        mask_threshold=config.mask_threshold, min_image_side=config.patch_size)
+        return cls(**{**settings, **kwargs})
 
-    def load(self, source: ImageLike) -> Image.Image:
-        """Decode one input and check its size."""
-        image = load_image(source, exif_transpose=self.exif_transpose)
+    def load(self, source: ImageLike, *, timeout: float | None = None) -> Image.Image:
+        """Decode one input with MRAD's decoder and refuse images smaller than `min_image_side`."""
+        image = load_image(source, exif_transpose=self.exif_transpose, timeout=timeout)
         if min(image.size) < self.min_image_side:
             raise MRADInputError(
                 f"Image {_describe(source)} is {image.width}x{image.height} pixels; MRAD needs at least "
@@ -341,34 +369,77 @@ class MRADImageProcessor(BaseImageProcessor):
         return decoded, binary
 
     def preprocess(self, images, masks=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        if kwargs:
-            raise TypeError(f"MRADImageProcessor got unexpected arguments: {sorted(kwargs)}")
+        """Images (paths, URLs, PIL images, arrays, bytes, datasets values; one or a list) and optional masks."""
+        return super().preprocess(images, masks, return_tensors=return_tensors, **kwargs)
+
+    def _preprocess_image_like_inputs(self, images, masks=None, *, return_tensors=None, **kwargs) -> BatchFeature:
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         if masks is not None:
             masks = [masks] if single else list(masks)
             if len(masks) != len(images):
                 raise MRADInputError(f"Got {len(images)} images but {len(masks)} masks; pass one mask (or None) per image.")
-        pixel_values, sizes, processed_masks = [], [], []
-        for index, source in enumerate(images):
-            image, mask = self.load_pair(source, None if masks is None else masks[index])
-            sizes.append((image.height, image.width))
-            pixel_values.append(preprocess_image(image, self.image_size, self.image_mean, self.image_std))
-            if masks is not None:
-                processed_masks.append(preprocess_mask(mask, self.image_size, self.mask_threshold))
-        data = {"pixel_values": torch.stack(pixel_values), "original_sizes": torch.tensor(sizes, dtype=torch.long)}
+        pairs = [self.load_pair(image, None if masks is None else masks[index]) for index, image in enumerate(images)]
+        size, resample = kwargs["size"], kwargs["resample"]
+        # alpha: resized with it, then dropped (the reference's order); CLIP's own resize of the result is a no-op
+        decoded = [image.resize((size.width, size.height), resample).convert("RGB") if image.mode in ("RGBA", "LA") else image
+                   for image, _ in pairs]
+        pixel_values = self._preprocess(self._prepare_image_like_inputs(decoded, **kwargs), return_tensors=None, **kwargs)["pixel_values"]
+        data = {
+            "pixel_values": torch.stack(pixel_values) if isinstance(pixel_values[0], torch.Tensor) else np.stack(pixel_values),
+            "original_sizes": np.array([(image.height, image.width) for image, _ in pairs], dtype=np.int64),
+        }
         if masks is not None:
-            data["masks"] = torch.stack(processed_masks)
+            threshold = kwargs.get("mask_threshold", self.mask_threshold)
+            data["masks"] = np.stack([preprocess_mask(mask, (size.height, size.width), threshold).numpy() for _, mask in pairs])
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def __call__(self, images, masks=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        return self.preprocess(images, masks=masks, return_tensors=return_tensors, **kwargs)
+    def post_process_anomaly_detection(
+        self, outputs, target_sizes=None, threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Per image: `score` (float), `anomaly_map` (float tensor, resized bilinearly to `target_sizes[i]` as
+        (height, width) when given) and, with `threshold`, `is_anomalous` / `label` ("anomaly" | "normal"); `mask`
+        (bool, map > `pixel_threshold`, which defaults to `threshold`) when a pixel threshold is known.
+
+        `outputs` is an `MRADOutput` (or a dict with `anomaly_map` (B, S, S) and `anomaly_score` (B,)).
+        """
+        for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+            if value is not None and not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
+        pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
+        maps, scores = outputs["anomaly_map"].detach().float(), outputs["anomaly_score"].detach().float().reshape(-1)
+        if target_sizes is not None and len(target_sizes) != maps.shape[0]:
+            raise ValueError(f"Got {maps.shape[0]} anomaly maps but {len(target_sizes)} target sizes; pass one (height, width) per image.")
+        results = []
+        for index in range(maps.shape[0]):
+            anomaly_map = maps[index].reshape(maps.shape[-2:])
+            if target_sizes is not None and tuple(int(v) for v in target_sizes[index]) != tuple(anomaly_map.shape):
+                height, width = (int(v) for v in target_sizes[index])
+                anomaly_map = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+            result: dict[str, Any] = {"score": float(scores[index]), "anomaly_map": anomaly_map}
+            if threshold is not None:
+                result["is_anomalous"] = result["score"] > threshold
+                result["label"] = "anomaly" if result["is_anomalous"] else "normal"
+            if pixel_threshold is not None:
+                result["mask"] = anomaly_map > pixel_threshold
+            results.append(result)
+        return results
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("image_size", "image_mean", "image_std", "mask_threshold", "exif_transpose", "min_image_side")
-        output = {key: getattr(self, key) for key in keys}
-        output["image_processor_type"] = type(self).__name__
-        if "auto_map" in self.__dict__:
-            output["auto_map"] = self.auto_map
+        output = super().to_dict()
+        output["image_processor_type"] = "MRADImageProcessor"  # backend-neutral, as CLIP's: the loader picks the backend
         return output
 
+
+class MRADImageProcessor(_MRADProcessing, CLIPImageProcessorPil):
+    """MRAD's image processor on CLIP's PIL backend: the reference preprocessing, bit for bit (see the module doc)."""
+
+
+class MRADImageProcessorFast(_MRADProcessing, CLIPImageProcessor):
+    """MRAD's image processor on CLIP's torchvision backend (optional; close to, not bit-identical with, the reference)."""
+
+    def __init__(self, image_size: int | None = None, **kwargs):
+        if not is_torchvision_available():
+            raise ImportError("MRADImageProcessorFast needs torchvision (pip install torchvision); MRADImageProcessor "
+                              "(the PIL backend, bit-exact with the reference) needs nothing more.")
+        super().__init__(image_size=image_size, **kwargs)
