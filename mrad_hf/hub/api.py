@@ -451,7 +451,7 @@ def render_model_card(
     aux_name = _DATASETS.get(source, (source or "unknown data",))[0]
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-segmentation",
+        pipeline_tag="other",  # no Hub task has this output; "image-segmentation" made the Hub offer a snippet that fails
         license=licence,
         base_model=base_model or _BASE_MODEL,
         datasets=[source] if source else None,
