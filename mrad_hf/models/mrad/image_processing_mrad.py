@@ -1,25 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""MRAD's image processor: CLIP's processors plus what MRAD adds (paper Sec. 4.1; reference `utils/transforms.py`).
+"""MRAD's image processor: CLIP's processors plus MRAD's additions (paper Sec. 4.1; reference `utils/transforms.py`).
 
-Pixels are CLIP's: `MRADImageProcessor` is `CLIPImageProcessorPil` set to the reference transform, a PIL bicubic
-**stretch** to `size` x `size` (518, no crop, PIL always antialiases), /255 and the OpenAI mean/std. It is bit-for-bit
-the reference's `Resize((518, 518), BICUBIC)` + `ToTensor` + `Normalize` (tests). `MRADImageProcessorFast` is the
-same on CLIP's torchvision backend (needs torchvision; its bicubic is close to PIL's, not bit-identical, so it is
-used only on request: `AutoImageProcessor.from_pretrained(folder, backend="torchvision")`).
-
-MRAD adds, for every entry point (pipeline, CLI, evaluation, training, bank building):
-
-* **one decoder** (`load_image`) with **one error** (`MRADInputError`, naming the input and the fix): files are read
-  by content, not extension (`SUPPORTED_IMAGE_EXTENSIONS`: PNG, JPEG/JFIF, BMP, TIFF, WebP, GIF and APNG (first
-  frame), Netpbm, TGA, JPEG 2000, QOI, as this PIL build decodes them); EXIF orientation applied; palette, 1-bit,
-  CMYK, YCbCr, LAB, HSV converted; 16/32-bit integers scaled by their nominal range, floats in [0, 1] by 255 (NaN
-  refused); alpha kept for the resize and dropped after it, as the reference's `convert("RGB")` after `Resize` (CLIP
-  would composite on white); images under `min_image_side` (one patch) refused; PIL's decompression-bomb guard kept;
-  URLs fetched by `transformers.image_utils.load_image` (with `timeout=`), as in every transformers image pipeline.
-* **masks**: any non-zero pixel is anomalous; the 0/255 mask is resized bilinearly in PIL, /255, thresholded at
-  `mask_threshold` (0.5) (the reference's ground-truth transform); 16-bit and float masks are binarised on their raw
-  values; a mask must have its image's size.
-* **`post_process_anomaly_detection`**: maps at the original image sizes, scores, and masks / labels for a threshold.
+Pixels are CLIP's: `MRADImageProcessor` is `CLIPImageProcessorPil` set to the reference transform (PIL bicubic
+stretch to 518 x 518, no crop, /255, OpenAI mean/std), bit for bit; `MRADImageProcessorFast` is the optional
+torchvision backend (close to, not identical with, PIL's bicubic; used only with `backend="torchvision"`).
+MRAD adds one decoder for every entry point (`load_image`, by content; formats in `SUPPORTED_IMAGE_EXTENSIONS`, first
+frame of GIF/APNG/TIFF; EXIF orientation; palette, 1-bit, CMYK, 16/32-bit and float images converted; alpha dropped
+after the resize as in the reference, where CLIP composites on white; URLs via `transformers.image_utils.load_image`;
+PIL's bomb guard) with one error, `MRADInputError`, naming the input and the fix; images under `min_image_side` are
+refused; masks (non-zero = anomalous, PIL bilinear resize, > `mask_threshold`, the reference's ground truth); and
+`post_process_anomaly_detection` (maps at the original sizes, scores, masks, labels).
 """
 
 from __future__ import annotations
@@ -50,16 +40,15 @@ __all__ = [
 ]
 
 ImageLike = str | os.PathLike | bytes | dict | Image.Image | np.ndarray | torch.Tensor
+_RAW_MASK_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _decodable(extensions: Sequence[str]) -> tuple[str, ...]:
     Image.init()
-    registered = Image.registered_extensions()
-    return tuple(ext for ext in extensions if registered.get(ext) in Image.OPEN)
+    return tuple(ext for ext in extensions if Image.registered_extensions().get(ext) in Image.OPEN)
 
 
-#: File extensions MRAD reads as images (the raster formats this PIL build decodes; GIF/APNG/TIFF: first frame).
-#: Folder loaders and the CLI use this list; decoding itself goes by content.
+#: Extensions of the raster formats this PIL build decodes; folder loaders and the CLI look for these.
 SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = _decodable((
     ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpx", ".qoi",
@@ -84,6 +73,11 @@ def _describe(source: Any) -> str:
     return f"object of type {type(source).__name__}"
 
 
+def _one_line(error: BaseException) -> str:
+    """`Type: message` of a decoder error on one line (messages are printed as one-line CLI errors)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
 def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     """Scale a numeric array to uint8 by its nominal range; reject NaN/inf and values outside any known range."""
     if array.dtype == np.uint8:
@@ -92,16 +86,12 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise MRADInputError(f"{name} contains NaN or infinite values; clean the array (e.g. np.nan_to_num) before scoring it.")
+            raise MRADInputError(f"{name} contains NaN or infinite values; clean the array (e.g. np.nan_to_num).")
         low, high = float(array.min()), float(array.max())
-        if low >= 0.0 and high <= 1.0:
-            return np.round(array * 255.0).astype(np.uint8)
         if low >= 0.0 and high <= 255.0:
-            return np.round(array).astype(np.uint8)
-        raise MRADInputError(
-            f"{name} holds floats in [{low:g}, {high:g}]; MRAD expects floats in [0, 1] or [0, 255]. "
-            "Rescale the image to one of these ranges first."
-        )
+            return np.round(array * (255.0 if high <= 1.0 else 1.0)).astype(np.uint8)
+        raise MRADInputError(f"{name} holds floats in [{low:g}, {high:g}]; MRAD expects floats in [0, 1] or [0, 255]. "
+                             "Rescale the image to one of these ranges first.")
     if np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if low < 0:
@@ -120,40 +110,34 @@ def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise MRADInputError(f"{name}: expected an (H, W), (H, W, 3) or (H, W, 4) image array, got shape {array.shape}.")
+        raise MRADInputError(f"{name}: expected an (H, W), (H, W, 3) or (H, W, 4) image array, got {array.shape}.")
     array = _array_to_uint8(np.ascontiguousarray(array), name)
-    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else array.shape[-1]]
-    return Image.fromarray(array, mode=mode)
+    return Image.fromarray(array, mode="L" if array.ndim == 2 else {3: "RGB", 4: "RGBA"}[array.shape[-1]])
 
 
 def _normalise_mode(image: Image.Image, name: str) -> Image.Image:
     """Bring any PIL mode to one that resizes like the reference's inputs: L, RGB, RGBA or LA."""
-    mode = image.mode
-    if mode in ("L", "RGB", "RGBA", "LA"):
+    if image.mode in ("L", "RGB", "RGBA", "LA"):
         return image
-    if mode == "1":
+    if image.mode == "1":
         return image.convert("L")
-    if mode in ("P", "PA"):
-        return image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _array_to_pil(np.asarray(image), name)
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as error:
-        raise MRADInputError(f"{name}: cannot convert PIL mode {mode!r} to RGB ({error}). Save the image as 8-bit RGB.") from error
+    return image.convert("RGB")
 
 
 def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Image:
     """Fully decode one image file (or its bytes); any decoder failure becomes an MRADInputError naming it."""
-    if data is None:
-        if path.is_dir():
-            raise MRADInputError(f"Image path {name} is a folder, not an image file. Pass the files inside it (the CLI accepts folders).")
-        if not path.is_file():
-            raise MRADInputError(f"Image file {name} does not exist (or is not a regular file). Check the path.")
-        if path.stat().st_size == 0:
-            raise MRADInputError(f"Image file {name} is empty (0 bytes). Re-export or remove it.")
-    elif len(data) == 0:
-        raise MRADInputError(f"Image {name} is empty (0 bytes). Re-export or remove it.")
+    if data is None and path.is_dir():
+        raise MRADInputError(f"Image path {name} is a folder, not an image file. Pass the files inside it "
+                             "(the CLI accepts folders).")
+    if data is None and not path.is_file():
+        raise MRADInputError(f"Image file {name} does not exist (or is not a regular file). Check the path.")
+    if (len(data) if data is not None else path.stat().st_size) == 0:
+        kind = "Image file" if data is None else "Image"
+        raise MRADInputError(f"{kind} {name} is empty (0 bytes). Re-export or remove it.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -161,17 +145,14 @@ def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Imag
                 opened.load()
                 return opened.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise MRADInputError(
-            f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first."
-        ) from error
+        raise MRADInputError(f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first.") from error
     except UnidentifiedImageError as error:
-        raise MRADInputError(f"Image file {name} is not a readable image (unknown or corrupt format). Re-export it as PNG or JPEG.") from error
-    except Exception as error:  # noqa: BLE001 - decoders of untrusted bytes raise anything (struct.error, IndexError, ...)
-        raise MRADInputError(
-            f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated or corrupt. "
-            "Re-export it as PNG or JPEG, or remove it."
-        ) from error
+        raise MRADInputError(f"Image file {name} is not a readable image (unknown or corrupt format). "
+                             "Re-export it as PNG or JPEG.") from error
+    except Exception as error:  # noqa: BLE001 - decoders of untrusted bytes raise anything (struct.error, ...)
+        raise MRADInputError(f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated "
+                             "or corrupt. Re-export it as PNG or JPEG, or remove it.") from error
 
 
 def _fetch(url: str, name: str, timeout: float | None) -> Image.Image:
@@ -203,45 +184,34 @@ def _decode(source: Any, name: str, timeout: float | None = None) -> Image.Image
         return _decode_file(Path("<bytes>"), name, data=bytes(source))
     if isinstance(source, Image.Image):
         return source
-    if isinstance(source, torch.Tensor):
-        return _array_to_pil(source.detach().cpu().numpy(), name)
-    if isinstance(source, np.ndarray):
-        return _array_to_pil(source, name)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _array_to_pil(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source, name)
     raise MRADInputError(f"Unsupported image input: {name}. Pass a file path, a PIL image or an (H, W[, C]) array.")
-
-
-def _one_line(error: BaseException) -> str:
-    """`Type: message` of a decoder error on one line (messages are printed as one-line CLI errors)."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}"
 
 
 def _exif_transpose(image: Image.Image, name: str) -> Image.Image:
     try:
-        if image.getexif().get(0x0112, 1) == 1:  # upright already: no copy
-            return image
-        return ImageOps.exif_transpose(image)
+        return image if image.getexif().get(0x0112, 1) == 1 else ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - a corrupt EXIF block must not crash a batch
-        raise MRADInputError(f"Image {name} has a corrupt EXIF block ({_one_line(error)}); re-export it without EXIF.") from error
+        raise MRADInputError(f"Image {name} has a corrupt EXIF block ({_one_line(error)}); "
+                             "re-export it without EXIF.") from error
 
 
 def load_image(source: ImageLike, *, exif_transpose: bool = True, timeout: float | None = None) -> Image.Image:
-    """The one decoder: a path / URL / bytes / datasets value / PIL image / array, fully decoded, as L, RGB, RGBA or LA.
+    """The one decoder: a path / URL / bytes / datasets value / PIL image / array, decoded as L, RGB, RGBA or LA.
 
-    Raises:
-        MRADInputError: unreadable, empty, truncated or bomb-sized files; folders; NaN arrays; unsupported layouts;
-            URLs that cannot be fetched within `timeout` seconds.
+    Raises `MRADInputError` for unreadable, empty, truncated or bomb-sized files, folders, NaN arrays, unsupported
+    layouts and URLs that cannot be fetched within `timeout` seconds.
     """
     name = _describe(source)
     image = _decode(source, name, timeout)
-    if exif_transpose:
-        image = _exif_transpose(image, name)
     try:
-        return _normalise_mode(image, name)
+        return _normalise_mode(_exif_transpose(image, name) if exif_transpose else image, name)
     except MRADInputError:
         raise
     except Exception as error:  # noqa: BLE001 - e.g. a decoded image whose pixel data is inconsistent
-        raise MRADInputError(f"Image {name} could not be converted to RGB ({_one_line(error)}). Save it as 8-bit RGB.") from error
+        raise MRADInputError(f"Image {name} could not be converted to RGB ({_one_line(error)}). "
+                             "Save it as 8-bit RGB.") from error
 
 
 def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
@@ -257,12 +227,12 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
             array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
     else:
         image = _decode(source, f"{_describe(source)} (a mask)")
-        if exif_transpose:
-            image = _exif_transpose(image, name)
+        image = _exif_transpose(image, name) if exif_transpose else image
         try:
             array = np.asarray(image if image.mode in _RAW_MASK_MODES else image.convert("L"))
         except Exception as error:  # noqa: BLE001
-            raise MRADInputError(f"{name} could not be converted to grey levels ({_one_line(error)}). Save it as an 8-bit PNG.") from error
+            raise MRADInputError(f"{name} could not be converted to grey levels ({_one_line(error)}). "
+                                 "Save it as an 8-bit PNG.") from error
     if array.ndim != 2:
         raise MRADInputError(f"{name}: expected a single-channel (H, W) mask, got shape {array.shape}.")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
@@ -270,23 +240,19 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
     return array > 0
 
 
-_RAW_MASK_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-
-
-def preprocess_mask(mask: ImageLike | None, size: int | tuple[int, int], threshold: float = 0.5, *, exif_transpose: bool = True) -> torch.Tensor:
-    """Reference mask preprocessing -> (S, S) (or (H, W) for `size=(H, W)`) float tensor of 0/1; `None` gives zeros."""
+def preprocess_mask(mask: ImageLike | None, size: int | tuple[int, int], threshold: float = 0.5, *,
+                    exif_transpose: bool = True) -> torch.Tensor:
+    """Reference mask preprocessing -> (S, S) (or `size=(H, W)`) float tensor of 0/1; `None` (a good image): zeros."""
     height, width = (size, size) if isinstance(size, int) else size
     if mask is None:
         return torch.zeros(height, width)
-    binary = load_mask(mask, exif_transpose=exif_transpose)
-    mask_image = Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
-    resized = np.asarray(mask_image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    binary = Image.fromarray(load_mask(mask, exif_transpose=exif_transpose).astype(np.uint8) * 255, mode="L")
+    resized = np.asarray(binary.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy((resized > threshold).astype(np.float32))
 
 
-def preprocess_image(image: ImageLike, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
+def preprocess_image(image: ImageLike, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                     std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
     """One image through `MRADImageProcessor` at `size` x `size` -> (3, S, S) (no minimum side)."""
     processor = MRADImageProcessor(image_size=size, image_mean=mean, image_std=std, min_image_side=1)
     return processor(image, return_tensors="pt")["pixel_values"][0]
@@ -301,31 +267,22 @@ class MRADImageProcessorKwargs(ImagesKwargs, total=False):
 
 
 class _MRADProcessing:
-    """What MRAD adds to a CLIP image processor backend; mixed in before `CLIPImageProcessorPil` / `CLIPImageProcessor`.
+    """What MRAD adds to a CLIP image processor backend (mixed in before CLIP's PIL or torchvision processor).
 
-    Args (besides CLIP's `size`, `resample`, `image_mean`, `image_std`, ...):
-        image_size (`int`, *optional*): shorthand for `size={"height": S, "width": S}` (also read from folders saved
-            before MRAD's processor was built on CLIP's); defaults to 518.
-        mask_threshold (`float`, defaults to 0.5): binarisation threshold of resized masks.
-        exif_transpose (`bool`, defaults to `True`): apply EXIF orientation to files and PIL images.
-        min_image_side (`int`, defaults to 14): smaller images are refused (one ViT-L/14 patch).
-
-    Calling it returns a `BatchFeature` with `pixel_values` (B, 3, S, S), `original_sizes` (B, 2) as (height, width)
-    and, when `masks` are given (one per image, `None` for a good image), `masks` (B, S, S) of 0/1.
+    Besides CLIP's arguments: `image_size` (shorthand for `size={"height": S, "width": S}`, the key of folders saved
+    before; default 518), `mask_threshold` (0.5), `exif_transpose` (True), `min_image_side` (14, one ViT-L/14 patch).
+    Returns a `BatchFeature`: `pixel_values` (B, 3, S, S), `original_sizes` (B, 2) as (height, width) and, with
+    `masks` (one per image, `None` for a good image), `masks` (B, S, S) of 0/1.
     """
 
     valid_kwargs = MRADImageProcessorKwargs
     model_input_names = ["pixel_values"]
     resample = PILImageResampling.BICUBIC
-    image_mean = OPENAI_CLIP_MEAN
-    image_std = OPENAI_CLIP_STD
-    size = {"height": 518, "width": 518}
-    crop_size = {"height": 518, "width": 518}
+    image_mean, image_std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    size = crop_size = {"height": 518, "width": 518}
     default_to_square = True
     do_center_crop = False  # the reference's CenterCrop(518) after a 518 x 518 stretch is a no-op
-    mask_threshold = 0.5
-    exif_transpose = True
-    min_image_side = 14
+    mask_threshold, exif_transpose, min_image_side = 0.5, True, 14
 
     def __init__(self, image_size: int | None = None, **kwargs):
         if image_size is not None:
@@ -355,10 +312,7 @@ class _MRADProcessing:
         return image
 
     def load_pair(self, image: ImageLike, mask: ImageLike | None = None) -> tuple[Image.Image, np.ndarray | None]:
-        """Decode and check one image and its mask (None for a good image): the mask must have the image's size.
-
-        Returns the decoded image and the mask as an (H, W) bool array (or None).
-        """
+        """Decode and check one image and its mask (`None` for a good image; else an (H, W) bool array of its size)."""
         decoded = self.load(image)
         if mask is None:
             return decoded, None
@@ -380,30 +334,28 @@ class _MRADProcessing:
         if masks is not None:
             masks = [masks] if single else list(masks)
             if len(masks) != len(images):
-                raise MRADInputError(f"Got {len(images)} images but {len(masks)} masks; pass one mask (or None) per image.")
+                raise MRADInputError(f"Got {len(images)} images but {len(masks)} masks; pass one (or None) per image.")
         pairs = [self.load_pair(image, None if masks is None else masks[index]) for index, image in enumerate(images)]
         size, resample = kwargs["size"], kwargs["resample"]
-        # alpha: resized with it, then dropped (the reference's order); CLIP's own resize of the result is a no-op
-        decoded = [image.resize((size.width, size.height), resample).convert("RGB") if image.mode in ("RGBA", "LA") else image
-                   for image, _ in pairs]
-        pixel_values = self._preprocess(self._prepare_image_like_inputs(decoded, **kwargs), return_tensors=None, **kwargs)["pixel_values"]
-        data = {
-            "pixel_values": torch.stack(pixel_values) if isinstance(pixel_values[0], torch.Tensor) else np.stack(pixel_values),
-            "original_sizes": np.array([(image.height, image.width) for image, _ in pairs], dtype=np.int64),
-        }
+        # alpha: resized with it, then dropped (the reference's order); CLIP's resize of the result is then a no-op
+        decoded = [image.resize((size.width, size.height), resample).convert("RGB") if image.mode in ("RGBA", "LA")
+                   else image for image, _ in pairs]
+        prepared = self._prepare_image_like_inputs(decoded, **kwargs)
+        pixels = self._preprocess(prepared, return_tensors=None, **kwargs)["pixel_values"]
+        data = {"pixel_values": torch.stack(pixels) if isinstance(pixels[0], torch.Tensor) else np.stack(pixels),
+                "original_sizes": np.array([(image.height, image.width) for image, _ in pairs], dtype=np.int64)}
         if masks is not None:
             threshold = kwargs.get("mask_threshold", self.mask_threshold)
-            data["masks"] = np.stack([preprocess_mask(mask, (size.height, size.width), threshold).numpy() for _, mask in pairs])
+            resized = [preprocess_mask(mask, (size.height, size.width), threshold) for _, mask in pairs]
+            data["masks"] = np.stack([mask.numpy() for mask in resized])
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def post_process_anomaly_detection(
-        self, outputs, target_sizes=None, threshold: float | None = None, pixel_threshold: float | None = None
-    ) -> list[dict[str, Any]]:
-        """Per image: `score` (float), `anomaly_map` (float tensor, resized bilinearly to `target_sizes[i]` as
-        (height, width) when given) and, with `threshold`, `is_anomalous` / `label` ("anomaly" | "normal"); `mask`
-        (bool, map > `pixel_threshold`, which defaults to `threshold`) when a pixel threshold is known.
-
-        `outputs` is an `MRADOutput` (or a dict with `anomaly_map` (B, S, S) and `anomaly_score` (B,)).
+    def post_process_anomaly_detection(self, outputs, target_sizes=None, threshold: float | None = None,
+                                       pixel_threshold: float | None = None) -> list[dict[str, Any]]:
+        """Per image of `outputs` (an `MRADOutput`, or a dict with `anomaly_map` (B, S, S) and `anomaly_score` (B,)):
+        `score` (float); `anomaly_map` (float tensor, resized bilinearly to `target_sizes[i]` = (height, width) when
+        given); with `threshold`, `is_anomalous` and `label` ("anomaly" | "normal"); with a pixel threshold
+        (`pixel_threshold`, defaulting to `threshold`), `mask` (bool, map > it).
         """
         for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
             if value is not None and not np.isfinite(value):
@@ -411,13 +363,15 @@ class _MRADProcessing:
         pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
         maps, scores = outputs["anomaly_map"].detach().float(), outputs["anomaly_score"].detach().float().reshape(-1)
         if target_sizes is not None and len(target_sizes) != maps.shape[0]:
-            raise ValueError(f"Got {maps.shape[0]} anomaly maps but {len(target_sizes)} target sizes; pass one (height, width) per image.")
+            raise ValueError(f"Got {maps.shape[0]} anomaly maps but {len(target_sizes)} target sizes; "
+                             "pass one (height, width) per image.")
         results = []
         for index in range(maps.shape[0]):
             anomaly_map = maps[index].reshape(maps.shape[-2:])
-            if target_sizes is not None and tuple(int(v) for v in target_sizes[index]) != tuple(anomaly_map.shape):
-                height, width = (int(v) for v in target_sizes[index])
-                anomaly_map = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+            target = None if target_sizes is None else tuple(int(v) for v in target_sizes[index])
+            if target is not None and target != tuple(anomaly_map.shape):
+                anomaly_map = F.interpolate(anomaly_map[None, None], size=target, mode="bilinear", align_corners=False)
+                anomaly_map = anomaly_map[0, 0]
             result: dict[str, Any] = {"score": float(scores[index]), "anomaly_map": anomaly_map}
             if threshold is not None:
                 result["is_anomalous"] = result["score"] > threshold
@@ -429,7 +383,7 @@ class _MRADProcessing:
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        output["image_processor_type"] = "MRADImageProcessor"  # backend-neutral, as CLIP's: the loader picks the backend
+        output["image_processor_type"] = "MRADImageProcessor"  # backend-neutral, as CLIP's: the loader picks one
         return output
 
 
@@ -455,7 +409,7 @@ class MRADImageProcessor(_MRADProcessing, CLIPImageProcessorPil):
 
 
 class MRADImageProcessorFast(_MRADProcessing, CLIPImageProcessor):
-    """MRAD's image processor on CLIP's torchvision backend (optional; close to, not bit-identical with, the reference)."""
+    """MRAD's image processor on CLIP's torchvision backend (optional; close to, not identical with, the PIL one)."""
 
     def __init__(self, image_size: int | None = None, **kwargs):
         if not is_torchvision_available():
