@@ -193,8 +193,7 @@ def load_detector_bundle(name: str | os.PathLike, *, backend: str | None = None,
     model = load_model(name, **kwargs)
     hub = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only", "token") if key in kwargs}
     source = resolve_model_id(name, revision=hub.get("revision"), cache_dir=hub.get("cache_dir"), local_files_only=hub.get("local_files_only", False))
-    saved = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                        _raise_exceptions_for_connection_errors=False, **hub)
+    saved = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub)
     if saved is None:
         return model, MRADImageProcessor.from_config(model.config)
     processor = AutoImageProcessor.from_pretrained(source, backend=backend, **hub)

@@ -51,10 +51,12 @@ class AnomalyDetectionPipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = MRADImageProcessor.from_config(self.model.config)
         if not hasattr(self.image_processor, "post_process_anomaly_detection"):
-            raise TypeError(f"The anomaly-detection pipeline needs MRAD's image processor, got {type(self.image_processor).__name__}; "
-                            "pass image_processor=MRADImageProcessor.from_config(model.config) or load the model folder.")
+            raise TypeError(f"The anomaly-detection pipeline needs MRAD's image processor, got "
+                            f"{type(self.image_processor).__name__}; pass "
+                            "image_processor=MRADImageProcessor.from_config(model.config) or load the model folder.")
 
-    def _sanitize_parameters(self, threshold=None, pixel_threshold=None, explain=None, top_k=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, threshold=None, pixel_threshold=None, explain=None, top_k=None, timeout=None,
+                             **kwargs):
         if kwargs:
             raise TypeError(f"anomaly-detection pipeline got unexpected arguments: {sorted(kwargs)}")
         preprocess = {} if timeout is None else {"timeout": float(timeout)}
@@ -79,14 +81,17 @@ class AnomalyDetectionPipeline(Pipeline):
     def _forward(self, model_inputs: dict[str, torch.Tensor], explain: bool = False, top_k: int = 5) -> dict[str, Any]:
         original_sizes = model_inputs.pop("original_sizes")
         outputs = self.model(pixel_values=model_inputs["pixel_values"])
-        result = {"anomaly_map": outputs.anomaly_map, "anomaly_score": outputs.anomaly_score, "original_sizes": original_sizes}
+        result = {"anomaly_map": outputs.anomaly_map, "anomaly_score": outputs.anomaly_score,
+                  "original_sizes": original_sizes}
         if explain:
             # a list, one per image: batched runs hand postprocess one item each
-            result["explanation"] = _explain_images()(self.model, model_inputs["pixel_values"], top_k=top_k, outputs=outputs)
+            explain_images = _explain_images()
+            pixel_values = model_inputs["pixel_values"]
+            result["explanation"] = explain_images(self.model, pixel_values, top_k=top_k, outputs=outputs)
         return result
 
     def _calibration(self) -> dict[str, Any] | None:
-        """The model's calibration (`model.calibration`, else the config's / bank's record); warns if the bank changed."""
+        """`model.calibration`, else the config's / the bank's record of it; warns if the bank changed since."""
         config = self.model.config
         calibration = (getattr(self.model, "calibration", None) or getattr(config, "calibration", None)
                        or (getattr(config, "memory_bank_metadata", None) or {}).get("calibration"))
@@ -96,14 +101,16 @@ class AnomalyDetectionPipeline(Pipeline):
         current = (config.image_bank_size, config.patch_bank_size)
         if made_for and (made_for.get("image_entries"), made_for.get("patch_entries")) != current:
             warnings.warn(
-                f"The calibration was made with a memory bank of {made_for.get('image_entries')} image / {made_for.get('patch_entries')} "
-                f"patch entries but the model now has {current[0]} / {current[1]}: its thresholds may no longer give the promised "
-                "false-positive rate. Re-run `mrad calibrate` with this bank.",
+                f"The calibration was made with a memory bank of {made_for.get('image_entries')} image / "
+                f"{made_for.get('patch_entries')} patch entries but the model now has {current[0]} / {current[1]}: "
+                "its thresholds may no longer give the promised false-positive rate. Re-run `mrad calibrate` with "
+                "this bank.",
                 stacklevel=2,
             )
         return calibration
 
-    def postprocess(self, model_outputs: dict[str, Any], threshold: float | None = None, pixel_threshold: float | None = None):
+    def postprocess(self, model_outputs: dict[str, Any], threshold: float | None = None,
+                    pixel_threshold: float | None = None) -> dict[str, Any]:
         source = "arguments"
         calibration = self._calibration() if threshold is None or pixel_threshold is None else None
         if calibration is not None:
@@ -116,11 +123,12 @@ class AnomalyDetectionPipeline(Pipeline):
             threshold=threshold, pixel_threshold=pixel_threshold,
         )[0]
         anomaly_map = processed["anomaly_map"].cpu().numpy().astype(np.float32)
-        result = {"score": processed["score"], "anomaly_map": anomaly_map,
-                  "heatmap": Image.fromarray(np.round(np.clip(anomaly_map, 0.0, 1.0) * 255).astype(np.uint8), mode="L")}
+        heatmap = Image.fromarray(np.round(np.clip(anomaly_map, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
+        result = {"score": processed["score"], "anomaly_map": anomaly_map, "heatmap": heatmap}
         if "is_anomalous" in processed:
             result.update(is_anomalous=processed["is_anomalous"], label=processed["label"])
-            result["thresholds"] = {"image": threshold, "pixel": threshold if pixel_threshold is None else pixel_threshold, "from": source}
+            pixel = threshold if pixel_threshold is None else pixel_threshold
+            result["thresholds"] = {"image": threshold, "pixel": pixel, "from": source}
         if "mask" in processed:
             result["mask"] = processed["mask"].cpu().numpy()
         if "explanation" in model_outputs:
@@ -130,11 +138,11 @@ class AnomalyDetectionPipeline(Pipeline):
 
 
 def _explain_images():
-    """`mrad_hf.tools.explain.explain_images`, imported when asked for: explanations are not part of the remote code."""
+    """`mrad_hf.tools.explain.explain_images`, imported on request: explanations are not part of the remote code."""
     import importlib
 
     try:
         return importlib.import_module("mrad_hf.tools.explain").explain_images
     except ImportError as error:
-        raise ImportError("explain=True needs the mrad-hf package (pip install mrad-hf): explanations are not part of the "
-                          "code a saved model carries. Score without explain=True, or install it.") from error
+        raise ImportError("explain=True needs the mrad-hf package (pip install mrad-hf): explanations are not part "
+                          "of the code a saved model carries. Score without explain=True, or install it.") from error
