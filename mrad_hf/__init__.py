@@ -32,11 +32,13 @@ _LAZY_EXPORTS = {
     "MRADConfig": ".models.mrad.configuration_mrad",
     "MRADForAnomalyDetection": ".models.mrad.modeling_mrad",
     "MRADImageProcessor": ".models.mrad.image_processing_mrad",
+    "MRADImageProcessorFast": ".models.mrad.image_processing_mrad",
     "MRADInputError": ".models.mrad.image_processing_mrad",
     "MRADOutput": ".models.mrad.modeling_mrad",
     "MRADPreTrainedModel": ".models.mrad.modeling_mrad",
     "MemoryBank": ".models.mrad.memory_bank_mrad",
     "MemoryBankError": ".models.mrad.memory_bank_mrad",
+    "SUPPORTED_IMAGE_EXTENSIONS": ".models.mrad.image_processing_mrad",
     "load_image": ".models.mrad.image_processing_mrad",
 }
 
@@ -73,19 +75,26 @@ def register_with_transformers() -> None:
         _registering = True
         try:
             from transformers import AutoConfig, AutoImageProcessor, AutoModel
+            from transformers.models.auto import image_processing_auto as auto_image_processing
             from transformers.pipelines import PIPELINE_REGISTRY
+            from transformers.utils import is_torchvision_available
 
             from .models.mrad.configuration_mrad import MRADConfig
-            from .models.mrad.image_processing_mrad import MRADImageProcessor
+            from .models.mrad.image_processing_mrad import MRADImageProcessor, MRADImageProcessorFast
             from .models.mrad.modeling_mrad import MRADForAnomalyDetection
             from .models.mrad.pipeline_anomaly_detection import AnomalyDetectionPipeline
 
             AutoConfig.register("mrad", MRADConfig, exist_ok=True)
             AutoModel.register(MRADConfig, MRADForAnomalyDetection, exist_ok=True)
-            AutoImageProcessor.register(
-                MRADConfig, image_processor_classes={"pil": MRADImageProcessor, "torchvision": MRADImageProcessor},
-                exist_ok=True,
-            )
+            # The PIL backend is the reference preprocessing (bit-exact); the torchvision one only where torchvision
+            # imports, and only on request (`backend="torchvision"`): its bicubic differs slightly.
+            backends = {"pil": MRADImageProcessor}
+            if is_torchvision_available():
+                backends["torchvision"] = MRADImageProcessorFast
+            AutoImageProcessor.register(MRADConfig, image_processor_classes=backends, exist_ok=True)
+            pil_default = getattr(auto_image_processing, "DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS", None)
+            if pil_default is not None and "MRADImageProcessor" not in pil_default:
+                pil_default.append("MRADImageProcessor")
             # Saved folders carry their code (auto_map), so they also load with trust_remote_code=True where mrad_hf
             # is not installed; where it is installed, these local classes win.
             MRADConfig.register_for_auto_class()

@@ -47,6 +47,7 @@ __all__ = [
     "hub_namespace",
     "resolve_model_id",
     "load_model",
+    "load_detector_bundle",
     "pull_model",
     "push_model",
     "push_memory_bank",
@@ -173,6 +174,36 @@ def load_model(name: str | os.PathLike, **kwargs):
         return MRADForAnomalyDetection.from_pretrained(name, **kwargs)
     except OSError as error:
         raise explain_download_error(name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")) from error
+
+
+def load_detector_bundle(name: str | os.PathLike, *, backend: str | None = None, **kwargs):
+    """The one way to load a model folder / Hub id / short name: `(model, image_processor)`, the processor being the
+    one saved beside the weights (`preprocessor_config.json`, as `pipeline(model=folder)` reads it; the config's
+    defaults when the folder has none). The pipeline, the CLI and the app all score through this pair, so one
+    folder gives one score everywhere. `kwargs` go to `from_pretrained`; `backend` ("pil" default, "torchvision")
+    to `AutoImageProcessor`.
+
+    Raises `ValueError` when the saved processor does not fit the model (another input size, not MRAD's processor).
+    """
+    from transformers import AutoImageProcessor
+    from transformers.utils import cached_file
+
+    from ..models.mrad.image_processing_mrad import MRADImageProcessor
+
+    model = load_model(name, **kwargs)
+    hub = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only", "token") if key in kwargs}
+    source = resolve_model_id(name, revision=hub.get("revision"), cache_dir=hub.get("cache_dir"), local_files_only=hub.get("local_files_only", False))
+    saved = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub)
+    if saved is None:
+        return model, MRADImageProcessor.from_config(model.config)
+    processor = AutoImageProcessor.from_pretrained(source, backend=backend, **hub)
+    if not hasattr(processor, "post_process_anomaly_detection"):
+        raise ValueError(f"{saved} holds a {type(processor).__name__}, not MRAD's image processor; re-save the model "
+                         "with save_pretrained (it writes the matching preprocessor_config.json) or delete the file.")
+    if processor.image_size != model.config.image_size:
+        raise ValueError(f"{saved} resizes to {processor.image_size} x {processor.image_size} but the model's config.json "
+                         f"has image_size {model.config.image_size}; re-save the model with save_pretrained or fix the file.")
+    return model, processor
 
 
 def pull_model(
@@ -419,7 +450,7 @@ def render_model_card(
     aux_name = _DATASETS.get(source, (source or "unknown data",))[0]
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-segmentation",
+        pipeline_tag="other",  # no Hub task has this output; "image-segmentation" made the Hub offer a snippet that fails
         license=licence,
         base_model=base_model or _BASE_MODEL,
         datasets=[source] if source else None,

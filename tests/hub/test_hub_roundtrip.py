@@ -74,7 +74,7 @@ def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, 
                  "modeling_mrad.py", "configuration_mrad.py", "pipeline_anomaly_detection.py"):
         assert name in model_files, f"{name} missing from the pushed model repo: {sorted(model_files)}"
     assert json.loads(model_files["config.json"])["custom_pipelines"]["anomaly-detection"]["pt"] == ["AutoModel"]
-    assert b"pipeline_tag: image-segmentation" in model_files["README.md"]
+    assert b"pipeline_tag: other" in model_files["README.md"]
     assert sorted(fake_hub.files("tester/bank-tiny", "v2")) == [".gitattributes", "README.md", "memory_bank.json", "memory_bank.safetensors"]
     assert json.loads(fake_hub.files("tester/bank-tiny", "v2")["memory_bank.json"])["counts"] == other_bank.counts()
     assert model_commit.oid == fake_hub.repos[("model", "tester/mrad-tf-visa")].refs["main"]
@@ -206,7 +206,7 @@ def test_plain_push_to_hub_ships_processor_pipeline_code_and_keeps_the_card(fake
     model_with_bank.push_to_hub("tester/plain-push", token="t", commit_message="plain push")
     files = fake_hub.files("tester/plain-push")
     assert {"preprocessor_config.json", "pipeline_anomaly_detection.py", "modeling_mrad.py", "model.safetensors"} <= set(files)
-    assert b"pipeline_tag: image-segmentation" in files["README.md"] and b"# MRAD-TF" in files["README.md"]
+    assert b"pipeline_tag: other" in files["README.md"] and b"# MRAD-TF" in files["README.md"]
     assert files["README.md"].split(b"\n---\n", 1)[1] == card.split(b"\n---\n", 1)[1]  # the card's text is untouched
 
 

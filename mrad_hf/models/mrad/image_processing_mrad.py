@@ -1,31 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The one preprocessing of images and ground-truth masks for MRAD (reference: `utils/transforms.py`, `utils/dataset.py`).
+"""MRAD's image processor: CLIP's processors plus MRAD's additions (paper Sec. 4.1; reference `utils/transforms.py`).
 
-Images: PIL `resize((S, S), BICUBIC)` in the image's own mode (this **stretches**, no aspect-preserving
-crop; PIL always antialiases), then RGB conversion, /255, OpenAI CLIP mean/std. This is bit-for-bit what
-the reference's torchvision transforms do on a PIL image.
-
-Masks: any non-zero pixel is anomalous (`mask.convert("L") > 0`), the 0/255 image is resized bilinearly to
-S x S in PIL, divided by 255 and thresholded at `mask_threshold` (0.5). Single-channel 16-bit, 32-bit and
-float masks are binarised on their raw values (`> 0`), so a 16-bit mask holding defect id 1 stays anomalous
-(what `convert("L")` gives too; for float masks the reference's `convert("L")` would truncate 0.7 to 0, we
-do not). A mask must have its image's size; NaN masks are rejected.
-
-Inputs that the reference never sees are normalised first and documented here, each a deliberate choice
-(README, "Bad input"):
-
-* EXIF orientation is applied (`exif_transpose=True`), as `transformers.image_utils.load_image` does;
-  benchmark images carry no orientation tag, so this never changes a benchmark result.
-* palette ("P"), 1-bit, CMYK/YCbCr/LAB/HSV images are converted to RGB (or L / RGBA) before resizing;
-* 16-bit and 32-bit integer images are scaled to 8 bits by their nominal range; float images in [0, 1]
-  are scaled by 255; NaN or infinite values are rejected;
-* images smaller than `min_image_side` (default: one 14-pixel patch) are rejected;
-* PIL's decompression-bomb guard is kept and reported with the file name and how to lift it;
-* files are decoded by content, not by extension; anything that fails to decode (random bytes, truncated
-  or corrupt files, a folder or a missing path) raises `MRADInputError`, whatever exception the decoder threw.
-
-Every failure raises `MRADInputError` naming the file (or the input's position) and what to do.
-`docs/reliability.md` lists each kind of bad input, what the user sees and the test that checks it.
+Pixels are CLIP's: `MRADImageProcessor` is `CLIPImageProcessorPil` set to the reference transform (PIL bicubic
+stretch to 518 x 518, no crop, /255, OpenAI mean/std), bit for bit; `MRADImageProcessorFast` is the optional
+torchvision backend (close to, not identical with, PIL's bicubic; used only with `backend="torchvision"`).
+MRAD adds one decoder for every entry point (`load_image`, by content; formats in `SUPPORTED_IMAGE_EXTENSIONS`, first
+frame of GIF/APNG/TIFF; EXIF orientation; palette, 1-bit, CMYK, 16/32-bit and float images converted; alpha dropped
+after the resize as in the reference, where CLIP composites on white; URLs via `transformers.image_utils.load_image`;
+PIL's bomb guard) with one error, `MRADInputError`, naming the input and the fix; images under `min_image_side` are
+refused; masks (non-zero = anomalous, PIL bilinear resize, > `mask_threshold`, the reference's ground truth); and
+`post_process_anomaly_detection` (maps at the original sizes, scores, masks, labels).
 """
 
 from __future__ import annotations
@@ -39,15 +23,36 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import PILImageResampling
+from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import is_torchvision_available
 
 from .configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-__all__ = ["MRADImageProcessor", "MRADInputError", "load_image", "load_mask", "to_pil_image", "preprocess_image", "preprocess_mask"]
+__all__ = [
+    "SUPPORTED_IMAGE_EXTENSIONS", "MRADImageProcessor", "MRADImageProcessorFast", "MRADInputError", "load_image",
+    "load_mask", "preprocess_image", "preprocess_mask",
+]
 
 ImageLike = str | os.PathLike | bytes | dict | Image.Image | np.ndarray | torch.Tensor
+_RAW_MASK_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _decodable(extensions: Sequence[str]) -> tuple[str, ...]:
+    Image.init()
+    return tuple(ext for ext in extensions if Image.registered_extensions().get(ext) in Image.OPEN)
+
+
+#: Extensions of the raster formats this PIL build decodes; folder loaders and the CLI look for these.
+SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = _decodable((
+    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpx", ".qoi",
+))
 
 
 class MRADInputError(ValueError):
@@ -68,6 +73,11 @@ def _describe(source: Any) -> str:
     return f"object of type {type(source).__name__}"
 
 
+def _one_line(error: BaseException) -> str:
+    """`Type: message` of a decoder error on one line (messages are printed as one-line CLI errors)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
 def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     """Scale a numeric array to uint8 by its nominal range; reject NaN/inf and values outside any known range."""
     if array.dtype == np.uint8:
@@ -76,16 +86,12 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise MRADInputError(f"{name} contains NaN or infinite values; clean the array (e.g. np.nan_to_num) before scoring it.")
+            raise MRADInputError(f"{name} contains NaN or infinite values; clean the array (e.g. np.nan_to_num).")
         low, high = float(array.min()), float(array.max())
-        if low >= 0.0 and high <= 1.0:
-            return np.round(array * 255.0).astype(np.uint8)
         if low >= 0.0 and high <= 255.0:
-            return np.round(array).astype(np.uint8)
-        raise MRADInputError(
-            f"{name} holds floats in [{low:g}, {high:g}]; MRAD expects floats in [0, 1] or [0, 255]. "
-            "Rescale the image to one of these ranges first."
-        )
+            return np.round(array * (255.0 if high <= 1.0 else 1.0)).astype(np.uint8)
+        raise MRADInputError(f"{name} holds floats in [{low:g}, {high:g}]; MRAD expects floats in [0, 1] or [0, 255]. "
+                             "Rescale the image to one of these ranges first.")
     if np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if low < 0:
@@ -104,40 +110,34 @@ def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise MRADInputError(f"{name}: expected an (H, W), (H, W, 3) or (H, W, 4) image array, got shape {array.shape}.")
+        raise MRADInputError(f"{name}: expected an (H, W), (H, W, 3) or (H, W, 4) image array, got {array.shape}.")
     array = _array_to_uint8(np.ascontiguousarray(array), name)
-    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else array.shape[-1]]
-    return Image.fromarray(array, mode=mode)
+    return Image.fromarray(array, mode="L" if array.ndim == 2 else {3: "RGB", 4: "RGBA"}[array.shape[-1]])
 
 
 def _normalise_mode(image: Image.Image, name: str) -> Image.Image:
     """Bring any PIL mode to one that resizes like the reference's inputs: L, RGB, RGBA or LA."""
-    mode = image.mode
-    if mode in ("L", "RGB", "RGBA", "LA"):
+    if image.mode in ("L", "RGB", "RGBA", "LA"):
         return image
-    if mode == "1":
+    if image.mode == "1":
         return image.convert("L")
-    if mode in ("P", "PA"):
-        return image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _array_to_pil(np.asarray(image), name)
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as error:
-        raise MRADInputError(f"{name}: cannot convert PIL mode {mode!r} to RGB ({error}). Save the image as 8-bit RGB.") from error
+    return image.convert("RGB")
 
 
 def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Image:
     """Fully decode one image file (or its bytes); any decoder failure becomes an MRADInputError naming it."""
-    if data is None:
-        if path.is_dir():
-            raise MRADInputError(f"Image path {name} is a folder, not an image file. Pass the files inside it (the CLI accepts folders).")
-        if not path.is_file():
-            raise MRADInputError(f"Image file {name} does not exist (or is not a regular file). Check the path.")
-        if path.stat().st_size == 0:
-            raise MRADInputError(f"Image file {name} is empty (0 bytes). Re-export or remove it.")
-    elif len(data) == 0:
-        raise MRADInputError(f"Image {name} is empty (0 bytes). Re-export or remove it.")
+    if data is None and path.is_dir():
+        raise MRADInputError(f"Image path {name} is a folder, not an image file. Pass the files inside it "
+                             "(the CLI accepts folders).")
+    if data is None and not path.is_file():
+        raise MRADInputError(f"Image file {name} does not exist (or is not a regular file). Check the path.")
+    if (len(data) if data is not None else path.stat().st_size) == 0:
+        kind = "Image file" if data is None else "Image"
+        raise MRADInputError(f"{kind} {name} is empty (0 bytes). Re-export or remove it.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -145,21 +145,33 @@ def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Imag
                 opened.load()
                 return opened.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise MRADInputError(
-            f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first."
-        ) from error
+        raise MRADInputError(f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first.") from error
     except UnidentifiedImageError as error:
-        raise MRADInputError(f"Image file {name} is not a readable image (unknown or corrupt format). Re-export it as PNG or JPEG.") from error
-    except Exception as error:  # noqa: BLE001 - decoders of untrusted bytes raise anything (struct.error, IndexError, ...)
-        raise MRADInputError(
-            f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated or corrupt. "
-            "Re-export it as PNG or JPEG, or remove it."
-        ) from error
+        raise MRADInputError(f"Image file {name} is not a readable image (unknown or corrupt format). "
+                             "Re-export it as PNG or JPEG.") from error
+    except Exception as error:  # noqa: BLE001 - decoders of untrusted bytes raise anything (struct.error, ...)
+        raise MRADInputError(f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated "
+                             "or corrupt. Re-export it as PNG or JPEG, or remove it.") from error
 
 
-def _decode(source: Any, name: str) -> Image.Image:
+def _fetch(url: str, name: str, timeout: float | None) -> Image.Image:
+    """An image URL through `transformers.image_utils.load_image` (as every image pipeline); failures name the URL."""
+    from transformers.image_utils import load_image as fetch_url
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return fetch_url(url, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - network errors, HTTP error pages, undecodable bodies
+        raise MRADInputError(f"Image URL {name} could not be fetched and decoded ({_one_line(error)}). "
+                             "Check the address (and timeout=), or download the file and pass its path.") from error
+
+
+def _decode(source: Any, name: str, timeout: float | None = None) -> Image.Image:
     """The source as a PIL image, before EXIF and mode handling."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return _fetch(source, name, timeout)
     if isinstance(source, (str, os.PathLike)):
         return _decode_file(Path(source), name)
     if isinstance(source, dict) and ("path" in source or "bytes" in source):  # datasets' undecoded Image value
@@ -172,42 +184,34 @@ def _decode(source: Any, name: str) -> Image.Image:
         return _decode_file(Path("<bytes>"), name, data=bytes(source))
     if isinstance(source, Image.Image):
         return source
-    if isinstance(source, torch.Tensor):
-        return _array_to_pil(source.detach().cpu().numpy(), name)
-    if isinstance(source, np.ndarray):
-        return _array_to_pil(source, name)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _array_to_pil(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source, name)
     raise MRADInputError(f"Unsupported image input: {name}. Pass a file path, a PIL image or an (H, W[, C]) array.")
-
-
-def _one_line(error: BaseException) -> str:
-    """`Type: message` of a decoder error on one line (messages are printed as one-line CLI errors)."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}"
 
 
 def _exif_transpose(image: Image.Image, name: str) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(image)
+        return image if image.getexif().get(0x0112, 1) == 1 else ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - a corrupt EXIF block must not crash a batch
-        raise MRADInputError(f"Image {name} has a corrupt EXIF block ({_one_line(error)}); re-export it without EXIF.") from error
+        raise MRADInputError(f"Image {name} has a corrupt EXIF block ({_one_line(error)}); "
+                             "re-export it without EXIF.") from error
 
 
-def load_image(source: ImageLike, *, exif_transpose: bool = True) -> Image.Image:
-    """Open a path / bytes / PIL image / array, fully decoded, in a mode MRAD can resize (L, RGB, RGBA or LA).
+def load_image(source: ImageLike, *, exif_transpose: bool = True, timeout: float | None = None) -> Image.Image:
+    """The one decoder: a path / URL / bytes / datasets value / PIL image / array, decoded as L, RGB, RGBA or LA.
 
-    Raises:
-        MRADInputError: unreadable, empty, truncated or bomb-sized files; folders; NaN arrays; unsupported layouts.
+    Raises `MRADInputError` for unreadable, empty, truncated or bomb-sized files, folders, NaN arrays, unsupported
+    layouts and URLs that cannot be fetched within `timeout` seconds.
     """
     name = _describe(source)
-    image = _decode(source, name)
-    if exif_transpose:
-        image = _exif_transpose(image, name)
+    image = _decode(source, name, timeout)
     try:
-        return _normalise_mode(image, name)
+        return _normalise_mode(_exif_transpose(image, name) if exif_transpose else image, name)
     except MRADInputError:
         raise
     except Exception as error:  # noqa: BLE001 - e.g. a decoded image whose pixel data is inconsistent
-        raise MRADInputError(f"Image {name} could not be converted to RGB ({_one_line(error)}). Save it as 8-bit RGB.") from error
+        raise MRADInputError(f"Image {name} could not be converted to RGB ({_one_line(error)}). "
+                             "Save it as 8-bit RGB.") from error
 
 
 def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
@@ -223,12 +227,12 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
             array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
     else:
         image = _decode(source, f"{_describe(source)} (a mask)")
-        if exif_transpose:
-            image = _exif_transpose(image, name)
+        image = _exif_transpose(image, name) if exif_transpose else image
         try:
             array = np.asarray(image if image.mode in _RAW_MASK_MODES else image.convert("L"))
         except Exception as error:  # noqa: BLE001
-            raise MRADInputError(f"{name} could not be converted to grey levels ({_one_line(error)}). Save it as an 8-bit PNG.") from error
+            raise MRADInputError(f"{name} could not be converted to grey levels ({_one_line(error)}). "
+                                 "Save it as an 8-bit PNG.") from error
     if array.ndim != 2:
         raise MRADInputError(f"{name}: expected a single-channel (H, W) mask, got shape {array.shape}.")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
@@ -236,87 +240,70 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
     return array > 0
 
 
-_RAW_MASK_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-def to_pil_image(source: ImageLike) -> Image.Image:
-    """Alias of `load_image` with default options, for callers that only need a PIL image."""
-    return load_image(source)
-
-
-def preprocess_image(
-    image: Image.Image,
-    size: int,
-    mean: Sequence[float] = OPENAI_CLIP_MEAN,
-    std: Sequence[float] = OPENAI_CLIP_STD,
-) -> torch.Tensor:
-    """Reference preprocessing of one decoded image: bicubic stretch to size x size, RGB, /255, normalise -> (3, S, S)."""
-    resized = image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return pixels.sub(mean_t).div(std_t)
-
-
-def preprocess_mask(mask: ImageLike | None, size: int, threshold: float = 0.5, *, exif_transpose: bool = True) -> torch.Tensor:
-    """Reference mask preprocessing -> (S, S) float tensor of 0/1. `None` (a good image) gives all zeros."""
+def preprocess_mask(mask: ImageLike | None, size: int | tuple[int, int], threshold: float = 0.5, *,
+                    exif_transpose: bool = True) -> torch.Tensor:
+    """Reference mask preprocessing -> (S, S) (or `size=(H, W)`) float tensor of 0/1; `None` (a good image): zeros."""
+    height, width = (size, size) if isinstance(size, int) else size
     if mask is None:
-        return torch.zeros(size, size)
-    binary = load_mask(mask, exif_transpose=exif_transpose)
-    mask_image = Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
-    resized = np.asarray(mask_image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        return torch.zeros(height, width)
+    binary = Image.fromarray(load_mask(mask, exif_transpose=exif_transpose).astype(np.uint8) * 255, mode="L")
+    resized = np.asarray(binary.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy((resized > threshold).astype(np.float32))
 
 
-class MRADImageProcessor(BaseImageProcessor):
-    r"""Image (and mask) processor for MRAD, with the reference's exact resize and normalisation.
+def preprocess_image(image: ImageLike, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                     std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
+    """One image through `MRADImageProcessor` at `size` x `size` -> (3, S, S) (no minimum side)."""
+    processor = MRADImageProcessor(image_size=size, image_mean=mean, image_std=std, min_image_side=1)
+    return processor(image, return_tensors="pt")["pixel_values"][0]
 
-    Args:
-        image_size (`int`, defaults to 518): side of the square network input.
-        image_mean, image_std (`list[float]`): OpenAI CLIP statistics by default.
-        mask_threshold (`float`, defaults to 0.5): binarisation threshold of resized masks.
-        exif_transpose (`bool`, defaults to `True`): apply EXIF orientation to files and PIL images.
-        min_image_side (`int`, defaults to 14): smaller images are rejected (one ViT-L/14 patch).
 
-    Calling it returns a `BatchFeature` with `pixel_values` (B, 3, S, S), `original_sizes` (B, 2) as
-    (height, width) and, when `masks` are given, `masks` (B, S, S) of 0/1.
+class MRADImageProcessorKwargs(ImagesKwargs, total=False):
+    """CLIP's image kwargs plus MRAD's: mask binarisation, EXIF handling and the smallest accepted image side."""
+
+    mask_threshold: float
+    exif_transpose: bool
+    min_image_side: int
+
+
+class _MRADProcessing:
+    """What MRAD adds to a CLIP image processor backend (mixed in before CLIP's PIL or torchvision processor).
+
+    Besides CLIP's arguments: `image_size` (shorthand for `size={"height": S, "width": S}`, the key of folders saved
+    before; default 518), `mask_threshold` (0.5), `exif_transpose` (True), `min_image_side` (14, one ViT-L/14 patch).
+    Returns a `BatchFeature`: `pixel_values` (B, 3, S, S), `original_sizes` (B, 2) as (height, width) and, with
+    `masks` (one per image, `None` for a good image), `masks` (B, S, S) of 0/1.
     """
 
+    valid_kwargs = MRADImageProcessorKwargs
     model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BICUBIC
+    image_mean, image_std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    size = crop_size = {"height": 518, "width": 518}
+    default_to_square = True
+    do_center_crop = False  # the reference's CenterCrop(518) after a 518 x 518 stretch is a no-op
+    mask_threshold, exif_transpose, min_image_side = 0.5, True, 14
 
-    def __init__(
-        self,
-        image_size: int = 518,
-        image_mean: Sequence[float] | None = None,
-        image_std: Sequence[float] | None = None,
-        mask_threshold: float = 0.5,
-        exif_transpose: bool = True,
-        min_image_side: int = 14,
-        **kwargs,
-    ):
-        kwargs.pop("image_processor_type", None)
+    def __init__(self, image_size: int | None = None, **kwargs):
+        if image_size is not None:
+            kwargs["size"] = kwargs["crop_size"] = {"height": int(image_size), "width": int(image_size)}
         super().__init__(**kwargs)
-        self.image_size = int(image_size)
-        self.image_mean = list(OPENAI_CLIP_MEAN if image_mean is None else image_mean)
-        self.image_std = list(OPENAI_CLIP_STD if image_std is None else image_std)
-        self.mask_threshold = float(mask_threshold)
-        self.exif_transpose = bool(exif_transpose)
-        self.min_image_side = int(min_image_side)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square network input (`size["height"]`)."""
+        return int(self.size["height"])
 
     @classmethod
-    def from_config(cls, config) -> MRADImageProcessor:
+    def from_config(cls, config, **kwargs):
         """The processor that matches an `MRADConfig` (size, statistics, mask threshold, smallest image)."""
-        return cls(
-            image_size=config.image_size,
-            image_mean=config.image_mean,
-            image_std=config.image_std,
-            mask_threshold=config.mask_threshold,
-            min_image_side=config.patch_size,
-        )
+        settings = dict(image_size=config.image_size, image_mean=config.image_mean, image_std=config.image_std,
+                        mask_threshold=config.mask_threshold, min_image_side=config.patch_size)
+        return cls(**{**settings, **kwargs})
 
-    def load(self, source: ImageLike) -> Image.Image:
-        """Decode one input and check its size."""
-        image = load_image(source, exif_transpose=self.exif_transpose)
+    def load(self, source: ImageLike, *, timeout: float | None = None) -> Image.Image:
+        """Decode one input with MRAD's decoder and refuse images smaller than `min_image_side`."""
+        image = load_image(source, exif_transpose=self.exif_transpose, timeout=timeout)
         if min(image.size) < self.min_image_side:
             raise MRADInputError(
                 f"Image {_describe(source)} is {image.width}x{image.height} pixels; MRAD needs at least "
@@ -325,10 +312,7 @@ class MRADImageProcessor(BaseImageProcessor):
         return image
 
     def load_pair(self, image: ImageLike, mask: ImageLike | None = None) -> tuple[Image.Image, np.ndarray | None]:
-        """Decode and check one image and its mask (None for a good image): the mask must have the image's size.
-
-        Returns the decoded image and the mask as an (H, W) bool array (or None).
-        """
+        """Decode and check one image and its mask (`None` for a good image; else an (H, W) bool array of its size)."""
         decoded = self.load(image)
         if mask is None:
             return decoded, None
@@ -341,34 +325,94 @@ class MRADImageProcessor(BaseImageProcessor):
         return decoded, binary
 
     def preprocess(self, images, masks=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        if kwargs:
-            raise TypeError(f"MRADImageProcessor got unexpected arguments: {sorted(kwargs)}")
+        """Images (paths, URLs, PIL images, arrays, bytes, datasets values; one or a list) and optional masks."""
+        return super().preprocess(images, masks, return_tensors=return_tensors, **kwargs)
+
+    def _preprocess_image_like_inputs(self, images, masks=None, *, return_tensors=None, **kwargs) -> BatchFeature:
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         if masks is not None:
             masks = [masks] if single else list(masks)
             if len(masks) != len(images):
-                raise MRADInputError(f"Got {len(images)} images but {len(masks)} masks; pass one mask (or None) per image.")
-        pixel_values, sizes, processed_masks = [], [], []
-        for index, source in enumerate(images):
-            image, mask = self.load_pair(source, None if masks is None else masks[index])
-            sizes.append((image.height, image.width))
-            pixel_values.append(preprocess_image(image, self.image_size, self.image_mean, self.image_std))
-            if masks is not None:
-                processed_masks.append(preprocess_mask(mask, self.image_size, self.mask_threshold))
-        data = {"pixel_values": torch.stack(pixel_values), "original_sizes": torch.tensor(sizes, dtype=torch.long)}
+                raise MRADInputError(f"Got {len(images)} images but {len(masks)} masks; pass one (or None) per image.")
+        pairs = [self.load_pair(image, None if masks is None else masks[index]) for index, image in enumerate(images)]
+        size, resample = kwargs["size"], kwargs["resample"]
+        # alpha: resized with it, then dropped (the reference's order); CLIP's resize of the result is then a no-op
+        decoded = [image.resize((size.width, size.height), resample).convert("RGB") if image.mode in ("RGBA", "LA")
+                   else image for image, _ in pairs]
+        prepared = self._prepare_image_like_inputs(decoded, **kwargs)
+        pixels = self._preprocess(prepared, return_tensors=None, **kwargs)["pixel_values"]
+        data = {"pixel_values": torch.stack(pixels) if isinstance(pixels[0], torch.Tensor) else np.stack(pixels),
+                "original_sizes": np.array([(image.height, image.width) for image, _ in pairs], dtype=np.int64)}
         if masks is not None:
-            data["masks"] = torch.stack(processed_masks)
+            threshold = kwargs.get("mask_threshold", self.mask_threshold)
+            resized = [preprocess_mask(mask, (size.height, size.width), threshold) for _, mask in pairs]
+            data["masks"] = np.stack([mask.numpy() for mask in resized])
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def __call__(self, images, masks=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        return self.preprocess(images, masks=masks, return_tensors=return_tensors, **kwargs)
+    def post_process_anomaly_detection(self, outputs, target_sizes=None, threshold: float | None = None,
+                                       pixel_threshold: float | None = None) -> list[dict[str, Any]]:
+        """Per image of `outputs` (an `MRADOutput`, or a dict with `anomaly_map` (B, S, S) and `anomaly_score` (B,)):
+        `score` (float); `anomaly_map` (float tensor, resized bilinearly to `target_sizes[i]` = (height, width) when
+        given); with `threshold`, `is_anomalous` and `label` ("anomaly" | "normal"); with a pixel threshold
+        (`pixel_threshold`, defaulting to `threshold`), `mask` (bool, map > it).
+        """
+        for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+            if value is not None and not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
+        pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
+        maps, scores = outputs["anomaly_map"].detach().float(), outputs["anomaly_score"].detach().float().reshape(-1)
+        if target_sizes is not None and len(target_sizes) != maps.shape[0]:
+            raise ValueError(f"Got {maps.shape[0]} anomaly maps but {len(target_sizes)} target sizes; "
+                             "pass one (height, width) per image.")
+        results = []
+        for index in range(maps.shape[0]):
+            anomaly_map = maps[index].reshape(maps.shape[-2:])
+            target = None if target_sizes is None else tuple(int(v) for v in target_sizes[index])
+            if target is not None and target != tuple(anomaly_map.shape):
+                anomaly_map = F.interpolate(anomaly_map[None, None], size=target, mode="bilinear", align_corners=False)
+                anomaly_map = anomaly_map[0, 0]
+            result: dict[str, Any] = {"score": float(scores[index]), "anomaly_map": anomaly_map}
+            if threshold is not None:
+                result["is_anomalous"] = result["score"] > threshold
+                result["label"] = "anomaly" if result["is_anomalous"] else "normal"
+            if pixel_threshold is not None:
+                result["mask"] = anomaly_map > pixel_threshold
+            results.append(result)
+        return results
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("image_size", "image_mean", "image_std", "mask_threshold", "exif_transpose", "min_image_side")
-        output = {key: getattr(self, key) for key in keys}
-        output["image_processor_type"] = type(self).__name__
-        if "auto_map" in self.__dict__:
-            output["auto_map"] = self.auto_map
+        output = super().to_dict()
+        output["image_processor_type"] = "MRADImageProcessor"  # backend-neutral, as CLIP's: the loader picks one
         return output
 
+
+class MRADImageProcessor(_MRADProcessing, CLIPImageProcessorPil):
+    """MRAD's image processor on CLIP's PIL backend: the reference preprocessing, bit for bit (see the module doc).
+
+    `rescale` and `normalize` are CLIP's, in place on contiguous float32 (CLIP's helpers go through float64 and
+    strided views): the same values to the last bit (tests), several times faster.
+    """
+
+    def rescale(self, image: np.ndarray, scale: float, **kwargs) -> np.ndarray:
+        if abs(scale * 255.0 - 1.0) > 1e-12:
+            return super().rescale(image, scale, **kwargs)
+        pixels = np.array(image, dtype=np.float32, order="C")
+        pixels /= np.float32(255.0)  # == float32(x * (1/255) in float64) for every uint8 x
+        return pixels
+
+    def normalize(self, image: np.ndarray, mean, std, **kwargs) -> np.ndarray:
+        pixels = np.array(image, dtype=np.float32, order="C")
+        pixels -= np.asarray(mean, np.float32).reshape(-1, 1, 1)
+        pixels /= np.asarray(std, np.float32).reshape(-1, 1, 1)
+        return pixels
+
+
+class MRADImageProcessorFast(_MRADProcessing, CLIPImageProcessor):
+    """MRAD's image processor on CLIP's torchvision backend (optional; close to, not identical with, the PIL one)."""
+
+    def __init__(self, image_size: int | None = None, **kwargs):
+        if not is_torchvision_available():
+            raise ImportError("MRADImageProcessorFast needs torchvision (pip install torchvision); MRADImageProcessor "
+                              "(the PIL backend, bit-exact with the reference) needs nothing more.")
+        super().__init__(image_size=image_size, **kwargs)

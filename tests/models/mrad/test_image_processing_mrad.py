@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mrad_hf import MRADImageProcessor, MRADInputError, load_image
@@ -182,3 +183,141 @@ def test_load_pair_returns_the_binary_mask_at_the_image_size():
     direct = processor(np.zeros((30, 40, 3), np.uint8), masks=mask)
     again = processor(image, masks=binary)
     assert torch.equal(direct["pixel_values"], again["pixel_values"]) and torch.equal(direct["masks"], again["masks"])
+
+
+# ---------------------------------------------------------------------- built on CLIP's processors
+def _reference_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """An independent re-statement of the reference transform in torch: PIL `resize((S, S), BICUBIC)` in the image's
+    own mode, `convert("RGB")`, `ToTensor` (/255 in float32), `Normalize` (float32)."""
+    resized = image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+    pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+    return (pixels - torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+
+
+def _random_image(mode: str, height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
+    array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    if mode == "LA":
+        image = Image.fromarray(array[..., 0], "L").convert("LA")
+        image.putalpha(Image.fromarray(array[..., 1], "L"))
+        return image
+    return Image.fromarray(array[..., 0] if channels == 1 else array, mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA"])
+@pytest.mark.parametrize("height, width", [(518, 518), (1024, 1024), (1000, 1500), (37, 611), (15, 14)])
+def test_pixels_are_bit_identical_to_the_reference_stretch(mode, height, width):
+    """Every size (down, up, non-square, the identity) and mode, at the reference 518: equal to the last bit."""
+    image = _random_image(mode, height, width, seed=height * 7 + width)
+    pixels = MRADImageProcessor()(image)["pixel_values"]
+    assert pixels.dtype == torch.float32 and pixels.shape == (1, 3, 518, 518)
+    assert torch.equal(pixels[0], _reference_pixels(image, 518))
+
+
+def test_processor_is_clips_pil_processor_with_the_reference_settings():
+    """MRAD adds masks, decoding and post-processing; the pixels come from CLIP's own processor, as configured here."""
+    from transformers import CLIPImageProcessorPil
+
+    processor = MRADImageProcessor()
+    assert isinstance(processor, CLIPImageProcessorPil) and processor.backend == "pil"
+    clip = CLIPImageProcessorPil(size={"height": 518, "width": 518}, do_center_crop=False, resample=Image.Resampling.BICUBIC)
+    image = _random_image("RGB", 300, 451, seed=3)
+    assert torch.equal(processor(image)["pixel_values"], clip(image, return_tensors="pt")["pixel_values"])
+    saved = processor.to_dict()
+    assert saved["size"] == {"height": 518, "width": 518} and saved["do_center_crop"] is False and saved["resample"] == 3
+    assert saved["image_processor_type"] == "MRADImageProcessor" and saved["min_image_side"] == 14
+
+
+def test_folders_saved_with_the_old_image_size_key_still_load(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "MRADImageProcessor", "image_size": 84, "image_mean": [0.5, 0.5, 0.5], '
+        '"image_std": [0.5, 0.5, 0.5], "mask_threshold": 0.4, "exif_transpose": true, "min_image_side": 7}'
+    )
+    loaded = MRADImageProcessor.from_pretrained(tmp_path)
+    assert loaded.image_size == 84 and loaded.size == {"height": 84, "width": 84} and loaded.min_image_side == 7
+    assert loaded.image_mean == (0.5, 0.5, 0.5) and loaded.mask_threshold == 0.4
+    assert loaded(np.zeros((10, 10, 3), np.uint8))["pixel_values"].shape == (1, 3, 84, 84)
+
+
+def test_auto_image_processor_picks_the_registered_backends(tmp_path):
+    from transformers import AutoImageProcessor
+    from transformers.utils import is_torchvision_available
+
+    MRADImageProcessor(image_size=56).save_pretrained(tmp_path)
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is MRADImageProcessor  # the bit-exact default
+    assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is MRADImageProcessor
+    if not is_torchvision_available():
+        from mrad_hf import MRADImageProcessorFast
+
+        with pytest.raises(ImportError, match="pip install torchvision"):
+            MRADImageProcessorFast()
+
+
+def test_fast_processor_is_close_to_the_reference_when_torchvision_imports():
+    """Runs only where torchvision imports (PyPI's does not beside the torch 2.13 CPU wheel used here)."""
+    pytest.importorskip("torchvision")
+    from transformers import CLIPImageProcessor
+
+    from mrad_hf import MRADImageProcessorFast
+
+    fast = MRADImageProcessorFast()
+    assert isinstance(fast, CLIPImageProcessor) and fast.backend == "torchvision"
+    images = [_random_image("RGB", 700, 900, seed=5), _random_image("L", 300, 200, seed=6)]
+    masks = [None, np.ones((300, 200), bool)]
+    out, reference = fast(images, masks=masks), MRADImageProcessor()(images, masks=masks)
+    assert out["pixel_values"].shape == reference["pixel_values"].shape
+    assert (out["pixel_values"] - reference["pixel_values"]).abs().mean() < 0.02
+    assert torch.equal(out["masks"], reference["masks"]) and torch.equal(out["original_sizes"], reference["original_sizes"])
+
+
+@pytest.mark.parametrize("extension, save_as", [(".webp", "WEBP"), (".gif", "GIF"), (".jfif", "JPEG"), (".tiff", "TIFF"), (".ppm", "PPM")])
+def test_formats_beyond_png_and_jpeg_decode(tmp_path, extension, save_as):
+    from mrad_hf import SUPPORTED_IMAGE_EXTENSIONS
+
+    assert extension in SUPPORTED_IMAGE_EXTENSIONS
+    array = np.random.default_rng(4).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    path = tmp_path / f"image{extension}"
+    Image.fromarray(array).save(path, save_as, **({"lossless": True} if save_as == "WEBP" else {}))
+    decoded = load_image(path)
+    assert decoded.mode == "RGB" and decoded.size == (32, 24)
+    if save_as in ("WEBP", "TIFF", "PPM"):  # lossless: the very pixels
+        np.testing.assert_array_equal(np.asarray(decoded), array)
+    assert MRADImageProcessor(image_size=28)(path)["pixel_values"].shape == (1, 3, 28, 28)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (20, 20), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert load_image(tmp_path / "anim.gif").getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_supported_extensions_are_only_formats_this_pil_decodes():
+    from mrad_hf import SUPPORTED_IMAGE_EXTENSIONS
+
+    Image.init()
+    registered = Image.registered_extensions()
+    assert all(registered[extension] in Image.OPEN for extension in SUPPORTED_IMAGE_EXTENSIONS)
+    assert not {".eps", ".ps", ".pdf", ".wmf", ".h5"} & set(SUPPORTED_IMAGE_EXTENSIONS)  # not photographs, or run code
+
+
+# ---------------------------------------------------------------------- post_process_anomaly_detection
+def test_post_process_resizes_maps_and_thresholds():
+    processor = MRADImageProcessor(image_size=28)
+    maps = torch.linspace(0, 1, 2 * 28 * 28).reshape(2, 28, 28)
+    outputs = {"anomaly_map": maps, "anomaly_score": torch.tensor([0.2, 0.8])}
+    plain = processor.post_process_anomaly_detection(outputs, target_sizes=[(28, 28), (50, 30)])
+    assert [r["score"] for r in plain] == pytest.approx([0.2, 0.8])
+    assert torch.equal(plain[0]["anomaly_map"], maps[0])  # same size: untouched
+    expected = F.interpolate(maps[1][None, None], size=(50, 30), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.equal(plain[1]["anomaly_map"], expected)
+    assert "label" not in plain[0] and "mask" not in plain[0]
+    decided = processor.post_process_anomaly_detection(outputs, target_sizes=[(28, 28), (50, 30)], threshold=0.5)
+    assert [r["label"] for r in decided] == ["normal", "anomaly"] and [r["is_anomalous"] for r in decided] == [False, True]
+    assert torch.equal(decided[1]["mask"], expected > 0.5) and decided[1]["mask"].dtype == torch.bool
+    pixel = processor.post_process_anomaly_detection(outputs, threshold=0.5, pixel_threshold=0.9)
+    assert torch.equal(pixel[0]["mask"], maps[0] > 0.9) and pixel[0]["anomaly_map"].shape == (28, 28)
+    with pytest.raises(ValueError, match="finite"):
+        processor.post_process_anomaly_detection(outputs, threshold=float("nan"))
+    with pytest.raises(ValueError, match="2 anomaly maps but 1 target sizes"):
+        processor.post_process_anomaly_detection(outputs, target_sizes=[(5, 5)])
