@@ -405,9 +405,10 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
     if image_size is not None:
         overrides["image_size"] = image_size
     if model:
-        from ..hub.api import load_model  # the processor helper's "model folder + its saved preprocessor" goes here
+        from ..hub.api import load_detector_bundle
 
-        detector = load_model(model)
+        # the one loader for a model folder: the pipeline, the CLI and the app read its preprocessor_config.json alike
+        detector, detector.saved_image_processor = load_detector_bundle(model)
         verify_model_memory(detector)  # config and weights from the same save, bank built for this backbone
         if image_size is not None and image_size != detector.config.image_size:
             raise CLIError(f"--image-size {image_size} differs from the saved model's {detector.config.image_size}; drop --image-size (a saved model's bank was built at its own size).")
@@ -511,7 +512,7 @@ def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_erro
     from ..data.loaders import iter_readable_rows
     from ..models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError
 
-    processor = MRADImageProcessor.from_config(detector.config)
+    processor = detector_image_processor(detector)
     skipped: list[dict[str, str]] = []
     rows = iter_readable_rows(dataset, processor.load_pair, on_error=on_error, failures=skipped)
     try:
@@ -530,10 +531,16 @@ def _report_skipped(skipped: list[dict[str, str]], where: str) -> None:
              f"All skipped files are listed in {where}.")
 
 
+def detector_image_processor(detector):
+    """The image processor saved with a loaded model folder, else the one its config describes."""
+    from ..models.mrad.image_processing_mrad import MRADImageProcessor
+
+    saved = getattr(detector, "saved_image_processor", None)
+    return saved if saved is not None else MRADImageProcessor.from_config(detector.config)
+
+
 def _detector_pipeline(detector):
     from transformers import pipeline
 
-    from ..models.mrad.image_processing_mrad import MRADImageProcessor
-
-    processor = MRADImageProcessor.from_config(detector.config)
+    processor = detector_image_processor(detector)
     return processor, pipeline("anomaly-detection", model=detector, image_processor=processor, device=detector.device)

@@ -23,9 +23,8 @@ def cmd_train(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from transformers import CLIPConfig
 
-    from .common import RANDOM_BACKBONES, _log, _report_skipped, load_detector
+    from .common import RANDOM_BACKBONES, _log, _report_skipped, detector_image_processor, load_detector
     from ..data.loaders import load_benchmark, readable_subset
-    from ..models.mrad.image_processing_mrad import MRADImageProcessor
     from ..training.trainer import MRADTrainingArguments, train_mrad
 
     overrides = dict(variant=args.variant)
@@ -48,7 +47,7 @@ def cmd_train(args) -> int:
                              trust_bank=args.trust_bank, **overrides)  # Accelerate moves it to each process's device
     dataset = load_benchmark(args.aux_dataset, args.aux_root, categories=args.categories, split=args.split)
     skipped: list[dict[str, str]] = []  # unreadable files: named and skipped (or, with --on-error fail, the error) before training
-    dataset = readable_subset(dataset, MRADImageProcessor.from_config(detector.config).load_pair, on_error=getattr(args, "on_error", "skip"), failures=skipped)
+    dataset = readable_subset(dataset, detector_image_processor(detector).load_pair, on_error=getattr(args, "on_error", "skip"), failures=skipped)
     for failure in skipped[1:]:
         _log(f"  skipped {failure['path']}: {failure['error']}")
     _report_skipped(skipped, "the lines above (they are not trained on)")
