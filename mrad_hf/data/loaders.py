@@ -175,13 +175,9 @@ __all__ = [
 # Constants
 # --------------------------------------------------------------------------------------------------
 
-try:  # the decoder's own list, once the image processor exports it: one decoder, one list of formats
-    from ..models.mrad.image_processing_mrad import SUPPORTED_IMAGE_EXTENSIONS as _DECODER_EXTENSIONS
-except ImportError:  # pragma: no cover - until the processor exports it
-    _DECODER_EXTENSIONS = frozenset(
-        {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-    )
+from ..models.mrad.image_processing_mrad import SUPPORTED_IMAGE_EXTENSIONS as _DECODER_EXTENSIONS  # noqa: E402
 
+#: one decoder, one list of formats: every extension the image processor's decoder reads
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(extension.lower() for extension in _DECODER_EXTENSIONS)
 """Image file extensions the loaders and the CLI pick up (compared case-insensitively): what the decoder reads."""
 
