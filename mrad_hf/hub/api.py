@@ -51,6 +51,8 @@ __all__ = [
     "pull_model",
     "push_model",
     "write_endpoint_handler",
+    "write_model_repo",
+    "write_bank_repo",
     "push_memory_bank",
     "load_memory_bank",
     "pull_memory_bank",
@@ -277,16 +279,24 @@ def push_model(
             stacklevel=2,
         )
     api = _api(token, endpoint)
-    card = render_model_card(model.config, repo_id=repo_id, results=results, base_model=base_model)
     with tempfile.TemporaryDirectory(prefix="mrad-push-") as folder:
-        model.save_pretrained(folder)
-        card.save(os.path.join(folder, "README.md"))
-        if endpoint_handler:
-            write_endpoint_handler(folder)
+        write_model_repo(model, folder, repo_id=repo_id, results=results, base_model=base_model, endpoint_handler=endpoint_handler)
         return _upload(
             api, folder, repo_id, revision=revision, private=private, create_pr=create_pr,
             commit_message=commit_message or f"Upload {_variant_title(_variant(model.config))} model",
         )
+
+
+def write_model_repo(
+    model, folder: str | os.PathLike, *, repo_id: str, results=None, base_model: str | None = None, endpoint_handler: bool = True
+) -> Path:
+    """Write exactly what `push_model` uploads into `folder`: `save_pretrained` files, README.md card, `handler.py`."""
+    card = render_model_card(model.config, repo_id=repo_id, results=results, base_model=base_model)
+    model.save_pretrained(folder)
+    card.save(os.path.join(folder, "README.md"))
+    if endpoint_handler:
+        write_endpoint_handler(folder)
+    return Path(folder)
 
 
 def write_endpoint_handler(folder: str | os.PathLike) -> Path:
@@ -313,13 +323,19 @@ def push_memory_bank(
         bank = MemoryBank.load(bank)
     api = _api(token, endpoint)
     with tempfile.TemporaryDirectory(prefix="mrad-bank-push-") as folder:
-        bank.save(os.path.join(folder, BANK_FILENAME))
-        Path(folder, BANK_METADATA_FILENAME).write_text(json.dumps(bank.metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        render_bank_card(bank, repo_id=repo_id).save(os.path.join(folder, "README.md"))
+        write_bank_repo(bank, folder, repo_id=repo_id)
         return _upload(
             api, folder, repo_id, revision=revision, private=private, create_pr=create_pr,
             commit_message=commit_message or f"Upload MRAD memory bank ({bank.metadata.get('source') or 'unknown source'})",
         )
+
+
+def write_bank_repo(bank: MemoryBank, folder: str | os.PathLike, *, repo_id: str) -> Path:
+    """Write exactly what `push_memory_bank` uploads into `folder`: the bank, `memory_bank.json`, README.md card."""
+    bank.save(os.path.join(folder, BANK_FILENAME))
+    Path(folder, BANK_METADATA_FILENAME).write_text(json.dumps(bank.metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    render_bank_card(bank, repo_id=repo_id).save(os.path.join(folder, "README.md"))
+    return Path(folder)
 
 
 def load_memory_bank(
