@@ -24,7 +24,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import common, detect, hub, tools, train
+from . import common, detect, hub, release, tools, train
 
 __all__ = ["main", "build_parser"]
 
@@ -57,6 +57,7 @@ def build_parser() -> common.ArgumentParser:
 
     detect.register(commands)  # mrad demo / make-synthetic / build-bank / predict / evaluate
     hub.register(commands)  # mrad push / mrad pull
+    release.register(commands)  # mrad release
     tools.register(commands)  # mrad bank / calibrate / explain / serve
     train.register(commands)  # mrad train
     return parser

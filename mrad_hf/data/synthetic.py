@@ -32,11 +32,11 @@ image equals the clean one bit for bit). Soft edges are cut where the change fal
 its full strength, so masked pixels carry a significant change (apart from the odd pixel that a
 pasted patch happens to reproduce, or that an 8-bit rounding leaves as it was).
 
-Data licences: the textures ship inside scikit-image (the package is BSD-3-Clause; these images
-are CC0 1.0): ``skimage.data.brick()`` from CC0Textures "Bricks25", ``skimage.data.grass()``
-from DeviantArt user linolafett "Grass-01", ``skimage.data.gravel()`` from CC0Textures
-"Gravel04". The generated images are derived from CC0 material only and may be used without
-restriction; this generator is Apache-2.0.
+Data licences: the three CC0 1.0 textures ship with the package as grayscale PNGs in
+``mrad_hf/data/textures/`` (see its ``ATTRIBUTION.md``): scikit-image's ``skimage.data.brick()``
+from CC0Textures "Bricks25", ``skimage.data.grass()`` from DeviantArt user linolafett "Grass-01",
+``skimage.data.gravel()`` from CC0Textures "Gravel04", pixel for pixel (scikit-image is not
+needed). The generated images are derived from CC0 material only and may be used without restriction; this generator is Apache-2.0.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +68,10 @@ __all__ = [
 
 GENERATOR_VERSION = "1.0.0"
 
-#: Categories, one per scikit-image texture.
+#: The packaged CC0 textures (package data, with their ATTRIBUTION.md).
+_TEXTURES_DIR = Path(__file__).resolve().parent / "textures"
+
+#: Categories, one per packaged texture.
 SYNTHETIC_CATEGORIES: tuple[str, ...] = ("brick", "grass", "gravel")
 
 #: Defect kinds that :func:`paste_defect` can draw.
@@ -84,7 +86,7 @@ _MIN_IMAGE_SIDE = 16
 
 @dataclass(frozen=True)
 class _Texture:
-    """A scikit-image texture and the colour ramp that tints it."""
+    """A packaged grayscale texture (``textures/<loader>.png``) and the colour ramp that tints it."""
 
     loader: str
     source: str
@@ -124,9 +126,8 @@ def _check_category(category: str) -> None:
 @functools.cache
 def _colourised_texture(category: str) -> NDArray[np.uint8]:
     """The tinted texture, cached read-only."""
-    import skimage.data
-
-    gray = np.asarray(getattr(skimage.data, _TEXTURES[category].loader)(), dtype=np.float64)
+    with Image.open(_TEXTURES_DIR / f"{_TEXTURES[category].loader}.png") as image:
+        gray = np.asarray(image.convert("L"), dtype=np.float64)
     dark = np.asarray(_TEXTURES[category].dark, dtype=np.float64)
     light = np.asarray(_TEXTURES[category].light, dtype=np.float64)
     rgb = dark + (light - dark) * (gray[..., None] / 255.0)
@@ -142,7 +143,7 @@ def load_texture(category: str) -> NDArray[np.uint8]:
         category: One of :data:`SYNTHETIC_CATEGORIES`.
 
     Returns:
-        A new ``(512, 512, 3)`` uint8 RGB array (the grayscale scikit-image texture mapped onto
+        A new ``(512, 512, 3)`` uint8 RGB array (the packaged grayscale texture mapped onto
         the category's dark-to-light colour ramp).
 
     Raises:
@@ -456,7 +457,7 @@ def _readme(
 ) -> str:
     """The provenance note written as ``README.txt``."""
     sources = "\n".join(
-        f"  - {category}: skimage.data.{_TEXTURES[category].loader}(), from "
+        f"  - {category}: textures/{_TEXTURES[category].loader}.png (skimage.data.{_TEXTURES[category].loader}()), from "
         f"{_TEXTURES[category].source}, CC0 1.0"
         for category in categories
     )
@@ -477,7 +478,7 @@ Layout:
   <category>/ground_truth/<defect>/000_mask.png   (0 = normal, 255 = defect; same size)
 manifest.json lists all {n_files} images with label, defect kind and mask path.
 
-Source textures (inside scikit-image {version('scikit-image')}, a BSD-3-Clause package):
+Source textures (shipped with mrad-hf; scikit-image 0.26's skimage.data images, pixel for pixel):
 {sources}
 Normal images: random square crops (45-75 % of the texture side), random flips and 90-degree
 rotations, bicubic resize, fixed per-category colour ramp.
@@ -562,7 +563,7 @@ def make_synthetic_benchmark(
     """Writes a synthetic-defect benchmark in the MVTec AD folder layout (see module docstring).
 
     Every file is written atomically (temporary file, then ``os.replace``); for a given seed,
-    parameters, generator version and scikit-image texture data the output is identical byte for
+    parameters and generator version the output is identical byte for
     byte. Each sample has its own random generator derived from ``(seed, category, group,
     index)``, so a category's files do not depend on which other categories are requested.
 

@@ -50,6 +50,9 @@ __all__ = [
     "load_detector_bundle",
     "pull_model",
     "push_model",
+    "write_endpoint_handler",
+    "write_model_repo",
+    "write_bank_repo",
     "push_memory_bank",
     "load_memory_bank",
     "pull_memory_bank",
@@ -72,6 +75,8 @@ SHORT_NAMES: dict[str, str] = {
 }
 
 CARDS_DIR_ENV = "MRAD_HUB_CARDS_DIR"
+#: the Inference Endpoints custom handler `push_model` writes into model repos as `handler.py` (package data)
+ENDPOINT_HANDLER_FILE = Path(__file__).resolve().parent / "templates" / "handler.py"
 
 
 class HubDownloadError(OSError):
@@ -251,8 +256,10 @@ def push_model(
     commit_message: str | None = None,
     create_pr: bool = False,
     endpoint: str | None = None,
+    endpoint_handler: bool = True,
 ):
-    """Push a whole MRAD model: every file `save_pretrained` writes, plus a model card rendered from `mrad_hf/hub/templates/`.
+    """Push a whole MRAD model: every file `save_pretrained` writes, a model card rendered from `mrad_hf/hub/templates/`
+    and `handler.py`, the Inference Endpoints custom handler (`templates/handler.py`; it needs no mrad_hf).
 
     Args:
         model: an `MRADForAnomalyDetection` (its attached memory bank travels in `model.safetensors`).
@@ -261,6 +268,7 @@ def push_model(
             `model-index`; runs on a random backbone are refused.
         base_model: the CLIP checkpoint id for the card (default: `openai/clip-vit-large-patch14-336`).
         revision: a branch to push to (created from main if missing).
+        endpoint_handler: also write `handler.py` (default True).
     Returns:
         huggingface_hub's `CommitInfo` (`.oid` is the commit sha, usable as `revision=`).
     """
@@ -271,14 +279,31 @@ def push_model(
             stacklevel=2,
         )
     api = _api(token, endpoint)
-    card = render_model_card(model.config, repo_id=repo_id, results=results, base_model=base_model)
     with tempfile.TemporaryDirectory(prefix="mrad-push-") as folder:
-        model.save_pretrained(folder)
-        card.save(os.path.join(folder, "README.md"))
+        write_model_repo(model, folder, repo_id=repo_id, results=results, base_model=base_model, endpoint_handler=endpoint_handler)
         return _upload(
             api, folder, repo_id, revision=revision, private=private, create_pr=create_pr,
             commit_message=commit_message or f"Upload {_variant_title(_variant(model.config))} model",
         )
+
+
+def write_model_repo(
+    model, folder: str | os.PathLike, *, repo_id: str, results=None, base_model: str | None = None, endpoint_handler: bool = True
+) -> Path:
+    """Write exactly what `push_model` uploads into `folder`: `save_pretrained` files, README.md card, `handler.py`."""
+    card = render_model_card(model.config, repo_id=repo_id, results=results, base_model=base_model)
+    model.save_pretrained(folder)
+    card.save(os.path.join(folder, "README.md"))
+    if endpoint_handler:
+        write_endpoint_handler(folder)
+    return Path(folder)
+
+
+def write_endpoint_handler(folder: str | os.PathLike) -> Path:
+    """Copy the Inference Endpoints handler into a model folder as `handler.py`; returns its path."""
+    target = Path(folder) / "handler.py"
+    target.write_bytes(ENDPOINT_HANDLER_FILE.read_bytes())
+    return target
 
 
 # ---------------------------------------------------------------------- memory banks
@@ -298,13 +323,19 @@ def push_memory_bank(
         bank = MemoryBank.load(bank)
     api = _api(token, endpoint)
     with tempfile.TemporaryDirectory(prefix="mrad-bank-push-") as folder:
-        bank.save(os.path.join(folder, BANK_FILENAME))
-        Path(folder, BANK_METADATA_FILENAME).write_text(json.dumps(bank.metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        render_bank_card(bank, repo_id=repo_id).save(os.path.join(folder, "README.md"))
+        write_bank_repo(bank, folder, repo_id=repo_id)
         return _upload(
             api, folder, repo_id, revision=revision, private=private, create_pr=create_pr,
             commit_message=commit_message or f"Upload MRAD memory bank ({bank.metadata.get('source') or 'unknown source'})",
         )
+
+
+def write_bank_repo(bank: MemoryBank, folder: str | os.PathLike, *, repo_id: str) -> Path:
+    """Write exactly what `push_memory_bank` uploads into `folder`: the bank, `memory_bank.json`, README.md card."""
+    bank.save(os.path.join(folder, BANK_FILENAME))
+    Path(folder, BANK_METADATA_FILENAME).write_text(json.dumps(bank.metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    render_bank_card(bank, repo_id=repo_id).save(os.path.join(folder, "README.md"))
+    return Path(folder)
 
 
 def load_memory_bank(
