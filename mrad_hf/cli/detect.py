@@ -231,7 +231,7 @@ def cmd_evaluate(args) -> int:
         _report_skipped(bank.metadata.get("skipped_files", []), f"'skipped_files' in the metadata of {bank_path}")
         bank_source = args.bank_from
     elif detector.config.image_bank_size:
-        bank_source = (detector.config.memory_bank_metadata or {}).get("source", "model")
+        bank_source = (detector.memory_bank_metadata or {}).get("source", "model")
     else:
         raise CLIError("No memory bank: pass --bank FILE, --bank-from NAME --bank-root DIR, or a --model saved with a bank.")
     dataset = load_dataset_from_args(args)

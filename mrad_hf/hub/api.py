@@ -291,7 +291,10 @@ def write_model_repo(
     model, folder: str | os.PathLike, *, repo_id: str, results=None, base_model: str | None = None, endpoint_handler: bool = True
 ) -> Path:
     """Write exactly what `push_model` uploads into `folder`: `save_pretrained` files, README.md card, `handler.py`."""
-    card = render_model_card(model.config, repo_id=repo_id, results=results, base_model=base_model)
+    from types import SimpleNamespace  # the card reads the variant (config) and the bank's provenance (memory_bank.json)
+
+    card_config = SimpleNamespace(variant=model.config.variant, image_size=model.config.image_size, memory_bank_metadata=model.memory_bank_metadata)
+    card = render_model_card(card_config, repo_id=repo_id, results=results, base_model=base_model)
     model.save_pretrained(folder)
     card.save(os.path.join(folder, "README.md"))
     if endpoint_handler:

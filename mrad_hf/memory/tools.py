@@ -29,6 +29,8 @@ their image entry through `patch_sources` (see `MemoryBank.provenance`).
 
 from __future__ import annotations
 
+import warnings
+
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -342,7 +344,10 @@ def entries_from_samples(
         unmasked = unmasked_anomalies(samples_in)
     with warnings.catch_warnings():  # the model's "whole image counts as a normal region" note: handled below
         warnings.filterwarnings("ignore", message=r".*had no mask.*", category=UserWarning)
-        bank = model.build_memory_bank(samples_in, batch_size=batch_size, source=source, progress=progress, attach=False)
+        warnings.filterwarnings("ignore", message="allow_no_anomalies")  # added entries may all be normal
+        bank = model.build_memory_bank(
+            samples_in, batch_size=batch_size, source=source, progress=progress, attach=False, allow_no_anomalies=True
+        )
     bank.metadata["image_sources"] = [source] * bank.image_keys.shape[0]
     if len(unmasked) == bank.image_keys.shape[0] and any(unmasked):
         flagged = torch.tensor(unmasked, dtype=torch.bool)

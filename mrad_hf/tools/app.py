@@ -75,7 +75,7 @@ def build_app(model, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = No
     """A `gradio.Blocks` app over `model` (an `MRADForAnomalyDetection` with a memory bank)."""
     gr = import_gradio()
     detector = detector_for(model)
-    metadata = model.config.memory_bank_metadata or {}
+    metadata = model.memory_bank_metadata or {}
     description = (
         f"Memory bank: {model.config.image_bank_size} image / {model.config.patch_bank_size} region entries from "
         f"{metadata.get('source') or 'unknown'}. Drop an image: its score, heatmap, decision and the memory entries behind them."

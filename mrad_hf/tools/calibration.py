@@ -17,8 +17,8 @@ depends on the bank and the product. A few known-good images of the product fix 
 * **Known defects** (optional) do not move the thresholds; they report the recall the thresholds give
   (share of defect images above the image threshold, share of defect-mask pixels above the pixel one).
 
-`calibrate` returns a JSON-able dict; `apply_calibration` stores it in `model.config.calibration`, so it
-travels with `save_pretrained`, and optionally in a bank's metadata. The anomaly-detection pipeline then
+`calibrate` returns a JSON-able dict; `apply_calibration` stores it on `model.calibration`, so it
+travels with `save_pretrained` (as `calibration.json`), and optionally in a bank's metadata. The anomaly-detection pipeline then
 returns `is_anomalous` and a binary `mask` with every score (explicit `threshold=` arguments still win).
 A calibration records the bank it was made with; the pipeline warns when the model's bank changed since.
 """
@@ -101,7 +101,7 @@ def score_images(model, images: Iterable[Any], *, masks: Iterable[Any] | None = 
 
 
 def _bank_signature(model) -> dict[str, Any]:
-    metadata = model.config.memory_bank_metadata or {}
+    metadata = model.memory_bank_metadata or {}
     return {"source": metadata.get("source"), "image_entries": int(model.config.image_bank_size), "patch_entries": int(model.config.patch_bank_size)}
 
 
@@ -176,13 +176,17 @@ def calibrate(
 
 
 def apply_calibration(model, calibration: dict[str, Any], bank=None) -> None:
-    """Store the calibration in `model.config.calibration` (saved by `save_pretrained`) and, if given, in a bank's metadata."""
+    """Store the calibration on `model.calibration` (saved by `save_pretrained` as `calibration.json`) and, if given, in
+    a bank's metadata (sealed by its checksum on save)."""
+    from ..models.mrad.memory_bank_mrad import validate_calibration
+
     for key in ("image_threshold", "pixel_threshold"):
         if not isinstance(calibration.get(key), (int, float)) or not math.isfinite(calibration[key]):
             raise ValueError(f"A calibration needs a finite '{key}'; got {calibration.get(key)!r}. Use mrad_hf.calibration.calibrate.")
-    model.config.calibration = dict(calibration)
+    model.calibration = validate_calibration(calibration)
     if bank is not None:
         bank.metadata["calibration"] = dict(calibration)
+        bank.seal()
 
 
 def resampling_study(

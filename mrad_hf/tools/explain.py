@@ -44,7 +44,7 @@ def _attached_bank(model) -> MemoryBank:
     memory = model.memory
     return MemoryBank(
         image_keys=memory.image_keys[:, :0], image_values=memory.image_values, patch_keys=memory.patch_keys[:, :0],
-        patch_values=memory.patch_values, patch_sources=memory.patch_sources, metadata=dict(model.config.memory_bank_metadata or {}),
+        patch_values=memory.patch_values, patch_sources=memory.patch_sources, metadata=dict(model.memory_bank_metadata or {}),
     )
 
 

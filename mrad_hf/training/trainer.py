@@ -257,7 +257,7 @@ def _save_checkpoint(accelerator, model, optimizers: dict[str, Any], scheduler, 
         save_file(tensors or {"empty": torch.zeros(0)}, str(partial / "optimizers.safetensors"))
         state = {
             "epochs_done": epochs_done, "history": result.history, "step_losses": result.step_losses,
-            "memory_bank_metadata": model.config.memory_bank_metadata,
+            "memory_bank_metadata": model.memory_bank_metadata,
             "optimizers": plain, "scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
     accelerator.wait_for_everyone()

@@ -13,6 +13,8 @@ recalibrated retrieval metric) and Sec. 3.5 (MRAD-CLIP: prompts with region-prio
 
 from __future__ import annotations
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, PreTrainedConfig
 
@@ -25,6 +27,10 @@ _POSITION_INTERPOLATIONS = ("bilinear", "bicubic")
 _SCORE_FUSIONS = ("weighted", "sum")
 _REGION_RULES = ("exact", "majority")
 VARIANTS = ("tf", "ft", "clip")
+#: State that older versions kept in config.json; now `memory_bank.json` and `calibration.json` beside the weights.
+_STATE_KEYS = ("memory_bank_metadata", "calibration")
+#: Upper bounds that keep a run finite: a 1e6 sigma or 1e9 truncation asks for a kernel of gigabytes.
+_MAX_IMAGE_SIZE, _MAX_GAUSSIAN_SIGMA, _MAX_GAUSSIAN_TRUNCATE = 4096, 64.0, 16.0
 
 
 @strict
@@ -78,8 +84,6 @@ class MRADConfig(PreTrainedConfig):
             `from_pretrained` restores them; filled by `build_memory_bank` / `set_memory_bank`.
         patch_bank_size (`int`, defaults to 0):
             Number of pixel-level memory entries (normal / anomalous region prototypes).
-        memory_bank_metadata (`dict`, *optional*):
-            Provenance of the attached banks (source dataset, counts, backbone fingerprint, format version).
         variant (`str`, defaults to `"tf"`):
             `"tf"` (MRAD-TF, train-free retrieval), `"ft"` (MRAD-FT: learned query/key projections at both memory
             levels) or `"clip"` (MRAD-CLIP: MRAD-FT plus learnable text prompts whose context vectors get biases
@@ -108,8 +112,6 @@ class MRADConfig(PreTrainedConfig):
             Text-patch alignment: softmax(cos(patch, text) / 0.07).
         region_prior_threshold (`float`, defaults to 0.5):
             A patch belongs to the anomalous region prior when its projected patch retrieval gives p_anomaly > 0.5.
-        calibration (`dict`, *optional*):
-            Decision thresholds chosen on known-good images (see `mrad_hf.calibration`), saved with the model.
 
     Example:
 
@@ -120,6 +122,9 @@ class MRADConfig(PreTrainedConfig):
     >>> config.image_score_weight
     0.7
     ```
+
+    The config is architecture and protocol only. A saved model keeps its bank's provenance in `memory_bank.json`
+    (`model.memory.metadata`) and its decision thresholds in `calibration.json` (`model.calibration`).
     """
 
     model_type = "mrad"
@@ -145,7 +150,6 @@ class MRADConfig(PreTrainedConfig):
     image_std: list[float] | tuple[float, ...] | None = None
     image_bank_size: int = 0
     patch_bank_size: int = 0
-    memory_bank_metadata: dict | None = None
     variant: str = "tf"
     image_dropout_quantile: float = 0.95
     patch_dropout_quantile: float = 0.8
@@ -159,13 +163,16 @@ class MRADConfig(PreTrainedConfig):
     prompt_token_ids: list | None = None
     text_temperature: float = 0.07
     region_prior_threshold: float = 0.5
-    calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
+        for state in _STATE_KEYS:  # folders saved before the sidecars: the model reads them from config.json itself
+            kwargs.pop(state, None)
         if __name__.startswith("mrad_hf."):
-            # Saved folders declare the pipeline as remote code (`custom_pipelines`) for users without mrad_hf.
-            # The installed package registers that pipeline itself, so drop the declaration: otherwise
-            # `pipeline("anomaly-detection", model=folder)` would demand trust_remote_code for our own code.
+            # transformers' pipeline() demands trust_remote_code for any task listed in `custom_pipelines`, even when
+            # the same pipeline is registered locally. The installed package registers "anomaly-detection" itself, so
+            # its config does not list it: `pipeline("anomaly-detection", model=folder)` runs mrad_hf's code, and
+            # task-less `pipeline(model=folder, trust_remote_code=True)` loads the folder's own config (which lists
+            # it), so the task is inferred with and without mrad_hf. save_pretrained writes it back for remote use.
             kwargs.pop("custom_pipelines", None)
         if self.neighbor_kernel_sizes is None:
             self.neighbor_kernel_sizes = [1, 3, 5]
@@ -208,43 +215,50 @@ class MRADConfig(PreTrainedConfig):
         """Checks run by `@strict` on construction and before every save."""
         vision = self.clip_config.vision_config
         problems = []
-        if self.image_size < vision.patch_size:
-            problems.append(f"image_size ({self.image_size}) is smaller than the patch size ({vision.patch_size})")
+        if not vision.patch_size <= self.image_size <= _MAX_IMAGE_SIZE:
+            problems.append(
+                f"image_size ({self.image_size}) must be between the patch size {vision.patch_size} and {_MAX_IMAGE_SIZE} "
+                "(the reference uses 518)"
+            )
         if not -vision.num_hidden_layers <= self.feature_layer < vision.num_hidden_layers:
             problems.append(f"feature_layer ({self.feature_layer}) is outside the {vision.num_hidden_layers} blocks")
         if not 0 <= self.vv_start_layer < vision.num_hidden_layers:
             problems.append(f"vv_start_layer ({self.vv_start_layer}) must be in [0, {vision.num_hidden_layers - 1}]")
         elif self.vv_start_layer > self.feature_layer % vision.num_hidden_layers:
             problems.append("vv_start_layer is after feature_layer, so the V-V path would be empty")
-        if any(k < 1 or k % 2 == 0 for k in self.neighbor_kernel_sizes):
-            problems.append(f"neighbor_kernel_sizes must be positive odd integers, got {self.neighbor_kernel_sizes}")
+        if any(k < 1 or k % 2 == 0 or k > self.image_size // vision.patch_size for k in self.neighbor_kernel_sizes):
+            problems.append(f"neighbor_kernel_sizes must be positive odd integers no larger than the patch grid, got {self.neighbor_kernel_sizes}")
         if self.position_interpolation not in _POSITION_INTERPOLATIONS:
             problems.append(f"position_interpolation must be one of {_POSITION_INTERPOLATIONS}")
         if self.score_fusion not in _SCORE_FUSIONS:
             problems.append(f"score_fusion must be one of {_SCORE_FUSIONS}")
         if self.region_rule not in _REGION_RULES:
             problems.append(f"region_rule must be one of {_REGION_RULES}")
-        if not self.retrieval_temperature > 0:
-            problems.append("retrieval_temperature must be > 0")
         if self.retrieval_chunk_size is not None and self.retrieval_chunk_size < 1:
             problems.append("retrieval_chunk_size must be >= 1 or None")
-        if not 0.0 <= self.image_score_weight <= 1.0:
-            problems.append("image_score_weight (k) must be in [0, 1]")
-        if not 0.0 < self.top_k_ratio <= 1.0:
-            problems.append("top_k_ratio must be in (0, 1]")
-        if self.gaussian_sigma < 0 or self.gaussian_truncate <= 0:
-            problems.append("gaussian_sigma must be >= 0 and gaussian_truncate > 0")
+        bounds = {  # name: (low, high, low inclusive); every bound also refuses NaN and infinity
+            "retrieval_temperature": (0.0, 1e3, False),
+            "classification_temperature": (0.0, 1e3, False),
+            "text_temperature": (0.0, 1e3, False),
+            "image_score_weight": (0.0, 1.0, True),
+            "top_k_ratio": (0.0, 1.0, False),
+            "gaussian_sigma": (0.0, _MAX_GAUSSIAN_SIGMA, True),
+            "gaussian_truncate": (0.0, _MAX_GAUSSIAN_TRUNCATE, False),
+            "mask_threshold": (0.0, 1.0, True),
+            "region_prior_threshold": (0.0, 1.0, True),
+            "image_dropout_quantile": (0.0, 1.0, True),
+            "patch_dropout_quantile": (0.0, 1.0, True),
+        }
+        for name, (low, high, inclusive) in bounds.items():
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and (low <= value if inclusive else low < value) and value <= high):
+                problems.append(f"{name} is {value}; it must be in {'[' if inclusive else '('}{low:g}, {high:g}]")
         if self.image_bank_size < 0 or self.patch_bank_size < 0:
             problems.append("bank sizes must be >= 0")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             problems.append("image_mean and image_std need 3 values (RGB)")
         if self.variant not in VARIANTS:
             problems.append(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("image_dropout_quantile", "patch_dropout_quantile"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                problems.append(f"{name} must be in [0, 1]")
-        if self.classification_temperature <= 0 or self.text_temperature <= 0:
-            problems.append("classification_temperature and text_temperature must be > 0")
         if self.variant == "clip":
             text = self.clip_config.text_config
             if self.deep_prompt_depth - 1 > text.num_hidden_layers - 1:

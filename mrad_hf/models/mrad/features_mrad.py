@@ -99,12 +99,9 @@ def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None):
     """Run an MRAD model's CLIP tower in `dtype` while its memory, retrieval and scoring stay float32.
 
     Casts only `model.clip` (in place; returns the model). Queries are cast back with `.float()` before retrieval,
-    so logits, softmax, maps and scores are float32. Prefer this (or `from_pretrained(..., dtype=torch.bfloat16)`,
-    which keeps the memory float32 through `_keep_in_fp32_modules_strict`) to `model.to(torch.bfloat16)`, which
-    also rounds the memory bank's keys to bfloat16. `None` leaves the model unchanged.
-
-    The backbone fingerprint of the float32 weights is kept on the model first, so banks built for (or checked
-    against) the float32 backbone still attach after the cast.
+    so logits, softmax, maps and scores are float32. The same as `model.to(dtype)` or `from_pretrained(..., dtype=...)`,
+    which leave the memory and heads float32 (`modeling_mrad.MRADFloat32Module`). `None` leaves the model unchanged. The backbone fingerprint does not depend on the dtype, so banks built with
+    the float32 backbone still attach after the cast.
     """
     if dtype is None:
         return model
@@ -114,8 +111,6 @@ def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None):
         dtype = BACKBONE_DTYPES[dtype]
     if dtype not in BACKBONE_DTYPES.values():
         raise ValueError(f"Unsupported backbone dtype {dtype}; use one of {sorted(BACKBONE_DTYPES)}.")
-    if getattr(model, "_float32_fingerprint", None) is None and next(model.clip.parameters()).dtype == torch.float32:
-        model._float32_fingerprint = model.backbone_fingerprint()  # banks keep matching the float32 weights
     model.clip.to(dtype)
     return model
 

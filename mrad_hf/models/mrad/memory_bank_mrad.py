@@ -12,12 +12,15 @@ format version, the backbone's architecture and a hash of its embedding weights,
 `MemoryBank.check_compatible` refuses a bank built for another backbone with a message that says which
 field differs. Files are written atomically (temporary file, then rename), so an interrupted save never
 leaves a half-written bank under the final name; `atomic_directory` does the same for a whole folder (a
-saved model). Integrity: `metadata["tensors_sha256"]` is a SHA-256 of the five tensors, recomputed whenever
-a bank is made; `load` and `verify_model_memory` refuse a file or a saved model whose tensors no longer
-match it (a corrupted file, tensors edited by hand, or a config and weights from two different saves).
+saved model). Integrity: `metadata["tensors_sha256"]` is a SHA-256 of the five tensors and
+`metadata["metadata_sha256"]` one per answer-changing metadata field (`SEALED_FIELDS`: backbone, feature settings,
+label convention, counts, calibration), recomputed whenever a bank is made or saved; `load` and
+`verify_model_memory` refuse a file or a saved model whose tensors or sealed fields no longer match (naming the
+field), and a bank that lacks a backbone fingerprint or feature settings unless `trust_bank=True`. A model folder
+keeps this metadata in one sidecar, `memory_bank.json` (`MODEL_BANK_FILENAME`), the format bank repos use.
 
 Provenance of every entry (`MemoryBank.provenance`): the source (dataset or folder name), the image id
-(usually the image's path) and the entry kind ("image", "normal region", "anomalous region"). Image entry
+(relative to the dataset root, or a file name; never an absolute path) and the entry kind ("image", "normal region", "anomalous region"). Image entry
 i has `metadata["image_sources"][i]` and `metadata["image_ids"][i]`; a region prototype inherits both from
 the image entry `patch_sources` points to. `image_sources` is optional metadata, so the tensor layout and
 the format version are unchanged: a bank without it (every bank written before it existed) reads as if
@@ -27,9 +30,10 @@ merges, de-duplicates and removes entries while keeping these lists aligned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -53,10 +57,16 @@ __all__ = [
     "atomic_write",
     "atomic_directory",
     "tensors_checksum",
+    "validate_calibration",
     "verify_model_memory",
 ]
 
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2  # 2: dtype-independent backbone signature, sealed metadata fields
+MODEL_BANK_FILENAME = "memory_bank.json"
+#: Metadata fields that change an answer: each has its own SHA-256 in `metadata["metadata_sha256"]`.
+SEALED_FIELDS = ("backbone", "features", "label_convention", "counts", "calibration")
+#: Per-image-entry provenance lists, aligned with the image keys.
+PER_IMAGE_FIELDS = ("image_ids", "image_sources", "image_sha256")
 #: Kinds of memory entries, as `MemoryBank.provenance` reports them.
 ENTRY_KINDS = ("image", "normal region", "anomalous region")
 _METADATA_KEY = "mrad_memory_bank"
@@ -122,54 +132,147 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def verify_model_memory(model) -> None:
-    """Check that a loaded MRAD model's memory buffers are the bank its config describes, built for its backbone.
+def _field_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
-    Catches a model folder whose `model.safetensors` and `config.json` come from different saves, bank buffers
-    edited after saving, or CLIP weights swapped under a bank. Models without a bank, or saved before banks carried
-    a checksum, are only checked where they can be. Raises MemoryBankError.
+
+def _sealed_checksums(metadata: dict[str, Any]) -> dict[str, str]:
+    return {name: _field_sha256(metadata[name]) for name in SEALED_FIELDS if metadata.get(name) is not None}
+
+
+def verify_seal(stored: dict[str, Any], bank: MemoryBank, origin: str) -> None:
+    """Refuse a bank whose tensors or sealed metadata fields differ from what was recorded when it was saved.
+
+    `stored` is the metadata as read from the file, `bank` the bank rebuilt from it (which recomputes the checksums).
+    Banks of format 1 recorded only the tensor checksum; their metadata fields are not covered.
+    """
+    expected = stored.get("tensors_sha256")
+    if expected is not None and expected != bank.metadata["tensors_sha256"]:
+        raise MemoryBankError(
+            f"{origin}: the bank tensors do not match the SHA-256 recorded when it was saved (weights and metadata from "
+            "different saves, or edited/damaged on disk). Rebuild or re-download it."
+        )
+    if stored.get("counts") is not None and stored["counts"] != bank.counts():
+        raise MemoryBankError(f"{origin}: metadata field 'counts' was edited ({stored['counts']} vs the tensors' {bank.counts()}).")
+    recorded = stored.get("metadata_sha256")
+    if recorded is None:
+        if int(stored.get("format_version", 1)) >= 2:
+            raise MemoryBankError(f"{origin}: the metadata checksums ('metadata_sha256') were removed; rebuild or re-download the bank.")
+        return
+    actual = _sealed_checksums(stored)
+    for name in SEALED_FIELDS:
+        if recorded.get(name) != actual.get(name):
+            change = "removed" if name not in actual else ("added" if name not in recorded else "edited")
+            raise MemoryBankError(
+                f"{origin}: metadata field '{name}' was {change} after the bank was saved (its SHA-256 no longer matches); "
+                "rebuild or re-download the bank, and edit banks only with `mrad bank` / mrad_hf.memory.tools."
+            )
+
+
+def validate_calibration(calibration: Any, origin: str = "calibration") -> dict[str, Any] | None:
+    """A calibration dict with finite thresholds in the score range ([0, 2] image, [0, 1] pixel), or MemoryBankError."""
+    if calibration is None:
+        return None
+    if not isinstance(calibration, dict):
+        raise MemoryBankError(f"{origin}: a calibration must be a JSON object, got {type(calibration).__name__}.")
+    for key, upper in (("image_threshold", 2.0), ("pixel_threshold", 1.0)):
+        value = calibration.get(key)
+        if value is None and key == "pixel_threshold":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= upper:
+            raise MemoryBankError(
+                f"{origin}: '{key}' is {value!r}; it must be a finite number in [0, {upper:g}] (scores are probabilities). "
+                "Recalibrate with `mrad calibrate` or mrad_hf.tools.calibration.calibrate."
+            )
+    return dict(calibration)
+
+
+def verify_model_memory(model, *, trust_bank: bool = False) -> None:
+    """Check that a loaded MRAD model's memory buffers are the bank its `memory_bank.json` describes, for its backbone.
+
+    Catches a model folder whose `model.safetensors` and `memory_bank.json` come from different saves, bank buffers
+    or sealed metadata edited after saving, or CLIP weights swapped under a bank. Raises MemoryBankError.
     """
     config = model.config
-    metadata = dict(config.memory_bank_metadata or {})
     if not config.image_bank_size and not config.patch_bank_size:
         return
-    expected = metadata.get("tensors_sha256")
+    stored = dict(model.memory.metadata or {})
     bank = model.get_memory_bank()
-    if expected is not None and bank.metadata["tensors_sha256"] != expected:
-        raise MemoryBankError(
-            f"The model's memory bank ({config.image_bank_size} image / {config.patch_bank_size} patch entries) does not match "
-            "the checksum in its config.json: the weights file and the config come from different saves, or the file was "
-            "modified. Re-save the model (`model.save_pretrained`) or re-download it."
-        )
-    bank.check_compatible(model.backbone_fingerprint(), feature_settings(config))
+    verify_seal(stored, bank, f"The model's memory bank ({config.image_bank_size} image / {config.patch_bank_size} patch entries)")
+    fingerprint = model.backbone_fingerprint()
+    if "weights_signature" not in (bank.metadata.get("backbone") or {}):
+        fingerprint["weights_sha256"] = _legacy_weights_sha256(model.clip)  # a format-1 bank
+    bank.check_compatible(fingerprint, feature_settings(config), trust_bank=trust_bank)
+
+
+def _signature_pattern(length: int, row: int) -> torch.Tensor:
+    """A fixed +-1 pattern (integer hash of the position), identical on every platform and torch version."""
+    index = torch.arange(length, dtype=torch.int64)
+    return (((index * 2654435761 + (row + 1) * 40503) >> 13) & 1).to(torch.float64) * 2 - 1
+
+
+def _signature_tensors(clip_model: torch.nn.Module) -> list[torch.Tensor]:
+    vision = clip_model.vision_model
+    return [
+        vision.embeddings.patch_embedding.weight,
+        vision.embeddings.class_embedding,
+        vision.embeddings.position_embedding.weight,
+        vision.post_layernorm.weight,
+        vision.post_layernorm.bias,
+        clip_model.visual_projection.weight,
+    ]
 
 
 def backbone_fingerprint(clip_model: torch.nn.Module) -> dict[str, Any]:
-    """Identity of a CLIP backbone: its vision architecture and a SHA-256 of its embedding/projection weights.
+    """Identity of a CLIP backbone: its vision architecture and a dtype-independent signature of its weights.
 
-    The hash covers the patch embedding, class and position embeddings, the final layer norm and the visual
-    projection: cheap (a few MB) yet different for any two trained or randomly initialised backbones.
+    The signature covers the patch embedding, class and position embeddings, the final layer norm and the visual
+    projection: per tensor its RMS and 4 normalised projections sqrt(n) <w / |w|, r_j> on fixed +-1 patterns (about
+    N(0, 1) for unrelated weights). Casting the weights to bfloat16 or float16 moves a projection by ~1e-3, a
+    different backbone by ~1, so `check_compatible` compares signatures with a tolerance (`SIGNATURE_TOLERANCE`):
+    one bank serves the float32, bfloat16 and float16 copies of a backbone, and a model saved after a cast.
     """
     vision = clip_model.config.vision_config
-    tensors = [
-        clip_model.vision_model.embeddings.patch_embedding.weight,
-        clip_model.vision_model.embeddings.class_embedding,
-        clip_model.vision_model.embeddings.position_embedding.weight,
-        clip_model.vision_model.post_layernorm.weight,
-        clip_model.vision_model.post_layernorm.bias,
-        clip_model.visual_projection.weight,
-    ]
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    signature = []
+    for tensor in _signature_tensors(clip_model):
+        flat = tensor.detach().to("cpu", torch.float64).flatten()
+        norm = float(flat.norm()) or 1.0
+        signature.append(round(norm / math.sqrt(flat.numel()), 6))
+        for row in range(4):
+            signature.append(round(float(flat @ _signature_pattern(flat.numel(), row)) / norm, 4))
     return {
         "hidden_size": int(vision.hidden_size),
         "projection_dim": int(clip_model.config.projection_dim),
         "num_hidden_layers": int(vision.num_hidden_layers),
         "patch_size": int(vision.patch_size),
         "native_image_size": int(vision.image_size),
-        "weights_sha256": digest.hexdigest(),
+        "weights_signature": signature,
     }
+
+
+#: Largest difference of two signature entries (RMS relative, projections absolute) of one backbone's casts.
+SIGNATURE_TOLERANCE = 0.05
+
+
+def _signature_problem(stored: list[float], actual: list[float]) -> str | None:
+    if len(stored) != len(actual):
+        return "weights signature: different length"
+    for position, (a, b) in enumerate(zip(stored, actual)):
+        scale = max(abs(a), abs(b)) if position % 5 == 0 else 1.0
+        if abs(a - b) > SIGNATURE_TOLERANCE * scale:
+            return f"weights signature entry {position}: bank {a} vs model {b} (different CLIP weights)"
+    return None
+
+
+def _legacy_weights_sha256(clip_model: torch.nn.Module) -> str | None:
+    """The format-1 `weights_sha256` (exact float32 bytes); None when the weights are not float32 (cannot be checked)."""
+    tensors = _signature_tensors(clip_model)
+    if any(tensor.dtype != torch.float32 for tensor in tensors):
+        return None
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def feature_settings(config) -> dict[str, Any]:
@@ -234,10 +337,16 @@ class MemoryBank:
         self.validate()
         self.metadata = dict(self.metadata)
         self._check_provenance()
-        self.metadata.setdefault("format_version", BANK_FORMAT_VERSION)
         self.metadata.setdefault("label_convention", LABEL_CONVENTION)
+        self.seal()
+
+    def seal(self) -> None:
+        """Recompute the counts and the checksums (tensors, sealed fields); called on construction and on save."""
+        self.metadata["format_version"] = BANK_FORMAT_VERSION
         self.metadata["counts"] = self.counts()
         self.metadata["tensors_sha256"] = tensors_checksum(self.tensors())
+        validate_calibration(self.metadata.get("calibration"), "metadata['calibration']")
+        self.metadata["metadata_sha256"] = _sealed_checksums(self.metadata)
 
     # ---- structure ----
     def validate(self) -> None:
@@ -255,7 +364,7 @@ class MemoryBank:
 
     def _check_provenance(self) -> None:
         entries = int(self.image_keys.shape[0])
-        for name in ("image_ids", "image_sources"):
+        for name in PER_IMAGE_FIELDS:
             listed = self.metadata.get(name)
             if listed is not None and len(listed) != entries:
                 raise MemoryBankError(
@@ -270,7 +379,7 @@ class MemoryBank:
 
     # ---- provenance ----
     def image_ids(self) -> list[str]:
-        """The id (usually the path) of each image entry; `entry-<i>` where the bank does not record one."""
+        """The id of each image entry (relative to its dataset root, or a file name); `entry-<i>` where none is recorded."""
         ids = self.metadata.get("image_ids")
         return [str(i) for i in ids] if ids is not None else [f"entry-{i}" for i in range(self.image_keys.shape[0])]
 
@@ -280,6 +389,11 @@ class MemoryBank:
         if sources is not None:
             return [str(s) for s in sources]
         return [str(self.metadata.get("source") or "unknown")] * int(self.image_keys.shape[0])
+
+    def image_sha256(self) -> list[str | None]:
+        """SHA-256 of each image entry's file bytes (None where unknown), to find test images that are in the bank."""
+        hashes = self.metadata.get("image_sha256")
+        return list(hashes) if hashes is not None else [None] * int(self.image_keys.shape[0])
 
     def provenance(self, level: str, index: int) -> dict[str, Any]:
         """Where entry `index` of the "image" or "patch" memory came from.
@@ -341,10 +455,14 @@ class MemoryBank:
         )
 
     # ---- compatibility ----
-    def check_compatible(self, backbone: dict[str, Any], features: dict[str, Any], *, strict: bool = True) -> None:
+    def check_compatible(
+        self, backbone: dict[str, Any], features: dict[str, Any], *, strict: bool = True, trust_bank: bool = False
+    ) -> None:
         """Refuse (or, with strict=False, warn about) a bank built for another backbone or other feature settings.
 
-        Key widths must always match; a different weights hash or feature setting is an error when strict.
+        Key widths must always match; a different weights signature or feature setting is an error when strict. A bank
+        without a backbone fingerprint or feature settings cannot be checked: refused unless `trust_bank=True`, which
+        warns what was not checked.
         """
         if self.image_keys.shape[1] != backbone["projection_dim"]:
             raise MemoryBankError(
@@ -357,12 +475,25 @@ class MemoryBank:
                 f"This bank's patch keys are {self.patch_keys.shape[1]}-d but the backbone's patch tokens are "
                 f"{backbone['hidden_size']}-d: the bank was built with another CLIP. Rebuild it with this model."
             )
+        stored_backbone = dict(self.metadata.get("backbone") or {})
+        stored_features = dict(self.metadata.get("features") or {})
+        unchecked = [name for name, value in (("backbone fingerprint", stored_backbone), ("feature settings", stored_features)) if not value]
+        if not stored_backbone.get("weights_signature") and stored_backbone.get("weights_sha256") and backbone.get("weights_sha256") is None:
+            unchecked.append("backbone weights (a format-1 hash, checkable only with float32 weights)")
+        if unchecked and not trust_bank:
+            raise MemoryBankError(
+                f"This bank has no {' and no '.join(unchecked)}, so nothing shows it was built for this backbone and "
+                "these settings. Rebuild it with this model, or pass trust_bank=True (CLI: --trust-bank) if you know it is."
+            )
+        if unchecked:
+            warnings.warn(f"trust_bank=True: not checked: {', '.join(unchecked)}.", stacklevel=3)
         problems = []
-        stored_backbone = self.metadata.get("backbone") or {}
         for key, value in backbone.items():
-            if key in stored_backbone and stored_backbone[key] != value:
+            if key == "weights_signature" and stored_backbone.get(key) is not None:
+                problem = _signature_problem(stored_backbone[key], value)
+                problems += [problem] if problem else []
+            elif key in stored_backbone and value is not None and stored_backbone[key] != value:
                 problems.append(f"backbone {key}: bank {stored_backbone[key]!r} vs model {value!r}")
-        stored_features = self.metadata.get("features") or {}
         for key, value in features.items():
             if key in stored_features and stored_features[key] != value:
                 problems.append(f"feature setting {key}: bank {stored_features[key]!r} vs model {value!r}")
@@ -383,6 +514,7 @@ class MemoryBank:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path / "memory_bank.safetensors" if path.is_dir() or not path.suffix else path
+        self.seal()
         tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.tensors().items()}
         header = {_METADATA_KEY: json.dumps(self.metadata, sort_keys=True), "format": "pt"}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -423,12 +555,7 @@ class MemoryBank:
             bank = cls(**{name: tensors[name] for name in _TENSOR_NAMES if name in tensors}, metadata=metadata)
         except MemoryBankError as error:
             raise MemoryBankError(f"'{path}': {error}") from error
-        stored = metadata.get("tensors_sha256")
-        if stored is not None and stored != bank.metadata["tensors_sha256"]:
-            raise MemoryBankError(
-                f"'{path}' is corrupt: its tensors do not match the SHA-256 recorded when it was saved (edited or damaged "
-                "on disk). Rebuild or re-download it."
-            )
+        verify_seal(metadata, bank, f"'{path}'")
         return bank
 
 
@@ -447,22 +574,45 @@ def label_value(label: Any, position: int) -> int:
     return value
 
 
-def iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, str]]:
-    """Normalise dict / tuple samples to (image, label, mask, id)."""
+def _file_sha256(path: str | os.PathLike) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None  # the decoder reports the unreadable file with its name
+    return digest.hexdigest()
+
+
+def iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, dict[str, Any]]]:
+    """Normalise dict / tuple samples to (image, label, mask, provenance).
+
+    provenance = {"id", "source", "sha256"}: the sample's `id` (relative to its dataset root); for a sample given only
+    as a path, its file name and, as source, its folder's name (never an absolute path); `sha256` of the image file's
+    bytes when the image is a path (or the row's `sha256`), else None.
+    """
     for position, sample in enumerate(samples):
         if isinstance(sample, dict):
             if "image" not in sample or "label" not in sample:
                 raise ValueError(f"Sample {position} needs 'image' and 'label' keys, got {sorted(sample)}.")
             image, label, mask = sample["image"], sample["label"], sample.get("mask")
-            sample_id = sample.get("id") or sample.get("path")
+            sample_id, source, sha = sample.get("id"), sample.get("source"), sample.get("sha256")
+            path = sample.get("path")
         else:
             if len(sample) not in (2, 3):
                 raise ValueError(f"Sample {position} must be (image, label) or (image, label, mask).")
             image, label, mask = sample[0], sample[1], sample[2] if len(sample) == 3 else None
-            sample_id = None
-        if sample_id is None:
-            sample_id = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"sample-{position}"
-        yield image, label_value(label, position), mask, str(sample_id)
+            sample_id = source = sha = path = None
+        if isinstance(image, (str, os.PathLike)):
+            path = image
+            sha = sha or _file_sha256(image)
+        if sample_id is not None and os.path.isabs(os.fspath(sample_id)):
+            sample_id = Path(sample_id).name
+        if sample_id is None and path is not None:
+            sample_id, source = Path(path).name, source or Path(path).parent.name or None
+        provenance = {"id": str(sample_id if sample_id is not None else f"sample-{position}"), "source": source, "sha256": sha}
+        yield image, label_value(label, position), mask, provenance
 
 
 def batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -21,13 +21,14 @@ Reference semantics: github.com/CROVO1026/MRAD at 1cc1c6b (`mrad.py`, `test.py`,
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import warnings
-from pathlib import Path
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,21 +37,25 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 from .configuration_mrad import MRADConfig
 from .features_mrad import MRADVisionFeatures, dual_path_vision_features, neighbor_average
 from .image_processing_mrad import MRADImageProcessor
 from .losses_mrad import ft_loss, prompt_loss
 from .memory_bank_mrad import (
+    MODEL_BANK_FILENAME,
     MemoryBank,
     MemoryBankError,
+    _legacy_weights_sha256,
     atomic_directory,
+    atomic_write,
     backbone_fingerprint,
     batched,
     feature_settings,
     iter_samples,
     progress_bar,
+    validate_calibration,
     verify_model_memory,
 )
 from .pipeline_anomaly_detection import AnomalyDetectionPipeline
@@ -66,6 +71,10 @@ from .retrieval_mrad import (
     similarity_dropout_mask,
     soft_retrieve,
 )
+
+CALIBRATION_FILENAME = "calibration.json"
+#: The trainable modules of the trained variants (absent in MRAD-TF).
+HEAD_NAMES = ("image_projection", "patch_projection", "prompt_learner", "region_bias")
 
 __all__ = [
     "MRADOutput",
@@ -113,10 +122,26 @@ class MRADOutput(ModelOutput):
     patch_embeds: torch.FloatTensor | None = None
 
 
-class MRADMemory(nn.Module):
-    """The two memories as persistent buffers (saved in `model.safetensors` as `memory.*`, kept in fp32).
+class MRADFloat32Module(nn.Module):
+    """A module that stays float32: `model.to(torch.bfloat16)`, `.half()` and `from_pretrained(dtype=...)` change only
+    the CLIP tower. The one fp32 rule of the package: the memory and the heads are created float32 and casts skip
+    them (device moves still apply); retrieval, maps and scores are then float32 whatever the backbone runs in."""
+
+    def _apply(self, fn, recurse=True):
+        def keep_float32(tensor):
+            if not tensor.is_floating_point():
+                return fn(tensor)
+            probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+            return tensor.to(probe.device) if probe.dtype != tensor.dtype else fn(tensor)
+
+        return super()._apply(keep_float32, recurse)
+
+
+class MRADMemory(MRADFloat32Module):
+    """The two memories as persistent buffers (saved in `model.safetensors` as `memory.*`, always float32).
 
     Shapes come from the config (`image_bank_size`, `patch_bank_size`) so that `from_pretrained` can restore them.
+    `metadata` is the bank's provenance (saved beside the weights as `memory_bank.json`).
     """
 
     def __init__(self, config: MRADConfig):
@@ -124,6 +149,7 @@ class MRADMemory(nn.Module):
         shapes = self.buffer_shapes(config)
         for name, (shape, dtype) in shapes.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=True)
+        self.metadata: dict[str, Any] = {}
 
     @staticmethod
     def buffer_shapes(config: MRADConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -135,23 +161,15 @@ class MRADMemory(nn.Module):
             "patch_sources": ((config.patch_bank_size,), torch.long),
         }
 
-    def _apply(self, fn, recurse=True):
-        """Keep the bank float32 under `model.to(torch.bfloat16)` / `.half()` (retrieval and scores are float32)."""
-        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None and buffer.dtype == torch.float32}
-        super()._apply(fn, recurse)
-        for name, original in kept.items():
-            if self._buffers[name].dtype != torch.float32:
-                self._buffers[name] = original.to(self._buffers[name].device)
-        return self
-
     def replace(self, bank: MemoryBank) -> None:
         device = self.image_keys.device if self.image_keys.device.type != "meta" else "cpu"
         for name, tensor in bank.tensors().items():
             dtype = torch.long if name == "patch_sources" else torch.float32
             self.register_buffer(name, tensor.detach().to(device=device, dtype=dtype).clone(), persistent=True)
+        self.metadata = dict(bank.metadata)
 
 
-class MRADProjectionPair(nn.Module):
+class MRADProjectionPair(MRADFloat32Module):
     """MRAD-FT's recalibrated metric at one memory level: logits = query(q) . key(k)^T (Sec. 3.4).
 
     Two `Linear` layers with bias (the reference's `MLP.mlp1/mlp2` at the image level, `Projector.fc[0]/fc[1]` at the
@@ -160,11 +178,11 @@ class MRADProjectionPair(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.query = nn.Linear(in_features, out_features)
-        self.key = nn.Linear(in_features, out_features)
+        self.query = nn.Linear(in_features, out_features, dtype=torch.float32)
+        self.key = nn.Linear(in_features, out_features, dtype=torch.float32)
 
 
-class MRADPromptLearner(nn.Module):
+class MRADPromptLearner(MRADFloat32Module):
     """MRAD-CLIP's learnable text prompts (AnomalyCLIP-style, object-agnostic; Sec. 3.5).
 
     Parameters: `normal_context` and `anomaly_context` (n_ctx, D): the context vectors of the two prompts;
@@ -173,10 +191,10 @@ class MRADPromptLearner(nn.Module):
 
     def __init__(self, config: MRADConfig):
         super().__init__()
-        width = config.text_width
-        self.normal_context = nn.Parameter(torch.empty(config.prompt_context_length, width))
-        self.anomaly_context = nn.Parameter(torch.empty(config.prompt_context_length, width))
-        self.deep_prompts = nn.Parameter(torch.empty(config.num_deep_prompts, config.deep_prompt_length, width))
+        width, fp32 = config.text_width, torch.float32
+        self.normal_context = nn.Parameter(torch.empty(config.prompt_context_length, width, dtype=fp32))
+        self.anomaly_context = nn.Parameter(torch.empty(config.prompt_context_length, width, dtype=fp32))
+        self.deep_prompts = nn.Parameter(torch.empty(config.num_deep_prompts, config.deep_prompt_length, width, dtype=fp32))
 
     def context(self, biases: torch.Tensor) -> torch.Tensor:
         """(B, 2, n_ctx, D) context vectors: each state's vectors plus that state's (B, 2, D) bias, on every vector."""
@@ -184,13 +202,13 @@ class MRADPromptLearner(nn.Module):
         return base.unsqueeze(0) + biases.unsqueeze(2)
 
 
-class MRADRegionBias(nn.Module):
+class MRADRegionBias(MRADFloat32Module):
     """MRAD-CLIP's dynamic prompt biases: b_n = normal(normal region token), b_a = anomaly(anomalous region token)."""
 
     def __init__(self, config: MRADConfig):
         super().__init__()
-        self.normal = nn.Linear(config.image_key_dim, config.text_width)
-        self.anomaly = nn.Linear(config.image_key_dim, config.text_width)
+        self.normal = nn.Linear(config.image_key_dim, config.text_width, dtype=torch.float32)
+        self.anomaly = nn.Linear(config.image_key_dim, config.text_width, dtype=torch.float32)
 
     def forward(self, region_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 2, P) [normal, anomalous] region tokens -> (B, 2, D) biases."""
@@ -219,8 +237,19 @@ class MRADPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLIPTextEmbeddings"]
     _keys_to_ignore_on_load_missing = [r"^memory\.", r"^image_projection\.", r"^patch_projection\.", r"^prompt_learner\.", r"^region_bias\."]
-    _keep_in_fp32_modules_strict = ["memory"]
-    _supports_sdpa = True
+    _supports_sdpa = True  # the CLIP towers follow `attn_implementation` (eager / sdpa)
+    supports_gradient_checkpointing = True  # the CLIP text tower's layers, which the MRAD-CLIP prompt stage backprops through
+    accepts_loss_kwargs = False  # the loss is a per-batch mean: let Trainer scale it for gradient accumulation
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        """Remember the trained weights a checkpoint lacks (or holds for another variant) before transformers'
+        ignore-patterns hide them; `from_pretrained` refuses such a folder."""
+        heads = set(self._make_heads(self.config))
+        self._weights_mismatch = (
+            sorted(key for key in loading_info.missing_keys if key.split(".")[0] in heads),
+            sorted(key for key in loading_info.unexpected_keys if key.split(".")[0] in HEAD_NAMES),
+        )
+        super()._adjust_missing_and_unexpected_keys(loading_info)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -266,6 +295,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         self.memory = MRADMemory(config)
         for name, head in self._make_heads(config).items():
             setattr(self, name, head)
+        self.calibration: dict[str, Any] | None = None  # decision thresholds (`mrad_hf.tools.calibration`), calibration.json
         self.post_init()
 
     @staticmethod
@@ -288,19 +318,43 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, keeping the CLIP backbone frozen (the loader re-creates parameters).
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, trust_bank: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the MRAD state saved beside the weights.
 
-        Takes what transformers takes (a folder or a full Hub id such as `mrad-hf/mrad-tf-visa`); the short names
-        (`"mrad-tf"`) are resolved by `mrad_hf.hub.load_model` and the `mrad` CLI.
+        Takes what transformers takes: a folder or a full Hub id such as `"mrad-hf/mrad-tf-visa"`. Short names
+        (`"mrad-tf"`) are resolved by `mrad_hf.hub.api.load_model` and the `mrad` CLI only, not by this method,
+        `AutoModel` or `pipeline`. `dtype=torch.bfloat16 / torch.float16` runs the CLIP tower in that dtype; the memory
+        and the heads stay float32 (`MRADFloat32Module`).
+
+        Reads `memory_bank.json` (the bank's provenance, onto `model.memory.metadata`) and `calibration.json` (onto
+        `model.calibration`), then checks the bank: tensors and sealed metadata as saved, built for this backbone and
+        these feature settings (`trust_bank=True` accepts a bank without a fingerprint, with a warning). Refuses a
+        folder whose weights lack the trained heads of its configured variant (inference never runs with freshly
+        initialised heads).
         """
-        model = super().from_pretrained(*args, **kwargs)
+        allow_new_heads = kwargs.pop("_allow_new_heads", False)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing, unexpected = model.__dict__.pop("_weights_mismatch", ([], []))
+        if (missing or unexpected) and not allow_new_heads:
+            found = f"lacks the trained weights {missing}" if missing else f"holds trained weights of another variant {unexpected[:4]}"
+            raise ValueError(
+                f"'{pretrained_model_name_or_path}' is configured as MRAD-{model.config.variant.upper()} but its weights file "
+                f"{found}: config.json's \"variant\" does not match the weights. Restore config.json (or load the folder "
+                "the model was saved to); an MRAD model never scores with freshly initialised heads or prompts."
+            )
         model.clip.requires_grad_(False)
         for tensor in (*model.parameters(), *model.buffers()):
             if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
                 tensor.data = tensor.data.clone()  # memory-mapped weights can be misaligned; MKL rounds differently on them
-        verify_model_memory(model)  # refuses a folder whose weights and config.json come from different saves
-        return model
+        if not allow_new_heads:
+            hub = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only", "token", "subfolder") if key in kwargs}
+            legacy = _read_json(pretrained_model_name_or_path, "config.json", hub) or {}  # state saved in config.json by older versions
+            model.memory.metadata = _read_json(pretrained_model_name_or_path, MODEL_BANK_FILENAME, hub) or legacy.get("memory_bank_metadata") or {}
+            calibration = _read_json(pretrained_model_name_or_path, CALIBRATION_FILENAME, hub) or legacy.get("calibration")
+            model.calibration = validate_calibration(calibration, f"'{pretrained_model_name_or_path}' {CALIBRATION_FILENAME}")
+            verify_model_memory(model, trust_bank=trust_bank)
+        return (model, info) if want_info else model
 
     @classmethod
     def from_clip(
@@ -342,13 +396,14 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 "CLIP checkpoint, or a Hub id while online; offline (HF_HUB_OFFLINE=1) only cached models load."
             ) from error
         config = MRADConfig(clip_config=clip_config, **config_overrides)
-        model = cls.from_pretrained(clip, config=config, **hub_kwargs)
+        model = cls.from_pretrained(clip, config=config, _allow_new_heads=True, **hub_kwargs)
         return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus what makes the folder self-contained for users.
 
-        Also writes `preprocessor_config.json` (the matching `MRADImageProcessor`) and registers the
+        Also writes `memory_bank.json` (the attached bank's provenance and checksums), `calibration.json` (when
+        `model.calibration` is set), `preprocessor_config.json` (the matching `MRADImageProcessor`) and registers the
         `anomaly-detection` pipeline in `config.json` (`custom_pipelines`) with its code, so that
         `pipeline(model=folder)` works with `mrad_hf` installed, and with `trust_remote_code=True` without it.
 
@@ -383,6 +438,12 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         if kwargs.get("is_main_process", True):
             custom_object_save(AnomalyDetectionPipeline, save_directory)
             MRADImageProcessor.from_config(self.config).save_pretrained(save_directory)
+            sidecars = {MODEL_BANK_FILENAME: self.get_memory_bank().metadata if self.config.image_bank_size else None}
+            sidecars[CALIBRATION_FILENAME] = validate_calibration(self.calibration, "model.calibration")
+            for name, content in sidecars.items():
+                if content is not None:
+                    text = json.dumps(content, indent=2, sort_keys=True, allow_nan=False) + "\n"
+                    atomic_write(Path(save_directory) / name, lambda tmp, text=text: Path(tmp).write_text(text))
 
     # ------------------------------------------------------------------ features (Sec. 3.1)
     def extract_features(self, pixel_values: torch.Tensor) -> MRADVisionFeatures:
@@ -412,10 +473,13 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
     # ------------------------------------------------------------------ memory bank (Sec. 3.2)
     def backbone_fingerprint(self) -> dict[str, Any]:
-        """Identity of the CLIP backbone (see `memory_bank.backbone_fingerprint`); that of its float32 weights when
-        `features_mrad.set_backbone_dtype` has cast the tower to half precision."""
-        cached = getattr(self, "_float32_fingerprint", None)
-        return dict(cached) if cached is not None else backbone_fingerprint(self.clip)
+        """Identity of the CLIP backbone (see `memory_bank_mrad.backbone_fingerprint`), the same in every dtype."""
+        return backbone_fingerprint(self.clip)
+
+    @property
+    def memory_bank_metadata(self) -> dict[str, Any]:
+        """Provenance of the attached bank (source, counts, backbone fingerprint, ids); saved as `memory_bank.json`."""
+        return self.memory.metadata
 
     def get_memory_bank(self) -> MemoryBank:
         """The attached memory as a standalone `MemoryBank` (copies of the buffers plus metadata)."""
@@ -426,18 +490,24 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             patch_keys=memory.patch_keys.detach().cpu().clone(),
             patch_values=memory.patch_values.detach().cpu().clone(),
             patch_sources=memory.patch_sources.detach().cpu().clone(),
-            metadata=dict(self.config.memory_bank_metadata or {}),
+            metadata=dict(self.memory.metadata or {}),
         )
 
-    def set_memory_bank(self, bank: MemoryBank | str | os.PathLike, *, strict: bool = True) -> None:
-        """Attach a memory bank (object or safetensors path) after checking it was built for this backbone."""
+    def set_memory_bank(self, bank: MemoryBank | str | os.PathLike, *, strict: bool = True, trust_bank: bool = False) -> None:
+        """Attach a memory bank (object or safetensors path) after checking it was built for this backbone.
+
+        A bank without a backbone fingerprint or feature settings is refused unless `trust_bank=True` (which warns
+        what could not be checked); `strict=False` turns a known mismatch into a warning.
+        """
         if not isinstance(bank, MemoryBank):
             bank = MemoryBank.load(bank)
-        bank.check_compatible(self.backbone_fingerprint(), feature_settings(self.config), strict=strict)
+        fingerprint = self.backbone_fingerprint()
+        if "weights_signature" not in (bank.metadata.get("backbone") or {}):
+            fingerprint["weights_sha256"] = _legacy_weights_sha256(self.clip)  # a format-1 bank
+        bank.check_compatible(fingerprint, feature_settings(self.config), strict=strict, trust_bank=trust_bank)
         self.memory.replace(bank)
         self.config.image_bank_size = int(bank.image_keys.shape[0])
         self.config.patch_bank_size = int(bank.patch_keys.shape[0])
-        self.config.memory_bank_metadata = dict(bank.metadata)
 
     @torch.no_grad()
     def build_memory_bank(
@@ -450,6 +520,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         progress: bool = True,
         attach: bool = True,
         accelerator: Any = None,
+        allow_no_anomalies: bool = False,
     ) -> MemoryBank:
         """Build both memories from labelled auxiliary samples, as the reference `build_*cache_model` does.
 
@@ -465,6 +536,8 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             accelerator: an `accelerate.Accelerator` of a multi-process run: batch k is computed by process
                 k % num_processes and the entries are gathered in the original order, so every process gets the
                 bank a single process builds (batches have the same composition either way).
+            allow_no_anomalies: build a bank without anomalous entries at the image or pixel level (a warning says
+                what the scores then mean) instead of refusing it.
 
         Returns:
             The `MemoryBank`. Each image adds its class key (label = its image label) and up to two region
@@ -491,12 +564,13 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             batches = sorted((item for part in gathered for item in part), key=lambda item: item[0])
         entries = [entry for _, batch_entries in batches for entry in batch_entries]
         bank = self._assemble_memory_bank(entries, source)
+        _check_anomalous_entries(bank, allow_no_anomalies)
         if attach:
             self.set_memory_bank(bank)
         return bank
 
-    def _memory_entries(self, batch: list[tuple[Any, int, Any, str]], processor: MRADImageProcessor) -> list[dict[str, Any]]:
-        """Per image of one batch: its id, label, class key and [(region label, prototype)] (anomalous first)."""
+    def _memory_entries(self, batch: list[tuple[Any, int, Any, dict]], processor: MRADImageProcessor) -> list[dict[str, Any]]:
+        """Per image of one batch: its provenance, label, class key and [(region label, prototype)] (anomalous first)."""
         images, labels, masks, ids = zip(*batch)
         inputs = processor(list(images), masks=list(masks))
         features = self.extract_features(inputs["pixel_values"].to(device=self.device, dtype=self.dtype))
@@ -541,7 +615,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 "source": source,
                 "backbone": self.backbone_fingerprint(),
                 "features": feature_settings(self.config),
-                "image_ids": [entry["id"] for entry in entries],
+                "image_ids": [entry["id"]["id"] for entry in entries],
+                "image_sources": [entry["id"]["source"] or source or "unknown" for entry in entries],
+                "image_sha256": [entry["id"]["sha256"] for entry in entries],
             },
         )
 
@@ -679,12 +755,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             output_features: also return the normalised retrieval queries.
 
         In training mode (`model.train()`) the trained variants apply similarity dropout; a training step (training
-        mode with `labels` and `masks`) skips the smoothed maps and scores, which it does not need. The extra key
-        `original_sizes` of a processor output is accepted.
+        mode with `labels` and `masks`) skips the smoothed maps and scores, which it does not need. Other keywords
+        (a processor's `original_sizes`, `Trainer`'s `num_items_in_batch`) are accepted and ignored, as in transformers.
         """
-        kwargs.pop("original_sizes", None)
-        if kwargs:
-            raise TypeError(f"MRADForAnomalyDetection.forward got unexpected arguments: {sorted(kwargs)}")
         config = self.config
         want_loss = labels is not None and masks is not None
         if want_loss and config.variant == "tf":
@@ -768,6 +841,44 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
 
 # ---------------------------------------------------------------------- helpers (module-private)
+def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> Any:
+    """A JSON file of a model folder or Hub repo; None when it has none."""
+    folder = Path(os.fspath(name_or_path))
+    if folder.is_dir():
+        path = folder / hub_kwargs.get("subfolder", "") / filename
+        path = str(path) if path.is_file() else None
+    else:
+        path = cached_file(os.fspath(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise MemoryBankError(f"'{path}' is not readable JSON ({error}); re-save the model or re-download it.") from error
+
+
+def _check_anomalous_entries(bank: MemoryBank, allowed: bool) -> None:
+    counts = bank.counts()
+    missing = [level for level in ("image", "patch") if not counts[f"{level}_anomalous"]]
+    if not missing:
+        return
+    levels = " and ".join("pixel" if level == "patch" else level for level in missing)
+    if not allowed:
+        raise MemoryBankError(
+            f"The memory bank would have no anomalous entry at the {levels} level ({counts['image_entries']} images, "
+            f"{counts['image_anomalous']} anomalous, {counts['patch_anomalous']} anomalous regions): every score would be "
+            "0. MRAD retrieves from labelled auxiliary images, normal AND defective: add defect images with label 1 "
+            "and their masks (e.g. the test split of a dataset, `mrad build-bank --split test`), or pass "
+            "allow_no_anomalies=True to build it anyway."
+        )
+    warnings.warn(
+        f"allow_no_anomalies=True: the bank has no anomalous entry at the {levels} level, so retrieval there returns "
+        "p_anomaly = 0 for every query and the scores only reflect the other level.",
+        stacklevel=3,
+    )
+
+
 def _prompt_token_ids_for(clip: Any, tokenizer: Any, config_overrides: dict[str, Any]) -> list[list[int]]:
     """MRAD-CLIP prompt ids from a tokenizer object, a tokenizer source, or the tokenizer saved with `clip`."""
     reference_prompts = all(

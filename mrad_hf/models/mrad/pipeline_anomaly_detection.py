@@ -91,10 +91,9 @@ class AnomalyDetectionPipeline(Pipeline):
         return result
 
     def _calibration(self) -> dict[str, Any] | None:
-        """`model.calibration`, else the config's / the bank's record of it; warns if the bank changed since."""
+        """`model.calibration` (calibration.json), else the attached bank's record of it; warns if the bank changed since."""
         config = self.model.config
-        calibration = (getattr(self.model, "calibration", None) or getattr(config, "calibration", None)
-                       or (getattr(config, "memory_bank_metadata", None) or {}).get("calibration"))
+        calibration = getattr(self.model, "calibration", None) or (getattr(self.model, "memory_bank_metadata", None) or {}).get("calibration")
         if not calibration:
             return None
         made_for = calibration.get("bank") or {}
