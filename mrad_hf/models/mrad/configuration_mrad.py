@@ -226,8 +226,8 @@ class MRADConfig(PreTrainedConfig):
             problems.append(f"vv_start_layer ({self.vv_start_layer}) must be in [0, {vision.num_hidden_layers - 1}]")
         elif self.vv_start_layer > self.feature_layer % vision.num_hidden_layers:
             problems.append("vv_start_layer is after feature_layer, so the V-V path would be empty")
-        if any(k < 1 or k % 2 == 0 or k > self.image_size // vision.patch_size for k in self.neighbor_kernel_sizes):
-            problems.append(f"neighbor_kernel_sizes must be positive odd integers no larger than the patch grid, got {self.neighbor_kernel_sizes}")
+        if any(k < 1 or k % 2 == 0 or k > 99 for k in self.neighbor_kernel_sizes):
+            problems.append(f"neighbor_kernel_sizes must be positive odd integers up to 99, got {self.neighbor_kernel_sizes}")
         if self.position_interpolation not in _POSITION_INTERPOLATIONS:
             problems.append(f"position_interpolation must be one of {_POSITION_INTERPOLATIONS}")
         if self.score_fusion not in _SCORE_FUSIONS:

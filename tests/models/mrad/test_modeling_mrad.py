@@ -137,7 +137,7 @@ def test_empty_bank_and_foreign_bank_errors(tiny_model, samples, tmp_path):
     bank = tiny_model.build_memory_bank(samples, progress=False, attach=False)
     bank_path = bank.save(tmp_path / "bank.safetensors")
     other = make_tiny_model(seed=1)  # same architecture, different weights
-    with pytest.raises(MemoryBankError, match="weights_sha256"):
+    with pytest.raises(MemoryBankError, match="weights signature entry .*different CLIP weights"):
         other.set_memory_bank(bank_path)
     with pytest.warns(UserWarning, match="does not match"):
         other.set_memory_bank(bank_path, strict=False)
@@ -168,8 +168,10 @@ def test_sample_validation_and_unmasked_anomaly_warning(tiny_model):
         tiny_model.build_memory_bank([{"image": image, "label": "weird"}], progress=False)
     with pytest.raises(MemoryBankError, match="No samples"):
         tiny_model.build_memory_bank([], progress=False)
-    with pytest.warns(UserWarning, match="had no mask"):
-        bank = tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False)
+    with pytest.warns(UserWarning, match="had no mask"), pytest.raises(MemoryBankError, match="no anomalous entry at the pixel level"):
+        tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False)
+    with pytest.warns(UserWarning, match="had no mask"), pytest.warns(UserWarning, match="allow_no_anomalies=True: .* pixel level"):
+        bank = tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False, allow_no_anomalies=True)
     assert bank.counts()["patch_anomalous"] == 0 and bank.counts()["image_anomalous"] == 1
 
 
@@ -224,3 +226,117 @@ def test_trained_variants_load_as_remote_code_without_mrad_hf(variant, tmp_path)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_allclose(np.array([float(v) for v in result.stdout.strip().splitlines()[-1].split(",")]), expected.numpy(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- issue 12 §2, issue 13 §3, issue 14 §2
+def test_a_bank_without_anomalous_entries_is_refused_with_the_fix(tiny_model, samples):
+    normals = [sample for sample in samples if sample["label"] == 0]
+    with pytest.raises(MemoryBankError, match=r"no anomalous entry at the image and pixel level \(3 images, 0 anomalous.*add defect images with label 1"):
+        tiny_model.build_memory_bank(normals, progress=False)
+    assert tiny_model.config.image_bank_size == 0  # nothing was attached
+    with pytest.warns(UserWarning, match="p_anomaly = 0 for every query"):
+        bank = tiny_model.build_memory_bank(normals, progress=False, attach=False, allow_no_anomalies=True)
+    assert bank.counts()["image_anomalous"] == bank.counts()["patch_anomalous"] == 0
+
+
+def test_bank_ids_are_never_absolute_paths_and_record_file_hashes(tiny_model, samples, tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    folder = tmp_path / "private" / "line3"
+    folder.mkdir(parents=True)
+    rows = []
+    for index, sample in enumerate(samples[:4]):
+        path = folder / f"part{index}.png"
+        Image.fromarray(sample["image"]).save(path)
+        rows.append({"image": str(path), "label": sample["label"], "mask": sample["mask"]})
+    rows[0]["id"] = "good/part0.png"  # an id relative to the dataset root is kept as given
+    rows[1]["id"] = str(path)  # an absolute id is reduced to its file name
+    rows.append({"image": samples[5]["image"], "label": 1, "mask": samples[5]["mask"], "sha256": "ab" * 32})
+    bank = tiny_model.build_memory_bank(rows, progress=False, attach=False, source="line-3")
+    assert bank.metadata["image_ids"] == ["good/part0.png", "part3.png", "part2.png", "part3.png", "sample-4"]
+    assert not any(str(tmp_path) in str(value) for value in bank.metadata.values())
+    assert bank.metadata["image_sources"] == ["line-3", "line-3", "line3", "line3", "line-3"]
+    assert bank.image_sha256()[2] == hashlib.sha256((folder / "part2.png").read_bytes()).hexdigest()
+    assert bank.image_sha256()[4] == "ab" * 32
+
+
+def test_config_is_data_and_the_bank_and_calibration_live_in_sidecars(model_with_bank, tmp_path):
+    import json
+
+    model_with_bank.calibration = {"image_threshold": 0.5, "pixel_threshold": 0.4, "target_fpr": 0.05}
+    model_with_bank.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "memory_bank_metadata" not in config and "calibration" not in config
+    assert config["image_bank_size"] == model_with_bank.config.image_bank_size  # buffer shapes stay in the config
+    sidecar = json.loads((tmp_path / "memory_bank.json").read_text())
+    assert sidecar["counts"] == model_with_bank.get_memory_bank().counts() and sidecar["image_ids"][0] == "img0"
+    assert json.loads((tmp_path / "calibration.json").read_text())["image_threshold"] == 0.5
+    reloaded = MRADForAnomalyDetection.from_pretrained(tmp_path)
+    assert reloaded.calibration["pixel_threshold"] == 0.4
+    assert reloaded.memory_bank_metadata["tensors_sha256"] == sidecar["tensors_sha256"]
+
+
+def _edit_json(path, edit):
+    import json
+
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["features"].update(image_size=224), "metadata field 'features' was edited"),
+        (lambda m: m["backbone"].update(patch_size=16), "metadata field 'backbone' was edited"),
+        (lambda m: m.update(label_convention="values[:, 0] = anomaly"), "metadata field 'label_convention' was edited"),
+        (lambda m: m["counts"].update(image_anomalous=0), "metadata field 'counts' was edited"),
+        (lambda m: m.update(calibration={"image_threshold": 0.1}), "metadata field 'calibration' was added"),
+        (lambda m: m.update(tensors_sha256="0" * 64), "tensors do not match"),
+    ],
+)
+def test_an_edited_bank_sidecar_is_refused_naming_the_field(model_with_bank, tmp_path, edit, message):
+    model_with_bank.save_pretrained(tmp_path)
+    _edit_json(tmp_path / "memory_bank.json", edit)
+    with pytest.raises(MemoryBankError, match=message):
+        MRADForAnomalyDetection.from_pretrained(tmp_path)
+
+
+def test_a_bank_without_fingerprint_needs_trust_bank_and_warns_what_was_not_checked(model_with_bank, tmp_path):
+    bank = model_with_bank.get_memory_bank()
+    for field in ("backbone", "features"):
+        bank.metadata.pop(field)
+    bank.seal()  # a consistent file whose provenance fields were never recorded
+    path = bank.save(tmp_path / "bank.safetensors")
+    fresh = make_tiny_model()
+    with pytest.raises(MemoryBankError, match="no backbone fingerprint and no feature settings.*trust_bank=True"):
+        fresh.set_memory_bank(path)
+    with pytest.warns(UserWarning, match="not checked: backbone fingerprint, feature settings"):
+        fresh.set_memory_bank(path, trust_bank=True)
+    fresh.save_pretrained(tmp_path / "model")
+    with pytest.raises(MemoryBankError, match="no backbone fingerprint"):
+        MRADForAnomalyDetection.from_pretrained(tmp_path / "model")
+    with pytest.warns(UserWarning, match="not checked"):
+        MRADForAnomalyDetection.from_pretrained(tmp_path / "model", trust_bank=True)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -0.5, 7.0])
+def test_nan_inf_and_out_of_range_thresholds_are_refused_at_load(model_with_bank, tmp_path, threshold):
+    model_with_bank.save_pretrained(tmp_path)
+    (tmp_path / "calibration.json").write_text('{"image_threshold": %s, "pixel_threshold": 0.5}' % ("NaN" if threshold != threshold else repr(threshold).replace("inf", "Infinity")))
+    with pytest.raises(MemoryBankError, match=r"calibration.json.*'image_threshold' is .*must be a finite number in \[0, 2\]"):
+        MRADForAnomalyDetection.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("saved, edited", [("tf", "ft"), ("ft", "clip"), ("ft", "tf")])
+def test_a_changed_variant_in_config_json_is_an_error_naming_the_weights(saved, edited, tmp_path):
+    from conftest import make_tiny_trained_model
+
+    model = make_tiny_trained_model(saved) if saved != "tf" else make_tiny_model()
+    model.save_pretrained(tmp_path)
+    _edit_json(tmp_path / "config.json", lambda c: c.update(variant=edited, prompt_token_ids=c.get("prompt_token_ids") or [[0] + [5] * 12 + [7, 8, 98], [0] + [5] * 12 + [9, 7, 8, 98]], deep_prompt_depth=3))
+    expected = r"lacks the trained weights \[.*(image_projection|prompt_learner)" if edited != "tf" else "holds trained weights of another variant"
+    with pytest.raises(ValueError, match=expected):
+        MRADForAnomalyDetection.from_pretrained(tmp_path)
