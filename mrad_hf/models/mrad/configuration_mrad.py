@@ -168,11 +168,12 @@ class MRADConfig(PreTrainedConfig):
         for state in _STATE_KEYS:  # folders saved before the sidecars: the model reads them from config.json itself
             kwargs.pop(state, None)
         if __name__.startswith("mrad_hf."):
-            # transformers' pipeline() demands trust_remote_code for any task listed in `custom_pipelines`, even when
-            # the same pipeline is registered locally. The installed package registers "anomaly-detection" itself, so
-            # its config does not list it: `pipeline("anomaly-detection", model=folder)` runs mrad_hf's code, and
-            # task-less `pipeline(model=folder, trust_remote_code=True)` loads the folder's own config (which lists
-            # it), so the task is inferred with and without mrad_hf. save_pretrained writes it back for remote use.
+            # transformers 5.24's pipeline() demands trust_remote_code for any task listed in `custom_pipelines`, even
+            # when the same pipeline is registered locally. The installed package registers "anomaly-detection", so
+            # its config does not list it: `pipeline("anomaly-detection", model=folder)` runs mrad_hf's code with no
+            # remote code. Without mrad_hf, `pipeline(model=folder, trust_remote_code=True)` infers the task from the
+            # folder's config.json (save_pretrained always writes `custom_pipelines`); with mrad_hf installed a
+            # task-less call has only the Hub's `pipeline_tag` to go by (transformers' get_task), so name the task.
             kwargs.pop("custom_pipelines", None)
         if self.neighbor_kernel_sizes is None:
             self.neighbor_kernel_sizes = [1, 3, 5]
