@@ -1,13 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """MRAD artefacts on the Hugging Face Hub: short model names, push and pull of models and memory banks, cards.
 
-* **Short names.** `MRADForAnomalyDetection.from_pretrained("mrad-clip")` (also `"mrad-tf"`, `"mrad-ft"`, and
-  the explicit auxiliary settings `"mrad-clip-visa"`, `"mrad-clip-mvtec"`, ...) resolves to a repo in the
+* **Short names.** `load_model("mrad-clip")` and the `mrad` CLI (`--model mrad-clip`; also `"mrad-tf"`, `"mrad-ft"`,
+  and the explicit auxiliary settings `"mrad-clip-visa"`, `"mrad-clip-mvtec"`, ...) resolve it to a repo in the
   default namespace `DEFAULT_HUB_NAMESPACE` ("mrad-hf"); set `MRAD_HUB_NAMESPACE` to use your own
   organisation. A local folder with that name always wins. The suffix names the **auxiliary** data (memory
   and training): `mrad-clip-visa` is the official `test_on_mvtec.pth` setting (trained on VisA, for MVTec AD
   and the other datasets), `mrad-clip-mvtec` is `test_on_visa.pth`. The bare names are the paper's default
-  setting, VisA. `"mrad-bank-visa"` / `"mrad-bank-mvtec"` name the converted official banks.
+  setting, VisA. `"mrad-bank-visa"` / `"mrad-bank-mvtec"` name the converted official banks. transformers' own
+  entry points (`MRADForAnomalyDetection.from_pretrained`, `AutoModel.from_pretrained`, `pipeline(model=...)`) take
+  full ids or folders only: pass them `resolve_model_id("mrad-clip")`.
 * **Models** are pushed as the full `save_pretrained` folder (weights with the attached bank, config with
   `auto_map` and `custom_pipelines`, `preprocessor_config.json`, the model and pipeline code) plus a model
   card rendered from `mrad_hf/hub/templates/` (`push_model`). Pull with `from_pretrained(repo_id, revision=...)` or
@@ -34,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..models.mrad.memory_bank_mrad import MemoryBank
+from ..models.mrad.memory_bank_mrad import MODEL_BANK_FILENAME, MemoryBank
 
 __all__ = [
     "BANK_FILENAME",
@@ -64,7 +66,7 @@ __all__ = [
 DEFAULT_HUB_NAMESPACE = "mrad-hf"
 NAMESPACE_ENV = "MRAD_HUB_NAMESPACE"
 BANK_FILENAME = "memory_bank.safetensors"
-BANK_METADATA_FILENAME = "memory_bank.json"
+BANK_METADATA_FILENAME = MODEL_BANK_FILENAME  # "memory_bank.json": the same sidecar as in a saved model folder
 
 #: short name -> repo name inside the namespace. The suffix is the auxiliary data (memory / training set).
 SHORT_NAMES: dict[str, str] = {
@@ -168,8 +170,9 @@ def explain_download_error(name: str | os.PathLike, error: Exception, *, revisio
 
 # ---------------------------------------------------------------------- models
 def load_model(name: str | os.PathLike, **kwargs):
-    """`MRADForAnomalyDetection.from_pretrained` that also takes the short names (`"mrad-tf"`); any download failure
-    becomes a `HubDownloadError` that says what was tried and how to work offline."""
+    """`MRADForAnomalyDetection.from_pretrained` that also takes the short names (`"mrad-tf"`, `SHORT_NAMES`); a local
+    folder of that name wins. Any download failure becomes a `HubDownloadError` that says what was tried and how to work
+    offline. transformers' `from_pretrained` / `AutoModel` / `pipeline` take full ids (`resolve_model_id` maps one)."""
     from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
 
     name = resolve_model_id(

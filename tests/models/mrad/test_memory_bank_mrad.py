@@ -117,3 +117,66 @@ def test_atomic_directory_replaces_on_success_and_keeps_the_old_folder_on_error(
         (staging / "b.txt").write_text("third")
     assert [p.name for p in target.iterdir()] == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old folders left
+
+
+def _rewrite_header(path, edit):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    metadata = json.loads(header["mrad_memory_bank"])
+    edit(metadata)
+    save_file(tensors, str(path), metadata={"mrad_memory_bank": json.dumps(metadata), "format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["calibration"].update(image_threshold=0.2001), "metadata field 'calibration' was edited"),
+        (lambda m: m.pop("calibration"), "metadata field 'calibration' was removed"),
+        (lambda m: m["features"].update(image_size=518), "metadata field 'features' was edited"),
+        (lambda m: m.pop("backbone"), "metadata field 'backbone' was removed"),
+        (lambda m: m.pop("metadata_sha256"), "metadata checksums .* were removed"),
+        (lambda m: m["calibration"].update(image_threshold=float("nan")), r"'image_threshold' is nan; it must be a finite number"),
+    ],
+)
+def test_the_checksum_covers_the_answer_changing_metadata(tmp_path, edit, message):
+    bank = _bank()
+    bank.metadata.update(
+        backbone={"hidden_size": 12, "projection_dim": 8, "weights_signature": [0.1] * 30},
+        features={"image_size": 112},
+        calibration={"image_threshold": 0.2, "pixel_threshold": 0.5},
+    )
+    path = bank.save(tmp_path / "bank.safetensors")
+    assert MemoryBank.load(path).metadata["calibration"]["image_threshold"] == 0.2  # intact: loads
+    _rewrite_header(path, edit)
+    with pytest.raises(MemoryBankError, match=message):
+        MemoryBank.load(path)
+
+
+def test_a_format_1_bank_still_loads_with_its_tensor_checksum(tmp_path):
+    bank = _bank()
+    path = bank.save(tmp_path / "bank.safetensors")
+    _rewrite_header(path, lambda m: (m.pop("metadata_sha256"), m.update(format_version=1)))
+    assert MemoryBank.load(path).counts() == bank.counts()
+    _rewrite_header(path, lambda m: m.update(tensors_sha256="0" * 64))
+    with pytest.raises(MemoryBankError, match="tensors do not match"):
+        MemoryBank.load(path)
+
+
+def test_the_backbone_signature_tells_casts_from_other_weights():
+    from conftest import make_tiny_model
+
+    from mrad_hf.models.mrad.memory_bank_mrad import _signature_problem, backbone_fingerprint
+
+    model = make_tiny_model(seed=0)
+    full = backbone_fingerprint(model.clip)["weights_signature"]
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = backbone_fingerprint(make_tiny_model(seed=0).clip.to(dtype))["weights_signature"]
+        assert _signature_problem(full, cast) is None, dtype
+    other = backbone_fingerprint(make_tiny_model(seed=1).clip)["weights_signature"]
+    assert "different CLIP weights" in _signature_problem(full, other)
