@@ -74,7 +74,7 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
                  "--output", str(workspace / "cal.json"), "--save-model", str(workspace / "calibrated")]) == 0
     calibration = json.loads((workspace / "cal.json").read_text())
     assert calibration["n_normal_images"] == 9 and calibration["target_fpr"] == 0.1
-    assert MRADForAnomalyDetection.from_pretrained(workspace / "calibrated").config.calibration == calibration
+    assert MRADForAnomalyDetection.from_pretrained(workspace / "calibrated").calibration == calibration
     out = workspace / "explain"
     dents = sorted(str(p) for p in (workspace / "line" / "dent").glob("d?.png"))
     assert main(["explain", "--model", str(workspace / "calibrated"), *dents, "--output-dir", str(out), "--top-k", "2"]) == 0

@@ -119,4 +119,4 @@ def test_bank_card_parses_back(model_with_bank, tmp_path):
     assert metadata["library_name"] == "mrad-hf" and "memory-bank" in metadata["tags"]
     counts = bank.counts()
     assert f"Image memory: {counts['image_entries']} keys, {counts['image_anomalous']} anomalous" in card.text
-    assert bank.metadata["backbone"]["weights_sha256"] in card.text
+    assert str(bank.metadata["backbone"]["weights_signature"][:5]) in card.text

@@ -30,14 +30,14 @@ def test_provenance_of_every_entry(base_bank, samples):
 
 
 def test_old_banks_without_per_entry_sources_still_load(base_bank, tmp_path):
-    metadata = {k: v for k, v in base_bank.metadata.items() if k not in ("image_sources", "image_ids")}
+    metadata = {k: v for k, v in base_bank.metadata.items() if k not in ("image_sources", "image_ids", "image_sha256")}
     old = MemoryBank(**base_bank.tensors(), metadata=metadata)
     old.save(tmp_path / "v1.safetensors")
     loaded = MemoryBank.load(tmp_path / "v1.safetensors")
     assert loaded.image_sources() == ["public"] * 6
     assert loaded.image_ids() == [f"entry-{i}" for i in range(6)]
     assert loaded.provenance("patch", 1)["image_id"] == "entry-1"
-    assert loaded.metadata["format_version"] == 1
+    assert loaded.metadata["format_version"] == 2
 
 
 def test_provenance_out_of_step_with_keys_is_refused(base_bank):
@@ -80,7 +80,7 @@ def test_adding_the_same_images_again_is_deduplicated_and_remove_restores(tiny_m
 
 
 def test_add_refuses_a_model_with_another_backbone(base_bank, samples):
-    with pytest.raises(MemoryBankError, match="weights_sha256"):
+    with pytest.raises(MemoryBankError, match="weights signature"):
         add_samples(base_bank, make_tiny_model(seed=1), samples, source="other", progress=False)
 
 
@@ -117,7 +117,7 @@ def test_merge_checks_compatibility_and_keeps_provenance(tiny_model, base_bank):
     assert merged.metadata["source"] == "public+line"
     assert merged.patch_sources.tolist()[-3:] == [6, 7, 7]
     other = make_tiny_model(seed=3).build_memory_bank(make_samples(2), source="x", progress=False, attach=False)
-    with pytest.raises(MemoryBankError, match="Cannot merge x.safetensors into public.safetensors.*weights_sha256"):
+    with pytest.raises(MemoryBankError, match="Cannot merge x.safetensors into public.safetensors.*weights signature"):
         merge_banks([base_bank, other], names=["public.safetensors", "x.safetensors"])
     resized = make_tiny_model(image_size=56).build_memory_bank(make_samples(2), source="y", progress=False, attach=False)
     with pytest.raises(MemoryBankError, match="feature setting image_size: bank 112 vs model 56"):

@@ -63,7 +63,7 @@ def test_bank_metadata_records_what_loading_checks(built, bank_file):
 
 def test_bank_from_another_backbone_is_refused(bank_file, tmp_path, capsys):
     other = make_tiny_model(seed=1)  # same architecture, other weights
-    with pytest.raises(MemoryBankError, match="weights_sha256.*Rebuild the bank"):
+    with pytest.raises(MemoryBankError, match="weights signature.*different CLIP weights.*Rebuild the bank"):
         other.set_memory_bank(bank_file)
     other.save_pretrained(tmp_path / "other")
     image = tmp_path / "query.png"
@@ -72,7 +72,7 @@ def test_bank_from_another_backbone_is_refused(bank_file, tmp_path, capsys):
     Image.fromarray(make_samples(1, seed=3)[0]["image"]).save(image)
     code = main(["predict", "--model", str(tmp_path / "other"), "--bank", str(bank_file), str(image), "--output-dir", str(tmp_path / "out")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mrad predict: error:")]
-    assert code == 2 and len(lines) == 1 and "weights_sha256" in lines[0]
+    assert code == 2 and len(lines) == 1 and "weights signature" in lines[0]
 
 
 def test_bank_with_another_input_size_is_refused(bank_file):
@@ -118,7 +118,7 @@ def test_edited_consistent_tensors_are_caught_by_the_checksum(bank_file):
         (lambda t, m: t.update(patch_keys=t["patch_keys"].long()), "patch_keys must be floating point"),
         # a bank without a checksum (as written before checksums existed) is still checked for key widths
         (lambda t, m: (t.update(image_keys=t["image_keys"][:, :5]), m.pop("tensors_sha256")), r"image keys are 5-d"),
-        (lambda t, m: m.update(format_version=99), "uses bank format 99; this mrad_hf reads up to 1. Upgrade mrad_hf"),
+        (lambda t, m: m.update(format_version=99), "uses bank format 99; this mrad_hf reads up to 2. Upgrade mrad_hf"),
         (lambda t, m: m.update(format_version="1"), "invalid format_version"),
     ],
     ids=["soft-values", "integer-keys", "narrower-keys", "future-version", "string-version"],
@@ -201,7 +201,7 @@ def test_interrupted_model_save_leaves_the_previous_folder_loadable(built, tmp_p
 
 
 def test_model_folder_mixing_two_saves_is_refused(built, tmp_path, capsys):
-    """config.json of one save with model.safetensors of another (same bank sizes): transformers would load it;
+    """memory_bank.json of one save with model.safetensors of another (same bank sizes): transformers would load it;
     from_pretrained refuses it (it runs verify_model_memory), and so does the CLI."""
     model, _ = built
     other = make_tiny_model()
@@ -209,8 +209,8 @@ def test_model_folder_mixing_two_saves_is_refused(built, tmp_path, capsys):
     assert other.config.patch_bank_size == model.config.patch_bank_size  # same shapes: transformers cannot tell
     model.save_pretrained(tmp_path / "a")
     other.save_pretrained(tmp_path / "b")
-    shutil.copy(tmp_path / "b" / "config.json", tmp_path / "a" / "config.json")
-    with pytest.raises(MemoryBankError, match="does not match the checksum in its config.json"):
+    shutil.copy(tmp_path / "b" / "memory_bank.json", tmp_path / "a" / "memory_bank.json")  # the bank's one sidecar
+    with pytest.raises(MemoryBankError, match="is corrupt: its tensors do not match the SHA-256 recorded"):
         MRADForAnomalyDetection.from_pretrained(tmp_path / "a")
     code = main(["predict", "--model", str(tmp_path / "a"), str(tmp_path), "--output-dir", str(tmp_path / "out")])
     assert code == 2 and "different saves" in capsys.readouterr().err

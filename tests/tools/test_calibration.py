@@ -90,7 +90,7 @@ def test_calibration_travels_with_the_model_and_drives_pipeline_decisions(brick_
     assert bank.metadata["calibration"]["image_threshold"] == calibration["image_threshold"]
     model.save_pretrained(tmp_path / "calibrated")
     reloaded = MRADForAnomalyDetection.from_pretrained(tmp_path / "calibrated")
-    assert reloaded.config.calibration == calibration
+    assert reloaded.calibration == calibration
     detect = pipeline("anomaly-detection", model=reloaded, image_processor=MRADImageProcessor.from_pretrained(tmp_path / "calibrated"), device="cpu")
     results = detect(normals[19:40])
     for result in results:
@@ -109,19 +109,19 @@ def test_calibration_from_the_bank_metadata_and_stale_bank_warning(brick_model_a
     calibration = calibrate(model, normals[:9], target_fpr=0.1, progress=False, batch_size=64)
     bank = model.get_memory_bank()
     apply_calibration(model, calibration, bank=bank)
-    model.config.calibration = None
+    model.calibration = None
     model.set_memory_bank(bank)  # the bank carries the thresholds
     detect = pipeline("anomaly-detection", model=model, image_processor=MRADImageProcessor.from_config(model.config), device="cpu")
     assert detect(normals[50])["thresholds"]["from"] == "calibration"
     smaller = bank.__class__(**{**bank.tensors(), "image_keys": bank.image_keys[:4], "image_values": bank.image_values[:4],
                                 "patch_keys": bank.patch_keys[:2], "patch_values": bank.patch_values[:2], "patch_sources": bank.patch_sources[:2]},
-                             metadata={k: v for k, v in bank.metadata.items() if k not in ("image_ids", "image_sources")})
+                             metadata={k: v for k, v in bank.metadata.items() if k not in ("image_ids", "image_sources", "image_sha256")})
     model.set_memory_bank(smaller)
-    model.config.calibration = calibration
+    model.calibration = calibration
     with pytest.warns(UserWarning, match="calibration was made with a memory bank of 8 image"):
         detect(normals[50])
-    model.config.calibration = None
-    model.config.memory_bank_metadata = {}
+    model.calibration = None
+    model.memory.metadata = {}
     assert "is_anomalous" not in detect(normals[50])
 
 

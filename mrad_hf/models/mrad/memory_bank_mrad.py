@@ -149,8 +149,8 @@ def verify_seal(stored: dict[str, Any], bank: MemoryBank, origin: str) -> None:
     expected = stored.get("tensors_sha256")
     if expected is not None and expected != bank.metadata["tensors_sha256"]:
         raise MemoryBankError(
-            f"{origin}: the bank tensors do not match the SHA-256 recorded when it was saved (weights and metadata from "
-            "different saves, or edited/damaged on disk). Rebuild or re-download it."
+            f"{origin} is corrupt: its tensors do not match the SHA-256 recorded when it was saved (tensors and metadata "
+            "from different saves, or edited/damaged on disk). Rebuild or re-download it."
         )
     if stored.get("counts") is not None and stored["counts"] != bank.counts():
         raise MemoryBankError(f"{origin}: metadata field 'counts' was edited ({stored['counts']} vs the tensors' {bank.counts()}).")
