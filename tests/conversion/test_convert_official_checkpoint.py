@@ -22,6 +22,7 @@ from reference_mrad import reference_average_neighbor, reference_encode_image, r
 from mrad_hf.conversion.common import ConversionError
 from mrad_hf.conversion.convert_official_checkpoint import convert_official_checkpoint, main
 from mrad_hf import MemoryBank, MRADForAnomalyDetection, MRADImageProcessor
+from mrad_hf.models.mrad.memory_bank_mrad import feature_settings
 
 IMAGE_DIM, PATCH_DIM, TEXT_DIM = 24, 48, 32  # tiny_clip_config: projection, vision width, text width
 N_CTX, DEEP_LENGTH = 4, 2
@@ -71,7 +72,7 @@ def _official_bank(model, seed=0) -> MemoryBank:
     return MemoryBank(
         image_keys=F.normalize(torch.randn(7, IMAGE_DIM, generator=g), dim=-1), image_values=F.one_hot(image_labels, 2).float(),
         patch_keys=F.normalize(torch.randn(10, PATCH_DIM, generator=g), dim=-1), patch_values=F.one_hot(patch_labels, 2).float(),
-        metadata={"source": "visa", "backbone": model.backbone_fingerprint()},
+        metadata={"source": "visa", "backbone": model.backbone_fingerprint(), "features": feature_settings(model.config)},
     )
 
 
