@@ -29,8 +29,6 @@ their image entry through `patch_sources` (see `MemoryBank.provenance`).
 
 from __future__ import annotations
 
-import warnings
-
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
