@@ -303,3 +303,26 @@ def test_remote_code_and_task_inference_in_a_fresh_process_without_mrad_hf(tmp_p
         assert result[variant][0] == pytest.approx(expected[variant], abs=1e-5), variant
         assert result[variant][1] == pytest.approx(expected[variant], abs=0.02), variant  # bfloat16 tower
 
+
+
+def test_cli_build_bank_in_bfloat16_then_predict_from_the_saved_model(tmp_path, capsys):
+    """Issue 14 §1: `mrad build-bank --dtype bfloat16 --save-model DIR` then `mrad predict --model DIR` (refused before
+    with a checksum error)."""
+    from PIL import Image
+    from reliability._files import write_folder_dataset
+
+    from mrad_hf.cli.main import main
+
+    make_tiny_model().save_pretrained(tmp_path / "tiny")
+    data = write_folder_dataset(tmp_path / "widget", make_samples(6, seed=21))
+    assert main(["build-bank", "--model", str(tmp_path / "tiny"), "--dataset", "folder", "--data-root", str(data), "--dtype", "bfloat16",
+                 "--output", str(tmp_path / "bank.safetensors"), "--save-model", str(tmp_path / "with_bank")]) == 0
+    saved = MRADForAnomalyDetection.from_pretrained(tmp_path / "with_bank")
+    assert saved.clip.visual_projection.weight.dtype == torch.bfloat16
+    _assert_bank_is_float32(saved)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    Image.fromarray(make_samples(1, seed=22)[0]["image"]).save(queries / "q0.png")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "with_bank"), str(queries), "--output-dir", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["scored"] == 1
