@@ -252,7 +252,7 @@ def evaluate_dataset(
     if aupro_protocol not in ("reference", "anomalib"):
         raise ValueError(f"aupro_protocol must be 'reference' or 'anomalib', got {aupro_protocol!r}.")
     _check_both_labels(dataset, name)
-    hits, matched_by = bank_overlap(dataset, model.config.memory_bank_metadata)
+    hits, matched_by = bank_overlap(dataset, model.memory_bank_metadata)
     overlap = {"images": len(hits), "of": len(dataset), "matched_by": matched_by if hits else None, "excluded": bool(exclude_bank_images and hits)}
     if hits and exclude_bank_images:
         hit_set = set(hits)

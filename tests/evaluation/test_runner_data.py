@@ -98,7 +98,7 @@ def test_leakage_is_counted_warned_and_excludable(tmp_path):
     model = make_tiny_model()
     in_bank = dataset.select(range(0, 8, 2))  # 4 of the 8 scored images also fill the memory
     model.build_memory_bank(in_bank, batch_size=4, source="folder", progress=False)
-    hits, how = bank_overlap(dataset, model.config.memory_bank_metadata)
+    hits, how = bank_overlap(dataset, model.memory_bank_metadata)
     assert sorted(hits) == [0, 2, 4, 6]
     with pytest.warns(BankOverlapWarning, match=r"LEAKAGE: 4 of 8 scored images are in the memory bank"):
         results = evaluate_dataset(model, dataset, tmp_path / "a", name="folder", progress=False, heatmaps_per_category=0)
