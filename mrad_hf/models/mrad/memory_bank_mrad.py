@@ -483,7 +483,8 @@ class MemoryBank:
         if unchecked and not trust_bank:
             raise MemoryBankError(
                 f"This bank has no {' and no '.join(unchecked)}, so nothing shows it was built for this backbone and "
-                "these settings. Rebuild it with this model, or pass trust_bank=True (CLI: --trust-bank) if you know it is."
+                "these settings. Rebuild it with this model, or pass trust_bank=True (to set_memory_bank / from_pretrained) if "
+                "you know it is."
             )
         if unchecked:
             warnings.warn(f"trust_bank=True: not checked: {', '.join(unchecked)}.", stacklevel=3)

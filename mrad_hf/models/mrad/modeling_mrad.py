@@ -848,7 +848,10 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[
         path = folder / hub_kwargs.get("subfolder", "") / filename
         path = str(path) if path.is_file() else None
     else:
-        path = cached_file(os.fspath(name_or_path), filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        path = cached_file(
+            os.fspath(name_or_path), filename, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+        )
     if path is None:
         return None
     try:
