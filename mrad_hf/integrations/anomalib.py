@@ -83,7 +83,7 @@ class MRADAnomalib(AnomalibModule):
         visualizer: Any = True,
     ) -> None:
         mrad = _load(model)
-        calibration = _calibration(mrad.config)
+        calibration = _calibration(mrad)
         if threshold is None and calibration is not None:
             threshold = float(calibration["image_threshold"])
             pixel_threshold = float(calibration.get("pixel_threshold", threshold)) if pixel_threshold is None else pixel_threshold
@@ -159,6 +159,7 @@ class MRADAnomalib(AnomalibModule):
         raise RuntimeError("MRADAnomalib is zero-shot: call Engine().test / Engine().predict, there is nothing to fit.")
 
 
-def _calibration(config) -> dict[str, Any] | None:
-    calibration = getattr(config, "calibration", None) or (getattr(config, "memory_bank_metadata", None) or {}).get("calibration")
+def _calibration(model) -> dict[str, Any] | None:
+    """`model.calibration` (its calibration.json), else the attached bank's record of it."""
+    calibration = getattr(model, "calibration", None) or (getattr(model, "memory_bank_metadata", None) or {}).get("calibration")
     return calibration if isinstance(calibration, dict) and "image_threshold" in calibration else None

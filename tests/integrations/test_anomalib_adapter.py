@@ -77,7 +77,7 @@ def test_thresholds_and_calibration_give_labels_and_masks(adapter_module, model_
     assert out.pred_label.dtype == torch.bool and out.pred_label.tolist() == (scores > threshold).tolist()
     np.testing.assert_array_equal(out.pred_mask.numpy(), (maps > pixel_threshold).numpy())
 
-    model_with_bank.config.calibration = {"image_threshold": -1.0, "pixel_threshold": 2.0}
+    model_with_bank.calibration = {"image_threshold": 0.0, "pixel_threshold": 1.0}  # every score > 0, no map value > 1
     calibrated = adapter_module.MRADAnomalib(model_with_bank, pre_processor=False)
     out = calibrated.test_step(fake_anomalib.ImageBatch(image=images), 0)
     assert out.pred_label.all() and not out.pred_mask.any()

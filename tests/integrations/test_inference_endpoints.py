@@ -98,7 +98,7 @@ def test_threshold_parameter_and_calibration_decide_label_and_mask(saved_folder,
 
     calibrated = tmp_path / "calibrated"
     shutil.copytree(saved_folder, calibrated)
-    (calibrated / "calibration.json").write_text(json.dumps({"image_threshold": -1.0, "pixel_threshold": 2.0}))
+    (calibrated / "calibration.json").write_text(json.dumps({"image_threshold": 0.0, "pixel_threshold": 1.0}))  # in range: every score > 0, no map value > 1
     [response] = EndpointHandler(str(calibrated))({"inputs": _png_bytes(images[0])})
     assert response["label"] == "anomaly" and response["threshold"]["from"] == "calibration"
     with Image.open(io.BytesIO(base64.b64decode(response["mask"]))) as mask:
