@@ -45,6 +45,8 @@ def cmd_release(args) -> int:
 
 
 def register(commands) -> None:
+    from .common import image_size_int, positive_int
+
     """Add `release` to the `mrad` subcommand parser (choices as in `mrad_hf.hub.release`, kept light for `--help`)."""
     variants, auxiliaries = ("tf", "ft", "clip"), ("visa", "mvtec")
     sub = commands.add_parser("release", help="convert the official MRAD files and push the short-name repos (idempotent; --dry-run lists all)")
@@ -52,12 +54,12 @@ def register(commands) -> None:
     sub.add_argument("--work-dir", default="outputs/release", help="where the repo folders (and evaluations) are written before upload")
     sub.add_argument("--dry-run", action="store_true", help="build and compare with the Hub, list every repo and file, upload nothing")
     sub.add_argument("--namespace", help="Hub organisation/user (default $MRAD_HUB_NAMESPACE, else mrad-hf)")
-    sub.add_argument("--variants", nargs="+", choices=variants, default=list(variants))
-    sub.add_argument("--auxiliaries", nargs="+", choices=auxiliaries, default=list(auxiliaries))
-    sub.add_argument("--image-size", type=int, default=518, help="network input size (518 as the official code)")
+    sub.add_argument("--variants", nargs="+", choices=variants, default=list(variants), help="which MRAD variants to publish")
+    sub.add_argument("--auxiliaries", nargs="+", choices=auxiliaries, default=list(auxiliaries), help="which auxiliary datasets' banks and models to publish")
+    sub.add_argument("--image-size", type=image_size_int, default=518, help="network input size (518 as the official code)")
     sub.add_argument("--data-root", action="append", metavar="DATASET=FOLDER", help="evaluate on mvtec / visa (zero-shot protocol) for the cards")
     sub.add_argument("--results", action="append", metavar="REPO=RESULTS_JSON", help="results.json of `mrad evaluate` for a repo's card, e.g. mrad-clip-visa=results.json")
-    sub.add_argument("--batch-size", type=int, default=8)
-    sub.add_argument("--private", action="store_true", default=None)
+    sub.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    sub.add_argument("--private", action="store_true", default=None, help="create new repos as private")
     sub.add_argument("--endpoint", help="Hub endpoint (default $HF_ENDPOINT)")
     sub.set_defaults(handler=cmd_release)

@@ -3,8 +3,10 @@
 
 `mrad_hf.hub.push_model` writes this file as `handler.py` into every model repo it pushes; Inference Endpoints
 (and any server that follows the same convention) instantiate `EndpointHandler(path)` once and call it per request.
-It needs no `mrad_hf`: the model, its processor and its code come from the repo itself (`trust_remote_code=True`),
-and this file imports only the standard library, numpy, Pillow, torch and transformers.
+It needs no `mrad_hf`: where it is not installed, the model, its processor and its code come from the repo itself
+(`trust_remote_code=True`, which is what a repo's own endpoint runs); where it is installed, its registered classes
+are used and no code from the folder runs. This file imports only the standard library, numpy, Pillow, torch and
+transformers (and `mrad_hf` when present).
 
 Request (JSON, or a raw image body, which the Inference Toolkit hands over as a PIL image in `inputs`):
 
@@ -50,14 +52,24 @@ _URL_TIMEOUT_S = float(os.environ.get("MRAD_HANDLER_URL_TIMEOUT", "10"))
 _MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 
 
+def _mrad_hf_installed() -> bool:
+    """With mrad_hf importable its classes are registered with transformers and no code from the repo is needed."""
+    try:
+        import mrad_hf  # noqa: F401  (registers MRAD with AutoModel / AutoImageProcessor)
+    except ImportError:
+        return False
+    return True
+
+
 class EndpointHandler:
     """`EndpointHandler(path)(data) -> list[dict]`: one response per image (see the module docstring)."""
 
     def __init__(self, path: str = ""):
         folder = path or os.path.dirname(os.path.abspath(__file__))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModel.from_pretrained(folder, trust_remote_code=True).to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        run_folder_code = not _mrad_hf_installed()
+        self.model = AutoModel.from_pretrained(folder, trust_remote_code=run_folder_code).to(self.device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=run_folder_code)
         self.calibration = _calibration(folder, self.model.config)
 
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]]:
