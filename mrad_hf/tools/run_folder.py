@@ -194,7 +194,7 @@ def open_run_folder(
         else:
             listed = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
             raise RunFolderError(
-                f"Output folder '{path}' holds {'an unfinished' if was_incomplete else 'a'} {fingerprint.get('command', '')} run that differs "
+                f"Output folder '{path}' holds {'an unfinished' if was_incomplete else 'a'} run of 'mrad {fingerprint.get('command', '')}' that differs "
                 f"from this one ({listed}). Pass --overwrite to delete its results and start over, --resume-anyway to keep them, "
                 "or choose another --output-dir."
             )

@@ -113,9 +113,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
-    os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp creates 0600
     try:
         write(tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp (and safetensors) create 0600
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
@@ -142,6 +142,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        mask = _umask()
+        for root, folders, files in os.walk(tmp):  # safetensors writes 0600 whatever the umask
+            for name in folders:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
