@@ -259,33 +259,46 @@ def read_json_lines(path: str | os.PathLike, *, repair: bool = True) -> list[dic
 def writer_lock(target: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """Hold an exclusive lock for writing `target` (a file or folder); a second writer is refused at once.
 
-    The lock file `.<name>.lock` sits beside `target`; the lock itself is the kernel's (`fcntl.flock`), so a killed
-    writer never leaves a stale lock behind.
+    The lock file `.<name>.lock` sits beside `target` while the lock is held and is removed on release; the lock
+    itself is the kernel's (`fcntl.flock`), so a killed writer never leaves a lock that blocks the next run.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.with_name(f".{target.name}.lock")
-    handle = open(lock_path, "a+", encoding="utf-8")
     try:
+        import fcntl
+    except ImportError:  # not POSIX: no kernel lock; the single-writer rule is then not enforced
+        yield lock_path
+        return
+    for _ in range(3):
+        handle = open(lock_path, "a+", encoding="utf-8")
         try:
-            import fcntl
-        except ImportError:  # not POSIX: fall back to an exclusive-create marker
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunFolderError(
-                    f"Another mrad process ({holder}) is writing {what} '{target}'. Wait for it to finish, or write to another path."
-                ) from None
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunFolderError(
+                f"Another mrad process ({holder}) is writing {what} '{target}'. Wait for it to finish, or write to another path."
+            ) from None
+        try:
+            same_file = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:  # not a lock file its previous holder removed meanwhile
+            break
+        handle.close()
+    else:
+        raise RunFolderError(f"Could not lock {what} '{target}': other writers keep replacing '{lock_path}'. Try again.")
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
         yield lock_path
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # while still holding the lock, so no one else's lock file is removed
         handle.close()
 
 
