@@ -213,3 +213,39 @@ def test_open_run_folder_lists_every_differing_field(tmp_path):
     (tmp_path / "scores.jsonl").write_text("")
     with pytest.raises(RunFolderError, match=r"run.json: missing"):
         open_run_folder(tmp_path, second, artefacts=("scores.jsonl",))
+
+
+def test_kill_9_during_predict_is_detected_and_resumed_never_mixed(tmp_path, two_models, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "many" / "good"
+    folder.mkdir(parents=True)
+    for index, sample in enumerate(make_samples(40, seed=56)):
+        Image.fromarray(sample["image"]).save(folder / f"{index:03d}.png")
+    out = tmp_path / "out"
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen([sys.executable, "-m", "mrad_hf", "predict", "--model", str(two_models[0]), str(folder), "--output-dir", str(out)],
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "scores.jsonl").is_file() and len((out / "scores.jsonl").read_bytes().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "predict finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(read_json_lines(out / "scores.jsonl", repair=False))
+    assert 3 <= done_before < 40 and (out / INCOMPLETE_MARKER).exists() and not (out / "scores.json").exists()
+    assert _predict(two_models[1], folder, out) == 2  # another model: refused, the killed run's files are not mixed in
+    assert "holds an unfinished run of 'mrad predict'" in capsys.readouterr().err
+    assert _predict(two_models[0], folder, out) == 0  # the same run: resumed
+    assert "already done" in capsys.readouterr().out
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["scored"] == 40 and len({r["path"] for r in summary["results"]}) == 40
+    fresh = tmp_path / "fresh"
+    assert _predict(two_models[0], folder, fresh) == 0
+    assert [r["score"] for r in summary["results"]] == pytest.approx([r["score"] for r in json.loads((fresh / "scores.json").read_text())["results"]], abs=1e-6)
