@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping, sha256_of
+from mrad_hf.conversion.options import BANK_DESCRIPTION as DESCRIPTION
+from mrad_hf.conversion.options import add_bank_arguments as add_arguments
 
 __all__ = ["convert_official_bank", "read_official_cache", "VIT_L14_DIMS", "main", "add_arguments", "run"]
 
@@ -156,20 +158,6 @@ def convert_official_bank(
 def _official_pair(cache_dir: str, dataset: str) -> tuple[Path, Path]:
     folder = Path(cache_dir)
     return folder / f"cache_model_{dataset}.pt", folder / f"cache_patch_model_{dataset}.pt"
-
-
-DESCRIPTION = "Convert the official MRAD memory banks (cache_model_*.pt + cache_patch_model_*.pt) to an mrad-hf bank (.safetensors)."
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of this converter (shared by `python -m` and `mrad convert`)."""
-    parser.add_argument("--cache-dir", help="folder with the official files (use with --dataset)")
-    parser.add_argument("--dataset", help="visa or mvtec: picks cache_model_<dataset>.pt and cache_patch_model_<dataset>.pt")
-    parser.add_argument("--image-cache", help="the image-level file (cache_model_<dataset>.pt)")
-    parser.add_argument("--patch-cache", help="the patch-level file (cache_patch_model_<dataset>.pt)")
-    parser.add_argument("--output", required=True, help="bank file to write (.safetensors)")
-    parser.add_argument("--model", help="MRAD model folder / Hub id, or transformers CLIP folder, the bank belongs to (records its backbone fingerprint)")
-    parser.add_argument("--source", help="auxiliary dataset name for the metadata (default: from the file names)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping
+from mrad_hf.conversion.options import CHECKPOINT_DESCRIPTION as DESCRIPTION
+from mrad_hf.conversion.options import add_checkpoint_arguments as add_arguments
 
 __all__ = ["official_to_hf", "map_official_checkpoint", "convert_official_checkpoint", "OfficialCheckpoint", "DROPPED_KEYS", "main", "add_arguments", "run"]
 
@@ -183,18 +185,6 @@ def convert_official_checkpoint(
         with atomic_directory(output_dir) as staging:  # an interrupted conversion leaves no half-written folder
             model.save_pretrained(staging)
     return model.eval()
-
-
-DESCRIPTION = "Convert an official MRAD-FT / MRAD-CLIP checkpoint (.pth) to an mrad-hf model folder."
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of this converter (shared by `python -m` and `mrad convert`)."""
-    parser.add_argument("checkpoint", help="official .pth (test_on_mvtec.pth, test_on_visa.pth, mrad_ft_final.pth, mrad_clip_final.pth)")
-    parser.add_argument("output_dir", help="folder to write with save_pretrained")
-    parser.add_argument("--clip", required=True, help="CLIP backbone: transformers folder (see convert_openai_clip) or Hub id")
-    parser.add_argument("--bank", help="memory bank: .safetensors from convert_official_bank, or a Hub bank repo")
-    parser.add_argument("--image-size", type=int, default=518, help="network input size (518 as the official code)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping
+from mrad_hf.conversion.options import CLIP_DESCRIPTION as DESCRIPTION
+from mrad_hf.conversion.options import add_clip_arguments as add_arguments
 
 __all__ = ["openai_to_hf_tensors", "infer_clip_config", "convert_openai_state_dict", "convert_openai_clip", "main", "add_arguments", "run"]
 
@@ -165,17 +167,6 @@ def convert_openai_clip(
         with atomic_directory(output_dir) as staging:  # an interrupted conversion leaves no half-written folder
             model.save_pretrained(staging)
     return model
-
-
-DESCRIPTION = "Convert OpenAI's CLIP checkpoint (ViT-L-14-336px.pt, TorchScript or state dict) to a transformers CLIPModel folder."
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of this converter (shared by `python -m` and `mrad convert`)."""
-    parser.add_argument("checkpoint", help="OpenAI CLIP .pt file")
-    parser.add_argument("output_dir", help="folder to write (config.json + model.safetensors)")
-    parser.add_argument("--vision-heads", type=int, help="attention heads of the image tower (default width // 64, as OpenAI)")
-    parser.add_argument("--text-heads", type=int, help="attention heads of the text tower (default width // 64)")
 
 
 def run(args: argparse.Namespace) -> int:
