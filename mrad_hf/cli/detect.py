@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
@@ -47,19 +48,26 @@ def cmd_make_synthetic(args) -> int:
 def cmd_build_bank(args) -> int:
     from ..models.mrad.memory_bank_mrad import atomic_directory
 
+    from ..tools.run_folder import writer_lock
+
     detector = detector_from_args(args)
     dataset = load_dataset_from_args(args, split=args.split)
-    _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
-    started = time.perf_counter()
-    bank = _build_bank_from(detector, dataset, source=args.source or args.dataset, batch_size=args.batch_size, on_error=args.on_error)
-    elapsed = time.perf_counter() - started
-    path = bank.save(args.output)
-    built = bank.counts()["image_entries"]
-    _log(f"{bank} -> {path} ({elapsed:.1f} s, {built / max(elapsed, 1e-9):.2f} images/s)")
-    if args.save_model:
-        with atomic_directory(args.save_model) as staging:  # an interrupted save leaves the old folder intact
-            detector.save_pretrained(staging)
-        _log(f"Model with its bank saved to {args.save_model} (load with AutoModel.from_pretrained or pipeline('anomaly-detection'))")
+    with contextlib.ExitStack() as locks:  # issue 13 §5: one writer of this bank (and model folder) at a time
+        locks.enter_context(writer_lock(args.output, "the bank"))
+        if args.save_model:
+            locks.enter_context(writer_lock(args.save_model, "the model folder"))
+        _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
+        started = time.perf_counter()
+        bank = _build_bank_from(detector, dataset, source=args.source or args.dataset, batch_size=args.batch_size, on_error=args.on_error)
+        elapsed = time.perf_counter() - started
+        if args.save_model:  # the model first: if it cannot be written, the old bank and model both stay as they were
+            with atomic_directory(args.save_model) as staging:  # an interrupted save leaves the old folder intact
+                detector.save_pretrained(staging)
+        path = bank.save(args.output)
+        built = bank.counts()["image_entries"]
+        _log(f"{bank} -> {path} ({elapsed:.1f} s, {built / max(elapsed, 1e-9):.2f} images/s)")
+        if args.save_model:
+            _log(f"Model with its bank saved to {args.save_model} (load with AutoModel.from_pretrained or pipeline('anomaly-detection'))")
     _report_skipped(bank.metadata.get("skipped_files", []), f"the bank's metadata ('skipped_files' in {path})")
     return 0
 
@@ -80,10 +88,11 @@ def _predictions(detect, paths, *, batch_size: int, threshold: float | None, fai
         for path in paths:
             try:
                 image = detect.image_processor.load(path)
-            except MRADInputError as error:
+            except (MRADInputError, MemoryError, OSError) as error:  # this image's failure: bad file, memory, disk
+                reason = str(error) if isinstance(error, MRADInputError) else f"Image '{path}' failed: {type(error).__name__}: {error or 'out of memory'}"
                 if on_error == "fail":
-                    raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
-                failures.append({"path": str(path), "error": str(error)})
+                    raise CLIError(f"{reason} (--on-error skip reports and skips such files)") from error
+                failures.append({"path": str(path), "error": reason})
                 continue
             pending.append((path, image))
             yield image
@@ -93,20 +102,46 @@ def _predictions(detect, paths, *, batch_size: int, threshold: float | None, fai
         yield path, image, prediction
 
 
+class _StreamedFailures(list):
+    """The failure list of a predict run; each failure is also appended to scores.jsonl as it happens."""
+
+    def __init__(self, lines):
+        super().__init__()
+        self.lines = lines
+
+    def append(self, record) -> None:
+        super().append(record)
+        self.lines.write(record)
+
+
 def cmd_predict(args) -> int:
     detector = detector_from_args(args)  # first: a wrong --model / --bank / --device fails before anything loads
 
     from tqdm.auto import tqdm
 
+    from ..tools import run_folder
     from ..tools.visualization import save_panel
 
     _, detect = _detector_pipeline(detector)
     paths = _collect_images(args.inputs)
     output_dir = Path(args.output_dir)
-    results, failures = [], []
+    # issue 13 §4-5: a fingerprinted run folder; per-image results appended to scores.jsonl as they are computed
+    settings = {"threshold": args.threshold, "stretch": args.stretch, "dtype": str(detector.dtype)}
+    images = run_folder.dataset_identity([os.path.abspath(path) for path in paths])
+    fingerprint = run_folder.run_fingerprint(command="predict", model=detector, settings=settings, extra={"images": images})
+    run = run_folder.open_run_folder(output_dir, fingerprint, artefacts=("scores.jsonl", "scores.json", "heatmaps"),
+                                     overwrite=args.overwrite, resume_anyway=args.resume_anyway)
+    done = {record["path"]: record for record in run_folder.read_json_lines(output_dir / "scores.jsonl")} if run.resumed else {}
+    done = {path: record for path, record in done.items() if "error" not in record}  # failed images are tried again
+    if done:
+        _log(f"Resuming the {'unfinished ' if run.was_incomplete else ''}run in {output_dir}: {len(done)} of {len(paths)} image(s) already done")
+    position = {str(path): index for index, path in enumerate(paths)}
+    todo = [path for path in paths if str(path) not in done]
+    lines = run_folder.JsonLinesWriter(output_dir / "scores.jsonl")
+    results, failures = [], _StreamedFailures(lines)
     value_range = None if args.stretch else (0.0, 1.0)
-    with tqdm(total=len(paths), desc="Scoring", unit="img") as bar:
-        predictions = _predictions(detect, paths, batch_size=args.batch_size, threshold=args.threshold, failures=failures, on_error=args.on_error)
+    with lines, tqdm(total=len(todo), desc="Scoring", unit="img") as bar:
+        predictions = _predictions(detect, todo, batch_size=args.batch_size, threshold=args.threshold, failures=failures, on_error=args.on_error)
         for path, image, prediction in predictions:
             bar.n = len(results) + len(failures) + 1
             bar.refresh()
@@ -119,15 +154,25 @@ def cmd_predict(args) -> int:
             record = {"path": str(path), "score": prediction["score"]}
             if "is_anomalous" in prediction:  # --threshold, or the model's calibration
                 record.update(label=prediction["label"], is_anomalous=prediction["is_anomalous"], thresholds=prediction["thresholds"])
-            heatmap = output_dir / "heatmaps" / f"{len(results):05d}_{path.stem}.png"
-            save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
+            heatmap = output_dir / "heatmaps" / run_folder.bounded_name(position[str(path)], path)  # <= 255 bytes, keeps the defect folder
+            try:
+                save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
+            except (OSError, MemoryError) as error:  # disk full, name too long: this image's failure, the scores so far stay
+                message = f"Image '{path}' failed: {type(error).__name__}: {error or 'out of memory'}"
+                if args.on_error == "fail":
+                    raise CLIError(f"{message} (scores so far are in {output_dir / 'scores.jsonl'})") from error
+                failures.append({"path": str(path), "error": message})
+                continue
             record["heatmap"] = str(heatmap)
             results.append(record)
+            lines.write(record)
             _log(f"{prediction['score']:.6f}  {path}")
-        bar.n = len(paths)
+        bar.n = len(todo)
         bar.refresh()
-    summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": failures}
+    results = sorted([*done.values(), *results], key=lambda record: position[record["path"]])
+    summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": list(failures)}
     _write_json(output_dir / "scores.json", summary)
+    run.finish()
     _log(f"Scored {len(results)} of {len(paths)} image(s). Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}")
     _report_skipped(failures, f"'failures' in {output_dir / 'scores.json'}")
     return 0
@@ -243,7 +288,7 @@ def cmd_evaluate(args) -> int:
             results = evaluate_dataset(
                 detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
                 heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
-                on_error=args.on_error, exclude_bank_images=args.exclude_bank_images,
+                on_error=args.on_error, exclude_bank_images=args.exclude_bank_images, overwrite=args.overwrite, resume_anyway=args.resume_anyway,
             )
     except MRADInputError as error:
         raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
@@ -255,6 +300,12 @@ def cmd_evaluate(args) -> int:
     if args.clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=args.clip))
     return 0 if results["per_category"] else 1
+
+
+def run_folder_options(sub) -> None:
+    """Issue 13 §4: an --output-dir holding a different run is refused unless one of these is given."""
+    sub.add_argument("--overwrite", action="store_true", help="--output-dir holds a different run: delete its results and start over")
+    sub.add_argument("--resume-anyway", action="store_true", help="--output-dir holds a different run: keep its results and continue")
 
 
 def register(commands) -> None:
@@ -289,6 +340,7 @@ def register(commands) -> None:
     predict.add_argument("--output-dir", default="outputs/predict", help="where scores.json and heatmaps/ go")
     predict.add_argument("--threshold", type=finite_float, help="image score above which an image is labelled anomalous (default: the model's calibration, if any)")
     predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")
+    run_folder_options(predict)
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = commands.add_parser("evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps")
@@ -301,4 +353,5 @@ def register(commands) -> None:
     evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference", help="AUPRO definition: the MRAD/AnomalyCLIP code's or anomalib's")
     evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
     evaluate.add_argument("--exclude-bank-images", action="store_true", help="leave out scored images that are in the memory bank (same file content or id)")
+    run_folder_options(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)

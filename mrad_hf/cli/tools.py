@@ -186,18 +186,19 @@ def cmd_explain(args) -> int:
     from tqdm.auto import tqdm
 
     from ..tools.app import detector_for
-    from ..tools.explain import save_explanation
+    from ..tools.explain import public_explanation, save_explanation
 
     bank = _load_bank(args.bank) if args.bank else None
     detector = _detector(args, bank)
     detect = detector_for(detector)
     output_dir = Path(args.output_dir)
-    records = []
+    records, notes = [], []
     for index, path in enumerate(tqdm(_cli._collect_images(args.images), desc="Explaining", unit="img")):
         image = detect.image_processor.load(path)
         result = detect(image, explain=True, top_k=args.top_k, threshold=args.threshold)
-        panel = save_explanation(output_dir / f"{index:05d}_{path.stem}_explanation.png", image, result["anomaly_map"], result["explanation"])
-        record = {"path": str(path), "score": result["score"], "panel": str(panel), "explanation": result["explanation"]}
+        panel = save_explanation(output_dir / f"{index:05d}_{path.stem}_explanation.png", image, result["anomaly_map"], result["explanation"],
+                                 image_root=args.image_root, notes=notes)
+        record = {"path": str(path), "score": result["score"], "panel": str(panel), "explanation": public_explanation(result["explanation"])}
         if "is_anomalous" in result:
             record.update(is_anomalous=bool(result["is_anomalous"]), thresholds=result["thresholds"])
         records.append(record)
@@ -205,6 +206,10 @@ def cmd_explain(args) -> int:
         _cli._log(f"{result['score']:.6f}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}")
     _cli._write_json(output_dir / "explanations.json", records)
     _cli._log(f"Panels and explanations.json in {output_dir}")
+    if notes:
+        _cli._log(f"{len(notes)} thumbnail(s) drawn as placeholders, e.g. {notes[0]}")
+    elif args.image_root is None:
+        _cli._log("Memory entries are drawn as placeholders: pass --image-root (the folder the bank's image ids are relative to) for thumbnails.")
     return 0
 
 
@@ -216,7 +221,8 @@ def cmd_serve(args) -> int:
     bank = _load_bank(args.bank) if args.bank else None
     detector = _detector(args, bank)
     _cli._log(f"Serving on http://{args.host}:{args.port}/ (Ctrl+C stops)")
-    serve(detector, host=args.host, port=args.port, top_k=args.top_k, threshold=args.threshold)
+    serve(detector, host=args.host, port=args.port, top_k=args.top_k, threshold=args.threshold, image_root=args.image_root,
+          max_upload_mb=args.max_upload_mb)
     return 0
 
 
@@ -289,6 +295,7 @@ def register(commands) -> None:
     explain.add_argument("--output-dir", default="outputs/explain", help="where the panels and explanations.json go")
     explain.add_argument("--top-k", type=positive_int, default=5, help="memory entries shown per image")
     _threshold_option(explain)
+    explain.add_argument("--image-root", help="folder the bank's image ids are relative to; thumbnails are read only from inside it")
     explain.set_defaults(handler=cmd_explain)
 
     serve = commands.add_parser("serve", help="demo app: drop an image, see score, heatmap, decision, explanation (needs gradio)")
@@ -297,4 +304,7 @@ def register(commands) -> None:
     serve.add_argument("--port", type=port_int, default=7860, help="port to listen on")
     serve.add_argument("--top-k", type=positive_int, default=5, help="memory entries shown per image")
     _threshold_option(serve)
+    serve.add_argument("--image-root", help="folder the bank's image ids are relative to; thumbnails are read only from inside it")
+    serve.add_argument("--max-upload-mb", type=_cli._bounded(float, "a number of megabytes > 0", low=0, low_open=True), default=50.0,
+                       help="largest accepted upload in MB (default %(default)s)")
     serve.set_defaults(handler=cmd_serve)

@@ -43,6 +43,9 @@ def cmd_train(args) -> int:
         from ..training.tokenization import load_clip_tokenizer
 
         overrides["tokenizer"] = load_clip_tokenizer(args.tokenizer)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)  # the heads are initialised from the global RNG whatever the backbone (issue 13 §4)
     detector = load_detector(None, args.clip, image_size=args.image_size, seed=args.seed, device="cpu", bank=args.bank,
                              trust_bank=args.trust_bank, **overrides)  # Accelerate moves it to each process's device
     dataset = load_benchmark(args.aux_dataset, args.aux_root, categories=args.categories, split=args.split)
@@ -56,6 +59,7 @@ def cmd_train(args) -> int:
         output_dir=args.output_dir, ft_epochs=args.ft_epochs, prompt_epochs=args.prompt_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision, log_with=args.log_with, resume=not args.no_resume,
+        overwrite=args.overwrite, resume_anyway=args.resume_anyway,
         max_steps_per_epoch=args.max_steps_per_epoch, bank_batch_size=args.batch_size,
     )
     result = train_mrad(detector, dataset, training_args, bank_source=args.aux_dataset)
@@ -87,4 +91,6 @@ def register(commands) -> None:
     train.add_argument("--patch-dropout-quantile", type=unit_interval, help="similarity dropout at pixel level (default: 0.8, 0.85 when --aux-dataset mvtec)")
     train.add_argument("--max-steps-per-epoch", type=positive_int, help="cap the batches per epoch (smoke tests; default: all)")
     train.add_argument("--no-resume", action="store_true", help="start over even if --output-dir holds checkpoints")
+    train.add_argument("--overwrite", action="store_true", help="--output-dir holds a different run: delete its checkpoints and start over")
+    train.add_argument("--resume-anyway", action="store_true", help="--output-dir holds a different run: resume from it all the same")
     train.set_defaults(handler=cmd_train)

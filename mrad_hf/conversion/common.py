@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .torchscript import TorchScriptReadError, is_torchscript_archive, read_torchscript_state_dict
 
 __all__ = ["ConversionError", "load_torch_file", "sha256_of", "check_keys", "require_mapping"]
 
@@ -21,30 +22,31 @@ class ConversionError(ValueError):
     """An input file that cannot be converted; the message names the file, what is wrong and what to do."""
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
-
-
-def load_torch_file(path: str | os.PathLike, what: str) -> Any:
-    """Load a PyTorch file on CPU without executing pickled code.
+def load_torch_file(path: str | os.PathLike, what: str, *, torchscript: bool = False) -> Any:
+    """Load a PyTorch file on CPU without executing anything from it.
 
     Plain files go through `torch.load(weights_only=True)` (tensors, dicts, lists, numbers only). A TorchScript
-    archive (OpenAI's released CLIP `.pt` files are ones) is opened with `torch.jit.load` and only its
-    `state_dict()` is returned.
+    archive (OpenAI's released CLIP `.pt` files are ones) is read, when `torchscript=True`, by
+    `torchscript.read_torchscript_state_dict` (a restricted unpickler: no archive code runs) and its state dict is
+    returned; otherwise (the official MRAD banks and checkpoints are plain pickles) it is refused by name.
     """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{what} '{path}' does not exist. Check the path (the official files are on the MRAD Google Drive).")
-    if _is_torchscript(path):
+    if is_torchscript_archive(path):
+        if not torchscript:
+            raise ConversionError(
+                f"{what} '{path}' is a TorchScript archive (it carries code), not a plain pickled state dict; the official MRAD "
+                "banks and checkpoints are plain state dicts, and this converter does not read archives with code. Give the "
+                "file from the MRAD release (torch.save of a dict of tensors)."
+            )
         try:
-            with warnings.catch_warnings():  # torch.jit is deprecated, but it is the only reader of these archives
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        except RuntimeError as error:
-            raise ConversionError(f"{what} '{path}' looks like a TorchScript archive but cannot be read ({error}); re-download it.") from error
+            return read_torchscript_state_dict(path)
+        except (TorchScriptReadError, zipfile.BadZipFile, OSError) as error:
+            raise ConversionError(
+                f"{what} '{path}' is a TorchScript archive that cannot be read without running its code: {error}. "
+                "Re-download OpenAI's file, or convert a plain state dict (torch.save(model.state_dict(), ...))."
+            ) from error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -26,16 +26,19 @@ from pathlib import Path
 import torch
 
 from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping, sha256_of
+from mrad_hf.conversion.options import BANK_DESCRIPTION as DESCRIPTION
+from mrad_hf.conversion.options import add_bank_arguments as add_arguments
 
-__all__ = ["convert_official_bank", "read_official_cache", "VIT_L14_DIMS", "main"]
+__all__ = ["convert_official_bank", "read_official_cache", "VIT_L14_DIMS", "main", "add_arguments", "run"]
 
 #: (image key width, patch key width) of the official release's backbone, CLIP ViT-L/14@336.
 VIT_L14_DIMS = (768, 1024)
 _OFFICIAL_NAME = re.compile(r"cache(_patch)?_model_(?P<source>[A-Za-z0-9]+)\.pt$")
 
 
-def read_official_cache(path: str | os.PathLike, *, level: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys float32 (N, width), values float32 (N, 2)) from one official cache file, after checking its format."""
+def read_official_cache(path: str | os.PathLike, *, level: str, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys float32 (N, D), values float32 (N, 2)) from one official cache file, after checking its format; `width`
+    (the backbone's key width, when known) must equal D."""
     what = f"Official {level}-level bank"
     cache = require_mapping(load_torch_file(path, what), path, what)
     check_keys(cache.keys(), {"keys", "values"}, f"{what} '{path}'")
@@ -43,7 +46,7 @@ def read_official_cache(path: str | os.PathLike, *, level: str, width: int) -> t
     for name, tensor in (("keys", keys), ("values", values)):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.ndim != 2:
             raise ConversionError(f"{what} '{path}': '{name}' must be a 2-D float tensor, got {_describe(tensor)}.")
-    if keys.shape[1] != width:
+    if width is not None and keys.shape[1] != width:
         raise ConversionError(
             f"{what} '{path}': keys are {keys.shape[1]}-d but {width}-d were expected ({level} keys of the backbone). "
             "Pass --model with the model this bank belongs to, or check that the image and patch files are not swapped."
@@ -73,11 +76,27 @@ def _source_from_names(image_cache: Path, patch_cache: Path) -> str | None:
 
 
 def _load_model(model):
+    """An MRAD model from an MRAD folder / Hub id, or a new one around a transformers CLIP folder (config.json with
+    `"model_type": "clip"`, e.g. from `mrad convert clip`): only its backbone and feature settings are used."""
     if model is None or not isinstance(model, (str, os.PathLike)):
         return model
+    import json
+
     from mrad_hf.models.mrad.modeling_mrad import MRADForAnomalyDetection
 
-    return MRADForAnomalyDetection.from_pretrained(model)
+    config_file = Path(model) / "config.json"
+    if config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError) as error:
+            raise ConversionError(f"Model folder '{model}': config.json is not valid JSON ({error}).") from error
+        if model_type == "clip":
+            return MRADForAnomalyDetection.from_clip(str(model))
+        if model_type != "mrad":
+            raise ConversionError(f"'{model}' is a '{model_type}' folder; --model takes an MRAD model folder or a transformers CLIP folder.")
+    from mrad_hf.hub.api import load_model
+
+    return load_model(model)
 
 
 def convert_official_bank(
@@ -94,9 +113,9 @@ def convert_official_bank(
         image_cache: `cache_model_<dataset>.pt` (image level).
         patch_cache: `cache_patch_model_<dataset>.pt` (pixel level).
         output: where to write the `.safetensors` bank (atomically); nothing is written when None.
-        model: the `MRADForAnomalyDetection` (or its folder / Hub id) the bank belongs to: its backbone
-            fingerprint and feature settings go into the metadata and its key widths are checked. Without it the
-            widths must be ViT-L/14's (768, 1024) and the backbone is recorded as unknown.
+        model: the `MRADForAnomalyDetection` (or its folder / Hub id), or a transformers CLIP folder, the bank belongs
+            to: its backbone fingerprint and feature settings go into the metadata and its key widths are checked.
+            Without it the widths are taken from the files (any backbone) and the backbone is recorded as unknown.
         source: the auxiliary dataset name (default: from the file names, e.g. "visa").
     """
     from mrad_hf.models.mrad.configuration_mrad import MRADConfig
@@ -108,7 +127,7 @@ def convert_official_bank(
         widths = (int(model.config.image_key_dim), int(model.config.patch_key_dim))
         backbone, features = backbone_fingerprint(model.clip), feature_settings(model.config)
     else:  # the official banks were built with the reference settings, which are MRADConfig's defaults
-        widths, backbone, features = VIT_L14_DIMS, None, feature_settings(MRADConfig())
+        widths, backbone, features = (None, None), None, feature_settings(MRADConfig())
     image_keys, image_values = read_official_cache(image_cache, level="image", width=widths[0])
     patch_keys, patch_values = read_official_cache(patch_cache, level="patch", width=widths[1])
     source = source or _source_from_names(image_cache, patch_cache)
@@ -127,7 +146,7 @@ def convert_official_bank(
                 "image_sha256": sha256_of(image_cache),
                 "patch_file": patch_cache.name,
                 "patch_sha256": sha256_of(patch_cache),
-                "backbone": "fingerprint of the given model" if backbone else "unknown (no --model given); official banks are for CLIP ViT-L/14@336",
+                "backbone": "fingerprint of the given model" if backbone else "unknown (no --model given); the official banks are for CLIP ViT-L/14@336 (768 / 1024-d keys)",
             },
         },
     )
@@ -141,25 +160,14 @@ def _official_pair(cache_dir: str, dataset: str) -> tuple[Path, Path]:
     return folder / f"cache_model_{dataset}.pt", folder / f"cache_patch_model_{dataset}.pt"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mrad_hf.conversion.convert_official_bank",
-        description="Convert the official MRAD memory banks (cache_model_*.pt + cache_patch_model_*.pt) to an mrad-hf bank (.safetensors).",
-    )
-    parser.add_argument("--cache-dir", help="folder with the official files (use with --dataset)")
-    parser.add_argument("--dataset", help="visa or mvtec: picks cache_model_<dataset>.pt and cache_patch_model_<dataset>.pt")
-    parser.add_argument("--image-cache", help="the image-level file (cache_model_<dataset>.pt)")
-    parser.add_argument("--patch-cache", help="the patch-level file (cache_patch_model_<dataset>.pt)")
-    parser.add_argument("--output", required=True, help="bank file to write (.safetensors)")
-    parser.add_argument("--model", help="MRAD model folder / Hub id the bank belongs to (records its backbone fingerprint)")
-    parser.add_argument("--source", help="auxiliary dataset name for the metadata (default: from the file names)")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.cache_dir and args.dataset:
         image_cache, patch_cache = _official_pair(args.cache_dir, args.dataset)
     elif args.image_cache and args.patch_cache:
         image_cache, patch_cache = Path(args.image_cache), Path(args.patch_cache)
     else:
-        parser.error("give --cache-dir and --dataset, or --image-cache and --patch-cache")
+        print("error: give --cache-dir and --dataset, or --image-cache and --patch-cache", file=sys.stderr)
+        return 2
     try:
         bank = convert_official_bank(image_cache, patch_cache, args.output, model=args.model, source=args.source or args.dataset)
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
@@ -167,6 +175,12 @@ def main(argv=None) -> int:
         return 2
     print(f"Wrote {args.output}: {bank}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mrad_hf.conversion.convert_official_bank", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 
 from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping
+from mrad_hf.conversion.options import CHECKPOINT_DESCRIPTION as DESCRIPTION
+from mrad_hf.conversion.options import add_checkpoint_arguments as add_arguments
 
-__all__ = ["official_to_hf", "map_official_checkpoint", "convert_official_checkpoint", "OfficialCheckpoint", "DROPPED_KEYS", "main"]
+__all__ = ["official_to_hf", "map_official_checkpoint", "convert_official_checkpoint", "OfficialCheckpoint", "DROPPED_KEYS", "main", "add_arguments", "run"]
 
 _PARTS = {"ft": ("image_proj", "patch_proj"), "clip": ("image_proj", "patch_proj", "prompt_learner", "prompt_proj")}
 _LINEAR_RENAMES = {
@@ -185,17 +187,7 @@ def convert_official_checkpoint(
     return model.eval()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mrad_hf.conversion.convert_official_checkpoint",
-        description="Convert an official MRAD-FT / MRAD-CLIP checkpoint (.pth) to an mrad-hf model folder.",
-    )
-    parser.add_argument("checkpoint", help="official .pth (test_on_mvtec.pth, test_on_visa.pth, mrad_ft_final.pth, mrad_clip_final.pth)")
-    parser.add_argument("output_dir", help="folder to write with save_pretrained")
-    parser.add_argument("--clip", required=True, help="CLIP backbone: transformers folder (see convert_openai_clip) or Hub id")
-    parser.add_argument("--bank", help="memory bank: .safetensors from convert_official_bank, or a Hub bank repo")
-    parser.add_argument("--image-size", type=int, default=518, help="network input size (518 as the official code)")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
         model = convert_official_checkpoint(args.checkpoint, args.output_dir, clip=args.clip, bank=args.bank, image_size=args.image_size)
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
@@ -206,6 +198,12 @@ def main(argv=None) -> int:
     if args.bank is None:
         print("No --bank given: attach one before scoring (model.set_memory_bank(...)).")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mrad_hf.conversion.convert_official_checkpoint", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 """Convert OpenAI's original CLIP checkpoint (e.g. `ViT-L-14-336px.pt`) to a transformers `CLIPModel` folder.
 
 For users who have only OpenAI's file (the official MRAD code loads exactly that one). Both the released
-TorchScript archive (read with `torch.jit.load(...).state_dict()` on CPU) and a plain state-dict file
-(`torch.load(weights_only=True)`) are accepted. The architecture is inferred from the tensor shapes as OpenAI's
+TorchScript archive (its weights read by `conversion.torchscript` with a restricted unpickler: none of the
+archive's code runs) and a plain state-dict file (`torch.load(weights_only=True)`) are accepted. The architecture is inferred from the tensor shapes as OpenAI's
 `clip.model.build_model` does (ViT image towers only); head counts are `width // 64` as in OpenAI's code unless
 given. All key renaming lives in `openai_to_hf_tensors` (timm's `_convert_openai_clip` style):
 
@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 
 from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping
+from mrad_hf.conversion.options import CLIP_DESCRIPTION as DESCRIPTION
+from mrad_hf.conversion.options import add_clip_arguments as add_arguments
 
-__all__ = ["openai_to_hf_tensors", "infer_clip_config", "convert_openai_state_dict", "convert_openai_clip", "main"]
+__all__ = ["openai_to_hf_tensors", "infer_clip_config", "convert_openai_state_dict", "convert_openai_clip", "main", "add_arguments", "run"]
 
 #: Entries of OpenAI's TorchScript state dict that are not weights (`clip.model.build_model` deletes them).
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -157,7 +159,7 @@ def convert_openai_clip(
     checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None = None, *, vision_heads: int | None = None, text_heads: int | None = None
 ):
     """Read `ViT-*.pt` (TorchScript archive or plain state dict), return the `CLIPModel`; save it to `output_dir` if given."""
-    state_dict = require_mapping(load_torch_file(checkpoint, "OpenAI CLIP checkpoint"), checkpoint, "OpenAI CLIP checkpoint")
+    state_dict = require_mapping(load_torch_file(checkpoint, "OpenAI CLIP checkpoint", torchscript=True), checkpoint, "OpenAI CLIP checkpoint")
     model = convert_openai_state_dict(state_dict, vision_heads=vision_heads, text_heads=text_heads)
     if output_dir is not None:
         from mrad_hf.models.mrad.memory_bank_mrad import atomic_directory
@@ -167,16 +169,7 @@ def convert_openai_clip(
     return model
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mrad_hf.conversion.convert_openai_clip",
-        description="Convert OpenAI's CLIP checkpoint (ViT-L-14-336px.pt, TorchScript or state dict) to a transformers CLIPModel folder.",
-    )
-    parser.add_argument("checkpoint", help="OpenAI CLIP .pt file")
-    parser.add_argument("output_dir", help="folder to write (config.json + model.safetensors)")
-    parser.add_argument("--vision-heads", type=int, help="attention heads of the image tower (default width // 64, as OpenAI)")
-    parser.add_argument("--text-heads", type=int, help="attention heads of the text tower (default width // 64)")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
         model = convert_openai_clip(args.checkpoint, args.output_dir, vision_heads=args.vision_heads, text_heads=args.text_heads)
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
@@ -186,6 +179,12 @@ def main(argv=None) -> int:
     print(f"Wrote {args.output_dir}: ViT with {vision.num_hidden_layers} layers, width {vision.hidden_size}, patch {vision.patch_size}, "
           f"image {vision.image_size}, projection {model.config.projection_dim}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mrad_hf.conversion.convert_openai_clip", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -233,6 +233,8 @@ def evaluate_dataset(
     run_info: dict[str, Any] | None = None,
     on_error: str = "skip",
     exclude_bank_images: bool = False,
+    overwrite: bool = False,
+    resume_anyway: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` on every category of `dataset` (rows with image, mask, label, category, defect_type, path).
 
@@ -241,7 +243,8 @@ def evaluate_dataset(
     Unreadable images or masks are skipped and listed (`on_error="skip"`) or stop the run (`"fail"`).
     A dataset with one label only raises `EvaluationDataError`; scored images that are in the model's memory bank
     are counted (`results["bank_overlap"]`, a `BankOverlapWarning`) and, with `exclude_bank_images`, left out.
-    Returns the content of `results.json`.
+    The folder's run fingerprint (`tools.run_folder`: model, bank, dataset, settings) must match to resume; a folder
+    of another run is refused unless `overwrite` (start over) or `resume_anyway`. Returns the content of `results.json`.
     """
     from tqdm.auto import tqdm
 
@@ -268,7 +271,13 @@ def evaluate_dataset(
         )
     if "message" in overlap:
         warnings.warn(overlap["message"], BankOverlapWarning, stacklevel=2)
+    from ..tools import run_folder
+
     output_dir = Path(output_dir)
+    settings = {"aupro": aupro_protocol, "batch_size": batch_size, "dtype": str(model.dtype), "exclude_bank_images": exclude_bank_images}
+    fingerprint = run_folder.run_fingerprint(command="evaluate", model=model, dataset=run_folder.dataset_identity(dataset, name=name), settings=settings)
+    run = run_folder.open_run_folder(output_dir, fingerprint, artefacts=("per_category", "heatmaps", "results.json", "results.csv", "results.md"),
+                                     overwrite=overwrite or not resume, resume_anyway=resume_anyway)
     processor = MRADImageProcessor.from_config(model.config)
     category_column = dataset["category"]
     categories = sorted(set(category_column))
@@ -316,4 +325,5 @@ def evaluate_dataset(
     writer.writerow(["mean", *[mean[k] for k in METRIC_KEYS], sum(r["images"] for r in per_category), results["pixel_excluded_images"], ""])
     _write_text(output_dir / "results.csv", buffer.getvalue())
     _write_text(output_dir / "results.md", format_markdown_table(per_category, mean))
+    run.finish()
     return results

@@ -10,17 +10,29 @@ explanation panel and a JSON of details out), so it can be scripted with `gradio
 
     from gradio_client import Client, handle_file
     score, decision, overlay, panel, details = Client("http://127.0.0.1:7860/").predict(handle_file("part.png"), api_name="/predict")
+
+What a client can reach is bounded (issue 13 §2, §5): uploads are capped (`max_upload_mb`, default 50 MB, checked by
+Gradio at upload and again before decoding), thumbnails of memory entries come only from the `image_root` the
+operator names (never from paths a bank records), the JSON names no server path (`public_explanation`), uploads
+and rendered images live in the app's own temporary folder, removed when the app closes, and a failure is shown to
+the user as its one-line message (`gradio.Error`), not as Gradio's generic "Error".
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from typing import Any
 
-from .explain import DEFAULT_TOP_K, render_explanation
+from .explain import DEFAULT_TOP_K, public_explanation, render_explanation
 from .visualization import overlay_heatmap
 
-__all__ = ["analyse", "build_app", "detector_for", "import_gradio"]
+__all__ = ["DEFAULT_MAX_UPLOAD_MB", "analyse", "build_app", "detector_for", "import_gradio"]
+
+#: Largest upload the app accepts, in megabytes.
+DEFAULT_MAX_UPLOAD_MB = 50.0
 
 
 def import_gradio():
@@ -53,27 +65,47 @@ def _decision_text(result: dict[str, Any]) -> str:
     return f"{verdict}  (score {result['score']:.4f} vs threshold {thresholds['image']:.4f} from {thresholds['from']}; {share:.1f} % of pixels flagged)"
 
 
-def analyse(detector, image: Any, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None) -> tuple[float, str, Any, Any, dict[str, Any]]:
+def analyse(
+    detector, image: Any, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None, image_root: str | os.PathLike | None = None,
+    max_upload_mb: float | None = None,
+) -> tuple[float, str, Any, Any, dict[str, Any]]:
     """Score one image with the pipeline: (score, decision text, heatmap overlay, explanation panel, details).
 
     `image` is a path, PIL image or array, as the pipeline takes it. Details: score, decision fields and the
-    explanation (top-k memory entries with provenance and similarity).
+    explanation (top-k memory entries with provenance and similarity, no server paths). Thumbnails of the memory
+    entries are read only from `image_root`; a path `image` larger than `max_upload_mb` is refused before decoding.
     """
     if image is None:
         raise ValueError("No image: drop an image file onto the input first.")
+    if max_upload_mb is not None and isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+        size = os.path.getsize(image)
+        if size > max_upload_mb * 1e6:
+            raise ValueError(f"The upload is {size / 1e6:.1f} MB; this app accepts images up to {max_upload_mb:g} MB. Downscale or compress it.")
     loaded = detector.image_processor.load(image)
     result = detector(loaded, explain=True, top_k=top_k, threshold=threshold)
     overlay = overlay_heatmap(loaded, result["anomaly_map"])
-    panel = render_explanation(loaded, result["anomaly_map"], result["explanation"])
-    details = {"score": result["score"], "explanation": result["explanation"]}
+    notes: list[str] = []
+    panel = render_explanation(loaded, result["anomaly_map"], result["explanation"], image_root=image_root, notes=notes)
+    details = {"score": result["score"], "explanation": public_explanation(result["explanation"])}
+    if notes:
+        details["thumbnail_notes"] = [note.split("': ", 1)[-1] for note in notes]  # the reasons, without the ids
     if "thresholds" in result:
         details.update(is_anomalous=bool(result["is_anomalous"]), label=result["label"], thresholds=result["thresholds"])
     return result["score"], _decision_text(result), overlay, panel, details
 
 
-def build_app(model, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None, title: str = "MRAD anomaly detection"):
-    """A `gradio.Blocks` app over `model` (an `MRADForAnomalyDetection` with a memory bank)."""
+def build_app(
+    model, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None, title: str = "MRAD anomaly detection",
+    image_root: str | os.PathLike | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+):
+    """A `gradio.Blocks` app over `model` (an `MRADForAnomalyDetection` with a memory bank).
+
+    `app.launch_options` holds the `launch` arguments that enforce the upload cap; `app.temp_dir` is the app's own
+    temporary folder (uploads, rendered images), removed by `app.close()` or at exit.
+    """
     gr = import_gradio()
+    temp_dir = tempfile.mkdtemp(prefix="mrad-serve-")
+    os.environ["GRADIO_TEMP_DIR"] = temp_dir  # Gradio reads it for every upload and cached output
     detector = detector_for(model)
     metadata = model.memory_bank_metadata or {}
     description = (
@@ -82,11 +114,18 @@ def build_app(model, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = No
     )
 
     def predict(image_path):
-        return analyse(detector, image_path, top_k=top_k, threshold=threshold)
+        try:
+            return analyse(detector, image_path, top_k=top_k, threshold=threshold, image_root=image_root, max_upload_mb=max_upload_mb)
+        except Exception as error:  # show the user the real reason in one line, not Gradio's generic "Error"
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if image_path:  # name the user's file, not where the server stored the upload
+                message = message.replace(str(image_path), os.path.basename(str(image_path))).replace(temp_dir, "<upload>")
+            raise gr.Error(message, print_exception=False) from error
 
-    return gr.Interface(
+    app = gr.Interface(
         fn=predict,
-        inputs=gr.Image(type="filepath", label="image"),
+        # a file input, so that MRAD's decoder (not the component) reads the upload and its message reaches the user
+        inputs=gr.File(file_types=["image"], type="filepath", label="image"),
         outputs=[
             gr.Number(label="anomaly score"),
             gr.Textbox(label="decision"),
@@ -99,12 +138,33 @@ def build_app(model, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = No
         flagging_mode="never",
         api_name="predict",
         analytics_enabled=False,
+        delete_cache=(600, 3600),  # Gradio's own sweep of cached outputs older than an hour, every 10 minutes
     )
+    app.temp_dir = temp_dir
+    app.launch_options = {"max_file_size": max(1, int(max_upload_mb * 1e6))}  # bytes
+    close = app.close
+
+    def close_and_clean(*args, **kwargs):
+        try:
+            return close(*args, **kwargs)
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    app.close = close_and_clean
+    atexit.register(shutil.rmtree, temp_dir, True)
+    return app
 
 
-def serve(model, *, host: str = "127.0.0.1", port: int | None = None, top_k: int = DEFAULT_TOP_K, threshold: float | None = None, block: bool = True):
+def serve(
+    model, *, host: str = "127.0.0.1", port: int | None = None, top_k: int = DEFAULT_TOP_K, threshold: float | None = None,
+    block: bool = True, image_root: str | os.PathLike | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+):
     """Build and launch the app; returns the launched app (call `.close()` to stop it when `block=False`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    app = build_app(model, top_k=top_k, threshold=threshold)
-    app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=not block)
+    app = build_app(model, top_k=top_k, threshold=threshold, image_root=image_root, max_upload_mb=max_upload_mb)
+    try:
+        app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=not block, **app.launch_options)
+    finally:
+        if block:
+            app.close()
     return app

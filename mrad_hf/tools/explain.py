@@ -15,14 +15,20 @@ projected dot products for the trained variants) and its softmax weight (its sha
 Queries come from `model.retrieval_queries(model.extract_features(pixel_values))`, the model's own path.
 
 `render_explanation` draws one PNG panel: query image with the region boxed, heatmap overlay, and the
-nearest labelled examples (the source image's thumbnail where its id is an existing file, otherwise a
-labelled placeholder). Imports only torch, numpy, Pillow and siblings, so it can travel with the pipeline.
+nearest labelled examples. Thumbnails are read only from an `image_root` the user names (`--image-root`,
+`image_root=`), never from whatever path a bank records: an entry's image id must be relative, stay inside the
+root after symlinks are resolved (`resolve_thumbnail`) and name a regular file, which is decoded at thumbnail size
+(`Image.draft` for JPEG, `Image.reduce`) and only up to `THUMBNAIL_MAX_PIXELS`. Anything else (no root, an
+absolute or escaping id, a missing, corrupt or huge file) is a grey placeholder tile with a one-line note; it never
+stops the run. `public_explanation` removes server paths from an explanation before it is shown to a client.
+Imports only torch, numpy, Pillow and siblings, so it can travel with the pipeline.
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +39,14 @@ from PIL import Image, ImageDraw
 from ..models.mrad.memory_bank_mrad import MemoryBank, atomic_write
 from .visualization import overlay_heatmap
 
-__all__ = ["DEFAULT_TOP_K", "explain_images", "render_explanation", "save_explanation"]
+__all__ = [
+    "DEFAULT_TOP_K", "THUMBNAIL_MAX_PIXELS", "explain_images", "public_explanation", "render_explanation", "resolve_thumbnail",
+    "save_explanation",
+]
 
 DEFAULT_TOP_K = 5
+#: Largest source image (after JPEG draft scaling) decoded for a thumbnail; bigger ones get a placeholder.
+THUMBNAIL_MAX_PIXELS = 25_000_000
 
 
 def _attached_bank(model) -> MemoryBank:
@@ -99,21 +110,75 @@ def explain_images(model, pixel_values: torch.Tensor, *, top_k: int = DEFAULT_TO
     return explanations
 
 
-# ---------------------------------------------------------------------- rendering
-def _thumbnail(entry: dict[str, Any], size: int) -> Image.Image:
+# ---------------------------------------------------------------------- thumbnails
+def _is_absolute(image_id: str) -> bool:
+    return image_id.startswith(("/", "\\", "~")) or (len(image_id) > 1 and image_id[1] == ":") or os.path.isabs(image_id)
+
+
+def resolve_thumbnail(image_id: str | None, image_root: str | os.PathLike | None) -> tuple[Path | None, str | None]:
+    """(the file to draw, None), or (None, a one-line note why there is no thumbnail).
+
+    Only a relative id without `..` that resolves (symlinks followed) to a regular file inside `image_root` is drawn.
+    """
+    if image_root is None:
+        return None, "no image root given"
+    if not image_id:
+        return None, "entry has no image id"
+    if _is_absolute(image_id):
+        return None, "absolute image id, not read"
+    if ".." in image_id.replace("\\", "/").split("/"):
+        return None, "image id leaves the image root"
+    try:
+        root = Path(image_root).resolve(strict=True)
+        candidate = (root / image_id).resolve()
+    except (OSError, RuntimeError):
+        return None, "image root or file not found"
+    if not candidate.is_relative_to(root):
+        return None, "image id leaves the image root (symlink)"
+    if not candidate.exists():
+        return None, "file not found under the image root"
+    if not candidate.is_file():
+        return None, "not a regular file"
+    return candidate, None
+
+
+def _load_thumbnail(path: Path, size: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():  # between 1x and 2x PIL's limit it only warns; the pixel cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            source = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError:
+        raise ValueError("too large for a thumbnail (over PIL's decompression-bomb limit)") from None
+    with source:
+        if source.format == "JPEG":
+            source.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale
+        width, height = source.size
+        if width * height > THUMBNAIL_MAX_PIXELS:
+            raise ValueError(f"{width}x{height} px is too large for a thumbnail")
+        factor = max(1, min(width, height) // size)
+        image = source.reduce(factor) if factor > 1 else source
+        return image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _thumbnail(entry: dict[str, Any], size: int, image_root=None, notes: list[str] | None = None) -> Image.Image:
     label = "anomaly" if entry["label"] else "normal"
     colour = (200, 40, 40) if entry["label"] else (40, 150, 60)
     image_id = entry.get("image_id")
+    path, note = resolve_thumbnail(image_id, image_root)
     tile = None
-    if image_id and os.path.isfile(image_id):
+    if path is not None:
         try:
-            with Image.open(image_id) as source:
-                tile = source.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        except OSError:
-            tile = None
+            tile = _load_thumbnail(path, size)
+        except Exception as error:  # any decoder failure (OSError, SyntaxError, DecompressionBombError, ...) is a placeholder
+            message = (str(error).splitlines() or [""])[0].replace(str(path), "<file>")[:80]
+            note = f"unreadable ({type(error).__name__}: {message})"
     if tile is None:
+        if notes is not None and image_root is not None:
+            notes.append(f"thumbnail of '{image_id}': {note}")
         tile = Image.new("RGB", (size, size), (225, 225, 225))
-        ImageDraw.Draw(tile).multiline_text((4, size // 3), "\n".join(textwrap.wrap(f"no image: {image_id or 'unknown'}", 18)[:4]), fill="black")
+        shown = os.path.basename(str(image_id)) if image_id and _is_absolute(str(image_id)) else (image_id or "unknown")
+        text = "\n".join(textwrap.wrap(f"no image: {shown}", 18)[:3] + textwrap.wrap(note, 18)[:3])
+        ImageDraw.Draw(tile).multiline_text((4, size // 4), text, fill="black")
     ImageDraw.Draw(tile).rectangle([0, 0, size - 1, size - 1], outline=colour, width=3)
     caption = Image.new("RGB", (size, 40), "white")
     text = f"#{entry['rank']} {entry['kind']} ({label})\nsim {entry['similarity']:.3f} w {entry['weight']:.2f}\n{entry['source']}"
@@ -124,9 +189,29 @@ def _thumbnail(entry: dict[str, Any], size: int) -> Image.Image:
     return out
 
 
-def render_explanation(image: Image.Image, anomaly_map: np.ndarray, explanation: dict[str, Any], *, tile: int = 160, title: str | None = None) -> Image.Image:
+def public_explanation(explanation: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `explanation` that names no path of the machine it ran on: an absolute image id becomes its file
+    name (with `"image_id_redacted": True`)."""
+    out = {**explanation}
+    for level in ("image", "region"):
+        neighbours = []
+        for entry in explanation[level]["neighbours"]:
+            entry = dict(entry)
+            image_id = entry.get("image_id")
+            if image_id and _is_absolute(str(image_id)):
+                entry.update(image_id=os.path.basename(str(image_id).replace("\\", "/")), image_id_redacted=True)
+            neighbours.append(entry)
+        out[level] = {**explanation[level], "neighbours": neighbours}
+    return out
+
+
+def render_explanation(
+    image: Image.Image, anomaly_map: np.ndarray, explanation: dict[str, Any], *, tile: int = 160, title: str | None = None,
+    image_root: str | os.PathLike | None = None, notes: list[str] | None = None,
+) -> Image.Image:
     """One panel: row 1 = query (most anomalous patch boxed) | heatmap overlay; rows 2-3 = nearest image entries
-    and nearest region prototypes of that patch."""
+    and nearest region prototypes of that patch. Thumbnails come only from `image_root` (see `resolve_thumbnail`);
+    `notes`, when given, receives one line per placeholder drawn although a root was given."""
     base = image.convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
     x0, y0, x1, y1 = (v * tile for v in explanation["region"]["box"])
     ImageDraw.Draw(base).rectangle([x0, y0, x1, y1], outline=(255, 255, 0), width=2)
@@ -134,8 +219,8 @@ def render_explanation(image: Image.Image, anomaly_map: np.ndarray, explanation:
     heat = overlay_heatmap(base, heat_map)
     rows = [
         ("query | heatmap", [base, heat]),
-        ("nearest image entries", [_thumbnail(e, tile) for e in explanation["image"]["neighbours"]]),
-        ("nearest regions (most anomalous patch)", [_thumbnail(e, tile) for e in explanation["region"]["neighbours"]]),
+        ("nearest image entries", [_thumbnail(e, tile, image_root, notes) for e in explanation["image"]["neighbours"]]),
+        ("nearest regions (most anomalous patch)", [_thumbnail(e, tile, image_root, notes) for e in explanation["region"]["neighbours"]]),
     ]
     strip, gap = 18, 4
     columns = max(len(tiles) for _, tiles in rows)

@@ -24,7 +24,10 @@ in the original order (`MRADForAnomalyDetection.build_memory_bank(accelerator=..
 one process.
 
 A checkpoint or final model is written into a temporary folder and renamed when complete, so an interrupted run
-never leaves a folder that would load.
+never leaves a folder that would load. The run folder carries a fingerprint (`tools.run_folder`): a rerun resumes
+only a run with the same model, bank, data and settings, anything else is refused with the differing fields.
+`seed` seeds everything random: torch (CPU and CUDA), numpy, Python's `random`, the shuffle order (Accelerate's
+seedable sampler, `data_seed=seed`) and DataLoader workers.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.memory_bank_mrad import atomic_directory
 from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
 from ..models.mrad.memory_bank_mrad import iter_samples, progress_bar
+from ..tools import run_folder
 
 __all__ = [
     "MRADTrainingArguments",
@@ -57,6 +61,8 @@ __all__ = [
 ]
 
 CHECKPOINT_STATE = "trainer_state.json"
+#: MRADTrainingArguments fields that do not change a number (left out of the run fingerprint).
+_NOT_FINGERPRINTED = ("output_dir", "log_with", "resume", "overwrite", "resume_anyway", "num_workers")
 
 
 @dataclass
@@ -75,7 +81,11 @@ class MRADTrainingArguments:
         gradient_accumulation_steps: optimiser step every k batches (1).
         mixed_precision: "no", "bf16" or "fp16" (Accelerate autocast; fp16 needs a GPU).
         log_with: Accelerate tracker names or instances (e.g. "tensorboard"), or None.
-        resume: continue from the latest complete checkpoint in `output_dir` if there is one.
+        resume: continue from the latest complete checkpoint in `output_dir` if there is one, and only when the folder's
+            run fingerprint (`output_dir/run.json`: model weights, bank, training data, every setting below that
+            changes a number) equals this run's; a folder of a different run is refused. False = start over.
+        overwrite: the folder holds a different run: delete its checkpoints and final model and start over.
+        resume_anyway: the folder holds a different run: resume from its checkpoints all the same (recorded).
         max_steps_per_epoch: cap batches per epoch (for smoke tests); None = the whole data.
         bank_batch_size: images per forward pass while building the memory.
         num_workers: DataLoader workers.
@@ -94,6 +104,8 @@ class MRADTrainingArguments:
     mixed_precision: str = "no"
     log_with: Any = None
     resume: bool = True
+    overwrite: bool = False
+    resume_anyway: bool = False
     max_steps_per_epoch: int | None = None
     bank_batch_size: int = 8
     num_workers: int = 0
@@ -306,6 +318,17 @@ def _load_checkpoint(accelerator, model, optimizers: dict[str, Any], scheduler, 
 
 
 # ---------------------------------------------------------------------- the loop
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: numpy and `random` from the worker's torch seed (itself from the loader's seeded generator)."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTrainingArguments, *, accelerator=None,
                bank_source: str | None = None, progress: bool = True) -> MRADTrainingResult:
     """Train a MRAD-FT or MRAD-CLIP model on labelled auxiliary samples and save it with `save_pretrained`.
@@ -349,7 +372,19 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
     set_seed(args.seed)
     train_samples = undecoded_images(train_samples)  # files read by MRAD's decoder: a corrupt one is named, not a raw OSError
 
-    latest = _latest_checkpoint(output_dir) if args.resume else None
+    settings = {key: value for key, value in asdict(args).items() if key not in _NOT_FINGERPRINTED}
+    config_fields = {key: value for key, value in config.to_dict().items() if not key.startswith(("memory_bank", "clip_config", "transformers"))}
+    fingerprint = run_folder.run_fingerprint(
+        command="train", model=model, dataset=run_folder.dataset_identity(train_samples, name=bank_source), settings=settings,
+        extra={"config": config_fields},
+    )
+    options = dict(artefacts=("checkpoints", "final"), overwrite=args.overwrite or not args.resume, resume_anyway=args.resume_anyway)
+    run = run_folder.open_run_folder(output_dir, fingerprint, write=False, **options)  # every process decides (or refuses) alike
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run = run_folder.open_run_folder(output_dir, fingerprint, **options)
+    accelerator.wait_for_everyone()
+    latest = _latest_checkpoint(output_dir) if run.resumed else None
     if latest is not None:
         _restore_memory_bank(model, *latest)
     elif model.memory.image_keys.shape[0] == 0:
@@ -359,7 +394,10 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         )
 
     processor = MRADImageProcessor.from_config(config)
-    loader = DataLoader(MRADTrainDataset(train_samples, processor), batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+    loader = DataLoader(
+        MRADTrainDataset(train_samples, processor), batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=_seed_worker,
+    )
     steps_per_epoch = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     optimizer_steps_per_epoch = math.ceil(steps_per_epoch / args.gradient_accumulation_steps)
 
@@ -457,6 +495,8 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
             (folder / "training_history.json").write_text(json.dumps(result.history, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     result.final_model_dir = str(final)
+    if accelerator.is_main_process:
+        run.finish()
     if args.log_with:
         accelerator.end_training()
     return result

@@ -60,7 +60,7 @@ def test_build_bank_then_predict_with_a_bad_file(user_folder, saved_tiny, tmp_pa
     panel = Image.open(summary["results"][0]["heatmap"])
     assert panel.size[0] == 2 * 120 and panel.mode == "RGB"
 
-    assert main(["predict", "--model", str(model_dir), str(queries), "--output-dir", str(out), "--on-error", "fail"]) == 2
+    assert main(["predict", "--model", str(model_dir), str(queries), "--output-dir", str(out), "--on-error", "fail", "--overwrite"]) == 2
     assert "broken.png" in capsys.readouterr().err
 
 

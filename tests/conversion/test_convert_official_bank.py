@@ -59,7 +59,7 @@ def test_converted_bank_scores_equal_reference_on_original_tensors(tmp_path, tin
     assert float(torch.from_numpy(ref_scores).std()) > 0  # the images get different scores: a real comparison
 
 
-def test_without_model_backbone_is_unknown_and_vit_l14_widths_are_required(tmp_path, tiny_model, capsys):
+def test_without_model_backbone_is_unknown_and_widths_come_from_the_files(tmp_path, tiny_model, capsys):
     generator = torch.Generator().manual_seed(0)
     torch.save({"keys": F.normalize(torch.randn(4, 768, generator=generator), dim=-1), "values": torch.eye(2)[[0, 1, 1, 0]]}, tmp_path / "cache_model_mvtec.pt")
     torch.save({"keys": F.normalize(torch.randn(6, 1024, generator=generator), dim=-1), "values": torch.eye(2)[[1, 0, 1, 0, 0, 0]]}, tmp_path / "cache_patch_model_mvtec.pt")
@@ -69,10 +69,19 @@ def test_without_model_backbone_is_unknown_and_vit_l14_widths_are_required(tmp_p
     assert bank.metadata["source"] == "mvtec" and bank.metadata["features"]["image_size"] == 518
     assert "Wrote" in capsys.readouterr().out
 
-    write_pair(tmp_path, tiny_model, dataset="visa")  # 24 / 48-d keys: not ViT-L/14's
-    assert main(["--cache-dir", str(tmp_path), "--dataset", "visa", "--output", str(tmp_path / "x.safetensors")]) == 2
-    assert "keys are 24-d but 768-d were expected" in capsys.readouterr().err
-    assert not (tmp_path / "x.safetensors").exists()
+    write_pair(tmp_path, tiny_model, dataset="visa")  # 24 / 48-d keys: not ViT-L/14's, still a valid bank
+    assert main(["--cache-dir", str(tmp_path), "--dataset", "visa", "--output", str(tmp_path / "x.safetensors")]) == 0
+    assert MemoryBank.load(tmp_path / "x.safetensors").counts()["image_entries"] == 9
+    # with a model, its widths are checked: the ViT-L/14-wide mvtec files do not fit the tiny backbone
+    assert main(["--cache-dir", str(tmp_path), "--dataset", "mvtec", "--output", str(tmp_path / "y.safetensors")]
+                + ["--model", str(_saved(tiny_model, tmp_path / "model"))]) == 2
+    assert "keys are 768-d but 24-d were expected" in capsys.readouterr().err
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def _saved(model, folder):
+    model.save_pretrained(folder)
+    return folder
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,7 @@ def test_fuzzed_file_with_on_error_fail_exits_2_naming_the_file(saved_fuzz_model
     broken = [(name, data) for name, data in fuzz_cases(80, seed=15) if _load_or_error(processor, write(tmp_path / "probe" / name, data))[1]]
     for name, data in broken[:5]:
         path = write(tmp_path / "single" / name, data)
-        code = main(["predict", "--model", str(saved_fuzz_model), str(path), "--output-dir", str(tmp_path / "out"), "--on-error", "fail"])
+        code = main(["predict", "--model", str(saved_fuzz_model), str(path), "--output-dir", str(tmp_path / "out" / name), "--on-error", "fail"])
         lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # progress bars aside
         assert code == 2
         assert len(lines) == 1 and lines[0].startswith("mrad predict: error:") and str(path) in lines[0], lines

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """No pickle anywhere in the package: only safetensors and JSON are ever deserialised. `torch.load` is allowed in
-`conversion/` (reading the official checkpoints) and only with `weights_only=True`. The package never passes
+`conversion/` (reading the official checkpoints) and only with `weights_only=True`; `torch.jit.load` (which runs
+the archive's TorchScript) is forbidden everywhere, the converters included (issue 13 §1). The package never passes
 `trust_remote_code=True` itself (remote code is only for users without mrad_hf; see tests/test_modeling_mrad.py)."""
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ def violations(source: str, *, allow_weights_only_torch_load: bool) -> list[str]
             if (module, attr) in LOADING_CALLS or attr == "load_state" or target.endswith("pickle.load") or target.endswith("pickle.loads"):
                 if module == "torch" and attr == "load" and allow_weights_only_torch_load and _keyword_is_true(node, "weights_only"):
                     continue
-                if module == "torch.jit" and allow_weights_only_torch_load:
-                    continue  # TorchScript archives (OpenAI's CLIP release) load without running Python pickles
                 found.append(f"{node.lineno}: {target}(...)")
     return found
 
@@ -58,6 +57,7 @@ def test_scanner_finds_what_it_must():
     assert violations("import torch\nx = torch.load('a', weights_only=True)\n", allow_weights_only_torch_load=True) == []
     assert violations("import torch\nx = torch.load('a')\n", allow_weights_only_torch_load=True) == ["2: torch.load(...)"]
     assert violations('"""pickle and torch.load in a docstring are fine"""\n', allow_weights_only_torch_load=False) == []
+    assert violations("import torch\nm = torch.jit.load('a.pt')\n", allow_weights_only_torch_load=True) == ["2: torch.jit.load(...)"]
 
 
 @pytest.mark.parametrize("folder, allowed", [("mrad_hf", False), ("mrad_hf/conversion", True)])

@@ -3,6 +3,7 @@
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,3 +61,56 @@ def test_missing_gradio_gives_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # what an environment without the extra looks like
     with pytest.raises(ImportError, match=r'pip install "mrad-hf\[app\]"'):
         import_gradio()
+
+
+# ---------------------------------------------------------------- what a client can reach (issue 13 §2, §5)
+def test_client_sees_the_real_error_uploads_are_capped_and_the_temp_folder_is_removed(model_with_bank, tmp_path):
+    from gradio_client import Client, handle_file
+
+    good = tmp_path / "part.png"
+    Image.fromarray(make_samples(1, seed=43, height=80, width=96)[0]["image"]).save(good)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    big = tmp_path / "big.png"
+    big.write_bytes(good.read_bytes() + b"\0" * 60_000)  # over a 50 KB cap
+    app = build_app(model_with_bank, top_k=2, max_upload_mb=0.05)
+    temp_dir = Path(app.temp_dir)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_options)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        score = client.predict(handle_file(str(good)), api_name="/predict")[0]
+        assert 0.0 <= score <= 1.0
+        assert any(temp_dir.rglob("part.png"))  # uploads land in the app's own folder
+        with pytest.raises(Exception, match="Image file 'notes.png' is not a readable image") as error:  # MRAD's message
+            client.predict(handle_file(str(not_an_image)), api_name="/predict")
+        assert str(temp_dir) not in str(error.value)
+        with pytest.raises(Exception, match="(?i)file size|too large|exceeds|limit"):
+            client.predict(handle_file(str(big)), api_name="/predict")
+    finally:
+        app.close()
+    assert not temp_dir.exists()
+    assert os.environ.get("GRADIO_TEMP_DIR") == str(temp_dir)
+
+
+def test_analyse_refuses_an_oversized_file_before_decoding(model_with_bank, tmp_path):
+    path = tmp_path / "big.png"
+    Image.fromarray(make_samples(1, seed=44)[0]["image"]).save(path)
+    with pytest.raises(ValueError, match=r"The upload is 0\.0 MB; this app accepts images up to 1e-05 MB"):
+        analyse(detector_for(model_with_bank), str(path), max_upload_mb=1e-5)
+
+
+def test_details_name_no_server_path_and_thumbnails_come_only_from_the_root(tiny_model, tmp_path):
+    import json
+
+    rows = make_samples(4, seed=45)
+    (tmp_path / "served").mkdir()
+    for index, row in enumerate(rows):  # a bank whose ids are absolute paths on the serving machine
+        row["id"] = str(tmp_path / f"private_{index}.png")
+        Image.fromarray(row["image"]).save(row["id"])
+    tiny_model.build_memory_bank(rows, source="aux", progress=False)
+    score, decision, overlay, panel, details = analyse(detector_for(tiny_model), rows[0]["image"], top_k=3, image_root=tmp_path / "served")
+    text = json.dumps(details)
+    assert str(tmp_path) not in text and "private_" in text  # file names only
+    assert all(n["image_id_redacted"] for n in details["explanation"]["image"]["neighbours"])
+    assert set(details["thumbnail_notes"]) == {"absolute image id, not read"}

@@ -107,7 +107,7 @@ def test_a_failed_final_save_leaves_no_model_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(MRADForAnomalyDetection, "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
         train_mrad(make_tiny_trained_model("ft"), make_samples(8), MRADTrainingArguments(output_dir=str(tmp_path), resume=False), progress=False)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoints"]  # no final/, no partial folder
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".incomplete", "checkpoints", "run.json"]  # no final/, no partial folder; marked unfinished
 
 
 def test_two_processes_give_the_one_process_bank_and_model(tmp_path):

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import glob
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -78,14 +79,53 @@ class MemoryBankError(ValueError):
     """A memory bank that is missing, malformed, or built for another backbone; the message says what to do."""
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _clean_stale_staging(path: Path) -> None:
+    """Remove what a crashed save of `path` left beside it: staging folders of dead processes; a previous folder
+    set aside by a swap that died (`.<name>.old-*`) is put back if `path` is missing, otherwise removed."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        parts = leftover.name[len(path.name) + 2 :].split(".")
+        if len(parts) == 3 and parts[2] == "tmp" and parts[0].isdigit() and leftover.is_dir() and not _pid_alive(int(parts[0])):
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif parts[0].startswith("old-") and leftover.is_dir():
+            if not path.exists():
+                os.replace(leftover, path)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
+    """Call `write(tmp_path)` and move the result to `path` only if it succeeded (mode as the umask says)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp (and safetensors) create 0600
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
@@ -99,15 +139,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     An interrupted write (exception, Ctrl-C) leaves `path` exactly as it was: never a folder that mixes files of
     two saves. The swap is two renames (old folder aside, new folder in, old folder deleted); should the process
-    die between them, the previous folder survives as `.<name>.old-*` beside it.
+    die between them, the previous folder survives as `.<name>.old-*` beside it. What a killed save left behind
+    (its `.<name>.<pid>.*.tmp` staging folder, an `.old-*` folder) is cleaned up by the next save of `path`.
+    The folder's mode follows the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"'{path}' exists and is not a folder; choose another output folder.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clean_stale_staging(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        mask = _umask()
+        for root, folders, files in os.walk(tmp):  # safetensors writes 0600 whatever the umask
+            for name in folders:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
