@@ -105,10 +105,13 @@ def test_details_name_no_server_path_and_thumbnails_come_only_from_the_root(tiny
 
     rows = make_samples(4, seed=45)
     (tmp_path / "served").mkdir()
-    for index, row in enumerate(rows):  # a bank whose ids are absolute paths on the serving machine
-        row["id"] = str(tmp_path / f"private_{index}.png")
-        Image.fromarray(row["image"]).save(row["id"])
+    for index, row in enumerate(rows):  # private images on the serving machine
+        Image.fromarray(row["image"]).save(tmp_path / f"private_{index}.png")
     tiny_model.build_memory_bank(rows, source="aux", progress=False)
+    # a bank whose ids are absolute paths there (banks built here never store them; one from elsewhere may)
+    bank = tiny_model.get_memory_bank()
+    bank.metadata["image_ids"] = [str(tmp_path / f"private_{index}.png") for index in range(len(rows))]
+    tiny_model.set_memory_bank(bank)
     score, decision, overlay, panel, details = analyse(detector_for(tiny_model), rows[0]["image"], top_k=3, image_root=tmp_path / "served")
     text = json.dumps(details)
     assert str(tmp_path) not in text and "private_" in text  # file names only

@@ -121,9 +121,11 @@ def test_thumbnails_are_read_only_inside_the_image_root(tiny_model, tmp_path):
     (root / "link.png").symlink_to(outside / "secret.png")
     (root / "folder.png").mkdir()
     ids = ["good.png", str(outside / "secret.png"), "../private/secret.png", "link.png", "folder.png", "missing.png"]
-    for row, image_id in zip(rows, ids):
-        row["id"] = image_id
     tiny_model.build_memory_bank(rows, source="files", progress=False)
+    # banks built here never store absolute ids; a bank from elsewhere (or an edited one) may: put them in by hand
+    bank = tiny_model.get_memory_bank()
+    bank.metadata["image_ids"] = ids
+    tiny_model.set_memory_bank(bank)
     query = MRADImageProcessor.from_config(tiny_model.config)(rows[0]["image"])["pixel_values"]
     explanation = explain_images(tiny_model, query, top_k=6)[0]
     tile, notes = 96, []
