@@ -112,6 +112,13 @@ class MRADConfig(PreTrainedConfig):
             Text-patch alignment: softmax(cos(patch, text) / 0.07).
         region_prior_threshold (`float`, defaults to 0.5):
             A patch belongs to the anomalous region prior when its projected patch retrieval gives p_anomaly > 0.5.
+        batch_invariant (`bool`, defaults to `False`):
+            `True` guarantees on CPU that an image's map and score are bit-identical whatever batch it is scored in
+            (alone, with other images, in any order): one product per image wherever a CPU kernel picks its algorithm
+            by the batch size (class-row linears and attention of the last block, its `out_proj`, image-level
+            retrieval, the Gaussian blur, MRAD-CLIP's text branch). `False` (default) uses whole-batch products, which
+            are faster and export with a dynamic batch axis; outputs then agree across batch compositions within
+            float rounding (1e-5), not bit for bit. Not a numerical change of the method either way.
 
     Example:
 
@@ -163,6 +170,7 @@ class MRADConfig(PreTrainedConfig):
     prompt_token_ids: list | None = None
     text_temperature: float = 0.07
     region_prior_threshold: float = 0.5
+    batch_invariant: bool = False
 
     def __post_init__(self, **kwargs):
         for state in _STATE_KEYS:  # folders saved before the sidecars: the model reads them from config.json itself
@@ -260,6 +268,8 @@ class MRADConfig(PreTrainedConfig):
             problems.append("image_mean and image_std need 3 values (RGB)")
         if self.variant not in VARIANTS:
             problems.append(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not isinstance(self.batch_invariant, bool):
+            problems.append(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
         if self.variant == "clip":
             text = self.clip_config.text_config
             if self.deep_prompt_depth - 1 > text.num_hidden_layers - 1:

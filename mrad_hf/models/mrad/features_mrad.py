@@ -10,24 +10,53 @@ MRAD keeps CLIP frozen and reads two things from one pass of the vision tower:
   value are all the V projection of the *original* path's `layer_norm1` output. It has no MLP. Its tokens
   after `post_layernorm` (not projected, 1024-d for ViT-L) are the pixel-level queries/keys.
 
-Both attentions of a dual-path block go through one `scaled_dot_product_attention` call (the two
-problems are stacked on the batch axis) and share one `out_proj` call; the last block computes the
-original path for the class token only (nothing else of it is read). `set_backbone_dtype` is the opt-in
-half-precision mode (CLIP tower in bf16/fp16, memory and scoring in fp32). The positional table is resized
-bilinearly to the input grid (the reference; transformers' own `interpolate_pos_encoding` is bicubic).
+Both attentions of a dual-path block go through transformers' attention interface
+(`ALL_ATTENTION_FUNCTIONS`, chosen by the vision config's `_attn_implementation`: "sdpa" by default, "eager"
+for the explicit softmax(q k^T) v) as one call with the two problems stacked on the batch axis, and share one
+`out_proj` call; the last block computes the original path for the class token only (nothing else of it is
+read). The positional table is resized bilinearly to the input grid (the reference; transformers' own
+`interpolate_pos_encoding` is bicubic).
 
-Everything here is a pure function of the CLIP weights and the pixels: no state, no in-place updates of
-the checkpoint (the reference overwrites its positional table on the first 518-px forward; we do not).
+Speed (issue 15), every choice made at run time from what the machine offers (`cpu_features`):
+
+* **Linear layers**: `linear_backend()` picks oneDNN with weights pre-packed once per weight version
+  (`torch.ops.mkldnn._linear_pointwise`; packed copies live in a side cache, the module's parameters stay the
+  source of truth, so `state_dict`/`save_pretrained` are unchanged and a dtype/device change re-packs) on
+  AVX-512 CPUs, where it measured ~2.3x the MKL GEMM of `F.linear`; plain `F.linear` elsewhere (on an AVX2-only
+  EPYC it measured equal or faster). Both are exact fp32 (within 1e-5 of each other). `MRAD_LINEAR_BACKEND=aten|
+  onednn|auto` overrides the choice.
+* **Attention**: SDPA (a blocked, flash-style CPU kernel) measured ~3-4x the explicit softmax(V V^T) V (eager or
+  batched GEMMs; the symmetric V V^T saves nothing once the 1370 x 1370 matrix is materialised), so "sdpa" stays the
+  default implementation.
+* **Half precision**: `resolve_dtype("auto", device)` picks bfloat16 on GPUs and on CPUs with bf16 matrix units
+  (AVX512-BF16 / AMX), float32 elsewhere; `set_backbone_dtype` casts only the CLIP tower (`mode="cast"`) or runs it
+  under `torch.autocast` with float32 weights (`mode="autocast"`). Memory, retrieval, maps and scores stay float32.
+* **Batch invariance** (`batch_invariant=True`, `MRADConfig.batch_invariant`): per-image products wherever a CPU
+  kernel picks its algorithm by the batch size, so an image's outputs are bit-identical whatever it is scored with
+  (docs/reliability.md, "Determinism"). Off by default: whole-batch products, equal within float rounding (1e-5).
+* `tune_malloc_for_inference()`: glibc allocator settings that stop batch activations (above the 32 MiB mmap
+  threshold) being mapped and unmapped, with a page fault per 4 KiB page, in every layer.
+
+Everything here is a pure function of the CLIP weights and the pixels: no state but the packed-weight cache, no
+in-place updates of the checkpoint (the reference overwrites its positional table on the first 518-px forward).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import math
+import os
+import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import eager_attention_forward
 
 from .retrieval_mrad import rowwise_linear
 
@@ -38,11 +67,18 @@ __all__ = [
     "dual_path_vision_features",
     "BACKBONE_DTYPES",
     "set_backbone_dtype",
+    "resolve_dtype",
+    "cpu_features",
+    "linear_backend",
+    "LINEAR_BACKENDS",
+    "tune_malloc_for_inference",
+    "compile_features",
 ]
 
-#: Dtypes the CLIP tower may run in. Half precision is opt-in: bfloat16 pays off on CPUs with bf16 matrix units
-#: (AMX / AVX512-BF16) and on GPUs; without them (e.g. AVX2-only CPUs) it is several times *slower* than float32.
+#: Dtypes the CLIP tower may run in. Half precision pays off on CPUs with bf16 matrix units (AMX / AVX512-BF16) and on
+#: GPUs; without them (e.g. AVX2-only CPUs) it is several times *slower* than float32 (`resolve_dtype("auto")`).
 BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LINEAR_BACKENDS = ("auto", "aten", "onednn")
 
 
 @dataclass
@@ -62,6 +98,140 @@ class MRADVisionFeatures:
     grid_size: int
 
 
+# ---------------------------------------------------------------------- what the machine offers (run time)
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> dict:
+    """The CPU facts the kernel choices depend on: torch's capability ("AVX2", "AVX512", ...), bf16 flags, model.
+
+    `bf16_matrix` is True with AVX512-BF16 or AMX-BF16 (where bfloat16 GEMMs beat float32); read from
+    /proc/cpuinfo on Linux, False where it cannot be read.
+    """
+    flags: set[str] = set()
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {
+        "model": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+        "bf16_matrix": bool({"avx512_bf16", "amx_bf16"} & flags),
+    }
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """The CLIP tower's dtype: "auto" picks bfloat16 on CUDA (float16 where bf16 is unsupported) and on CPUs with
+    bf16 matrix units (AVX512-BF16 / AMX), float32 elsewhere; names ("bfloat16") and torch dtypes pass through;
+    None is float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in BACKBONE_DTYPES.values():
+            raise ValueError(f"Unsupported backbone dtype {dtype}; use one of {sorted(BACKBONE_DTYPES)} or 'auto'.")
+        return dtype
+    if dtype == "auto":
+        device = torch.device(device if device is not None else "cpu")
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_features()["bf16_matrix"]:
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in BACKBONE_DTYPES:
+        raise ValueError(f"Unknown backbone dtype {dtype!r}; use one of {sorted(BACKBONE_DTYPES)} or 'auto'.")
+    return BACKBONE_DTYPES[dtype]
+
+
+def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """"onednn" (pre-packed oneDNN linears) or "aten" (`F.linear`) for the vision tower's linears.
+
+    `MRAD_LINEAR_BACKEND=aten|onednn` forces one (onednn only where it has a kernel: CPU, float32, or bfloat16 on
+    AVX-512); "auto" (default) takes oneDNN on AVX-512 CPUs, where it was measured faster than MKL, `F.linear`
+    elsewhere (AVX2: MKL measured equal or faster; GPUs: cuBLAS).
+    """
+    choice = os.environ.get("MRAD_LINEAR_BACKEND", "auto").lower()
+    if choice not in LINEAR_BACKENDS:
+        raise ValueError(f"MRAD_LINEAR_BACKEND={choice!r}; use one of {LINEAR_BACKENDS}.")
+    features = cpu_features()
+    avx512 = features["capability"].startswith("AVX512")
+    possible = torch.device(device).type == "cpu" and features["mkldnn"] and (dtype == torch.float32 or (dtype == torch.bfloat16 and avx512))
+    if choice == "aten" or not possible:
+        return "aten"
+    if choice == "onednn":
+        return "onednn"
+    return "onednn" if avx512 else "aten"
+
+
+_PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _packed_weight(linear: nn.Linear) -> torch.Tensor:
+    """The oneDNN-packed copy of `linear.weight`, made once per weight version (data pointer, in-place version,
+    dtype, device); outside the module, so state_dict, save_pretrained, deepcopy and pickling never see it."""
+    weight = linear.weight
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+    cached = _PACKED_WEIGHTS.get(linear)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        _PACKED_WEIGHTS[linear] = cached
+    return cached[1]
+
+
+def _linear(linear: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """`linear(x)` through the chosen backend (oneDNN only without autograd, outside torch.compile/export)."""
+    if (
+        backend == "onednn"
+        and x.device.type == "cpu"
+        and x.dtype == linear.weight.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
+        and not torch.compiler.is_compiling()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(linear), linear.bias, "none", [], "")
+    return linear(x)
+
+
+def tune_malloc_for_inference() -> bool:
+    """Keep large freed blocks in glibc's heap instead of returning them to the OS (Linux/glibc only).
+
+    A ViT-L activation at batch 8 (8 x 1370 x 4096 floats, 180 MB) is above glibc's largest mmap threshold (32 MiB),
+    so without this every layer maps fresh pages and faults on each 4 KiB of them (measured 0.4-1.2 M page faults per
+    image at batch 8, none at batch 1: batch 8 was 21-32 % slower per image). `mallopt(M_MMAP_MAX, 0)` serves large
+    blocks from the heap and `mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)` (mallopt's int limit) keeps the heap's top
+    mapped, so they are re-used. Cost: the process keeps its peak heap until it exits (fine for inference processes).
+    Applies to allocations made after the call. The same as starting with `MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=2147483647`. Returns True where applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def compile_features(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Opt-in `torch.compile` of an MRAD model's feature pass (the instance's `extract_features`; returns the model).
+
+    Measured on CPU in `benchmarks/benchmark_inference.py --stages compile`; CUDA graphs ("reduce-overhead") are
+    untested (no GPU was lent to this work). The compiled path uses `F.linear` (the oneDNN side cache is skipped
+    while compiling).
+    """
+    compile_kwargs.setdefault("dynamic", False)
+    model.extract_features = torch.compile(type(model).extract_features.__get__(model), **compile_kwargs)
+    return model
+
+
+# ---------------------------------------------------------------------- pure helpers
 def interpolate_position_embeddings(position_table: torch.Tensor, grid_size: int, mode: str = "bilinear") -> torch.Tensor:
     """Resize a CLIP positional table (1 + S*S, W) to (1 + G*G, W), keeping the class row.
 
@@ -95,26 +265,33 @@ def neighbor_average(tokens: torch.Tensor, grid_size: int, kernel_sizes: list[in
     return averaged.flatten(2).transpose(1, 2).contiguous()  # one layout for any batch size: same norm order
 
 
-def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None):
+def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None, *, mode: str = "cast"):
     """Run an MRAD model's CLIP tower in `dtype` while its memory, retrieval and scoring stay float32.
 
-    Casts only `model.clip` (in place; returns the model). Queries are cast back with `.float()` before retrieval,
-    so logits, softmax, maps and scores are float32. The same as `model.to(dtype)` or `from_pretrained(..., dtype=...)`,
-    which leave the memory and heads float32 (`modeling_mrad.MRADFloat32Module`). `None` leaves the model unchanged. The backbone fingerprint does not depend on the dtype, so banks built with
-    the float32 backbone still attach after the cast.
+    `dtype`: "float32", "bfloat16", "float16", a torch dtype, "auto" (`resolve_dtype` on the model's device) or None
+    (unchanged). `mode="cast"` casts only `model.clip` (in place; returns the model); queries are cast back with
+    `.float()` before retrieval, so logits, softmax, maps and scores are float32. The same as `model.to(dtype)` or
+    `from_pretrained(..., dtype=...)`, which leave the memory and heads float32 (`modeling_mrad.MRADFloat32Module`).
+    `mode="autocast"` keeps the float32 weights and runs the vision tower under `torch.autocast(dtype)` (the GPU habit;
+    its outputs are cast to float32). The backbone fingerprint does not depend on the dtype, so banks built with the
+    float32 backbone still attach after the cast.
     """
     if dtype is None:
         return model
-    if isinstance(dtype, str):
-        if dtype not in BACKBONE_DTYPES:
-            raise ValueError(f"Unknown backbone dtype {dtype!r}; use one of {sorted(BACKBONE_DTYPES)}.")
-        dtype = BACKBONE_DTYPES[dtype]
-    if dtype not in BACKBONE_DTYPES.values():
-        raise ValueError(f"Unsupported backbone dtype {dtype}; use one of {sorted(BACKBONE_DTYPES)}.")
+    if mode not in ("cast", "autocast"):
+        raise ValueError(f"Unknown mode {mode!r}; use 'cast' or 'autocast'.")
+    dtype = resolve_dtype(dtype, next(model.clip.parameters()).device)
+    vision = model.clip.vision_model
+    if mode == "autocast":
+        model.clip.to(torch.float32)
+        vision._mrad_autocast_dtype = None if dtype == torch.float32 else dtype
+        return model
+    vision._mrad_autocast_dtype = None
     model.clip.to(dtype)
     return model
 
 
+# ---------------------------------------------------------------------- the dual-path pass
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     batch, length, width = x.shape
     return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
@@ -125,41 +302,73 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale) v through transformers' attention interface, per `config._attn_implementation`.
+
+    q, k, v: (B, H, L, D). Returns (B, Lq, H * D). No mask, no dropout (the tower is frozen, in eval mode).
+    """
+    implementation = getattr(attention.config, "_attn_implementation", None) or "eager"
+    interface = (
+        eager_attention_forward
+        if implementation == "eager"
+        else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    )
+    attended, _ = interface(attention, query, key, value, None, scaling=attention.scale, dropout=0.0, is_causal=False)
+    batch, length = attended.shape[:2]
+    return attended.reshape(batch, length, -1)  # the interface returns (B, Lq, H, D)
+
+
 def _block_attention(
-    attention: nn.Module, normed: torch.Tensor, with_vv: bool, class_only: bool = False
+    attention: nn.Module,
+    normed: torch.Tensor,
+    with_vv: bool,
+    class_only: bool = False,
+    *,
+    batch_invariant: bool = False,
+    backend: str = "aten",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Original q.k attention (and, if asked, the V-V attention) of one CLIP attention module.
 
-    Both attentions read the same LN'd input; when both are needed they run as one SDPA call on a doubled
+    Both attentions read the same LN'd input; when both are needed they run as one attention call on a doubled
     batch and share one `out_proj` call. `class_only`: the original attention is computed for the class-token
     query alone (the last block, whose other original-path outputs nothing reads). Returns
     (original_out, vv_out or None), after `out_proj`.
     """
     num_heads = attention.num_heads
-    # the class row alone (last block): one product per image, so its result does not depend on the batch size
-    query = _split_heads(rowwise_linear(attention.q_proj, normed[:, 0]).unsqueeze(1) if class_only else attention.q_proj(normed), num_heads)
-    key = _split_heads(attention.k_proj(normed), num_heads)
-    value = _split_heads(attention.v_proj(normed), num_heads)
-    if class_only:  # one query row: a plain softmax(q k^T) v (cheap, and bitwise reproducible across processes)
-        # as explicit products and sums: a batched matmul with one query row picks batch-size-dependent kernels
+    key = _split_heads(_linear(attention.k_proj, normed, backend), num_heads)
+    value = _split_heads(_linear(attention.v_proj, normed, backend), num_heads)
+    if class_only and batch_invariant:
+        # the class row alone, with one product per image: its result does not depend on the batch (rowwise_linear);
+        # explicit products and sums, since a batched matmul with one query row picks batch-size-dependent kernels
+        query = _split_heads(rowwise_linear(attention.q_proj, normed[:, 0]).unsqueeze(1), num_heads)
         weights = torch.softmax((query * key).sum(dim=-1, keepdim=True).transpose(-2, -1) * attention.scale, dim=-1)
         original = (weights.transpose(-2, -1) * value).sum(dim=-2, keepdim=True)
         if not with_vv:
             return rowwise_linear(attention.out_proj, _merge_heads(original)[:, 0]).unsqueeze(1), None
         value = value.contiguous()  # a strided view picks batch-size-dependent SDPA paths; contiguous input does not
-        vv = F.scaled_dot_product_attention(value, value, value, scale=attention.scale)
-        merged = torch.cat([_merge_heads(original), _merge_heads(vv)], dim=1)
+        vv = _attend(attention, value, value, value)
+        merged = torch.cat([_merge_heads(original), vv], dim=1)
         # one out_proj per image: the row count (1 + L) then never depends on the batch, which GEMM kernels can see
-        projected = torch.cat([attention.out_proj(image) for image in merged.split(1)])
+        projected = torch.cat([_linear(attention.out_proj, image, backend) for image in merged.split(1)])
         return projected[:, :1], projected[:, 1:]
+    if class_only:  # the class row alone, whole-batch products
+        query = _split_heads(_linear(attention.q_proj, normed[:, :1], backend), num_heads)
+        original = _attend(attention, query, key, value)
+        if not with_vv:
+            return _linear(attention.out_proj, original, backend), None
+        merged = torch.cat([original, _attend(attention, value, value, value)], dim=1)
+        projected = _linear(attention.out_proj, merged, backend)
+        return projected[:, :1], projected[:, 1:]
+    query = _split_heads(_linear(attention.q_proj, normed, backend), num_heads)
     if not with_vv:
-        attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
-        return attention.out_proj(_merge_heads(attended)), None
-    attended = F.scaled_dot_product_attention(
-        torch.cat([query, value]), torch.cat([key, value]), torch.cat([value, value]), scale=attention.scale
-    )
-    original, vv = attention.out_proj(_merge_heads(attended)).chunk(2, dim=0)
+        return _linear(attention.out_proj, _attend(attention, query, key, value), backend), None
+    attended = _attend(attention, torch.cat([query, value]), torch.cat([key, value]), torch.cat([value, value]))
+    original, vv = _linear(attention.out_proj, attended, backend).chunk(2, dim=0)
     return original, vv
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    return _linear(mlp.fc2, mlp.activation_fn(_linear(mlp.fc1, x, backend)), backend)
 
 
 def dual_path_vision_features(
@@ -171,6 +380,8 @@ def dual_path_vision_features(
     feature_layer: int = -1,
     position_interpolation: str = "bilinear",
     class_key_post_layernorm: bool = False,
+    batch_invariant: bool = False,
+    backend: str | None = None,
 ) -> MRADVisionFeatures:
     """Run the frozen CLIP vision tower once and return MRAD's image-level and pixel-level features.
 
@@ -183,7 +394,21 @@ def dual_path_vision_features(
         feature_layer: block whose V-V tokens are returned (negative counts from the end).
         position_interpolation: "bilinear" (reference) or "bicubic".
         class_key_post_layernorm: apply `post_layernorm` to the class token before projecting.
+        batch_invariant: per-image products where CPU kernels choose by batch size, so that an image's features are
+            bit-identical whatever batch it is in (slower; see the module docstring). False: whole-batch products.
+        backend: "aten" or "onednn" for the linears; None chooses with `linear_backend` for the weights' device and
+            dtype.
     """
+    autocast_dtype = getattr(vision_model, "_mrad_autocast_dtype", None)
+    if autocast_dtype is not None and not torch.is_autocast_enabled(pixel_values.device.type):
+        with torch.autocast(pixel_values.device.type, dtype=autocast_dtype):
+            features = dual_path_vision_features(
+                vision_model, visual_projection, pixel_values, vv_start_layer=vv_start_layer, feature_layer=feature_layer,
+                position_interpolation=position_interpolation, class_key_post_layernorm=class_key_post_layernorm,
+                batch_invariant=batch_invariant, backend="aten",
+            )
+        return MRADVisionFeatures(features.class_embeds.float(), features.patch_tokens.float(), features.grid_size)
+
     embeddings = vision_model.embeddings
     layers = vision_model.encoder.layers
     num_layers = len(layers)
@@ -195,8 +420,10 @@ def dual_path_vision_features(
     if height != width or height % patch:
         raise ValueError(f"pixel_values must be square with a side divisible by {patch}, got {height}x{width}.")
     grid_size = height // patch
-
     target_dtype = embeddings.patch_embedding.weight.dtype
+    if backend is None:
+        backend = linear_backend(pixel_values.device, target_dtype)
+
     patches = embeddings.patch_embedding(pixel_values.to(target_dtype)).flatten(2).transpose(1, 2)
     class_token = embeddings.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
     positions = interpolate_position_embeddings(embeddings.position_embedding.weight, grid_size, position_interpolation)
@@ -209,23 +436,25 @@ def dual_path_vision_features(
         # In the last block only the class token of the original path is read: attention query, residual and
         # MLP run on that row alone (row-wise operations, so the values are unchanged; ~3% fewer FLOPs for ViT-L).
         class_only = index == num_layers - 1 and index + 1 != vv_start_layer
-        original, vv = _block_attention(layer.self_attn, layer.layer_norm1(hidden), with_vv, class_only)
+        original, vv = _block_attention(
+            layer.self_attn, layer.layer_norm1(hidden), with_vv, class_only, batch_invariant=batch_invariant, backend=backend
+        )
         if with_vv:
             vv_hidden = vv_hidden + vv
         if class_only:
             hidden = hidden[:, :1]
         hidden = hidden + original
-        if class_only:  # one row per image: per-image products keep it independent of the batch (rowwise_linear)
+        if class_only and batch_invariant:  # one row per image: per-image products (rowwise_linear)
             mlp, row = layer.mlp, layer.layer_norm2(hidden)[:, 0]
             hidden = hidden + rowwise_linear(mlp.fc2, mlp.activation_fn(rowwise_linear(mlp.fc1, row))).unsqueeze(1)
         else:
-            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            hidden = hidden + _mlp(layer.mlp, layer.layer_norm2(hidden), backend)
         if index + 1 == vv_start_layer:
             vv_hidden = hidden
 
     class_state = hidden[:, 0]
     if class_key_post_layernorm:
         class_state = vision_model.post_layernorm(class_state)
-    class_embeds = rowwise_linear(visual_projection, class_state)
+    class_embeds = rowwise_linear(visual_projection, class_state) if batch_invariant else visual_projection(class_state)
     patch_tokens = vision_model.post_layernorm(vv_hidden)[:, 1:]
     return MRADVisionFeatures(class_embeds=class_embeds, patch_tokens=patch_tokens, grid_size=grid_size)

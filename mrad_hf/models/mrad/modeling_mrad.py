@@ -463,6 +463,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             feature_layer=config.feature_layer,
             position_interpolation=config.position_interpolation,
             class_key_post_layernorm=config.class_key_post_layernorm,
+            batch_invariant=config.batch_invariant,
         )
 
     def retrieval_queries(self, features: MRADVisionFeatures) -> tuple[torch.Tensor, torch.Tensor]:
@@ -640,9 +641,10 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         tau = 1 in the reference). `queries` from `retrieval_queries`; returns (..., N).
         """
         keys, _, projection = self._memory_level(level)
+        batch_invariant = self.config.batch_invariant
         if projection is not None:
-            queries, keys = rowwise_linear(projection.query, queries), projection.key(keys)
-        return retrieval_logits(queries, keys, self.config.retrieval_temperature)
+            queries, keys = _project_queries(projection, queries, batch_invariant), projection.key(keys)
+        return retrieval_logits(queries, keys, self.config.retrieval_temperature, batch_invariant=batch_invariant)
 
     def retrieve(self, level: str, queries: torch.Tensor, *, similarity_dropout: bool | None = None) -> torch.Tensor:
         """Soft retrieval from one memory level: (..., 2) [p_normal, p_anomaly].
@@ -659,13 +661,17 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         if similarity_dropout is None:
             similarity_dropout = self.training and projection is not None
         config = self.config
+        batch_invariant = config.batch_invariant
         if not similarity_dropout:
             if projection is not None:
-                queries, keys = rowwise_linear(projection.query, queries), projection.key(keys)
-            return soft_retrieve(queries, keys, values, temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size)
+                queries, keys = _project_queries(projection, queries, batch_invariant), projection.key(keys)
+            return soft_retrieve(
+                queries, keys, values, temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size,
+                batch_invariant=batch_invariant,
+            )
         quantile = config.image_dropout_quantile if level == "image" else config.patch_dropout_quantile
-        drop = similarity_dropout_mask(retrieval_logits(queries, keys), quantile)
-        return masked_soft_retrieve(self.retrieval_logits(level, queries), values, drop)
+        drop = similarity_dropout_mask(retrieval_logits(queries, keys, batch_invariant=batch_invariant), quantile)
+        return masked_soft_retrieve(self.retrieval_logits(level, queries), values, drop, batch_invariant=batch_invariant)
 
     # ------------------------------------------------------------------ MRAD-CLIP text branch (Sec. 3.5)
     def projected_patch_tokens(self, features: MRADVisionFeatures) -> torch.Tensor:
@@ -677,11 +683,18 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         """MRAD-CLIP's text branch: (B, G*G, 2) softmax(cos(patch, [t_normal, t_anomaly]) / 0.07) per patch.
 
         The prompts of an image are biased by its region priors (patches with pixel-retrieval p_anomaly above
-        `region_prior_threshold` vs the rest). Computed image by image: the text tower and the projections then see
-        the same shapes whatever the batch, so an image's map does not depend on the images scored with it.
+        `region_prior_threshold` vs the rest). With `config.batch_invariant`, computed image by image: the text tower
+        and the projections then see the same shapes whatever the batch, so an image's map does not depend on the
+        images scored with it; otherwise for the whole batch at once.
         """
         config = self.config
         prompt_tokens = self.prompt_token_tensors()  # once per batch, not per image
+        if not config.batch_invariant:
+            patch_tokens = self.projected_patch_tokens(features)
+            region_tokens = region_prior_tokens(patch_anomaly_probability, patch_tokens, config.region_prior_threshold)
+            text_features = self.prompt_text_features(region_tokens, prompt_tokens)
+            similarity = torch.matmul(patch_tokens, text_features.transpose(1, 2))
+            return torch.softmax(similarity / config.text_temperature, dim=-1)
         per_image = []
         for index in range(features.patch_tokens.shape[0]):
             single = MRADVisionFeatures(
@@ -811,7 +824,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         config = self.config
         upsampled = upsample_patch_probabilities(patch_probabilities, grid_size, config.image_size)
         maps = (upsampled[:, 1] + 1 - upsampled[:, 0]) / 2.0 if text_map else upsampled[:, 1]
-        maps = gaussian_blur(maps, config.gaussian_sigma, config.gaussian_truncate)
+        maps = gaussian_blur(maps, config.gaussian_sigma, config.gaussian_truncate, batch_invariant=config.batch_invariant)
         score = fuse_image_score(
             maps, image_anomaly_probability, weight=config.image_score_weight, top_k_ratio=config.top_k_ratio, fusion=config.score_fusion
         )
@@ -880,6 +893,11 @@ def _check_anomalous_entries(bank: MemoryBank, allowed: bool) -> None:
         "p_anomaly = 0 for every query and the scores only reflect the other level.",
         stacklevel=3,
     )
+
+
+def _project_queries(projection: MRADProjectionPair, queries: torch.Tensor, batch_invariant: bool) -> torch.Tensor:
+    """The FT query projection; one product per image for 2-D (image-level) queries when `batch_invariant`."""
+    return rowwise_linear(projection.query, queries) if batch_invariant else projection.query(queries)
 
 
 def _prompt_token_ids_for(clip: Any, tokenizer: Any, config_overrides: dict[str, Any]) -> list[list[int]]:

@@ -46,16 +46,18 @@ def _reflect_indices(length: int, radius: int, device) -> torch.Tensor:
     return torch.where(positions >= length, 2 * length - 1 - positions, positions)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0) -> torch.Tensor:
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, *, batch_invariant: bool = False) -> torch.Tensor:
     """Separable Gaussian smoothing of (B, H, W) maps, equal to scipy.ndimage.gaussian_filter(mode="reflect").
 
     Computed in the input's floating dtype (float32 maps stay float32); sigma = 0 returns the input.
+    `batch_invariant`: blur image by image (oneDNN picks the convolution algorithm by batch size, so a batched blur
+    can differ in the last bits from the same map alone); otherwise one batched convolution.
     """
     if sigma == 0:
         return maps
     if maps.ndim != 3:
         raise ValueError(f"gaussian_blur expects (B, H, W) maps, got shape {tuple(maps.shape)}.")
-    if maps.shape[0] > 1:  # oneDNN picks the convolution algorithm by batch size: blur image by image (batch invariant)
+    if batch_invariant and maps.shape[0] > 1:
         return torch.cat([gaussian_blur(single, sigma, truncate) for single in maps.split(1)])
     compute_dtype = maps.dtype if maps.dtype in (torch.float32, torch.float64) else torch.float32
     weights = gaussian_kernel1d(sigma, truncate, device=maps.device).to(compute_dtype)

@@ -59,6 +59,10 @@ def rowwise_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out if linear.bias is None else out + linear.bias
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor, batch_invariant: bool) -> torch.Tensor:
+    return rowwise_matmul(a, b) if batch_invariant else torch.matmul(a, b)
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| along the last axis, as the reference does (no epsilon; a zero vector stays NaN-free only if non-zero)."""
     return x / x.norm(dim=-1, keepdim=True)
@@ -69,9 +73,14 @@ def one_hot_labels(labels: torch.Tensor, num_states: int = 2) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels.long(), num_classes=num_states).float()
 
 
-def retrieval_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Similarity logits q K^T / tau. queries (..., D), keys (N, D) -> (..., N)."""
-    logits = rowwise_matmul(queries, keys.transpose(0, 1))
+def retrieval_logits(
+    queries: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0, *, batch_invariant: bool = False
+) -> torch.Tensor:
+    """Similarity logits q K^T / tau. queries (..., D), keys (N, D) -> (..., N).
+
+    `batch_invariant`: one product per query row for 2-D queries (`rowwise_matmul`), so that a row's logits do not
+    depend on the other rows; otherwise one GEMM (equal within float rounding)."""
+    logits = _matmul(queries, keys.transpose(0, 1), batch_invariant)
     return logits if temperature == 1.0 else logits / temperature
 
 
@@ -82,6 +91,7 @@ def soft_retrieve(
     *,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Soft retrieval softmax(q K^T / tau) V.
 
@@ -92,6 +102,7 @@ def soft_retrieve(
         temperature: tau.
         chunk_size: if set and smaller than N, stream over the keys in chunks of this size with an online
             softmax; exact up to float rounding, with peak memory O(queries x chunk_size).
+        batch_invariant: per-row products for 2-D queries (see `retrieval_logits`).
 
     Returns:
         (..., C) retrieved values; for one-hot values, state probabilities that sum to 1.
@@ -103,26 +114,26 @@ def soft_retrieve(
     values = values.to(queries.dtype)
     keys = keys.to(queries.dtype)
     if chunk_size is None or chunk_size >= keys.shape[0]:
-        weights = torch.softmax(retrieval_logits(queries, keys, temperature), dim=-1)
-        return rowwise_matmul(weights, values)
+        weights = torch.softmax(retrieval_logits(queries, keys, temperature, batch_invariant=batch_invariant), dim=-1)
+        return _matmul(weights, values, batch_invariant)
 
     running_max = None
     running_sum = None
     accumulated = None
     for start in range(0, keys.shape[0], chunk_size):
-        logits = retrieval_logits(queries, keys[start : start + chunk_size], temperature)
+        logits = retrieval_logits(queries, keys[start : start + chunk_size], temperature, batch_invariant=batch_invariant)
         chunk_max = logits.amax(dim=-1, keepdim=True)
         if running_max is None:
             new_max = chunk_max
             exp_logits = torch.exp(logits - new_max)
             running_sum = exp_logits.sum(dim=-1, keepdim=True)
-            accumulated = rowwise_matmul(exp_logits, values[start : start + chunk_size])
+            accumulated = _matmul(exp_logits, values[start : start + chunk_size], batch_invariant)
         else:
             new_max = torch.maximum(running_max, chunk_max)
             rescale = torch.exp(running_max - new_max)
             exp_logits = torch.exp(logits - new_max)
             running_sum = running_sum * rescale + exp_logits.sum(dim=-1, keepdim=True)
-            accumulated = accumulated * rescale + rowwise_matmul(exp_logits, values[start : start + chunk_size])
+            accumulated = accumulated * rescale + _matmul(exp_logits, values[start : start + chunk_size], batch_invariant)
         running_max = new_max
     return accumulated / running_sum
 
@@ -142,11 +153,13 @@ def similarity_dropout_mask(original_similarity: torch.Tensor, quantile: float) 
     return original_similarity > threshold
 
 
-def masked_soft_retrieve(logits: torch.Tensor, values: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_soft_retrieve(
+    logits: torch.Tensor, values: torch.Tensor, drop_mask: torch.Tensor | None = None, *, batch_invariant: bool = False
+) -> torch.Tensor:
     """softmax(logits with dropped entries at -inf) V. logits (..., N), values (N, C), drop_mask (..., N) bool."""
     if drop_mask is not None:
         logits = logits.masked_fill(drop_mask, float("-inf"))
-    return rowwise_matmul(torch.softmax(logits, dim=-1), values.to(logits.dtype))
+    return _matmul(torch.softmax(logits, dim=-1), values.to(logits.dtype), batch_invariant)
 
 
 def region_prior_tokens(anomaly_probability: torch.Tensor, tokens: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

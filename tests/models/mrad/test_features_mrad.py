@@ -134,7 +134,7 @@ def test_benchmark_reference_path_equals_the_test_oracle(model_with_bank):
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "benchmarks"))
     from benchmark_inference import dual_path_flops
     from reference_mrad import reference_tf_score
     from reference_style import reference_end_to_end
