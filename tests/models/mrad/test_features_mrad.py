@@ -166,3 +166,178 @@ def test_half_precision_casts_keep_the_bank_float32_and_matching(model_with_bank
     assert {k: v for k, v in after.items() if k != "weights_signature"} == {k: v for k, v in before.items() if k != "weights_signature"}
     assert after["weights_signature"] == pytest.approx(before["weights_signature"], abs=0.01)
     fresh.set_memory_bank(bank)  # ... so a bank built for the float32 backbone still attaches
+
+
+# ---------------------------------------------------------------------- fast paths equal the reference path (issue 15)
+def _variant_model(variant: str, **overrides):
+    from conftest import make_samples, make_tiny_trained_model
+
+    model = make_tiny_model(**overrides) if variant == "tf" else make_tiny_trained_model(variant, **overrides)
+    model.build_memory_bank(make_samples(6), batch_size=3, progress=False)
+    return model
+
+
+def _assert_outputs_close(got, expected, atol=1e-5):
+    for name in ("anomaly_map", "anomaly_score", "image_probabilities", "patch_probabilities"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=atol, rtol=0, msg=name)
+
+
+VARIANTS = ["tf", "ft", "clip"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_onednn_packed_linears_equal_the_reference_path(variant, monkeypatch):
+    from mrad_hf.models.mrad import features_mrad
+
+    model = _variant_model(variant)
+    pixels = _pixels(batch=3)
+    monkeypatch.setenv("MRAD_LINEAR_BACKEND", "aten")
+    reference = model(pixels)
+    ref_class, ref_patches = reference_encode_image(model.clip, pixels)
+    monkeypatch.setenv("MRAD_LINEAR_BACKEND", "onednn")
+    assert features_mrad.linear_backend("cpu", torch.float32) == "onednn"
+    calls = []
+    original = features_mrad._packed_weight
+    monkeypatch.setattr(features_mrad, "_packed_weight", lambda linear: calls.append(linear) or original(linear))
+    fast = model(pixels)
+    assert len(calls) >= 6 * len(model.clip.vision_model.encoder.layers) - 2  # the packed path really ran
+    _assert_outputs_close(fast, reference)
+    features = model.extract_features(pixels)
+    torch.testing.assert_close(features.class_embeds, ref_class, atol=1e-5, rtol=0)
+    torch.testing.assert_close(features.patch_tokens, ref_patches, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_packed_weights_are_a_side_cache_that_follows_the_parameters(monkeypatch):
+    from mrad_hf.models.mrad import features_mrad
+
+    monkeypatch.setenv("MRAD_LINEAR_BACKEND", "onednn")
+    model = make_tiny_model()
+    keys_before = set(model.state_dict())
+    pixels = _pixels(batch=2)
+    before = model.extract_features(pixels)
+    fc1 = model.clip.vision_model.encoder.layers[1].mlp.fc1
+    packed = features_mrad._PACKED_WEIGHTS[fc1][1]
+    assert set(model.state_dict()) == keys_before  # nothing packed is saved
+    assert features_mrad._packed_weight(fc1) is packed  # packed once, re-used
+    fc1.weight.mul_(2.0)  # an in-place change of the source of truth re-packs
+    assert features_mrad._packed_weight(fc1) is not packed
+    changed = model.extract_features(pixels)
+    assert (changed.patch_tokens - before.patch_tokens).abs().max() > 1e-3
+    fc1.weight.div_(2.0)
+    import copy
+
+    clone = copy.deepcopy(model)  # deepcopy and a dtype round trip work and give the same values
+    clone.clip.double().float()
+    torch.testing.assert_close(clone.extract_features(pixels).patch_tokens, before.patch_tokens, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_eager_and_sdpa_attention_give_equal_outputs(variant, monkeypatch):
+    from mrad_hf.models.mrad import features_mrad
+
+    model = _variant_model(variant)
+    pixels = _pixels(batch=2)
+    attention_config = model.clip.vision_model.encoder.layers[0].self_attn.config
+    assert attention_config._attn_implementation == "sdpa"
+    sdpa = model(pixels)
+    eager_calls = []
+    original = features_mrad.eager_attention_forward
+    monkeypatch.setattr(features_mrad, "eager_attention_forward", lambda *a, **k: eager_calls.append(1) or original(*a, **k))
+    model.clip.vision_model.config._attn_implementation = "eager"
+    try:
+        assert attention_config._attn_implementation == "eager"
+        eager = model(pixels)
+    finally:
+        model.clip.vision_model.config._attn_implementation = "sdpa"
+    assert len(eager_calls) == len(model.clip.vision_model.encoder.layers) + 1  # every block; the last one twice
+    _assert_outputs_close(eager, sdpa)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_batch_invariant_switch_off_equals_on_within_float_rounding(variant):
+    invariant = _variant_model(variant, batch_invariant=True)
+    fast = _variant_model(variant)
+    assert fast.config.batch_invariant is False
+    pixels = _pixels(batch=4)
+    reference = invariant(pixels)
+    batched = fast(pixels)
+    _assert_outputs_close(batched, reference)
+    if variant == "clip":
+        torch.testing.assert_close(batched.text_probabilities, reference.text_probabilities, atol=1e-5, rtol=0)
+    for size in (1, 3):  # other batch compositions: equal within rounding (bit identity is the switch's job)
+        _assert_outputs_close(fast(pixels[:size]), _slice(reference, size))
+
+
+def _slice(outputs, size):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{name: getattr(outputs, name)[:size] for name in ("anomaly_map", "anomaly_score", "image_probabilities", "patch_probabilities")})
+
+
+def test_batch_invariant_must_be_a_bool():
+    with pytest.raises(Exception, match="batch_invariant"):
+        make_tiny_model(batch_invariant="yes")
+
+
+def test_resolve_dtype_and_linear_backend_follow_the_cpu(monkeypatch):
+    from mrad_hf.models.mrad import features_mrad
+
+    def fake(capability, bf16):
+        return lambda: {"model": "x", "capability": capability, "mkldnn": True, "flags": [], "bf16_matrix": bf16}
+
+    real = features_mrad.cpu_features()
+    monkeypatch.delenv("MRAD_LINEAR_BACKEND", raising=False)
+    monkeypatch.setattr(features_mrad, "cpu_features", fake("AVX2", False))
+    assert features_mrad.resolve_dtype("auto", "cpu") == torch.float32
+    assert features_mrad.linear_backend("cpu", torch.float32) == "aten"  # AVX2: MKL measured at least as fast
+    assert features_mrad.linear_backend("cpu", torch.bfloat16) == "aten"
+    monkeypatch.setattr(features_mrad, "cpu_features", fake("AVX512", True))
+    assert features_mrad.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert features_mrad.linear_backend("cpu", torch.float32) == "onednn"
+    assert features_mrad.linear_backend("cpu", torch.bfloat16) == "onednn"
+    assert features_mrad.linear_backend("cpu", torch.float16) == "aten"
+    assert features_mrad.linear_backend("cuda", torch.float32) == "aten"
+    monkeypatch.setenv("MRAD_LINEAR_BACKEND", "aten")
+    assert features_mrad.linear_backend("cpu", torch.float32) == "aten"
+    monkeypatch.setenv("MRAD_LINEAR_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MRAD_LINEAR_BACKEND"):
+        features_mrad.linear_backend("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert features_mrad.resolve_dtype("auto", "cuda") == torch.float16
+    assert features_mrad.resolve_dtype("bfloat16") == torch.bfloat16 and features_mrad.resolve_dtype(None) == torch.float32
+    with pytest.raises(ValueError, match="Unknown backbone dtype"):
+        features_mrad.resolve_dtype("fp8")
+    assert real["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(real["bf16_matrix"], bool)
+
+
+@torch.no_grad()
+def test_autocast_mode_keeps_float32_weights_and_float32_outputs(model_with_bank):
+    model = model_with_bank
+    pixels = _pixels(batch=2)
+    expected = model(pixels)
+    set_backbone_dtype(model, "bfloat16", mode="autocast")
+    try:
+        assert model.clip.vision_model.embeddings.patch_embedding.weight.dtype == torch.float32
+        got = model(pixels)
+        assert got.anomaly_map.dtype == torch.float32 and model.extract_features(pixels).patch_tokens.dtype == torch.float32
+        difference = (got.anomaly_map - expected.anomaly_map).abs().max().item()
+        assert 0 < difference < 2e-2  # bf16 matmuls under autocast: close, not equal
+    finally:
+        set_backbone_dtype(model, "float32", mode="autocast")
+    torch.testing.assert_close(model(pixels).anomaly_map, expected.anomaly_map, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="mode"):
+        set_backbone_dtype(model, "bfloat16", mode="amp")
+
+
+def test_malloc_tuning_applies_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = "from mrad_hf.models.mrad.features_mrad import tune_malloc_for_inference as t; import torch; print(t()); torch.ones(8, 1370, 4096).sum()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
