@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_style import reference_end_to_end, reference_postprocess, reference_retrieve  # noqa: E402
 
-STAGES = ("peak", "features", "end-to-end", "retrieval", "postprocessing", "scaling", "dtype", "compile")
+STAGES = ("peak", "official", "features", "end-to-end", "retrieval", "postprocessing", "scaling", "dtype", "compile")
 REFERENCE_BANK = {"image": 2162, "patch": 3000}  # about the size of the reference's VisA banks
 STANDARD_NOTES = [
     "GFLOP/s divide the analytic cost of the reference computation (`dual_path_flops`) by the time, for both paths; "
@@ -180,6 +180,11 @@ def machine_info(device: torch.device) -> dict:
         "cpu_flags_bf16_matrix": [],
         "device": str(device),
     }
+    from mrad_hf.models.mrad.features_mrad import cpu_features, linear_backend, resolve_dtype
+
+    info["cpu_flags"] = cpu_features()["flags"]
+    info["linear_backend_auto_fp32"] = linear_backend(device, torch.float32)
+    info["dtype_auto"] = str(resolve_dtype("auto", device)).replace("torch.", "")
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             text = handle.read()
@@ -284,6 +289,13 @@ def stage_peak(args, device) -> dict:
         times = [timed(lambda: F.linear(x, w), device)[1] for _ in range(repeats)]
         rows[str(dtype).replace("torch.", "")] = {"gflops_per_s": 2 * m * k * n / min(times) / 1e9, "shape": [m, k, n], "repeats": repeats}
         print(f"  GEMM {dtype}: {rows[str(dtype).replace('torch.', '')]['gflops_per_s']:.1f} GFLOP/s", flush=True)
+        if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)  # oneDNN with a pre-packed weight (features_mrad)
+            onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+            onednn()
+            times = [timed(onednn, device)[1] for _ in range(repeats)]
+            rows["float32-onednn"] = {"gflops_per_s": 2 * m * k * n / min(times) / 1e9, "shape": [m, k, n], "repeats": repeats}
+            print(f"  GEMM float32 oneDNN pre-packed: {rows['float32-onednn']['gflops_per_s']:.1f} GFLOP/s", flush=True)
     return rows
 
 
@@ -592,6 +604,165 @@ def stage_compile(args, device, results) -> None:
     print(f"  eager {c['eager_median_s']:.3f} s, compiled {c['compiled_median_s']:.3f} s (first call {compile_s:.1f} s)", flush=True)
 
 
+# ---------------------------------------------------------------------- the official code as the baseline (issue 15)
+OFFICIAL_CONFIGS = ("fp32", "fp32-onednn", "fp32-aten", "fp32-invariant", "bf16", "auto")
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _official_config(name: str, base, device):
+    """(model, environment backend) of one of our configurations; bf16 works on a copy (the cast is one-way)."""
+    import copy
+
+    from mrad_hf.models.mrad.features_mrad import resolve_dtype, set_backbone_dtype
+
+    backend = {"fp32-onednn": "onednn", "fp32-aten": "aten"}.get(name, "auto")
+    if name in ("bf16", "auto"):
+        dtype = torch.bfloat16 if name == "bf16" else resolve_dtype("auto", device)
+        if dtype == torch.float32:
+            return base, backend, "float32"
+        model = copy.deepcopy(base)
+        set_backbone_dtype(model, dtype)
+        return model, backend, str(dtype).replace("torch.", "")
+    if name == "fp32-invariant":
+        model = copy.copy(base)  # shares the modules; only the config differs
+        model.config = copy.deepcopy(base.config)
+        model.config.batch_invariant = True
+        return model, backend, "float32"
+    return base, backend, "float32"
+
+
+def stage_official(args, device, results) -> None:
+    """The official MRAD code (its own MRAD-TF path) versus our configurations, interleaved, same weights/images."""
+    from official_baseline import official_and_ours, official_mrad_tf
+
+    from mrad_hf.models.mrad.features_mrad import dual_path_vision_features, linear_backend
+
+    print(f"  building the official AnomalyCLIP ViT-L/14@336 from {args.official} and converting its weights", flush=True)
+    official, official_model, ours = official_and_ours(args.official, seed=0, image_size=args.image_size)
+    random_bank(ours, REFERENCE_BANK)
+    bank = _bank_tuple(ours, device)
+    size = args.image_size
+    flops = _flops_for(ours)
+    batches = sorted(set(args.official_batches))
+    pixels_all = torch.randn(max(batches), 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    configs = []
+    for name in args.official_configs:
+        model, backend, dtype = _official_config(name, ours, device)
+        configs.append((name, model, backend, dtype))
+    previous_backend = os.environ.get("MRAD_LINEAR_BACKEND")
+
+    def use_backend(backend):
+        os.environ["MRAD_LINEAR_BACKEND"] = backend
+
+    # warm-up of ours on a small image (the official code is not warmed: a smaller first forward would overwrite its
+    # positional table with a resized one, which its later 518-px forwards would resize again)
+    with torch.no_grad():
+        for name, model, backend, dtype in configs:
+            use_backend(backend)
+            small = pixels_all[:1, :, :224, :224].to(model.clip.vision_model.embeddings.patch_embedding.weight.dtype)
+            dual_path_vision_features(model.clip.vision_model, model.clip.visual_projection, small)
+    timings = {"official": []}
+    faults = {"official": []}
+    outputs = {}
+    official_out = []
+    for round_index in range(args.official_rounds):
+        order = [("official", None, None, None, 1)] + [(n, m, b, d, batch) for (n, m, b, d) in configs for batch in batches]
+        if round_index % 2:
+            order = order[::-1]
+        for name, model, backend, dtype, batch in order:
+            if name == "official":
+                images = pixels_all[: args.official_images]
+                faults_before = _minor_faults()
+                start = time.perf_counter()
+                official_out = [official_mrad_tf(official, official_model, images[i : i + 1], bank, size) for i in range(images.shape[0])]
+                seconds = (time.perf_counter() - start) / images.shape[0]
+                timings["official"].append(seconds)
+                faults["official"].append((_minor_faults() - faults_before) / images.shape[0])
+                print(f"  round {round_index} official        batch 1: {seconds:8.2f} s/img", flush=True)
+                continue
+            use_backend(backend)
+            key = f"{name}|{batch}"
+            pixels = pixels_all[:batch]
+            with torch.no_grad():
+                faults_before = _minor_faults()
+                out, elapsed, memory = timed(lambda: model(pixels), device)
+            timings.setdefault(key, []).append(elapsed / batch)
+            faults.setdefault(key, []).append((_minor_faults() - faults_before) / batch)
+            outputs[key] = (out, memory)
+            print(f"  round {round_index} {name:15s} batch {batch}: {elapsed / batch:8.2f} s/img", flush=True)
+    if previous_backend is None:
+        os.environ.pop("MRAD_LINEAR_BACKEND", None)
+    else:
+        os.environ["MRAD_LINEAR_BACKEND"] = previous_backend
+    official_maps = torch.stack([m for m, _ in official_out])
+    official_scores = torch.cat([sc.reshape(1) for _, sc in official_out])
+    count = official_maps.shape[0]
+    rows = [{
+        "configuration": f"official MRAD ({(official.commit or 'checkout')[:7]}), fp32", "batch_size": 1, "dtype": "float32",
+        "s_per_image": timings["official"], "median_s_per_image": statistics.median(timings["official"]),
+        "minor_faults_per_image": statistics.median(faults["official"]), "linear_backend": "aten (nn.MultiheadAttention)",
+    }]
+    for name, model, backend, dtype in configs:
+        for batch in batches:
+            key = f"{name}|{batch}"
+            out, memory = outputs[key]
+            os.environ["MRAD_LINEAR_BACKEND"] = backend
+            chosen = linear_backend(device, model.clip.vision_model.embeddings.patch_embedding.weight.dtype)
+            os.environ.pop("MRAD_LINEAR_BACKEND", None) if previous_backend is None else os.environ.__setitem__("MRAD_LINEAR_BACKEND", previous_backend)
+            paired = [o / t for o, t in zip(timings["official"], timings[key])]
+            rows.append({
+                "configuration": f"mrad-hf {name}", "batch_size": batch, "dtype": dtype, "linear_backend": chosen,
+                "batch_invariant": bool(model.config.batch_invariant),
+                "s_per_image": timings[key], "median_s_per_image": statistics.median(timings[key]),
+                "paired_speedup_median": statistics.median(paired), "paired_speedups": paired,
+                "max_abs_map_diff_vs_official": max_abs(out.anomaly_map[:count], official_maps),
+                "max_abs_score_diff_vs_official": max_abs(out.anomaly_score[:count], official_scores),
+                "minor_faults_per_image": statistics.median(faults[key]), "cuda_peak_mb": memory.cuda_mb,
+            })
+    for row in rows:
+        row["gflops_per_s"] = flops / row["median_s_per_image"] / 1e9
+    results["official"] = {"checkout": official.path, "commit": official.commit, "compared_images": count, "rounds": args.official_rounds, "rows": rows}
+    checkpoint(results, args)
+
+
+def _official_markdown(results: dict) -> list[str]:
+    official = results.get("official")
+    if not official:
+        return []
+    fp32_peaks = [v.get("gflops_per_s") for k, v in (results.get("peak") or {}).items() if k.startswith("float32") and v.get("gflops_per_s")]
+    peak = max(fp32_peaks) if fp32_peaks else None
+    info = results["machine"]
+    lines = [
+        "## Against the official MRAD code (MRAD-TF, same random ViT-L/14@336 weights, same images)",
+        "",
+        f"Official code: `{official['checkout']}` at {official['commit']}, run through `benchmarks/official_baseline.py` (its own "
+        f"`encode_image`, `compute_patch_socre`, `compute_socre`, scipy blur), one image at a time; {official['rounds']} interleaved "
+        f"round(s); its maps and scores compared on {official['compared_images']} image(s). CPU: {info['cpu_model']}, "
+        f"{info['cpu_capability']}, flags {', '.join(info.get('cpu_flags', info['cpu_flags_bf16_matrix'])) or '-'}; "
+        f"load average before {results['run']['loadavg_before']}, after {results['run'].get('loadavg_after')}.",
+        "",
+        "| configuration | batch | dtype | linears | s/img (median) | paired speed-up vs official | max abs map diff | max abs score diff | GFLOP/s | % of measured fp32 GEMM peak | minor page faults / img |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in official["rows"]:
+        speedup = row.get("paired_speedup_median")
+        fraction = 100 * row["gflops_per_s"] / peak if peak else None
+        lines.append(
+            f"| {row['configuration']}{' (batch_invariant)' if row.get('batch_invariant') else ''} | {row['batch_size']} | {row['dtype']} | "
+            f"{row['linear_backend']} | {_fmt(row['median_s_per_image'], 2)} | {_fmt(speedup)}{'x' if speedup else ''} | "
+            f"{_fmt(row.get('max_abs_map_diff_vs_official'))} | {_fmt(row.get('max_abs_score_diff_vs_official'))} | "
+            f"{_fmt(row['gflops_per_s'], 1)} | {_fmt(fraction, 0)} | {_fmt(row['minor_faults_per_image'], 0)} |"
+        )
+    peak_text = ", ".join(f"{k} {_fmt(v['gflops_per_s'], 1)}" for k, v in (results.get("peak") or {}).items() if isinstance(v, dict) and "gflops_per_s" in v)
+    lines += ["", f"Measured GEMM peaks (GFLOP/s): {peak_text or 'not measured'}.", ""]
+    return lines
+
+
 # ---------------------------------------------------------------------- report
 def _fmt(value, digits=2):
     if value is None:
@@ -625,6 +796,7 @@ def markdown(results: dict) -> str:
     if results.get("peak"):
         peak = ", ".join(f"{k} {_fmt(v.get('gflops_per_s'), 1)} GFLOP/s" for k, v in results["peak"].items())
         lines += [f"Measured GEMM peak (best of n, {results['peak'].get('float32', {}).get('shape')}): {peak}.", ""]
+    lines += _official_markdown(results)
     if results["rows"]:
         fp32_peak = (results.get("peak") or {}).get("float32", {}).get("gflops_per_s")
         lines += [
@@ -749,7 +921,7 @@ def checkpoint(results: dict, args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true", help="small random backbone at 224 px, small banks: a few minutes")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="what to measure (default: all)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="what to measure (default: all; official only with --official)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default 1 8 32 (quick: 1 8)")
     parser.add_argument("--backbone", help="a key of mrad_hf.cli.RANDOM_BACKBONES (default random-vit-l14-336; quick: random-small)")
     parser.add_argument("--image-size", type=int, help="default 518 (quick: 224)")
@@ -779,6 +951,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-size", type=int, default=224)
     parser.add_argument("--compile-batch", type=int, default=4)
     parser.add_argument("--compile-repeats", type=int, default=5)
+    parser.add_argument("--official", default=os.environ.get("MRAD_OFFICIAL_CHECKOUT"), help="official stage: a checkout of github.com/CROVO1026/MRAD (never vendored; e.g. /work/scratch/MRAD)")
+    parser.add_argument("--official-configs", nargs="+", default=["fp32", "auto"], choices=OFFICIAL_CONFIGS, help="official stage: our configurations (auto = resolve_dtype('auto'))")
+    parser.add_argument("--official-batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--official-rounds", type=int, default=1, help="official stage: interleaved rounds (the order flips every round)")
+    parser.add_argument("--official-images", type=int, default=1, help="official stage: images the official code scores per round")
+    parser.add_argument("--malloc", choices=("tuned", "glibc", "rss"), default="tuned",
+                        help="tuned: features_mrad.tune_malloc_for_inference (what mrad_hf applies); glibc: untouched defaults; "
+                        "rss: a fixed 1 MiB mmap threshold so that RSS growth tracks live tensors (memory stages; many page faults)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, one per core)")
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -790,6 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_defaults(args) -> None:
     quick = args.quick
+    args.stages_given = args.stages is not None
+    args.stages = args.stages or list(STAGES)
     args.batch_sizes = args.batch_sizes or ([1, 8] if quick else [1, 8, 32])
     args.backbone = args.backbone or ("random-small" if quick else "random-vit-l14-336")
     args.image_size = args.image_size or (224 if quick else 518)
@@ -803,7 +985,8 @@ def resolve_defaults(args) -> None:
 
 
 def _reexec_with_fixed_mmap_threshold() -> None:
-    """Make glibc return large freed blocks to the OS, so that RSS growth tracks live tensors (set before start-up)."""
+    """`--malloc rss`: make glibc return large freed blocks to the OS, so that RSS growth tracks live tensors (set
+    before start-up). It maps and unmaps every large activation, so it costs page faults and time: not for speed."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="1048576")
@@ -818,9 +1001,17 @@ def main(argv=None) -> int:
         print(markdown(results))
         print(f"Re-rendered {md_path}")
         return 0
-    if argv is None:
+    if argv is None and args.malloc == "rss":
         _reexec_with_fixed_mmap_threshold()
+    if args.malloc == "tuned":
+        from mrad_hf.models.mrad.features_mrad import tune_malloc_for_inference
+
+        tune_malloc_for_inference()
     resolve_defaults(args)
+    if "official" in args.stages and not args.official:
+        if args.stages_given:
+            raise SystemExit("--stages official needs --official PATH (a checkout of github.com/CROVO1026/MRAD).")
+        args.stages = [stage for stage in args.stages if stage != "official"]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -830,10 +1021,10 @@ def main(argv=None) -> int:
             "name": args.name, "command": "python benchmarks/benchmark_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)), "loadavg_before": [round(x, 2) for x in os.getloadavg()],
             "backbone": args.backbone, "image_size": args.image_size, "batch_sizes": args.batch_sizes, "stages": args.stages,
-            "repeats": args.repeats, "repeats_large": args.repeats_large, "large_batch": args.large_batch,
+            "repeats": args.repeats, "repeats_large": args.repeats_large, "large_batch": args.large_batch, "malloc": args.malloc,
         },
         "machine": machine_info(device),
-        "peak": None, "compile": None, "rows": [], "diffs": [], "scaling": [], "dtype": [], "notes": list(args.note),
+        "peak": None, "compile": None, "official": None, "rows": [], "diffs": [], "scaling": [], "dtype": [], "notes": list(args.note),
     }
     print(f"MRAD benchmark on {results['machine']['cpu_model']} ({device}), load {results['run']['loadavg_before']}", flush=True)
     stages = set(args.stages)
@@ -842,6 +1033,9 @@ def main(argv=None) -> int:
         print("[peak] GEMM throughput", flush=True)
         results["peak"] = stage_peak(args, device)
         checkpoint(results, args)
+    if "official" in stages:
+        print("[official] the official MRAD code versus ours", flush=True)
+        stage_official(args, device, results)
     model = None
     if stages & {"features", "end-to-end", "retrieval", "postprocessing"}:
         print(f"[model] random {args.backbone} at {args.image_size} px", flush=True)
