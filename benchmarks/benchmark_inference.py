@@ -511,9 +511,10 @@ def stage_dtype(args, device, results) -> None:
     # speed: one batch of the benchmark backbone through the feature path, per dtype
     size = args.dtype_speed_size
     model = make_model(args.backbone, size, device)
+    random_bank(model, REFERENCE_BANK)
     flops = _flops_for(model)
     pixels = torch.randn(args.dtype_batch, 3, size, size, generator=torch.Generator().manual_seed(6)).to(device)
-    reference = None
+    reference = reference_output = None
     for dtype in args.dtypes:
         set_backbone_dtype(model, dtype)
         with torch.no_grad():
@@ -523,10 +524,14 @@ def stage_dtype(args, device, results) -> None:
             for _ in range(args.dtype_repeats):
                 features, seconds, memory = timed(lambda: model.extract_features(pixels), device)
                 times.append(seconds), memories.append(memory)
+            output = model(pixels)
         patches = features.patch_tokens.float()
         reference = patches if reference is None else reference
+        reference_output = output if reference_output is None else reference_output
         row = {"stage": "dtype-speed", "dtype": dtype, "backbone": args.backbone, "image_size": size, "batch_size": args.dtype_batch, **summarise(times, args.dtype_batch, memories, flops)}
         row["patch_tokens_max_abs_diff_vs_float32"] = max_abs(patches, reference)
+        row["anomaly_map_max_abs_diff_vs_float32"] = max_abs(output.anomaly_map, reference_output.anomaly_map)
+        row["anomaly_score_max_abs_diff_vs_float32"] = max_abs(output.anomaly_score, reference_output.anomaly_score)
         results["dtype"].append(row)
         print(f"  features {dtype}: {statistics.median(times):.2f} s for {args.dtype_batch} image(s)", flush=True)
     del model
@@ -851,11 +856,15 @@ def markdown(results: dict) -> str:
         if speed:
             base = speed[0]["median_s"]
             lines += [f"Feature pass of random `{speed[0]['backbone']}` at {speed[0]['image_size']} px:", ""]
-            lines += ["| dtype | batch | feature pass s (median) | speed-up vs float32 | GFLOP/s | patch-token max abs diff vs fp32 |", "|---|---|---|---|---|---|"]
+            lines += [
+                "| dtype | batch | feature pass s (median) | speed-up vs float32 | GFLOP/s | patch-token max abs diff vs fp32 | map max abs diff vs fp32 | score max abs diff vs fp32 |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for row in speed:
                 lines.append(
                     f"| {row['dtype']} | {row['batch_size']} | {_fmt(row['median_s'])} | {_fmt(base / row['median_s'])}x | "
-                    f"{_fmt(row.get('gflops_per_s_median'), 1)} | {_fmt(row['patch_tokens_max_abs_diff_vs_float32'])} |"
+                    f"{_fmt(row.get('gflops_per_s_median'), 1)} | {_fmt(row['patch_tokens_max_abs_diff_vs_float32'])} | "
+                    f"{_fmt(row.get('anomaly_map_max_abs_diff_vs_float32'))} | {_fmt(row.get('anomaly_score_max_abs_diff_vs_float32'))} |"
                 )
             lines.append("")
         accuracy = [r for r in results["dtype"] if r["stage"] == "dtype-accuracy"]

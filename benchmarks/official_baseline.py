@@ -70,10 +70,12 @@ def load_official(checkout: str | Path) -> types.SimpleNamespace:
         mlp = importlib.import_module("models.mlp")
     finally:
         sys.path.remove(str(checkout))
-    commit = None
-    head = checkout / ".git" / "HEAD"
-    if head.is_file():
-        commit = head.read_text().strip()
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     return types.SimpleNamespace(
         lib=anomaly_clip_lib, AnomalyCLIP=anomaly_clip.AnomalyCLIP, compute_socre=mrad.compute_socre,
         compute_patch_socre=mrad.compute_patch_socre, average_neighbor=mlp.average_neighbor, path=str(checkout), commit=commit,
