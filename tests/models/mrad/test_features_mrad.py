@@ -341,3 +341,19 @@ def test_malloc_tuning_applies_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+
+
+@torch.no_grad()
+def test_compile_features_wraps_the_instance_feature_pass(model_with_bank):
+    """The opt-in torch.compile hook (backend "eager" here: the wiring, not inductor's speed, which the benchmark
+    measures) gives the model's own outputs."""
+    from mrad_hf.models.mrad.features_mrad import compile_features
+
+    pixels = _pixels(batch=2)
+    expected = model_with_bank(pixels)
+    compiled = compile_features(model_with_bank, backend="eager")
+    try:
+        assert "extract_features" in compiled.__dict__
+        torch.testing.assert_close(compiled(pixels).anomaly_map, expected.anomaly_map, atol=1e-6, rtol=0)
+    finally:
+        del model_with_bank.extract_features
