@@ -8,9 +8,9 @@ and OpenVINO detectors that run it with the PyTorch model's inputs and outputs.
 The runtimes are optional: `pip install 'mrad-hf[onnx]'` (onnx, onnxscript, onnxruntime), `'mrad-hf[openvino]'`.
 """
 
-from .exporters import EXPORT_FORMATS, ExportError, export_model, export_onnx
+from .exporters import EXPORT_FORMATS, export_model, export_onnx
 from .graph import MRADExportModule
-from .runtime import BACKENDS, ExportedDetector, OnnxRuntimeDetector, OpenVINODetector
+from .runtime import BACKENDS, ExportedDetector, ExportError, OnnxRuntimeDetector, OpenVINODetector
 
 __all__ = [
     "BACKENDS",

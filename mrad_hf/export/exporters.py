@@ -19,6 +19,7 @@ An export whose outputs differ from the PyTorch model by more than `tolerance` i
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,35 +30,17 @@ import torch
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.memory_bank_mrad import atomic_directory
 from .graph import INPUT_NAME, OUTPUT_NAMES, MRADExportModule
+from .runtime import EXPORT_CONFIG_NAME, ExportedDetector, ExportError, require
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_CONFIG_NAME", "ExportError", "export_model", "export_onnx", "require"]
+__all__ = ["EXPORT_FORMATS", "export_model", "export_onnx"]
 
 EXPORT_FORMATS = ("onnx", "openvino")
-EXPORT_CONFIG_NAME = "export_config.json"
 ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"
 #: default opset of the exported graph (torch.onnx's dynamo exporter translates to 18 and up)
 DEFAULT_OPSET = 18
 #: per runtime precision: the agreement with the PyTorch model that an export must reach to be written
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
-
-_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino"}
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be done or would not be faithful (the message says what to change)."""
-
-
-def require(module: str):
-    """Import an optional runtime dependency, or fail with the extra that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        extra = _EXTRAS.get(module.split(".")[0], module)
-        raise ExportError(f"{module} is not installed ({error}); install it with: pip install 'mrad-hf[{extra}]'") from error
-
 
 def _random_pixels(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
@@ -103,6 +86,12 @@ def _check_output_folder(path: Path) -> None:
         raise ExportError(f"'{path}' exists and is not a folder; choose another --output folder.")
     if path.exists() and any(path.iterdir()) and not (path / EXPORT_CONFIG_NAME).is_file():
         raise ExportError(f"'{path}' is a non-empty folder that holds no MRAD export; choose a new or empty --output folder.")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _versions() -> dict[str, str]:
@@ -163,6 +152,7 @@ def export_model(
     config = model.config
     module = MRADExportModule(model).eval()
     with atomic_directory(output_dir) as staging:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a deployment folder gets the usual permissions
         if format == "onnx":
             export_onnx(module, staging / ONNX_FILE, opset=opset)
             graph_file = ONNX_FILE
@@ -201,8 +191,6 @@ def export_model(
 
 def _verify(model, folder: Path, batch_sizes: tuple[int, ...], tolerance: float, threads: int | None) -> dict[str, Any]:
     """Run the export and the PyTorch model on the same random pixels; raise ExportError beyond `tolerance`."""
-    from .runtime import ExportedDetector
-
     detector = ExportedDetector(folder, threads=threads)
     device = next(model.clip.parameters()).device
     results = {}

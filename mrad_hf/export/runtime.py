@@ -25,13 +25,29 @@ import torch
 
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.modeling_mrad import MRADOutput
-from .exporters import EXPORT_CONFIG_NAME, ExportError, require
 from .graph import INPUT_NAME, OUTPUT_NAMES
 
-__all__ = ["BACKENDS", "ExportedDetector", "OnnxRuntimeDetector", "OpenVINODetector"]
+__all__ = ["BACKENDS", "EXPORT_CONFIG_NAME", "ExportError", "ExportedDetector", "OnnxRuntimeDetector", "OpenVINODetector", "require"]
 
 BACKENDS = ("onnxruntime", "openvino")
+EXPORT_CONFIG_NAME = "export_config.json"
 INFERENCE_PRECISIONS = ("f32", "bf16")
+_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino"}
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done or would not be faithful (the message says what to change)."""
+
+
+def require(module: str):
+    """Import an optional runtime dependency, or fail with the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        extra = _EXTRAS.get(module.split(".")[0], module)
+        raise ExportError(f"{module} is not installed ({error}); install it with: pip install 'mrad-hf[{extra}]'") from error
 
 
 def _read_export_config(folder: Path) -> dict[str, Any]:
@@ -100,7 +116,7 @@ class ExportedDetector:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(self.graph_path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = session = ort.InferenceSession(str(self.graph_path), sess_options=options, providers=["CPUExecutionProvider"])
 
         def run(pixel_values: np.ndarray) -> list[np.ndarray]:
             return session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixel_values})
@@ -113,7 +129,7 @@ class ExportedDetector:
         properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             properties["INFERENCE_NUM_THREADS"] = int(threads)
-        compiled = core.compile_model(core.read_model(str(self.graph_path)), device, properties)
+        self.compiled_model = compiled = core.compile_model(core.read_model(str(self.graph_path)), device, properties)
         outputs = [compiled.output(name) for name in OUTPUT_NAMES]
         request = compiled.create_infer_request()
 
