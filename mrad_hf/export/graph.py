@@ -164,7 +164,7 @@ class MRADExportModule(nn.Module):
         suffix = words[:, 1 + n_ctx :].unsqueeze(0).expand(batch, -1, -1, -1)
         hidden = torch.cat([prefix, context, suffix], dim=2).flatten(0, 1)
         hidden = hidden + text_model.embeddings.position_embedding.weight[: self.text_length].to(text_dtype)
-        mask = self.text_mask.to(text_dtype) if text_dtype == torch.float32 else causal_attention_mask(self.text_length, text_dtype, hidden.device)
+        mask = self.text_mask  # float32: exports refuse a half-precision tower
         deep_prompts = learner.deep_prompts
         for index, layer in enumerate(text_model.encoder.layers):
             if 1 <= index <= deep_prompts.shape[0]:

@@ -9,6 +9,7 @@ variant for the whole module. Retrieval is sharpened (temperature 0.01) so that 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import numpy as np
 import pytest
@@ -16,9 +17,17 @@ import torch
 
 from conftest import TINY_IMAGE_SIZE, TINY_PROMPT_TOKEN_IDS, make_samples, tiny_clip_config
 
-ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed: pip install 'mrad-hf[onnx]'")
+# every test exports ONNX (torch.onnx's exporter needs onnx + onnxscript); each runtime is needed only where it runs
+pytest.importorskip("onnx", reason="onnx is not installed: pip install 'mrad-hf[onnx]'")
 pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's exporter) is not installed: pip install 'mrad-hf[onnx]'")
-ov = pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'mrad-hf[openvino]'")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+needs_onnxruntime = pytest.mark.skipif(not _installed("onnxruntime"), reason="ONNX Runtime is not installed: pip install 'mrad-hf[onnx]'")
+needs_openvino = pytest.mark.skipif(not _installed("openvino"), reason="OpenVINO is not installed: pip install 'mrad-hf[openvino]'")
 
 from mrad_hf import MRADForAnomalyDetection  # noqa: E402
 from mrad_hf.cli.main import main  # noqa: E402
@@ -80,7 +89,7 @@ def test_export_module_equals_the_model_batch_wise(models, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend", ("onnxruntime", "openvino"))
+@pytest.mark.parametrize("backend", (pytest.param("onnxruntime", marks=needs_onnxruntime), pytest.param("openvino", marks=needs_openvino)))
 def test_onnx_export_round_trips_at_batch_1_3_8(models, onnx_exports, variant, backend):
     model = models[variant]
     detector = ExportedDetector(onnx_exports[variant], backend=backend, threads=1)
@@ -106,6 +115,7 @@ def test_onnx_graph_has_a_symbolic_batch_axis_and_embeds_the_bank(models, onnx_e
     assert record["outputs"] == {"anomaly_map": ["batch", TINY_IMAGE_SIZE, TINY_IMAGE_SIZE], "anomaly_score": ["batch"]}
 
 
+@needs_onnxruntime
 def test_detector_predict_takes_the_processor_inputs(models, onnx_exports):
     images = [sample["image"] for sample in make_samples(3, seed=5)]
     detector = OnnxRuntimeDetector(onnx_exports["clip"], threads=1)
@@ -117,7 +127,10 @@ def test_detector_predict_takes_the_processor_inputs(models, onnx_exports):
     torch.testing.assert_close(predicted.anomaly_map, expected.anomaly_map, atol=TOLERANCE, rtol=0)
 
 
+@needs_openvino
 def test_cli_exports_openvino_ir_in_float32_that_round_trips(models, tmp_path, capsys):
+    import openvino as ov
+
     model_dir = tmp_path / "model"
     models["ft"].save_pretrained(model_dir)
     output = tmp_path / "ov"
@@ -141,6 +154,7 @@ def test_cli_exports_openvino_ir_in_float32_that_round_trips(models, tmp_path, c
         OnnxRuntimeDetector(output)
 
 
+@needs_onnxruntime
 def test_export_refuses_what_it_cannot_do_faithfully(models, onnx_exports, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
