@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -179,6 +180,62 @@ def main(argv=None) -> int:
         setup_seconds.update(_int8_models(work, args.image_size, args.calibration_images, args.threads, configurations, compiled_precision))
     configurations = {name: fn for name, fn in configurations.items() if name not in args.skip}
 
+    def write_results(final: bool) -> None:
+        load_after = _load()
+        record = {
+            "command": "python benchmarks/benchmark_export.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
+            "minutes": round((time.time() - started) / 60, 1),
+            "complete": final,
+            "load_before": load_before,
+            "load_after": load_after,
+            "machine": info,
+            "backbone": args.backbone,
+            "image_size": size,
+            "bank": REFERENCE_BANK,
+            "threads": args.threads,
+            "export_seconds": export_seconds,
+            "runtime_setup_seconds": setup_seconds,
+            "openvino_compiled_precision": compiled_precision,
+            "versions": json.loads((work / "onnx" / "export_config.json").read_text())["versions"],
+            "note": args.note,
+            "rows": rows,
+        }
+        lines = [
+            f"# MRAD export benchmark ({args.name})" + ("" if final else " (PARTIAL: the run did not finish)"),
+            "",
+            f"Command: `{record['command']}`  ",
+            f"Started {record['started_utc']} UTC, took {record['minutes']} min. Load average (1/5/15 min) before {load_before}, after "
+            f"{load_after} (the machine is shared; {os.cpu_count()} cores).",
+            "",
+            f"Machine: {info['cpu_model']}, {os.cpu_count()} cores, flags {', '.join(info['cpu_flags'])}; {platform.platform()}; "
+            f"{args.threads} threads for every runtime. Versions: "
+            + ", ".join(f"{key} {value}" for key, value in record["versions"].items()) + ".",
+            "",
+            f"Model: random `{args.backbone}` MRAD-TF at {size} px, random bank of {REFERENCE_BANK['image']} image + "
+            f"{REFERENCE_BANK['patch']} patch keys. Diffs are against `pytorch fp32` on the same pixels. One timed call per "
+            "batch size after one warm-up call per configuration.",
+            "",
+            "| configuration | batch | s/img | max abs diff map | max abs diff score | load (1 min) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            name = row["configuration"] + (f" (compiled: {row['compiled_precision']})" if "compiled_precision" in row else "")
+            lines.append(
+                f"| {name} | {row['batch']} | {row['s_per_image']:.2f} | {row['max_abs_diff_map']:.1e} | {row['max_abs_diff_score']:.1e} | {row['load_1min']} |"
+            )
+        if export_seconds or setup_seconds:
+            lines += ["", f"Export time (s): {export_seconds or 'reused'}; runtime set-up (session / compile, s): {setup_seconds}."]
+        if args.note:
+            lines += ["", args.note]
+        text = "\n".join(lines) + "\n"
+        if final:
+            print("\n" + text)
+        output = Path(args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / f"{args.name}.md").write_text(text, encoding="utf-8")
+        (output / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
     generator = torch.Generator().manual_seed(0)
     size = args.image_size
     rows = []
@@ -211,59 +268,9 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{name:26s} batch {batch}: {row['s_per_image']:7.2f} s/img  max|diff| map {row['max_abs_diff_map']:.1e} "
                       f"score {row['max_abs_diff_score']:.1e}  (load {load[0]})", flush=True)
+                write_results(final=False)  # a partial table survives an interrupted run
 
-    load_after = _load()
-    record = {
-        "command": "python benchmarks/benchmark_export.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
-        "minutes": round((time.time() - started) / 60, 1),
-        "load_before": load_before,
-        "load_after": load_after,
-        "machine": info,
-        "backbone": args.backbone,
-        "image_size": size,
-        "bank": REFERENCE_BANK,
-        "threads": args.threads,
-        "export_seconds": export_seconds,
-        "runtime_setup_seconds": setup_seconds,
-        "openvino_compiled_precision": compiled_precision,
-        "versions": json.loads((work / "onnx" / "export_config.json").read_text())["versions"],
-        "note": args.note,
-        "rows": rows,
-    }
-    lines = [
-        f"# MRAD export benchmark ({args.name})",
-        "",
-        f"Command: `{record['command']}`  ",
-        f"Started {record['started_utc']} UTC, took {record['minutes']} min. Load average (1/5/15 min) before {load_before}, after "
-        f"{load_after} (the machine is shared; {os.cpu_count()} cores).",
-        "",
-        f"Machine: {info['cpu_model']}, {os.cpu_count()} cores, flags {', '.join(info['cpu_flags'])}; {platform.platform()}; "
-        f"{args.threads} threads for every runtime. Versions: "
-        + ", ".join(f"{key} {value}" for key, value in record["versions"].items()) + ".",
-        "",
-        f"Model: random `{args.backbone}` MRAD-TF at {size} px, random bank of {REFERENCE_BANK['image']} image + "
-        f"{REFERENCE_BANK['patch']} patch keys. Diffs are against `pytorch fp32` on the same pixels. One timed call per "
-        "batch size after one warm-up call per configuration.",
-        "",
-        "| configuration | batch | s/img | max abs diff map | max abs diff score | load (1 min) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        name = row["configuration"] + (f" (compiled: {row['compiled_precision']})" if "compiled_precision" in row else "")
-        lines.append(
-            f"| {name} | {row['batch']} | {row['s_per_image']:.2f} | {row['max_abs_diff_map']:.1e} | {row['max_abs_diff_score']:.1e} | {row['load_1min']} |"
-        )
-    if export_seconds or setup_seconds:
-        lines += ["", f"Export time (s): {export_seconds or 'reused'}; runtime set-up (session / compile, s): {setup_seconds}."]
-    if args.note:
-        lines += ["", args.note]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / f"{args.name}.md").write_text(text, encoding="utf-8")
-    (output / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_results(final=True)
     return 0
 
 
