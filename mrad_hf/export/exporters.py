@@ -178,7 +178,7 @@ def export_model(
             "memory_bank": {
                 "image_entries": int(model.memory.image_keys.shape[0]),
                 "patch_entries": int(model.memory.patch_keys.shape[0]),
-                "source": (config.memory_bank_metadata or {}).get("source"),
+                "source": (model.memory_bank_metadata or {}).get("source"),
             },
             "versions": _versions(),
         }
