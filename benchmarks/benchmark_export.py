@@ -52,7 +52,17 @@ def _cpu_flags() -> list[str]:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+                wanted = (
+                    "avx2",
+                    "fma",
+                    "avx512f",
+                    "avx512_bf16",
+                    "avx512_vnni",
+                    "avx_vnni",
+                    "amx_bf16",
+                    "amx_int8",
+                    "amx_tile",
+                )
                 return [flag for flag in wanted if flag in flags]
     except OSError:
         pass
@@ -63,7 +73,9 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def _int8_models(work: Path, size: int, calibration_images: int, threads: int, configurations: dict, compiled_precision: dict) -> dict:
+def _int8_models(
+    work: Path, size: int, calibration_images: int, threads: int, configurations: dict, compiled_precision: dict
+) -> dict:
     """OpenVINO int8 variants of the IR through NNCF (cached in `work`): weight-only int8, and full post-training
     quantisation calibrated on random pixels (a benchmark choice: a deployment calibrates on its own normal images)."""
     import nncf
@@ -72,12 +84,20 @@ def _int8_models(work: Path, size: int, calibration_images: int, threads: int, c
     core = ov.Core()
     setup = {}
     variants = {
-        "openvino int8 weights": (work / "openvino-int8-weights" / "model.xml", lambda model: nncf.compress_weights(model)),
+        "openvino int8 weights": (
+            work / "openvino-int8-weights" / "model.xml",
+            lambda model: nncf.compress_weights(model),
+        ),
         "openvino int8 ptq": (
             work / "openvino-int8-ptq" / "model.xml",
             lambda model: nncf.quantize(
                 model,
-                nncf.Dataset([torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(100 + i)).numpy() for i in range(calibration_images)]),
+                nncf.Dataset(
+                    [
+                        torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(100 + i)).numpy()
+                        for i in range(calibration_images)
+                    ]
+                ),
                 model_type=nncf.ModelType.TRANSFORMER,
                 subset_size=calibration_images,
             ),
@@ -87,17 +107,23 @@ def _int8_models(work: Path, size: int, calibration_images: int, threads: int, c
         if not path.is_file():
             begin = time.time()
             path.parent.mkdir(parents=True, exist_ok=True)
-            ov.save_model(make(core.read_model(str(work / "openvino" / "model.xml"))), str(path), compress_to_fp16=False)
+            ov.save_model(
+                make(core.read_model(str(work / "openvino" / "model.xml"))), str(path), compress_to_fp16=False
+            )
             setup[f"{name} (nncf)"] = round(time.time() - begin, 1)
         begin = time.time()
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+        compiled = core.compile_model(
+            core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        )
         setup[name] = round(time.time() - begin, 1)
         compiled_precision[name] = "f32 + int8"
         request = compiled.create_infer_request()
 
         def run(pixels, request=request, compiled=compiled):
             results = request.infer({"pixel_values": pixels.numpy()})
-            return torch.from_numpy(np.array(results[compiled.output("anomaly_map")])), torch.from_numpy(np.array(results[compiled.output("anomaly_score")]))
+            return torch.from_numpy(np.array(results[compiled.output("anomaly_map")])), torch.from_numpy(
+                np.array(results[compiled.output("anomaly_score")])
+            )
 
         configurations[name] = run
     return setup
@@ -108,15 +134,22 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="random-vit-l14-336")
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every runtime (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for every runtime (default: torch's)"
+    )
     parser.add_argument("--bf16", action="store_true", help="also time OpenVINO with inference_precision='bf16'")
     parser.add_argument(
-        "--int8", action="store_true",
-        help="also time OpenVINO int8 through NNCF (pip install nncf): weight-only compression and post-training quantisation",
+        "--int8",
+        action="store_true",
+        help="also time OpenVINO int8 through NNCF (pip install nncf): weight-only and post-training quantisation",
     )
-    parser.add_argument("--calibration-images", type=int, default=4, help="random images for --int8's quantisation statistics")
+    parser.add_argument(
+        "--calibration-images", type=int, default=4, help="random images for --int8's quantisation statistics"
+    )
     parser.add_argument("--skip", nargs="*", default=[], help="configurations to leave out (by name)")
-    parser.add_argument("--work-dir", default="outputs/benchmark_export", help="where the exports are written (reused)")
+    parser.add_argument(
+        "--work-dir", default="outputs/benchmark_export", help="where the exports are written (reused)"
+    )
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--name", default="cpu-export")
     parser.add_argument("--note", default="")
@@ -130,7 +163,11 @@ def main(argv=None) -> int:
     load_before = _load()
     info = machine_info(torch.device("cpu"))
     info["cpu_flags"] = _cpu_flags()
-    print(f"CPU: {info['cpu_model']} ({os.cpu_count()} cores; flags {' '.join(info['cpu_flags'])}); threads {args.threads}; load {load_before}", flush=True)
+    print(
+        f"CPU: {info['cpu_model']} ({os.cpu_count()} cores; flags {' '.join(info['cpu_flags'])}); "
+        f"threads {args.threads}; load {load_before}",
+        flush=True,
+    )
 
     model = make_model(args.backbone, args.image_size, torch.device("cpu"))
     random_bank(model, REFERENCE_BANK)
@@ -175,15 +212,22 @@ def main(argv=None) -> int:
         if detector.backend == "openvino":
             precision = detector.compiled_model.get_property("INFERENCE_PRECISION_HINT")
             compiled_precision[name] = getattr(precision, "get_type_name", lambda: str(precision))()
-        configurations[name] = (lambda d: lambda pixels: (lambda out: (out.anomaly_map, out.anomaly_score))(d(pixel_values=pixels)))(detector)
+        configurations[name] = (
+            lambda d: lambda pixels: (lambda out: (out.anomaly_map, out.anomaly_score))(d(pixel_values=pixels))
+        )(detector)
     if args.int8:
-        setup_seconds.update(_int8_models(work, args.image_size, args.calibration_images, args.threads, configurations, compiled_precision))
+        setup_seconds.update(
+            _int8_models(
+                work, args.image_size, args.calibration_images, args.threads, configurations, compiled_precision
+            )
+        )
     configurations = {name: fn for name, fn in configurations.items() if name not in args.skip}
 
     def write_results(final: bool) -> None:
         load_after = _load()
         record = {
-            "command": "python benchmarks/benchmark_export.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "command": "python benchmarks/benchmark_export.py "
+            + shlex.join(argv if argv is not None else sys.argv[1:]),
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
             "minutes": round((time.time() - started) / 60, 1),
             "complete": final,
@@ -205,27 +249,38 @@ def main(argv=None) -> int:
             f"# MRAD export benchmark ({args.name})" + ("" if final else " (PARTIAL: the run did not finish)"),
             "",
             f"Command: `{record['command']}`  ",
-            f"Started {record['started_utc']} UTC, took {record['minutes']} min. Load average (1/5/15 min) before {load_before}, after "
+            f"Started {record['started_utc']} UTC, took {record['minutes']} min. "
+            f"Load average (1/5/15 min) before {load_before}, after "
             f"{load_after} (the machine is shared; {os.cpu_count()} cores).",
             "",
-            f"Machine: {info['cpu_model']}, {os.cpu_count()} cores, flags {', '.join(info['cpu_flags'])}; {platform.platform()}; "
+            f"Machine: {info['cpu_model']}, {os.cpu_count()} cores, flags {', '.join(info['cpu_flags'])}; "
+            f"{platform.platform()}; "
             f"{args.threads} threads for every runtime. Versions: "
-            + ", ".join(f"{key} {value}" for key, value in record["versions"].items()) + ".",
+            + ", ".join(f"{key} {value}" for key, value in record["versions"].items())
+            + ".",
             "",
             f"Model: random `{args.backbone}` MRAD-TF at {size} px, random bank of {REFERENCE_BANK['image']} image + "
-            f"{REFERENCE_BANK['patch']} patch keys. Diffs are against `pytorch fp32` on the same pixels. One timed call per "
+            f"{REFERENCE_BANK['patch']} patch keys. Diffs are against `pytorch fp32` on the same pixels. "
+            "One timed call per "
             "batch size after one warm-up call per configuration.",
             "",
             "| configuration | batch | s/img | max abs diff map | max abs diff score | load (1 min) |",
             "|---|---|---|---|---|---|",
         ]
         for row in rows:
-            name = row["configuration"] + (f" (compiled: {row['compiled_precision']})" if "compiled_precision" in row else "")
+            name = row["configuration"] + (
+                f" (compiled: {row['compiled_precision']})" if "compiled_precision" in row else ""
+            )
             lines.append(
-                f"| {name} | {row['batch']} | {row['s_per_image']:.2f} | {row['max_abs_diff_map']:.1e} | {row['max_abs_diff_score']:.1e} | {row['load_1min']} |"
+                f"| {name} | {row['batch']} | {row['s_per_image']:.2f} | {row['max_abs_diff_map']:.1e} "
+                f"| {row['max_abs_diff_score']:.1e} | {row['load_1min']} |"
             )
         if export_seconds or setup_seconds:
-            lines += ["", f"Export time (s): {export_seconds or 'reused'}; runtime set-up (session / compile, s): {setup_seconds}."]
+            lines += [
+                "",
+                f"Export time (s): {export_seconds or 'reused'}; "
+                f"runtime set-up (session / compile, s): {setup_seconds}.",
+            ]
         if args.note:
             lines += ["", args.note]
         text = "\n".join(lines) + "\n"
@@ -266,8 +321,12 @@ def main(argv=None) -> int:
                 if name in compiled_precision:
                     row["compiled_precision"] = compiled_precision[name]
                 rows.append(row)
-                print(f"{name:26s} batch {batch}: {row['s_per_image']:7.2f} s/img  max|diff| map {row['max_abs_diff_map']:.1e} "
-                      f"score {row['max_abs_diff_score']:.1e}  (load {load[0]})", flush=True)
+                print(
+                    f"{name:26s} batch {batch}: {row['s_per_image']:7.2f} s/img  "
+                    f"max|diff| map {row['max_abs_diff_map']:.1e} "
+                    f"score {row['max_abs_diff_score']:.1e}  (load {load[0]})",
+                    flush=True,
+                )
                 write_results(final=False)  # a partial table survives an interrupted run
 
     write_results(final=True)

@@ -42,12 +42,15 @@ DEFAULT_OPSET = 18
 #: per runtime precision: the agreement with the PyTorch model that an export must reach to be written
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
+
 def _random_pixels(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=generator)
 
 
-def export_onnx(module: MRADExportModule, path: str | Path, *, opset: int = DEFAULT_OPSET, example_batch: int = 2) -> Path:
+def export_onnx(
+    module: MRADExportModule, path: str | Path, *, opset: int = DEFAULT_OPSET, example_batch: int = 2
+) -> Path:
     """Export `module` to `path` (a `.onnx` file; weights in `<path>.data` beside it) with a dynamic batch axis."""
     require("onnx")
     require("onnxscript")
@@ -85,7 +88,9 @@ def _check_output_folder(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise ExportError(f"'{path}' exists and is not a folder; choose another --output folder.")
     if path.exists() and any(path.iterdir()) and not (path / EXPORT_CONFIG_NAME).is_file():
-        raise ExportError(f"'{path}' is a non-empty folder that holds no MRAD export; choose a new or empty --output folder.")
+        raise ExportError(
+            f"'{path}' is a non-empty folder that holds no MRAD export; choose a new or empty --output folder."
+        )
 
 
 def _umask() -> int:
@@ -111,7 +116,7 @@ def export_model(
     output_dir: str | Path,
     *,
     format: str = "onnx",
-    dtype: str = "float32",
+    precision: str = "float32",
     opset: int = DEFAULT_OPSET,
     verify_batch_sizes: tuple[int, ...] = (1, 3),
     tolerance: float | None = None,
@@ -123,7 +128,7 @@ def export_model(
         model: the model to export, with its CLIP tower in float32; it is not modified.
         output_dir: the folder to write; created, or replaced if it holds an earlier export. Written atomically.
         format: "onnx" or "openvino".
-        dtype: the precision the runtime computes in. The graph and its weights are always float32 (the bank,
+        precision: what the runtime computes in. The graph and its weights are always float32 (the bank,
             retrieval and maps stay float32 at run time too). "float32" (default): equal to PyTorch within 1e-4.
             "bfloat16" (OpenVINO only): stored as the runtime's default `inference_precision`, so OpenVINO's CPU
             plugin runs the matrix products in bf16; it pays only on CPUs with AVX512-BF16 or AMX (measure with
@@ -138,17 +143,22 @@ def export_model(
     """
     if format not in EXPORT_FORMATS:
         raise ExportError(f"Unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}.")
-    if dtype not in DEFAULT_TOLERANCE:
-        raise ExportError(f"Unsupported export dtype {dtype!r}; use one of {', '.join(DEFAULT_TOLERANCE)}.")
-    if dtype == "bfloat16" and format != "openvino":
-        raise ExportError("--dtype bfloat16 needs --format openvino (ONNX Runtime's CPU provider computes in float32).")
+    if precision not in DEFAULT_TOLERANCE:
+        raise ExportError(f"Unsupported export precision {precision!r}; use one of {', '.join(DEFAULT_TOLERANCE)}.")
+    if precision == "bfloat16" and format != "openvino":
+        raise ExportError(
+            "--precision bfloat16 needs --format openvino (ONNX Runtime's CPU provider computes in float32)."
+        )
     output_dir = Path(output_dir)
     _check_output_folder(output_dir)
     backbone_dtype = next(model.clip.parameters()).dtype
     if backbone_dtype != torch.float32:
-        raise ExportError(f"The model's CLIP tower is {backbone_dtype}; export it in float32 (dtype= picks the runtime precision).")
+        raise ExportError(
+            f"The model's CLIP tower is {backbone_dtype}; export it in float32 "
+            "(precision= picks what the runtime computes in)."
+        )
     model = model.eval()
-    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    tolerance = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
     config = model.config
     module = MRADExportModule(model).eval()
     with atomic_directory(output_dir) as staging:
@@ -170,7 +180,7 @@ def export_model(
             "file": graph_file,
             "variant": config.variant,
             "image_size": config.image_size,
-            "inference_precision": {"float32": "f32", "bfloat16": "bf16"}[dtype],
+            "inference_precision": {"float32": "f32", "bfloat16": "bf16"}[precision],
             "opset": opset,
             "inputs": {INPUT_NAME: ["batch", 3, config.image_size, config.image_size]},
             "outputs": {OUTPUT_NAMES[0]: ["batch", config.image_size, config.image_size], OUTPUT_NAMES[1]: ["batch"]},
@@ -189,7 +199,9 @@ def export_model(
     return output_dir
 
 
-def _verify(model, folder: Path, batch_sizes: tuple[int, ...], tolerance: float, threads: int | None) -> dict[str, Any]:
+def _verify(
+    model, folder: Path, batch_sizes: tuple[int, ...], tolerance: float, threads: int | None
+) -> dict[str, Any]:
     """Run the export and the PyTorch model on the same random pixels; raise ExportError beyond `tolerance`."""
     detector = ExportedDetector(folder, threads=threads)
     device = next(model.clip.parameters()).device

@@ -53,7 +53,8 @@ class MRADExportModule(nn.Module):
         config = model.config
         if model.memory.image_keys.shape[0] == 0 or model.memory.patch_keys.shape[0] == 0:
             raise ValueError(
-                "This model has no memory bank (or an empty level); an exported graph would score nothing. Build one with "
+                "This model has no memory bank (or an empty level); an exported graph would score nothing. "
+                "Build one with "
                 "model.build_memory_bank(samples) or attach one with model.set_memory_bank(path) before exporting."
             )
         self.config = config
@@ -68,7 +69,9 @@ class MRADExportModule(nn.Module):
         self.num_layers = len(vision.encoder.layers)
         self.feature_layer = config.feature_layer % self.num_layers
         # constants computed once here (not in the traced graph): resized positions, blur weights and pad indices
-        positions = interpolate_position_embeddings(vision.embeddings.position_embedding.weight, grid, config.position_interpolation)
+        positions = interpolate_position_embeddings(
+            vision.embeddings.position_embedding.weight, grid, config.position_interpolation
+        )
         self.register_buffer("positions", positions.detach().clone(), persistent=False)
         self.blur = config.gaussian_sigma != 0
         if self.blur:
@@ -83,7 +86,9 @@ class MRADExportModule(nn.Module):
             self.text_length = int(end_positions.max()) + 1
             self.register_buffer("prompt_token_ids", token_ids[:, : self.text_length].clone(), persistent=False)
             self.prompt_end_positions = [int(position) for position in end_positions]  # python ints: static indices
-            self.register_buffer("text_mask", causal_attention_mask(self.text_length, torch.float32, token_ids.device), persistent=False)
+            self.register_buffer(
+                "text_mask", causal_attention_mask(self.text_length, torch.float32, token_ids.device), persistent=False
+            )
 
     # ------------------------------------------------------------------ vision tower (features_mrad, batch-wise)
     @staticmethod
@@ -110,7 +115,7 @@ class MRADExportModule(nn.Module):
         return projected[:, :length], projected[:, length:]
 
     def vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class_embeds (B, P), patch_tokens (B, G*G, W)) as `features_mrad.dual_path_vision_features` returns them."""
+        """(class_embeds (B, P), patch_tokens (B, G*G, W)), as `features_mrad.dual_path_vision_features`."""
         config = self.config
         vision = self.clip.vision_model
         embeddings = vision.embeddings
@@ -147,12 +152,16 @@ class MRADExportModule(nn.Module):
             logits = logits / temperature
         return torch.matmul(torch.softmax(logits, dim=-1), values)
 
-    # ------------------------------------------------------------------ MRAD-CLIP text branch (prompting_mrad, batch-wise)
+    # -------------------------------------------------------- MRAD-CLIP text branch (prompting_mrad, batch-wise)
     def _text_probabilities(self, patch_tokens: torch.Tensor, patch_anomaly_probability: torch.Tensor) -> torch.Tensor:
         """`MRADForAnomalyDetection.text_patch_probabilities` for the whole batch at once."""
         config = self.config
         clip = self.clip
-        projected = l2_normalize(neighbor_average(clip.visual_projection(patch_tokens).float(), self.grid_size, config.neighbor_kernel_sizes))
+        projected = l2_normalize(
+            neighbor_average(
+                clip.visual_projection(patch_tokens).float(), self.grid_size, config.neighbor_kernel_sizes
+            )
+        )
         region_tokens = region_prior_tokens(patch_anomaly_probability, projected, config.region_prior_threshold)
         learner = self.prompt_learner
         text_model = clip.text_model
@@ -180,7 +189,7 @@ class MRADExportModule(nn.Module):
         similarity = torch.matmul(projected, text_features.transpose(1, 2))
         return torch.softmax(similarity / config.text_temperature, dim=-1)
 
-    # ------------------------------------------------------------------ post-processing (postprocessing_mrad, batch-wise)
+    # -------------------------------------------------------- post-processing (postprocessing_mrad, batch-wise)
     def _gaussian_blur(self, maps: torch.Tensor) -> torch.Tensor:
         if not self.blur:
             return maps
@@ -195,9 +204,15 @@ class MRADExportModule(nn.Module):
         memory = self.memory
         class_embeds, patch_tokens = self.vision_features(pixel_values)
         image_queries = l2_normalize(class_embeds.float())
-        patch_queries = l2_normalize(neighbor_average(patch_tokens.float(), self.grid_size, config.neighbor_kernel_sizes))
-        image_probabilities = self._retrieve(image_queries, memory.image_keys, memory.image_values, self.image_projection)
-        patch_probabilities = self._retrieve(patch_queries, memory.patch_keys, memory.patch_values, self.patch_projection)
+        patch_queries = l2_normalize(
+            neighbor_average(patch_tokens.float(), self.grid_size, config.neighbor_kernel_sizes)
+        )
+        image_probabilities = self._retrieve(
+            image_queries, memory.image_keys, memory.image_values, self.image_projection
+        )
+        patch_probabilities = self._retrieve(
+            patch_queries, memory.patch_keys, memory.patch_values, self.patch_projection
+        )
         upsampled_source = patch_probabilities
         if self.variant == "clip":
             upsampled_source = self._text_probabilities(patch_tokens, patch_probabilities[..., 1])
@@ -205,6 +220,10 @@ class MRADExportModule(nn.Module):
         maps = (upsampled[:, 1] + 1 - upsampled[:, 0]) / 2.0 if self.variant == "clip" else upsampled[:, 1]
         maps = self._gaussian_blur(maps)
         score = fuse_image_score(
-            maps, image_probabilities[:, 1], weight=config.image_score_weight, top_k_ratio=config.top_k_ratio, fusion=config.score_fusion
+            maps,
+            image_probabilities[:, 1],
+            weight=config.image_score_weight,
+            top_k_ratio=config.top_k_ratio,
+            fusion=config.score_fusion,
         )
         return maps, score

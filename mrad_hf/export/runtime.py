@@ -2,7 +2,7 @@
 """Run an exported MRAD folder with ONNX Runtime or OpenVINO, with the PyTorch model's inputs and outputs.
 
     from mrad_hf.export import ExportedDetector
-    detector = ExportedDetector("exports/mrad-tf-visa-onnx")            # backend from the folder: onnxruntime / openvino
+    detector = ExportedDetector("exports/mrad-tf-visa-onnx")            # backend from the folder
     outputs = detector(**detector.processor(images))                   # same processor inputs as the model
     outputs.anomaly_map, outputs.anomaly_score                          # torch tensors (B, S, S), (B,)
     outputs = detector.predict(["a.png", "b.png"], batch_size=8)        # decode, preprocess, batch, run
@@ -27,7 +27,15 @@ from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.modeling_mrad import MRADOutput
 from .graph import INPUT_NAME, OUTPUT_NAMES
 
-__all__ = ["BACKENDS", "EXPORT_CONFIG_NAME", "ExportError", "ExportedDetector", "OnnxRuntimeDetector", "OpenVINODetector", "require"]
+__all__ = [
+    "BACKENDS",
+    "EXPORT_CONFIG_NAME",
+    "ExportError",
+    "ExportedDetector",
+    "OnnxRuntimeDetector",
+    "OpenVINODetector",
+    "require",
+]
 
 BACKENDS = ("onnxruntime", "openvino")
 EXPORT_CONFIG_NAME = "export_config.json"
@@ -47,20 +55,26 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError as error:
         extra = _EXTRAS.get(module.split(".")[0], module)
-        raise ExportError(f"{module} is not installed ({error}); install it with: pip install 'mrad-hf[{extra}]'") from error
+        raise ExportError(
+            f"{module} is not installed ({error}); install it with: pip install 'mrad-hf[{extra}]'"
+        ) from error
 
 
 def _read_export_config(folder: Path) -> dict[str, Any]:
     path = folder / EXPORT_CONFIG_NAME
     if not path.is_file():
-        raise ExportError(f"'{folder}' has no {EXPORT_CONFIG_NAME}; it is not an MRAD export (create one with `mrad export`).")
+        raise ExportError(
+            f"'{folder}' has no {EXPORT_CONFIG_NAME}; it is not an MRAD export (create one with `mrad export`)."
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ExportError(f"Could not read '{path}' ({error}); re-run `mrad export` to rewrite the folder.") from error
     file_name = record.get("file")
     if not isinstance(file_name, str) or Path(file_name).name != file_name or not (folder / file_name).is_file():
-        raise ExportError(f"'{path}' names the graph file {file_name!r}, which is not in '{folder}'; re-run `mrad export`.")
+        raise ExportError(
+            f"'{path}' names the graph file {file_name!r}, which is not in '{folder}'; re-run `mrad export`."
+        )
     return record
 
 
@@ -93,20 +107,27 @@ class ExportedDetector:
         if backend not in BACKENDS:
             raise ExportError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
         if backend == "onnxruntime" and exported_format != "onnx":
-            raise ExportError(f"'{self.folder}' is an {exported_format} export; ONNX Runtime runs ONNX exports (use backend='openvino').")
+            raise ExportError(
+                f"'{self.folder}' is an {exported_format} export; ONNX Runtime runs ONNX exports "
+                "(use backend='openvino')."
+            )
         self.backend = backend
         self.graph_path = self.folder / self.export_config["file"]
         self.processor = MRADImageProcessor.from_pretrained(self.folder)
         self.image_size = int(self.export_config["image_size"])
         if backend == "onnxruntime":
             if inference_precision not in (None, "f32"):
-                raise ExportError("ONNX Runtime's CPU provider computes in float32; inference_precision must be 'f32'.")
+                raise ExportError(
+                    "ONNX Runtime's CPU provider computes in float32; inference_precision must be 'f32'."
+                )
             self.inference_precision = "f32"
             self._run = self._onnxruntime_runner(threads)
         else:
             precision = inference_precision or self.export_config.get("inference_precision", "f32")
             if precision not in INFERENCE_PRECISIONS:
-                raise ExportError(f"Unknown inference_precision {precision!r}; use one of {', '.join(INFERENCE_PRECISIONS)}.")
+                raise ExportError(
+                    f"Unknown inference_precision {precision!r}; use one of {', '.join(INFERENCE_PRECISIONS)}."
+                )
             self.inference_precision = precision
             self._run = self._openvino_runner(threads, precision, device)
 
@@ -116,7 +137,9 @@ class ExportedDetector:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        self.session = session = ort.InferenceSession(str(self.graph_path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = session = ort.InferenceSession(
+            str(self.graph_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
 
         def run(pixel_values: np.ndarray) -> list[np.ndarray]:
             return session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixel_values})
@@ -140,7 +163,7 @@ class ExportedDetector:
         return run
 
     def __call__(self, pixel_values: torch.Tensor | np.ndarray, **kwargs) -> MRADOutput:
-        """Score a (B, 3, S, S) batch from `processor(images)`; `original_sizes` is accepted and ignored, as the model does."""
+        """Score a (B, 3, S, S) batch from `processor(images)`; `original_sizes` is ignored, as the model does."""
         kwargs.pop("original_sizes", None)
         if kwargs:
             raise TypeError(f"ExportedDetector got unexpected arguments: {sorted(kwargs)}")
@@ -150,7 +173,8 @@ class ExportedDetector:
         size = self.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
             raise ValueError(
-                f"pixel_values must be (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}; preprocess with detector.processor."
+                f"pixel_values must be (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}; "
+                "preprocess with detector.processor."
             )
         anomaly_map, anomaly_score = self._run(pixel_values)
         return MRADOutput(anomaly_map=torch.from_numpy(anomaly_map), anomaly_score=torch.from_numpy(anomaly_score))
@@ -166,7 +190,9 @@ class ExportedDetector:
         return MRADOutput(anomaly_map=torch.cat(maps), anomaly_score=torch.cat(scores))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(folder='{self.folder}', backend={self.backend!r}, inference_precision={self.inference_precision!r})"
+        name = type(self).__name__
+        precision = self.inference_precision
+        return f"{name}(folder='{self.folder}', backend={self.backend!r}, inference_precision={precision!r})"
 
 
 class OnnxRuntimeDetector(ExportedDetector):
@@ -179,5 +205,14 @@ class OnnxRuntimeDetector(ExportedDetector):
 class OpenVINODetector(ExportedDetector):
     """`ExportedDetector` on OpenVINO (an OpenVINO or an ONNX export folder)."""
 
-    def __init__(self, folder: str | Path, *, threads: int | None = None, inference_precision: str | None = None, device: str = "CPU"):
-        super().__init__(folder, backend="openvino", threads=threads, inference_precision=inference_precision, device=device)
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        threads: int | None = None,
+        inference_precision: str | None = None,
+        device: str = "CPU",
+    ):
+        super().__init__(
+            folder, backend="openvino", threads=threads, inference_precision=inference_precision, device=device
+        )

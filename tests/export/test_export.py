@@ -3,8 +3,8 @@
 whose maps and scores equal the PyTorch model within 1e-4 at batch 1, 3 and 8 under ONNX Runtime and OpenVINO.
 
 Tiny random CLIPs (3 vision blocks: a plain block, a dual-path block and the class-only last block), one export per
-variant for the whole module. Retrieval is sharpened (temperature 0.01) so that the maps have contrast and a wrong graph
-(no blur, wrong channel, wrong bank) would differ by far more than the tolerance.
+variant for the whole module. Retrieval is sharpened (temperature 0.01) so that the maps have contrast and a wrong
+graph (no blur, wrong channel, wrong bank) would differ by far more than the tolerance.
 """
 
 from __future__ import annotations
@@ -19,19 +19,32 @@ from conftest import TINY_IMAGE_SIZE, TINY_PROMPT_TOKEN_IDS, make_samples, tiny_
 
 # every test exports ONNX (torch.onnx's exporter needs onnx + onnxscript); each runtime is needed only where it runs
 pytest.importorskip("onnx", reason="onnx is not installed: pip install 'mrad-hf[onnx]'")
-pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's exporter) is not installed: pip install 'mrad-hf[onnx]'")
+pytest.importorskip(
+    "onnxscript", reason="onnxscript (torch.onnx's exporter) is not installed: pip install 'mrad-hf[onnx]'"
+)
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-needs_onnxruntime = pytest.mark.skipif(not _installed("onnxruntime"), reason="ONNX Runtime is not installed: pip install 'mrad-hf[onnx]'")
-needs_openvino = pytest.mark.skipif(not _installed("openvino"), reason="OpenVINO is not installed: pip install 'mrad-hf[openvino]'")
+needs_onnxruntime = pytest.mark.skipif(
+    not _installed("onnxruntime"), reason="ONNX Runtime is not installed: pip install 'mrad-hf[onnx]'"
+)
+needs_openvino = pytest.mark.skipif(
+    not _installed("openvino"), reason="OpenVINO is not installed: pip install 'mrad-hf[openvino]'"
+)
 
 from mrad_hf import MRADForAnomalyDetection  # noqa: E402
 from mrad_hf.cli.main import main  # noqa: E402
-from mrad_hf.export import ExportedDetector, ExportError, MRADExportModule, OnnxRuntimeDetector, OpenVINODetector, export_model  # noqa: E402
+from mrad_hf.export import (
+    ExportedDetector,
+    ExportError,
+    MRADExportModule,
+    OnnxRuntimeDetector,
+    OpenVINODetector,
+    export_model,
+)  # noqa: E402
 from mrad_hf.export.exporters import _verify  # noqa: E402
 
 VARIANTS = ("tf", "ft", "clip")
@@ -64,12 +77,17 @@ def models():
 @pytest.fixture(scope="module")
 def onnx_exports(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    return {variant: export_model(model, root / variant, format="onnx", verify_batch_sizes=()) for variant, model in models.items()}
+    return {
+        variant: export_model(model, root / variant, format="onnx", verify_batch_sizes=())
+        for variant, model in models.items()
+    }
 
 
 def assert_equal_outputs(got, expected):
     assert expected.anomaly_map.std() > 5e-3, "the test maps have no contrast: the comparison would prove nothing"
-    assert got.anomaly_map.shape == expected.anomaly_map.shape and got.anomaly_score.shape == expected.anomaly_score.shape
+    assert (
+        got.anomaly_map.shape == expected.anomaly_map.shape and got.anomaly_score.shape == expected.anomaly_score.shape
+    )
     assert got.anomaly_map.dtype == torch.float32
     torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(got.anomaly_score, expected.anomaly_score, atol=TOLERANCE, rtol=0)
@@ -89,7 +107,9 @@ def test_export_module_equals_the_model_batch_wise(models, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend", (pytest.param("onnxruntime", marks=needs_onnxruntime), pytest.param("openvino", marks=needs_openvino)))
+@pytest.mark.parametrize(
+    "backend", (pytest.param("onnxruntime", marks=needs_onnxruntime), pytest.param("openvino", marks=needs_openvino))
+)
 def test_onnx_export_round_trips_at_batch_1_3_8(models, onnx_exports, variant, backend):
     model = models[variant]
     detector = ExportedDetector(onnx_exports[variant], backend=backend, threads=1)
@@ -112,7 +132,10 @@ def test_onnx_graph_has_a_symbolic_batch_axis_and_embeds_the_bank(models, onnx_e
     memory = models["tf"].memory
     assert record["memory_bank"]["image_entries"] == memory.image_keys.shape[0] == 6
     assert record["memory_bank"]["patch_entries"] == memory.patch_keys.shape[0]
-    assert record["outputs"] == {"anomaly_map": ["batch", TINY_IMAGE_SIZE, TINY_IMAGE_SIZE], "anomaly_score": ["batch"]}
+    assert record["outputs"] == {
+        "anomaly_map": ["batch", TINY_IMAGE_SIZE, TINY_IMAGE_SIZE],
+        "anomaly_score": ["batch"],
+    }
 
 
 @needs_onnxruntime
@@ -134,7 +157,10 @@ def test_cli_exports_openvino_ir_in_float32_that_round_trips(models, tmp_path, c
     model_dir = tmp_path / "model"
     models["ft"].save_pretrained(model_dir)
     output = tmp_path / "ov"
-    assert main(["export", "--model", str(model_dir), "--format", "openvino", "--output", str(output), "--threads", "1"]) == 0
+    assert (
+        main(["export", "--model", str(model_dir), "--format", "openvino", "--output", str(output), "--threads", "1"])
+        == 0
+    )
     assert "batch 3: max |diff| vs PyTorch" in capsys.readouterr().out
     record = json.loads((output / "export_config.json").read_text())
     assert record["format"] == "openvino" and record["file"] == "model.xml" and record["inference_precision"] == "f32"
@@ -142,7 +168,9 @@ def test_cli_exports_openvino_ir_in_float32_that_round_trips(models, tmp_path, c
     assert record["verification"]["batch_3"]["max_abs_diff_map"] <= TOLERANCE
     ir = ov.Core().read_model(str(output / "model.xml"))
     assert ir.input("pixel_values").get_partial_shape()[0].is_dynamic
-    constant_types = {op.get_output_element_type(0).get_type_name() for op in ir.get_ops() if op.get_type_name() == "Constant"}
+    constant_types = {
+        op.get_output_element_type(0).get_type_name() for op in ir.get_ops() if op.get_type_name() == "Constant"
+    }
     assert "f16" not in constant_types  # weights kept in float32 (OpenVINO's save_model default would round them)
     detector = OpenVINODetector(output, threads=1)
     for batch in BATCH_SIZES:
@@ -163,7 +191,7 @@ def test_export_refuses_what_it_cannot_do_faithfully(models, onnx_exports, tmp_p
         export_model(models["tf"], mine, format="onnx")
     assert (mine / "notes.txt").read_text() == "keep me"
     with pytest.raises(ExportError, match="needs --format openvino"):
-        export_model(models["tf"], tmp_path / "bf16", format="onnx", dtype="bfloat16")
+        export_model(models["tf"], tmp_path / "bf16", format="onnx", precision="bfloat16")
     with pytest.raises(ExportError, match="Unknown export format"):
         export_model(models["tf"], tmp_path / "x", format="tflite")
     empty = MRADForAnomalyDetection.from_clip(tiny_clip_config(num_hidden_layers=3), image_size=TINY_IMAGE_SIZE)
@@ -179,11 +207,31 @@ def test_export_refuses_what_it_cannot_do_faithfully(models, onnx_exports, tmp_p
 
 
 def test_cli_export_error_is_one_line(models, tmp_path, capsys):
-    assert main(["export", "--model", str(tmp_path / "missing"), "--format", "onnx", "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(["export", "--model", str(tmp_path / "missing"), "--format", "onnx", "--output", str(tmp_path / "o")])
+        == 2
+    )
     model_dir = tmp_path / "model"
     models["tf"].save_pretrained(model_dir)
-    assert main(["export", "--model", str(model_dir), "--format", "onnx", "--dtype", "bfloat16", "--output", str(tmp_path / "o")]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mrad")]  # not save_pretrained's bars
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(model_dir),
+                "--format",
+                "onnx",
+                "--precision",
+                "bfloat16",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    errors = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("mrad")
+    ]  # not save_pretrained's bars
     assert len(errors) == 2 and all(line.startswith("mrad export: error:") for line in errors)
     assert "needs --format openvino" in errors[1]
     assert not (tmp_path / "o").exists()
