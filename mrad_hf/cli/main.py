@@ -24,7 +24,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import common, convert, detect, hub, release, tools, train
+from . import common, convert, detect, export, hub, release, tools, train
 
 __all__ = ["main", "build_parser"]
 
@@ -61,6 +61,7 @@ def build_parser() -> common.ArgumentParser:
     tools.register(commands)  # mrad bank / calibrate / explain / serve
     train.register(commands)  # mrad train
     convert.register(commands)  # mrad convert clip / bank / checkpoint
+    export.register(commands)  # mrad export --format onnx|openvino
     return parser
 
 
