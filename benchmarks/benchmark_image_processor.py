@@ -63,17 +63,43 @@ def main() -> None:
         decoded = [Image.open(path).convert("RGB") for path in paths]
         rows.append(("file path (decode included)", _time(lambda p: processor(str(p)), paths, args.repeats)))
         rows.append(("decoded PIL image", _time(lambda im: processor(im), decoded, args.repeats)))
-        rows.append(("batch of 8 PIL images, per image", _time(lambda batch: processor(batch), [decoded], args.repeats) / len(decoded)))
-        clip = CLIPImageProcessorPil(size={"height": 518, "width": 518}, do_center_crop=False, resample=Image.Resampling.BICUBIC)
-        rows.append(("CLIPImageProcessorPil alone, decoded PIL image", _time(lambda im: clip(im, return_tensors="pt"), decoded, args.repeats)))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    table = [f"# MRADImageProcessor ms/image ({args.label}); {cpu}; torch {torch.__version__}; 1 thread", "",
-             "| input | CPU ms / image (best of repeats) |", "|---|---:|", *[f"| {name} | {value:.1f} |" for name, value in rows]]
+        rows.append(
+            (
+                "batch of 8 PIL images, per image",
+                _time(lambda batch: processor(batch), [decoded], args.repeats) / len(decoded),
+            )
+        )
+        clip = CLIPImageProcessorPil(
+            size={"height": 518, "width": 518}, do_center_crop=False, resample=Image.Resampling.BICUBIC
+        )
+        rows.append(
+            (
+                "CLIPImageProcessorPil alone, decoded PIL image",
+                _time(lambda im: clip(im, return_tensors="pt"), decoded, args.repeats),
+            )
+        )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    table = [
+        f"# MRADImageProcessor ms/image ({args.label}); {cpu}; torch {torch.__version__}; 1 thread",
+        "",
+        "| input | CPU ms / image (best of repeats) |",
+        "|---|---:|",
+        *[f"| {name} | {value:.1f} |" for name, value in rows],
+    ]
     print("\n".join(table))
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     (out / f"image-processor-{args.label}.md").write_text("\n".join(table) + "\n", encoding="utf-8")
-    (out / f"image-processor-{args.label}.json").write_text(json.dumps({"cpu": cpu, "rows": dict(rows)}, indent=2) + "\n", encoding="utf-8")
+    (out / f"image-processor-{args.label}.json").write_text(
+        json.dumps({"cpu": cpu, "rows": dict(rows)}, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -66,7 +65,15 @@ STANDARD_NOTES = [
 
 
 # ---------------------------------------------------------------------- measurement helpers
-def dual_path_flops(hidden: int, intermediate: int, layers: int, patch: int, image_size: int, projection: int = 768, vv_start_layer: int = 1) -> float:
+def dual_path_flops(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    patch: int,
+    image_size: int,
+    projection: int = 768,
+    vv_start_layer: int = 1,
+) -> float:
     """Multiply-add FLOPs (2 per MAC) of one image through the original path plus the V-V attentions.
 
     Per block over L tokens of width W: q/k/v projections 6 L W^2, attention 4 L^2 W, out_proj 2 L W^2,
@@ -75,7 +82,9 @@ def dual_path_flops(hidden: int, intermediate: int, layers: int, patch: int, ima
     """
     grid = image_size // patch
     tokens = grid * grid + 1
-    block = 6 * tokens * hidden**2 + 4 * tokens**2 * hidden + 2 * tokens * hidden**2 + 4 * tokens * hidden * intermediate
+    block = (
+        6 * tokens * hidden**2 + 4 * tokens**2 * hidden + 2 * tokens * hidden**2 + 4 * tokens * hidden * intermediate
+    )
     vv = 4 * tokens**2 * hidden + 2 * tokens * hidden**2
     embed = 2 * grid * grid * 3 * patch * patch * hidden + 2 * hidden * projection
     return float(layers * block + (layers - vv_start_layer) * vv + embed)
@@ -142,7 +151,9 @@ def timed(fn, device: torch.device):
     return result, seconds, memory
 
 
-def summarise(times: list[float], images: int, memories: list[PeakMemory], flops_per_image: float | None = None) -> dict:
+def summarise(
+    times: list[float], images: int, memories: list[PeakMemory], flops_per_image: float | None = None
+) -> dict:
     median, best = statistics.median(times), min(times)
     row = {
         "images": images,
@@ -193,7 +204,9 @@ def machine_info(device: torch.device) -> dict:
                 info["cpu_model"] = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                info["cpu_flags_bf16_matrix"] = sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512f", "avx_vnni"))
+                info["cpu_flags_bf16_matrix"] = sorted(
+                    f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512f", "avx_vnni")
+                )
                 break
     except OSError:
         pass
@@ -251,8 +264,13 @@ def _backbone_shapes(backbone: str) -> tuple:
 def _flops_for(model) -> float:
     vision = model.config.clip_config.vision_config
     return dual_path_flops(
-        vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.patch_size,
-        model.config.image_size, model.config.clip_config.projection_dim, model.config.vv_start_layer,
+        vision.hidden_size,
+        vision.intermediate_size,
+        vision.num_hidden_layers,
+        vision.patch_size,
+        model.config.image_size,
+        model.config.clip_config.projection_dim,
+        model.config.vv_start_layer,
     )
 
 
@@ -262,7 +280,9 @@ def _repeats_for(batch: int, args) -> int:
 
 def _bank_tuple(model, device):
     memory = model.memory
-    return tuple(t.to(device) for t in (memory.image_keys, memory.image_values, memory.patch_keys, memory.patch_values))
+    return tuple(
+        t.to(device) for t in (memory.image_keys, memory.image_values, memory.patch_keys, memory.patch_values)
+    )
 
 
 def _our_retrieval(model, features):
@@ -287,15 +307,27 @@ def stage_peak(args, device) -> dict:
             continue
         repeats = 5 if dtype == torch.float32 or device.type == "cuda" else 2
         times = [timed(lambda: F.linear(x, w), device)[1] for _ in range(repeats)]
-        rows[str(dtype).replace("torch.", "")] = {"gflops_per_s": 2 * m * k * n / min(times) / 1e9, "shape": [m, k, n], "repeats": repeats}
+        rows[str(dtype).replace("torch.", "")] = {
+            "gflops_per_s": 2 * m * k * n / min(times) / 1e9,
+            "shape": [m, k, n],
+            "repeats": repeats,
+        }
         print(f"  GEMM {dtype}: {rows[str(dtype).replace('torch.', '')]['gflops_per_s']:.1f} GFLOP/s", flush=True)
         if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)  # oneDNN with a pre-packed weight (features_mrad)
+            packed = torch.ops.mkldnn._reorder_linear_weight(
+                w, None
+            )  # oneDNN with a pre-packed weight (features_mrad)
             onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
             onednn()
             times = [timed(onednn, device)[1] for _ in range(repeats)]
-            rows["float32-onednn"] = {"gflops_per_s": 2 * m * k * n / min(times) / 1e9, "shape": [m, k, n], "repeats": repeats}
-            print(f"  GEMM float32 oneDNN pre-packed: {rows['float32-onednn']['gflops_per_s']:.1f} GFLOP/s", flush=True)
+            rows["float32-onednn"] = {
+                "gflops_per_s": 2 * m * k * n / min(times) / 1e9,
+                "shape": [m, k, n],
+                "repeats": repeats,
+            }
+            print(
+                f"  GEMM float32 oneDNN pre-packed: {rows['float32-onednn']['gflops_per_s']:.1f} GFLOP/s", flush=True
+            )
     return rows
 
 
@@ -304,7 +336,9 @@ def stage_model(model, args, device, results) -> None:
     size = model.config.image_size
     flops = _flops_for(model)
     bank = _bank_tuple(model, device)
-    pixels_all = torch.randn(max(args.batch_sizes), 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    pixels_all = torch.randn(max(args.batch_sizes), 3, size, size, generator=torch.Generator().manual_seed(1)).to(
+        device
+    )
     feature_times: list[float] = []
     original = model.extract_features
 
@@ -339,7 +373,12 @@ def stage_model(model, args, device, results) -> None:
 
             small = pixels_all[:1, :, :warm, :warm]
             with torch.no_grad():
-                dual_path_vision_features(model.clip.vision_model, model.clip.visual_projection, small, vv_start_layer=model.config.vv_start_layer)
+                dual_path_vision_features(
+                    model.clip.vision_model,
+                    model.clip.visual_projection,
+                    small,
+                    vv_start_layer=model.config.vv_start_layer,
+                )
             reference_end_to_end(model.clip, small, bank, warm, model.config.vv_start_layer)
         for batch in args.batch_sizes:
             pixels = pixels_all[:batch]
@@ -372,8 +411,17 @@ def stage_model(model, args, device, results) -> None:
             }
             for path, (e2e, feats, memories) in runs.items():
                 images = batch if path == "ours" else count
-                results["rows"].append({"stage": "end-to-end", "path": path, "batch_size": batch, **summarise(e2e, images, memories, flops)})
-                results["rows"].append({"stage": "features", "path": path, "batch_size": batch, **summarise(feats, images, [], flops)})
+                results["rows"].append(
+                    {
+                        "stage": "end-to-end",
+                        "path": path,
+                        "batch_size": batch,
+                        **summarise(e2e, images, memories, flops),
+                    }
+                )
+                results["rows"].append(
+                    {"stage": "features", "path": path, "batch_size": batch, **summarise(feats, images, [], flops)}
+                )
             results["diffs"].append({"stage": "features+end-to-end", "batch_size": batch, **diffs})
             checkpoint(results, args)
     finally:
@@ -400,18 +448,31 @@ def stage_retrieval_and_post(model, args, device, results, stages) -> None:
                 _our_retrieval(model, features)  # warm-up
             runs = {"reference": ([], []), "ours": ([], [])}
             for repeat in range(repeats):
-                out_ref, t_ref, m_ref = timed(lambda: reference_retrieve(class_all[:ref_count], patches_all[:ref_count], *bank), device)
+                out_ref, t_ref, m_ref = timed(
+                    lambda: reference_retrieve(class_all[:ref_count], patches_all[:ref_count], *bank), device
+                )
                 with torch.no_grad():
                     out_ours, t_ours, m_ours = timed(lambda: _our_retrieval(model, features), device)
                 runs["reference"][0].append(t_ref), runs["reference"][1].append(m_ref)
                 runs["ours"][0].append(t_ours), runs["ours"][1].append(m_ours)
             for path, (times, memories) in runs.items():
-                results["rows"].append({"stage": "retrieval", "path": path, "batch_size": batch, **summarise(times, batch if path == "ours" else ref_count, memories)})
-            results["diffs"].append({
-                "stage": "retrieval", "batch_size": batch, "compared_images": ref_count,
-                "image_probabilities": max_abs(out_ours[0][:ref_count], out_ref[0]),
-                "patch_probabilities": max_abs(out_ours[1][:ref_count], out_ref[1]),
-            })
+                results["rows"].append(
+                    {
+                        "stage": "retrieval",
+                        "path": path,
+                        "batch_size": batch,
+                        **summarise(times, batch if path == "ours" else ref_count, memories),
+                    }
+                )
+            results["diffs"].append(
+                {
+                    "stage": "retrieval",
+                    "batch_size": batch,
+                    "compared_images": ref_count,
+                    "image_probabilities": max_abs(out_ours[0][:ref_count], out_ref[0]),
+                    "patch_probabilities": max_abs(out_ours[1][:ref_count], out_ref[1]),
+                }
+            )
             print(f"  retrieval batch {batch}: ours {statistics.median(runs['ours'][0]) * 1e3:.1f} ms", flush=True)
         if "postprocessing" in stages:
             with torch.no_grad():
@@ -419,18 +480,38 @@ def stage_retrieval_and_post(model, args, device, results, stages) -> None:
             model.maps_and_scores(patch_probs, image_probs[:, 1], grid)  # warm-up
             runs = {"reference": ([], []), "ours": ([], [])}
             for repeat in range(repeats):
-                out_ref, t_ref, m_ref = timed(lambda: reference_postprocess(patch_probs[:ref_count], image_probs[:ref_count, 1], config.image_size), device)
-                out_ours, t_ours, m_ours = timed(lambda: model.maps_and_scores(patch_probs, image_probs[:, 1], grid), device)
+                out_ref, t_ref, m_ref = timed(
+                    lambda: reference_postprocess(
+                        patch_probs[:ref_count], image_probs[:ref_count, 1], config.image_size
+                    ),
+                    device,
+                )
+                out_ours, t_ours, m_ours = timed(
+                    lambda: model.maps_and_scores(patch_probs, image_probs[:, 1], grid), device
+                )
                 runs["reference"][0].append(t_ref), runs["reference"][1].append(m_ref)
                 runs["ours"][0].append(t_ours), runs["ours"][1].append(m_ours)
             for path, (times, memories) in runs.items():
-                results["rows"].append({"stage": "postprocessing", "path": path, "batch_size": batch, **summarise(times, batch if path == "ours" else ref_count, memories)})
-            results["diffs"].append({
-                "stage": "postprocessing", "batch_size": batch, "compared_images": ref_count,
-                "anomaly_map": max_abs(out_ours[0][:ref_count], out_ref[0]),
-                "anomaly_score": max_abs(out_ours[1][:ref_count], out_ref[1]),
-            })
-            print(f"  post-processing batch {batch}: ours {statistics.median(runs['ours'][0]) * 1e3:.1f} ms", flush=True)
+                results["rows"].append(
+                    {
+                        "stage": "postprocessing",
+                        "path": path,
+                        "batch_size": batch,
+                        **summarise(times, batch if path == "ours" else ref_count, memories),
+                    }
+                )
+            results["diffs"].append(
+                {
+                    "stage": "postprocessing",
+                    "batch_size": batch,
+                    "compared_images": ref_count,
+                    "anomaly_map": max_abs(out_ours[0][:ref_count], out_ref[0]),
+                    "anomaly_score": max_abs(out_ours[1][:ref_count], out_ref[1]),
+                }
+            )
+            print(
+                f"  post-processing batch {batch}: ours {statistics.median(runs['ours'][0]) * 1e3:.1f} ms", flush=True
+            )
 
 
 def _random_unit(rows: int, dim: int, seed: int, device, block: int = 65536) -> torch.Tensor:
@@ -451,13 +532,22 @@ def stage_scaling(args, device, results) -> None:
     queries = _random_unit(num_queries, dim, 3, device)
     for size in args.bank_sizes:
         keys = _random_unit(size, dim, 4, device)
-        values = torch.nn.functional.one_hot(torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(5)), 2).float().to(device)
+        values = (
+            torch.nn.functional.one_hot(torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(5)), 2)
+            .float()
+            .to(device)
+        )
         repeats = 1 if size >= 10**6 else 2
         exact = None
-        methods = [("exact chunked", lambda: soft_retrieve(queries, keys, values, chunk_size=args.chunk_size))]
+        methods = [
+            (
+                "exact chunked",
+                lambda keys=keys, values=values: soft_retrieve(queries, keys, values, chunk_size=args.chunk_size),
+            )
+        ]
         dense_bytes = num_queries * size * 4
         if dense_bytes <= args.dense_limit_gb * 2**30:
-            methods.insert(0, ("exact dense", lambda: soft_retrieve(queries, keys, values)))
+            methods.insert(0, ("exact dense", lambda keys=keys, values=values: soft_retrieve(queries, keys, values)))
         for name, fn in methods:
             times, memories = [], []
             for _ in range(repeats):
@@ -465,12 +555,29 @@ def stage_scaling(args, device, results) -> None:
                 times.append(seconds), memories.append(memory)
             is_baseline = exact is None  # the first exact method is what the others are compared with
             exact = out if exact is None else exact
-            row = {"stage": "scaling", "method": name, "bank_size": size, "dim": dim, "queries": num_queries, **summarise(times, 1, memories)}
+            row = {
+                "stage": "scaling",
+                "method": name,
+                "bank_size": size,
+                "dim": dim,
+                "queries": num_queries,
+                **summarise(times, 1, memories),
+            }
             row["max_abs_diff_vs_exact"] = None if is_baseline else max_abs(out, exact)
             results["scaling"].append(row)
-            print(f"  bank {size:>8d} {name:14s}: {statistics.median(times):8.3f} s  peak RSS +{row['rss_peak_mb']:.0f} MiB", flush=True)
+            print(
+                f"  bank {size:>8d} {name:14s}: {statistics.median(times):8.3f} s  peak RSS +{row['rss_peak_mb']:.0f} MiB",
+                flush=True,
+            )
         if len(methods) == 1:
-            results["scaling"].append({"stage": "scaling", "method": "exact dense", "bank_size": size, "skipped": f"dense logits would need {dense_bytes / 2**30:.1f} GiB (> --dense-limit-gb {args.dense_limit_gb})"})
+            results["scaling"].append(
+                {
+                    "stage": "scaling",
+                    "method": "exact dense",
+                    "bank_size": size,
+                    "skipped": f"dense logits would need {dense_bytes / 2**30:.1f} GiB (> --dense-limit-gb {args.dense_limit_gb})",
+                }
+            )
         _scaling_faiss(queries, keys, values, exact, size, args, device, results)
         del keys, values
         gc.collect()
@@ -493,12 +600,30 @@ def _scaling_faiss(queries, keys, values, exact, size, args, device, results) ->
         build = time.perf_counter() - start
         times, memories = [], []
         for _ in range(1 if size >= 10**6 else 2):
-            (out, bound), seconds, memory = timed(lambda: index.retrieve(queries, return_bound=True), device)
+            (out, bound), seconds, memory = timed(
+                lambda index=index: index.retrieve(queries, return_bound=True), device
+            )
             times.append(seconds), memories.append(memory)
-        row = {"stage": "scaling", "method": name, "bank_size": size, "dim": keys.shape[1], "queries": queries.shape[0], "top_k": index.top_k, **summarise(times, 1, memories)}
-        row.update(build_s=build, index=repr(index), max_abs_diff_vs_exact=max_abs(out, exact), truncation_bound_max=float(bound.max()))
+        row = {
+            "stage": "scaling",
+            "method": name,
+            "bank_size": size,
+            "dim": keys.shape[1],
+            "queries": queries.shape[0],
+            "top_k": index.top_k,
+            **summarise(times, 1, memories),
+        }
+        row.update(
+            build_s=build,
+            index=repr(index),
+            max_abs_diff_vs_exact=max_abs(out, exact),
+            truncation_bound_max=float(bound.max()),
+        )
         results["scaling"].append(row)
-        print(f"  bank {size:>8d} {name:14s}: {statistics.median(times):8.3f} s (build {build:.1f} s)  |diff| {row['max_abs_diff_vs_exact']:.2e}", flush=True)
+        print(
+            f"  bank {size:>8d} {name:14s}: {statistics.median(times):8.3f} s (build {build:.1f} s)  |diff| {row['max_abs_diff_vs_exact']:.2e}",
+            flush=True,
+        )
         del index
 
 
@@ -522,13 +647,20 @@ def stage_dtype(args, device, results) -> None:
                 model.extract_features(pixels[:1])
             times, memories = [], []
             for _ in range(args.dtype_repeats):
-                features, seconds, memory = timed(lambda: model.extract_features(pixels), device)
+                features, seconds, memory = timed(lambda model=model: model.extract_features(pixels), device)
                 times.append(seconds), memories.append(memory)
             output = model(pixels)
         patches = features.patch_tokens.float()
         reference = patches if reference is None else reference
         reference_output = output if reference_output is None else reference_output
-        row = {"stage": "dtype-speed", "dtype": dtype, "backbone": args.backbone, "image_size": size, "batch_size": args.dtype_batch, **summarise(times, args.dtype_batch, memories, flops)}
+        row = {
+            "stage": "dtype-speed",
+            "dtype": dtype,
+            "backbone": args.backbone,
+            "image_size": size,
+            "batch_size": args.dtype_batch,
+            **summarise(times, args.dtype_batch, memories, flops),
+        }
         row["patch_tokens_max_abs_diff_vs_float32"] = max_abs(patches, reference)
         row["anomaly_map_max_abs_diff_vs_float32"] = max_abs(output.anomaly_map, reference_output.anomaly_map)
         row["anomaly_score_max_abs_diff_vs_float32"] = max_abs(output.anomaly_score, reference_output.anomaly_score)
@@ -545,13 +677,20 @@ def stage_dtype(args, device, results) -> None:
         dataset = load_mvtec_layout(Path(tmp) / "data")
         memory_rows = dataset.select(range(0, len(dataset), 2))
         test_rows = dataset.select(range(1, len(dataset), 2))
-        masks = np.stack([np.zeros((256, 256), bool) if row["mask"] is None else np.asarray(row["mask"].convert("L")) > 0 for row in test_rows])
+        masks = np.stack(
+            [
+                np.zeros((256, 256), bool) if row["mask"] is None else np.asarray(row["mask"].convert("L")) > 0
+                for row in test_rows
+            ]
+        )
         labels = [int(row["label"]) for row in test_rows]
         baseline = None
         for dtype in args.dtypes:
             torch.manual_seed(0)
             model = make_model(args.dtype_backbone, args.dtype_image_size, device)
-            model.config.retrieval_temperature = 0.01  # as the offline demo with random weights (see cli.RANDOM_DEMO_TEMPERATURE)
+            model.config.retrieval_temperature = (
+                0.01  # as the offline demo with random weights (see cli.RANDOM_DEMO_TEMPERATURE)
+            )
             set_backbone_dtype(model, dtype)
             model.build_memory_bank(memory_rows, batch_size=8, progress=False)
             from mrad_hf.models.mrad.image_processing_mrad import MRADImageProcessor
@@ -563,19 +702,34 @@ def stage_dtype(args, device, results) -> None:
                 inputs = processor([row["image"] for row in batch], return_tensors="pt")
                 with torch.no_grad():
                     out = model(inputs["pixel_values"].to(device=device, dtype=model.dtype))
-                maps.append(torch.nn.functional.interpolate(out.anomaly_map[:, None].float(), size=256, mode="bilinear")[:, 0].cpu())
+                maps.append(
+                    torch.nn.functional.interpolate(out.anomaly_map[:, None].float(), size=256, mode="bilinear")[
+                        :, 0
+                    ].cpu()
+                )
                 scores.append(out.anomaly_score.float().cpu())
             maps, scores = torch.cat(maps), torch.cat(scores)
             baseline = (maps, scores) if baseline is None else baseline
             row = {
-                "stage": "dtype-accuracy", "dtype": dtype, "backbone": args.dtype_backbone, "image_size": args.dtype_image_size,
-                "test_images": len(test_rows), "memory_images": len(memory_rows), "retrieval_temperature": 0.01,
-                "image_auroc": image_auroc(labels, scores.numpy()), "pixel_auroc": pixel_auroc(masks, maps.numpy()),
-                "max_abs_map_diff_vs_float32": max_abs(maps, baseline[0]), "max_abs_score_diff_vs_float32": max_abs(scores, baseline[1]),
-                "memory_dtype": str(model.memory.image_keys.dtype), "output_dtype": str(out.anomaly_map.dtype),
+                "stage": "dtype-accuracy",
+                "dtype": dtype,
+                "backbone": args.dtype_backbone,
+                "image_size": args.dtype_image_size,
+                "test_images": len(test_rows),
+                "memory_images": len(memory_rows),
+                "retrieval_temperature": 0.01,
+                "image_auroc": image_auroc(labels, scores.numpy()),
+                "pixel_auroc": pixel_auroc(masks, maps.numpy()),
+                "max_abs_map_diff_vs_float32": max_abs(maps, baseline[0]),
+                "max_abs_score_diff_vs_float32": max_abs(scores, baseline[1]),
+                "memory_dtype": str(model.memory.image_keys.dtype),
+                "output_dtype": str(out.anomaly_map.dtype),
             }
             results["dtype"].append(row)
-            print(f"  synthetic {dtype}: image AUROC {row['image_auroc']:.4f} pixel AUROC {row['pixel_auroc']:.4f} max |map diff| {row['max_abs_map_diff_vs_float32']:.2e}", flush=True)
+            print(
+                f"  synthetic {dtype}: image AUROC {row['image_auroc']:.4f} pixel AUROC {row['pixel_auroc']:.4f} max |map diff| {row['max_abs_map_diff_vs_float32']:.2e}",
+                flush=True,
+            )
             del model
             gc.collect()
 
@@ -583,7 +737,9 @@ def stage_dtype(args, device, results) -> None:
 def stage_compile(args, device, results) -> None:
     """Eager versus `torch.compile` of our feature pass (default inductor backend), one batch, interleaved."""
     model = make_model(args.compile_backbone, args.compile_size, device)
-    pixels = torch.randn(args.compile_batch, 3, args.compile_size, args.compile_size, generator=torch.Generator().manual_seed(7)).to(device)
+    pixels = torch.randn(
+        args.compile_batch, 3, args.compile_size, args.compile_size, generator=torch.Generator().manual_seed(7)
+    ).to(device)
     compiled = torch.compile(model.extract_features, dynamic=False)
     with torch.no_grad():
         try:
@@ -600,13 +756,22 @@ def stage_compile(args, device, results) -> None:
             compiled_out, seconds, _ = timed(lambda: compiled(pixels), device)
             times["compiled"].append(seconds)
     results["compile"] = {
-        "backbone": args.compile_backbone, "image_size": args.compile_size, "batch_size": args.compile_batch, "first_call_s": compile_s,
-        "eager_median_s": statistics.median(times["eager"]), "compiled_median_s": statistics.median(times["compiled"]),
-        "eager_min_s": min(times["eager"]), "compiled_min_s": min(times["compiled"]), "repeats": args.compile_repeats,
+        "backbone": args.compile_backbone,
+        "image_size": args.compile_size,
+        "batch_size": args.compile_batch,
+        "first_call_s": compile_s,
+        "eager_median_s": statistics.median(times["eager"]),
+        "compiled_median_s": statistics.median(times["compiled"]),
+        "eager_min_s": min(times["eager"]),
+        "compiled_min_s": min(times["compiled"]),
+        "repeats": args.compile_repeats,
         "patch_tokens_max_abs_diff": max_abs(compiled_out.patch_tokens, eager_out.patch_tokens),
     }
     c = results["compile"]
-    print(f"  eager {c['eager_median_s']:.3f} s, compiled {c['compiled_median_s']:.3f} s (first call {compile_s:.1f} s)", flush=True)
+    print(
+        f"  eager {c['eager_median_s']:.3f} s, compiled {c['compiled_median_s']:.3f} s (first call {compile_s:.1f} s)",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------- the official code as the baseline (issue 15)
@@ -647,7 +812,9 @@ def stage_official(args, device, results) -> None:
 
     from mrad_hf.models.mrad.features_mrad import dual_path_vision_features, linear_backend
 
-    print(f"  building the official AnomalyCLIP ViT-L/14@336 from {args.official} and converting its weights", flush=True)
+    print(
+        f"  building the official AnomalyCLIP ViT-L/14@336 from {args.official} and converting its weights", flush=True
+    )
     official, official_model, ours = official_and_ours(args.official, seed=0, image_size=args.image_size)
     random_bank(ours, REFERENCE_BANK)
     bank = _bank_tuple(ours, device)
@@ -676,7 +843,9 @@ def stage_official(args, device, results) -> None:
     outputs = {}
     official_out = []
     for round_index in range(args.official_rounds):
-        order = [("official", None, None, None, 1)] + [(n, m, b, d, batch) for (n, m, b, d) in configs for batch in batches]
+        order = [("official", None, None, None, 1)] + [
+            (n, m, b, d, batch) for (n, m, b, d) in configs for batch in batches
+        ]
         if round_index % 2:
             order = order[::-1]
         for name, model, backend, dtype, batch in order:
@@ -684,7 +853,10 @@ def stage_official(args, device, results) -> None:
                 images = pixels_all[: args.official_images]
                 faults_before = _minor_faults()
                 start = time.perf_counter()
-                official_out = [official_mrad_tf(official, official_model, images[i : i + 1], bank, size) for i in range(images.shape[0])]
+                official_out = [
+                    official_mrad_tf(official, official_model, images[i : i + 1], bank, size)
+                    for i in range(images.shape[0])
+                ]
                 seconds = (time.perf_counter() - start) / images.shape[0]
                 timings["official"].append(seconds)
                 faults["official"].append((_minor_faults() - faults_before) / images.shape[0])
@@ -707,31 +879,53 @@ def stage_official(args, device, results) -> None:
     official_maps = torch.stack([m for m, _ in official_out])
     official_scores = torch.cat([sc.reshape(1) for _, sc in official_out])
     count = official_maps.shape[0]
-    rows = [{
-        "configuration": f"official MRAD ({(official.commit or 'checkout')[:7]}), fp32", "batch_size": 1, "dtype": "float32",
-        "s_per_image": timings["official"], "median_s_per_image": statistics.median(timings["official"]),
-        "minor_faults_per_image": statistics.median(faults["official"]), "linear_backend": "aten (nn.MultiheadAttention)",
-    }]
+    rows = [
+        {
+            "configuration": f"official MRAD ({(official.commit or 'checkout')[:7]}), fp32",
+            "batch_size": 1,
+            "dtype": "float32",
+            "s_per_image": timings["official"],
+            "median_s_per_image": statistics.median(timings["official"]),
+            "minor_faults_per_image": statistics.median(faults["official"]),
+            "linear_backend": "aten (nn.MultiheadAttention)",
+        }
+    ]
     for name, model, backend, dtype in configs:
         for batch in batches:
             key = f"{name}|{batch}"
             out, memory = outputs[key]
             os.environ["MRAD_LINEAR_BACKEND"] = backend
             chosen = linear_backend(device, model.clip.vision_model.embeddings.patch_embedding.weight.dtype)
-            os.environ.pop("MRAD_LINEAR_BACKEND", None) if previous_backend is None else os.environ.__setitem__("MRAD_LINEAR_BACKEND", previous_backend)
+            os.environ.pop("MRAD_LINEAR_BACKEND", None) if previous_backend is None else os.environ.__setitem__(
+                "MRAD_LINEAR_BACKEND", previous_backend
+            )
             paired = [o / t for o, t in zip(timings["official"], timings[key])]
-            rows.append({
-                "configuration": f"mrad-hf {name}", "batch_size": batch, "dtype": dtype, "linear_backend": chosen,
-                "batch_invariant": bool(model.config.batch_invariant),
-                "s_per_image": timings[key], "median_s_per_image": statistics.median(timings[key]),
-                "paired_speedup_median": statistics.median(paired), "paired_speedups": paired,
-                "max_abs_map_diff_vs_official": max_abs(out.anomaly_map[:count], official_maps),
-                "max_abs_score_diff_vs_official": max_abs(out.anomaly_score[:count], official_scores),
-                "minor_faults_per_image": statistics.median(faults[key]), "cuda_peak_mb": memory.cuda_mb,
-            })
+            rows.append(
+                {
+                    "configuration": f"mrad-hf {name}",
+                    "batch_size": batch,
+                    "dtype": dtype,
+                    "linear_backend": chosen,
+                    "batch_invariant": bool(model.config.batch_invariant),
+                    "s_per_image": timings[key],
+                    "median_s_per_image": statistics.median(timings[key]),
+                    "paired_speedup_median": statistics.median(paired),
+                    "paired_speedups": paired,
+                    "max_abs_map_diff_vs_official": max_abs(out.anomaly_map[:count], official_maps),
+                    "max_abs_score_diff_vs_official": max_abs(out.anomaly_score[:count], official_scores),
+                    "minor_faults_per_image": statistics.median(faults[key]),
+                    "cuda_peak_mb": memory.cuda_mb,
+                }
+            )
     for row in rows:
         row["gflops_per_s"] = flops / row["median_s_per_image"] / 1e9
-    results["official"] = {"checkout": official.path, "commit": official.commit, "compared_images": count, "rounds": args.official_rounds, "rows": rows}
+    results["official"] = {
+        "checkout": official.path,
+        "commit": official.commit,
+        "compared_images": count,
+        "rounds": args.official_rounds,
+        "rows": rows,
+    }
     checkpoint(results, args)
 
 
@@ -739,7 +933,11 @@ def _official_markdown(results: dict) -> list[str]:
     official = results.get("official")
     if not official:
         return []
-    fp32_peaks = [v.get("gflops_per_s") for k, v in (results.get("peak") or {}).items() if k.startswith("float32") and v.get("gflops_per_s")]
+    fp32_peaks = [
+        v.get("gflops_per_s")
+        for k, v in (results.get("peak") or {}).items()
+        if k.startswith("float32") and v.get("gflops_per_s")
+    ]
     peak = max(fp32_peaks) if fp32_peaks else None
     info = results["machine"]
     lines = [
@@ -763,7 +961,11 @@ def _official_markdown(results: dict) -> list[str]:
             f"{_fmt(row.get('max_abs_map_diff_vs_official'))} | {_fmt(row.get('max_abs_score_diff_vs_official'))} | "
             f"{_fmt(row['gflops_per_s'], 1)} | {_fmt(fraction, 0)} | {_fmt(row['minor_faults_per_image'], 0)} |"
         )
-    peak_text = ", ".join(f"{k} {_fmt(v['gflops_per_s'], 1)}" for k, v in (results.get("peak") or {}).items() if isinstance(v, dict) and "gflops_per_s" in v)
+    peak_text = ", ".join(
+        f"{k} {_fmt(v['gflops_per_s'], 1)}"
+        for k, v in (results.get("peak") or {}).items()
+        if isinstance(v, dict) and "gflops_per_s" in v
+    )
     lines += ["", f"Measured GEMM peaks (GFLOP/s): {peak_text or 'not measured'}.", ""]
     return lines
 
@@ -773,7 +975,7 @@ def _fmt(value, digits=2):
     if value is None:
         return "-"
     if isinstance(value, float):
-        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e5):
+        if value != 0 and (abs(value) < 10**-digits or abs(value) >= 1e5):
             return f"{value:.1e}"
         return f"{value:.{digits}f}"
     return str(value)
@@ -782,7 +984,8 @@ def _fmt(value, digits=2):
 def markdown(results: dict) -> str:
     info, run = results["machine"], results["run"]
     lines = [
-        f"# MRAD-TF inference benchmark ({run['name']})" + (" - PARTIAL (run interrupted or still running)" if run.get("partial") else ""),
+        f"# MRAD-TF inference benchmark ({run['name']})"
+        + (" - PARTIAL (run interrupted or still running)" if run.get("partial") else ""),
         "",
         f"Command: `{run['command']}`  ",
         f"Started {run['started']} UTC, took {_fmt(run.get('wall_minutes'), 1)} min. "
@@ -814,8 +1017,17 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in results["rows"]:
-            ref = next((r for r in results["rows"] if r["stage"] == row["stage"] and r["batch_size"] == row["batch_size"] and r["path"] == "reference"), None)
-            speedup = row["images_per_s_median"] / ref["images_per_s_median"] if ref and row["path"] == "ours" else None
+            ref = next(
+                (
+                    r
+                    for r in results["rows"]
+                    if r["stage"] == row["stage"] and r["batch_size"] == row["batch_size"] and r["path"] == "reference"
+                ),
+                None,
+            )
+            speedup = (
+                row["images_per_s_median"] / ref["images_per_s_median"] if ref and row["path"] == "ours" else None
+            )
             gflops = row.get("gflops_per_s_median")
             fraction = 100 * gflops / fp32_peak if gflops and fp32_peak else None
             lines.append(
@@ -825,9 +1037,16 @@ def markdown(results: dict) -> str:
             )
         lines.append("")
     if results["diffs"]:
-        lines += ["## Agreement (max absolute difference, ours vs reference-style, fp32)", "", "| stage | batch | compared images | outputs |", "|---|---|---|---|"]
+        lines += [
+            "## Agreement (max absolute difference, ours vs reference-style, fp32)",
+            "",
+            "| stage | batch | compared images | outputs |",
+            "|---|---|---|---|",
+        ]
         for diff in results["diffs"]:
-            outputs = ", ".join(f"{k} {_fmt(v)}" for k, v in diff.items() if k not in ("stage", "batch_size", "compared_images"))
+            outputs = ", ".join(
+                f"{k} {_fmt(v)}" for k, v in diff.items() if k not in ("stage", "batch_size", "compared_images")
+            )
             lines.append(f"| {diff['stage']} | {diff['batch_size']} | {diff['compared_images']} | {outputs} |")
         lines.append("")
     if results["scaling"]:
@@ -842,7 +1061,9 @@ def markdown(results: dict) -> str:
         ]
         for row in results["scaling"]:
             if "skipped" in row:
-                lines.append(f"| {row['bank_size']:.0e} | {row['method']} | - | - | - | - | skipped: {row['skipped'][:90]} |")
+                lines.append(
+                    f"| {row['bank_size']:.0e} | {row['method']} | - | - | - | - | skipped: {row['skipped'][:90]} |"
+                )
                 continue
             note = f"build {row['build_s']:.1f} s, {row['index']}" if "build_s" in row else ""
             lines.append(
@@ -928,46 +1149,121 @@ def checkpoint(results: dict, args) -> None:
 
 # ---------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--quick", action="store_true", help="small random backbone at 224 px, small banks: a few minutes")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="what to measure (default: all; official only with --official)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small random backbone at 224 px, small banks: a few minutes"
+    )
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=None,
+        help="what to measure (default: all; official only with --official)",
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default 1 8 32 (quick: 1 8)")
-    parser.add_argument("--backbone", help="a key of mrad_hf.cli.RANDOM_BACKBONES (default random-vit-l14-336; quick: random-small)")
+    parser.add_argument(
+        "--backbone", help="a key of mrad_hf.cli.RANDOM_BACKBONES (default random-vit-l14-336; quick: random-small)"
+    )
     parser.add_argument("--image-size", type=int, help="default 518 (quick: 224)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions per batch size below --large-batch")
-    parser.add_argument("--repeats-large", type=int, default=1, help="timed repetitions at batch >= --large-batch (ViT-L batch 32 takes minutes)")
+    parser.add_argument(
+        "--repeats-large",
+        type=int,
+        default=1,
+        help="timed repetitions at batch >= --large-batch (ViT-L batch 32 takes minutes)",
+    )
     parser.add_argument("--large-batch", type=int, default=8)
-    parser.add_argument("--repeats-light", type=int, default=5, help="repetitions of the cheap retrieval / post-processing stages")
-    parser.add_argument("--warmup-size", type=int, help="input size of the untimed warm-up pass (default: --image-size; full run: 224)")
-    parser.add_argument("--reference-images", type=int, default=1, help="images the reference runs per repetition of the model stages")
-    parser.add_argument("--reference-images-light", type=int, default=8, help="images the reference runs in the retrieval / post-processing stages")
-    parser.add_argument("--bank-sizes", nargs="+", type=int, help="scaling: keys (default 1e3 1e4 1e5 1e6; quick 1e3 1e4 1e5)")
-    parser.add_argument("--scaling-dim", type=int, help="scaling: key width (default 1024 = ViT-L patch keys; quick 256)")
-    parser.add_argument("--scaling-queries", type=int, default=1369, help="scaling: queries (one 518-px image's patches)")
-    parser.add_argument("--chunk-size", type=int, default=8192, help="scaling: keys per chunk of the exact streamed retrieval")
-    parser.add_argument("--dense-limit-gb", type=float, default=2.0, help="scaling: skip the dense path when its logits exceed this")
+    parser.add_argument(
+        "--repeats-light", type=int, default=5, help="repetitions of the cheap retrieval / post-processing stages"
+    )
+    parser.add_argument(
+        "--warmup-size", type=int, help="input size of the untimed warm-up pass (default: --image-size; full run: 224)"
+    )
+    parser.add_argument(
+        "--reference-images", type=int, default=1, help="images the reference runs per repetition of the model stages"
+    )
+    parser.add_argument(
+        "--reference-images-light",
+        type=int,
+        default=8,
+        help="images the reference runs in the retrieval / post-processing stages",
+    )
+    parser.add_argument(
+        "--bank-sizes", nargs="+", type=int, help="scaling: keys (default 1e3 1e4 1e5 1e6; quick 1e3 1e4 1e5)"
+    )
+    parser.add_argument(
+        "--scaling-dim", type=int, help="scaling: key width (default 1024 = ViT-L patch keys; quick 256)"
+    )
+    parser.add_argument(
+        "--scaling-queries", type=int, default=1369, help="scaling: queries (one 518-px image's patches)"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=8192, help="scaling: keys per chunk of the exact streamed retrieval"
+    )
+    parser.add_argument(
+        "--dense-limit-gb", type=float, default=2.0, help="scaling: skip the dense path when its logits exceed this"
+    )
     parser.add_argument("--faiss-top-k", type=int, default=256)
     parser.add_argument("--faiss-nprobe", type=int, default=16)
-    parser.add_argument("--faiss-flat-max", type=int, default=10**5, help="scaling: largest bank for the exhaustive FAISS index")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"), help="dtype stage (first is the baseline)")
+    parser.add_argument(
+        "--faiss-flat-max", type=int, default=10**5, help="scaling: largest bank for the exhaustive FAISS index"
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype stage (first is the baseline)",
+    )
     parser.add_argument("--dtype-batch", type=int, default=1)
-    parser.add_argument("--dtype-speed-size", type=int, help="input size of the dtype speed check (default: --image-size; full run: 224, since bf16 without matrix units is slow)")
+    parser.add_argument(
+        "--dtype-speed-size",
+        type=int,
+        help="input size of the dtype speed check (default: --image-size; full run: 224, since bf16 without matrix units is slow)",
+    )
     parser.add_argument("--dtype-repeats", type=int, default=1)
     parser.add_argument("--dtype-warmup", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--dtype-backbone", default="random-small", help="backbone of the synthetic-benchmark accuracy check")
+    parser.add_argument(
+        "--dtype-backbone", default="random-small", help="backbone of the synthetic-benchmark accuracy check"
+    )
     parser.add_argument("--dtype-image-size", type=int, default=224)
     parser.add_argument("--compile-backbone", default="random-small", help="backbone of the torch.compile check")
     parser.add_argument("--compile-size", type=int, default=224)
     parser.add_argument("--compile-batch", type=int, default=4)
     parser.add_argument("--compile-repeats", type=int, default=5)
-    parser.add_argument("--official", default=os.environ.get("MRAD_OFFICIAL_CHECKOUT"), help="official stage: a checkout of github.com/CROVO1026/MRAD (never vendored; e.g. /work/scratch/MRAD)")
-    parser.add_argument("--official-configs", nargs="+", default=["fp32", "auto"], choices=OFFICIAL_CONFIGS, help="official stage: our configurations (auto = resolve_dtype('auto'))")
+    parser.add_argument(
+        "--official",
+        default=os.environ.get("MRAD_OFFICIAL_CHECKOUT"),
+        help="official stage: a checkout of github.com/CROVO1026/MRAD (never vendored; e.g. /work/scratch/MRAD)",
+    )
+    parser.add_argument(
+        "--official-configs",
+        nargs="+",
+        default=["fp32", "auto"],
+        choices=OFFICIAL_CONFIGS,
+        help="official stage: our configurations (auto = resolve_dtype('auto'))",
+    )
     parser.add_argument("--official-batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--official-rounds", type=int, default=1, help="official stage: interleaved rounds (the order flips every round)")
-    parser.add_argument("--official-images", type=int, default=1, help="official stage: images the official code scores per round")
-    parser.add_argument("--malloc", choices=("tuned", "glibc", "rss"), default="tuned",
-                        help="tuned: features_mrad.tune_malloc_for_inference (what mrad_hf applies); glibc: untouched defaults; "
-                        "rss: a fixed 1 MiB mmap threshold so that RSS growth tracks live tensors (memory stages; many page faults)")
+    parser.add_argument(
+        "--official-rounds",
+        type=int,
+        default=1,
+        help="official stage: interleaved rounds (the order flips every round)",
+    )
+    parser.add_argument(
+        "--official-images", type=int, default=1, help="official stage: images the official code scores per round"
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "glibc", "rss"),
+        default="tuned",
+        help="tuned: features_mrad.tune_malloc_for_inference (what mrad_hf applies); glibc: untouched defaults; "
+        "rss: a fixed 1 MiB mmap threshold so that RSS growth tracks live tensors (memory stages; many page faults)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, one per core)")
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -1027,15 +1323,33 @@ def main(argv=None) -> int:
     started = time.time()
     results = {
         "run": {
-            "name": args.name, "command": "python benchmarks/benchmark_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)), "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-            "backbone": args.backbone, "image_size": args.image_size, "batch_sizes": args.batch_sizes, "stages": args.stages,
-            "repeats": args.repeats, "repeats_large": args.repeats_large, "large_batch": args.large_batch, "malloc": args.malloc,
+            "name": args.name,
+            "command": "python benchmarks/benchmark_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+            "backbone": args.backbone,
+            "image_size": args.image_size,
+            "batch_sizes": args.batch_sizes,
+            "stages": args.stages,
+            "repeats": args.repeats,
+            "repeats_large": args.repeats_large,
+            "large_batch": args.large_batch,
+            "malloc": args.malloc,
         },
         "machine": machine_info(device),
-        "peak": None, "compile": None, "official": None, "rows": [], "diffs": [], "scaling": [], "dtype": [], "notes": list(args.note),
+        "peak": None,
+        "compile": None,
+        "official": None,
+        "rows": [],
+        "diffs": [],
+        "scaling": [],
+        "dtype": [],
+        "notes": list(args.note),
     }
-    print(f"MRAD benchmark on {results['machine']['cpu_model']} ({device}), load {results['run']['loadavg_before']}", flush=True)
+    print(
+        f"MRAD benchmark on {results['machine']['cpu_model']} ({device}), load {results['run']['loadavg_before']}",
+        flush=True,
+    )
     stages = set(args.stages)
     results["run"]["flops_per_image"] = dual_path_flops(*_backbone_shapes(args.backbone), args.image_size)
     if "peak" in stages:

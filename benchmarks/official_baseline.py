@@ -28,8 +28,16 @@ from pathlib import Path
 import torch
 
 VIT_L14_336 = dict(
-    embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024, vision_patch_size=14, context_length=77,
-    vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12,
+    embed_dim=768,
+    image_resolution=336,
+    vision_layers=24,
+    vision_width=1024,
+    vision_patch_size=14,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=768,
+    transformer_heads=12,
+    transformer_layers=12,
 )
 DESIGN_DETAILS = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
 FEATURES_LIST = [6, 12, 18, 24]
@@ -59,7 +67,10 @@ def load_official(checkout: str | Path) -> types.SimpleNamespace:
 
     _stand_in("pkg_resources", packaging=packaging)
     _stand_in("torchvision")
-    _stand_in("torchvision.transforms", **{name: None for name in ("Compose", "Resize", "ToTensor", "Normalize", "CenterCrop", "InterpolationMode")})
+    _stand_in(
+        "torchvision.transforms",
+        **{name: None for name in ("Compose", "Resize", "ToTensor", "Normalize", "CenterCrop", "InterpolationMode")},
+    )
     _stand_in("thop", profile=None)
     _stand_in("ftfy", fix_text=lambda text: text)  # text cleaning for its tokenizer; MRAD-TF encodes no text
     sys.path.insert(0, str(checkout))
@@ -73,12 +84,22 @@ def load_official(checkout: str | Path) -> types.SimpleNamespace:
     import subprocess
 
     try:
-        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return types.SimpleNamespace(
-        lib=anomaly_clip_lib, AnomalyCLIP=anomaly_clip.AnomalyCLIP, compute_socre=mrad.compute_socre,
-        compute_patch_socre=mrad.compute_patch_socre, average_neighbor=mlp.average_neighbor, path=str(checkout), commit=commit,
+        lib=anomaly_clip_lib,
+        AnomalyCLIP=anomaly_clip.AnomalyCLIP,
+        compute_socre=mrad.compute_socre,
+        compute_patch_socre=mrad.compute_patch_socre,
+        average_neighbor=mlp.average_neighbor,
+        path=str(checkout),
+        commit=commit,
     )
 
 
@@ -98,7 +119,9 @@ def official_and_ours(checkout: str | Path, seed: int = 0, image_size: int = 518
 
 
 @torch.no_grad()
-def official_mrad_tf(official, model, image: torch.Tensor, bank: tuple, image_size: int = 518, k: float = 0.7, sigma: float = 4.0):
+def official_mrad_tf(
+    official, model, image: torch.Tensor, bank: tuple, image_size: int = 518, k: float = 0.7, sigma: float = 4.0
+):
     """The official test.py MRAD-TF path for one (1, 3, S, S) image: (anomaly map (S, S), score)."""
     from scipy.ndimage import gaussian_filter
 
@@ -110,15 +133,25 @@ def official_mrad_tf(official, model, image: torch.Tensor, bank: tuple, image_si
     patch_f_bia = official.average_neighbor(patch_features[3])
     patch_f_bia = patch_f_bia / patch_f_bia.norm(dim=-1, keepdim=True)
     seg_logit, _, _, _ = official.compute_patch_socre(
-        patch_f_bia, cache_keys_patch, cache_values_patch, device=device, proj=None, need_mask=False,
-        patch_projection=patch_projection, gt_mask=None, is_mradft=True, use_proj=False,
+        patch_f_bia,
+        cache_keys_patch,
+        cache_values_patch,
+        device=device,
+        proj=None,
+        need_mask=False,
+        patch_projection=patch_projection,
+        gt_mask=None,
+        is_mradft=True,
+        use_proj=False,
     )
     seg_similarity_map = official.lib.get_similarity_map(seg_logit, image_size)
     image_features = image_features / image_features.norm(dim=-1, keepdim=True)
     cache_logits, _ = official.compute_socre(image_features, cache_key, cache_value, device, proj=None, use_proj=False)
     text_probs = cache_logits[:, 1]
     anomaly_map = torch.stack([seg_similarity_map[..., 1]])
-    anomaly_map = torch.stack([torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.detach().cpu()], dim=0)
+    anomaly_map = torch.stack(
+        [torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.detach().cpu()], dim=0
+    )
     anomaly_map = anomaly_map.sum(dim=0)
     map_flat = anomaly_map.flatten()
     topk_values, _ = torch.topk(map_flat, int(map_flat.shape[0] * 0.01))

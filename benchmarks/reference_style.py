@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
@@ -61,7 +60,9 @@ def reference_features(clip, pixel_values: torch.Tensor, vv_start_layer: int = 1
     for image in pixel_values.split(1):
         x = vision.embeddings.patch_embedding(image)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = vision.embeddings.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+        cls = vision.embeddings.class_embedding + torch.zeros(
+            x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device
+        )
         x = torch.cat([cls, x], dim=1)
         table = vision.embeddings.position_embedding.weight
         side, new_side = int((table.shape[0] - 1) ** 0.5), int((x.shape[1] - 1) ** 0.5)
@@ -110,9 +111,13 @@ def reference_postprocess(patch_probs, image_anomaly, image_size: int, k: float 
     maps, scores = [], []
     for seg, p_anomaly in zip(patch_probs.split(1), image_anomaly):
         side = int(seg.shape[1] ** 0.5)
-        sm = F.interpolate(seg.reshape(1, side, side, -1).permute(0, 3, 1, 2), image_size, mode="bilinear").permute(0, 2, 3, 1)
+        sm = F.interpolate(seg.reshape(1, side, side, -1).permute(0, 3, 1, 2), image_size, mode="bilinear").permute(
+            0, 2, 3, 1
+        )
         anomaly_map = torch.stack([sm[..., 1]])
-        anomaly_map = torch.stack([torch.from_numpy(gaussian_filter(m, sigma=sigma)) for m in anomaly_map.cpu().numpy()]).sum(0)
+        anomaly_map = torch.stack(
+            [torch.from_numpy(gaussian_filter(m, sigma=sigma)) for m in anomaly_map.cpu().numpy()]
+        ).sum(0)
         flat = anomaly_map.flatten()
         top = torch.topk(flat, int(flat.shape[0] * 0.01))[0].mean()
         scores.append(((1 - k) * top + k * p_anomaly).item())
@@ -120,7 +125,9 @@ def reference_postprocess(patch_probs, image_anomaly, image_size: int, k: float 
     return torch.stack(maps), torch.tensor(scores)
 
 
-def reference_end_to_end(clip, pixel_values, bank, image_size: int, vv_start_layer: int = 1, timings: dict | None = None):
+def reference_end_to_end(
+    clip, pixel_values, bank, image_size: int, vv_start_layer: int = 1, timings: dict | None = None
+):
     """Features, retrieval and post-processing, image by image (`bank`: image_keys, image_values, patch_keys, patch_values).
 
     Returns (maps (B, S, S), scores (B,), class embeds (B, P), patch tokens (B, G*G, W)); if `timings` is a dict,
@@ -135,7 +142,11 @@ def reference_end_to_end(clip, pixel_values, bank, image_size: int, vv_start_lay
         image_probs, patch_probs = reference_retrieve(class_embeds, patch_tokens, *bank)
         end = time.perf_counter()
         image_map, score = reference_postprocess(patch_probs, image_probs[:, 1], image_size)
-        for key, seconds in (("features", middle - start), ("retrieval", end - middle), ("postprocessing", time.perf_counter() - end)):
+        for key, seconds in (
+            ("features", middle - start),
+            ("retrieval", end - middle),
+            ("postprocessing", time.perf_counter() - end),
+        ):
             timings[key] = timings.get(key, 0.0) + seconds
         maps.append(image_map)
         scores.append(score)

@@ -94,7 +94,9 @@ class FaissRetrievalIndex:
     ):
         faiss = import_faiss()
         if keys.ndim != 2 or keys.shape[0] == 0:
-            raise ValueError(f"keys must be a non-empty (N, D) tensor, got shape {tuple(keys.shape)}: build or load a memory bank first.")
+            raise ValueError(
+                f"keys must be a non-empty (N, D) tensor, got shape {tuple(keys.shape)}: build or load a memory bank first."
+            )
         if values.shape[0] != keys.shape[0]:
             raise ValueError(f"Memory has {keys.shape[0]} keys but {values.shape[0]} values.")
         if top_k < 1:

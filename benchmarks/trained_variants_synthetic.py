@@ -41,38 +41,61 @@ def main() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
     work = Path(tempfile.mkdtemp(prefix="mrad-trained-variants-"))
-    root = make_synthetic_benchmark(work / "data", n_test_good=8, n_test_per_defect=4, image_size=128, seed=0, progress=False)
+    root = make_synthetic_benchmark(
+        work / "data", n_test_good=8, n_test_per_defect=4, image_size=128, seed=0, progress=False
+    )
     memory, queries = held_out_split(list(load_mvtec_layout(root)))
     clip_config = CLIPConfig(**RANDOM_BACKBONES[args.backbone])
     rows = {}
     for variant in ("tf", "ft", "clip"):
         torch.manual_seed(0)
         extra = {"deep_prompt_depth": min(9, clip_config.text_config.num_hidden_layers)} if variant == "clip" else {}
-        model = MRADForAnomalyDetection.from_clip(clip_config, image_size=args.image_size, retrieval_temperature=args.temperature, variant=variant, **extra)
+        model = MRADForAnomalyDetection.from_clip(
+            clip_config, image_size=args.image_size, retrieval_temperature=args.temperature, variant=variant, **extra
+        )
         started = time.perf_counter()
         history = []
         if variant == "tf":
             model.build_memory_bank(memory, progress=False)
         else:
-            history = train_mrad(model, memory, MRADTrainingArguments(output_dir=str(work / variant), resume=False), progress=False).history
+            history = train_mrad(
+                model, memory, MRADTrainingArguments(output_dir=str(work / variant), resume=False), progress=False
+            ).history
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
         image, pixel = held_out_aurocs(model, queries)
-        rows[variant] = {"image_auroc": image, "pixel_auroc": pixel, "seconds": time.perf_counter() - started,
-                         "epoch_losses": [round(record["loss"], 4) for record in history]}
+        rows[variant] = {
+            "image_auroc": image,
+            "pixel_auroc": pixel,
+            "seconds": time.perf_counter() - started,
+            "epoch_losses": [round(record["loss"], 4) for record in history],
+        }
         print(f"{variant}: image AUROC {image:.3f}, pixel AUROC {pixel:.3f}", flush=True)
-    result = {"backbone": args.backbone, "image_size": args.image_size, "retrieval_temperature": args.temperature,
-              "memory_images": len(memory), "scored_images": len(queries), "variants": rows}
+    result = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "retrieval_temperature": args.temperature,
+        "memory_images": len(memory),
+        "scored_images": len(queries),
+        "variants": rows,
+    }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"trained-variants-synthetic-tau{args.temperature:g}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    lines = [f"# Trained vs train-free, held-out synthetic images ({args.backbone}, {args.image_size} px, tau {args.temperature:g})", "",
-             f"Memory / training set: {len(memory)} images; scored: {len(queries)} other images. Command: "
-             f"`python benchmarks/trained_variants_synthetic.py --temperature {args.temperature:g}`.", "",
-             "| variant | image AUROC | pixel AUROC | epoch losses | seconds |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Trained vs train-free, held-out synthetic images ({args.backbone}, {args.image_size} px, tau {args.temperature:g})",
+        "",
+        f"Memory / training set: {len(memory)} images; scored: {len(queries)} other images. Command: "
+        f"`python benchmarks/trained_variants_synthetic.py --temperature {args.temperature:g}`.",
+        "",
+        "| variant | image AUROC | pixel AUROC | epoch losses | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for variant, row in rows.items():
-        lines.append(f"| MRAD-{variant.upper()} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['epoch_losses'] or '-'} | {row['seconds']:.0f} |")
+        lines.append(
+            f"| MRAD-{variant.upper()} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['epoch_losses'] or '-'} | {row['seconds']:.0f} |"
+        )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

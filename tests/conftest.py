@@ -25,8 +25,15 @@ def tiny_clip_config(**vision_overrides) -> CLIPConfig:
     vision.update(vision_overrides)
     return CLIPConfig(
         text_config=dict(
-            vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
         ),
         vision_config=vision,
         projection_dim=24,

@@ -133,7 +133,9 @@ def reference_build_banks(clip, pixel_batches, label_batches, mask_batches):
 
 
 @torch.no_grad()
-def reference_tf_score(clip, pixel_values, image_keys, image_values, patch_keys, patch_values, image_size, k=0.7, sigma=4):
+def reference_tf_score(
+    clip, pixel_values, image_keys, image_values, patch_keys, patch_values, image_size, k=0.7, sigma=4
+):
     """`test.py` with `--model_type mrad-tf`, batch size 1 per image: returns (maps (B, S, S) numpy, scores (B,))."""
     maps, scores = [], []
     for image in pixel_values.split(1):
@@ -148,7 +150,9 @@ def reference_tf_score(clip, pixel_values, image_keys, image_values, patch_keys,
         image_features = image_features / image_features.norm(dim=-1, keepdim=True)
         cls_probs = F.softmax(image_features @ image_keys.t(), dim=-1) @ image_values
         anomaly_map = torch.stack([sm[..., 1]])  # [1, 1, S, S] as the official list-of-layers stack
-        anomaly_map = torch.stack([torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.cpu().numpy()], dim=0)
+        anomaly_map = torch.stack(
+            [torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.cpu().numpy()], dim=0
+        )
         anomaly_map = anomaly_map.sum(dim=0)
         flat = anomaly_map.flatten()
         top = torch.topk(flat, int(flat.shape[0] * 0.01))[0].mean()
@@ -171,8 +175,9 @@ def reference_compute_score(image_features, cache_keys, cache_values, proj=None,
     return F.softmax(sim_weights, dim=-1) @ cache_values.float()
 
 
-def reference_compute_patch_score(patch_features, cache_keys, cache_values, proj=None, need_mask=False, patch_projection=None,
-                                  anomaly_threshold=0.5):
+def reference_compute_patch_score(
+    patch_features, cache_keys, cache_values, proj=None, need_mask=False, patch_projection=None, anomaly_threshold=0.5
+):
     """`mrad.compute_patch_socre`: returns (logits (B, L, 2), region tokens (B, 2, P) [normal, anomaly] or None)."""
     ori_sim_weights = patch_features @ cache_keys.t()
     if proj is not None:
@@ -214,7 +219,9 @@ def reference_encode_text_learn(clip, ctx_pos, ctx_neg, bias, token_ids, deep_pr
     prompts = []
     for state, ctx in enumerate((ctx_pos, ctx_neg)):
         ctx_b = ctx.unsqueeze(0) + bias[:, state].unsqueeze(1)
-        prompts.append(torch.cat([prefix[state].expand(batch, -1, -1), ctx_b, suffix[state].expand(batch, -1, -1)], dim=1))
+        prompts.append(
+            torch.cat([prefix[state].expand(batch, -1, -1), ctx_b, suffix[state].expand(batch, -1, -1)], dim=1)
+        )
     x = torch.stack(prompts, dim=1).reshape(batch * 2, token_ids.shape[1], -1)
     x = x + text.embeddings.position_embedding.weight[: x.shape[1]]
     x = x.permute(1, 0, 2)  # LND
@@ -231,7 +238,9 @@ def reference_encode_text_learn(clip, ctx_pos, ctx_neg, bias, token_ids, deep_pr
         attention = layer.self_attn
         heads, width = attention.num_heads, h.shape[-1]
         weight, bias_in = _in_proj(attention)
-        qkv = (h @ weight.t() + bias_in).reshape(h.shape[0], h.shape[1], 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            (h @ weight.t() + bias_in).reshape(h.shape[0], h.shape[1], 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        )
         q, k, v = qkv[0], qkv[1], qkv[2]
         weights = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5 + attn_mask).softmax(dim=-1)
         out = attention.out_proj((weights @ v).transpose(1, 2).reshape(h.shape[0], h.shape[1], width))
@@ -245,7 +254,9 @@ def reference_encode_text_learn(clip, ctx_pos, ctx_neg, bias, token_ids, deep_pr
 
 def _reference_map_and_score(anomaly_map_1hw, cls_probability, k=0.7, sigma=4):
     anomaly_map = torch.stack([anomaly_map_1hw])  # the official list of layers: (1, 1, S, S)
-    anomaly_map = torch.stack([torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.detach().cpu().numpy()], dim=0)
+    anomaly_map = torch.stack(
+        [torch.from_numpy(gaussian_filter(i, sigma=sigma)) for i in anomaly_map.detach().cpu().numpy()], dim=0
+    )
     anomaly_map = anomaly_map.sum(dim=0)
     flat = anomaly_map.flatten()
     top = torch.topk(flat, int(flat.shape[0] * 0.01))[0].mean()
@@ -268,7 +279,11 @@ def reference_trained_score(clip, pixel_values, banks, image_proj, patch_proj, i
         patch = reference_average_neighbor(patch_tokens)
         patch = patch / patch.norm(dim=-1, keepdim=True)
         seg, regions = reference_compute_patch_score(
-            patch, patch_keys, patch_values, proj=patch_proj, patch_projection=projection if prompt is not None else None
+            patch,
+            patch_keys,
+            patch_values,
+            proj=patch_proj,
+            patch_projection=projection if prompt is not None else None,
         )
         side = int(seg.shape[1] ** 0.5)
 
@@ -284,7 +299,13 @@ def reference_trained_score(clip, pixel_values, banks, image_proj, patch_proj, i
             mlp1, mlp2 = prompt["prompt_proj"]
             bias = torch.stack([mlp1(regions[:, 0, :]), mlp2(regions[:, 1, :])], dim=1)
             text = reference_encode_text_learn(
-                clip, prompt["ctx_pos"], prompt["ctx_neg"], bias, prompt["token_ids"], prompt["deep_prompts"], prompt["n_ctx"]
+                clip,
+                prompt["ctx_pos"],
+                prompt["ctx_neg"],
+                bias,
+                prompt["token_ids"],
+                prompt["deep_prompts"],
+                prompt["n_ctx"],
             ).float()
             text = text / text.norm(dim=-1, keepdim=True)
             similarity = ((projection @ text.transpose(1, 2)) / 0.07).softmax(-1)

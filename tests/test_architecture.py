@@ -70,7 +70,9 @@ def _files():
 
 def test_every_subpackage_has_a_layer():
     subpackages = {path.parent.relative_to(PACKAGE).parts[0] for path in _files() if path.parent != PACKAGE}
-    assert subpackages <= set(LAYERS), f"give these a layer in LAYERS and docs/architecture.md: {subpackages - set(LAYERS)}"
+    assert subpackages <= set(LAYERS), (
+        f"give these a layer in LAYERS and docs/architecture.md: {subpackages - set(LAYERS)}"
+    )
 
 
 def test_imports_run_down_the_layers():
@@ -81,7 +83,11 @@ def test_imports_run_down_the_layers():
         own_package = module.split(".")[:2]
         for target, line in _imports(path):
             target_layer = _layer(target)
-            if target_layer is None or target.split(".")[:2] == own_package or module in ("mrad_hf", "mrad_hf.__main__"):
+            if (
+                target_layer is None
+                or target.split(".")[:2] == own_package
+                or module in ("mrad_hf", "mrad_hf.__main__")
+            ):
                 continue
             if target_layer > own_layer or (own_layer == 0 and target_layer != 0):
                 upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
@@ -119,7 +125,7 @@ def test_no_import_circles_between_modules():
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"

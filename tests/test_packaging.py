@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from conversion.test_convert_official_bank import official_cache
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,18 +82,40 @@ def test_wheel_installs_into_a_fresh_venv_and_works_outside_the_source_tree(tmp_
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MRAD_")}
     wheels = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(wheels)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(wheels),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
     )
     assert build.returncode == 0, build.stderr
     [wheel] = wheels.glob("mrad_hf-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
-        "mrad_hf/hub/templates/model_card_template.md", "mrad_hf/hub/templates/bank_card_template.md",
-        "mrad_hf/hub/templates/handler.py", "mrad_hf/conversion/convert_official_bank.py",
-        "mrad_hf/conversion/convert_openai_clip.py", "mrad_hf/conversion/convert_official_checkpoint.py",
-        "mrad_hf/data/textures/brick.png", "mrad_hf/data/textures/grass.png", "mrad_hf/data/textures/gravel.png",
-        "mrad_hf/data/textures/ATTRIBUTION.md", "mrad_hf/integrations/inference_endpoints.py",
+        "mrad_hf/hub/templates/model_card_template.md",
+        "mrad_hf/hub/templates/bank_card_template.md",
+        "mrad_hf/hub/templates/handler.py",
+        "mrad_hf/conversion/convert_official_bank.py",
+        "mrad_hf/conversion/convert_openai_clip.py",
+        "mrad_hf/conversion/convert_official_checkpoint.py",
+        "mrad_hf/data/textures/brick.png",
+        "mrad_hf/data/textures/grass.png",
+        "mrad_hf/data/textures/gravel.png",
+        "mrad_hf/data/textures/ATTRIBUTION.md",
+        "mrad_hf/integrations/inference_endpoints.py",
     ):
         assert required in names, f"{required} is not in the wheel"
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
@@ -104,12 +125,19 @@ def test_wheel_installs_into_a_fresh_venv_and_works_outside_the_source_tree(tmp_
     python = venv / "bin" / "python"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert install.returncode == 0, install.stderr
     # torch, transformers, ... come from this interpreter's site-packages, without its .pth files (so an editable
     # mrad_hf there is not seen): the only mrad_hf the fresh venv can import is the installed wheel.
-    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     (site / "shared_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     work = tmp_path / "elsewhere"
@@ -117,7 +145,7 @@ def test_wheel_installs_into_a_fresh_venv_and_works_outside_the_source_tree(tmp_
     image_cache, patch_cache = official_cache(5, 768, seed=1), official_cache(7, 1024, seed=2, anomalous_every=2)
     torch.save(image_cache, work / "cache_model_visa.pt")
     torch.save(patch_cache, work / "cache_patch_model_visa.pt")
-    script = f"""
+    script = """
         import hashlib, json, pathlib, torch
         import mrad_hf
         from mrad_hf.conversion.convert_official_bank import convert_official_bank
@@ -130,22 +158,30 @@ def test_wheel_installs_into_a_fresh_venv_and_works_outside_the_source_tree(tmp_
         card.save("README.md")
         convert_official_bank("cache_model_visa.pt", "cache_patch_model_visa.pt", "bank.safetensors")
         bank = MemoryBank.load("bank.safetensors")
-        print(json.dumps({{
+        print(json.dumps({
             "mrad_hf": mrad_hf.__file__, "card": card.data.to_dict(), "card_text": card.text[:400],
             "bank_counts": bank.counts(), "image_keys": bank.image_keys.tolist(), "patch_values": bank.patch_values.tolist(),
             "handler": ENDPOINT_HANDLER_FILE.is_file(), "brick": hashlib.sha256(load_texture("brick").tobytes()).hexdigest(),
-        }}))
+        }))
     """
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    result = subprocess.run([str(python), "-c", textwrap.dedent(script)], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(python), "-c", textwrap.dedent(script)], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(report["mrad_hf"]).is_relative_to(venv), report["mrad_hf"]
-    assert report["card"]["pipeline_tag"] and "mrad-clip" in report["card"]["tags"] and report["card"]["license"] == "cc-by-4.0"
+    assert (
+        report["card"]["pipeline_tag"]
+        and "mrad-clip" in report["card"]["tags"]
+        and report["card"]["license"] == "cc-by-4.0"
+    )
     assert "MRAD-CLIP" in (work / "README.md").read_text(encoding="utf-8")
     assert report["bank_counts"]["image_entries"] == 5 and report["bank_counts"]["patch_entries"] == 7
     np.testing.assert_array_equal(np.asarray(report["image_keys"], dtype=np.float32), image_cache["keys"].numpy())
     np.testing.assert_array_equal(np.asarray(report["patch_values"], dtype=np.float32), patch_cache["values"].numpy())
     assert report["handler"] and report["brick"] == TEXTURE_SHA256["brick"]
-    help_text = subprocess.run([str(venv / "bin" / "mrad"), "--help"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    help_text = subprocess.run(
+        [str(venv / "bin" / "mrad"), "--help"], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
     assert help_text.returncode == 0 and "push" in help_text.stdout

@@ -18,22 +18,51 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["CLIError", "RANDOM_BACKBONES", "ArgumentParser", "cli_message", "detector_from_args", "load_detector", "model_options"]
+__all__ = [
+    "CLIError",
+    "RANDOM_BACKBONES",
+    "ArgumentParser",
+    "cli_message",
+    "detector_from_args",
+    "load_detector",
+    "model_options",
+]
 
 #: Randomly initialised CLIP shapes for offline runs, where no pretrained weights can be downloaded.
 RANDOM_BACKBONES: dict[str, dict] = {
     "random-tiny": dict(
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=112, patch_size=14),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=14,
+        ),
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
         projection_dim=32,
     ),
     "random-small": dict(
-        vision_config=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6, image_size=224, patch_size=14),
+        vision_config=dict(
+            hidden_size=192,
+            intermediate_size=768,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            image_size=224,
+            patch_size=14,
+        ),
         text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
         projection_dim=128,
     ),
     "random-vit-l14-336": dict(
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
         text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         projection_dim=768,
     ),
@@ -96,7 +125,9 @@ CLI_ADVICE: tuple[tuple[str, str], ...] = (
 
 def cli_message(error: BaseException) -> str:
     """The one line a user sees for `error`: its message in command-line terms (never an empty line)."""
-    message = " ".join(str(error).split()) or f"{type(error).__name__} (no message; rerun with --debug for the traceback)"
+    message = (
+        " ".join(str(error).split()) or f"{type(error).__name__} (no message; rerun with --debug for the traceback)"
+    )
     for python_advice, cli_advice in CLI_ADVICE:
         message = message.replace(python_advice, cli_advice)
     return message
@@ -109,7 +140,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or "default:" in text.lower() or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        if (
+            "%(default)" in text
+            or "default:" in text.lower()
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+        ):
             return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text + " (default: %(default)s)"
@@ -166,7 +203,12 @@ port_int = _bounded(int, "a TCP port in [1, 65535]", low=1, high=65535)
 #: The network input side: at least one 14-px patch; 518 is the paper's. Above 2048 px the two attentions of a
 #: ViT-L/14 need tens of GiB per image (tokens grow with the square of the side), so it is refused here.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 14, 2048
-image_size_int = _bounded(int, f"an image side in pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (the paper uses 518)", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+image_size_int = _bounded(
+    int,
+    f"an image side in pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (the paper uses 518)",
+    low=MIN_IMAGE_SIZE,
+    high=MAX_IMAGE_SIZE,
+)
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$")
@@ -213,26 +255,60 @@ def model_options(
     group = sub.add_argument_group("model options")
     source = group.add_mutually_exclusive_group(required=clip_required) if model else group
     if model:
-        source.add_argument("--model", help="a saved MRAD model folder (from --save-model, `mrad demo` or `mrad train`) or a Hub id / short name (mrad-tf, mrad-clip, ...)")
+        source.add_argument(
+            "--model",
+            help="a saved MRAD model folder (from --save-model, `mrad demo` or `mrad train`) or a Hub id / short name (mrad-tf, mrad-clip, ...)",
+        )
     clip_help = f"a CLIP checkpoint (Hub id such as openai/clip-vit-large-patch14-336, or a local folder) for a new model, or a random backbone for offline runs: {RANDOM_NAMES}"
     clip_options = {"required": True} if clip_required and not model else {}
     source.add_argument("--clip", type=clip_source, default=clip_default, help=clip_help, **clip_options)
     if bank:
-        group.add_argument("--bank", help="a memory bank (.safetensors file, or a Hub bank id such as mrad-bank-visa) to use instead of the model's own")
-        group.add_argument("--trust-bank", action="store_true", help="attach a --bank built for another backbone or other feature settings (warn instead of refusing)")
+        group.add_argument(
+            "--bank",
+            help="a memory bank (.safetensors file, or a Hub bank id such as mrad-bank-visa) to use instead of the model's own",
+        )
+        group.add_argument(
+            "--trust-bank",
+            action="store_true",
+            help="attach a --bank built for another backbone or other feature settings (warn instead of refusing)",
+        )
     if image_size:
-        size_help = "network input side in pixels" + (" (518 is the paper's)" if image_size_default else " for a new model (default: 518, the paper's; a saved model keeps its own)")
+        size_help = "network input side in pixels" + (
+            " (518 is the paper's)"
+            if image_size_default
+            else " for a new model (default: 518, the paper's; a saved model keeps its own)"
+        )
         group.add_argument("--image-size", type=image_size_int, default=image_size_default, help=size_help)
-    temperature_help = temperature_help or "softmax temperature of retrieval (default: the model's; 1.0 is the reference, random backbones need about 0.01)"
+    temperature_help = (
+        temperature_help
+        or "softmax temperature of retrieval (default: the model's; 1.0 is the reference, random backbones need about 0.01)"
+    )
     group.add_argument("--retrieval-temperature", type=positive_float, help=temperature_help)
     if runs_model:
-        group.add_argument("--dtype", choices=DTYPES, default="float32", help="CLIP tower precision; bank, retrieval and scores stay float32. auto: bfloat16 on GPUs that support it, else float32")
-        group.add_argument("--device", type=device_name, default="auto", help="where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps")
+        group.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            default="float32",
+            help="CLIP tower precision; bank, retrieval and scores stay float32. auto: bfloat16 on GPUs that support it, else float32",
+        )
+        group.add_argument(
+            "--device",
+            type=device_name,
+            default="auto",
+            help="where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps",
+        )
     if batch_size:
         group.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     if on_error:
-        group.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="unreadable images or masks: skip them and report the list, or stop at the first")
-    group.add_argument("--seed", type=seed_int, default=seed_default, help="random seed (random backbones' weights, shuffling)")
+        group.add_argument(
+            "--on-error",
+            choices=("skip", "fail"),
+            default="skip",
+            help="unreadable images or masks: skip them and report the list, or stop at the first",
+        )
+    group.add_argument(
+        "--seed", type=seed_int, default=seed_default, help="random seed (random backbones' weights, shuffling)"
+    )
     return group
 
 
@@ -269,7 +345,9 @@ def check_local_path(option: str, name: str) -> str:
             hint = f" Did you mean '{os.path.join(os.path.dirname(name.rstrip('/')), close[0])}'?"
     else:
         hint = f" (its folder '{parent}' does not exist either)."
-    raise CLIError(f"{option} '{name}': no such file or folder ({os.path.abspath(expanded)}); it is not tried on the Hub because it is a path.{hint}")
+    raise CLIError(
+        f"{option} '{name}': no such file or folder ({os.path.abspath(expanded)}); it is not tried on the Hub because it is a path.{hint}"
+    )
 
 
 # ---------------------------------------------------------------------- devices and precision
@@ -282,10 +360,14 @@ def resolve_device(device: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: no CUDA device is visible to torch {torch.__version__} (torch.cuda.is_available() is False); use --device cpu, or install a CUDA build of torch.")
+            raise CLIError(
+                f"--device {device}: no CUDA device is visible to torch {torch.__version__} (torch.cuda.is_available() is False); use --device cpu, or install a CUDA build of torch."
+            )
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise CLIError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
+            raise CLIError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})."
+            )
     elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise CLIError("--device mps: the Apple MPS backend is not available here; use --device cpu.")
     return device
@@ -313,9 +395,14 @@ def detector_from_args(args: argparse.Namespace, *, bank=_FROM_ARGS, **overrides
     if getattr(args, "retrieval_temperature", None) is not None:
         overrides.setdefault("retrieval_temperature", args.retrieval_temperature)
     return load_detector(
-        getattr(args, "model", None), getattr(args, "clip", None), image_size=getattr(args, "image_size", None),
-        seed=getattr(args, "seed", 0), dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
-        bank=getattr(args, "bank", None) if bank is _FROM_ARGS else bank, trust_bank=getattr(args, "trust_bank", False),
+        getattr(args, "model", None),
+        getattr(args, "clip", None),
+        image_size=getattr(args, "image_size", None),
+        seed=getattr(args, "seed", 0),
+        dtype=getattr(args, "dtype", None),
+        device=getattr(args, "device", None),
+        bank=getattr(args, "bank", None) if bank is _FROM_ARGS else bank,
+        trust_bank=getattr(args, "trust_bank", False),
         **overrides,
     )
 
@@ -378,14 +465,18 @@ def _attach_bank(detector, bank, *, trust: bool) -> None:
         bank = load_bank(name)
     detector.set_memory_bank(bank, strict=not trust)
     if name is not None:
-        _log(f"Using memory bank {name} ({bank.counts()['image_entries']} image / {bank.counts()['patch_entries']} region entries)")
+        _log(
+            f"Using memory bank {name} ({bank.counts()['image_entries']} image / {bank.counts()['patch_entries']} region entries)"
+        )
 
 
 def _set_dtype(detector, dtype: str | None):
     from ..models.mrad.features_mrad import set_backbone_dtype
 
     if dtype and dtype != "float32":
-        _log(f"CLIP tower in {dtype}; memory bank, retrieval and scores stay float32 (pays off on GPUs and CPUs with bf16 matrix units; slower elsewhere)")
+        _log(
+            f"CLIP tower in {dtype}; memory bank, retrieval and scores stay float32 (pays off on GPUs and CPUs with bf16 matrix units; slower elsewhere)"
+        )
     return set_backbone_dtype(detector, dtype)
 
 
@@ -406,13 +497,19 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
         detector, detector.saved_image_processor = load_detector_bundle(model)
         verify_model_memory(detector)  # config and weights from the same save, bank built for this backbone
         if image_size is not None and image_size != detector.config.image_size:
-            raise CLIError(f"--image-size {image_size} differs from the saved model's {detector.config.image_size}; drop --image-size (a saved model's bank was built at its own size).")
+            raise CLIError(
+                f"--image-size {image_size} differs from the saved model's {detector.config.image_size}; drop --image-size (a saved model's bank was built at its own size)."
+            )
         if "retrieval_temperature" in overrides:
             detector.config.retrieval_temperature = overrides["retrieval_temperature"]
-        _log(f"Loaded MRAD model from {model} (bank: {detector.config.image_bank_size} image / {detector.config.patch_bank_size} patch entries)")
+        _log(
+            f"Loaded MRAD model from {model} (bank: {detector.config.image_bank_size} image / {detector.config.patch_bank_size} patch entries)"
+        )
         return detector
     if not clip:
-        raise CLIError(f"Pass --model (a saved MRAD model) or --clip (a CLIP checkpoint, or {RANDOM_NAMES} for an offline run with random weights).")
+        raise CLIError(
+            f"Pass --model (a saved MRAD model) or --clip (a CLIP checkpoint, or {RANDOM_NAMES} for an offline run with random weights)."
+        )
     if clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=clip))
         torch.manual_seed(seed)
@@ -421,7 +518,9 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
     try:
         return MRADForAnomalyDetection.from_clip(clip, **overrides)
     except OSError as error:
-        raise CLIError(f"Could not load the CLIP checkpoint '{clip}': {cli_message(error)} Offline, use a local CLIP folder (`mrad convert clip` makes one from OpenAI's .pt file) or --clip random-small to check the pipeline with random weights.") from error
+        raise CLIError(
+            f"Could not load the CLIP checkpoint '{clip}': {cli_message(error)} Offline, use a local CLIP folder (`mrad convert clip` makes one from OpenAI's .pt file) or --clip random-small to check the pipeline with random weights."
+        ) from error
 
 
 def _collect_images(inputs: Sequence[str]) -> list[Path]:
@@ -434,7 +533,9 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
         if path.is_dir():
             scan = scan_folder(path)  # the loaders' one rule for what is an image and what is a mask
             if scan.masks:
-                _log(f"Skipping {len(scan.masks)} ground-truth mask file(s) under '{path}' (a 'ground_truth'/'masks'/'gt' folder or a '_mask' name), e.g. {scan.masks[0]}")
+                _log(
+                    f"Skipping {len(scan.masks)} ground-truth mask file(s) under '{path}' (a 'ground_truth'/'masks'/'gt' folder or a '_mask' name), e.g. {scan.masks[0]}"
+                )
             if scan.ignored:
                 _log(scan.summary(path))
             if not scan.images:
@@ -456,12 +557,36 @@ def _looks_like_mask(relative: Path) -> bool:
 
 def dataset_options(sub, what: str = "the dataset", *, required: bool = True) -> None:
     """`--dataset`, `--data-root`, `--categories` and the explicit folders, for every command that reads a dataset."""
-    sub.add_argument("--dataset", required=required, help=f"{what}: mvtec, visa, mpdd, btad, ..., mvtec-layout, or folder (your own data)")
-    sub.add_argument("--data-root", help="the dataset folder (with --normal-dir etc.: the folder they are relative to)")
+    sub.add_argument(
+        "--dataset",
+        required=required,
+        help=f"{what}: mvtec, visa, mpdd, btad, ..., mvtec-layout, or folder (your own data)",
+    )
+    sub.add_argument(
+        "--data-root", help="the dataset folder (with --normal-dir etc.: the folder they are relative to)"
+    )
     sub.add_argument("--categories", nargs="+", help="only these categories")
-    sub.add_argument("--normal-dir", action="append", default=[], metavar="DIR", help="--dataset folder: a folder of normal images (repeatable, globs allowed)")
-    sub.add_argument("--abnormal-dir", action="append", default=[], metavar="DIR", help="--dataset folder: a folder of anomalous images, named after the defect (repeatable, globs allowed)")
-    sub.add_argument("--mask-dir", action="append", default=[], metavar="DIR", help="--dataset folder: masks of the anomalous images, matched by file stem (repeatable, globs allowed)")
+    sub.add_argument(
+        "--normal-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="--dataset folder: a folder of normal images (repeatable, globs allowed)",
+    )
+    sub.add_argument(
+        "--abnormal-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="--dataset folder: a folder of anomalous images, named after the defect (repeatable, globs allowed)",
+    )
+    sub.add_argument(
+        "--mask-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="--dataset folder: masks of the anomalous images, matched by file stem (repeatable, globs allowed)",
+    )
 
 
 def load_dataset_from_args(args, **kwargs):
@@ -470,7 +595,9 @@ def load_dataset_from_args(args, **kwargs):
 
     explicit = {"normal_dirs": args.normal_dir, "abnormal_dirs": args.abnormal_dir, "mask_dirs": args.mask_dir}
     if not args.data_root and not any(explicit.values()):
-        raise CLIError(f"--dataset {args.dataset} needs --data-root DIR (or, with --dataset folder, --normal-dir/--abnormal-dir).")
+        raise CLIError(
+            f"--dataset {args.dataset} needs --data-root DIR (or, with --dataset folder, --normal-dir/--abnormal-dir)."
+        )
     if any(explicit.values()):
         kwargs.update(explicit)
     import warnings
@@ -505,7 +632,7 @@ def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_erro
     or stop the command with a one-line error (`"fail"`).
     """
     from ..data.loaders import iter_readable_rows
-    from ..models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError
+    from ..models.mrad.image_processing_mrad import MRADInputError
 
     processor = detector_image_processor(detector)
     skipped: list[dict[str, str]] = []
@@ -522,8 +649,10 @@ def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_erro
 def _report_skipped(skipped: list[dict[str, str]], where: str) -> None:
     """The summary line of a run that skipped unreadable files: how many, the first one, where the full list is."""
     if skipped:
-        _log(f"SKIPPED {len(skipped)} file(s) that could not be read, e.g. {skipped[0]['path']}: {skipped[0]['error']} "
-             f"All skipped files are listed in {where}.")
+        _log(
+            f"SKIPPED {len(skipped)} file(s) that could not be read, e.g. {skipped[0]['path']}: {skipped[0]['error']} "
+            f"All skipped files are listed in {where}."
+        )
 
 
 def detector_image_processor(detector):

@@ -17,7 +17,11 @@ import importlib
 
 __all__ = ["register"]
 
-_CONVERTERS = {"clip": "convert_openai_clip", "bank": "convert_official_bank", "checkpoint": "convert_official_checkpoint"}
+_CONVERTERS = {
+    "clip": "convert_openai_clip",
+    "bank": "convert_official_bank",
+    "checkpoint": "convert_official_checkpoint",
+}
 
 
 def _runner(module: str):
@@ -30,7 +34,10 @@ def _runner(module: str):
 def register(commands) -> None:
     from ..conversion import options
 
-    convert = commands.add_parser("convert", help="convert OpenAI's CLIP .pt or the official MRAD banks / checkpoints (no code from the file runs)")
+    convert = commands.add_parser(
+        "convert",
+        help="convert OpenAI's CLIP .pt or the official MRAD banks / checkpoints (no code from the file runs)",
+    )
     kinds = convert.add_subparsers(dest="kind", required=True, metavar="<kind>")
     for kind, module in _CONVERTERS.items():
         description = getattr(options, f"{kind.upper()}_DESCRIPTION")

@@ -18,17 +18,17 @@ from .common import (
     _build_bank_from,
     _collect_images,
     _detector_pipeline,
-    dataset_options,
-    load_dataset_from_args,
     _log,
     _report_skipped,
     _write_json,
+    dataset_options,
     detector_from_args,
-    image_size_int,
-    model_options,
-    seed_int,
-    non_negative_int,
     finite_float,
+    image_size_int,
+    load_dataset_from_args,
+    model_options,
+    non_negative_int,
+    seed_int,
 )
 
 __all__ = ["register"]
@@ -47,7 +47,6 @@ def cmd_make_synthetic(args) -> int:
 
 def cmd_build_bank(args) -> int:
     from ..models.mrad.memory_bank_mrad import atomic_directory
-
     from ..tools.run_folder import writer_lock
 
     detector = detector_from_args(args)
@@ -56,9 +55,13 @@ def cmd_build_bank(args) -> int:
         locks.enter_context(writer_lock(args.output, "the bank"))
         if args.save_model:
             locks.enter_context(writer_lock(args.save_model, "the model folder"))
-        _log(f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}")
+        _log(
+            f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}"
+        )
         started = time.perf_counter()
-        bank = _build_bank_from(detector, dataset, source=args.source or args.dataset, batch_size=args.batch_size, on_error=args.on_error)
+        bank = _build_bank_from(
+            detector, dataset, source=args.source or args.dataset, batch_size=args.batch_size, on_error=args.on_error
+        )
         elapsed = time.perf_counter() - started
         if args.save_model:  # the model first: if it cannot be written, the old bank and model both stay as they were
             with atomic_directory(args.save_model) as staging:  # an interrupted save leaves the old folder intact
@@ -67,7 +70,9 @@ def cmd_build_bank(args) -> int:
         built = bank.counts()["image_entries"]
         _log(f"{bank} -> {path} ({elapsed:.1f} s, {built / max(elapsed, 1e-9):.2f} images/s)")
         if args.save_model:
-            _log(f"Model with its bank saved to {args.save_model} (load with AutoModel.from_pretrained or pipeline('anomaly-detection'))")
+            _log(
+                f"Model with its bank saved to {args.save_model} (load with AutoModel.from_pretrained or pipeline('anomaly-detection'))"
+            )
     _report_skipped(bank.metadata.get("skipped_files", []), f"the bank's metadata ('skipped_files' in {path})")
     return 0
 
@@ -89,7 +94,11 @@ def _predictions(detect, paths, *, batch_size: int, threshold: float | None, fai
             try:
                 image = detect.image_processor.load(path)
             except (MRADInputError, MemoryError, OSError) as error:  # this image's failure: bad file, memory, disk
-                reason = str(error) if isinstance(error, MRADInputError) else f"Image '{path}' failed: {type(error).__name__}: {error or 'out of memory'}"
+                reason = (
+                    str(error)
+                    if isinstance(error, MRADInputError)
+                    else f"Image '{path}' failed: {type(error).__name__}: {error or 'out of memory'}"
+                )
                 if on_error == "fail":
                     raise CLIError(f"{reason} (--on-error skip reports and skips such files)") from error
                 failures.append({"path": str(path), "error": reason})
@@ -128,20 +137,40 @@ def cmd_predict(args) -> int:
     # issue 13 §4-5: a fingerprinted run folder; per-image results appended to scores.jsonl as they are computed
     settings = {"threshold": args.threshold, "stretch": args.stretch, "dtype": str(detector.dtype)}
     images = run_folder.dataset_identity([os.path.abspath(path) for path in paths])
-    fingerprint = run_folder.run_fingerprint(command="predict", model=detector, settings=settings, extra={"images": images})
-    run = run_folder.open_run_folder(output_dir, fingerprint, artefacts=("scores.jsonl", "scores.json", "heatmaps"),
-                                     overwrite=args.overwrite, resume_anyway=args.resume_anyway)
-    done = {record["path"]: record for record in run_folder.read_json_lines(output_dir / "scores.jsonl")} if run.resumed else {}
+    fingerprint = run_folder.run_fingerprint(
+        command="predict", model=detector, settings=settings, extra={"images": images}
+    )
+    run = run_folder.open_run_folder(
+        output_dir,
+        fingerprint,
+        artefacts=("scores.jsonl", "scores.json", "heatmaps"),
+        overwrite=args.overwrite,
+        resume_anyway=args.resume_anyway,
+    )
+    done = (
+        {record["path"]: record for record in run_folder.read_json_lines(output_dir / "scores.jsonl")}
+        if run.resumed
+        else {}
+    )
     done = {path: record for path, record in done.items() if "error" not in record}  # failed images are tried again
     if done:
-        _log(f"Resuming the {'unfinished ' if run.was_incomplete else ''}run in {output_dir}: {len(done)} of {len(paths)} image(s) already done")
+        _log(
+            f"Resuming the {'unfinished ' if run.was_incomplete else ''}run in {output_dir}: {len(done)} of {len(paths)} image(s) already done"
+        )
     position = {str(path): index for index, path in enumerate(paths)}
     todo = [path for path in paths if str(path) not in done]
     lines = run_folder.JsonLinesWriter(output_dir / "scores.jsonl")
     results, failures = [], _StreamedFailures(lines)
     value_range = None if args.stretch else (0.0, 1.0)
     with lines, tqdm(total=len(todo), desc="Scoring", unit="img") as bar:
-        predictions = _predictions(detect, todo, batch_size=args.batch_size, threshold=args.threshold, failures=failures, on_error=args.on_error)
+        predictions = _predictions(
+            detect,
+            todo,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            failures=failures,
+            on_error=args.on_error,
+        )
         for path, image, prediction in predictions:
             bar.n = len(results) + len(failures) + 1
             bar.refresh()
@@ -153,11 +182,26 @@ def cmd_predict(args) -> int:
                 continue
             record = {"path": str(path), "score": prediction["score"]}
             if "is_anomalous" in prediction:  # --threshold, or the model's calibration
-                record.update(label=prediction["label"], is_anomalous=prediction["is_anomalous"], thresholds=prediction["thresholds"])
-            heatmap = output_dir / "heatmaps" / run_folder.bounded_name(position[str(path)], path)  # <= 255 bytes, keeps the defect folder
+                record.update(
+                    label=prediction["label"],
+                    is_anomalous=prediction["is_anomalous"],
+                    thresholds=prediction["thresholds"],
+                )
+            heatmap = (
+                output_dir / "heatmaps" / run_folder.bounded_name(position[str(path)], path)
+            )  # <= 255 bytes, keeps the defect folder
             try:
-                save_panel(heatmap, image, prediction["anomaly_map"], title=f"{path.name}  score={prediction['score']:.4f}", value_range=value_range)
-            except (OSError, MemoryError) as error:  # disk full, name too long: this image's failure, the scores so far stay
+                save_panel(
+                    heatmap,
+                    image,
+                    prediction["anomaly_map"],
+                    title=f"{path.name}  score={prediction['score']:.4f}",
+                    value_range=value_range,
+                )
+            except (
+                OSError,
+                MemoryError,
+            ) as error:  # disk full, name too long: this image's failure, the scores so far stay
                 message = f"Image '{path}' failed: {type(error).__name__}: {error or 'out of memory'}"
                 if args.on_error == "fail":
                     raise CLIError(f"{message} (scores so far are in {output_dir / 'scores.jsonl'})") from error
@@ -173,7 +217,9 @@ def cmd_predict(args) -> int:
     summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": list(failures)}
     _write_json(output_dir / "scores.json", summary)
     run.finish()
-    _log(f"Scored {len(results)} of {len(paths)} image(s). Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    _log(
+        f"Scored {len(results)} of {len(paths)} image(s). Scores: {output_dir / 'scores.json'}; heatmaps: {output_dir / 'heatmaps'}"
+    )
     _report_skipped(failures, f"'failures' in {output_dir / 'scores.json'}")
     return 0
 
@@ -197,7 +243,9 @@ def cmd_demo(args) -> int:
     if temperature is None:
         temperature = RANDOM_DEMO_TEMPERATURE if args.clip in RANDOM_BACKBONES else 1.0
     detector = detector_from_args(args, retrieval_temperature=temperature)
-    _log(f"Retrieval temperature: {temperature} (the reference uses 1.0{'; see RANDOM_DEMO_TEMPERATURE' if temperature != 1.0 else ''})")
+    _log(
+        f"Retrieval temperature: {temperature} (the reference uses 1.0{'; see RANDOM_DEMO_TEMPERATURE' if temperature != 1.0 else ''})"
+    )
     protocol = args.protocol or ("held-out-images" if args.clip in RANDOM_BACKBONES else "zero-shot")
     dataset = load_mvtec_layout(data_root)
     categories = sorted(set(dataset["category"]))
@@ -206,26 +254,43 @@ def cmd_demo(args) -> int:
         target = args.target or categories[-1]
         memory = dataset.filter(lambda category: category != target, input_columns="category")  # no image decoding
         test = dataset.filter(lambda category: category == target, input_columns="category")
-        _log(f"Protocol zero-shot: memory from {[c for c in categories if c != target]}, scoring held-out category '{target}'")
+        _log(
+            f"Protocol zero-shot: memory from {[c for c in categories if c != target]}, scoring held-out category '{target}'"
+        )
     else:
         # random features do not transfer across textures; show retrieval on unseen images of seen textures
         memory = dataset.select(range(0, len(dataset), 2))
         test = dataset.select(range(1, len(dataset), 2))
-        _log(f"Protocol held-out-images: memory from every other image of {categories}, scoring the other {len(test)} images")
+        _log(
+            f"Protocol held-out-images: memory from every other image of {categories}, scoring the other {len(test)} images"
+        )
     bank = detector.build_memory_bank(memory, source=f"synthetic:{protocol}", batch_size=args.batch_size)
     bank.save(output_dir / "memory_bank.safetensors")
     _, detect = _detector_pipeline(detector)
     scores, labels, pixel_maps, pixel_masks = [], [], [], []
     for index, row in enumerate(test):
         prediction = detect(row["image"])
-        mask = np.zeros(prediction["anomaly_map"].shape, bool) if row["mask"] is None else np.asarray(row["mask"].convert("L")) > 0
+        mask = (
+            np.zeros(prediction["anomaly_map"].shape, bool)
+            if row["mask"] is None
+            else np.asarray(row["mask"].convert("L")) > 0
+        )
         scores.append(prediction["score"])
         labels.append(int(row["label"]))
         pixel_maps.append(prediction["anomaly_map"])
         pixel_masks.append(mask)
         title = f"{row['defect_type']}   score={prediction['score']:.4f}"
-        save_panel(output_dir / "heatmaps" / f"{index:03d}_{row['defect_type']}.png", row["image"], prediction["anomaly_map"], mask=mask, title=title, value_range=None)
-        _log(f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {os.path.relpath(row['path'], data_root)}")
+        save_panel(
+            output_dir / "heatmaps" / f"{index:03d}_{row['defect_type']}.png",
+            row["image"],
+            prediction["anomaly_map"],
+            mask=mask,
+            title=title,
+            value_range=None,
+        )
+        _log(
+            f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {os.path.relpath(row['path'], data_root)}"
+        )
     image_auroc = compute_image_auroc(labels, scores)
     pixel_auroc = compute_pixel_auroc(np.stack(pixel_masks), np.stack(pixel_maps))  # images share one size here
     summary = {
@@ -243,26 +308,32 @@ def cmd_demo(args) -> int:
     summary["model"] = str(model_dir)
     _write_json(output_dir / "demo_results.json", summary)
     _log(f"Image AUROC: {image_auroc:.3f}   pixel AUROC: {pixel_auroc:.3f}   ({protocol}, {len(test)} images)")
-    _log(f"Heatmaps (image | overlay | ground truth): {output_dir / 'heatmaps'}   results: {output_dir / 'demo_results.json'}")
+    _log(
+        f"Heatmaps (image | overlay | ground truth): {output_dir / 'heatmaps'}   results: {output_dir / 'demo_results.json'}"
+    )
     _log(f"Model (backbone + this bank + settings): {model_dir}")
     if args.clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=args.clip))
     _log("Next: score your own images with what the demo built:")
     shown = os.path.relpath(model_dir)
     shown = str(model_dir) if shown.startswith("..") else shown
-    _log(f"  mrad predict --model {shlex.quote(shown)} path/to/your_image.png --output-dir {shlex.quote(os.path.join(os.path.dirname(shown), 'predict'))}")
+    _log(
+        f"  mrad predict --model {shlex.quote(shown)} path/to/your_image.png --output-dir {shlex.quote(os.path.join(os.path.dirname(shown), 'predict'))}"
+    )
     return 0
 
 
 def cmd_evaluate(args) -> int:
     """Cross-dataset protocol: memory from one dataset (--bank-from/--bank-root or --bank), test on another."""
-    from ..data.loaders import load_benchmark
     import warnings
 
+    from ..data.loaders import load_benchmark
     from ..evaluation.runner import BankOverlapWarning, evaluate_dataset
     from ..models.mrad.image_processing_mrad import MRADInputError
 
-    detector = detector_from_args(args)  # attaches --bank (checked against the float32 weights), then --dtype, --device
+    detector = detector_from_args(
+        args
+    )  # attaches --bank (checked against the float32 weights), then --dtype, --device
     output_dir = Path(args.output_dir)
     if args.bank:
         bank_source = args.bank
@@ -271,29 +342,51 @@ def cmd_evaluate(args) -> int:
             raise CLIError("--bank-from needs --bank-root (the auxiliary dataset's folder).")
         auxiliary = load_benchmark(args.bank_from, args.bank_root)
         _log(f"Building the memory bank from {len(auxiliary)} {args.bank_from} test images")
-        bank = _build_bank_from(detector, auxiliary, source=args.bank_from, batch_size=args.batch_size, on_error=args.on_error)
+        bank = _build_bank_from(
+            detector, auxiliary, source=args.bank_from, batch_size=args.batch_size, on_error=args.on_error
+        )
         bank_path = bank.save(output_dir / "memory_bank.safetensors")
         _report_skipped(bank.metadata.get("skipped_files", []), f"'skipped_files' in the metadata of {bank_path}")
         bank_source = args.bank_from
     elif detector.config.image_bank_size:
         bank_source = (detector.memory_bank_metadata or {}).get("source", "model")
     else:
-        raise CLIError("No memory bank: pass --bank FILE, --bank-from NAME --bank-root DIR, or a --model saved with a bank.")
+        raise CLIError(
+            "No memory bank: pass --bank FILE, --bank-from NAME --bank-root DIR, or a --model saved with a bank."
+        )
     dataset = load_dataset_from_args(args)
-    _log(f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}")
-    run_info = {"model": args.model or args.clip, "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None, "bank": bank_source}
+    _log(
+        f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}"
+    )
+    run_info = {
+        "model": args.model or args.clip,
+        "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None,
+        "bank": bank_source,
+    }
     try:
         with warnings.catch_warnings():  # printed below as one line, not as a Python warning
             warnings.simplefilter("ignore", BankOverlapWarning)
             results = evaluate_dataset(
-                detector, dataset, output_dir, name=args.dataset, batch_size=args.batch_size,
-                heatmaps_per_category=args.heatmaps, aupro_protocol=args.aupro, resume=not args.no_resume, run_info=run_info,
-                on_error=args.on_error, exclude_bank_images=args.exclude_bank_images, overwrite=args.overwrite, resume_anyway=args.resume_anyway,
+                detector,
+                dataset,
+                output_dir,
+                name=args.dataset,
+                batch_size=args.batch_size,
+                heatmaps_per_category=args.heatmaps,
+                aupro_protocol=args.aupro,
+                resume=not args.no_resume,
+                run_info=run_info,
+                on_error=args.on_error,
+                exclude_bank_images=args.exclude_bank_images,
+                overwrite=args.overwrite,
+                resume_anyway=args.resume_anyway,
             )
     except MRADInputError as error:
         raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
     print((output_dir / "results.md").read_text(encoding="utf-8"))
-    _log(f"Tables: {output_dir / 'results.md'}, {output_dir / 'results.csv'}, {output_dir / 'results.json'}; heatmaps: {output_dir / 'heatmaps'}")
+    _log(
+        f"Tables: {output_dir / 'results.md'}, {output_dir / 'results.csv'}, {output_dir / 'results.json'}; heatmaps: {output_dir / 'heatmaps'}"
+    )
     _report_skipped(results["skipped_files"], f"'skipped_files' in {output_dir / 'results.json'}")
     if results["bank_overlap"].get("message"):
         _log(results["bank_overlap"]["message"])
@@ -304,23 +397,47 @@ def cmd_evaluate(args) -> int:
 
 def run_folder_options(sub) -> None:
     """Issue 13 §4: an --output-dir holding a different run is refused unless one of these is given."""
-    sub.add_argument("--overwrite", action="store_true", help="--output-dir holds a different run: delete its results and start over")
-    sub.add_argument("--resume-anyway", action="store_true", help="--output-dir holds a different run: keep its results and continue")
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--output-dir holds a different run: delete its results and start over",
+    )
+    sub.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="--output-dir holds a different run: keep its results and continue",
+    )
 
 
 def register(commands) -> None:
-    demo = commands.add_parser("demo", help="end-to-end run on a synthetic benchmark made from real CC0 textures: bank, scores, heatmaps, a saved model")
+    demo = commands.add_parser(
+        "demo",
+        help="end-to-end run on a synthetic benchmark made from real CC0 textures: bank, scores, heatmaps, a saved model",
+    )
     demo.add_argument("--output-dir", default="outputs/demo", help="where the data, heatmaps, results and model go")
-    model_options(demo, model=False, clip_default="random-tiny", bank=False, on_error=False, image_size_default=224,
-                  temperature_help=f"softmax temperature of retrieval (default: 1.0, the reference's, or {RANDOM_DEMO_TEMPERATURE} for random backbones)")
-    demo.add_argument("--protocol", choices=("zero-shot", "held-out-images"), help="default: zero-shot for real weights, held-out-images for random ones")
+    model_options(
+        demo,
+        model=False,
+        clip_default="random-tiny",
+        bank=False,
+        on_error=False,
+        image_size_default=224,
+        temperature_help=f"softmax temperature of retrieval (default: 1.0, the reference's, or {RANDOM_DEMO_TEMPERATURE} for random backbones)",
+    )
+    demo.add_argument(
+        "--protocol",
+        choices=("zero-shot", "held-out-images"),
+        help="default: zero-shot for real weights, held-out-images for random ones",
+    )
     demo.add_argument("--target", help="zero-shot: the held-out category (default: the last one)")
     demo.set_defaults(handler=cmd_demo)
 
     synthetic = commands.add_parser("make-synthetic", help="write a synthetic-defect benchmark in the MVTec layout")
     synthetic.add_argument("--output-dir", required=True, help="the benchmark's root folder")
     synthetic.add_argument("--categories", nargs="+", help="textures to use (default: brick, grass, gravel)")
-    synthetic.add_argument("--image-size", type=image_size_int, default=256, help="side of the written images in pixels")
+    synthetic.add_argument(
+        "--image-size", type=image_size_int, default=256, help="side of the written images in pixels"
+    )
     synthetic.add_argument("--seed", type=seed_int, default=0, help="random seed (crops, defects)")
     synthetic.add_argument("--overwrite", action="store_true", help="replace an existing benchmark in --output-dir")
     synthetic.set_defaults(handler=cmd_make_synthetic)
@@ -328,30 +445,53 @@ def register(commands) -> None:
     build = commands.add_parser("build-bank", help="build the two-level memory bank from a labelled auxiliary dataset")
     model_options(build, bank=False)
     dataset_options(build, "the auxiliary dataset")
-    build.add_argument("--split", default="test", help="dataset split; the reference builds banks from the auxiliary test split")
+    build.add_argument(
+        "--split", default="test", help="dataset split; the reference builds banks from the auxiliary test split"
+    )
     build.add_argument("--source", help="name stored in the bank's metadata (default: the dataset name)")
     build.add_argument("--output", required=True, help="bank file (.safetensors)")
     build.add_argument("--save-model", help="also save the model with this bank attached to this folder")
     build.set_defaults(handler=cmd_build_bank)
 
-    predict = commands.add_parser("predict", help="score images (files or folders), write heatmap PNGs and scores.json")
+    predict = commands.add_parser(
+        "predict", help="score images (files or folders), write heatmap PNGs and scores.json"
+    )
     model_options(predict)
     predict.add_argument("inputs", nargs="+", help="image files and/or folders")
     predict.add_argument("--output-dir", default="outputs/predict", help="where scores.json and heatmaps/ go")
-    predict.add_argument("--threshold", type=finite_float, help="image score above which an image is labelled anomalous (default: the model's calibration, if any)")
+    predict.add_argument(
+        "--threshold",
+        type=finite_float,
+        help="image score above which an image is labelled anomalous (default: the model's calibration, if any)",
+    )
     predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")
     run_folder_options(predict)
     predict.set_defaults(handler=cmd_predict)
 
-    evaluate = commands.add_parser("evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps")
+    evaluate = commands.add_parser(
+        "evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps"
+    )
     model_options(evaluate)
     dataset_options(evaluate, "the benchmark to score")
     evaluate.add_argument("--bank-from", help="build the memory from this auxiliary dataset's test split (e.g. visa)")
     evaluate.add_argument("--bank-root", help="the auxiliary dataset's folder (with --bank-from)")
-    evaluate.add_argument("--output-dir", default="outputs/evaluate", help="where tables, per-category results and heatmaps go")
+    evaluate.add_argument(
+        "--output-dir", default="outputs/evaluate", help="where tables, per-category results and heatmaps go"
+    )
     evaluate.add_argument("--heatmaps", type=non_negative_int, default=3, help="heatmap panels per category")
-    evaluate.add_argument("--aupro", choices=("reference", "anomalib"), default="reference", help="AUPRO definition: the MRAD/AnomalyCLIP code's or anomalib's")
-    evaluate.add_argument("--no-resume", action="store_true", help="recompute categories already finished in --output-dir")
-    evaluate.add_argument("--exclude-bank-images", action="store_true", help="leave out scored images that are in the memory bank (same file content or id)")
+    evaluate.add_argument(
+        "--aupro",
+        choices=("reference", "anomalib"),
+        default="reference",
+        help="AUPRO definition: the MRAD/AnomalyCLIP code's or anomalib's",
+    )
+    evaluate.add_argument(
+        "--no-resume", action="store_true", help="recompute categories already finished in --output-dir"
+    )
+    evaluate.add_argument(
+        "--exclude-bank-images",
+        action="store_true",
+        help="leave out scored images that are in the memory bank (same file content or id)",
+    )
     run_folder_options(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)

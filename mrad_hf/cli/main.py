@@ -48,7 +48,8 @@ class _VersionAction(argparse.Action):
 
 def build_parser() -> common.ArgumentParser:
     parser = common.ArgumentParser(
-        prog="mrad", description="MRAD zero-shot anomaly detection (ICLR 2026) on Hugging Face transformers: score images "
+        prog="mrad",
+        description="MRAD zero-shot anomaly detection (ICLR 2026) on Hugging Face transformers: score images "
         "for defects by retrieval from a memory of labelled examples. `mrad <command> --help` for each command's options.",
     )
     parser.add_argument("--version", action=_VersionAction, help="show the installed mrad-hf version and exit")

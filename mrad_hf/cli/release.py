@@ -37,9 +37,18 @@ def cmd_release(args) -> int:
     results = _pairs(args.results, "--results")
     files = ReleaseFiles.from_folder(args.official_dir, auxiliaries=args.auxiliaries)
     release(
-        files, args.work_dir, dry_run=args.dry_run, namespace=args.namespace, image_size=args.image_size,
-        variants=args.variants, auxiliaries=args.auxiliaries, data_roots=data_roots, results=results,
-        batch_size=args.batch_size, private=args.private, endpoint=args.endpoint,
+        files,
+        args.work_dir,
+        dry_run=args.dry_run,
+        namespace=args.namespace,
+        image_size=args.image_size,
+        variants=args.variants,
+        auxiliaries=args.auxiliaries,
+        data_roots=data_roots,
+        results=results,
+        batch_size=args.batch_size,
+        private=args.private,
+        endpoint=args.endpoint,
     )
     return 0
 
@@ -49,16 +58,51 @@ def register(commands) -> None:
 
     """Add `release` to the `mrad` subcommand parser (choices as in `mrad_hf.hub.release`, kept light for `--help`)."""
     variants, auxiliaries = ("tf", "ft", "clip"), ("visa", "mvtec")
-    sub = commands.add_parser("release", help="convert the official MRAD files and push the short-name repos (idempotent; --dry-run lists all)")
-    sub.add_argument("--official-dir", required=True, help="folder with ViT-L-14-336px.pt, cache_*model_{visa,mvtec}.pt, test_on_{mvtec,visa}.pth")
-    sub.add_argument("--work-dir", default="outputs/release", help="where the repo folders (and evaluations) are written before upload")
-    sub.add_argument("--dry-run", action="store_true", help="build and compare with the Hub, list every repo and file, upload nothing")
+    sub = commands.add_parser(
+        "release",
+        help="convert the official MRAD files and push the short-name repos (idempotent; --dry-run lists all)",
+    )
+    sub.add_argument(
+        "--official-dir",
+        required=True,
+        help="folder with ViT-L-14-336px.pt, cache_*model_{visa,mvtec}.pt, test_on_{mvtec,visa}.pth",
+    )
+    sub.add_argument(
+        "--work-dir",
+        default="outputs/release",
+        help="where the repo folders (and evaluations) are written before upload",
+    )
+    sub.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build and compare with the Hub, list every repo and file, upload nothing",
+    )
     sub.add_argument("--namespace", help="Hub organisation/user (default $MRAD_HUB_NAMESPACE, else mrad-hf)")
-    sub.add_argument("--variants", nargs="+", choices=variants, default=list(variants), help="which MRAD variants to publish")
-    sub.add_argument("--auxiliaries", nargs="+", choices=auxiliaries, default=list(auxiliaries), help="which auxiliary datasets' banks and models to publish")
-    sub.add_argument("--image-size", type=image_size_int, default=518, help="network input size (518 as the official code)")
-    sub.add_argument("--data-root", action="append", metavar="DATASET=FOLDER", help="evaluate on mvtec / visa (zero-shot protocol) for the cards")
-    sub.add_argument("--results", action="append", metavar="REPO=RESULTS_JSON", help="results.json of `mrad evaluate` for a repo's card, e.g. mrad-clip-visa=results.json")
+    sub.add_argument(
+        "--variants", nargs="+", choices=variants, default=list(variants), help="which MRAD variants to publish"
+    )
+    sub.add_argument(
+        "--auxiliaries",
+        nargs="+",
+        choices=auxiliaries,
+        default=list(auxiliaries),
+        help="which auxiliary datasets' banks and models to publish",
+    )
+    sub.add_argument(
+        "--image-size", type=image_size_int, default=518, help="network input size (518 as the official code)"
+    )
+    sub.add_argument(
+        "--data-root",
+        action="append",
+        metavar="DATASET=FOLDER",
+        help="evaluate on mvtec / visa (zero-shot protocol) for the cards",
+    )
+    sub.add_argument(
+        "--results",
+        action="append",
+        metavar="REPO=RESULTS_JSON",
+        help="results.json of `mrad evaluate` for a repo's card, e.g. mrad-clip-visa=results.json",
+    )
     sub.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     sub.add_argument("--private", action="store_true", default=None, help="create new repos as private")
     sub.add_argument("--endpoint", help="Hub endpoint (default $HF_ENDPOINT)")

@@ -22,13 +22,19 @@ import json
 from pathlib import Path
 
 from . import common as _cli  # the shared helpers
-from .common import finite_float, model_options, positive_int, probability, unit_interval, port_int
+from .common import finite_float, model_options, port_int, positive_int, probability, unit_interval
 
 __all__ = ["register"]
 
 _FEATURE_FIELDS = (
-    "image_size", "vv_start_layer", "feature_layer", "neighbor_kernel_sizes", "position_interpolation",
-    "class_key_post_layernorm", "region_rule", "mask_threshold",
+    "image_size",
+    "vv_start_layer",
+    "feature_layer",
+    "neighbor_kernel_sizes",
+    "position_interpolation",
+    "class_key_post_layernorm",
+    "region_rule",
+    "mask_threshold",
 )
 
 
@@ -46,7 +52,9 @@ def _detector(args, bank=None, *, attach: bool = True):
             overrides["neighbor_kernel_sizes"] = tuple(overrides["neighbor_kernel_sizes"])
         if getattr(args, "image_size", None) is not None:
             overrides.pop("image_size", None)  # an explicit --image-size wins (and the bank check names a mismatch)
-    return _cli.detector_from_args(args, bank=bank if attach else None, **overrides)  # attached before --dtype / --device
+    return _cli.detector_from_args(
+        args, bank=bank if attach else None, **overrides
+    )  # attached before --dtype / --device
 
 
 def _samples(args) -> list | object:
@@ -54,7 +62,9 @@ def _samples(args) -> list | object:
     if args.dataset:
         return _cli.load_dataset_from_args(args)
     if not args.images:
-        raise _cli.CLIError("Give the images to add: --dataset folder --data-root DIR (good/ and <defect>/ sub-folders), or --images FILES --label normal|anomaly.")
+        raise _cli.CLIError(
+            "Give the images to add: --dataset folder --data-root DIR (good/ and <defect>/ sub-folders), or --images FILES --label normal|anomaly."
+        )
     if not args.label:
         raise _cli.CLIError("--images needs --label normal or --label anomaly (one label for all of them).")
     from ..data.loaders import ignored_summary
@@ -62,7 +72,9 @@ def _samples(args) -> list | object:
 
     if args.label == "normal" and args.masks:
         raise _cli.CLIError("Normal images have no defect masks; drop --masks or use --label anomaly.")
-    samples, ignored = samples_from_files(args.images, args.label, args.masks)  # masks paired as the folder loader does
+    samples, ignored = samples_from_files(
+        args.images, args.label, args.masks
+    )  # masks paired as the folder loader does
     if ignored:
         _cli._log(ignored_summary(ignored, "the --images/--masks inputs"))
     return samples
@@ -71,12 +83,18 @@ def _samples(args) -> list | object:
 # ---------------------------------------------------------------------- mrad bank
 def _print_info(info: dict) -> None:
     counts = info["counts"]
-    _cli._log(f"source: {info['source']}   format version: {info['format_version']}   key widths: image {info['key_widths']['image']}, patch {info['key_widths']['patch']}")
-    _cli._log(f"entries: {counts['image_entries']} image ({counts['image_anomalous']} anomalous), {counts['patch_entries']} region ({counts['patch_anomalous']} anomalous)")
+    _cli._log(
+        f"source: {info['source']}   format version: {info['format_version']}   key widths: image {info['key_widths']['image']}, patch {info['key_widths']['patch']}"
+    )
+    _cli._log(
+        f"entries: {counts['image_entries']} image ({counts['image_anomalous']} anomalous), {counts['patch_entries']} region ({counts['patch_anomalous']} anomalous)"
+    )
     for source, per in info["per_source"].items():
         _cli._log(f"  {source}: " + ", ".join(f"{count} {kind}" for kind, count in sorted(per.items())))
     if info["calibration"]:
-        _cli._log(f"calibration: image threshold {info['calibration']['image_threshold']:.6f} at target FPR {info['calibration']['target_fpr']}")
+        _cli._log(
+            f"calibration: image threshold {info['calibration']['image_threshold']:.6f} at target FPR {info['calibration']['target_fpr']}"
+        )
     for step in info["history"]:
         _cli._log(f"  history: {json.dumps(step)}")
 
@@ -108,14 +126,28 @@ def cmd_bank_add(args) -> int:
     detector = _detector(args, bank, attach=False)
     samples = _samples(args)
     skipped: list[dict[str, str]] = []
-    result = add_samples(bank, detector, samples, source=args.source, dedup_threshold=_dedup(args), batch_size=args.batch_size,
-                         on_error=getattr(args, "on_error", "skip"), failures=skipped)
+    result = add_samples(
+        bank,
+        detector,
+        samples,
+        source=args.source,
+        dedup_threshold=_dedup(args),
+        batch_size=args.batch_size,
+        on_error=getattr(args, "on_error", "skip"),
+        failures=skipped,
+    )
     before, after = bank.counts(), result.counts()
-    _cli._log(f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}")
-    added = next((step for step in reversed(result.metadata.get("history") or []) if step.get("operation") == "add"), {})
+    _cli._log(
+        f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}"
+    )
+    added = next(
+        (step for step in reversed(result.metadata.get("history") or []) if step.get("operation") == "add"), {}
+    )
     if added.get("image_level_only_anomalies"):
-        _cli._log(f"{added['image_level_only_anomalies']} anomalous image(s) had no mask: added as image-level anomalous entries only "
-                  "(no region entry; give <stem>_mask.png beside an image, or --masks, to add its defect region)")
+        _cli._log(
+            f"{added['image_level_only_anomalies']} anomalous image(s) had no mask: added as image-level anomalous entries only "
+            "(no region entry; give <stem>_mask.png beside an image, or --masks, to add its defect region)"
+        )
     _save(result, args.output or args.bank)
     _cli._report_skipped(skipped, "the lines above (not added)")
     for failure in skipped[1:]:
@@ -140,7 +172,9 @@ def cmd_bank_remove(args) -> int:
 
     bank = _load_bank(args.bank)
     result = remove_sources(bank, args.source)
-    _cli._log(f"Removed {args.source}: {bank.counts()['image_entries']} -> {result.counts()['image_entries']} image entries")
+    _cli._log(
+        f"Removed {args.source}: {bank.counts()['image_entries']} -> {result.counts()['image_entries']} image entries"
+    )
     _save(result, args.output or args.bank)
     return 0
 
@@ -162,20 +196,38 @@ def cmd_calibrate(args) -> int:
     else:
         normals = [str(path) for path in _cli._collect_images(args.images or [])]
     if not normals:
-        raise _cli.CLIError("No known-good images: pass them with --images (files or folders) or a --dataset with a good/ folder.")
-    _cli._log(f"Calibrating on {len(normals)} known-good image(s){f' and {len(defects)} known defect(s)' if defects else ''} for a false-positive rate of {args.target_fpr}")
-    calibration = calibrate(detector, normals, target_fpr=args.target_fpr, pixel_fpr=args.pixel_fpr, defect_images=defects, defect_masks=masks,
-                            batch_size=args.batch_size, on_error=getattr(args, "on_error", "skip"))
+        raise _cli.CLIError(
+            "No known-good images: pass them with --images (files or folders) or a --dataset with a good/ folder."
+        )
+    _cli._log(
+        f"Calibrating on {len(normals)} known-good image(s){f' and {len(defects)} known defect(s)' if defects else ''} for a false-positive rate of {args.target_fpr}"
+    )
+    calibration = calibrate(
+        detector,
+        normals,
+        target_fpr=args.target_fpr,
+        pixel_fpr=args.pixel_fpr,
+        defect_images=defects,
+        defect_masks=masks,
+        batch_size=args.batch_size,
+        on_error=getattr(args, "on_error", "skip"),
+    )
     target_bank = bank if bank is not None or not args.bank_output else detector.get_memory_bank()
     apply_calibration(detector, calibration, bank=target_bank)
     _cli._write_json(Path(args.output), calibration)
-    _cli._log(f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f} -> {args.output}")
+    _cli._log(
+        f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f} -> {args.output}"
+    )
     _cli._report_skipped(calibration["skipped_files"], f"'skipped_files' in {args.output}")
     if calibration["defects"]:
-        _cli._log(f"on the known defects: image recall {calibration['defects']['image_recall']:.3f}, pixel recall {calibration['defects']['pixel_recall']}")
+        _cli._log(
+            f"on the known defects: image recall {calibration['defects']['image_recall']:.3f}, pixel recall {calibration['defects']['pixel_recall']}"
+        )
     if args.save_model:
         detector.save_pretrained(args.save_model)
-        _cli._log(f"Calibrated model saved to {args.save_model}: pipeline('anomaly-detection') now returns is_anomalous and mask")
+        _cli._log(
+            f"Calibrated model saved to {args.save_model}: pipeline('anomaly-detection') now returns is_anomalous and mask"
+        )
     if args.bank_output:
         _save(target_bank, args.bank_output)
     return 0
@@ -196,20 +248,35 @@ def cmd_explain(args) -> int:
     for index, path in enumerate(tqdm(_cli._collect_images(args.images), desc="Explaining", unit="img")):
         image = detect.image_processor.load(path)
         result = detect(image, explain=True, top_k=args.top_k, threshold=args.threshold)
-        panel = save_explanation(output_dir / f"{index:05d}_{path.stem}_explanation.png", image, result["anomaly_map"], result["explanation"],
-                                 image_root=args.image_root, notes=notes)
-        record = {"path": str(path), "score": result["score"], "panel": str(panel), "explanation": public_explanation(result["explanation"])}
+        panel = save_explanation(
+            output_dir / f"{index:05d}_{path.stem}_explanation.png",
+            image,
+            result["anomaly_map"],
+            result["explanation"],
+            image_root=args.image_root,
+            notes=notes,
+        )
+        record = {
+            "path": str(path),
+            "score": result["score"],
+            "panel": str(panel),
+            "explanation": public_explanation(result["explanation"]),
+        }
         if "is_anomalous" in result:
             record.update(is_anomalous=bool(result["is_anomalous"]), thresholds=result["thresholds"])
         records.append(record)
         top = result["explanation"]["image"]["neighbours"][0]
-        _cli._log(f"{result['score']:.6f}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}")
+        _cli._log(
+            f"{result['score']:.6f}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}"
+        )
     _cli._write_json(output_dir / "explanations.json", records)
     _cli._log(f"Panels and explanations.json in {output_dir}")
     if notes:
         _cli._log(f"{len(notes)} thumbnail(s) drawn as placeholders, e.g. {notes[0]}")
     elif args.image_root is None:
-        _cli._log("Memory entries are drawn as placeholders: pass --image-root (the folder the bank's image ids are relative to) for thumbnails.")
+        _cli._log(
+            "Memory entries are drawn as placeholders: pass --image-root (the folder the bank's image ids are relative to) for thumbnails."
+        )
     return 0
 
 
@@ -221,8 +288,15 @@ def cmd_serve(args) -> int:
     bank = _load_bank(args.bank) if args.bank else None
     detector = _detector(args, bank)
     _cli._log(f"Serving on http://{args.host}:{args.port}/ (Ctrl+C stops)")
-    serve(detector, host=args.host, port=args.port, top_k=args.top_k, threshold=args.threshold, image_root=args.image_root,
-          max_upload_mb=args.max_upload_mb)
+    serve(
+        detector,
+        host=args.host,
+        port=args.port,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        image_root=args.image_root,
+        max_upload_mb=args.max_upload_mb,
+    )
     return 0
 
 
@@ -238,12 +312,19 @@ DEFAULT_DEDUP_THRESHOLD = 0.999
 
 
 def _dedup_options(sub) -> None:
-    sub.add_argument("--dedup", type=unit_interval, default=DEFAULT_DEDUP_THRESHOLD, help="drop same-label entries whose cosine similarity is above this")
+    sub.add_argument(
+        "--dedup",
+        type=unit_interval,
+        default=DEFAULT_DEDUP_THRESHOLD,
+        help="drop same-label entries whose cosine similarity is above this",
+    )
     sub.add_argument("--no-dedup", action="store_true", help="keep near-identical entries")
 
 
 def _threshold_option(sub) -> None:
-    sub.add_argument("--threshold", type=finite_float, help="image threshold (default: the model's calibration, if any)")
+    sub.add_argument(
+        "--threshold", type=finite_float, help="image threshold (default: the model's calibration, if any)"
+    )
 
 
 def register(commands) -> None:
@@ -261,7 +342,11 @@ def register(commands) -> None:
     model_options(add, bank=False)
     _sample_options(add)
     add.add_argument("--label", choices=("normal", "anomaly"), help="label of all --images")
-    add.add_argument("--masks", nargs="+", help="defect masks for --images (files or folders), paired by file stem (<stem>_mask.png beside an image is found without it)")
+    add.add_argument(
+        "--masks",
+        nargs="+",
+        help="defect masks for --images (files or folders), paired by file stem (<stem>_mask.png beside an image is found without it)",
+    )
     add.add_argument("--source", required=True, help="name of the new entries' source (used to list or remove them)")
     add.add_argument("--output", help="write here instead of replacing the bank file")
     _dedup_options(add)
@@ -275,36 +360,54 @@ def register(commands) -> None:
 
     remove = actions.add_parser("remove", help="remove every entry of one or more sources")
     remove.add_argument("bank", help="a bank .safetensors file")
-    remove.add_argument("--source", nargs="+", required=True, help="the source name(s) to remove (see `mrad bank info`)")
+    remove.add_argument(
+        "--source", nargs="+", required=True, help="the source name(s) to remove (see `mrad bank info`)"
+    )
     remove.add_argument("--output", help="write here instead of replacing the bank file")
     remove.set_defaults(handler=cmd_bank_remove)
 
-    calibrate = commands.add_parser("calibrate", help="choose image and pixel thresholds for a target false-positive rate")
+    calibrate = commands.add_parser(
+        "calibrate", help="choose image and pixel thresholds for a target false-positive rate"
+    )
     model_options(calibrate)
     _sample_options(calibrate)
     calibrate.add_argument("--target-fpr", type=probability, default=0.05, help="share of good images flagged")
-    calibrate.add_argument("--pixel-fpr", type=probability, help="share of good pixels in the mask (default: min(target, 0.01))")
+    calibrate.add_argument(
+        "--pixel-fpr", type=probability, help="share of good pixels in the mask (default: min(target, 0.01))"
+    )
     calibrate.add_argument("--output", default="calibration.json", help="where to write the thresholds as JSON")
     calibrate.add_argument("--save-model", help="save the model with its calibration (and bank) to this folder")
     calibrate.add_argument("--bank-output", help="also write the bank with the calibration in its metadata")
     calibrate.set_defaults(handler=cmd_calibrate)
 
-    explain = commands.add_parser("explain", help="the memory entries behind each image's score and most anomalous region, as PNG panels")
+    explain = commands.add_parser(
+        "explain", help="the memory entries behind each image's score and most anomalous region, as PNG panels"
+    )
     model_options(explain)
     explain.add_argument("images", nargs="+", help="image files and/or folders")
     explain.add_argument("--output-dir", default="outputs/explain", help="where the panels and explanations.json go")
     explain.add_argument("--top-k", type=positive_int, default=5, help="memory entries shown per image")
     _threshold_option(explain)
-    explain.add_argument("--image-root", help="folder the bank's image ids are relative to; thumbnails are read only from inside it")
+    explain.add_argument(
+        "--image-root", help="folder the bank's image ids are relative to; thumbnails are read only from inside it"
+    )
     explain.set_defaults(handler=cmd_explain)
 
-    serve = commands.add_parser("serve", help="demo app: drop an image, see score, heatmap, decision, explanation (needs gradio)")
+    serve = commands.add_parser(
+        "serve", help="demo app: drop an image, see score, heatmap, decision, explanation (needs gradio)"
+    )
     model_options(serve, batch_size=False)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=port_int, default=7860, help="port to listen on")
     serve.add_argument("--top-k", type=positive_int, default=5, help="memory entries shown per image")
     _threshold_option(serve)
-    serve.add_argument("--image-root", help="folder the bank's image ids are relative to; thumbnails are read only from inside it")
-    serve.add_argument("--max-upload-mb", type=_cli._bounded(float, "a number of megabytes > 0", low=0, low_open=True), default=50.0,
-                       help="largest accepted upload in MB (default %(default)s)")
+    serve.add_argument(
+        "--image-root", help="folder the bank's image ids are relative to; thumbnails are read only from inside it"
+    )
+    serve.add_argument(
+        "--max-upload-mb",
+        type=_cli._bounded(float, "a number of megabytes > 0", low=0, low_open=True),
+        default=50.0,
+        help="largest accepted upload in MB (default %(default)s)",
+    )
     serve.set_defaults(handler=cmd_serve)

@@ -32,7 +32,9 @@ def load_torch_file(path: str | os.PathLike, what: str, *, torchscript: bool = F
     """
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"{what} '{path}' does not exist. Check the path (the official files are on the MRAD Google Drive).")
+        raise ConversionError(
+            f"{what} '{path}' does not exist. Check the path (the official files are on the MRAD Google Drive)."
+        )
     if is_torchscript_archive(path):
         if not torchscript:
             raise ConversionError(
@@ -55,7 +57,9 @@ def load_torch_file(path: str | os.PathLike, what: str, *, torchscript: bool = F
             f"(torch.load(weights_only=True) refused: {str(error).splitlines()[0]}). Re-save it as a plain state dict."
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ConversionError(f"{what} '{path}' is not a readable PyTorch file ({error}); it may be truncated. Re-download it.") from error
+        raise ConversionError(
+            f"{what} '{path}' is not a readable PyTorch file ({error}); it may be truncated. Re-download it."
+        ) from error
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -77,10 +81,14 @@ def check_keys(found: Iterable[str], expected: Iterable[str], where: str, *, ign
             parts.append(f"missing keys: {missing}")
         if unknown:
             parts.append(f"unknown keys: {unknown}")
-        raise ConversionError(f"{where}: {'; '.join(parts)}. This is not the expected official format; check that the file is the right one.")
+        raise ConversionError(
+            f"{where}: {'; '.join(parts)}. This is not the expected official format; check that the file is the right one."
+        )
 
 
 def require_mapping(obj: Any, path: str | os.PathLike, what: str) -> Mapping:
     if not isinstance(obj, Mapping):
-        raise ConversionError(f"{what} '{path}' holds a {type(obj).__name__}, not a dict; this is not the official format.")
+        raise ConversionError(
+            f"{what} '{path}' holds a {type(obj).__name__}, not a dict; this is not the official format."
+        )
     return obj

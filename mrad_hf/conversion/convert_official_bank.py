@@ -36,7 +36,9 @@ VIT_L14_DIMS = (768, 1024)
 _OFFICIAL_NAME = re.compile(r"cache(_patch)?_model_(?P<source>[A-Za-z0-9]+)\.pt$")
 
 
-def read_official_cache(path: str | os.PathLike, *, level: str, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def read_official_cache(
+    path: str | os.PathLike, *, level: str, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys float32 (N, D), values float32 (N, 2)) from one official cache file, after checking its format; `width`
     (the backbone's key width, when known) must equal D."""
     what = f"Official {level}-level bank"
@@ -52,14 +54,20 @@ def read_official_cache(path: str | os.PathLike, *, level: str, width: int | Non
             "Pass --model with the model this bank belongs to, or check that the image and patch files are not swapped."
         )
     if values.shape != (keys.shape[0], 2):
-        raise ConversionError(f"{what} '{path}': values must be ({keys.shape[0]}, 2) one-hot labels, got {tuple(values.shape)}.")
+        raise ConversionError(
+            f"{what} '{path}': values must be ({keys.shape[0]}, 2) one-hot labels, got {tuple(values.shape)}."
+        )
     binary = ((values == 0) | (values == 1)).all(dim=1)
     one_hot = binary & (values.sum(dim=1) == 1)
     if not bool(one_hot.all()):
         bad = torch.nonzero(~one_hot).flatten()[:5].tolist()
-        raise ConversionError(f"{what} '{path}': values are not one-hot (rows {bad} ...); column 0 must mark normal, column 1 anomalous entries.")
+        raise ConversionError(
+            f"{what} '{path}': values are not one-hot (rows {bad} ...); column 0 must mark normal, column 1 anomalous entries."
+        )
     if not bool(torch.isfinite(keys).all()):
-        raise ConversionError(f"{what} '{path}': keys contain NaN or infinite values; the file is corrupt. Re-download it.")
+        raise ConversionError(
+            f"{what} '{path}': keys contain NaN or infinite values; the file is corrupt. Re-download it."
+        )
     return keys.detach().to(torch.float32).contiguous(), values.detach().to(torch.float32).contiguous()
 
 
@@ -93,7 +101,9 @@ def _load_model(model):
         if model_type == "clip":
             return MRADForAnomalyDetection.from_clip(str(model))
         if model_type != "mrad":
-            raise ConversionError(f"'{model}' is a '{model_type}' folder; --model takes an MRAD model folder or a transformers CLIP folder.")
+            raise ConversionError(
+                f"'{model}' is a '{model_type}' folder; --model takes an MRAD model folder or a transformers CLIP folder."
+            )
     from mrad_hf.hub.api import load_model
 
     return load_model(model)
@@ -146,7 +156,9 @@ def convert_official_bank(
                 "image_sha256": sha256_of(image_cache),
                 "patch_file": patch_cache.name,
                 "patch_sha256": sha256_of(patch_cache),
-                "backbone": "fingerprint of the given model" if backbone else "unknown (no --model given); the official banks are for CLIP ViT-L/14@336 (768 / 1024-d keys)",
+                "backbone": "fingerprint of the given model"
+                if backbone
+                else "unknown (no --model given); the official banks are for CLIP ViT-L/14@336 (768 / 1024-d keys)",
             },
         },
     )
@@ -169,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --cache-dir and --dataset, or --image-cache and --patch-cache", file=sys.stderr)
         return 2
     try:
-        bank = convert_official_bank(image_cache, patch_cache, args.output, model=args.model, source=args.source or args.dataset)
+        bank = convert_official_bank(
+            image_cache, patch_cache, args.output, model=args.model, source=args.source or args.dataset
+        )
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -178,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mrad_hf.conversion.convert_official_bank", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="python -m mrad_hf.conversion.convert_official_bank", description=DESCRIPTION
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -29,7 +29,6 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -37,17 +36,30 @@ from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_fi
 from mrad_hf.conversion.options import CHECKPOINT_DESCRIPTION as DESCRIPTION
 from mrad_hf.conversion.options import add_checkpoint_arguments as add_arguments
 
-__all__ = ["official_to_hf", "map_official_checkpoint", "convert_official_checkpoint", "OfficialCheckpoint", "DROPPED_KEYS", "main", "add_arguments", "run"]
+__all__ = [
+    "official_to_hf",
+    "map_official_checkpoint",
+    "convert_official_checkpoint",
+    "OfficialCheckpoint",
+    "DROPPED_KEYS",
+    "main",
+    "add_arguments",
+    "run",
+]
 
 _PARTS = {"ft": ("image_proj", "patch_proj"), "clip": ("image_proj", "patch_proj", "prompt_learner", "prompt_proj")}
 _LINEAR_RENAMES = {
-    "image_proj.mlp1.": "image_projection.query.", "image_proj.mlp2.": "image_projection.key.",
-    "patch_proj.fc.0.": "patch_projection.query.", "patch_proj.fc.1.": "patch_projection.key.",
-    "prompt_proj.mlp1.": "region_bias.normal.", "prompt_proj.mlp2.": "region_bias.anomaly.",
+    "image_proj.mlp1.": "image_projection.query.",
+    "image_proj.mlp2.": "image_projection.key.",
+    "patch_proj.fc.0.": "patch_projection.query.",
+    "patch_proj.fc.1.": "patch_projection.key.",
+    "prompt_proj.mlp1.": "region_bias.normal.",
+    "prompt_proj.mlp2.": "region_bias.anomaly.",
 }
 #: Official entries that MRAD's test-time computation never uses (regexes on "<part>.<key>").
 DROPPED_KEYS = (
-    r"prompt_learner\.compound_prompt_projections\..+", r"prompt_learner\.mlp\..+",
+    r"prompt_learner\.compound_prompt_projections\..+",
+    r"prompt_learner\.mlp\..+",
     r"prompt_learner\.token_(prefix|suffix)_(pos|neg)",
 )
 _DEEP_PROMPT = re.compile(r"^prompt_learner\.compound_prompts_text\.(\d+)$")
@@ -61,11 +73,13 @@ def official_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
     the tokenized prompts to "config.prompt_token_ids.<0|1>".
     """
     for old, new in _LINEAR_RENAMES.items():
-        if key.startswith(old) and key[len(old):] in ("weight", "bias"):
-            return [(new + key[len(old):], tensor)]
+        if key.startswith(old) and key[len(old) :] in ("weight", "bias"):
+            return [(new + key[len(old) :], tensor)]
     if key in ("prompt_learner.ctx_pos", "prompt_learner.ctx_neg"):
         if tensor.ndim != 4 or tensor.shape[:2] != (1, 1):
-            raise ConversionError(f"Official checkpoint: '{key}' must have shape (1, 1, n_ctx, D) (one class, one template), got {tuple(tensor.shape)}.")
+            raise ConversionError(
+                f"Official checkpoint: '{key}' must have shape (1, 1, n_ctx, D) (one class, one template), got {tuple(tensor.shape)}."
+            )
         name = "normal_context" if key.endswith("pos") else "anomaly_context"
         return [(f"prompt_learner.{name}", tensor[0, 0])]
     if match := _DEEP_PROMPT.match(key):
@@ -81,7 +95,9 @@ def _token_ids(tensor: torch.Tensor, key: str) -> list[int]:
     """Ids up to and including the end token (CLIP's highest id, where the reference pools), without padding."""
     ids = tensor.reshape(-1).tolist()
     if len(ids) != tensor.shape[-1] or not ids:
-        raise ConversionError(f"Official checkpoint: '{key}' must hold one tokenized prompt, got shape {tuple(tensor.shape)}.")
+        raise ConversionError(
+            f"Official checkpoint: '{key}' must hold one tokenized prompt, got shape {tuple(tensor.shape)}."
+        )
     end = max(range(len(ids)), key=ids.__getitem__)
     return [int(i) for i in ids[: end + 1]]
 
@@ -119,13 +135,23 @@ def map_official_checkpoint(checkpoint: Mapping, path: str = "checkpoint") -> Of
                 else:
                     state_dict[name] = value.detach().float().contiguous()
     if unknown:
-        raise ConversionError(f"Official checkpoint '{path}': unknown keys {sorted(unknown)}; this is not an official MRAD checkpoint.")
+        raise ConversionError(
+            f"Official checkpoint '{path}': unknown keys {sorted(unknown)}; this is not an official MRAD checkpoint."
+        )
     overrides = {"variant": variant}
     if variant == "clip":
         if sorted(deep) != list(range(len(deep))) or not deep:
-            raise ConversionError(f"Official checkpoint '{path}': deep prompts compound_prompts_text.* must be numbered 0..N-1, found {sorted(deep)}.")
-        missing = [f"prompt_learner.ctx_{s}" for s in ("pos", "neg") if f"prompt_learner.{'normal' if s == 'pos' else 'anomaly'}_context" not in state_dict]
-        missing += [f"prompt_learner.tokenized_prompts_{s}" for i, s in enumerate(("pos", "neg")) if i not in token_ids]
+            raise ConversionError(
+                f"Official checkpoint '{path}': deep prompts compound_prompts_text.* must be numbered 0..N-1, found {sorted(deep)}."
+            )
+        missing = [
+            f"prompt_learner.ctx_{s}"
+            for s in ("pos", "neg")
+            if f"prompt_learner.{'normal' if s == 'pos' else 'anomaly'}_context" not in state_dict
+        ]
+        missing += [
+            f"prompt_learner.tokenized_prompts_{s}" for i, s in enumerate(("pos", "neg")) if i not in token_ids
+        ]
         if missing:
             raise ConversionError(f"Official checkpoint '{path}': missing keys {missing}.")
         state_dict["prompt_learner.deep_prompts"] = torch.stack([deep[i] for i in range(len(deep))]).float()
@@ -135,7 +161,9 @@ def map_official_checkpoint(checkpoint: Mapping, path: str = "checkpoint") -> Of
             deep_prompt_depth=len(deep) + 1,
             prompt_token_ids=[token_ids[0], token_ids[1]],
         )
-    return OfficialCheckpoint(variant=variant, state_dict=state_dict, config_overrides=overrides, dropped=sorted(dropped))
+    return OfficialCheckpoint(
+        variant=variant, state_dict=state_dict, config_overrides=overrides, dropped=sorted(dropped)
+    )
 
 
 def convert_official_checkpoint(
@@ -159,23 +187,31 @@ def convert_official_checkpoint(
     Returns:
         The model (eval mode). `model.conversion_report` lists the dropped official keys.
     """
+    from mrad_hf.hub.api import load_memory_bank
     from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank
     from mrad_hf.models.mrad.modeling_mrad import MRADForAnomalyDetection
-    from mrad_hf.hub.api import load_memory_bank
 
-    raw = require_mapping(load_torch_file(checkpoint, "Official MRAD checkpoint"), checkpoint, "Official MRAD checkpoint")
+    raw = require_mapping(
+        load_torch_file(checkpoint, "Official MRAD checkpoint"), checkpoint, "Official MRAD checkpoint"
+    )
     official = map_official_checkpoint(raw, str(checkpoint))
     model = MRADForAnomalyDetection.from_clip(clip, **{**config_overrides, **official.config_overrides})
     heads = ("image_projection.", "patch_projection.", "prompt_learner.", "region_bias.")
     target = {name: tensor for name, tensor in model.state_dict().items() if name.startswith(heads)}
     check_keys(official.state_dict, target, f"Official checkpoint '{checkpoint}' (after renaming to mrad-hf names)")
-    mismatched = [f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(target[name].shape)}" for name, t in official.state_dict.items() if t.shape != target[name].shape]
+    mismatched = [
+        f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(target[name].shape)}"
+        for name, t in official.state_dict.items()
+        if t.shape != target[name].shape
+    ]
     if mismatched:
         raise ConversionError(
             f"Official checkpoint '{checkpoint}' does not fit this backbone ({'; '.join(mismatched)}). The official checkpoints "
             "belong to CLIP ViT-L/14@336 (pass --clip with that model)."
         )
-    model.load_state_dict(official.state_dict, strict=False)  # the CLIP weights stay as loaded; heads fully covered above
+    model.load_state_dict(
+        official.state_dict, strict=False
+    )  # the CLIP weights stay as loaded; heads fully covered above
     if bank is not None:
         model.set_memory_bank(bank if isinstance(bank, MemoryBank) else load_memory_bank(bank), strict=strict_bank)
     model.conversion_report = {"variant": official.variant, "dropped_official_keys": official.dropped}
@@ -189,19 +225,25 @@ def convert_official_checkpoint(
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model = convert_official_checkpoint(args.checkpoint, args.output_dir, clip=args.clip, bank=args.bank, image_size=args.image_size)
+        model = convert_official_checkpoint(
+            args.checkpoint, args.output_dir, clip=args.clip, bank=args.bank, image_size=args.image_size
+        )
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
     report = model.conversion_report
-    print(f"Wrote {args.output_dir}: MRAD-{report['variant'].upper()}; dropped unused official keys: {report['dropped_official_keys'] or 'none'}")
+    print(
+        f"Wrote {args.output_dir}: MRAD-{report['variant'].upper()}; dropped unused official keys: {report['dropped_official_keys'] or 'none'}"
+    )
     if args.bank is None:
         print("No --bank given: attach one before scoring (model.set_memory_bank(...)).")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mrad_hf.conversion.convert_official_checkpoint", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="python -m mrad_hf.conversion.convert_official_checkpoint", description=DESCRIPTION
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -29,7 +29,6 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
@@ -37,18 +36,31 @@ from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_fi
 from mrad_hf.conversion.options import CLIP_DESCRIPTION as DESCRIPTION
 from mrad_hf.conversion.options import add_clip_arguments as add_arguments
 
-__all__ = ["openai_to_hf_tensors", "infer_clip_config", "convert_openai_state_dict", "convert_openai_clip", "main", "add_arguments", "run"]
+__all__ = [
+    "openai_to_hf_tensors",
+    "infer_clip_config",
+    "convert_openai_state_dict",
+    "convert_openai_clip",
+    "main",
+    "add_arguments",
+    "run",
+]
 
 #: Entries of OpenAI's TorchScript state dict that are not weights (`clip.model.build_model` deletes them).
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 _BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 _BLOCK_PARTS = {
-    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
-    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
-    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
 }
 _TOP_LEVEL = {
     "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
@@ -88,13 +100,19 @@ def openai_to_hf_tensors(key: str, tensor: torch.Tensor) -> list[tuple[str, torc
 
 
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(m.group(2)) for key in state_dict if (m := _BLOCK.match(key)) and bool(m.group(1)) == (prefix == "visual.")}
+    indices = {
+        int(m.group(2)) for key in state_dict if (m := _BLOCK.match(key)) and bool(m.group(1)) == (prefix == "visual.")
+    }
     if indices != set(range(len(indices))):
-        raise ConversionError(f"OpenAI CLIP checkpoint: {prefix or 'text '}transformer blocks are not numbered 0..N-1 ({sorted(indices)}).")
+        raise ConversionError(
+            f"OpenAI CLIP checkpoint: {prefix or 'text '}transformer blocks are not numbered 0..N-1 ({sorted(indices)})."
+        )
     return len(indices)
 
 
-def infer_clip_config(state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None, text_heads: int | None = None):
+def infer_clip_config(
+    state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None, text_heads: int | None = None
+):
     """A `CLIPConfig` from the tensor shapes, as OpenAI's `build_model` infers its architecture."""
     from transformers import CLIPConfig
 
@@ -118,30 +136,45 @@ def infer_clip_config(state_dict: Mapping[str, torch.Tensor], *, vision_heads: i
         )
     return CLIPConfig(
         vision_config=dict(
-            hidden_size=vision_width, num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+            hidden_size=vision_width,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
             intermediate_size=int(state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-            patch_size=patch_size, image_size=patch_size * grid, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            patch_size=patch_size,
+            image_size=patch_size * grid,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
         ),
         text_config=dict(
-            hidden_size=text_width, num_hidden_layers=text_layers, num_attention_heads=text_heads,
+            hidden_size=text_width,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
             intermediate_size=int(state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
             vocab_size=int(state_dict["token_embedding.weight"].shape[0]),
             max_position_embeddings=int(state_dict["positional_embedding"].shape[0]),
-            hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
         ),
         projection_dim=int(state_dict["text_projection"].shape[1]),
         logit_scale_init_value=float(state_dict["logit_scale"]) if "logit_scale" in state_dict else 2.6592,
     )
 
 
-def convert_openai_state_dict(state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None, text_heads: int | None = None):
+def convert_openai_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None, text_heads: int | None = None
+):
     """(`CLIPModel` with the converted weights, in eval mode) from an OpenAI CLIP state dict; every key is accounted for."""
     from transformers import CLIPModel
 
     state_dict = {key: value for key, value in state_dict.items() if key not in NON_WEIGHT_KEYS}
     unknown = sorted(key for key, value in state_dict.items() if not openai_to_hf_tensors(key, value))
     if unknown:
-        raise ConversionError(f"OpenAI CLIP checkpoint: unknown keys {unknown}; this is not an OpenAI ViT CLIP state dict.")
+        raise ConversionError(
+            f"OpenAI CLIP checkpoint: unknown keys {unknown}; this is not an OpenAI ViT CLIP state dict."
+        )
     config = infer_clip_config(state_dict, vision_heads=vision_heads, text_heads=text_heads)
     converted = dict(pair for key, value in state_dict.items() for pair in openai_to_hf_tensors(key, value.float()))
     model = CLIPModel(config).eval()
@@ -150,16 +183,24 @@ def convert_openai_state_dict(state_dict: Mapping[str, torch.Tensor], *, vision_
     for key, value in converted.items():
         target = model.state_dict()[key]
         if target.shape != value.shape:
-            raise ConversionError(f"OpenAI CLIP checkpoint: '{key}' has shape {tuple(value.shape)}, the inferred architecture needs {tuple(target.shape)}.")
+            raise ConversionError(
+                f"OpenAI CLIP checkpoint: '{key}' has shape {tuple(value.shape)}, the inferred architecture needs {tuple(target.shape)}."
+            )
     model.load_state_dict(converted, strict=False)
     return model
 
 
 def convert_openai_clip(
-    checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None = None, *, vision_heads: int | None = None, text_heads: int | None = None
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
 ):
     """Read `ViT-*.pt` (TorchScript archive or plain state dict), return the `CLIPModel`; save it to `output_dir` if given."""
-    state_dict = require_mapping(load_torch_file(checkpoint, "OpenAI CLIP checkpoint", torchscript=True), checkpoint, "OpenAI CLIP checkpoint")
+    state_dict = require_mapping(
+        load_torch_file(checkpoint, "OpenAI CLIP checkpoint", torchscript=True), checkpoint, "OpenAI CLIP checkpoint"
+    )
     model = convert_openai_state_dict(state_dict, vision_heads=vision_heads, text_heads=text_heads)
     if output_dir is not None:
         from mrad_hf.models.mrad.memory_bank_mrad import atomic_directory
@@ -171,13 +212,17 @@ def convert_openai_clip(
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model = convert_openai_clip(args.checkpoint, args.output_dir, vision_heads=args.vision_heads, text_heads=args.text_heads)
+        model = convert_openai_clip(
+            args.checkpoint, args.output_dir, vision_heads=args.vision_heads, text_heads=args.text_heads
+        )
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
     vision = model.config.vision_config
-    print(f"Wrote {args.output_dir}: ViT with {vision.num_hidden_layers} layers, width {vision.hidden_size}, patch {vision.patch_size}, "
-          f"image {vision.image_size}, projection {model.config.projection_dim}")
+    print(
+        f"Wrote {args.output_dir}: ViT with {vision.num_hidden_layers} layers, width {vision.hidden_size}, patch {vision.patch_size}, "
+        f"image {vision.image_size}, projection {model.config.projection_dim}"
+    )
     return 0
 
 

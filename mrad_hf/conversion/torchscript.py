@@ -33,12 +33,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["TorchScriptReadError", "ScriptObject", "RestrictedUnpickler", "is_torchscript_archive", "read_torchscript_state_dict"]
+__all__ = [
+    "TorchScriptReadError",
+    "ScriptObject",
+    "RestrictedUnpickler",
+    "is_torchscript_archive",
+    "read_torchscript_state_dict",
+]
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -78,7 +91,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
     if not isinstance(storage, torch.Tensor) or not isinstance(storage_offset, int) or storage_offset < 0:
         raise TorchScriptReadError("a tensor record that does not point at a storage")
     if storage_offset + _element_count(size, stride) > storage.numel():
-        raise TorchScriptReadError(f"a tensor of size {size} / stride {stride} at offset {storage_offset} reaches past its storage ({storage.numel()} elements)")
+        raise TorchScriptReadError(
+            f"a tensor of size {size} / stride {stride} at offset {storage_offset} reaches past its storage ({storage.numel()} elements)"
+        )
     return torch.as_strided(storage, size, stride, storage_offset)
 
 
@@ -114,7 +129,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "__torch__" or module.startswith("__torch__."):
             qualified = f"{module}.{name}"
             return self.classes.setdefault(qualified, _holder(qualified))
-        raise TorchScriptReadError(f"it refers to '{module}.{name}', which a weights archive never needs (only tensors, storages and containers are read)")
+        raise TorchScriptReadError(
+            f"it refers to '{module}.{name}', which a weights archive never needs (only tensors, storages and containers are read)"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
@@ -132,9 +149,13 @@ class RestrictedUnpickler(pickle.Unpickler):
             if info.compress_type != zipfile.ZIP_STORED:
                 raise TorchScriptReadError(f"storage record '{name}' is compressed (PyTorch stores them uncompressed)")
             if info.file_size != nbytes:
-                raise TorchScriptReadError(f"storage record '{name}' holds {info.file_size} bytes but the pickle claims {numel} {storage_type.name} elements ({nbytes} bytes)")
+                raise TorchScriptReadError(
+                    f"storage record '{name}' holds {info.file_size} bytes but the pickle claims {numel} {storage_type.name} elements ({nbytes} bytes)"
+                )
             data = bytearray(self.archive.read(name))
-            self.storages[key] = torch.frombuffer(data, dtype=storage_type.dtype) if data else torch.empty(0, dtype=storage_type.dtype)
+            self.storages[key] = (
+                torch.frombuffer(data, dtype=storage_type.dtype) if data else torch.empty(0, dtype=storage_type.dtype)
+            )
         storage = self.storages[key]
         if storage.dtype != storage_type.dtype or storage.numel() != numel:
             raise TorchScriptReadError(f"storage record '{key}' is used with two different types or sizes")
@@ -147,7 +168,9 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(_parts(name)[-1:] == ["constants.pkl"] or "code" in _parts(name)[:-1] for name in archive.namelist())
+        return any(
+            _parts(name)[-1:] == ["constants.pkl"] or "code" in _parts(name)[:-1] for name in archive.namelist()
+        )
 
 
 def _parts(name: str) -> list[str]:
@@ -178,7 +201,15 @@ def _declared_tensors(archive: zipfile.ZipFile, prefix: str, qualified: str) -> 
     return declared
 
 
-def _collect(obj: ScriptObject, prefix: str, archive, code_prefix: str, out: dict[str, torch.Tensor], seen: set[int], source: str) -> None:
+def _collect(
+    obj: ScriptObject,
+    prefix: str,
+    archive,
+    code_prefix: str,
+    out: dict[str, torch.Tensor],
+    seen: set[int],
+    source: str,
+) -> None:
     if id(obj) in seen:
         return
     seen.add(id(obj))
@@ -209,8 +240,19 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
             root = unpickler.load()
         except TorchScriptReadError:
             raise
-        except (pickle.UnpicklingError, TypeError, ValueError, AttributeError, IndexError, KeyError, EOFError, RuntimeError) as error:
-            raise TorchScriptReadError(f"its data.pkl is not a valid weights pickle ({type(error).__name__}: {error})") from error
+        except (
+            pickle.UnpicklingError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            EOFError,
+            RuntimeError,
+        ) as error:
+            raise TorchScriptReadError(
+                f"its data.pkl is not a valid weights pickle ({type(error).__name__}: {error})"
+            ) from error
         if not isinstance(root, ScriptObject):
             raise TorchScriptReadError(f"its data.pkl holds a {type(root).__name__}, not a TorchScript module")
         state: dict[str, torch.Tensor] = {}

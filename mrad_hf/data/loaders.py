@@ -1273,7 +1273,9 @@ def load_clinicdb(
     return _load_colon(root, categories, split, _CLINICDB_DOC, CLINICDB_CATEGORIES)
 
 
-def load_colondb(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+def load_colondb(
+    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
+) -> Dataset:
     """Loads CVC-ColonDB, which uses the same layout as :func:`load_clinicdb`.
 
     Args:

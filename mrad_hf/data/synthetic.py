@@ -96,17 +96,22 @@ class _Texture:
 
 _TEXTURES: dict[str, _Texture] = {
     "brick": _Texture(
-        "brick", "CC0Textures 'Bricks25' (https://cc0textures.com/view.php?tex=Bricks25)",
-        (62, 24, 16), (232, 158, 118),
+        "brick",
+        "CC0Textures 'Bricks25' (https://cc0textures.com/view.php?tex=Bricks25)",
+        (62, 24, 16),
+        (232, 158, 118),
     ),
     "grass": _Texture(
-        "grass", "DeviantArt linolafett 'Grass-01' "
-        "(https://www.deviantart.com/linolafett/art/Grass-01-434853879)",
-        (22, 48, 12), (168, 224, 108),
+        "grass",
+        "DeviantArt linolafett 'Grass-01' (https://www.deviantart.com/linolafett/art/Grass-01-434853879)",
+        (22, 48, 12),
+        (168, 224, 108),
     ),
     "gravel": _Texture(
-        "gravel", "CC0Textures 'Gravel04' (https://cc0textures.com/view.php?tex=Gravel04)",
-        (38, 34, 30), (226, 214, 192),
+        "gravel",
+        "CC0Textures 'Gravel04' (https://cc0textures.com/view.php?tex=Gravel04)",
+        (38, 34, 30),
+        (226, 214, 192),
     ),
 }
 
@@ -118,9 +123,7 @@ _TEXTURES: dict[str, _Texture] = {
 
 def _check_category(category: str) -> None:
     if category not in _TEXTURES:
-        raise ValueError(
-            f"Unknown synthetic category {category!r}; choose from {SYNTHETIC_CATEGORIES}."
-        )
+        raise ValueError(f"Unknown synthetic category {category!r}; choose from {SYNTHETIC_CATEGORIES}.")
 
 
 @functools.cache
@@ -177,9 +180,7 @@ def sample_normal_image(
         crop = crop[:, ::-1]
     if rng.random() < 0.5:
         crop = crop[::-1]
-    resized = Image.fromarray(np.ascontiguousarray(crop)).resize(
-        (image_size, image_size), Image.Resampling.BICUBIC
-    )
+    resized = Image.fromarray(np.ascontiguousarray(crop)).resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
@@ -230,9 +231,7 @@ def _luminance(image: NDArray[np.float64]) -> NDArray[np.float64]:
     return image @ np.array([0.299, 0.587, 0.114])
 
 
-def _scratch(
-    image: NDArray[np.float64], rng: np.random.Generator
-) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+def _scratch(image: NDArray[np.float64], rng: np.random.Generator) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """A thin polyline, brightened or darkened (whichever contrasts with the image)."""
     height, width = image.shape[:2]
     side = min(height, width)
@@ -257,9 +256,7 @@ def _scratch(
     return changed, mask
 
 
-def _blob(
-    image: NDArray[np.float64], rng: np.random.Generator
-) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+def _blob(image: NDArray[np.float64], rng: np.random.Generator) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """A colour spot with an irregular outline; soft edge cut at the significance level."""
     distance, _ = _ellipse_distance(image.shape[:2], rng, (0.06, 0.14), irregularity=0.08)
     alpha = 1.0 - _smoothstep(0.55, 1.25, distance)
@@ -309,9 +306,7 @@ def _cutpaste(
     return changed, mask
 
 
-def _hole(
-    image: NDArray[np.float64], rng: np.random.Generator
-) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+def _hole(image: NDArray[np.float64], rng: np.random.Generator) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """A dark ellipse, darkest at its centre, with a lit rim just outside its outline."""
     distance, radius = _ellipse_distance(image.shape[:2], rng, (0.05, 0.11), irregularity=0.04)
     rim_width = max(1.0, rng.uniform(1.5, 3.0) * min(image.shape[:2]) / 256.0)
@@ -364,8 +359,7 @@ def paste_defect(
         )
     if min(clean.shape[:2]) < _MIN_IMAGE_SIDE:
         raise ValueError(
-            f"paste_defect needs at least {_MIN_IMAGE_SIDE} x {_MIN_IMAGE_SIDE} pixels, got "
-            f"{clean.shape[:2]}."
+            f"paste_defect needs at least {_MIN_IMAGE_SIDE} x {_MIN_IMAGE_SIDE} pixels, got {clean.shape[:2]}."
         )
     if source is not None:
         source = np.asarray(source)
@@ -452,9 +446,7 @@ def _clear_previous_benchmark(root: Path, categories: Iterable[str]) -> None:
         (root / name).unlink(missing_ok=True)
 
 
-def _readme(
-    seed: int, categories: Sequence[str], parameters: dict[str, object], n_files: int
-) -> str:
+def _readme(seed: int, categories: Sequence[str], parameters: dict[str, object], n_files: int) -> str:
     """The provenance note written as ``README.txt``."""
     sources = "\n".join(
         f"  - {category}: textures/{_TEXTURES[category].loader}.png (skimage.data.{_TEXTURES[category].loader}()), from "
@@ -599,9 +591,7 @@ def make_synthetic_benchmark(
 
     root_path = Path(root).absolute()
     if root_path.exists() and not root_path.is_dir():
-        raise FileExistsError(
-            f"{root_path} exists and is not a folder; choose another output path."
-        )
+        raise FileExistsError(f"{root_path} exists and is not a folder; choose another output path.")
     if root_path.is_dir() and any(root_path.iterdir()):
         if not overwrite:
             raise FileExistsError(

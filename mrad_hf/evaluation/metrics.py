@@ -163,9 +163,7 @@ def _require_both_classes(binary: NDArray[np.bool_], what: str) -> None:
         )
 
 
-def _masks_and_maps(
-    masks: ArrayLike, maps: ArrayLike
-) -> tuple[NDArray[np.bool_], NDArray[np.floating]]:
+def _masks_and_maps(masks: ArrayLike, maps: ArrayLike) -> tuple[NDArray[np.bool_], NDArray[np.floating]]:
     """Validates masks and maps and returns them as ``(N, H, W)`` bool / float arrays.
 
     Accepts ``(H, W)``, ``(N, H, W)`` and ``(N, 1, H, W)`` inputs.
@@ -183,8 +181,7 @@ def _masks_and_maps(
         mask_array, map_array = mask_array[None], map_array[None]
     if mask_array.ndim != 3:
         raise ValueError(
-            f"masks and maps must have shape (H, W), (N, H, W) or (N, 1, H, W); got "
-            f"{np.asarray(masks).shape}."
+            f"masks and maps must have shape (H, W), (N, H, W) or (N, 1, H, W); got {np.asarray(masks).shape}."
         )
     if mask_array.size == 0:
         raise ValueError("masks and maps are empty.")
@@ -309,9 +306,7 @@ def _binary_curve_counts(
     return false_positives[::-1], true_positives[::-1]
 
 
-def _auroc_from_counts(
-    false_positives: NDArray[np.int64], true_positives: NDArray[np.int64]
-) -> float:
+def _auroc_from_counts(false_positives: NDArray[np.int64], true_positives: NDArray[np.int64]) -> float:
     """Trapezoid area under the ROC curve built from cumulative counts (sklearn's value)."""
     fpr = np.concatenate(([0.0], false_positives / false_positives[-1]))
     tpr = np.concatenate(([0.0], true_positives / true_positives[-1]))
@@ -328,9 +323,7 @@ def _precision_recall_from_counts(
     return np.append(precision[::-1], 1.0), np.append(recall[::-1], 0.0)
 
 
-def _flat_pixels(
-    masks: ArrayLike, maps: ArrayLike
-) -> tuple[NDArray[np.bool_], NDArray[np.floating]]:
+def _flat_pixels(masks: ArrayLike, maps: ArrayLike) -> tuple[NDArray[np.bool_], NDArray[np.floating]]:
     """Validated, flattened masks and maps with both pixel classes present."""
     mask_array, map_array = _masks_and_maps(masks, maps)
     _require_pixel_classes(mask_array)
@@ -408,9 +401,7 @@ def _label_regions(masks: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
         ``(region_ids, n_regions)``: an int32 array like ``masks`` holding 0 on normal pixels and
         1..n_regions on anomalous ones (regions never span two images).
     """
-    region_ids, n_regions = ndimage.label(
-        masks, structure=_PER_IMAGE_8_CONNECTIVITY, output=np.int32
-    )
+    region_ids, n_regions = ndimage.label(masks, structure=_PER_IMAGE_8_CONNECTIVITY, output=np.int32)
     return region_ids, int(n_regions)
 
 
@@ -570,9 +561,7 @@ def _area_up_to(fprs: NDArray[np.float64], pros: NDArray[np.float64], limit: flo
     return area
 
 
-def _anomalib_aupro(
-    masks: NDArray[np.bool_], maps: NDArray[np.floating], fpr_limit: float
-) -> float:
+def _anomalib_aupro(masks: NDArray[np.bool_], maps: NDArray[np.floating], fpr_limit: float) -> float:
     """Exact anomalib/MVTec-style AUPRO: area up to ``fpr_limit`` divided by ``fpr_limit``."""
     fprs, pros, _ = _exact_curve(masks, maps, fpr_limit)
     return _area_up_to(fprs, pros, fpr_limit) / fpr_limit
@@ -717,14 +706,9 @@ def _pixel_metrics(masks: ArrayLike, maps: ArrayLike, aupro_protocol: str) -> di
     mask_array, map_array = _masks_and_maps(masks, maps)
     n_anomalous = int(np.count_nonzero(mask_array))
     if n_anomalous in (0, mask_array.size):
-        reason = (
-            "no mask has an anomalous pixel"
-            if n_anomalous == 0
-            else "every mask pixel is anomalous"
-        )
+        reason = "no mask has an anomalous pixel" if n_anomalous == 0 else "every mask pixel is anomalous"
         warnings.warn(
-            f"Pixel metrics are undefined: {reason}. Reporting NaN for pixel_auroc, pixel_ap, "
-            "pixel_f1_max and aupro.",
+            f"Pixel metrics are undefined: {reason}. Reporting NaN for pixel_auroc, pixel_ap, pixel_f1_max and aupro.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -784,8 +768,9 @@ def compute_all_metrics(
         if pixel_images is not None:
             selected = np.asarray(pixel_images)
             if selected.dtype != np.bool_ or selected.shape != (len(masks),):
-                raise ValueError(f"pixel_images must be a bool array of shape ({len(masks)},), got {selected.dtype} {selected.shape}.")
+                raise ValueError(
+                    f"pixel_images must be a bool array of shape ({len(masks)},), got {selected.dtype} {selected.shape}."
+                )
             masks, maps = np.asarray(masks)[selected], np.asarray(maps)[selected]
         results.update(_pixel_metrics(masks, maps, aupro_protocol))
     return {key: results[key] for key in METRIC_KEYS if key in results}
-

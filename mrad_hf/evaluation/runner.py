@@ -149,14 +149,31 @@ def _evenly_spaced(count: int, chosen: int) -> set[int]:
 
 @torch.no_grad()
 def evaluate_category(
-    model, rows, category: str, *, processor: MRADImageProcessor, batch_size: int, heatmap_dir: Path | None,
-    heatmaps: int, aupro_protocol: str, progress,
+    model,
+    rows,
+    category: str,
+    *,
+    processor: MRADImageProcessor,
+    batch_size: int,
+    heatmap_dir: Path | None,
+    heatmaps: int,
+    aupro_protocol: str,
+    progress,
 ) -> dict[str, Any]:
     """Score one category's rows and return its metrics, counts and throughput."""
     labels, scores, maps, masks, known = [], [], [], [], []
     if not rows:
         empty = {key: None for key in METRIC_KEYS}
-        return {"category": category, "images": 0, "anomalous": 0, "pixel_excluded": 0, "seconds": 0.0, "images_per_second": float("nan"), "metrics": empty, "scores": []}
+        return {
+            "category": category,
+            "images": 0,
+            "anomalous": 0,
+            "pixel_excluded": 0,
+            "seconds": 0.0,
+            "images_per_second": float("nan"),
+            "metrics": empty,
+            "scores": [],
+        }
     shown = _evenly_spaced(len(rows), heatmaps)
     started = time.perf_counter()
     for start in range(0, len(rows), batch_size):
@@ -173,14 +190,25 @@ def evaluate_category(
             if heatmap_dir is not None and index in shown:
                 image = processor.load(row["image"]).resize((maps[-1].shape[1], maps[-1].shape[0]))
                 name = f"{category}_{index:04d}_{row['defect_type']}.png".replace("/", "_").replace(" ", "_")
-                save_panel(heatmap_dir / name, image, maps[-1], mask=masks[-1], title=f"{category} {row['defect_type']} score={scores[-1]:.4f}", value_range=None)
+                save_panel(
+                    heatmap_dir / name,
+                    image,
+                    maps[-1],
+                    mask=masks[-1],
+                    title=f"{category} {row['defect_type']} score={scores[-1]:.4f}",
+                    value_range=None,
+                )
         progress.update(len(batch))
     elapsed = time.perf_counter() - started
     has_masks = any(mask.any() for mask, is_known in zip(masks, known) if is_known)
     pixel_excluded = sum(1 for is_known in known if not is_known)
     metrics = compute_all_metrics(
-        labels, scores, np.stack(masks) if has_masks else None, np.stack(maps) if has_masks else None,
-        aupro_protocol=aupro_protocol, pixel_images=np.array(known, dtype=bool) if has_masks else None,
+        labels,
+        scores,
+        np.stack(masks) if has_masks else None,
+        np.stack(maps) if has_masks else None,
+        aupro_protocol=aupro_protocol,
+        pixel_images=np.array(known, dtype=bool) if has_masks else None,
     )
     return {
         "category": category,
@@ -189,8 +217,13 @@ def evaluate_category(
         "pixel_excluded": pixel_excluded if has_masks else 0,
         "seconds": elapsed,
         "images_per_second": len(rows) / elapsed if elapsed > 0 else float("nan"),
-        "metrics": {key: (None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)) for key, value in metrics.items()},
-        "scores": [{"path": row["path"], "label": label, "score": score} for row, label, score in zip(rows, labels, scores)],
+        "metrics": {
+            key: (None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value))
+            for key, value in metrics.items()
+        },
+        "scores": [
+            {"path": row["path"], "label": label, "score": score} for row, label, score in zip(rows, labels, scores)
+        ],
     }
 
 
@@ -208,14 +241,24 @@ def format_markdown_table(per_category: list[dict[str, Any]], mean: dict[str, fl
 
     for result in per_category:
         values = [cell(result["metrics"].get(key)) for key in METRIC_KEYS]
-        lines.append(f"| {result['category']} | " + " | ".join(values) + f" | {result['images']}{no_mask(result.get('pixel_excluded', 0))} | {result['images_per_second']:.2f} |")
+        lines.append(
+            f"| {result['category']} | "
+            + " | ".join(values)
+            + f" | {result['images']}{no_mask(result.get('pixel_excluded', 0))} | {result['images_per_second']:.2f} |"
+        )
     total = sum(r["images"] for r in per_category)
     seconds = sum(r["seconds"] for r in per_category)
-    lines.append("| **mean** | " + " | ".join(cell(mean.get(key)) for key in METRIC_KEYS) + f" | {total}{no_mask(excluded)} | {total / seconds if seconds else float('nan'):.2f} |")
+    lines.append(
+        "| **mean** | "
+        + " | ".join(cell(mean.get(key)) for key in METRIC_KEYS)
+        + f" | {total}{no_mask(excluded)} | {total / seconds if seconds else float('nan'):.2f} |"
+    )
     if excluded:
         lines.append("")
-        lines.append(f"Pixel metrics leave out {excluded} anomalous image(s) without a ground-truth mask (column \"no mask\"); "
-                     "image metrics use every image.")
+        lines.append(
+            f'Pixel metrics leave out {excluded} anomalous image(s) without a ground-truth mask (column "no mask"); '
+            "image metrics use every image."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -256,13 +299,22 @@ def evaluate_dataset(
         raise ValueError(f"aupro_protocol must be 'reference' or 'anomalib', got {aupro_protocol!r}.")
     _check_both_labels(dataset, name)
     hits, matched_by = bank_overlap(dataset, model.memory_bank_metadata)
-    overlap = {"images": len(hits), "of": len(dataset), "matched_by": matched_by if hits else None, "excluded": bool(exclude_bank_images and hits)}
+    overlap = {
+        "images": len(hits),
+        "of": len(dataset),
+        "matched_by": matched_by if hits else None,
+        "excluded": bool(exclude_bank_images and hits),
+    }
     if hits and exclude_bank_images:
         hit_set = set(hits)
         dataset = dataset.select([index for index in range(len(dataset)) if index not in hit_set])
-        overlap["message"] = f"Left out {len(hits)} of {overlap['of']} scored images that are in the memory bank (same {matched_by}); {len(dataset)} remain."
+        overlap["message"] = (
+            f"Left out {len(hits)} of {overlap['of']} scored images that are in the memory bank (same {matched_by}); {len(dataset)} remain."
+        )
         if not len(dataset):
-            raise EvaluationDataError(f"{name}: every scored image is in the memory bank; score a different dataset or build the bank from other images.")
+            raise EvaluationDataError(
+                f"{name}: every scored image is in the memory bank; score a different dataset or build the bank from other images."
+            )
         _check_both_labels(dataset, name)
     elif hits:
         overlap["message"] = (
@@ -274,10 +326,22 @@ def evaluate_dataset(
     from ..tools import run_folder
 
     output_dir = Path(output_dir)
-    settings = {"aupro": aupro_protocol, "batch_size": batch_size, "dtype": str(model.dtype), "exclude_bank_images": exclude_bank_images}
-    fingerprint = run_folder.run_fingerprint(command="evaluate", model=model, dataset=run_folder.dataset_identity(dataset, name=name), settings=settings)
-    run = run_folder.open_run_folder(output_dir, fingerprint, artefacts=("per_category", "heatmaps", "results.json", "results.csv", "results.md"),
-                                     overwrite=overwrite or not resume, resume_anyway=resume_anyway)
+    settings = {
+        "aupro": aupro_protocol,
+        "batch_size": batch_size,
+        "dtype": str(model.dtype),
+        "exclude_bank_images": exclude_bank_images,
+    }
+    fingerprint = run_folder.run_fingerprint(
+        command="evaluate", model=model, dataset=run_folder.dataset_identity(dataset, name=name), settings=settings
+    )
+    run = run_folder.open_run_folder(
+        output_dir,
+        fingerprint,
+        artefacts=("per_category", "heatmaps", "results.json", "results.csv", "results.md"),
+        overwrite=overwrite or not resume,
+        resume_anyway=resume_anyway,
+    )
     processor = MRADImageProcessor.from_config(model.config)
     category_column = dataset["category"]
     categories = sorted(set(category_column))
@@ -295,8 +359,15 @@ def evaluate_dataset(
             rows = list(iter_readable_rows(selected, processor.load_pair, on_error=on_error, failures=skipped))
             bar.update(len(skipped))
             record = evaluate_category(
-                model, rows, category, processor=processor, batch_size=batch_size,
-                heatmap_dir=output_dir / "heatmaps", heatmaps=heatmaps_per_category, aupro_protocol=aupro_protocol, progress=bar,
+                model,
+                rows,
+                category,
+                processor=processor,
+                batch_size=batch_size,
+                heatmap_dir=output_dir / "heatmaps",
+                heatmaps=heatmaps_per_category,
+                aupro_protocol=aupro_protocol,
+                progress=bar,
             )
             record["skipped"] = skipped
             _write_text(record_path, json.dumps(record, indent=2))
@@ -308,7 +379,11 @@ def evaluate_dataset(
         mean[key] = float(np.mean(values)) if values else None
     results = {
         "dataset": name,
-        "protocol": {"aupro": aupro_protocol, "image_size": model.config.image_size, "mask_threshold": model.config.mask_threshold},
+        "protocol": {
+            "aupro": aupro_protocol,
+            "image_size": model.config.image_size,
+            "mask_threshold": model.config.mask_threshold,
+        },
         "run": run_info or {},
         "mean": mean,
         "per_category": [{k: v for k, v in r.items() if k not in ("scores", "skipped")} for r in per_category],
@@ -321,8 +396,24 @@ def evaluate_dataset(
     writer = csv.writer(buffer)
     writer.writerow(["category", *METRIC_KEYS, "images", "pixel_excluded", "images_per_second"])
     for r in per_category:
-        writer.writerow([r["category"], *[r["metrics"].get(k) for k in METRIC_KEYS], r["images"], r.get("pixel_excluded", 0), r["images_per_second"]])
-    writer.writerow(["mean", *[mean[k] for k in METRIC_KEYS], sum(r["images"] for r in per_category), results["pixel_excluded_images"], ""])
+        writer.writerow(
+            [
+                r["category"],
+                *[r["metrics"].get(k) for k in METRIC_KEYS],
+                r["images"],
+                r.get("pixel_excluded", 0),
+                r["images_per_second"],
+            ]
+        )
+    writer.writerow(
+        [
+            "mean",
+            *[mean[k] for k in METRIC_KEYS],
+            sum(r["images"] for r in per_category),
+            results["pixel_excluded_images"],
+            "",
+        ]
+    )
     _write_text(output_dir / "results.csv", buffer.getvalue())
     _write_text(output_dir / "results.md", format_markdown_table(per_category, mean))
     run.finish()

@@ -74,7 +74,9 @@ def _normalise(item: Any, position: int) -> dict[str, Any]:
 class _ScoringDataset(Dataset):
     """Decodes and preprocesses one item per `__getitem__` (run in the DataLoader's workers)."""
 
-    def __init__(self, items: list[dict[str, Any]], indices: list[int], processor: MRADImageProcessor, with_masks: bool):
+    def __init__(
+        self, items: list[dict[str, Any]], indices: list[int], processor: MRADImageProcessor, with_masks: bool
+    ):
         self.items, self.indices, self.processor, self.with_masks = items, indices, processor, with_masks
 
     def __len__(self) -> int:
@@ -191,7 +193,11 @@ def score_items(
 
     batch_starts = list(range(0, len(normalised), batch_size))
     mine = _my_batches(len(batch_starts), accelerator, rank, world)
-    indices = [index for batch in mine for index in range(batch_starts[batch], min(batch_starts[batch] + batch_size, len(normalised)))]
+    indices = [
+        index
+        for batch in mine
+        for index in range(batch_starts[batch], min(batch_starts[batch] + batch_size, len(normalised)))
+    ]
     loader = DataLoader(
         _ScoringDataset(normalised, indices, processor, with_masks),
         batch_size=batch_size,

@@ -145,7 +145,11 @@ def _in_cache(repo_id: str, filename: str, revision: str | None, cache_dir) -> b
 def _download_help(name: str, repo_id: str, revision: str | None, reason: str, cache_dir=None) -> str:
     from huggingface_hub import constants
 
-    alias = f" ('{name}' is a short name for it; set {NAMESPACE_ENV} to use another organisation)" if name in SHORT_NAMES else ""
+    alias = (
+        f" ('{name}' is a short name for it; set {NAMESPACE_ENV} to use another organisation)"
+        if name in SHORT_NAMES
+        else ""
+    )
     return (
         f"Could not get '{repo_id}'{alias} at revision '{revision or 'main'}' from {constants.ENDPOINT} "
         f"(offline mode: {'on' if _offline() else 'off'}, cache: {cache_dir or constants.HF_HUB_CACHE}; no local folder '{name}' exists): {reason}. "
@@ -155,7 +159,9 @@ def _download_help(name: str, repo_id: str, revision: str | None, reason: str, c
     )
 
 
-def explain_download_error(name: str | os.PathLike, error: Exception, *, revision: str | None = None, cache_dir=None) -> Exception:
+def explain_download_error(
+    name: str | os.PathLike, error: Exception, *, revision: str | None = None, cache_dir=None
+) -> Exception:
     """The `HubDownloadError` (with what was tried and the offline recipe) for a failed download of `name`.
 
     Returns `error` itself when `name` is a local path or the error is already explained, so callers can always
@@ -176,12 +182,17 @@ def load_model(name: str | os.PathLike, **kwargs):
     from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
 
     name = resolve_model_id(
-        name, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False)
+        name,
+        revision=kwargs.get("revision"),
+        cache_dir=kwargs.get("cache_dir"),
+        local_files_only=kwargs.get("local_files_only", False),
     )
     try:
         return MRADForAnomalyDetection.from_pretrained(name, **kwargs)
     except OSError as error:
-        raise explain_download_error(name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")) from error
+        raise explain_download_error(
+            name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")
+        ) from error
 
 
 def load_detector_bundle(name: str | os.PathLike, *, backend: str | None = None, **kwargs):
@@ -200,26 +211,42 @@ def load_detector_bundle(name: str | os.PathLike, *, backend: str | None = None,
 
     model = load_model(name, **kwargs)
     hub = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only", "token") if key in kwargs}
-    source = resolve_model_id(name, revision=hub.get("revision"), cache_dir=hub.get("cache_dir"), local_files_only=hub.get("local_files_only", False))
+    source = resolve_model_id(
+        name,
+        revision=hub.get("revision"),
+        cache_dir=hub.get("cache_dir"),
+        local_files_only=hub.get("local_files_only", False),
+    )
     saved = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub)
     if saved is None:
         return model, MRADImageProcessor.from_config(model.config)
     processor = AutoImageProcessor.from_pretrained(source, backend=backend, **hub)
     if not hasattr(processor, "post_process_anomaly_detection"):
-        raise ValueError(f"{saved} holds a {type(processor).__name__}, not MRAD's image processor; re-save the model "
-                         "with save_pretrained (it writes the matching preprocessor_config.json) or delete the file.")
+        raise ValueError(
+            f"{saved} holds a {type(processor).__name__}, not MRAD's image processor; re-save the model "
+            "with save_pretrained (it writes the matching preprocessor_config.json) or delete the file."
+        )
     if processor.image_size != model.config.image_size:
-        raise ValueError(f"{saved} resizes to {processor.image_size} x {processor.image_size} but the model's config.json "
-                         f"has image_size {model.config.image_size}; re-save the model with save_pretrained or fix the file.")
+        raise ValueError(
+            f"{saved} resizes to {processor.image_size} x {processor.image_size} but the model's config.json "
+            f"has image_size {model.config.image_size}; re-save the model with save_pretrained or fix the file."
+        )
     return model, processor
 
 
 def pull_model(
-    name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-    local_dir: str | os.PathLike | None = None, endpoint: str | None = None,
+    name: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
 ) -> str:
     """Download every file of a model repo into the cache (or `local_dir`); returns the local folder."""
-    return _snapshot(name, "model", revision=revision, cache_dir=cache_dir, token=token, local_dir=local_dir, endpoint=endpoint)
+    return _snapshot(
+        name, "model", revision=revision, cache_dir=cache_dir, token=token, local_dir=local_dir, endpoint=endpoint
+    )
 
 
 def _snapshot(name: str, repo_type: str, **kwargs) -> str:
@@ -228,7 +255,9 @@ def _snapshot(name: str, repo_type: str, **kwargs) -> str:
     try:
         return snapshot_download(_repo_for(name), repo_type=repo_type, **kwargs)
     except Exception as error:  # network, auth, missing repo or revision: all end here with the recipe
-        raise explain_download_error(name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")) from error
+        raise explain_download_error(
+            name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")
+        ) from error
 
 
 def _api(token, endpoint):
@@ -283,20 +312,39 @@ def push_model(
         )
     api = _api(token, endpoint)
     with tempfile.TemporaryDirectory(prefix="mrad-push-") as folder:
-        write_model_repo(model, folder, repo_id=repo_id, results=results, base_model=base_model, endpoint_handler=endpoint_handler)
+        write_model_repo(
+            model, folder, repo_id=repo_id, results=results, base_model=base_model, endpoint_handler=endpoint_handler
+        )
         return _upload(
-            api, folder, repo_id, revision=revision, private=private, create_pr=create_pr,
+            api,
+            folder,
+            repo_id,
+            revision=revision,
+            private=private,
+            create_pr=create_pr,
             commit_message=commit_message or f"Upload {_variant_title(_variant(model.config))} model",
         )
 
 
 def write_model_repo(
-    model, folder: str | os.PathLike, *, repo_id: str, results=None, base_model: str | None = None, endpoint_handler: bool = True
+    model,
+    folder: str | os.PathLike,
+    *,
+    repo_id: str,
+    results=None,
+    base_model: str | None = None,
+    endpoint_handler: bool = True,
 ) -> Path:
     """Write exactly what `push_model` uploads into `folder`: `save_pretrained` files, README.md card, `handler.py`."""
-    from types import SimpleNamespace  # the card reads the variant (config) and the bank's provenance (memory_bank.json)
+    from types import (
+        SimpleNamespace,  # the card reads the variant (config) and the bank's provenance (memory_bank.json)
+    )
 
-    card_config = SimpleNamespace(variant=model.config.variant, image_size=model.config.image_size, memory_bank_metadata=model.memory_bank_metadata)
+    card_config = SimpleNamespace(
+        variant=model.config.variant,
+        image_size=model.config.image_size,
+        memory_bank_metadata=model.memory_bank_metadata,
+    )
     card = render_model_card(card_config, repo_id=repo_id, results=results, base_model=base_model)
     model.save_pretrained(folder)
     card.save(os.path.join(folder, "README.md"))
@@ -331,15 +379,23 @@ def push_memory_bank(
     with tempfile.TemporaryDirectory(prefix="mrad-bank-push-") as folder:
         write_bank_repo(bank, folder, repo_id=repo_id)
         return _upload(
-            api, folder, repo_id, revision=revision, private=private, create_pr=create_pr,
-            commit_message=commit_message or f"Upload MRAD memory bank ({bank.metadata.get('source') or 'unknown source'})",
+            api,
+            folder,
+            repo_id,
+            revision=revision,
+            private=private,
+            create_pr=create_pr,
+            commit_message=commit_message
+            or f"Upload MRAD memory bank ({bank.metadata.get('source') or 'unknown source'})",
         )
 
 
 def write_bank_repo(bank: MemoryBank, folder: str | os.PathLike, *, repo_id: str) -> Path:
     """Write exactly what `push_memory_bank` uploads into `folder`: the bank, `memory_bank.json`, README.md card."""
     bank.save(os.path.join(folder, BANK_FILENAME))
-    Path(folder, BANK_METADATA_FILENAME).write_text(json.dumps(bank.metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    Path(folder, BANK_METADATA_FILENAME).write_text(
+        json.dumps(bank.metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     render_bank_card(bank, repo_id=repo_id).save(os.path.join(folder, "README.md"))
     return Path(folder)
 
@@ -360,36 +416,66 @@ def load_memory_bank(
     name = os.fspath(repo_id_or_path)
     if _is_local(name):
         return MemoryBank.load(name)
-    repo_id = resolve_model_id(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, filename=filename)
+    repo_id = resolve_model_id(
+        name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, filename=filename
+    )
     try:
         path = hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only, endpoint=endpoint
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            endpoint=endpoint,
         )
     except Exception as error:
         raise explain_download_error(name, error, revision=revision, cache_dir=cache_dir) from error
     return MemoryBank.load(path)
 
 
-def pull_memory_bank(name: str, *, revision: str | None = None, cache_dir=None, token=None, local_dir=None, endpoint=None) -> str:
+def pull_memory_bank(
+    name: str, *, revision: str | None = None, cache_dir=None, token=None, local_dir=None, endpoint=None
+) -> str:
     """Download a bank repo (bank, metadata, card) into the cache or `local_dir`; returns the local folder."""
-    return _snapshot(name, "model", revision=revision, cache_dir=cache_dir, token=token, local_dir=local_dir, endpoint=endpoint)
+    return _snapshot(
+        name, "model", revision=revision, cache_dir=cache_dir, token=token, local_dir=local_dir, endpoint=endpoint
+    )
 
 
 # ---------------------------------------------------------------------- cards
 _VARIANTS = {
-    "tf": ("MRAD-TF", "train-free: frozen CLIP features are matched against the two-level memory; no trained parameters."),
-    "ft": ("MRAD-FT", "the train-free retrieval plus two trained linear query/key projections (image and patch level), "
-           "trained one epoch on the auxiliary data."),
-    "clip": ("MRAD-CLIP", "MRAD-FT plus learned text prompts whose CLIP text-image similarity is combined with the "
-             "retrieval, trained six epochs on the auxiliary data."),
+    "tf": (
+        "MRAD-TF",
+        "train-free: frozen CLIP features are matched against the two-level memory; no trained parameters.",
+    ),
+    "ft": (
+        "MRAD-FT",
+        "the train-free retrieval plus two trained linear query/key projections (image and patch level), "
+        "trained one epoch on the auxiliary data.",
+    ),
+    "clip": (
+        "MRAD-CLIP",
+        "MRAD-FT plus learned text prompts whose CLIP text-image similarity is combined with the "
+        "retrieval, trained six epochs on the auxiliary data.",
+    ),
 }
 _DATASETS = {  # loader name -> (display name, licence id, licence text)
     "visa": ("VisA", "cc-by-4.0", "VisA (Zou et al., ECCV 2022) is CC BY 4.0"),
-    "mvtec": ("MVTec AD", "cc-by-nc-sa-4.0", "MVTec AD (Bergmann et al., CVPR 2019 / IJCV 2021) is CC BY-NC-SA 4.0: non-commercial use only"),
+    "mvtec": (
+        "MVTec AD",
+        "cc-by-nc-sa-4.0",
+        "MVTec AD (Bergmann et al., CVPR 2019 / IJCV 2021) is CC BY-NC-SA 4.0: non-commercial use only",
+    ),
 }
 _METRIC_NAMES = {
-    "image_auroc": "Image AUROC", "image_ap": "Image AP", "image_f1_max": "Image F1-max", "pixel_auroc": "Pixel AUROC",
-    "pixel_ap": "Pixel AP", "pixel_f1_max": "Pixel F1-max", "aupro": "Pixel AUPRO",
+    "image_auroc": "Image AUROC",
+    "image_ap": "Image AP",
+    "image_f1_max": "Image F1-max",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_ap": "Pixel AP",
+    "pixel_f1_max": "Pixel F1-max",
+    "aupro": "Pixel AUPRO",
 }
 _BASE_MODEL = "openai/clip-vit-large-patch14-336"
 _TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "mrad", "clip", "industrial-inspection"]
@@ -400,7 +486,9 @@ def _cards_dir() -> Path:
     override = os.environ.get(CARDS_DIR_ENV)
     if override:
         if not Path(override, "model_card_template.md").is_file():
-            raise FileNotFoundError(f"{CARDS_DIR_ENV}={override!r} has no model_card_template.md; unset it to use the packaged templates.")
+            raise FileNotFoundError(
+                f"{CARDS_DIR_ENV}={override!r} has no model_card_template.md; unset it to use the packaged templates."
+            )
         return Path(override)
     return Path(__file__).resolve().parent / "templates"
 
@@ -427,7 +515,9 @@ def _load_results(results) -> list[dict[str, Any]]:
         try:
             loaded.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read the evaluation results '{path}' ({error}); pass the results.json written by `mrad evaluate`.") from error
+            raise ValueError(
+                f"Cannot read the evaluation results '{path}' ({error}); pass the results.json written by `mrad evaluate`."
+            ) from error
     return loaded
 
 
@@ -443,7 +533,9 @@ def eval_results_from_json(results, *, allow_random_backbone: bool = False) -> l
     entries = []
     for index, result in enumerate(_load_results(results)):
         if "mean" not in result or "dataset" not in result:
-            raise ValueError(f"Evaluation results #{index} lack 'dataset' / 'mean': not a results.json from `mrad evaluate`.")
+            raise ValueError(
+                f"Evaluation results #{index} lack 'dataset' / 'mean': not a results.json from `mrad evaluate`."
+            )
         if result.get("run", {}).get("pretrained") is False and not allow_random_backbone:
             raise ValueError(
                 f"Evaluation results #{index} ({result['dataset']}) come from a randomly initialised backbone; their numbers "
@@ -454,10 +546,18 @@ def eval_results_from_json(results, *, allow_random_backbone: bool = False) -> l
         for key, value in result["mean"].items():
             if value is None:
                 continue
-            entries.append(EvalResult(
-                task_type="image-segmentation", task_name="Zero-shot anomaly detection", dataset_type=dataset, dataset_name=display,
-                dataset_split="test", metric_type=key, metric_name=_METRIC_NAMES.get(key, key), metric_value=round(100 * float(value), 2),
-            ))
+            entries.append(
+                EvalResult(
+                    task_type="image-segmentation",
+                    task_name="Zero-shot anomaly detection",
+                    dataset_type=dataset,
+                    dataset_name=display,
+                    dataset_split="test",
+                    metric_type=key,
+                    metric_name=_METRIC_NAMES.get(key, key),
+                    metric_value=round(100 * float(value), 2),
+                )
+            )
     return entries
 
 
@@ -474,7 +574,13 @@ def _bank_source(config) -> str | None:
 
 
 def render_model_card(
-    config, *, repo_id: str, results=None, base_model: str | None = None, allow_random_backbone: bool = False, template_path=None
+    config,
+    *,
+    repo_id: str,
+    results=None,
+    base_model: str | None = None,
+    allow_random_backbone: bool = False,
+    template_path=None,
 ):
     """The `huggingface_hub.ModelCard` of an MRAD model repo (metadata + usage + limits + model-index)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -500,9 +606,18 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path or _cards_dir() / "model_card_template.md"),
-        repo_id=repo_id, title=title, variant=variant, variant_summary=summary, auxiliary=aux_name, source=source,
-        base_model=card_data.base_model, image_size=int(getattr(config, "image_size", 518)), counts=counts,
-        results=_results_table(eval_results), licence_notes=notes, licence=licence,
+        repo_id=repo_id,
+        title=title,
+        variant=variant,
+        variant_summary=summary,
+        auxiliary=aux_name,
+        source=source,
+        base_model=card_data.base_model,
+        image_size=int(getattr(config, "image_size", 518)),
+        counts=counts,
+        results=_results_table(eval_results),
+        licence_notes=notes,
+        licence=licence,
     )
 
 
@@ -525,14 +640,25 @@ def render_bank_card(bank: MemoryBank, *, repo_id: str, base_model: str | None =
     source = metadata.get("source")
     licence, notes = _licence(source)
     card_data = ModelCardData(
-        library_name="mrad-hf", license=licence, datasets=[source] if source else None,
-        tags=["anomaly-detection", "zero-shot-anomaly-detection", "mrad", "memory-bank"], base_model=base_model or _BASE_MODEL,
+        library_name="mrad-hf",
+        license=licence,
+        datasets=[source] if source else None,
+        tags=["anomaly-detection", "zero-shot-anomaly-detection", "mrad", "memory-bank"],
+        base_model=base_model or _BASE_MODEL,
     )
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path or _cards_dir() / "bank_card_template.md"),
-        repo_id=repo_id, source=source, auxiliary=_DATASETS.get(source, (source or "unknown data",))[0],
-        counts=bank.counts(), image_dim=int(bank.image_keys.shape[1]), patch_dim=int(bank.patch_keys.shape[1]),
-        backbone=metadata.get("backbone"), features=metadata.get("features"), provenance=metadata.get("conversion"),
-        format_version=metadata.get("format_version"), licence_notes=notes, licence=licence,
+        repo_id=repo_id,
+        source=source,
+        auxiliary=_DATASETS.get(source, (source or "unknown data",))[0],
+        counts=bank.counts(),
+        image_dim=int(bank.image_keys.shape[1]),
+        patch_dim=int(bank.patch_keys.shape[1]),
+        backbone=metadata.get("backbone"),
+        features=metadata.get("features"),
+        provenance=metadata.get("conversion"),
+        format_version=metadata.get("format_version"),
+        licence_notes=notes,
+        licence=licence,
     )

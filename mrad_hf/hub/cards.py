@@ -35,11 +35,19 @@ def card_config(variant: str, auxiliary: str, image_size: int = 518) -> SimpleNa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mrad_hf.hub.cards", description="Render an MRAD model card (README.md).")
+    parser = argparse.ArgumentParser(
+        prog="python -m mrad_hf.hub.cards", description="Render an MRAD model card (README.md)."
+    )
     parser.add_argument("--repo-id", required=True, help="<org>/<name> the card is for (used in the usage snippet)")
-    parser.add_argument("--model", help="a saved MRAD model folder (or Hub id) to read variant, memory source and input size from")
-    parser.add_argument("--variant", choices=("tf", "ft", "clip"), help="without --model: MRAD-TF, MRAD-FT or MRAD-CLIP")
-    parser.add_argument("--auxiliary", choices=("visa", "mvtec"), help="without --model: the auxiliary (memory / training) dataset")
+    parser.add_argument(
+        "--model", help="a saved MRAD model folder (or Hub id) to read variant, memory source and input size from"
+    )
+    parser.add_argument(
+        "--variant", choices=("tf", "ft", "clip"), help="without --model: MRAD-TF, MRAD-FT or MRAD-CLIP"
+    )
+    parser.add_argument(
+        "--auxiliary", choices=("visa", "mvtec"), help="without --model: the auxiliary (memory / training) dataset"
+    )
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--results", nargs="*", default=[], help="results.json files from `mrad evaluate`")
     parser.add_argument("--base-model", help="CLIP checkpoint id (default openai/clip-vit-large-patch14-336)")

@@ -134,8 +134,17 @@ def _input_record(path: Path, sha: str) -> dict[str, Any]:
     return {"file": path.name, "sha256": sha, "official": None if official is None else sha == official}
 
 
-def _write_release_json(folder: Path, derivation: str, inputs: list[dict[str, Any]], evaluations: list[str] | None = None) -> None:
-    record = {"release": {"mrad_hf": _version(), "derivation": derivation, "inputs": inputs, "evaluated_on": evaluations or []}}
+def _write_release_json(
+    folder: Path, derivation: str, inputs: list[dict[str, Any]], evaluations: list[str] | None = None
+) -> None:
+    record = {
+        "release": {
+            "mrad_hf": _version(),
+            "derivation": derivation,
+            "inputs": inputs,
+            "evaluated_on": evaluations or [],
+        }
+    }
     (folder / "release.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -173,7 +182,9 @@ def build_release(
 
     unknown = sorted(set(variants) - set(RELEASE_VARIANTS)) + sorted(set(auxiliaries) - set(AUXILIARIES))
     if unknown:
-        raise ValueError(f"Unknown variants / auxiliary datasets {unknown}; choose from {RELEASE_VARIANTS} and {AUXILIARIES}.")
+        raise ValueError(
+            f"Unknown variants / auxiliary datasets {unknown}; choose from {RELEASE_VARIANTS} and {AUXILIARIES}."
+        )
     files.check()
     namespace = (namespace or hub_namespace()).strip("/")
     work_dir = Path(work_dir)
@@ -185,7 +196,9 @@ def build_release(
     digests = {path: _sha256(path) for path in files.all_files()}
     official_clip = digests[files.clip] == OFFICIAL_SHA256[CLIP_NAME]
     if not official_clip:
-        log(f"note: {files.clip.name} is not OpenAI's file (sha256 differs): evaluation results will not enter the cards.")
+        log(
+            f"note: {files.clip.name} is not OpenAI's file (sha256 differs): evaluation results will not enter the cards."
+        )
 
     log(f"Converting {files.clip.name}")
     clip = convert_openai_clip(files.clip)
@@ -209,7 +222,9 @@ def build_release(
 
         repo = new_repo(f"mrad-bank-{aux}", "bank")
         write_bank_repo(bank, repo.folder, repo_id=repo.repo_id)
-        _write_release_json(repo.folder, f"official {aux} memory bank, keys checked against {files.clip.name}", bank_inputs)
+        _write_release_json(
+            repo.folder, f"official {aux} memory bank, keys checked against {files.clip.name}", bank_inputs
+        )
         repos.append(repo)
 
         for variant in variants:
@@ -226,8 +241,9 @@ def build_release(
                 model = convert_official_checkpoint(source, clip=clip, bank=bank, image_size=image_size)
                 inputs = [*bank_inputs, _input_record(checkpoint, digests[checkpoint])]
                 derivation = (
-                    f"MRAD-CLIP: {checkpoint.name} (trained on {aux}) + the official {aux} bank" if variant == "clip" else
-                    f"MRAD-FT: the image/patch projections of {checkpoint.name} (as the official test.py --model_type mrad-ft "
+                    f"MRAD-CLIP: {checkpoint.name} (trained on {aux}) + the official {aux} bank"
+                    if variant == "clip"
+                    else f"MRAD-FT: the image/patch projections of {checkpoint.name} (as the official test.py --model_type mrad-ft "
                     f"uses them) + the official {aux} bank"
                 )
             repo = new_repo(name, "model")
@@ -235,19 +251,33 @@ def build_release(
             evaluations = []
             target = OTHER[aux]
             if target in data_roots:
-                evaluated = _evaluate(model, target, data_roots[target], work_dir / "evaluation" / name / target, repo.repo_id, official_clip, aux, batch_size, log)
+                evaluated = _evaluate(
+                    model,
+                    target,
+                    data_roots[target],
+                    work_dir / "evaluation" / name / target,
+                    repo.repo_id,
+                    official_clip,
+                    aux,
+                    batch_size,
+                    log,
+                )
                 evaluations.append(target)
                 if official_clip:
                     card_results.append(evaluated)
                 else:
-                    repo.notes.append(f"evaluated on {target} ({evaluated}); not in the card: the CLIP file is not OpenAI's")
+                    repo.notes.append(
+                        f"evaluated on {target} ({evaluated}); not in the card: the CLIP file is not OpenAI's"
+                    )
             write_model_repo(model, repo.folder, repo_id=repo.repo_id, results=card_results or None)
             _write_release_json(repo.folder, derivation, inputs, evaluations)
             repos.append(repo)
     for repo in repos:
         for path in repo.folder.rglob("*.safetensors"):
             canonical_safetensors(path)
-        repo.files = {str(p.relative_to(repo.folder)): _sha256(p) for p in sorted(repo.folder.rglob("*")) if p.is_file()}
+        repo.files = {
+            str(p.relative_to(repo.folder)): _sha256(p) for p in sorted(repo.folder.rglob("*")) if p.is_file()
+        }
     return repos
 
 
@@ -278,10 +308,13 @@ def canonical_safetensors(path: str | os.PathLike) -> None:
 
 def _projection_heads_only(checkpoint: Path, scratch: Path) -> Path:
     """The official checkpoint restricted to {image_proj, patch_proj}: what `test.py --model_type mrad-ft` loads."""
-    from ..conversion.common import load_torch_file, require_mapping
     import torch
 
-    raw = require_mapping(load_torch_file(checkpoint, "Official MRAD checkpoint"), checkpoint, "Official MRAD checkpoint")
+    from ..conversion.common import load_torch_file, require_mapping
+
+    raw = require_mapping(
+        load_torch_file(checkpoint, "Official MRAD checkpoint"), checkpoint, "Official MRAD checkpoint"
+    )
     missing = [key for key in ("image_proj", "patch_proj") if key not in raw]
     if missing:
         raise ValueError(f"'{checkpoint}' has no {missing}: not an official MRAD-FT / MRAD-CLIP checkpoint.")
@@ -291,14 +324,18 @@ def _projection_heads_only(checkpoint: Path, scratch: Path) -> Path:
     return path
 
 
-def _evaluate(model, dataset: str, root, output_dir: Path, repo_id: str, pretrained: bool, aux: str, batch_size: int, log) -> Path:
+def _evaluate(
+    model, dataset: str, root, output_dir: Path, repo_id: str, pretrained: bool, aux: str, batch_size: int, log
+) -> Path:
     from ..data.loaders import load_benchmark
     from ..evaluation.runner import evaluate_dataset
 
     log(f"Evaluating {repo_id} on {dataset} ({root})")
     rows = load_benchmark(dataset, root)
     run_info = {"model": repo_id, "pretrained": pretrained, "bank": aux}
-    evaluate_dataset(model, rows, output_dir, name=dataset, batch_size=batch_size, run_info=run_info, progress=False, resume=False)
+    evaluate_dataset(
+        model, rows, output_dir, name=dataset, batch_size=batch_size, run_info=run_info, progress=False, resume=False
+    )
     return output_dir / "results.json"
 
 
@@ -316,12 +353,19 @@ def compare_with_hub(repos: Sequence[ReleaseRepo], *, token=None, endpoint: str 
     api = _api(token, endpoint)
     for repo in repos:
         try:
-            remote = {entry.path: entry for entry in api.list_repo_tree(repo.repo_id, recursive=True) if hasattr(entry, "size") and not hasattr(entry, "tree_id")}
+            remote = {
+                entry.path: entry
+                for entry in api.list_repo_tree(repo.repo_id, recursive=True)
+                if hasattr(entry, "size") and not hasattr(entry, "tree_id")
+            }
         except (RepositoryNotFoundError, RevisionNotFoundError):
             repo.status, repo.changed, repo.remote_only = "new", sorted(repo.files), []
             continue
         except Exception as error:  # offline, auth, ...: the plan still lists every file
-            repo.status, repo.changed = f"unknown: {type(error).__name__}: {error}".splitlines()[0][:200], sorted(repo.files)
+            repo.status, repo.changed = (
+                f"unknown: {type(error).__name__}: {error}".splitlines()[0][:200],
+                sorted(repo.files),
+            )
             continue
         repo.changed = [path for path in sorted(repo.files) if not _same_as_remote(api, repo, path, remote.get(path))]
         repo.remote_only = sorted(set(remote) - set(repo.files) - {".gitattributes"})
@@ -345,7 +389,11 @@ def _same_as_remote(api, repo: ReleaseRepo, path: str, entry) -> bool:
 
 
 def publish_release(
-    repos: Sequence[ReleaseRepo], *, token=None, endpoint: str | None = None, private: bool | None = None,
+    repos: Sequence[ReleaseRepo],
+    *,
+    token=None,
+    endpoint: str | None = None,
+    private: bool | None = None,
     log: Callable[[str], None] = _log_default,
 ) -> dict[str, str | None]:
     """Upload, per repo, only the files `compare_with_hub` found different; returns {repo_id: commit sha or None}."""
@@ -359,7 +407,9 @@ def publish_release(
             continue
         api.create_repo(repo.repo_id, private=private, exist_ok=True)
         info = api.upload_folder(
-            repo_id=repo.repo_id, folder_path=str(repo.folder), allow_patterns=repo.changed,
+            repo_id=repo.repo_id,
+            folder_path=str(repo.folder),
+            allow_patterns=repo.changed,
             commit_message=f"mrad release {_version()}: {len(repo.changed)} file(s)",
         )
         commits[repo.repo_id] = info.oid
@@ -371,7 +421,9 @@ def format_plan(repos: Sequence[ReleaseRepo]) -> str:
     """Every repo and file of the release, marked `+` (to upload) or `=` (already on the Hub)."""
     lines = []
     for repo in repos:
-        lines.append(f"{repo.repo_id} ({repo.kind}): {repo.status}, {len(repo.changed)} of {len(repo.files)} file(s) to upload")
+        lines.append(
+            f"{repo.repo_id} ({repo.kind}): {repo.status}, {len(repo.changed)} of {len(repo.files)} file(s) to upload"
+        )
         for path, sha in sorted(repo.files.items()):
             size = (repo.folder / path).stat().st_size
             lines.append(f"  {'+' if path in repo.changed else '='} {path}  {size} B  sha256:{sha[:12]}")
@@ -381,15 +433,24 @@ def format_plan(repos: Sequence[ReleaseRepo]) -> str:
 
 
 def release(
-    files: ReleaseFiles, work_dir: str | os.PathLike, *, dry_run: bool = False, token=None, endpoint: str | None = None,
-    private: bool | None = None, log: Callable[[str], None] = _log_default, **build_options,
+    files: ReleaseFiles,
+    work_dir: str | os.PathLike,
+    *,
+    dry_run: bool = False,
+    token=None,
+    endpoint: str | None = None,
+    private: bool | None = None,
+    log: Callable[[str], None] = _log_default,
+    **build_options,
 ) -> tuple[list[ReleaseRepo], dict[str, str | None]]:
     """Build, compare with the Hub, print the plan, and (unless `dry_run`) upload what differs."""
     repos = build_release(files, work_dir, log=log, **build_options)
     compare_with_hub(repos, token=token, endpoint=endpoint)
     log(format_plan(repos))
     if dry_run:
-        log(f"Dry run: nothing pushed ({sum(len(r.changed) for r in repos)} file(s) in {sum(bool(r.changed) for r in repos)} repo(s) would be).")
+        log(
+            f"Dry run: nothing pushed ({sum(len(r.changed) for r in repos)} file(s) in {sum(bool(r.changed) for r in repos)} repo(s) would be)."
+        )
         return repos, {}
     commits = publish_release(repos, token=token, endpoint=endpoint, private=private, log=log)
     pushed = [repo for repo, sha in commits.items() if sha]

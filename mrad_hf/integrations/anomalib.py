@@ -86,17 +86,25 @@ class MRADAnomalib(AnomalibModule):
         calibration = _calibration(mrad)
         if threshold is None and calibration is not None:
             threshold = float(calibration["image_threshold"])
-            pixel_threshold = float(calibration.get("pixel_threshold", threshold)) if pixel_threshold is None else pixel_threshold
+            pixel_threshold = (
+                float(calibration.get("pixel_threshold", threshold)) if pixel_threshold is None else pixel_threshold
+            )
         # set before AnomalibModule.__init__, which calls configure_pre_processor / configure_post_processor
         self._mrad_image_size = int(mrad.config.image_size)
         self._mrad_threshold = None if threshold is None else float(threshold)
-        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
         self.model = mrad
         self.threshold = self._mrad_threshold
         self.pixel_threshold = self.threshold if pixel_threshold is None else float(pixel_threshold)
         processor = MRADImageProcessor.from_config(mrad.config)
-        self.register_buffer("image_mean", torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "image_mean", torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "image_std", torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
 
     # ------------------------------------------------------------------ anomalib hooks
     def configure_pre_processor(self, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -104,7 +112,11 @@ class MRADAnomalib(AnomalibModule):
         from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
         side = self._mrad_image_size or 518
-        return PreProcessor(transform=Compose([Resize(image_size or (side, side), interpolation=InterpolationMode.BICUBIC, antialias=True)]))
+        return PreProcessor(
+            transform=Compose(
+                [Resize(image_size or (side, side), interpolation=InterpolationMode.BICUBIC, antialias=True)]
+            )
+        )
 
     def configure_post_processor(self) -> PostProcessor:
         """anomalib's default; with an MRAD threshold it neither renormalises nor re-thresholds (scores stay MRAD's)."""
@@ -131,12 +143,16 @@ class MRADAnomalib(AnomalibModule):
         side = int(self.model.config.image_size)
         pixels = images.float()
         if (height, width) != (side, side):
-            pixels = F.interpolate(pixels, size=(side, side), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            pixels = F.interpolate(
+                pixels, size=(side, side), mode="bicubic", align_corners=False, antialias=True
+            ).clamp(0, 1)
         pixels = (pixels - self.image_mean.to(pixels.device)) / self.image_std.to(pixels.device)
         outputs = self.model(pixel_values=pixels.to(self.model.dtype))
         anomaly_map = outputs.anomaly_map.float()
         if anomaly_map.shape[-2:] != (height, width):
-            anomaly_map = F.interpolate(anomaly_map[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            anomaly_map = F.interpolate(
+                anomaly_map[:, None], size=(height, width), mode="bilinear", align_corners=False
+            )[:, 0]
         fields = {"pred_score": outputs.anomaly_score.float(), "anomaly_map": anomaly_map}
         if self.threshold is not None:
             fields["pred_label"] = fields["pred_score"] > self.threshold
@@ -156,10 +172,14 @@ class MRADAnomalib(AnomalibModule):
 
     def training_step(self, batch, *args, **kwargs):
         del batch, args, kwargs
-        raise RuntimeError("MRADAnomalib is zero-shot: call Engine().test / Engine().predict, there is nothing to fit.")
+        raise RuntimeError(
+            "MRADAnomalib is zero-shot: call Engine().test / Engine().predict, there is nothing to fit."
+        )
 
 
 def _calibration(model) -> dict[str, Any] | None:
     """`model.calibration` (its calibration.json), else the attached bank's record of it."""
-    calibration = getattr(model, "calibration", None) or (getattr(model, "memory_bank_metadata", None) or {}).get("calibration")
+    calibration = getattr(model, "calibration", None) or (getattr(model, "memory_bank_metadata", None) or {}).get(
+        "calibration"
+    )
     return calibration if isinstance(calibration, dict) and "image_threshold" in calibration else None

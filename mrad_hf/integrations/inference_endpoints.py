@@ -19,7 +19,15 @@ import sys
 
 from ..hub.api import ENDPOINT_HANDLER_FILE, write_endpoint_handler
 
-__all__ = ["EndpointHandler", "decode_image", "decode_map", "encode_map", "handler_module", "write_endpoint_handler", "MAP_FORMAT"]
+__all__ = [
+    "EndpointHandler",
+    "decode_image",
+    "decode_map",
+    "encode_map",
+    "handler_module",
+    "write_endpoint_handler",
+    "MAP_FORMAT",
+]
 
 _MODULE_NAME = "mrad_hf.integrations._endpoint_handler"
 

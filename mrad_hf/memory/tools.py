@@ -29,13 +29,12 @@ their image entry through `patch_sources` (see `MemoryBank.provenance`).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from typing import Any
-
 import os
 import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +68,9 @@ def _labels(values: torch.Tensor) -> torch.Tensor:
     return values.argmax(dim=1) if len(values) else torch.zeros(0, dtype=torch.long)
 
 
-def select_entries(bank: MemoryBank, image_indices: Sequence[int], patch_indices: Sequence[int], **metadata_updates) -> MemoryBank:
+def select_entries(
+    bank: MemoryBank, image_indices: Sequence[int], patch_indices: Sequence[int], **metadata_updates
+) -> MemoryBank:
     """A new bank with the given image and patch entries (in that order), provenance kept aligned.
 
     Every selected patch entry's image entry must be selected too (or the patch entry's source must be
@@ -84,7 +85,9 @@ def select_entries(bank: MemoryBank, image_indices: Sequence[int], patch_indices
     orphans = (old_sources >= 0) & (new_sources < 0)
     if orphans.any():
         first = int(patch_index[orphans.nonzero()[0, 0]])
-        raise MemoryBankError(f"Patch entry {first} would lose its image entry {int(bank.patch_sources[first])}; select both or neither.")
+        raise MemoryBankError(
+            f"Patch entry {first} would lose its image entry {int(bank.patch_sources[first])}; select both or neither."
+        )
     ids, sources = bank.image_ids(), bank.image_sources()
     metadata = dict(bank.metadata)
     chosen = image_index.tolist()
@@ -118,7 +121,9 @@ def _backbone_of(bank: MemoryBank) -> dict[str, Any]:
     return backbone
 
 
-def check_mergeable(first: MemoryBank, second: MemoryBank, names: tuple[str, str] = ("first bank", "second bank")) -> None:
+def check_mergeable(
+    first: MemoryBank, second: MemoryBank, names: tuple[str, str] = ("first bank", "second bank")
+) -> None:
     """Raise MemoryBankError unless both banks were built with the same backbone and feature settings."""
     try:
         first.check_compatible(_backbone_of(second), second.metadata.get("features") or {}, strict=True)
@@ -133,7 +138,12 @@ def _source_name(bank: MemoryBank) -> str:
     return str(bank.metadata.get("source") or "unknown")
 
 
-def merge_banks(banks: Sequence[MemoryBank], *, names: Sequence[str] | None = None, dedup_threshold: float | None = DEFAULT_DEDUP_THRESHOLD) -> MemoryBank:
+def merge_banks(
+    banks: Sequence[MemoryBank],
+    *,
+    names: Sequence[str] | None = None,
+    dedup_threshold: float | None = DEFAULT_DEDUP_THRESHOLD,
+) -> MemoryBank:
     """Concatenate compatible banks (first bank's entries first), then de-duplicate (None: keep every entry).
 
     The result keeps the first bank's backbone and feature metadata; its `source` joins the distinct sources
@@ -161,7 +171,8 @@ def merge_banks(banks: Sequence[MemoryBank], *, names: Sequence[str] | None = No
         image_ids=ids,
         image_sources=sources,
         source="+".join(distinct) if distinct else _source_name(banks[0]),
-        history=list(metadata.get("history") or []) + [{"operation": "merge", "banks": [str(n) for n in names], "entries": [b.counts() for b in banks]}],
+        history=list(metadata.get("history") or [])
+        + [{"operation": "merge", "banks": [str(n) for n in names], "entries": [b.counts() for b in banks]}],
     )
     metadata.pop("calibration", None)  # thresholds chosen for one bank do not carry over to another
     merged = MemoryBank(
@@ -176,7 +187,9 @@ def merge_banks(banks: Sequence[MemoryBank], *, names: Sequence[str] | None = No
 
 
 # ---------------------------------------------------------------------- de-duplication
-def _greedy_keep(keys: torch.Tensor, labels: torch.Tensor, threshold: float, protected: torch.Tensor | None = None, block: int = 256) -> list[int]:
+def _greedy_keep(
+    keys: torch.Tensor, labels: torch.Tensor, threshold: float, protected: torch.Tensor | None = None, block: int = 256
+) -> list[int]:
     """Indices kept by the rule in the module docstring: in order, drop an entry whose same-label cosine with
     an already kept entry exceeds `threshold`, unless it is `protected` (protected entries are always kept)."""
     keys = l2_normalize(keys.float())
@@ -201,7 +214,9 @@ def _greedy_keep(keys: torch.Tensor, labels: torch.Tensor, threshold: float, pro
     return kept
 
 
-def deduplicate(bank: MemoryBank, threshold: float = DEFAULT_DEDUP_THRESHOLD, *, keep_leading: tuple[int, int] = (0, 0)) -> MemoryBank:
+def deduplicate(
+    bank: MemoryBank, threshold: float = DEFAULT_DEDUP_THRESHOLD, *, keep_leading: tuple[int, int] = (0, 0)
+) -> MemoryBank:
     """Drop near-identical entries (same level, same label, cosine > threshold); the rule is in the module docstring.
 
     `keep_leading=(i, p)` always keeps the first i image and p patch entries (`add_samples` passes the existing
@@ -212,11 +227,20 @@ def deduplicate(bank: MemoryBank, threshold: float = DEFAULT_DEDUP_THRESHOLD, *,
     leading_patches = torch.arange(bank.patch_keys.shape[0]) < keep_leading[1]
     patch_kept = _greedy_keep(bank.patch_keys, _labels(bank.patch_values), threshold, protected=leading_patches)
     has_region = torch.arange(bank.image_keys.shape[0]) < keep_leading[0]
-    surviving_sources = bank.patch_sources[torch.tensor(patch_kept, dtype=torch.long)] if patch_kept else torch.zeros(0, dtype=torch.long)
+    surviving_sources = (
+        bank.patch_sources[torch.tensor(patch_kept, dtype=torch.long)]
+        if patch_kept
+        else torch.zeros(0, dtype=torch.long)
+    )
     has_region[surviving_sources[surviving_sources >= 0]] = True
     image_kept = _greedy_keep(bank.image_keys, _labels(bank.image_values), threshold, protected=has_region)
-    removed = {"image": bank.image_keys.shape[0] - len(image_kept), "patch": bank.patch_keys.shape[0] - len(patch_kept)}
-    history = list(bank.metadata.get("history") or []) + [{"operation": "deduplicate", "threshold": threshold, "removed": removed}]
+    removed = {
+        "image": bank.image_keys.shape[0] - len(image_kept),
+        "patch": bank.patch_keys.shape[0] - len(patch_kept),
+    }
+    history = list(bank.metadata.get("history") or []) + [
+        {"operation": "deduplicate", "threshold": threshold, "removed": removed}
+    ]
     result = select_entries(bank, image_kept, patch_kept, history=history)
     if any(removed.values()):
         result.metadata.pop("calibration", None)  # thresholds were chosen with the entries just removed
@@ -240,7 +264,9 @@ def remove_sources(bank: MemoryBank, sources: Iterable[str]) -> MemoryBank:
     keep_image[-1] = _source_name(bank) not in sources
     patch_kept = keep_image[bank.patch_sources].nonzero().flatten().tolist()
     if not patch_kept:
-        raise MemoryBankError(f"Removing {sorted(sources)} would leave the pixel memory empty; build a new bank instead.")
+        raise MemoryBankError(
+            f"Removing {sorted(sources)} would leave the pixel memory empty; build a new bank instead."
+        )
     remaining = list(dict.fromkeys(image_sources[i] for i in image_kept))
     history = list(bank.metadata.get("history") or []) + [{"operation": "remove", "sources": sorted(sources)}]
     metadata = {"source": "+".join(remaining), "history": history}
@@ -274,8 +300,13 @@ def samples_from_files(
     paths = [str(image) for image, _ in pairs]
     base = os.path.commonpath([os.path.abspath(os.path.dirname(path)) for path in paths])
     return [
-        {"image": str(image), "label": value, "mask": None if mask is None else str(mask), "path": str(image),
-         "id": Path(os.path.relpath(os.path.abspath(image), base)).as_posix()}
+        {
+            "image": str(image),
+            "label": value,
+            "mask": None if mask is None else str(mask),
+            "path": str(image),
+            "id": Path(os.path.relpath(os.path.abspath(image), base)).as_posix(),
+        }
         for image, mask in pairs
     ], ignored
 
@@ -283,7 +314,11 @@ def samples_from_files(
 def unmasked_anomalies(samples: Any) -> list[bool]:
     """Per sample: anomalous and without a mask (read from the columns of a loader dataset, nothing decoded)."""
     if hasattr(samples, "column_names"):  # a datasets.Dataset from data.loaders
-        masks = samples["mask_path"] if "mask_path" in samples.column_names else samples.cast_column("mask", _undecoded())["mask"]
+        masks = (
+            samples["mask_path"]
+            if "mask_path" in samples.column_names
+            else samples.cast_column("mask", _undecoded())["mask"]
+        )
         return [int(label) == 1 and mask is None for label, mask in zip(samples["label"], masks)]
     flags = []
     for position, sample in enumerate(samples):
@@ -321,7 +356,9 @@ def entries_from_samples(
     build from its whole image (as if it were all normal) is dropped. `metadata["image_level_only"]` counts them.
     """
     if not source:
-        raise ValueError("Name the source of the new entries (e.g. 'line-3-defects'): it is how they are listed and removed later.")
+        raise ValueError(
+            "Name the source of the new entries (e.g. 'line-3-defects'): it is how they are listed and removed later."
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
     unmasked: list[bool] = []
@@ -376,12 +413,19 @@ def add_samples(
     """
     bank.check_compatible(model.backbone_fingerprint(), feature_settings(model.config), strict=True)
     if source in set(bank.image_sources()):
-        raise MemoryBankError(f"The bank already has entries from source {source!r}; pick a new name, or remove that source first.")
-    new = entries_from_samples(model, samples, source=source, batch_size=batch_size, progress=progress, on_error=on_error, failures=failures)
+        raise MemoryBankError(
+            f"The bank already has entries from source {source!r}; pick a new name, or remove that source first."
+        )
+    new = entries_from_samples(
+        model, samples, source=source, batch_size=batch_size, progress=progress, on_error=on_error, failures=failures
+    )
     image_level_only = new.metadata.pop("image_level_only", 0)
     merged = merge_banks([bank, new], names=[_source_name(bank), source], dedup_threshold=None)
     merged.metadata["history"][-1] = {
-        "operation": "add", "source": source, "entries": new.counts(), "image_level_only_anomalies": image_level_only,
+        "operation": "add",
+        "source": source,
+        "entries": new.counts(),
+        "image_level_only_anomalies": image_level_only,
     }
     if dedup_threshold is None:
         return merged

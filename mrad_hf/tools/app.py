@@ -41,7 +41,7 @@ def import_gradio():
         import gradio
     except ImportError as error:
         raise ImportError(
-            "The demo app needs Gradio, an optional dependency: pip install \"mrad-hf[app]\" (or pip install gradio). "
+            'The demo app needs Gradio, an optional dependency: pip install "mrad-hf[app]" (or pip install gradio). '
             "Everything else (mrad predict, mrad explain) works without it."
         ) from error
     return gradio
@@ -53,7 +53,12 @@ def detector_for(model):
 
     from ..models.mrad.image_processing_mrad import MRADImageProcessor
 
-    return pipeline("anomaly-detection", model=model, image_processor=MRADImageProcessor.from_config(model.config), device=model.device)
+    return pipeline(
+        "anomaly-detection",
+        model=model,
+        image_processor=MRADImageProcessor.from_config(model.config),
+        device=model.device,
+    )
 
 
 def _decision_text(result: dict[str, Any]) -> str:
@@ -66,7 +71,12 @@ def _decision_text(result: dict[str, Any]) -> str:
 
 
 def analyse(
-    detector, image: Any, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None, image_root: str | os.PathLike | None = None,
+    detector,
+    image: Any,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    threshold: float | None = None,
+    image_root: str | os.PathLike | None = None,
     max_upload_mb: float | None = None,
 ) -> tuple[float, str, Any, Any, dict[str, Any]]:
     """Score one image with the pipeline: (score, decision text, heatmap overlay, explanation panel, details).
@@ -80,23 +90,34 @@ def analyse(
     if max_upload_mb is not None and isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
         size = os.path.getsize(image)
         if size > max_upload_mb * 1e6:
-            raise ValueError(f"The upload is {size / 1e6:.1f} MB; this app accepts images up to {max_upload_mb:g} MB. Downscale or compress it.")
+            raise ValueError(
+                f"The upload is {size / 1e6:.1f} MB; this app accepts images up to {max_upload_mb:g} MB. Downscale or compress it."
+            )
     loaded = detector.image_processor.load(image)
     result = detector(loaded, explain=True, top_k=top_k, threshold=threshold)
     overlay = overlay_heatmap(loaded, result["anomaly_map"])
     notes: list[str] = []
-    panel = render_explanation(loaded, result["anomaly_map"], result["explanation"], image_root=image_root, notes=notes)
+    panel = render_explanation(
+        loaded, result["anomaly_map"], result["explanation"], image_root=image_root, notes=notes
+    )
     details = {"score": result["score"], "explanation": public_explanation(result["explanation"])}
     if notes:
         details["thumbnail_notes"] = [note.split("': ", 1)[-1] for note in notes]  # the reasons, without the ids
     if "thresholds" in result:
-        details.update(is_anomalous=bool(result["is_anomalous"]), label=result["label"], thresholds=result["thresholds"])
+        details.update(
+            is_anomalous=bool(result["is_anomalous"]), label=result["label"], thresholds=result["thresholds"]
+        )
     return result["score"], _decision_text(result), overlay, panel, details
 
 
 def build_app(
-    model, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None, title: str = "MRAD anomaly detection",
-    image_root: str | os.PathLike | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    model,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    threshold: float | None = None,
+    title: str = "MRAD anomaly detection",
+    image_root: str | os.PathLike | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
 ):
     """A `gradio.Blocks` app over `model` (an `MRADForAnomalyDetection` with a memory bank).
 
@@ -115,11 +136,20 @@ def build_app(
 
     def predict(image_path):
         try:
-            return analyse(detector, image_path, top_k=top_k, threshold=threshold, image_root=image_root, max_upload_mb=max_upload_mb)
+            return analyse(
+                detector,
+                image_path,
+                top_k=top_k,
+                threshold=threshold,
+                image_root=image_root,
+                max_upload_mb=max_upload_mb,
+            )
         except Exception as error:  # show the user the real reason in one line, not Gradio's generic "Error"
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             if image_path:  # name the user's file, not where the server stored the upload
-                message = message.replace(str(image_path), os.path.basename(str(image_path))).replace(temp_dir, "<upload>")
+                message = message.replace(str(image_path), os.path.basename(str(image_path))).replace(
+                    temp_dir, "<upload>"
+                )
             raise gr.Error(message, print_exception=False) from error
 
     app = gr.Interface(
@@ -156,14 +186,28 @@ def build_app(
 
 
 def serve(
-    model, *, host: str = "127.0.0.1", port: int | None = None, top_k: int = DEFAULT_TOP_K, threshold: float | None = None,
-    block: bool = True, image_root: str | os.PathLike | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    model,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    threshold: float | None = None,
+    block: bool = True,
+    image_root: str | os.PathLike | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
 ):
     """Build and launch the app; returns the launched app (call `.close()` to stop it when `block=False`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app = build_app(model, top_k=top_k, threshold=threshold, image_root=image_root, max_upload_mb=max_upload_mb)
     try:
-        app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=not block, **app.launch_options)
+        app.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            prevent_thread_lock=not block,
+            quiet=not block,
+            **app.launch_options,
+        )
     finally:
         if block:
             app.close()

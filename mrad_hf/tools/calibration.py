@@ -35,7 +35,13 @@ import torch
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 
 __all__ = [
-    "ConformalError", "conformal_threshold", "minimum_normal_images", "score_images", "calibrate", "apply_calibration", "resampling_study",
+    "ConformalError",
+    "conformal_threshold",
+    "minimum_normal_images",
+    "score_images",
+    "calibrate",
+    "apply_calibration",
+    "resampling_study",
 ]
 
 
@@ -71,7 +77,9 @@ def conformal_threshold(scores: Sequence[float] | np.ndarray, target_fpr: float)
 
 
 @torch.no_grad()
-def score_images(model, images: Iterable[Any], *, masks: Iterable[Any] | None = None, batch_size: int = 8, progress: bool = True):
+def score_images(
+    model, images: Iterable[Any], *, masks: Iterable[Any] | None = None, batch_size: int = 8, progress: bool = True
+):
     """Scores (n,) and anomaly maps (n, S, S) at the network input size, plus masks (n, S, S) bool when given.
 
     Images as the image processor takes them (paths, PIL images, arrays); the scores equal the pipeline's.
@@ -89,7 +97,9 @@ def score_images(model, images: Iterable[Any], *, masks: Iterable[Any] | None = 
         inputs = processor(images[start : start + batch_size], masks=masks[start : start + batch_size])
         outputs = model(pixel_values=inputs["pixel_values"].to(device=model.device, dtype=model.dtype))
         if outputs.anomaly_map is None:
-            raise ValueError("The model is in training mode and returns no anomaly maps; call model.eval() before scoring.")
+            raise ValueError(
+                "The model is in training mode and returns no anomaly maps; call model.eval() before scoring."
+            )
         scores.append(outputs.anomaly_score.float().cpu())
         maps.append(outputs.anomaly_map.float().cpu())
         mask_out.append(inputs["masks"].cpu() > 0.5)
@@ -102,7 +112,11 @@ def score_images(model, images: Iterable[Any], *, masks: Iterable[Any] | None = 
 
 def _bank_signature(model) -> dict[str, Any]:
     metadata = model.memory_bank_metadata or {}
-    return {"source": metadata.get("source"), "image_entries": int(model.config.image_bank_size), "patch_entries": int(model.config.patch_bank_size)}
+    return {
+        "source": metadata.get("source"),
+        "image_entries": int(model.config.image_bank_size),
+        "patch_entries": int(model.config.patch_bank_size),
+    }
 
 
 def calibrate(
@@ -165,7 +179,9 @@ def calibrate(
         "skipped_files": skipped,
     }
     if defect_images:
-        defect_scores, defect_maps, masks = score_images(model, defect_images, masks=defect_masks, batch_size=batch_size, progress=progress)
+        defect_scores, defect_maps, masks = score_images(
+            model, defect_images, masks=defect_masks, batch_size=batch_size, progress=progress
+        )
         defect_pixels = defect_maps[masks]
         calibration["defects"] = {
             "n_images": int(len(defect_scores)),
@@ -182,7 +198,9 @@ def apply_calibration(model, calibration: dict[str, Any], bank=None) -> None:
 
     for key in ("image_threshold", "pixel_threshold"):
         if not isinstance(calibration.get(key), (int, float)) or not math.isfinite(calibration[key]):
-            raise ValueError(f"A calibration needs a finite '{key}'; got {calibration.get(key)!r}. Use mrad_hf.calibration.calibrate.")
+            raise ValueError(
+                f"A calibration needs a finite '{key}'; got {calibration.get(key)!r}. Use mrad_hf.calibration.calibrate."
+            )
     model.calibration = validate_calibration(calibration)
     if bank is not None:
         bank.metadata["calibration"] = dict(calibration)
@@ -190,7 +208,12 @@ def apply_calibration(model, calibration: dict[str, Any], bank=None) -> None:
 
 
 def resampling_study(
-    normal_scores: Sequence[float] | np.ndarray, sizes: Sequence[int], *, target_fpr: float, repeats: int = 1000, seed: int = 0
+    normal_scores: Sequence[float] | np.ndarray,
+    sizes: Sequence[int],
+    *,
+    target_fpr: float,
+    repeats: int = 1000,
+    seed: int = 0,
 ) -> list[dict[str, float]]:
     """How many good images a stable threshold needs: for each n in `sizes`, draw n calibration scores without
     replacement from a pool of normal scores `repeats` times, set the conformal threshold, and measure the

@@ -40,7 +40,12 @@ from ..models.mrad.memory_bank_mrad import MemoryBank, atomic_write
 from .visualization import overlay_heatmap
 
 __all__ = [
-    "DEFAULT_TOP_K", "THUMBNAIL_MAX_PIXELS", "explain_images", "public_explanation", "render_explanation", "resolve_thumbnail",
+    "DEFAULT_TOP_K",
+    "THUMBNAIL_MAX_PIXELS",
+    "explain_images",
+    "public_explanation",
+    "render_explanation",
+    "resolve_thumbnail",
     "save_explanation",
 ]
 
@@ -54,8 +59,12 @@ def _attached_bank(model) -> MemoryBank:
     bank's checks (finiteness, checksum) from reading the whole memory on every call."""
     memory = model.memory
     return MemoryBank(
-        image_keys=memory.image_keys[:, :0], image_values=memory.image_values, patch_keys=memory.patch_keys[:, :0],
-        patch_values=memory.patch_values, patch_sources=memory.patch_sources, metadata=dict(model.memory_bank_metadata or {}),
+        image_keys=memory.image_keys[:, :0],
+        image_values=memory.image_values,
+        patch_keys=memory.patch_keys[:, :0],
+        patch_values=memory.patch_values,
+        patch_sources=memory.patch_sources,
+        metadata=dict(model.memory_bank_metadata or {}),
     )
 
 
@@ -71,7 +80,9 @@ def _neighbours(bank: MemoryBank, level: str, logits: torch.Tensor, top_k: int) 
 
 
 @torch.no_grad()
-def explain_images(model, pixel_values: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, outputs=None) -> list[dict[str, Any]]:
+def explain_images(
+    model, pixel_values: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, outputs=None
+) -> list[dict[str, Any]]:
     """One explanation dict per image of the batch (JSON-able; see the module docstring for the fields).
 
     `outputs` (the model's output for the same `pixel_values`) avoids a second scoring pass when given.
@@ -95,7 +106,10 @@ def explain_images(model, pixel_values: torch.Tensor, *, top_k: int = DEFAULT_TO
         explanations.append(
             {
                 "score": float(outputs.anomaly_score[b]),
-                "image": {"p_anomaly": float(outputs.image_probabilities[b, 1]), "neighbours": _neighbours(bank, "image", image_logits[b], top_k)},
+                "image": {
+                    "p_anomaly": float(outputs.image_probabilities[b, 1]),
+                    "neighbours": _neighbours(bank, "image", image_logits[b], top_k),
+                },
                 "region": {
                     "patch_index": patch,
                     "row": row,
@@ -112,7 +126,9 @@ def explain_images(model, pixel_values: torch.Tensor, *, top_k: int = DEFAULT_TO
 
 # ---------------------------------------------------------------------- thumbnails
 def _is_absolute(image_id: str) -> bool:
-    return image_id.startswith(("/", "\\", "~")) or (len(image_id) > 1 and image_id[1] == ":") or os.path.isabs(image_id)
+    return (
+        image_id.startswith(("/", "\\", "~")) or (len(image_id) > 1 and image_id[1] == ":") or os.path.isabs(image_id)
+    )
 
 
 def resolve_thumbnail(image_id: str | None, image_root: str | os.PathLike | None) -> tuple[Path | None, str | None]:
@@ -169,14 +185,18 @@ def _thumbnail(entry: dict[str, Any], size: int, image_root=None, notes: list[st
     if path is not None:
         try:
             tile = _load_thumbnail(path, size)
-        except Exception as error:  # any decoder failure (OSError, SyntaxError, DecompressionBombError, ...) is a placeholder
+        except (
+            Exception
+        ) as error:  # any decoder failure (OSError, SyntaxError, DecompressionBombError, ...) is a placeholder
             message = (str(error).splitlines() or [""])[0].replace(str(path), "<file>")[:80]
             note = f"unreadable ({type(error).__name__}: {message})"
     if tile is None:
         if notes is not None and image_root is not None:
             notes.append(f"thumbnail of '{image_id}': {note}")
         tile = Image.new("RGB", (size, size), (225, 225, 225))
-        shown = os.path.basename(str(image_id)) if image_id and _is_absolute(str(image_id)) else (image_id or "unknown")
+        shown = (
+            os.path.basename(str(image_id)) if image_id and _is_absolute(str(image_id)) else (image_id or "unknown")
+        )
         text = "\n".join(textwrap.wrap(f"no image: {shown}", 18)[:3] + textwrap.wrap(note, 18)[:3])
         ImageDraw.Draw(tile).multiline_text((4, size // 4), text, fill="black")
     ImageDraw.Draw(tile).rectangle([0, 0, size - 1, size - 1], outline=colour, width=3)
@@ -206,8 +226,14 @@ def public_explanation(explanation: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_explanation(
-    image: Image.Image, anomaly_map: np.ndarray, explanation: dict[str, Any], *, tile: int = 160, title: str | None = None,
-    image_root: str | os.PathLike | None = None, notes: list[str] | None = None,
+    image: Image.Image,
+    anomaly_map: np.ndarray,
+    explanation: dict[str, Any],
+    *,
+    tile: int = 160,
+    title: str | None = None,
+    image_root: str | os.PathLike | None = None,
+    notes: list[str] | None = None,
 ) -> Image.Image:
     """One panel: row 1 = query (most anomalous patch boxed) | heatmap overlay; rows 2-3 = nearest image entries
     and nearest region prototypes of that patch. Thumbnails come only from `image_root` (see `resolve_thumbnail`);
@@ -215,12 +241,20 @@ def render_explanation(
     base = image.convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
     x0, y0, x1, y1 = (v * tile for v in explanation["region"]["box"])
     ImageDraw.Draw(base).rectangle([x0, y0, x1, y1], outline=(255, 255, 0), width=2)
-    heat_map = np.asarray(Image.fromarray(np.asarray(anomaly_map, dtype=np.float32)).resize((tile, tile), Image.Resampling.BILINEAR))
+    heat_map = np.asarray(
+        Image.fromarray(np.asarray(anomaly_map, dtype=np.float32)).resize((tile, tile), Image.Resampling.BILINEAR)
+    )
     heat = overlay_heatmap(base, heat_map)
     rows = [
         ("query | heatmap", [base, heat]),
-        ("nearest image entries", [_thumbnail(e, tile, image_root, notes) for e in explanation["image"]["neighbours"]]),
-        ("nearest regions (most anomalous patch)", [_thumbnail(e, tile, image_root, notes) for e in explanation["region"]["neighbours"]]),
+        (
+            "nearest image entries",
+            [_thumbnail(e, tile, image_root, notes) for e in explanation["image"]["neighbours"]],
+        ),
+        (
+            "nearest regions (most anomalous patch)",
+            [_thumbnail(e, tile, image_root, notes) for e in explanation["region"]["neighbours"]],
+        ),
     ]
     strip, gap = 18, 4
     columns = max(len(tiles) for _, tiles in rows)
@@ -239,7 +273,9 @@ def render_explanation(
     return panel
 
 
-def save_explanation(path: str | os.PathLike, image: Image.Image, anomaly_map: np.ndarray, explanation: dict[str, Any], **kwargs) -> Path:
+def save_explanation(
+    path: str | os.PathLike, image: Image.Image, anomaly_map: np.ndarray, explanation: dict[str, Any], **kwargs
+) -> Path:
     """Render and write the explanation panel PNG atomically; returns the path."""
     path = Path(path)
     panel = render_explanation(image, anomaly_map, explanation, **kwargs)

@@ -36,8 +36,19 @@ import torch
 from ..models.mrad.memory_bank_mrad import atomic_write
 
 __all__ = [
-    "RUN_FILE", "INCOMPLETE_MARKER", "RunFolderError", "RunFolder", "run_fingerprint", "weights_digest", "bank_digest",
-    "dataset_identity", "open_run_folder", "JsonLinesWriter", "read_json_lines", "writer_lock", "bounded_name",
+    "RUN_FILE",
+    "INCOMPLETE_MARKER",
+    "RunFolderError",
+    "RunFolder",
+    "run_fingerprint",
+    "weights_digest",
+    "bank_digest",
+    "dataset_identity",
+    "open_run_folder",
+    "JsonLinesWriter",
+    "read_json_lines",
+    "writer_lock",
+    "bounded_name",
 ]
 
 RUN_FILE = "run.json"
@@ -62,7 +73,9 @@ def _digest_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 def weights_digest(model) -> str:
     """SHA-256 over the model's weights (backbone and heads), names and dtypes included; the memory is `bank_digest`."""
-    return _digest_tensors((name, value) for name, value in sorted(model.state_dict().items()) if not name.startswith("memory."))
+    return _digest_tensors(
+        (name, value) for name, value in sorted(model.state_dict().items()) if not name.startswith("memory.")
+    )
 
 
 def bank_digest(model) -> str | None:
@@ -71,7 +84,9 @@ def bank_digest(model) -> str | None:
     if not state or all(value.numel() == 0 for value in state.values()):
         return None
     digest = hashlib.sha256(_digest_tensors(sorted(state.items())).encode())
-    digest.update(json.dumps(getattr(model.config, "memory_bank_metadata", None) or {}, sort_keys=True, default=str).encode())
+    digest.update(
+        json.dumps(getattr(model.config, "memory_bank_metadata", None) or {}, sort_keys=True, default=str).encode()
+    )
     return digest.hexdigest()
 
 
@@ -87,13 +102,21 @@ def dataset_identity(dataset, *, name: str | None = None, root: str | os.PathLik
         labels = [row.get("label") if isinstance(row, Mapping) else None for row in rows]
     digest = hashlib.sha256(json.dumps([[str(p) for p in paths], [str(v) for v in labels]]).encode()).hexdigest()
     return {
-        "name": name, "root": os.path.abspath(os.path.expanduser(str(root))) if root is not None else None,
-        "items": len(dataset), "items_sha256": digest if paths or labels else None,
+        "name": name,
+        "root": os.path.abspath(os.path.expanduser(str(root))) if root is not None else None,
+        "items": len(dataset),
+        "items_sha256": digest if paths or labels else None,
     }
 
 
-def run_fingerprint(*, command: str, model=None, dataset: dict[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_fingerprint(
+    *,
+    command: str,
+    model=None,
+    dataset: dict[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The fingerprint of a run (JSON-able). `dataset` is a `dataset_identity`; `settings` every knob that changes a number."""
     fingerprint: dict[str, Any] = {"command": command}
     if model is not None:
@@ -121,16 +144,26 @@ def differing_fields(recorded: Mapping[str, Any], current: Mapping[str, Any]) ->
 
     def show(value):
         text = json.dumps(value, default=str)
-        return text[:13] + '…"' if isinstance(value, str) and len(value) == 64 else (text if len(text) <= 60 else text[:57] + "...")
+        return (
+            text[:13] + '…"'
+            if isinstance(value, str) and len(value) == 64
+            else (text if len(text) <= 60 else text[:57] + "...")
+        )
 
-    return [f"{key}: {show(old.get(key))} -> {show(new.get(key))}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [
+        f"{key}: {show(old.get(key))} -> {show(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 # ---------------------------------------------------------------------- the run folder
 class RunFolder:
     """An opened run folder: `state` is "new", "resumed" or "resumed-anyway"; `finish()` marks it complete."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], state: str, was_incomplete: bool, differences: list[str]):
+    def __init__(
+        self, path: Path, fingerprint: dict[str, Any], state: str, was_incomplete: bool, differences: list[str]
+    ):
         self.path, self.fingerprint, self.state = path, fingerprint, state
         self.was_incomplete, self.differences = was_incomplete, differences
 
@@ -160,8 +193,13 @@ def _remove(path: Path) -> None:
 
 
 def open_run_folder(
-    output_dir: str | os.PathLike, fingerprint: dict[str, Any], *, artefacts: Iterable[str], overwrite: bool = False,
-    resume_anyway: bool = False, write: bool = True,
+    output_dir: str | os.PathLike,
+    fingerprint: dict[str, Any],
+    *,
+    artefacts: Iterable[str],
+    overwrite: bool = False,
+    resume_anyway: bool = False,
+    write: bool = True,
 ) -> RunFolder:
     """Check `output_dir` against `fingerprint` and open it (see the module docstring).
 
@@ -186,13 +224,19 @@ def open_run_folder(
     elif recorded == fingerprint:
         state = "resumed"
     else:
-        differences = differing_fields(recorded, fingerprint) if recorded is not None else ["run.json: missing (results of an unrecorded run)"]
+        differences = (
+            differing_fields(recorded, fingerprint)
+            if recorded is not None
+            else ["run.json: missing (results of an unrecorded run)"]
+        )
         if overwrite:
             state = "new"
         elif resume_anyway:
             state = "resumed-anyway"
         else:
-            listed = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+            listed = "; ".join(differences[:8]) + (
+                f"; and {len(differences) - 8} more" if len(differences) > 8 else ""
+            )
             raise RunFolderError(
                 f"Output folder '{path}' holds {'an unfinished' if was_incomplete else 'a'} run of 'mrad {fingerprint.get('command', '')}' that differs "
                 f"from this one ({listed}). Pass --overwrite to delete its results and start over, --resume-anyway to keep them, "
@@ -204,8 +248,13 @@ def open_run_folder(
         state = "new"
     if write:
         path.mkdir(parents=True, exist_ok=True)
-        marker.write_text("a run started here and has not finished; the next run with the same settings resumes it\n", encoding="utf-8")
-        _write_run_file(path, fingerprint, complete=False, differences=differences if state == "resumed-anyway" else [])
+        marker.write_text(
+            "a run started here and has not finished; the next run with the same settings resumes it\n",
+            encoding="utf-8",
+        )
+        _write_run_file(
+            path, fingerprint, complete=False, differences=differences if state == "resumed-anyway" else []
+        )
     return RunFolder(path, fingerprint, state, was_incomplete, differences if state == "resumed-anyway" else [])
 
 
@@ -289,7 +338,9 @@ def writer_lock(target: str | os.PathLike, what: str = "output") -> Iterator[Pat
             break
         handle.close()
     else:
-        raise RunFolderError(f"Could not lock {what} '{target}': other writers keep replacing '{lock_path}'. Try again.")
+        raise RunFolderError(
+            f"Could not lock {what} '{target}': other writers keep replacing '{lock_path}'. Try again."
+        )
     try:
         handle.seek(0)
         handle.truncate()

@@ -43,7 +43,9 @@ def colorize(values: np.ndarray, value_range: tuple[float, float] | None = (0.0,
     return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
 
 
-def overlay_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, value_range=(0.0, 1.0)) -> Image.Image:
+def overlay_heatmap(
+    image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, value_range=(0.0, 1.0)
+) -> Image.Image:
     """Blend the colourised map over the image (resized to the map's size if they differ)."""
     base = image.convert("RGB")
     heat = Image.fromarray(colorize(anomaly_map, value_range))

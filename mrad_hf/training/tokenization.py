@@ -25,7 +25,9 @@ _NUM_MERGES = 49152 - 256 - 2
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte-level BPE alphabet: printable bytes map to themselves, the others to unused code points."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -49,20 +51,36 @@ def clip_tokenizer_from_bpe(bpe_path: str | os.PathLike, output_dir: str | os.Pa
     try:
         lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
     except (OSError, EOFError) as error:
-        raise ValueError(f"{bpe_path}: not a readable gzip BPE file ({error}); pass OpenAI's bpe_simple_vocab_16e6.txt.gz.") from error
+        raise ValueError(
+            f"{bpe_path}: not a readable gzip BPE file ({error}); pass OpenAI's bpe_simple_vocab_16e6.txt.gz."
+        ) from error
     merges = [tuple(line.split()) for line in lines[1 : num_merges + 1]]
     if len(merges) != num_merges or any(len(pair) != 2 for pair in merges):
-        raise ValueError(f"{bpe_path}: expected {num_merges} merge pairs after the header; this is not OpenAI's CLIP BPE file.")
+        raise ValueError(
+            f"{bpe_path}: expected {num_merges} merge pairs after the header; this is not OpenAI's CLIP BPE file."
+        )
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
-    (output_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n", encoding="utf-8")
+    (output_dir / "vocab.json").write_text(
+        json.dumps({token: index for index, token in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8"
+    )
+    (output_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n", encoding="utf-8"
+    )
     (output_dir / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        ),
         encoding="utf-8",
     )
     return CLIPTokenizer.from_pretrained(output_dir)

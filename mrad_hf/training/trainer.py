@@ -46,9 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.loaders import undecoded_images
 from ..models.mrad.configuration_mrad import MRADConfig
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
-from ..models.mrad.memory_bank_mrad import atomic_directory
+from ..models.mrad.memory_bank_mrad import atomic_directory, iter_samples, progress_bar
 from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
-from ..models.mrad.memory_bank_mrad import iter_samples, progress_bar
 from ..tools import run_folder
 
 __all__ = [
@@ -185,7 +184,11 @@ def _latest_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def _trainable_state(model: MRADForAnomalyDetection) -> dict[str, torch.Tensor]:
     """The model's state without the frozen CLIP (hundreds of MB for ViT-L): trained heads and the memory bank."""
-    return {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items() if not key.startswith("clip.")}
+    return {
+        key: value.detach().cpu().contiguous()
+        for key, value in model.state_dict().items()
+        if not key.startswith("clip.")
+    }
 
 
 def _optimizer_tensors(optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -223,7 +226,10 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
     version, python_state, gauss = random.getstate()
-    plain = {"numpy": [kind, int(position), int(has_gauss), float(cached)], "python": [version, list(python_state), gauss]}
+    plain = {
+        "numpy": [kind, int(position), int(has_gauss), float(cached)],
+        "python": [version, list(python_state), gauss],
+    }
     return tensors, plain
 
 
@@ -241,8 +247,15 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
     random.setstate((version, tuple(python_state), gauss))
 
 
-def _save_checkpoint(accelerator, model, optimizers: dict[str, Any], scheduler, output_dir: Path, epochs_done: int,
-                     result: MRADTrainingResult) -> None:
+def _save_checkpoint(
+    accelerator,
+    model,
+    optimizers: dict[str, Any],
+    scheduler,
+    output_dir: Path,
+    epochs_done: int,
+    result: MRADTrainingResult,
+) -> None:
     """Write checkpoints/epoch-<n>/ (safetensors + JSON only), into a temporary folder renamed when complete.
 
     Holds the trained heads and the bank (not the frozen CLIP), each optimizer's state, the scheduler, every
@@ -268,13 +281,18 @@ def _save_checkpoint(accelerator, model, optimizers: dict[str, Any], scheduler, 
             tensors.update(optimizer_tensors)
         save_file(tensors or {"empty": torch.zeros(0)}, str(partial / "optimizers.safetensors"))
         state = {
-            "epochs_done": epochs_done, "history": result.history, "step_losses": result.step_losses,
+            "epochs_done": epochs_done,
+            "history": result.history,
+            "step_losses": result.step_losses,
             "memory_bank_metadata": model.memory_bank_metadata,
-            "optimizers": plain, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizers": plain,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (partial / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")  # written last: marks complete
+        (partial / CHECKPOINT_STATE).write_text(
+            json.dumps(state, indent=2), encoding="utf-8"
+        )  # written last: marks complete
         if folder.exists():
             shutil.rmtree(folder)
         partial.rename(folder)
@@ -288,16 +306,24 @@ def _restore_memory_bank(model: MRADForAnomalyDetection, folder: Path, state: di
     from ..models.mrad.memory_bank_mrad import MemoryBank
 
     with safe_open(str(folder / "trainable_state.safetensors"), framework="pt") as handle:
-        tensors = {name.removeprefix("memory."): handle.get_tensor(name) for name in handle.keys() if name.startswith("memory.")}
+        tensors = {
+            name.removeprefix("memory."): handle.get_tensor(name)
+            for name in handle.keys()
+            if name.startswith("memory.")
+        }
     model.set_memory_bank(MemoryBank(**tensors, metadata=dict(state.get("memory_bank_metadata") or {})))
 
 
-def _load_checkpoint(accelerator, model, optimizers: dict[str, Any], scheduler, folder: Path, state: dict[str, Any]) -> None:
+def _load_checkpoint(
+    accelerator, model, optimizers: dict[str, Any], scheduler, folder: Path, state: dict[str, Any]
+) -> None:
     """Trained heads, optimizers, scheduler and this process's RNG states (the bank: `_restore_memory_bank`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(folder / "trainable_state.safetensors"), framework="pt") as handle:  # the bank is already restored
+    with safe_open(
+        str(folder / "trainable_state.safetensors"), framework="pt"
+    ) as handle:  # the bank is already restored
         trained = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith("memory.")}
     missing, unexpected = model.load_state_dict(trained, strict=False)
     missing = [key for key in missing if not key.startswith(("clip.", "memory."))]
@@ -314,7 +340,9 @@ def _load_checkpoint(accelerator, model, optimizers: dict[str, Any], scheduler, 
         scheduler.load_state_dict(state["scheduler"])
     rank_file = folder / f"rng_state_{accelerator.process_index}.safetensors"
     if rank_file.is_file():
-        _set_rng_state(load_file(str(rank_file)), json.loads(rank_file.with_suffix(".json").read_text(encoding="utf-8")))
+        _set_rng_state(
+            load_file(str(rank_file)), json.loads(rank_file.with_suffix(".json").read_text(encoding="utf-8"))
+        )
 
 
 # ---------------------------------------------------------------------- the loop
@@ -329,8 +357,15 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTrainingArguments, *, accelerator=None,
-               bank_source: str | None = None, progress: bool = True) -> MRADTrainingResult:
+def train_mrad(
+    model: MRADForAnomalyDetection,
+    train_samples,
+    args: MRADTrainingArguments,
+    *,
+    accelerator=None,
+    bank_source: str | None = None,
+    progress: bool = True,
+) -> MRADTrainingResult:
     """Train a MRAD-FT or MRAD-CLIP model on labelled auxiliary samples and save it with `save_pretrained`.
 
     Args:
@@ -359,7 +394,9 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
             log_with=args.log_with,
             project_dir=args.output_dir,
             # batch_size is the global batch; the shuffle order is a function of (seed, epoch) whatever the process count
-            dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=args.seed),
+            dataloader_config=DataLoaderConfiguration(
+                split_batches=True, use_seedable_sampler=True, data_seed=args.seed
+            ),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -370,16 +407,31 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         )
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
-    train_samples = undecoded_images(train_samples)  # files read by MRAD's decoder: a corrupt one is named, not a raw OSError
+    train_samples = undecoded_images(
+        train_samples
+    )  # files read by MRAD's decoder: a corrupt one is named, not a raw OSError
 
     settings = {key: value for key, value in asdict(args).items() if key not in _NOT_FINGERPRINTED}
-    config_fields = {key: value for key, value in config.to_dict().items() if not key.startswith(("memory_bank", "clip_config", "transformers"))}
+    config_fields = {
+        key: value
+        for key, value in config.to_dict().items()
+        if not key.startswith(("memory_bank", "clip_config", "transformers"))
+    }
     fingerprint = run_folder.run_fingerprint(
-        command="train", model=model, dataset=run_folder.dataset_identity(train_samples, name=bank_source), settings=settings,
+        command="train",
+        model=model,
+        dataset=run_folder.dataset_identity(train_samples, name=bank_source),
+        settings=settings,
         extra={"config": config_fields},
     )
-    options = dict(artefacts=("checkpoints", "final"), overwrite=args.overwrite or not args.resume, resume_anyway=args.resume_anyway)
-    run = run_folder.open_run_folder(output_dir, fingerprint, write=False, **options)  # every process decides (or refuses) alike
+    options = dict(
+        artefacts=("checkpoints", "final"),
+        overwrite=args.overwrite or not args.resume,
+        resume_anyway=args.resume_anyway,
+    )
+    run = run_folder.open_run_folder(
+        output_dir, fingerprint, write=False, **options
+    )  # every process decides (or refuses) alike
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run = run_folder.open_run_folder(output_dir, fingerprint, **options)
@@ -389,14 +441,21 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         _restore_memory_bank(model, *latest)
     elif model.memory.image_keys.shape[0] == 0:
         model.build_memory_bank(
-            train_samples, batch_size=args.bank_batch_size, source=bank_source, progress=progress and accelerator.is_local_main_process,
+            train_samples,
+            batch_size=args.bank_batch_size,
+            source=bank_source,
+            progress=progress and accelerator.is_local_main_process,
             accelerator=accelerator,
         )
 
     processor = MRADImageProcessor.from_config(config)
     loader = DataLoader(
-        MRADTrainDataset(train_samples, processor), batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=_seed_worker,
+        MRADTrainDataset(train_samples, processor),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=_seed_worker,
     )
     steps_per_epoch = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     optimizer_steps_per_epoch = math.ceil(steps_per_epoch / args.gradient_accumulation_steps)
@@ -409,13 +468,17 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
     scheduler = None
     if cosine:
         total = optimizer_steps_per_epoch * stages.count("ft")
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(ft_optimizer, T_max=max(total, 1), eta_min=args.min_learning_rate)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            ft_optimizer, T_max=max(total, 1), eta_min=args.min_learning_rate
+        )
         objects.append(scheduler)
     prompt_optimizer = None
     if "prompt" in stages:
         for parameter in model.trainable_parameters("prompt"):
             parameter.requires_grad_(True)
-        prompt_optimizer = torch.optim.Adam(model.trainable_parameters("prompt"), lr=args.learning_rate, betas=tuple(args.betas))
+        prompt_optimizer = torch.optim.Adam(
+            model.trainable_parameters("prompt"), lr=args.learning_rate, betas=tuple(args.betas)
+        )
         objects.append(prompt_optimizer)
     objects.append(loader)
     prepared = accelerator.prepare(*objects)
@@ -441,7 +504,9 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         if accelerator.is_main_process and progress:
             print(f"Resuming from {folder} ({start_epoch} of {len(stages)} epochs done)", flush=True)
     if args.log_with:
-        accelerator.init_trackers("mrad", config={key: str(value) for key, value in asdict(args).items()} | {"variant": config.variant})
+        accelerator.init_trackers(
+            "mrad", config={key: str(value) for key, value in asdict(args).items()} | {"variant": config.variant}
+        )
 
     for epoch in range(start_epoch, len(stages)):
         stage = stages[epoch]
@@ -451,14 +516,22 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
         losses = []
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)  # the order of epoch n does not depend on having run epochs 0..n-1 in this process
-        bar = progress_bar(steps_per_epoch, f"Epoch {epoch + 1}/{len(stages)} [{stage}]", progress and accelerator.is_local_main_process, unit="step")
+        bar = progress_bar(
+            steps_per_epoch,
+            f"Epoch {epoch + 1}/{len(stages)} [{stage}]",
+            progress and accelerator.is_local_main_process,
+            unit="step",
+        )
         for step, batch in enumerate(loader):
             if step >= steps_per_epoch:
                 break
             with accelerator.accumulate(model_wrapped):
                 with accelerator.autocast():
                     output = model_wrapped(
-                        pixel_values=batch["pixel_values"], labels=batch["labels"], masks=batch["masks"], loss_stage=stage
+                        pixel_values=batch["pixel_values"],
+                        labels=batch["labels"],
+                        masks=batch["masks"],
+                        loss_stage=stage,
                     )
                 accelerator.backward(output.loss)
                 optimizer.step()
@@ -472,15 +545,23 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
                 bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
             if args.log_with:
-                accelerator.log({f"{stage}/loss": loss, "lr": optimizer.param_groups[0]["lr"]}, step=len(result.step_losses))
+                accelerator.log(
+                    {f"{stage}/loss": loss, "lr": optimizer.param_groups[0]["lr"]}, step=len(result.step_losses)
+                )
         bar.close()
         record = {
-            "epoch": epoch + 1, "stage": stage, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
+            "epoch": epoch + 1,
+            "stage": stage,
+            "loss": sum(losses) / max(len(losses), 1),
+            "steps": len(losses),
             "lr": optimizer.param_groups[0]["lr"],
         }
         result.history.append(record)
         if accelerator.is_main_process and progress:
-            print(f"epoch {epoch + 1}/{len(stages)} [{stage}] loss {record['loss']:.4f} lr {record['lr']:.2e}", flush=True)
+            print(
+                f"epoch {epoch + 1}/{len(stages)} [{stage}] loss {record['loss']:.4f} lr {record['lr']:.2e}",
+                flush=True,
+            )
         if args.log_with:
             accelerator.log({f"{stage}/epoch_loss": record["loss"]}, step=len(result.step_losses))
         _save_checkpoint(accelerator, unwrapped, optimizers, scheduler, output_dir, epoch + 1, result)
@@ -500,4 +581,3 @@ def train_mrad(model: MRADForAnomalyDetection, train_samples, args: MRADTraining
     if args.log_with:
         accelerator.end_training()
     return result
-

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mrad_hf.models.mrad.retrieval_mrad import l2_normalize, one_hot_labels, soft_retrieve
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from retrieval_index import import_faiss, truncation_bound  # noqa: E402
 

@@ -30,8 +30,23 @@ def saved_tiny(tmp_path):
 
 def test_build_bank_then_predict_with_a_bad_file(user_folder, saved_tiny, tmp_path, capsys):
     bank_path, model_dir = tmp_path / "bank.safetensors", tmp_path / "with_bank"
-    code = main(["build-bank", "--model", str(saved_tiny), "--dataset", "folder", "--data-root", str(user_folder),
-                 "--output", str(bank_path), "--save-model", str(model_dir), "--batch-size", "4"])
+    code = main(
+        [
+            "build-bank",
+            "--model",
+            str(saved_tiny),
+            "--dataset",
+            "folder",
+            "--data-root",
+            str(user_folder),
+            "--output",
+            str(bank_path),
+            "--save-model",
+            str(model_dir),
+            "--batch-size",
+            "4",
+        ]
+    )
     assert code == 0
     bank = MemoryBank.load(bank_path)
     assert bank.counts()["image_entries"] == 6 and bank.counts()["patch_anomalous"] == 3
@@ -44,7 +59,9 @@ def test_build_bank_then_predict_with_a_bad_file(user_folder, saved_tiny, tmp_pa
         Image.fromarray(image).save(queries / f"q{index}.png")
     (queries / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "out"
-    assert main(["predict", "--model", str(model_dir), str(queries), "--output-dir", str(out), "--threshold", "0.5"]) == 0
+    assert (
+        main(["predict", "--model", str(model_dir), str(queries), "--output-dir", str(out), "--threshold", "0.5"]) == 0
+    )
     summary = json.loads((out / "scores.json").read_text())
     assert summary["scored"] == 3 and summary["failed"] == 1
     failure = summary["failures"][0]
@@ -60,7 +77,22 @@ def test_build_bank_then_predict_with_a_bad_file(user_folder, saved_tiny, tmp_pa
     panel = Image.open(summary["results"][0]["heatmap"])
     assert panel.size[0] == 2 * 120 and panel.mode == "RGB"
 
-    assert main(["predict", "--model", str(model_dir), str(queries), "--output-dir", str(out), "--on-error", "fail", "--overwrite"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model_dir),
+                str(queries),
+                "--output-dir",
+                str(out),
+                "--on-error",
+                "fail",
+                "--overwrite",
+            ]
+        )
+        == 2
+    )
     assert "broken.png" in capsys.readouterr().err
 
 
@@ -68,7 +100,20 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["predict", "--clip", "random-small", str(tmp_path / "nope.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mrad predict: error:") and "neither an image file nor a folder" in err
-    assert main(["build-bank", "--dataset", "mvtec", "--data-root", str(tmp_path), "--output", str(tmp_path / "b.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "build-bank",
+                "--dataset",
+                "mvtec",
+                "--data-root",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "b.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "Pass --model" in capsys.readouterr().err
 
 
@@ -91,7 +136,9 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert results["pretrained"] is False and results["protocol"] == "held-out-images"
     scores = results["scores"]
     assert len(scores) == 27 and printed.count(" score=") == 27  # every held-out image scored, none lost on a path
-    assert results["image_auroc"] == pytest.approx(roc_auc_score([s["label"] for s in scores], [s["score"] for s in scores]))
+    assert results["image_auroc"] == pytest.approx(
+        roc_auc_score([s["label"] for s in scores], [s["score"] for s in scores])
+    )
     assert results["pixel_auroc"] > 0.75  # retrieval localises the pasted defects (measured 0.95)
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert len(heatmaps) == len(scores) and Image.open(heatmaps[0]).size == (3 * 256, 256 + 18)
@@ -114,11 +161,30 @@ def test_evaluate_cross_dataset_tables_match_independent_metrics(tmp_path, saved
     from mrad_hf.data.loaders import load_mvtec_layout
     from mrad_hf.data.synthetic import make_synthetic_benchmark
 
-    aux = make_synthetic_benchmark(tmp_path / "aux", categories=("brick",), n_test_good=3, n_test_per_defect=1, image_size=96, seed=1)
-    target = make_synthetic_benchmark(tmp_path / "target", categories=("grass", "gravel"), n_test_good=3, n_test_per_defect=1, image_size=96, seed=2)
+    aux = make_synthetic_benchmark(
+        tmp_path / "aux", categories=("brick",), n_test_good=3, n_test_per_defect=1, image_size=96, seed=1
+    )
+    target = make_synthetic_benchmark(
+        tmp_path / "target", categories=("grass", "gravel"), n_test_good=3, n_test_per_defect=1, image_size=96, seed=2
+    )
     out = tmp_path / "eval"
-    args = ["evaluate", "--model", str(saved_tiny), "--bank-from", "mvtec-layout", "--bank-root", str(aux),
-            "--dataset", "mvtec-layout", "--data-root", str(target), "--output-dir", str(out), "--heatmaps", "2"]
+    args = [
+        "evaluate",
+        "--model",
+        str(saved_tiny),
+        "--bank-from",
+        "mvtec-layout",
+        "--bank-root",
+        str(aux),
+        "--dataset",
+        "mvtec-layout",
+        "--data-root",
+        str(target),
+        "--output-dir",
+        str(out),
+        "--heatmaps",
+        "2",
+    ]
     assert main(args) == 0
     assert "| **mean** |" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
@@ -148,7 +214,9 @@ def test_evaluate_cross_dataset_tables_match_independent_metrics(tmp_path, saved
     assert (out / "results.csv").read_text().splitlines()[-1].startswith("mean,")
     assert len(list((out / "heatmaps").glob("*.png"))) == 4
     # resumable: finished categories are read back, not recomputed
-    (out / "per_category" / "grass.json").write_text((out / "per_category" / "grass.json").read_text().replace('"images": 7', '"images": 7, "resumed": true'))
+    (out / "per_category" / "grass.json").write_text(
+        (out / "per_category" / "grass.json").read_text().replace('"images": 7', '"images": 7, "resumed": true')
+    )
     assert main(args) == 0
     assert json.loads((out / "per_category" / "grass.json").read_text())["resumed"] is True
 

@@ -26,7 +26,9 @@ HEAVY_MODULES = ("torch", "transformers", "numpy", "PIL", "datasets", "accelerat
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=REPO_ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=REPO_ROOT, timeout=300
+    )
 
 
 def _commands(parser: argparse.ArgumentParser, prefix=()):
@@ -82,10 +84,16 @@ assert type(AutoImageProcessor.from_pretrained({str(folder)!r})).__name__ == "MR
 assert "mrad" in CONFIG_MAPPING and "anomaly-detection" in PIPELINE_REGISTRY.get_supported_tasks()
 print("ok")
 """
-    lazy = _python("import sys, mrad_hf\nprint(sorted(m for m in %r if m in sys.modules), mrad_hf.__version__)" % (HEAVY_MODULES,))
+    lazy = _python(
+        "import sys, mrad_hf\nprint(sorted(m for m in %r if m in sys.modules), mrad_hf.__version__)" % (HEAVY_MODULES,)
+    )
     assert lazy.stdout.split() == ["[]", "0.1.0"], lazy.stderr
-    for first in ("import mrad_hf", "import transformers\nimport mrad_hf", "from mrad_hf.models.mrad.modeling_mrad import MRADForAnomalyDetection",
-                  "import mrad_hf\nmrad_hf.MRADConfig"):
+    for first in (
+        "import mrad_hf",
+        "import transformers\nimport mrad_hf",
+        "from mrad_hf.models.mrad.modeling_mrad import MRADForAnomalyDetection",
+        "import mrad_hf\nmrad_hf.MRADConfig",
+    ):
         result = _python(first + "\n" + check)
         assert result.stdout.strip() == "ok", (first, result.stderr[-2000:])
 
@@ -118,7 +126,16 @@ def test_version_is_the_installed_one_and_the_package_s(capsys):
 
 
 def test_the_model_options_are_the_same_on_every_model_command():
-    shared = {"--clip", "--image-size", "--retrieval-temperature", "--dtype", "--device", "--batch-size", "--on-error", "--seed"}
+    shared = {
+        "--clip",
+        "--image-size",
+        "--retrieval-temperature",
+        "--dtype",
+        "--device",
+        "--batch-size",
+        "--on-error",
+        "--seed",
+    }
     parser = build_parser()
     commands = dict(_commands(parser))
     for path in [("predict",), ("evaluate",), ("build-bank",), ("calibrate",), ("explain",), ("bank", "add")]:
@@ -156,7 +173,20 @@ def test_dedup_default_agrees_with_the_bank_tools():
         (["predict", "--threshold", "nan", "x.png"], "--threshold"),
         (["predict", "--threshold", "inf", "x.png"], "--threshold"),
         (["predict", "--image-size", "100000", "x.png"], "--image-size"),
-        (["build-bank", "--image-size", "8", "--dataset", "folder", "--data-root", ".", "--output", "b.safetensors"], "--image-size"),
+        (
+            [
+                "build-bank",
+                "--image-size",
+                "8",
+                "--dataset",
+                "folder",
+                "--data-root",
+                ".",
+                "--output",
+                "b.safetensors",
+            ],
+            "--image-size",
+        ),
         (["predict", "--retrieval-temperature", "0", "x.png"], "--retrieval-temperature"),
         (["predict", "--retrieval-temperature", "nan", "x.png"], "--retrieval-temperature"),
         (["predict", "--device", "gpu", "x.png"], "--device"),
@@ -170,7 +200,24 @@ def test_dedup_default_agrees_with_the_bank_tools():
         (["serve", "--port", "70000"], "--port"),
         (["evaluate", "--heatmaps", "-1", "--dataset", "folder", "--data-root", "."], "--heatmaps"),
         (["bank", "merge", "a", "--output", "b", "--dedup", "1.5"], "--dedup"),
-        (["train", "--variant", "ft", "--clip", "random-tiny", "--aux-dataset", "folder", "--aux-root", ".", "--output-dir", "o", "--learning-rate", "-1"], "--learning-rate"),
+        (
+            [
+                "train",
+                "--variant",
+                "ft",
+                "--clip",
+                "random-tiny",
+                "--aux-dataset",
+                "folder",
+                "--aux-root",
+                ".",
+                "--output-dir",
+                "o",
+                "--learning-rate",
+                "-1",
+            ],
+            "--learning-rate",
+        ),
     ],
 )
 def test_out_of_bounds_values_are_parse_errors_that_name_the_option(argv, option, capsys):
@@ -182,7 +229,7 @@ def test_out_of_bounds_values_are_parse_errors_that_name_the_option(argv, option
 
 
 def test_an_error_without_a_message_still_says_something():
-    assert common.cli_message(MemoryError()) .startswith("MemoryError")
+    assert common.cli_message(MemoryError()).startswith("MemoryError")
     assert "--trust-bank" in common.cli_message(ValueError("Rebuild the bank, or pass strict=False if harmless."))
 
 
@@ -198,13 +245,25 @@ def test_a_missing_local_model_is_reported_at_once_without_any_hub_attempt(tmp_p
         (["predict", "--model", "./modle", "part.png"], "--model './modle': no such file or folder"),
         (["predict", "--model", "runs/final/", "part.png"], "--model 'runs/final/': no such file or folder"),
         (["predict", "--clip", "./clip-vit-l14", "part.png"], "--clip './clip-vit-l14': no such file or folder"),
-        (["predict", "--clip", "random-tiny", "--bank", "banks/visa.safetensors", "part.png"], "--bank 'banks/visa.safetensors': no such file"),
+        (
+            ["predict", "--clip", "random-tiny", "--bank", "banks/visa.safetensors", "part.png"],
+            "--bank 'banks/visa.safetensors': no such file",
+        ),
     ]:
-        result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        )
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and "mrad pull" not in result.stderr, result.stderr
         assert "heavy False" in result.stdout  # refused before torch, let alone a download
-    result = subprocess.run([sys.executable, "-c", code, "predict", "--model", "./modle", "part.png"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "predict", "--model", "./modle", "part.png"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert "Did you mean './model'?" in result.stderr
 
 
@@ -225,15 +284,21 @@ def _parse(*argv):
 
 
 def test_device_and_dtype_reach_the_model(monkeypatch):
-    args = _parse("predict", "--clip", "random-tiny", "--device", "cpu", "--dtype", "bfloat16", "--image-size", "56", "x.png")
+    args = _parse(
+        "predict", "--clip", "random-tiny", "--device", "cpu", "--dtype", "bfloat16", "--image-size", "56", "x.png"
+    )
     detector = common.detector_from_args(args)
     assert next(detector.clip.parameters()).dtype == torch.bfloat16
     assert {p.device.type for p in detector.parameters()} == {"cpu"}
     assert not detector.training
     # the memory and the scores stay float32 (one fp32 rule)
-    assert all(b.dtype == torch.float32 for name, b in detector.named_buffers() if "memory" in name and b.is_floating_point())
+    assert all(
+        b.dtype == torch.float32 for name, b in detector.named_buffers() if "memory" in name and b.is_floating_point()
+    )
 
-    float32 = common.detector_from_args(_parse("predict", "--clip", "random-tiny", "--device", "cpu", "--image-size", "56", "x.png"))
+    float32 = common.detector_from_args(
+        _parse("predict", "--clip", "random-tiny", "--device", "cpu", "--image-size", "56", "x.png")
+    )
     assert next(float32.clip.parameters()).dtype == torch.float32
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -241,7 +306,9 @@ def test_device_and_dtype_reach_the_model(monkeypatch):
     from mrad_hf.models.mrad import features_mrad
 
     rule = getattr(features_mrad, "resolve_dtype", None)  # the one rule for "auto" where it exists
-    assert common.resolve_dtype("auto", "cpu") == (str(rule("auto", "cpu")).replace("torch.", "") if rule else "float32")
+    assert common.resolve_dtype("auto", "cpu") == (
+        str(rule("auto", "cpu")).replace("torch.", "") if rule else "float32"
+    )
     assert common.resolve_dtype("float16", "cpu") == "float16" and common.resolve_dtype(None, "cpu") == "float32"
     with pytest.raises(common.CLIError, match="--device cuda: no CUDA device"):
         common.detector_from_args(_parse("predict", "--clip", "random-tiny", "--device", "cuda", "x.png"))
@@ -253,7 +320,9 @@ def test_device_moves_the_model_where_it_is_asked(monkeypatch):
     from mrad_hf.models.mrad.modeling_mrad import MRADForAnomalyDetection
 
     original = MRADForAnomalyDetection.to
-    monkeypatch.setattr(MRADForAnomalyDetection, "to", lambda self, *a, **k: moved.append(a) or original(self, *a, **k))
+    monkeypatch.setattr(
+        MRADForAnomalyDetection, "to", lambda self, *a, **k: moved.append(a) or original(self, *a, **k)
+    )
     monkeypatch.setattr(common, "resolve_device", lambda device: "cpu" if device == "auto" else device)
     common.detector_from_args(_parse("predict", "--clip", "random-tiny", "--image-size", "56", "x.png"))
     assert moved[-1] == ("cpu",)
@@ -279,17 +348,38 @@ def test_batched_predict_equals_one_by_one(model_with_bank, tmp_path):
     runs = {}
     for batch_size in (1, 3, 16):
         out = tmp_path / f"out{batch_size}"
-        assert main(["predict", "--model", str(model_with_bank), str(queries), "--output-dir", str(out), "--batch-size", str(batch_size),
-                     "--device", "cpu", "--threshold", "0.5"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    str(model_with_bank),
+                    str(queries),
+                    "--output-dir",
+                    str(out),
+                    "--batch-size",
+                    str(batch_size),
+                    "--device",
+                    "cpu",
+                    "--threshold",
+                    "0.5",
+                ]
+            )
+            == 0
+        )
         runs[batch_size] = json.loads((out / "scores.json").read_text())
     one = runs[1]
     assert one["scored"] == 8 and one["failed"] == 1 and one["failures"][0]["path"].endswith("q5_broken.png")
     for batch_size in (3, 16):
         batched = runs[batch_size]
         assert [r["path"] for r in batched["results"]] == [r["path"] for r in one["results"]]
-        assert [r["score"] for r in batched["results"]] == pytest.approx([r["score"] for r in one["results"]], abs=1e-6)
+        assert [r["score"] for r in batched["results"]] == pytest.approx(
+            [r["score"] for r in one["results"]], abs=1e-6
+        )
         assert [r["label"] for r in batched["results"]] == [r["label"] for r in one["results"]]
-        assert [r["heatmap"].rsplit("/", 1)[1] for r in batched["results"]] == [r["heatmap"].rsplit("/", 1)[1] for r in one["results"]]
+        assert [r["heatmap"].rsplit("/", 1)[1] for r in batched["results"]] == [
+            r["heatmap"].rsplit("/", 1)[1] for r in one["results"]
+        ]
     # and equal to the model's own forward on each image
     from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
 
@@ -307,10 +397,23 @@ def test_bank_mismatch_advice_is_a_cli_flag(model_with_bank, tmp_path, capsys):
     bank_path = bank.save(tmp_path / "other.safetensors")
     image = tmp_path / "part.png"
     Image.fromarray(make_samples(1, seed=6)[0]["image"]).save(image)
-    argv = ["predict", "--model", str(model_with_bank), "--bank", str(bank_path), str(image), "--output-dir", str(tmp_path / "o")]
+    argv = [
+        "predict",
+        "--model",
+        str(model_with_bank),
+        "--bank",
+        str(bank_path),
+        str(image),
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # (transformers' weight-loading bar comes before it)
-    assert err.startswith("mrad predict: error: The memory bank does not match") and "--trust-bank" in err and "strict=False" not in err
+    assert (
+        err.startswith("mrad predict: error: The memory bank does not match")
+        and "--trust-bank" in err
+        and "strict=False" not in err
+    )
     assert main(argv + ["--trust-bank"]) == 0
     captured = capsys.readouterr()
     assert "WARNING: The memory bank does not match this model" in captured.err and "Traceback" not in captured.err

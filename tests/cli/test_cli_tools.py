@@ -36,22 +36,68 @@ def workspace(model_with_bank, tmp_path):
 
 def test_bank_add_info_merge_remove(workspace, capsys):
     base = MemoryBank.load(workspace / "bank.safetensors")
-    args = ["bank", "add", str(workspace / "bank.safetensors"), "--model", str(workspace / "model"), "--dataset", "folder",
-            "--data-root", str(workspace / "line"), "--source", "line", "--output", str(workspace / "grown.safetensors"), "--no-dedup"]
+    args = [
+        "bank",
+        "add",
+        str(workspace / "bank.safetensors"),
+        "--model",
+        str(workspace / "model"),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(workspace / "line"),
+        "--source",
+        "line",
+        "--output",
+        str(workspace / "grown.safetensors"),
+        "--no-dedup",
+    ]
     assert main(args) == 0
     grown = MemoryBank.load(workspace / "grown.safetensors")
-    assert grown.counts()["image_entries"] == 10 and grown.counts()["patch_entries"] == base.counts()["patch_entries"] + 6
+    assert (
+        grown.counts()["image_entries"] == 10 and grown.counts()["patch_entries"] == base.counts()["patch_entries"] + 6
+    )
     assert grown.image_sources()[6:] == ["line"] * 4
     assert grown.image_ids()[6] == "dent/d1.png"  # loader order: defect folders, then good; ids relative to the root
     capsys.readouterr()
     assert main(["bank", "info", str(workspace / "grown.safetensors"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["per_source"]["line"] == {"anomalous images": 2, "normal images": 2, "anomalous regions": 2, "normal regions": 4}
-    assert main(["bank", "merge", str(workspace / "bank.safetensors"), str(workspace / "grown.safetensors"), "--output", str(workspace / "merged.safetensors")]) == 0
+    assert info["per_source"]["line"] == {
+        "anomalous images": 2,
+        "normal images": 2,
+        "anomalous regions": 2,
+        "normal regions": 4,
+    }
+    assert (
+        main(
+            [
+                "bank",
+                "merge",
+                str(workspace / "bank.safetensors"),
+                str(workspace / "grown.safetensors"),
+                "--output",
+                str(workspace / "merged.safetensors"),
+            ]
+        )
+        == 0
+    )
     merged = MemoryBank.load(workspace / "merged.safetensors")
     assert merged.counts() == grown.counts()  # the grown bank's copy of the base entries is deduplicated away
     assert merged.image_sources() == grown.image_sources()
-    assert main(["bank", "remove", str(workspace / "grown.safetensors"), "--source", "line", "--output", str(workspace / "back.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "bank",
+                "remove",
+                str(workspace / "grown.safetensors"),
+                "--source",
+                "line",
+                "--output",
+                str(workspace / "back.safetensors"),
+            ]
+        )
+        == 0
+    )
     back = MemoryBank.load(workspace / "back.safetensors")
     assert torch.equal(back.patch_keys, base.patch_keys) and torch.equal(back.image_keys, base.image_keys)
 
@@ -59,34 +105,114 @@ def test_bank_add_info_merge_remove(workspace, capsys):
 def test_bank_add_images_with_one_label_and_bad_input(workspace, capsys):
     bank = str(workspace / "bank.safetensors")
     dents = sorted(str(p) for p in (workspace / "line" / "dent").glob("d?.png"))
-    assert main(["bank", "add", bank, "--model", str(workspace / "model"), "--images", *dents, "--label", "anomaly", "--source", "bad"]) == 0
+    assert (
+        main(
+            [
+                "bank",
+                "add",
+                bank,
+                "--model",
+                str(workspace / "model"),
+                "--images",
+                *dents,
+                "--label",
+                "anomaly",
+                "--source",
+                "bad",
+            ]
+        )
+        == 0
+    )
     grown = MemoryBank.load(bank)  # replaced in place
     assert grown.image_values[-2:].argmax(1).tolist() == [1, 1] and grown.image_ids()[-2:] == ["d1.png", "d3.png"]
     capsys.readouterr()
-    assert main(["bank", "add", bank, "--model", str(workspace / "model"), "--images", *dents, "--masks", dents[0], "--label", "anomaly", "--source", "x"]) == 2
+    assert (
+        main(
+            [
+                "bank",
+                "add",
+                bank,
+                "--model",
+                str(workspace / "model"),
+                "--images",
+                *dents,
+                "--masks",
+                dents[0],
+                "--label",
+                "anomaly",
+                "--source",
+                "x",
+            ]
+        )
+        == 2
+    )
     assert "no mask among the given masks for" in capsys.readouterr().err
     assert main(["bank", "remove", bank, "--source", "nope"]) == 2
     assert "its sources are ['bad', 'unit-test']" in capsys.readouterr().err
 
 
 def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
-    assert main(["calibrate", "--model", str(workspace / "model"), "--images", str(workspace / "good"), "--target-fpr", "0.1",
-                 "--output", str(workspace / "cal.json"), "--save-model", str(workspace / "calibrated")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(workspace / "model"),
+                "--images",
+                str(workspace / "good"),
+                "--target-fpr",
+                "0.1",
+                "--output",
+                str(workspace / "cal.json"),
+                "--save-model",
+                str(workspace / "calibrated"),
+            ]
+        )
+        == 0
+    )
     calibration = json.loads((workspace / "cal.json").read_text())
     assert calibration["n_normal_images"] == 9 and calibration["target_fpr"] == 0.1
     assert MRADForAnomalyDetection.from_pretrained(workspace / "calibrated").calibration == calibration
     out = workspace / "explain"
     dents = sorted(str(p) for p in (workspace / "line" / "dent").glob("d?.png"))
-    assert main(["explain", "--model", str(workspace / "calibrated"), *dents, "--output-dir", str(out), "--top-k", "2"]) == 0
+    assert (
+        main(["explain", "--model", str(workspace / "calibrated"), *dents, "--output-dir", str(out), "--top-k", "2"])
+        == 0
+    )
     records = json.loads((out / "explanations.json").read_text())
     assert len(records) == 2 and all(Image.open(r["panel"]).size[0] > 0 for r in records)
     for record in records:
         assert record["is_anomalous"] == (record["score"] > calibration["image_threshold"])
         assert [n["rank"] for n in record["explanation"]["image"]["neighbours"]] == [1, 2]
-    assert main(["predict", "--model", str(workspace / "calibrated"), str(workspace / "good"), "--output-dir", str(workspace / "pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(workspace / "calibrated"),
+                str(workspace / "good"),
+                "--output-dir",
+                str(workspace / "pred"),
+            ]
+        )
+        == 0
+    )
     scored = json.loads((workspace / "pred" / "scores.json").read_text())["results"]
     assert all(r["is_anomalous"] == (r["score"] > calibration["image_threshold"]) for r in scored)
     assert all(r["thresholds"]["from"] == "calibration" for r in scored)
     capsys.readouterr()
-    assert main(["calibrate", "--model", str(workspace / "model"), "--images", str(workspace / "good"), "--target-fpr", "0.05"]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(workspace / "model"),
+                "--images",
+                str(workspace / "good"),
+                "--target-fpr",
+                "0.05",
+            ]
+        )
+        == 2
+    )
     assert "needs at least 19 known-good images" in capsys.readouterr().err

@@ -131,7 +131,14 @@ class _Tensor:
         self.storage, self.size, self.stride, self.offset = storage, tuple(size), tuple(stride), offset
 
     def __reduce__(self):
-        return torch._utils._rebuild_tensor_v2, (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, (
+            self.storage,
+            self.offset,
+            self.size,
+            self.stride,
+            False,
+            collections.OrderedDict(),
+        )
 
 
 class _Call:
@@ -158,7 +165,9 @@ def _script_class(name: str):
     return getattr(module, name)
 
 
-def write_raw_archive(path: Path, attributes: dict, records: dict[str, bytes], *, torchscript: bool = True, compress: bool = False) -> None:
+def write_raw_archive(
+    path: Path, attributes: dict, records: dict[str, bytes], *, torchscript: bool = True, compress: bool = False
+) -> None:
     """A zip in TorchScript's layout whose root object is a `__torch__.Root` with `attributes` (use `raw_tensor`,
     `_Call`, ...); `records` are the `data/<key>` storages. Without `torchscript` there is no constants.pkl/code/."""
     root = _script_class("Root")()
@@ -168,10 +177,14 @@ def write_raw_archive(path: Path, attributes: dict, records: dict[str, bytes], *
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
         for key, data in records.items():
-            archive.writestr(f"archive/data/{key}", data, compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
+            archive.writestr(
+                f"archive/data/{key}", data, compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+            )
         if torchscript:
             archive.writestr("archive/constants.pkl", b"\x80\x02).")
-            archive.writestr("archive/code/__torch__.py", "class Root(Module):\n  __parameters__ = []\n  __buffers__ = []\n")
+            archive.writestr(
+                "archive/code/__torch__.py", "class Root(Module):\n  __parameters__ = []\n  __buffers__ = []\n"
+            )
         archive.writestr("archive/version", "3\n")
 
 

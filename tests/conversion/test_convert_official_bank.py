@@ -5,20 +5,17 @@ reference computation (`tests/reference_mrad.py`) gets from the original tensors
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-
 from conftest import TINY_IMAGE_SIZE, make_samples
 from reference_mrad import reference_tf_score
 
+from mrad_hf import MemoryBank, MRADImageProcessor
 from mrad_hf.conversion.common import ConversionError
 from mrad_hf.conversion.convert_official_bank import convert_official_bank, main
-from mrad_hf import MemoryBank, MRADImageProcessor
 
 
 def official_cache(rows: int, width: int, seed: int, anomalous_every: int = 3) -> dict[str, torch.Tensor]:
@@ -38,9 +35,15 @@ def write_pair(folder: Path, model, dataset: str = "visa", seed: int = 0):
 
 def test_converted_bank_scores_equal_reference_on_original_tensors(tmp_path, tiny_model):
     image, patch = write_pair(tmp_path, tiny_model)
-    bank = convert_official_bank(tmp_path / "cache_model_visa.pt", tmp_path / "cache_patch_model_visa.pt", tmp_path / "visa.safetensors", model=tiny_model)
+    bank = convert_official_bank(
+        tmp_path / "cache_model_visa.pt",
+        tmp_path / "cache_patch_model_visa.pt",
+        tmp_path / "visa.safetensors",
+        model=tiny_model,
+    )
 
     saved = MemoryBank.load(tmp_path / "visa.safetensors")
+    assert bank.counts() == saved.counts() and bank.metadata["tensors_sha256"] == saved.metadata["tensors_sha256"]
     assert torch.equal(saved.image_keys, image["keys"]) and torch.equal(saved.patch_values, patch["values"])
     meta = saved.metadata
     assert meta["source"] == "visa" and meta["backbone"] == tiny_model.backbone_fingerprint()
@@ -48,7 +51,9 @@ def test_converted_bank_scores_equal_reference_on_original_tensors(tmp_path, tin
     assert meta["counts"]["image_anomalous"] == 3 and meta["counts"]["patch_anomalous"] == 7
 
     tiny_model.set_memory_bank(saved)  # strict: the fingerprint matches
-    pixels = MRADImageProcessor.from_config(tiny_model.config)([s["image"] for s in make_samples(3, seed=4)])["pixel_values"]
+    pixels = MRADImageProcessor.from_config(tiny_model.config)([s["image"] for s in make_samples(3, seed=4)])[
+        "pixel_values"
+    ]
     with torch.no_grad():
         out = tiny_model(pixel_values=pixels)
     ref_maps, ref_scores = reference_tf_score(
@@ -61,9 +66,20 @@ def test_converted_bank_scores_equal_reference_on_original_tensors(tmp_path, tin
 
 def test_without_model_backbone_is_unknown_and_widths_come_from_the_files(tmp_path, tiny_model, capsys):
     generator = torch.Generator().manual_seed(0)
-    torch.save({"keys": F.normalize(torch.randn(4, 768, generator=generator), dim=-1), "values": torch.eye(2)[[0, 1, 1, 0]]}, tmp_path / "cache_model_mvtec.pt")
-    torch.save({"keys": F.normalize(torch.randn(6, 1024, generator=generator), dim=-1), "values": torch.eye(2)[[1, 0, 1, 0, 0, 0]]}, tmp_path / "cache_patch_model_mvtec.pt")
-    assert main(["--cache-dir", str(tmp_path), "--dataset", "mvtec", "--output", str(tmp_path / "out.safetensors")]) == 0
+    torch.save(
+        {"keys": F.normalize(torch.randn(4, 768, generator=generator), dim=-1), "values": torch.eye(2)[[0, 1, 1, 0]]},
+        tmp_path / "cache_model_mvtec.pt",
+    )
+    torch.save(
+        {
+            "keys": F.normalize(torch.randn(6, 1024, generator=generator), dim=-1),
+            "values": torch.eye(2)[[1, 0, 1, 0, 0, 0]],
+        },
+        tmp_path / "cache_patch_model_mvtec.pt",
+    )
+    assert (
+        main(["--cache-dir", str(tmp_path), "--dataset", "mvtec", "--output", str(tmp_path / "out.safetensors")]) == 0
+    )
     bank = MemoryBank.load(tmp_path / "out.safetensors")
     assert bank.metadata["backbone"] is None and bank.metadata["conversion"]["backbone"].startswith("unknown")
     assert bank.metadata["source"] == "mvtec" and bank.metadata["features"]["image_size"] == 518
@@ -73,8 +89,13 @@ def test_without_model_backbone_is_unknown_and_widths_come_from_the_files(tmp_pa
     assert main(["--cache-dir", str(tmp_path), "--dataset", "visa", "--output", str(tmp_path / "x.safetensors")]) == 0
     assert MemoryBank.load(tmp_path / "x.safetensors").counts()["image_entries"] == 9
     # with a model, its widths are checked: the ViT-L/14-wide mvtec files do not fit the tiny backbone
-    assert main(["--cache-dir", str(tmp_path), "--dataset", "mvtec", "--output", str(tmp_path / "y.safetensors")]
-                + ["--model", str(_saved(tiny_model, tmp_path / "model"))]) == 2
+    assert (
+        main(
+            ["--cache-dir", str(tmp_path), "--dataset", "mvtec", "--output", str(tmp_path / "y.safetensors")]
+            + ["--model", str(_saved(tiny_model, tmp_path / "model"))]
+        )
+        == 2
+    )
     assert "keys are 768-d but 24-d were expected" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
 
@@ -87,8 +108,14 @@ def _saved(model, folder):
 @pytest.mark.parametrize(
     "payload, message",
     [
-        ({"keys": torch.zeros(3, 24), "values": torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])}, r"values are not one-hot \(rows \[1\]"),
-        ({"keys": torch.zeros(3, 24), "values": torch.eye(2)[[0, 1, 0]], "labels": torch.zeros(3)}, r"unknown keys: \['labels'\]"),
+        (
+            {"keys": torch.zeros(3, 24), "values": torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])},
+            r"values are not one-hot \(rows \[1\]",
+        ),
+        (
+            {"keys": torch.zeros(3, 24), "values": torch.eye(2)[[0, 1, 0]], "labels": torch.zeros(3)},
+            r"unknown keys: \['labels'\]",
+        ),
         ({"keys": torch.zeros(3, 24)}, r"missing keys: \['values'\]"),
         ({"keys": torch.zeros(3, 24), "values": torch.eye(2)[[0, 1]]}, r"values must be \(3, 2\) one-hot"),
         ([torch.zeros(3, 24)], "holds a list, not a dict"),
@@ -98,5 +125,7 @@ def test_malformed_official_files_are_refused_with_the_reason(tmp_path, tiny_mod
     write_pair(tmp_path, tiny_model)
     torch.save(payload, tmp_path / "cache_model_visa.pt")
     with pytest.raises(ConversionError, match=message) as error:
-        convert_official_bank(tmp_path / "cache_model_visa.pt", tmp_path / "cache_patch_model_visa.pt", model=tiny_model)
+        convert_official_bank(
+            tmp_path / "cache_model_visa.pt", tmp_path / "cache_patch_model_visa.pt", model=tiny_model
+        )
     assert "cache_model_visa.pt" in str(error.value)

@@ -5,7 +5,6 @@ reproduce an independent OpenAI-style forward (sequence of `nn.MultiheadAttentio
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 from mrad_hf.conversion.common import ConversionError
 from mrad_hf.conversion.convert_openai_clip import convert_openai_clip, main
@@ -26,12 +24,18 @@ TEXT_WIDTH, TEXT_LAYERS, VOCAB, CONTEXT, EMBED = 64, 2, 99, 16, 32
 def _block(prefix: str, width: int, generator) -> dict[str, torch.Tensor]:
     r = lambda *shape, std=0.05: torch.randn(*shape, generator=generator) * std  # noqa: E731
     return {
-        f"{prefix}.attn.in_proj_weight": r(3 * width, width), f"{prefix}.attn.in_proj_bias": r(3 * width),
-        f"{prefix}.attn.out_proj.weight": r(width, width), f"{prefix}.attn.out_proj.bias": r(width),
-        f"{prefix}.ln_1.weight": 1 + r(width), f"{prefix}.ln_1.bias": r(width),
-        f"{prefix}.mlp.c_fc.weight": r(4 * width, width), f"{prefix}.mlp.c_fc.bias": r(4 * width),
-        f"{prefix}.mlp.c_proj.weight": r(width, 4 * width), f"{prefix}.mlp.c_proj.bias": r(width),
-        f"{prefix}.ln_2.weight": 1 + r(width), f"{prefix}.ln_2.bias": r(width),
+        f"{prefix}.attn.in_proj_weight": r(3 * width, width),
+        f"{prefix}.attn.in_proj_bias": r(3 * width),
+        f"{prefix}.attn.out_proj.weight": r(width, width),
+        f"{prefix}.attn.out_proj.bias": r(width),
+        f"{prefix}.ln_1.weight": 1 + r(width),
+        f"{prefix}.ln_1.bias": r(width),
+        f"{prefix}.mlp.c_fc.weight": r(4 * width, width),
+        f"{prefix}.mlp.c_fc.bias": r(4 * width),
+        f"{prefix}.mlp.c_proj.weight": r(width, 4 * width),
+        f"{prefix}.mlp.c_proj.bias": r(width),
+        f"{prefix}.ln_2.weight": 1 + r(width),
+        f"{prefix}.ln_2.bias": r(width),
     }
 
 
@@ -39,11 +43,19 @@ def openai_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     r = lambda *shape, std=0.05: torch.randn(*shape, generator=generator) * std  # noqa: E731
     state = {
-        "visual.class_embedding": r(VISION_WIDTH, std=0.5), "visual.positional_embedding": r(GRID * GRID + 1, VISION_WIDTH, std=0.5),
-        "visual.conv1.weight": r(VISION_WIDTH, 3, PATCH, PATCH), "visual.ln_pre.weight": 1 + r(VISION_WIDTH), "visual.ln_pre.bias": r(VISION_WIDTH),
-        "visual.ln_post.weight": 1 + r(VISION_WIDTH), "visual.ln_post.bias": r(VISION_WIDTH), "visual.proj": r(VISION_WIDTH, EMBED),
-        "token_embedding.weight": r(VOCAB, TEXT_WIDTH, std=0.5), "positional_embedding": r(CONTEXT, TEXT_WIDTH, std=0.5),
-        "ln_final.weight": 1 + r(TEXT_WIDTH), "ln_final.bias": r(TEXT_WIDTH), "text_projection": r(TEXT_WIDTH, EMBED),
+        "visual.class_embedding": r(VISION_WIDTH, std=0.5),
+        "visual.positional_embedding": r(GRID * GRID + 1, VISION_WIDTH, std=0.5),
+        "visual.conv1.weight": r(VISION_WIDTH, 3, PATCH, PATCH),
+        "visual.ln_pre.weight": 1 + r(VISION_WIDTH),
+        "visual.ln_pre.bias": r(VISION_WIDTH),
+        "visual.ln_post.weight": 1 + r(VISION_WIDTH),
+        "visual.ln_post.bias": r(VISION_WIDTH),
+        "visual.proj": r(VISION_WIDTH, EMBED),
+        "token_embedding.weight": r(VOCAB, TEXT_WIDTH, std=0.5),
+        "positional_embedding": r(CONTEXT, TEXT_WIDTH, std=0.5),
+        "ln_final.weight": 1 + r(TEXT_WIDTH),
+        "ln_final.bias": r(TEXT_WIDTH),
+        "text_projection": r(TEXT_WIDTH, EMBED),
         "logit_scale": torch.tensor(4.6052),
     }
     for i in range(VISION_LAYERS):
@@ -81,7 +93,10 @@ def _blocks(x, sd, prefix, layers, heads, mask=None):
 
 def openai_encode_image(sd, images):
     x = F.conv2d(images, sd["visual.conv1.weight"], stride=PATCH).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + sd["visual.positional_embedding"]
+    x = (
+        torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1)
+        + sd["visual.positional_embedding"]
+    )
     x = _blocks(_ln(x, sd, "visual.ln_pre"), sd, "visual.transformer.resblocks", VISION_LAYERS, VISION_WIDTH // 64)
     return _ln(x[:, 0], sd, "visual.ln_post") @ sd["visual.proj"]
 
@@ -97,7 +112,11 @@ def _inputs():
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, PATCH * GRID, PATCH * GRID, generator=generator)
     tokens = torch.randint(3, VOCAB - 1, (3, CONTEXT), generator=generator)
-    tokens[0, 5], tokens[1, -1], tokens[2, 9] = VOCAB - 1, VOCAB - 1, VOCAB - 1  # the end token (highest id) at various places
+    tokens[0, 5], tokens[1, -1], tokens[2, 9] = (
+        VOCAB - 1,
+        VOCAB - 1,
+        VOCAB - 1,
+    )  # the end token (highest id) at various places
     tokens[0, 6:], tokens[2, 10:] = 0, 0
     return images, tokens
 
@@ -130,9 +149,17 @@ def test_converted_clip_reproduces_openai_forward(tmp_path, layout):
         _script_archive(state, path)
     model = convert_openai_clip(path, tmp_path / "hf")
     config = model.config
-    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers, config.vision_config.num_attention_heads) == (128, 2, 2)
+    assert (
+        config.vision_config.hidden_size,
+        config.vision_config.num_hidden_layers,
+        config.vision_config.num_attention_heads,
+    ) == (128, 2, 2)
     assert (config.vision_config.image_size, config.vision_config.patch_size, config.projection_dim) == (56, 14, 32)
-    assert (config.text_config.vocab_size, config.text_config.max_position_embeddings, config.text_config.num_attention_heads) == (99, 16, 1)
+    assert (
+        config.text_config.vocab_size,
+        config.text_config.max_position_embeddings,
+        config.text_config.num_attention_heads,
+    ) == (99, 16, 1)
 
     from transformers import CLIPModel
 

@@ -16,12 +16,22 @@ import faulthandler
 import warnings
 from pathlib import Path
 
+import hostile_archives as hostile
 import pytest
 import torch
 import torch.nn as nn
-
-import hostile_archives as hostile
-from test_convert_openai_clip import CONTEXT, EMBED, GRID, PATCH, TEXT_LAYERS, TEXT_WIDTH, VISION_LAYERS, VISION_WIDTH, VOCAB, openai_state_dict
+from test_convert_openai_clip import (
+    CONTEXT,
+    EMBED,
+    GRID,
+    PATCH,
+    TEXT_LAYERS,
+    TEXT_WIDTH,
+    VISION_LAYERS,
+    VISION_WIDTH,
+    VOCAB,
+    openai_state_dict,
+)
 
 from mrad_hf.conversion.common import ConversionError
 from mrad_hf.conversion.convert_official_bank import convert_official_bank
@@ -46,7 +56,9 @@ def _through_every_converter(path: Path, tmp_path: Path, tiny_model) -> dict[str
     with pytest.raises(ConversionError) as error:
         convert_openai_clip(path, tmp_path / "clip-out")
     messages["clip"] = str(error.value)
-    torch.save({"keys": torch.zeros(2, tiny_model.config.patch_key_dim), "values": torch.eye(2)}, tmp_path / "patch.pt")
+    torch.save(
+        {"keys": torch.zeros(2, tiny_model.config.patch_key_dim), "values": torch.eye(2)}, tmp_path / "patch.pt"
+    )
     with pytest.raises(ConversionError) as error:
         convert_official_bank(path, tmp_path / "patch.pt", tmp_path / "bank.safetensors")
     messages["bank"] = str(error.value)
@@ -71,7 +83,10 @@ def test_file_write_through_from_file_shared_is_never_done(tmp_path, tiny_model)
     assert (tmp_path / "control").read_bytes() == b"A" * 8
     messages = _through_every_converter(tmp_path / "writes.pt", tmp_path, tiny_model)
     assert not marker.exists()
-    assert "saves a custom state (a __setstate__ method of the archive), which is code this reader does not run" in messages["clip"]
+    assert (
+        "saves a custom state (a __setstate__ method of the archive), which is code this reader does not run"
+        in messages["clip"]
+    )
     _refused_by_name(messages, tmp_path / "writes.pt")
 
 
@@ -113,10 +128,25 @@ def test_pickled_system_call_is_refused_naming_the_global(tmp_path, tiny_model):
 @pytest.mark.parametrize(
     "attributes, records, compress, message",
     [
-        ({"w": hostile.raw_tensor("0", 10**12, (10**12,))}, {"0": b"\0" * 8}, False, "holds 8 bytes but the pickle claims 1000000000000 FloatStorage elements"),
-        ({"w": hostile.raw_tensor("0", 2, (1000,))}, {"0": b"\0" * 8}, False, r"reaches past its storage \(2 elements\)"),
+        (
+            {"w": hostile.raw_tensor("0", 10**12, (10**12,))},
+            {"0": b"\0" * 8},
+            False,
+            "holds 8 bytes but the pickle claims 1000000000000 FloatStorage elements",
+        ),
+        (
+            {"w": hostile.raw_tensor("0", 2, (1000,))},
+            {"0": b"\0" * 8},
+            False,
+            r"reaches past its storage \(2 elements\)",
+        ),
         ({"w": hostile.raw_tensor("0", 2, (2,))}, {"0": b"\0" * 8}, True, "is compressed"),
-        ({"w": hostile.raw_tensor("7", 2, (2,))}, {"0": b"\0" * 8}, False, "storage record 'archive/data/7' is missing"),
+        (
+            {"w": hostile.raw_tensor("7", 2, (2,))},
+            {"0": b"\0" * 8},
+            False,
+            "storage record 'archive/data/7' is missing",
+        ),
     ],
     ids=["huge-claimed-storage", "tensor-past-storage", "compressed-record", "missing-record"],
 )
@@ -133,7 +163,11 @@ class _Block(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, width // 64)
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.mlp = nn.Sequential(collections.OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), c_proj=nn.Linear(4 * width, width)))
+        self.mlp = nn.Sequential(
+            collections.OrderedDict(
+                c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), c_proj=nn.Linear(4 * width, width)
+            )
+        )
         self.attn_mask = attn_mask  # a plain attribute in OpenAI's model, not part of the state dict
 
     def forward(self, x):
@@ -187,14 +221,18 @@ class _OpenAICLIP(nn.Module):
 def test_traced_openai_layout_archive_converts_bit_exactly(tmp_path):
     state = openai_state_dict(seed=5)
     module = _OpenAICLIP().eval()
-    module.load_state_dict({**state, **{name: torch.tensor(CONTEXT) for name in ("input_resolution", "context_length", "vocab_size")}})
+    module.load_state_dict(
+        {**state, **{name: torch.tensor(CONTEXT) for name in ("input_resolution", "context_length", "vocab_size")}}
+    )
     example = (torch.zeros(1, 3, PATCH * GRID, PATCH * GRID), torch.zeros(1, CONTEXT, dtype=torch.long))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(module, example), str(tmp_path / "ViT-tiny.pt"))
     read = read_torchscript_state_dict(tmp_path / "ViT-tiny.pt")
     assert set(read) == set(module.state_dict())  # what ScriptModule.state_dict() holds: no attn_mask, no attributes
-    assert all(torch.equal(read[key], value) and read[key].dtype == value.dtype for key, value in module.state_dict().items())
+    assert all(
+        torch.equal(read[key], value) and read[key].dtype == value.dtype for key, value in module.state_dict().items()
+    )
     converted = convert_openai_clip(tmp_path / "ViT-tiny.pt", tmp_path / "hf").state_dict()
     expected = convert_openai_state_dict(state).state_dict()
     assert converted.keys() == expected.keys() and all(torch.equal(converted[key], expected[key]) for key in expected)
@@ -206,6 +244,11 @@ def test_no_torch_jit_load_anywhere_in_the_repository():
         if any(part.startswith(".") for part in path.relative_to(REPO).parts):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Attribute) and node.attr == "load" and isinstance(node.value, ast.Attribute) and node.value.attr == "jit":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "load"
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "jit"
+            ):
                 calls.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert calls == []

@@ -254,7 +254,11 @@ VISA_HEADER = "object,split,label,image,mask\n"
 def make_visa(root: Path) -> None:
     lines = [VISA_HEADER]
     for obj in ("candle", "pcb1"):
-        for split, label, stem in [("train", "normal", "0000"), ("test", "normal", "0001"), ("test", "anomaly", "000")]:
+        for split, label, stem in [
+            ("train", "normal", "0000"),
+            ("test", "normal", "0001"),
+            ("test", "anomaly", "000"),
+        ]:
             folder = "Normal" if label == "normal" else "Anomaly"
             image = f"{obj}/Data/Images/{folder}/{stem}.JPG"
             write_image(root / image)
@@ -618,6 +622,8 @@ def test_mvtec_layout_discovers_categories(tmp_path: Path) -> None:
     anomalous = [row for row in dataset if row["label"] == 1]
     assert {row["defect_type"] for row in anomalous} == {"scratch", "hole"}
     assert all(row["mask_path"].endswith("_mask.png") for row in anomalous)
-    assert len(loaders.load_mvtec_layout(tmp_path, categories=["grass"])) == len([r for r in dataset if r["category"] == "grass"])
+    assert len(loaders.load_mvtec_layout(tmp_path, categories=["grass"])) == len(
+        [r for r in dataset if r["category"] == "grass"]
+    )
     with pytest.raises(DatasetLayoutError, match="no category folder"):
         loaders.load_mvtec_layout(tmp_path / "brick" / "ground_truth")

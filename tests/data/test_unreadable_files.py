@@ -35,7 +35,9 @@ def test_readable_subset_skips_or_fails_naming_the_file(folder_with_truncated_fi
     failures = []
     readable = readable_subset(dataset, processor.load_pair, failures=failures)
     assert len(readable) == len(dataset) - 1 and "good/img0.png" not in list(readable["id"])
-    assert [f["path"].rsplit("/", 2)[-2:] for f in failures] == [["good", "img0.png"]] and "truncated or corrupt" in failures[0]["error"]
+    assert [f["path"].rsplit("/", 2)[-2:] for f in failures] == [
+        ["good", "img0.png"]
+    ] and "truncated or corrupt" in failures[0]["error"]
     with pytest.raises(MRADInputError, match="img0.png"):
         readable_subset(dataset, processor.load_pair, on_error="fail")
     rows = list(iter_readable_rows(dataset, processor.load_pair, failures=(seen := [])))
@@ -64,12 +66,32 @@ def test_train_names_the_corrupt_file_or_skips_it(folder_with_truncated_file, tm
     from mrad_hf.training.trainer import MRADTrainingArguments, train_mrad
 
     dataset = load_folder(folder_with_truncated_file)
-    args = MRADTrainingArguments(output_dir=str(tmp_path / "api"), ft_epochs=1, batch_size=2, max_steps_per_epoch=1, resume=False)
+    args = MRADTrainingArguments(
+        output_dir=str(tmp_path / "api"), ft_epochs=1, batch_size=2, max_steps_per_epoch=1, resume=False
+    )
     model = make_tiny_model(variant="ft")
     with pytest.raises(MRADInputError, match="img0.png"):
         train_mrad(model, dataset, args, progress=False)
-    command = ["train", "--variant", "ft", "--clip", "random-tiny", "--aux-dataset", "folder", "--aux-root", str(folder_with_truncated_file),
-               "--output-dir", str(tmp_path / "cli"), "--image-size", "112", "--batch-size", "2", "--max-steps-per-epoch", "1", "--no-resume"]
+    command = [
+        "train",
+        "--variant",
+        "ft",
+        "--clip",
+        "random-tiny",
+        "--aux-dataset",
+        "folder",
+        "--aux-root",
+        str(folder_with_truncated_file),
+        "--output-dir",
+        str(tmp_path / "cli"),
+        "--image-size",
+        "112",
+        "--batch-size",
+        "2",
+        "--max-steps-per-epoch",
+        "1",
+        "--no-resume",
+    ]
     assert main(command) == 0
     out = capsys.readouterr().out
     assert "SKIPPED 1 file(s) that could not be read, e.g." in out and "img0.png" in out
@@ -104,7 +126,9 @@ def test_bank_entries_skip_corrupt_rows_and_keep_flags_aligned(folder_with_trunc
     (root / "dent" / "img5_mask.png").unlink()  # img5: anomalous without a mask, after the skipped row
     dataset = load_folder(root)
     failures = []
-    bank = entries_from_samples(make_tiny_model(), dataset, source="line", progress=False, on_error="skip", failures=failures)
+    bank = entries_from_samples(
+        make_tiny_model(), dataset, source="line", progress=False, on_error="skip", failures=failures
+    )
     assert len(failures) == 1 and failures[0]["path"].endswith("img0.png")
     ids = bank.image_ids()
     assert len(ids) == len(dataset) - 1 and "good/img0.png" not in ids
@@ -116,11 +140,27 @@ def test_bank_entries_skip_corrupt_rows_and_keep_flags_aligned(folder_with_trunc
     assert [row["sha256"] for row in rows] == [file_sha256(row["path"]) for row in rows] and all(rows[0]["sha256"])
 
 
-def test_cli_bank_add_from_a_dataset_skips_the_corrupt_file(folder_with_truncated_file, model_with_bank, tmp_path, capsys):
+def test_cli_bank_add_from_a_dataset_skips_the_corrupt_file(
+    folder_with_truncated_file, model_with_bank, tmp_path, capsys
+):
     model_with_bank.save_pretrained(tmp_path / "model")
     model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
-    args = ["bank", "add", str(tmp_path / "bank.safetensors"), "--model", str(tmp_path / "model"), "--dataset", "folder",
-            "--data-root", str(folder_with_truncated_file), "--source", "line", "--output", str(tmp_path / "g.safetensors"), "--no-dedup"]
+    args = [
+        "bank",
+        "add",
+        str(tmp_path / "bank.safetensors"),
+        "--model",
+        str(tmp_path / "model"),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(folder_with_truncated_file),
+        "--source",
+        "line",
+        "--output",
+        str(tmp_path / "g.safetensors"),
+        "--no-dedup",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "SKIPPED 1 file(s) that could not be read" in out and "img0.png" in out

@@ -71,7 +71,11 @@ def test_flat_mask_folder_is_masks_not_a_defect_class(tmp_path: Path) -> None:
     write_mask(root / "masks" / "001.png")
     write_mask(root / "masks" / "002_mask.png")
     dataset = load_folder(root)
-    assert rows_of(dataset) == [("bent/001.png", 1, "001.png"), ("bent/002.png", 1, "002_mask.png"), ("good/000.png", 0, None)]
+    assert rows_of(dataset) == [
+        ("bent/001.png", 1, "001.png"),
+        ("bent/002.png", 1, "002_mask.png"),
+        ("good/000.png", 0, None),
+    ]
     assert not any("masks" in Path(path).parts for path in dataset["path"])  # no mask is ever scored
 
 
@@ -107,7 +111,11 @@ def test_anomalous_image_without_mask_gets_none(tmp_path: Path) -> None:
     write_image(root / "dent" / "001.png")
     write_image(root / "dent" / "002.png")
     write_mask(root / "masks" / "dent" / "001.png")
-    assert rows_of(load_folder(root)) == [("dent/001.png", 1, "001.png"), ("dent/002.png", 1, None), ("good/000.png", 0, None)]
+    assert rows_of(load_folder(root)) == [
+        ("dent/001.png", 1, "001.png"),
+        ("dent/002.png", 1, None),
+        ("good/000.png", 0, None),
+    ]
 
 
 @pytest.mark.parametrize("normal", ["good", "normal", "nominal", "ok", "Nominal", "OK"])
@@ -161,14 +169,20 @@ def test_ignored_inputs_are_reported_in_one_line(tmp_path: Path, monkeypatch) ->
     os.symlink(root / "good" / "self.png", root / "good" / "self.png")  # a self-referencing link
     os.symlink(root / "good", root / "good" / "loop")  # a folder link back to its parent
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode)
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = load_folder(root)
     assert sorted(Path(p).name for p in dataset["path"]) == ["a.png", "b.png"]
     (message,) = [str(w.message) for w in caught if issubclass(w.category, IgnoredFilesWarning)]
     assert "\n" not in message and message.startswith("Ignored 6 file(s) under")
-    for part in ("2 unsupported extension", "1 not a regular file (FIFO, socket or device)", "unreadable (permission denied)"):
+    for part in (
+        "2 unsupported extension",
+        "1 not a regular file (FIFO, socket or device)",
+        "unreadable (permission denied)",
+    ):
         assert part in message
     assert "2 symlink loop" in message
 
@@ -224,7 +238,10 @@ def make_anomalib_folder(root: Path) -> None:
 def test_explicit_folders_with_globs_and_paired_mask_dirs(tmp_path: Path) -> None:
     make_anomalib_folder(tmp_path)
     dataset = load_benchmark(
-        "folder", tmp_path, normal_dirs=["line*/good"], abnormal_dirs=["defects/crack", "defects/hole"],
+        "folder",
+        tmp_path,
+        normal_dirs=["line*/good"],
+        abnormal_dirs=["defects/crack", "defects/hole"],
         mask_dirs=["gt/crack", "gt/hole"],
     )
     assert rows_of(dataset) == [
@@ -233,7 +250,12 @@ def test_explicit_folders_with_globs_and_paired_mask_dirs(tmp_path: Path) -> Non
         ("line1/good/g1.png", 0, None),
         ("line2/good/g2.png", 0, None),
     ]
-    assert set(dataset["category"]) == {tmp_path.name} and list(dataset["defect_type"]) == ["crack", "good", "good", "hole"]
+    assert set(dataset["category"]) == {tmp_path.name} and list(dataset["defect_type"]) == [
+        "crack",
+        "good",
+        "good",
+        "hole",
+    ]
 
 
 def test_explicit_folders_pool_masks_and_read_beside_masks(tmp_path: Path) -> None:

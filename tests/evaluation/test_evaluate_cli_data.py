@@ -30,15 +30,35 @@ def textile(tmp_path):
         Image.fromarray(sample["image"]).save(folder / f"{sample['id']}.png")
     model = make_tiny_model()
     model.save_pretrained(tmp_path / "model")
-    memory = load_benchmark("folder", root, normal_dirs=["nominal"], abnormal_dirs=["hole_*"], mask_dirs=["annotations"])
-    memory = memory.filter(lambda row_id: row_id.endswith(("img0.png", "img1.png", "img2.png", "img3.png")), input_columns="id")
+    memory = load_benchmark(
+        "folder", root, normal_dirs=["nominal"], abnormal_dirs=["hole_*"], mask_dirs=["annotations"]
+    )
+    memory = memory.filter(
+        lambda row_id: row_id.endswith(("img0.png", "img1.png", "img2.png", "img3.png")), input_columns="id"
+    )
     model.build_memory_bank(memory, source="folder", progress=False).save(tmp_path / "bank.safetensors")
     return tmp_path, root
 
 
 def evaluate(tmp_path, root, out, *extra):
-    return main(["evaluate", "--model", str(tmp_path / "model"), "--bank", str(tmp_path / "bank.safetensors"), "--dataset", "folder",
-                 "--data-root", str(root), "--output-dir", str(tmp_path / out), "--heatmaps", "0", *extra])
+    return main(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "model"),
+            "--bank",
+            str(tmp_path / "bank.safetensors"),
+            "--dataset",
+            "folder",
+            "--data-root",
+            str(root),
+            "--output-dir",
+            str(tmp_path / out),
+            "--heatmaps",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def test_explicit_folders_with_leakage_warning_and_exclusion(textile, capsys):
@@ -75,7 +95,20 @@ def test_one_class_dataset_exits_2_with_the_fix(textile, capsys):
 
 def test_explicit_folders_only_with_dataset_folder(textile, capsys):
     tmp_path, root = textile
-    args = ["evaluate", "--model", str(tmp_path / "model"), "--bank", str(tmp_path / "bank.safetensors"), "--dataset", "mvtec",
-            "--data-root", str(root), "--normal-dir", "nominal", "--output-dir", str(tmp_path / "x")]
+    args = [
+        "evaluate",
+        "--model",
+        str(tmp_path / "model"),
+        "--bank",
+        str(tmp_path / "bank.safetensors"),
+        "--dataset",
+        "mvtec",
+        "--data-root",
+        str(root),
+        "--normal-dir",
+        "nominal",
+        "--output-dir",
+        str(tmp_path / "x"),
+    ]
     assert main(args) == 2
     assert "use them with --dataset folder" in capsys.readouterr().err

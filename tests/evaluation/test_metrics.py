@@ -36,10 +36,7 @@ from mrad_hf.evaluation.metrics import (
 
 def _region_coordinates(masks: np.ndarray) -> list[list[np.ndarray]]:
     """Per image, the (row, col) coordinates of each skimage-labelled (8-connected) region."""
-    return [
-        [region.coords for region in measure.regionprops(measure.label(mask.astype(np.int64)))]
-        for mask in masks
-    ]
+    return [[region.coords for region in measure.regionprops(measure.label(mask.astype(np.int64)))] for mask in masks]
 
 
 def oracle_reference_aupro(
@@ -190,12 +187,8 @@ def test_compute_all_metrics_without_masks_has_image_keys_only() -> None:
 # --------------------------------------------------------------------------------------------
 
 # Region A = the top-left 2x2 block (4 px), region B = the bottom-right pixel (1 px).
-TINY_MASK = np.array(
-    [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]], dtype=np.uint8
-)
-TINY_MAP = np.array(
-    [[1.0, 0.6, 0.0, 0.0], [0.3, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4], [0.0, 0.0, 0.0, 0.8]]
-)
+TINY_MASK = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]], dtype=np.uint8)
+TINY_MAP = np.array([[1.0, 0.6, 0.0, 0.0], [0.3, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4], [0.0, 0.0, 0.0, 0.8]])
 
 
 def test_reference_pro_curve_hand_computed() -> None:
@@ -454,9 +447,7 @@ def test_auroc_and_anomalib_aupro_invariant_to_monotone_transforms(seed: int, tr
     scale=st.floats(0.01, 100.0),
     shift=st.floats(-50.0, 50.0),
 )
-def test_reference_aupro_invariant_to_positive_affine_transforms(
-    seed: int, scale: float, shift: float
-) -> None:
+def test_reference_aupro_invariant_to_positive_affine_transforms(seed: int, scale: float, shift: float) -> None:
     rng = np.random.default_rng(seed)
     masks = random_masks(rng, 3, 12, 12)
     maps = random_maps(rng, masks)  # continuous values: none sits on a threshold
@@ -505,8 +496,6 @@ def test_metrics_invariant_to_image_order(seed: int, protocol: metrics.AuproProt
     scores = maps.mean(axis=(1, 2))
     order = rng.permutation(len(masks))
     original = compute_all_metrics(labels, scores, masks, maps, aupro_protocol=protocol)
-    permuted = compute_all_metrics(
-        labels[order], scores[order], masks[order], maps[order], aupro_protocol=protocol
-    )
+    permuted = compute_all_metrics(labels[order], scores[order], masks[order], maps[order], aupro_protocol=protocol)
     for key in METRIC_KEYS:
         assert permuted[key] == pytest.approx(original[key], abs=1e-12, nan_ok=True)

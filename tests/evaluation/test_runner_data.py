@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +13,13 @@ from PIL import Image
 
 from mrad_hf.data.loaders import load_folder
 from mrad_hf.evaluation.metrics import compute_all_metrics, pixel_ap, pixel_auroc
-from mrad_hf.evaluation.runner import BankOverlapWarning, EvaluationDataError, bank_overlap, evaluate_dataset, file_sha256
+from mrad_hf.evaluation.runner import (
+    BankOverlapWarning,
+    EvaluationDataError,
+    bank_overlap,
+    evaluate_dataset,
+    file_sha256,
+)
 
 
 def test_pixel_images_leaves_unmasked_anomalies_out_with_numbers():
@@ -49,7 +54,9 @@ def write_folder(root, samples, *, unmasked=()):
         Image.fromarray(sample["image"]).save(folder / f"{sample['id']}.png")
         if sample["mask"] is not None and sample["id"] not in unmasked:
             (root / "masks" / "defect").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(sample["mask"].astype(np.uint8) * 255).save(root / "masks" / "defect" / f"{sample['id']}.png")
+            Image.fromarray(sample["mask"].astype(np.uint8) * 255).save(
+                root / "masks" / "defect" / f"{sample['id']}.png"
+            )
 
 
 @pytest.fixture
@@ -64,9 +71,13 @@ def test_runner_excludes_unmasked_anomalies_from_pixel_metrics(scored_model, tmp
     write_folder(tmp_path / "part", samples, unmasked={"img5"})
     dataset = load_folder(tmp_path / "part")
     assert dataset["mask_path"][list(dataset["id"]).index("defect/img5.png")] is None
-    full = evaluate_dataset(scored_model, dataset, tmp_path / "full", name="part", progress=False, heatmaps_per_category=0)
+    full = evaluate_dataset(
+        scored_model, dataset, tmp_path / "full", name="part", progress=False, heatmaps_per_category=0
+    )
     masked_only = dataset.filter(lambda row_id: row_id != "defect/img5.png", input_columns="id")
-    subset = evaluate_dataset(scored_model, masked_only, tmp_path / "subset", name="part", progress=False, heatmaps_per_category=0)
+    subset = evaluate_dataset(
+        scored_model, masked_only, tmp_path / "subset", name="part", progress=False, heatmaps_per_category=0
+    )
     assert full["per_category"][0]["pixel_excluded"] == 1 and full["pixel_excluded_images"] == 1
     for key in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"):
         assert full["mean"][key] == pytest.approx(subset["mean"][key], abs=1e-12)
@@ -83,7 +94,10 @@ def test_one_class_dataset_is_an_error_with_the_fix(scored_model, tmp_path):
         (tmp_path / "fabric" / name).mkdir(parents=True)
         Image.fromarray(make_samples(1)[0]["image"]).save(tmp_path / "fabric" / name / "a.png")
     dataset = load_folder(tmp_path / "fabric")
-    with pytest.raises(EvaluationDataError, match=r"all 2 images are labelled anomalous.*good/, normal/, nominal/ or ok/.*--normal-dir"):
+    with pytest.raises(
+        EvaluationDataError,
+        match=r"all 2 images are labelled anomalous.*good/, normal/, nominal/ or ok/.*--normal-dir",
+    ):
         evaluate_dataset(scored_model, dataset, tmp_path / "out", name="fabric", progress=False)
     (tmp_path / "fabric" / "unknown_normals").rename(tmp_path / "fabric" / "good")
     normals = load_folder(tmp_path / "fabric").filter(lambda label: label == 0, input_columns="label")
@@ -101,10 +115,20 @@ def test_leakage_is_counted_warned_and_excludable(tmp_path):
     hits, how = bank_overlap(dataset, model.memory_bank_metadata)
     assert sorted(hits) == [0, 2, 4, 6]
     with pytest.warns(BankOverlapWarning, match=r"LEAKAGE: 4 of 8 scored images are in the memory bank"):
-        results = evaluate_dataset(model, dataset, tmp_path / "a", name="folder", progress=False, heatmaps_per_category=0)
+        results = evaluate_dataset(
+            model, dataset, tmp_path / "a", name="folder", progress=False, heatmaps_per_category=0
+        )
     assert results["bank_overlap"]["images"] == 4 and not results["bank_overlap"]["excluded"]
     with pytest.warns(BankOverlapWarning, match="Left out 4 of 8"):
-        kept = evaluate_dataset(model, dataset, tmp_path / "b", name="folder", progress=False, heatmaps_per_category=0, exclude_bank_images=True)
+        kept = evaluate_dataset(
+            model,
+            dataset,
+            tmp_path / "b",
+            name="folder",
+            progress=False,
+            heatmaps_per_category=0,
+            exclude_bank_images=True,
+        )
     assert sum(r["images"] for r in kept["per_category"]) == 4 and kept["bank_overlap"]["excluded"]
 
 
@@ -117,7 +141,9 @@ def test_leakage_by_content_hash_finds_copies_under_other_names(tmp_path):
     metadata = {"image_ids": ["elsewhere/x.png"], "image_sources": ["other"], "image_sha256": [file_sha256(copy)]}
     hits, how = bank_overlap(dataset, metadata)
     assert hits == [list(dataset["id"]).index("good/img0.png")] and how == "content (sha256)"
-    assert bank_overlap(dataset, {"image_ids": ["good/img0.png"], "image_sources": ["other-dataset"]})[0] == []  # same id, other data
+    assert (
+        bank_overlap(dataset, {"image_ids": ["good/img0.png"], "image_sources": ["other-dataset"]})[0] == []
+    )  # same id, other data
     assert bank_overlap(dataset, {"image_ids": [dataset["path"][0]]})[0] == [0]  # old banks stored absolute paths
 
 

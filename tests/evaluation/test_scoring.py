@@ -47,8 +47,12 @@ def test_scores_and_maps_equal_the_models_forward_in_input_order(scored_model, t
         assert [r.index for r in results] == list(range(5)) and [r.id for r in results] == paths
         assert all(r.error is None and r.original_size == (100, 120) for r in results)
         torch.testing.assert_close(torch.tensor([r.score for r in results]), expected.anomaly_score, atol=1e-5, rtol=0)
-        torch.testing.assert_close(torch.stack([r.anomaly_map for r in results]), expected.anomaly_map, atol=1e-5, rtol=0)
-        torch.testing.assert_close(torch.tensor([r.image_probability for r in results]), expected.image_probabilities[:, 1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            torch.stack([r.anomaly_map for r in results]), expected.anomaly_map, atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor([r.image_probability for r in results]), expected.image_probabilities[:, 1], atol=1e-6, rtol=0
+        )
 
 
 def test_a_bad_file_is_that_items_failure(scored_model, tmp_path):
@@ -61,7 +65,9 @@ def test_a_bad_file_is_that_items_failure(scored_model, tmp_path):
     assert "broken.png" in results[1].error and results[1].score is None and "\n" not in results[1].error
     assert "missing.png" in results[3].error
     alone = score_items(scored_model, paths, batch_size=3)
-    torch.testing.assert_close(torch.tensor([results[i].score for i in (0, 2, 4)]), torch.tensor([r.score for r in alone]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([results[i].score for i in (0, 2, 4)]), torch.tensor([r.score for r in alone]), atol=1e-5, rtol=0
+    )
     with pytest.raises(MRADInputError, match="broken.png"):
         score_items(scored_model, items, batch_size=2, on_error="fail")
     with pytest.raises(ValueError, match="on_error"):
@@ -74,20 +80,36 @@ def test_labels_masks_and_scores_only(scored_model):
     assert [r.label for r in results] == [0, 1, 0, 1] and [r.id for r in results] == [s["id"] for s in samples]
     assert all(r.anomaly_map is None for r in results)
     assert results[0].mask.sum() == 0 and results[1].mask.sum() > 0 and results[1].mask.shape == (112, 112)
-    expected = MRADImageProcessor.from_config(scored_model.config)([s["image"] for s in samples], masks=[s["mask"] for s in samples])["masks"]
+    expected = MRADImageProcessor.from_config(scored_model.config)(
+        [s["image"] for s in samples], masks=[s["mask"] for s in samples]
+    )["masks"]
     assert torch.equal(torch.stack([r.mask for r in results]), expected)
 
 
 def test_two_processes_give_the_results_of_one(tmp_path):
     script = Path(__file__).with_name("two_process_scoring.py")
     environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two.safetensors")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path / "two.safetensors"),
+    ]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     sys.path.insert(0, str(script.parent))
     from two_process_scoring import run
 
-    run(str(tmp_path / "one.safetensors"), accelerate=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each (OMP_NUM_THREADS=1): the same GEMM kernels here
+    try:
+        run(str(tmp_path / "one.safetensors"), accelerate=False)
+    finally:
+        torch.set_num_threads(threads)
     one, two = (load_file(tmp_path / f"{name}.safetensors") for name in ("one", "two"))
     ids = [json.loads(safe_open(tmp_path / f"{name}.safetensors", "pt").metadata()["ids"]) for name in ("one", "two")]
     assert ids[0] == ids[1] and len(ids[0]) == 7

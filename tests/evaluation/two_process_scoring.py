@@ -9,8 +9,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 os.environ.setdefault("ACCELERATE_USE_CPU", "1")
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from conftest import make_samples, make_tiny_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from mrad_hf.evaluation.scoring import score_items  # noqa: E402
 
@@ -25,7 +25,10 @@ def run(output: str, accelerate: bool = True) -> None:
         accelerator = Accelerator(cpu=True)
     results = score_items(model, make_samples(7, seed=4), batch_size=2, accelerator=accelerator)
     if accelerator is None or accelerator.is_main_process:
-        tensors = {"scores": torch.tensor([r.score for r in results]), "maps": torch.stack([r.anomaly_map for r in results])}
+        tensors = {
+            "scores": torch.tensor([r.score for r in results]),
+            "maps": torch.stack([r.anomaly_map for r in results]),
+        }
         save_file(tensors, output, metadata={"ids": json.dumps([r.id for r in results])})
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_IMAGE_SIZE, TINY_PROMPT_TOKEN_IDS, make_samples, tiny_clip_config
 
 # every test exports ONNX (torch.onnx's exporter needs onnx + onnxscript); each runtime is needed only where it runs
@@ -37,14 +37,14 @@ needs_openvino = pytest.mark.skipif(
 
 from mrad_hf import MRADForAnomalyDetection  # noqa: E402
 from mrad_hf.cli.main import main  # noqa: E402
-from mrad_hf.export import (
+from mrad_hf.export import (  # noqa: E402
     ExportedDetector,
     ExportError,
     MRADExportModule,
     OnnxRuntimeDetector,
     OpenVINODetector,
     export_model,
-)  # noqa: E402
+)
 from mrad_hf.export.exporters import _verify  # noqa: E402
 
 VARIANTS = ("tf", "ft", "clip")

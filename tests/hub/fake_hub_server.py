@@ -107,7 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
             if route_method == method and match:
                 groups = [unquote(g) if g is not None else None for g in match.groups()]
                 with self.server.hub.lock:
-                    return getattr(self, "_" + name)(*groups, head=head) if method == "GET" else getattr(self, "_" + name)(*groups)
+                    return (
+                        getattr(self, "_" + name)(*groups, head=head)
+                        if method == "GET"
+                        else getattr(self, "_" + name)(*groups)
+                    )
         self._error(404, "NotFound", f"fake hub: no route for {method} {path}", head=head)
 
     def do_GET(self):
@@ -141,7 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
         if (kind, repo_id) in self.server.hub.repos:
             return self._json(409, {"error": "You already created this repo", "url": url})
         repo = _Repo()
-        repo.refs["main"] = repo.new_commit({".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, None)
+        repo.refs["main"] = repo.new_commit(
+            {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, None
+        )
         self.server.hub.repos[(kind, repo_id)] = repo
         self._json(200, {"url": url, "name": repo_id})
 
@@ -211,7 +217,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         files = repo.commits[sha]
         siblings = [{"rfilename": path, "size": len(data)} for path, data in sorted(files.items())]
-        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False, "siblings": siblings, "tags": []}, head=head)
+        self._json(
+            200,
+            {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False, "siblings": siblings, "tags": []},
+            head=head,
+        )
 
     def _repo_info(self, kind, repo_id, revision, head=False):
         self._info(kind, repo_id, revision, head)
@@ -230,7 +240,10 @@ class _Handler(BaseHTTPRequestHandler):
                 folders.add((prefix + "/" if prefix else "") + rest.split("/")[0])
                 continue
             entries.append({"type": "file", "path": path, "size": len(data), "oid": _sha1(data)})
-        entries += [{"type": "directory", "path": folder, "oid": _sha1(folder.encode()), "size": 0} for folder in sorted(folders)]
+        entries += [
+            {"type": "directory", "path": folder, "oid": _sha1(folder.encode()), "size": 0}
+            for folder in sorted(folders)
+        ]
         return entries
 
     def _tree(self, kind, repo_id, revision, subpath, head=False):
@@ -253,7 +266,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             paths = parse_qs(body).get("paths", [])
         files = repo.commits[sha]
-        self._json(200, [{"type": "file", "path": p, "size": len(files[p]), "oid": _sha1(files[p])} for p in paths if p in files])
+        self._json(
+            200,
+            [{"type": "file", "path": p, "size": len(files[p]), "oid": _sha1(files[p])} for p in paths if p in files],
+        )
 
     def _resolve(self, kind, repo_id, revision, path, head=False):
         kind = kind or "models"
@@ -308,5 +324,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Serve a fake, in-memory Hugging Face Hub on 127.0.0.1.")
     parser.add_argument("--port", type=int, default=8123)
     hub = FakeHub.start(parser.parse_args().port)
-    print(f"fake hub at {hub.url}; set HF_ENDPOINT={hub.url} HF_TOKEN=x HF_HUB_DISABLE_XET=1; Ctrl-C to stop", flush=True)
+    print(
+        f"fake hub at {hub.url}; set HF_ENDPOINT={hub.url} HF_TOKEN=x HF_HUB_DISABLE_XET=1; Ctrl-C to stop", flush=True
+    )
     threading.Event().wait()

@@ -19,12 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_samples
 from fake_hub_server import FakeHub
 
 from mrad_hf import MRADImageProcessor
-from mrad_hf.hub.api import HubDownloadError, load_memory_bank, load_model, pull_model, push_memory_bank, push_model, resolve_model_id
+from mrad_hf.hub.api import (
+    HubDownloadError,
+    load_memory_bank,
+    load_model,
+    pull_model,
+    push_memory_bank,
+    push_model,
+    resolve_model_id,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +54,14 @@ def online(monkeypatch):
 def _run(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     full_env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "MRAD_"))}
     full_env.update(env, PYTHONPATH=str(REPO_ROOT), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -59,9 +73,13 @@ def _outputs(model, pixel_values):
 
 
 def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, tmp_path):
-    pixel_values = MRADImageProcessor.from_config(model_with_bank.config)([s["image"] for s in make_samples(3, seed=7)])["pixel_values"]
+    pixel_values = MRADImageProcessor.from_config(model_with_bank.config)(
+        [s["image"] for s in make_samples(3, seed=7)]
+    )["pixel_values"]
     expected_map, expected_score = _outputs(model_with_bank, pixel_values)
-    other_bank = model_with_bank.build_memory_bank(make_samples(4, seed=3), source="visa", progress=False, attach=False)
+    other_bank = model_with_bank.build_memory_bank(
+        make_samples(4, seed=3), source="visa", progress=False, attach=False
+    )
 
     hub = {"endpoint": fake_hub.url, "token": "test-token"}
     model_commit = push_model(model_with_bank, "tester/mrad-tf-visa", **hub)
@@ -70,12 +88,24 @@ def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, 
     v2_commit = push_memory_bank(other_bank, "tester/bank-tiny", revision="v2", **hub)
 
     model_files = fake_hub.files("tester/mrad-tf-visa")
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md",
-                 "modeling_mrad.py", "configuration_mrad.py", "pipeline_anomaly_detection.py"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_mrad.py",
+        "configuration_mrad.py",
+        "pipeline_anomaly_detection.py",
+    ):
         assert name in model_files, f"{name} missing from the pushed model repo: {sorted(model_files)}"
     assert json.loads(model_files["config.json"])["custom_pipelines"]["anomaly-detection"]["pt"] == ["AutoModel"]
     assert b"pipeline_tag: other" in model_files["README.md"]
-    assert sorted(fake_hub.files("tester/bank-tiny", "v2")) == [".gitattributes", "README.md", "memory_bank.json", "memory_bank.safetensors"]
+    assert sorted(fake_hub.files("tester/bank-tiny", "v2")) == [
+        ".gitattributes",
+        "README.md",
+        "memory_bank.json",
+        "memory_bank.safetensors",
+    ]
     assert json.loads(fake_hub.files("tester/bank-tiny", "v2")["memory_bank.json"])["counts"] == other_bank.counts()
     assert model_commit.oid == fake_hub.repos[("model", "tester/mrad-tf-visa")].refs["main"]
 
@@ -86,18 +116,36 @@ def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, 
     np.save(tmp_path / "pixels.npy", pixel_values.numpy())
 
     home = tmp_path / "fresh-hf-home"
-    online_env = {"HF_ENDPOINT": fake_hub.url, "HF_HOME": str(home), "HF_TOKEN": "test-token", "HF_HUB_DISABLE_XET": "1",
-                  "HF_HUB_OFFLINE": "0", "MRAD_HUB_NAMESPACE": "tester"}
-    _run("""
+    online_env = {
+        "HF_ENDPOINT": fake_hub.url,
+        "HF_HOME": str(home),
+        "HF_TOKEN": "test-token",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",
+        "MRAD_HUB_NAMESPACE": "tester",
+    }
+    _run(
+        """
         from mrad_hf.cli.main import main
         assert main(["pull", "mrad-tf"]) == 0                               # short name -> tester/mrad-tf-visa
         assert main(["pull", "--bank", "tester/bank-tiny", "--revision", "v2"]) == 0
-    """, online_env, tmp_path)
-    assert (home / "hub" / "models--tester--mrad-tf-visa").is_dir() and (home / "hub" / "models--tester--bank-tiny").is_dir()
+    """,
+        online_env,
+        tmp_path,
+    )
+    assert (home / "hub" / "models--tester--mrad-tf-visa").is_dir() and (
+        home / "hub" / "models--tester--bank-tiny"
+    ).is_dir()
 
     served = len(fake_hub.requests)
-    offline_env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "MRAD_HUB_NAMESPACE": "tester"}
-    _run(f"""
+    offline_env = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "MRAD_HUB_NAMESPACE": "tester",
+    }
+    _run(
+        f"""
         import numpy as np, torch
         from mrad_hf import MRADForAnomalyDetection
         from mrad_hf.hub.api import load_memory_bank, load_model
@@ -111,7 +159,10 @@ def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, 
             by_sha = model(pixel_values=pixels)
         np.savez("offline.npz", map=own.anomaly_map.numpy(), score=own.anomaly_score.numpy(),
                  v2_map=v2.anomaly_map.numpy(), v2_score=v2.anomaly_score.numpy(), sha_score=by_sha.anomaly_score.numpy())
-    """, offline_env, tmp_path)
+    """,
+        offline_env,
+        tmp_path,
+    )
     assert len(fake_hub.requests) == served, "the offline process must not contact the Hub"
 
     offline = np.load(tmp_path / "offline.npz")
@@ -168,7 +219,6 @@ def test_short_names_namespace_and_local_folder_precedence(monkeypatch, tmp_path
     model_with_bank.save_pretrained(tmp_path / "mrad-tf")
     monkeypatch.chdir(tmp_path)
     assert resolve_model_id("mrad-tf") == "mrad-tf"  # a local folder of that name wins
-    from mrad_hf import MRADForAnomalyDetection
 
     loaded = load_model("mrad-tf")
     assert torch.equal(loaded.memory.image_keys, model_with_bank.memory.image_keys)
@@ -177,8 +227,6 @@ def test_short_names_namespace_and_local_folder_precedence(monkeypatch, tmp_path
 def test_offline_short_name_not_cached_is_actionable(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from mrad_hf import MRADForAnomalyDetection
-
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("MRAD_HUB_NAMESPACE", raising=False)
@@ -186,26 +234,45 @@ def test_offline_short_name_not_cached_is_actionable(monkeypatch, tmp_path):
     with pytest.raises(HubDownloadError) as error:
         load_model("mrad-clip", revision="v1")
     message = str(error.value)
-    for expected in ("'mrad-hf/mrad-clip-visa'", "short name", "MRAD_HUB_NAMESPACE", "revision 'v1'", "offline mode: on",
-                     "mrad pull mrad-clip --revision v1", "hf download", "local folder"):
+    for expected in (
+        "'mrad-hf/mrad-clip-visa'",
+        "short name",
+        "MRAD_HUB_NAMESPACE",
+        "revision 'v1'",
+        "offline mode: on",
+        "mrad pull mrad-clip --revision v1",
+        "hf download",
+        "local folder",
+    ):
         assert expected in message, (expected, message)
     assert isinstance(error.value, OSError)
 
 
-def test_plain_push_to_hub_ships_processor_pipeline_code_and_keeps_the_card(fake_hub, online, monkeypatch, model_with_bank):
+def test_plain_push_to_hub_ships_processor_pipeline_code_and_keeps_the_card(
+    fake_hub, online, monkeypatch, model_with_bank
+):
     """`PreTrainedModel.push_to_hub` goes through our `save_pretrained` (processor config, pipeline code); after a
     `push_model`, a plain push updates the weights and keeps the rendered card."""
     from huggingface_hub import constants
     from transformers.utils import hub as transformers_hub
 
     monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches one HfApi (and its endpoint) per process
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(
+        transformers_hub, "_hf_api", None
+    )  # transformers caches one HfApi (and its endpoint) per process
     push_model(model_with_bank, "tester/plain-push", endpoint=fake_hub.url, token="t")
     card = fake_hub.files("tester/plain-push")["README.md"]
     model_with_bank.push_to_hub("tester/plain-push", token="t", commit_message="plain push")
     files = fake_hub.files("tester/plain-push")
-    assert {"preprocessor_config.json", "pipeline_anomaly_detection.py", "modeling_mrad.py", "model.safetensors"} <= set(files)
+    assert {
+        "preprocessor_config.json",
+        "pipeline_anomaly_detection.py",
+        "modeling_mrad.py",
+        "model.safetensors",
+    } <= set(files)
     assert b"pipeline_tag: other" in files["README.md"] and b"# MRAD-TF" in files["README.md"]
     assert files["README.md"].split(b"\n---\n", 1)[1] == card.split(b"\n---\n", 1)[1]  # the card's text is untouched
 
@@ -217,7 +284,9 @@ def test_mrad_push_cli_and_load_model_error(fake_hub, online, monkeypatch, model
     from mrad_hf.hub.api import load_model
 
     monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     model_with_bank.save_pretrained(tmp_path / "model")
     model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
     assert main(["push", str(tmp_path / "model"), "tester/cli-model"]) == 0
@@ -225,9 +294,16 @@ def test_mrad_push_cli_and_load_model_error(fake_hub, online, monkeypatch, model
     out = capsys.readouterr().out
     assert "Pushed model" in out and f"at commit {fake_hub.repos[('model', 'tester/cli-bank')].refs['v1']}" in out
     assert b"# MRAD-TF" in fake_hub.files("tester/cli-model")["README.md"]
-    assert "memory_bank.json" in fake_hub.files("tester/cli-bank", "v1") and "memory_bank.json" not in fake_hub.files("tester/cli-bank")
+    assert "memory_bank.json" in fake_hub.files("tester/cli-bank", "v1") and "memory_bank.json" not in fake_hub.files(
+        "tester/cli-bank"
+    )
 
-    assert torch.equal(load_model("tester/cli-model", cache_dir=tmp_path / "c").memory.patch_keys, model_with_bank.memory.patch_keys)
-    with pytest.raises(HubDownloadError, match=r"(?s)'tester/absent' at revision 'main'.*offline mode: off, cache: .*/c;.*mrad pull tester/absent"):
+    assert torch.equal(
+        load_model("tester/cli-model", cache_dir=tmp_path / "c").memory.patch_keys, model_with_bank.memory.patch_keys
+    )
+    with pytest.raises(
+        HubDownloadError,
+        match=r"(?s)'tester/absent' at revision 'main'.*offline mode: off, cache: .*/c;.*mrad pull tester/absent",
+    ):
         load_model("tester/absent", cache_dir=tmp_path / "c")
     assert main(["pull", "tester/absent"]) == 2 and "Could not get 'tester/absent'" in capsys.readouterr().err

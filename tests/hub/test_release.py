@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from conversion import test_convert_official_checkpoint as official_checkpoints
 from conversion.test_convert_official_bank import official_cache
 from conversion.test_convert_openai_clip import EMBED, TEXT_WIDTH, VISION_WIDTH, openai_state_dict
 from fake_hub_server import FakeHub
+from safetensors.torch import load_file
 
+from conversion import test_convert_official_checkpoint as official_checkpoints
 from mrad_hf.cli.main import main
 from mrad_hf.hub.release import OFFICIAL_SHA256, ReleaseFiles, build_release, compare_with_hub
 
@@ -54,7 +53,9 @@ def write_official_files(folder: Path, monkeypatch, seed: int = 0) -> dict:
     written = {}
     for offset, (aux, checkpoint) in enumerate((("visa", "test_on_mvtec.pth"), ("mvtec", "test_on_visa.pth"))):
         written[f"cache_model_{aux}.pt"] = official_cache(6 + offset, EMBED, seed + 10 * offset)
-        written[f"cache_patch_model_{aux}.pt"] = official_cache(9 + offset, VISION_WIDTH, seed + 10 * offset + 1, anomalous_every=2)
+        written[f"cache_patch_model_{aux}.pt"] = official_cache(
+            9 + offset, VISION_WIDTH, seed + 10 * offset + 1, anomalous_every=2
+        )
         written[checkpoint] = official_checkpoints.official_clip_checkpoint(seed + offset)
     for name, payload in written.items():
         torch.save(payload, folder / name)
@@ -79,7 +80,15 @@ def test_dry_run_then_release_then_nothing_to_push(tmp_path, fake_hub, online, m
     plan = _run([*args, "--dry-run"], fake_hub, capsys)
     for name in NAMES:
         assert f"mirror-org/{name} ({'bank' if 'bank' in name else 'model'}): new" in plan
-    for path in ("model.safetensors", "config.json", "handler.py", "README.md", "release.json", "memory_bank.safetensors", "memory_bank.json"):
+    for path in (
+        "model.safetensors",
+        "config.json",
+        "handler.py",
+        "README.md",
+        "release.json",
+        "memory_bank.safetensors",
+        "memory_bank.json",
+    ):
         assert f"+ {path}" in plan
     assert "Dry run: nothing pushed" in plan and "= " not in plan
     assert not any(ns == "mirror-org" for _, repo_id in fake_hub.repos for ns in [repo_id.split("/")[0]])
@@ -98,10 +107,18 @@ def test_dry_run_then_release_then_nothing_to_push(tmp_path, fake_hub, online, m
     ft_visa = load_file(str(work / "mrad-ft-visa" / "model.safetensors"))
     clip_mvtec = load_file(str(work / "mrad-clip-mvtec" / "model.safetensors"))
     trained_on_visa, trained_on_mvtec = written["test_on_mvtec.pth"], written["test_on_visa.pth"]
-    torch.testing.assert_close(clip_visa["image_projection.query.weight"], trained_on_visa["image_proj"]["mlp1.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(ft_visa["patch_projection.key.weight"], trained_on_visa["patch_proj"]["fc.1.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(clip_mvtec["image_projection.query.weight"], trained_on_mvtec["image_proj"]["mlp1.weight"], rtol=0, atol=0)
-    assert not any(key.startswith("prompt_learner") for key in ft_visa) and any(key.startswith("prompt_learner") for key in clip_visa)
+    torch.testing.assert_close(
+        clip_visa["image_projection.query.weight"], trained_on_visa["image_proj"]["mlp1.weight"], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        ft_visa["patch_projection.key.weight"], trained_on_visa["patch_proj"]["fc.1.weight"], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        clip_mvtec["image_projection.query.weight"], trained_on_mvtec["image_proj"]["mlp1.weight"], rtol=0, atol=0
+    )
+    assert not any(key.startswith("prompt_learner") for key in ft_visa) and any(
+        key.startswith("prompt_learner") for key in clip_visa
+    )
     for name, aux in (("mrad-tf-visa", "visa"), ("mrad-clip-mvtec", "mvtec")):
         tensors = load_file(str(work / name / "model.safetensors"))
         bank_keys = [key for key in tensors if key.endswith("image_keys")]
@@ -110,8 +127,15 @@ def test_dry_run_then_release_then_nothing_to_push(tmp_path, fake_hub, online, m
     config = json.loads((work / "mrad-ft-mvtec" / "config.json").read_text())
     assert config["variant"] == "ft"
     record = json.loads((work / "mrad-clip-visa" / "release.json").read_text())["release"]
-    assert {item["file"] for item in record["inputs"]} == {"ViT-L-14-336px.pt", "cache_model_visa.pt", "cache_patch_model_visa.pt", "test_on_mvtec.pth"}
-    assert all(item["official"] is False for item in record["inputs"])  # random files: their sha256 differ from the release's
+    assert {item["file"] for item in record["inputs"]} == {
+        "ViT-L-14-336px.pt",
+        "cache_model_visa.pt",
+        "cache_patch_model_visa.pt",
+        "test_on_mvtec.pth",
+    }
+    assert all(
+        item["official"] is False for item in record["inputs"]
+    )  # random files: their sha256 differ from the release's
 
     before = _commits(fake_hub)
     out = _run(args, fake_hub, capsys)
@@ -126,29 +150,45 @@ def test_dry_run_then_release_then_nothing_to_push(tmp_path, fake_hub, online, m
     assert "mirror-org/mrad-clip-visa (model): changed, 1 of" in out and "  + README.md" in out
 
 
-def test_evaluation_follows_the_zero_shot_protocol_and_stays_out_of_unofficial_cards(tmp_path, monkeypatch, online, fake_hub):
+def test_evaluation_follows_the_zero_shot_protocol_and_stays_out_of_unofficial_cards(
+    tmp_path, monkeypatch, online, fake_hub
+):
     from mrad_hf.data.loaders import MVTEC_CATEGORIES
     from mrad_hf.data.synthetic import make_synthetic_benchmark
 
     official = tmp_path / "official"
     write_official_files(official, monkeypatch, seed=3)
-    synthetic = make_synthetic_benchmark(tmp_path / "synthetic", categories=["brick"], n_train_good=1, n_test_good=1, n_test_per_defect=1, image_size=64)
+    synthetic = make_synthetic_benchmark(
+        tmp_path / "synthetic", categories=["brick"], n_train_good=1, n_test_good=1, n_test_per_defect=1, image_size=64
+    )
     mvtec = tmp_path / "mvtec"
     for category in MVTEC_CATEGORIES:  # an MVTec AD layout with every category (the loader requires them all)
         shutil.copytree(synthetic / "brick", mvtec / category)
     logs = []
     repos = build_release(
-        ReleaseFiles.from_folder(official, auxiliaries=["visa"]), tmp_path / "work", namespace="eval-org", image_size=112,
-        auxiliaries=["visa"], variants=["tf"], data_roots={"mvtec": mvtec}, log=logs.append,
+        ReleaseFiles.from_folder(official, auxiliaries=["visa"]),
+        tmp_path / "work",
+        namespace="eval-org",
+        image_size=112,
+        auxiliaries=["visa"],
+        variants=["tf"],
+        data_roots={"mvtec": mvtec},
+        log=logs.append,
     )
     assert [repo.name for repo in repos] == ["mrad-bank-visa", "mrad-tf-visa"]
     results = json.loads((tmp_path / "work" / "evaluation" / "mrad-tf-visa" / "mvtec" / "results.json").read_text())
-    assert results["dataset"] == "mvtec" and results["run"] == {"model": "eval-org/mrad-tf-visa", "pretrained": False, "bank": "visa"}
+    assert results["dataset"] == "mvtec" and results["run"] == {
+        "model": "eval-org/mrad-tf-visa",
+        "pretrained": False,
+        "bank": "visa",
+    }
     assert len(results["per_category"]) == len(MVTEC_CATEGORIES) and 0.0 <= results["mean"]["image_auroc"] <= 1.0
     card = (tmp_path / "work" / "repos" / "mrad-tf-visa" / "README.md").read_text()
     assert "model-index" not in card and any("not OpenAI's file" in line for line in logs)
     assert any("not in the card" in note for note in repos[1].notes)
-    assert json.loads((tmp_path / "work" / "repos" / "mrad-tf-visa" / "release.json").read_text())["release"]["evaluated_on"] == ["mvtec"]
+    assert json.loads((tmp_path / "work" / "repos" / "mrad-tf-visa" / "release.json").read_text())["release"][
+        "evaluated_on"
+    ] == ["mvtec"]
     compare_with_hub(repos, endpoint=fake_hub.url)
     assert [repo.status for repo in repos] == ["new", "new"]
 
@@ -158,5 +198,12 @@ def test_missing_official_files_are_listed_in_one_error(tmp_path, capsys):
     assert main(["release", "--official-dir", str(tmp_path), "--dry-run"]) == 2
     error = capsys.readouterr().err
     assert "cache_model_visa.pt" in error and "test_on_visa.pth" in error and "Missing official release files" in error
-    assert set(OFFICIAL_SHA256) == {"ViT-L-14-336px.pt", "test_on_mvtec.pth", "test_on_visa.pth", "cache_model_mvtec.pt",
-                                    "cache_model_visa.pt", "cache_patch_model_mvtec.pt", "cache_patch_model_visa.pt"}
+    assert set(OFFICIAL_SHA256) == {
+        "ViT-L-14-336px.pt",
+        "test_on_mvtec.pth",
+        "test_on_visa.pth",
+        "cache_model_mvtec.pt",
+        "cache_model_visa.pt",
+        "cache_patch_model_mvtec.pt",
+        "cache_patch_model_visa.pt",
+    }

@@ -23,7 +23,9 @@ from mrad_hf.evaluation.runner import held_out_aurocs, held_out_split
 
 @pytest.fixture(scope="module")
 def synthetic_split(tmp_path_factory):
-    root = make_synthetic_benchmark(tmp_path_factory.mktemp("synthetic") / "data", n_test_good=8, n_test_per_defect=4, image_size=128, seed=0)
+    root = make_synthetic_benchmark(
+        tmp_path_factory.mktemp("synthetic") / "data", n_test_good=8, n_test_per_defect=4, image_size=128, seed=0
+    )
     return held_out_split(list(load_mvtec_layout(root)))
 
 
@@ -34,7 +36,9 @@ def _aurocs(model, memory, queries):
 
 def _model():
     torch.manual_seed(0)
-    return MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, retrieval_temperature=0.01)
+    return MRADForAnomalyDetection.from_clip(
+        CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, retrieval_temperature=0.01
+    )
 
 
 def test_mrad_tf_ranks_defects_above_chance(synthetic_split):

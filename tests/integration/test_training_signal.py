@@ -19,16 +19,22 @@ from mrad_hf.training.trainer import MRADTrainingArguments, train_mrad
 
 
 def test_mrad_ft_beats_mrad_tf_on_held_out_images(tmp_path, reset_accelerate):
-    root = make_synthetic_benchmark(tmp_path / "data", n_test_good=8, n_test_per_defect=4, image_size=128, seed=0, progress=False)
+    root = make_synthetic_benchmark(
+        tmp_path / "data", n_test_good=8, n_test_per_defect=4, image_size=128, seed=0, progress=False
+    )
     memory, queries = held_out_split(list(load_mvtec_layout(root)))
     results = {}
     for variant in ("tf", "ft"):
         torch.manual_seed(0)
-        model = MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, variant=variant)
+        model = MRADForAnomalyDetection.from_clip(
+            CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, variant=variant
+        )
         if variant == "tf":
             model.build_memory_bank(memory, progress=False)
         else:
-            history = train_mrad(model, memory, MRADTrainingArguments(output_dir=str(tmp_path / "ft"), resume=False), progress=False).history
+            history = train_mrad(
+                model, memory, MRADTrainingArguments(output_dir=str(tmp_path / "ft"), resume=False), progress=False
+            ).history
             assert [record["stage"] for record in history] == ["ft"]
         results[variant] = held_out_aurocs(model, queries)
     print(f"held-out synthetic images (image, pixel AUROC): {results}")

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-anomalib = pytest.importorskip("anomalib", reason="anomalib (the [anomalib] extra) is not importable here; see the module docstring")
+anomalib = pytest.importorskip(
+    "anomalib", reason="anomalib (the [anomalib] extra) is not importable here; see the module docstring"
+)
 
 from anomalib.data import Folder  # noqa: E402
 from anomalib.engine import Engine  # noqa: E402
-
 from conftest import make_tiny_model  # noqa: E402
 
 from mrad_hf.data.synthetic import load_texture, make_synthetic_benchmark  # noqa: E402
@@ -36,8 +37,13 @@ from mrad_hf.integrations.anomalib import MRADAnomalib  # noqa: E402
 def folder_dataset(tmp_path_factory) -> Path:
     """good/ (normal), defect/ + masks/ (same file names), from one synthetic texture."""
     bench = make_synthetic_benchmark(
-        tmp_path_factory.mktemp("bench"), categories=["brick"], defect_kinds=["blob"], n_train_good=3, n_test_good=4,
-        n_test_per_defect=4, image_size=96,
+        tmp_path_factory.mktemp("bench"),
+        categories=["brick"],
+        defect_kinds=["blob"],
+        n_train_good=3,
+        n_test_good=4,
+        n_test_per_defect=4,
+        image_size=96,
     )
     root = tmp_path_factory.mktemp("folder")
     shutil.copytree(bench / "brick" / "train" / "good", root / "train_good")
@@ -51,8 +57,16 @@ def folder_dataset(tmp_path_factory) -> Path:
 
 def _datamodule(root: Path) -> Folder:
     datamodule = Folder(
-        name="synthetic-brick", root=root, normal_dir="train_good", normal_test_dir="good", abnormal_dir="defect", mask_dir="masks",
-        train_batch_size=4, eval_batch_size=4, num_workers=0, val_split_mode="same_as_test",
+        name="synthetic-brick",
+        root=root,
+        normal_dir="train_good",
+        normal_test_dir="good",
+        abnormal_dir="defect",
+        mask_dir="masks",
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        val_split_mode="same_as_test",
     )
     datamodule.setup()
     return datamodule
@@ -65,8 +79,13 @@ def _engine(tmp_path: Path) -> Engine:
 def test_engine_test_metrics_equal_mrad_metrics_on_the_same_outputs(folder_dataset, tmp_path):
     model = make_tiny_model()
     rows = [{"image": load_texture("brick")[:96, :96], "label": 0, "mask": None, "id": "texture"}]
-    model.build_memory_bank(rows + [{"image": np.asarray(load_texture("brick")[100:300, 100:300]), "label": 0, "mask": None, "id": "crop"}],
-                            batch_size=2, source="unit-test", progress=False)
+    model.build_memory_bank(
+        rows
+        + [{"image": np.asarray(load_texture("brick")[100:300, 100:300]), "label": 0, "mask": None, "id": "crop"}],
+        batch_size=2,
+        source="unit-test",
+        progress=False,
+    )
     module = MRADAnomalib(model)
 
     [metrics] = _engine(tmp_path / "test").test(model=module, datamodule=_datamodule(folder_dataset))
@@ -85,7 +104,9 @@ def test_threshold_gives_anomalib_labels_and_masks(folder_dataset, tmp_path, mod
     module = MRADAnomalib(model_with_bank, threshold=0.5, pixel_threshold=0.4)
     batches = _engine(tmp_path).predict(model=module, datamodule=_datamodule(folder_dataset))
     raw = torch.cat([module.score(batch.image)["pred_score"] for batch in batches])
-    torch.testing.assert_close(torch.cat([batch.pred_score for batch in batches]), raw)  # MRAD's scale, not renormalised
+    torch.testing.assert_close(
+        torch.cat([batch.pred_score for batch in batches]), raw
+    )  # MRAD's scale, not renormalised
     for batch in batches:
         assert batch.pred_label.tolist() == (batch.pred_score > 0.5).tolist()
         assert torch.equal(batch.pred_mask.reshape(batch.anomaly_map.shape), batch.anomaly_map > 0.4)

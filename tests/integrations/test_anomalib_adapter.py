@@ -8,12 +8,11 @@ from __future__ import annotations
 import importlib
 import sys
 
+import fake_anomalib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fake_anomalib
 from conftest import TINY_IMAGE_SIZE
 
 
@@ -32,7 +31,9 @@ def _images(count=3, size=96, seed=0):
 def _reference(model, images):
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    pixels = F.interpolate(images, size=(TINY_IMAGE_SIZE,) * 2, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    pixels = F.interpolate(
+        images, size=(TINY_IMAGE_SIZE,) * 2, mode="bicubic", align_corners=False, antialias=True
+    ).clamp(0, 1)
     with torch.no_grad():
         out = model(pixel_values=(pixels - mean) / std)
     maps = F.interpolate(out.anomaly_map[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -70,7 +71,9 @@ def test_thresholds_and_calibration_give_labels_and_masks(adapter_module, model_
     images = _images(4, seed=2)
     scores, maps = _reference(model_with_bank, images)
     threshold, pixel_threshold = float(scores.median()), float(maps.mean())
-    module = adapter_module.MRADAnomalib(model_with_bank, threshold=threshold, pixel_threshold=pixel_threshold, pre_processor=False)
+    module = adapter_module.MRADAnomalib(
+        model_with_bank, threshold=threshold, pixel_threshold=pixel_threshold, pre_processor=False
+    )
     assert not module.post_processor.enable_normalization and not module.post_processor.enable_thresholding
     assert adapter_module.MRADAnomalib(model_with_bank, pre_processor=False).post_processor.enable_normalization
     out = module.test_step(fake_anomalib.ImageBatch(image=images), 0)
@@ -85,11 +88,16 @@ def test_thresholds_and_calibration_give_labels_and_masks(adapter_module, model_
         calibrated.training_step(None, 0)
 
 
-def test_loads_saved_folders_and_names_the_extra_when_anomalib_is_missing(adapter_module, model_with_bank, tmp_path, monkeypatch):
+def test_loads_saved_folders_and_names_the_extra_when_anomalib_is_missing(
+    adapter_module, model_with_bank, tmp_path, monkeypatch
+):
     model_with_bank.save_pretrained(tmp_path / "model")
     module = adapter_module.MRADAnomalib(str(tmp_path / "model"), pre_processor=False)
     images = _images(2, seed=4)
-    torch.testing.assert_close(module.predict_step(fake_anomalib.ImageBatch(image=images), 0).pred_score, _reference(model_with_bank, images)[0])
+    torch.testing.assert_close(
+        module.predict_step(fake_anomalib.ImageBatch(image=images), 0).pred_score,
+        _reference(model_with_bank, images)[0],
+    )
 
     monkeypatch.setitem(sys.modules, "anomalib", None)  # as if the extra were not installed
     monkeypatch.delitem(sys.modules, "mrad_hf.integrations.anomalib")

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import make_samples
+from PIL import Image
 
 from mrad_hf import MRADImageProcessor
 from mrad_hf.hub.api import ENDPOINT_HANDLER_FILE, write_endpoint_handler
@@ -52,7 +51,9 @@ def _expected(folder, image: np.ndarray):
     from mrad_hf import MRADForAnomalyDetection
 
     model = MRADForAnomalyDetection.from_pretrained(folder).eval()
-    pixel_values = MRADImageProcessor.from_pretrained(folder)(Image.fromarray(image), return_tensors="pt")["pixel_values"]
+    pixel_values = MRADImageProcessor.from_pretrained(folder)(Image.fromarray(image), return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.no_grad():
         out = model(pixel_values=pixel_values)
     resized = F.interpolate(out.anomaly_map[:, None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
@@ -87,7 +88,12 @@ def test_threshold_parameter_and_calibration_decide_label_and_mask(saved_folder,
     scores_maps = [_expected(saved_folder, image) for image in images]
     threshold = float(np.mean([score for score, _ in scores_maps]))  # one image above, one below
     handler = EndpointHandler(str(saved_folder))
-    responses = handler({"inputs": [_png_bytes(image) for image in images], "parameters": {"threshold": threshold, "pixel_threshold": 0.3}})
+    responses = handler(
+        {
+            "inputs": [_png_bytes(image) for image in images],
+            "parameters": {"threshold": threshold, "pixel_threshold": 0.3},
+        }
+    )
     for response, (score, anomaly_map) in zip(responses, scores_maps):
         assert response["is_anomalous"] is (score > threshold)
         assert response["label"] == ("anomaly" if score > threshold else "normal")
@@ -98,7 +104,9 @@ def test_threshold_parameter_and_calibration_decide_label_and_mask(saved_folder,
 
     calibrated = tmp_path / "calibrated"
     shutil.copytree(saved_folder, calibrated)
-    (calibrated / "calibration.json").write_text(json.dumps({"image_threshold": 0.0, "pixel_threshold": 1.0}))  # in range: every score > 0, no map value > 1
+    (calibrated / "calibration.json").write_text(
+        json.dumps({"image_threshold": 0.0, "pixel_threshold": 1.0})
+    )  # in range: every score > 0, no map value > 1
     [response] = EndpointHandler(str(calibrated))({"inputs": _png_bytes(images[0])})
     assert response["label"] == "anomaly" and response["threshold"]["from"] == "calibration"
     with Image.open(io.BytesIO(base64.b64decode(response["mask"]))) as mask:
@@ -136,7 +144,14 @@ def test_handler_loads_and_scores_without_mrad_hf(saved_folder, tmp_path):
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONPATH"))}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     response = json.loads(result.stdout.strip().splitlines()[-1])
     assert response["score"] == pytest.approx(expected_score, abs=1e-6) and response["label"] == "anomaly"

@@ -36,7 +36,10 @@ def test_samples_from_a_shell_glob_pair_masks_and_never_add_a_mask_as_image(tmp_
     listed = sorted(str(p) for p in (tmp_path / "bad").glob("*.png"))  # what `--images bad/*.png` expands to
     assert len(listed) == 4
     samples, ignored = samples_from_files(listed, "anomaly")
-    assert [(s["id"], s["mask"].rsplit("/", 1)[-1]) for s in samples] == [("d0.png", "d0_mask.png"), ("d1.png", "d1_mask.png")]
+    assert [(s["id"], s["mask"].rsplit("/", 1)[-1]) for s in samples] == [
+        ("d0.png", "d0_mask.png"),
+        ("d1.png", "d1_mask.png"),
+    ]
     assert all(s["label"] == 1 for s in samples) and ignored == []
     folder_samples, _ = samples_from_files([str(tmp_path / "bad")], "anomaly")  # a folder gives the same pairs
     assert [(s["image"], s["mask"]) for s in folder_samples] == [(s["image"], s["mask"]) for s in samples]
@@ -49,7 +52,8 @@ def test_samples_from_files_explicit_masks_by_stem(tmp_path):
         Image.new("L", Image.open(image).size, 255).save(tmp_path / "annot" / image.name)
     samples, _ = samples_from_files([str(p) for p in reversed(images)], "anomaly", [str(tmp_path / "annot")])
     assert [(s["id"], s["mask"]) for s in samples] == [
-        ("d1.png", str(tmp_path / "annot" / "d1.png")), ("d0.png", str(tmp_path / "annot" / "d0.png"))
+        ("d1.png", str(tmp_path / "annot" / "d1.png")),
+        ("d0.png", str(tmp_path / "annot" / "d0.png")),
     ]
     with pytest.raises(ValueError, match="Normal images have no defect masks"):
         samples_from_files([str(images[0])], "normal", [str(tmp_path / "annot")])
@@ -72,8 +76,8 @@ def test_add_mixes_masked_and_unmasked_anomalies(tiny_model, model_with_bank, tm
     unmasked = save_line(tmp_path / "b", count=1, seed=4, masks=False)
     samples, _ = samples_from_files([str(p) for p in masked + unmasked], "anomaly")
     grown = add_samples(base, model_with_bank, samples, source="line", dedup_threshold=None, progress=False)
-    new_patch = grown.patch_sources[base.patch_keys.shape[0]:] - base.image_keys.shape[0]
-    labels = grown.patch_values[base.patch_keys.shape[0]:].argmax(1)
+    new_patch = grown.patch_sources[base.patch_keys.shape[0] :] - base.image_keys.shape[0]
+    labels = grown.patch_values[base.patch_keys.shape[0] :].argmax(1)
     # every region prototype of the new entries comes from a masked image (entries 0 and 1), none from entry 2
     assert 2 not in new_patch.tolist() and set(new_patch.tolist()) == {0, 1}
     assert sorted(labels.tolist()) == [0, 0, 1, 1]
@@ -86,15 +90,29 @@ def test_cli_bank_add_says_so(model_with_bank, tmp_path, capsys):
     save_line(tmp_path / "bad", count=2, seed=5)
     save_line(tmp_path / "loose", count=1, seed=6, masks=False)
     images = sorted(str(p) for p in (tmp_path / "bad").glob("*.png")) + [str(tmp_path / "loose" / "d0.png")]
-    args = ["bank", "add", str(tmp_path / "bank.safetensors"), "--model", str(tmp_path / "model"), "--images", *images,
-            "--label", "anomaly", "--source", "line", "--output", str(tmp_path / "grown.safetensors"), "--no-dedup"]
+    args = [
+        "bank",
+        "add",
+        str(tmp_path / "bank.safetensors"),
+        "--model",
+        str(tmp_path / "model"),
+        "--images",
+        *images,
+        "--label",
+        "anomaly",
+        "--source",
+        "line",
+        "--output",
+        str(tmp_path / "grown.safetensors"),
+        "--no-dedup",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "1 anomalous image(s) had no mask: added as image-level anomalous entries only" in out
     grown = MemoryBank.load(tmp_path / "grown.safetensors")
     base = model_with_bank.get_memory_bank()
     assert grown.image_keys.shape[0] == base.image_keys.shape[0] + 3
-    added_labels = grown.patch_values[base.patch_keys.shape[0]:].argmax(1).tolist()
+    added_labels = grown.patch_values[base.patch_keys.shape[0] :].argmax(1).tolist()
     assert sorted(added_labels) == [0, 0, 1, 1]  # two masked images: one normal and one anomalous region each
     assert torch.equal(grown.image_values[-3:].argmax(1), torch.ones(3, dtype=torch.long))
 
@@ -105,7 +123,14 @@ def test_api_values_are_validated(tiny_model, model_with_bank):
         with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
             entries_from_samples(tiny_model, samples, source="x", batch_size=value, progress=False)
     with pytest.raises(ValueError, match="cosine similarity in \\(0, 1\\]"):
-        add_samples(model_with_bank.get_memory_bank(), model_with_bank, samples, source="x", dedup_threshold=float("nan"), progress=False)
+        add_samples(
+            model_with_bank.get_memory_bank(),
+            model_with_bank,
+            samples,
+            source="x",
+            dedup_threshold=float("nan"),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="unknown label"):
         samples_from_files([], "maybe")
 
@@ -119,8 +144,21 @@ def test_cli_prints_the_ignored_summary_as_one_line(model_with_bank, tmp_path, c
     (tmp_path / "line" / "good").mkdir()
     Image.fromarray(make_samples(1, seed=9)[0]["image"]).save(tmp_path / "line" / "good" / "g.png")
     (tmp_path / "line" / "good" / "notes.txt").write_text("x")
-    args = ["bank", "add", str(tmp_path / "bank.safetensors"), "--model", str(tmp_path / "model"), "--dataset", "folder",
-            "--data-root", str(tmp_path / "line"), "--source", "line", "--output", str(tmp_path / "g.safetensors")]
+    args = [
+        "bank",
+        "add",
+        str(tmp_path / "bank.safetensors"),
+        "--model",
+        str(tmp_path / "model"),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(tmp_path / "line"),
+        "--source",
+        "line",
+        "--output",
+        str(tmp_path / "g.safetensors"),
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not a Python warning: a line of the command's output
         assert cli_main(args) == 0

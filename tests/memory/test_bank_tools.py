@@ -20,12 +20,27 @@ def test_provenance_of_every_entry(base_bank, samples):
     assert base_bank.image_sources() == ["public"] * 6
     assert base_bank.image_ids() == [s["id"] for s in samples]
     assert base_bank.provenance("image", 3) == {
-        "level": "image", "index": 3, "kind": "image", "label": 1, "source": "public", "image_id": "img3", "image_index": 3,
+        "level": "image",
+        "index": 3,
+        "kind": "image",
+        "label": 1,
+        "source": "public",
+        "image_id": "img3",
+        "image_index": 3,
     }
     kinds = [base_bank.provenance("patch", j)["kind"] for j in range(len(base_bank.patch_keys))]
     ids = [base_bank.provenance("patch", j)["image_id"] for j in range(len(base_bank.patch_keys))]
-    assert kinds == ["normal region", "anomalous region", "normal region", "normal region", "anomalous region", "normal region",
-                     "normal region", "anomalous region", "normal region"]
+    assert kinds == [
+        "normal region",
+        "anomalous region",
+        "normal region",
+        "normal region",
+        "anomalous region",
+        "normal region",
+        "normal region",
+        "anomalous region",
+        "normal region",
+    ]
     assert ids == ["img0", "img1", "img1", "img2", "img3", "img3", "img4", "img5", "img5"]
 
 
@@ -64,13 +79,20 @@ def test_add_appends_exactly_the_entries_the_model_computes(tiny_model, base_ban
     assert reloaded.image_sources() == grown.image_sources() and reloaded.image_ids() == grown.image_ids()
     assert base_bank.counts()["image_entries"] == 6
     info = bank_info(reloaded)
-    assert info["per_source"]["line-3"] == {"normal images": 2, "anomalous images": 2, "normal regions": 4, "anomalous regions": 2}
+    assert info["per_source"]["line-3"] == {
+        "normal images": 2,
+        "anomalous images": 2,
+        "normal regions": 4,
+        "anomalous regions": 2,
+    }
 
 
 def test_adding_the_same_images_again_is_deduplicated_and_remove_restores(tiny_model, base_bank, samples):
     again = add_samples(base_bank, tiny_model, samples, source="copy", progress=False)
     assert again.counts() == base_bank.counts()  # every new key is identical (cosine 1) to an existing one
-    kept = add_samples(base_bank, tiny_model, make_samples(4, seed=21), source="line-3", dedup_threshold=None, progress=False)
+    kept = add_samples(
+        base_bank, tiny_model, make_samples(4, seed=21), source="line-3", dedup_threshold=None, progress=False
+    )
     restored = remove_sources(kept, ["line-3"])
     for name, tensor in base_bank.tensors().items():
         assert torch.equal(getattr(restored, name), tensor), name
@@ -86,17 +108,23 @@ def test_add_refuses_a_model_with_another_backbone(base_bank, samples):
 
 def _bank(image_keys, image_labels, patch_keys, patch_labels, patch_sources, sources):
     return MemoryBank(
-        image_keys=torch.tensor(image_keys, dtype=torch.float32), image_values=one_hot_labels(torch.tensor(image_labels)),
-        patch_keys=torch.tensor(patch_keys, dtype=torch.float32), patch_values=one_hot_labels(torch.tensor(patch_labels)),
-        patch_sources=torch.tensor(patch_sources), metadata={"source": "hand", "image_sources": sources, "image_ids": [f"i{k}" for k in range(len(sources))]},
+        image_keys=torch.tensor(image_keys, dtype=torch.float32),
+        image_values=one_hot_labels(torch.tensor(image_labels)),
+        patch_keys=torch.tensor(patch_keys, dtype=torch.float32),
+        patch_values=one_hot_labels(torch.tensor(patch_labels)),
+        patch_sources=torch.tensor(patch_sources),
+        metadata={"source": "hand", "image_sources": sources, "image_ids": [f"i{k}" for k in range(len(sources))]},
     )
 
 
 def test_deduplication_rule():
     near = [1.0, 0.01]  # cosine with [1, 0] is 0.99995
     bank = _bank(
-        image_keys=[[1, 0], near, [1, 0], near], image_labels=[0, 0, 1, 0],
-        patch_keys=[[0, 1], [0.01, 1.0], [0, 1], [1, 0]], patch_labels=[0, 0, 1, 0], patch_sources=[0, 1, 2, 3],
+        image_keys=[[1, 0], near, [1, 0], near],
+        image_labels=[0, 0, 1, 0],
+        patch_keys=[[0, 1], [0.01, 1.0], [0, 1], [1, 0]],
+        patch_labels=[0, 0, 1, 0],
+        patch_sources=[0, 1, 2, 3],
         sources=["a", "b", "c", "d"],
     )
     result = deduplicate(bank, 0.999)
@@ -119,7 +147,9 @@ def test_merge_checks_compatibility_and_keeps_provenance(tiny_model, base_bank):
     other = make_tiny_model(seed=3).build_memory_bank(make_samples(2), source="x", progress=False, attach=False)
     with pytest.raises(MemoryBankError, match="Cannot merge x.safetensors into public.safetensors.*weights signature"):
         merge_banks([base_bank, other], names=["public.safetensors", "x.safetensors"])
-    resized = make_tiny_model(image_size=56).build_memory_bank(make_samples(2), source="y", progress=False, attach=False)
+    resized = make_tiny_model(image_size=56).build_memory_bank(
+        make_samples(2), source="y", progress=False, attach=False
+    )
     with pytest.raises(MemoryBankError, match="feature setting image_size: bank 112 vs model 56"):
         merge_banks([base_bank, resized])
 

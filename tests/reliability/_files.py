@@ -52,11 +52,13 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
             position = int(rng.integers(0, len(buffer)))
             buffer[position] ^= 1 << int(rng.integers(0, 8))
     elif kind == 1:  # truncate
-        del buffer[int(rng.integers(0, len(buffer))):]
+        del buffer[int(rng.integers(0, len(buffer))) :]
     elif kind == 2:  # overwrite a run with random bytes
         start = int(rng.integers(0, len(buffer)))
         length = int(rng.integers(1, 64))
-        buffer[start : start + length] = rng.integers(0, 256, min(length, len(buffer) - start), dtype=np.uint8).tobytes()
+        buffer[start : start + length] = rng.integers(
+            0, 256, min(length, len(buffer) - start), dtype=np.uint8
+        ).tobytes()
     elif kind == 3:  # insert random bytes
         start = int(rng.integers(0, len(buffer)))
         buffer[start:start] = rng.integers(0, 256, int(rng.integers(1, 32)), dtype=np.uint8).tobytes()

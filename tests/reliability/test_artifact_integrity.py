@@ -57,7 +57,14 @@ def test_bank_metadata_records_what_loading_checks(built, bank_file):
     assert metadata["backbone"]["projection_dim"] == 24 and metadata["backbone"]["hidden_size"] == 48
     assert metadata["features"]["image_size"] == TINY_IMAGE_SIZE
     assert metadata["label_convention"].startswith("values[:, 0] = normal")
-    assert metadata["counts"] == {"image_entries": 6, "image_normal": 3, "image_anomalous": 3, "patch_entries": 9, "patch_normal": 6, "patch_anomalous": 3}
+    assert metadata["counts"] == {
+        "image_entries": 6,
+        "image_normal": 3,
+        "image_anomalous": 3,
+        "patch_entries": 9,
+        "patch_normal": 6,
+        "patch_anomalous": 3,
+    }
     assert metadata["tensors_sha256"] == tensors_checksum(bank.tensors())
 
 
@@ -70,7 +77,18 @@ def test_bank_from_another_backbone_is_refused(bank_file, tmp_path, capsys):
     from PIL import Image
 
     Image.fromarray(make_samples(1, seed=3)[0]["image"]).save(image)
-    code = main(["predict", "--model", str(tmp_path / "other"), "--bank", str(bank_file), str(image), "--output-dir", str(tmp_path / "out")])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "other"),
+            "--bank",
+            str(bank_file),
+            str(image),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mrad predict: error:")]
     assert code == 2 and len(lines) == 1 and "weights signature" in lines[0]
 
@@ -154,7 +172,17 @@ def test_killed_bank_build_leaves_no_loadable_partial_file(tmp_path, monkeypatch
     model_dir = tmp_path / "model"
     make_tiny_model().save_pretrained(model_dir)
     output = tmp_path / "banks" / "bank.safetensors"
-    args = ["build-bank", "--model", str(model_dir), "--dataset", "folder", "--data-root", str(root), "--output", str(output)]
+    args = [
+        "build-bank",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(root),
+        "--output",
+        str(output),
+    ]
     assert main(args) == 0
     before = output.read_bytes()
     real_save_file = memory_bank_module.save_file

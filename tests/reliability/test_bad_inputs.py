@@ -38,8 +38,16 @@ def _error(source, *, mask=None) -> str:
     "name, data, expected",
     [
         ("empty.png", b"", "is empty (0 bytes). Re-export or remove it"),
-        ("notes.png", b"these are meeting notes, not pixels\n" * 20, "is not a readable image (unknown or corrupt format)"),
-        ("random.jpg", np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(), "is not a readable image"),
+        (
+            "notes.png",
+            b"these are meeting notes, not pixels\n" * 20,
+            "is not a readable image (unknown or corrupt format)",
+        ),
+        (
+            "random.jpg",
+            np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+            "is not a readable image",
+        ),
         ("truncated.png", valid_image_bytes()["png"][:300], "could not be decoded (OSError"),
         ("truncated.jpg", valid_image_bytes()["jpg"][:400], "could not be decoded (OSError"),
         ("truncated.tif", valid_image_bytes()["tif"][:500], "could not be decoded"),
@@ -53,7 +61,9 @@ def test_unreadable_files_name_the_file_and_the_fix(tmp_path, name, data, expect
 
 
 def test_missing_path_and_folder_passed_as_a_file(tmp_path):
-    assert "does not exist" in _error(tmp_path / "missing.png") and "Check the path" in _error(tmp_path / "missing.png")
+    assert "does not exist" in _error(tmp_path / "missing.png") and "Check the path" in _error(
+        tmp_path / "missing.png"
+    )
     folder = tmp_path / "looks_like.png"
     folder.mkdir()
     message = _error(folder)
@@ -84,7 +94,10 @@ def test_tiny_image_is_refused_with_the_minimum(tmp_path):
         (np.full((20, 20, 3), np.nan, np.float32), "NaN or infinite"),
         (np.full((20, 20), np.inf, np.float64), "NaN or infinite"),
         (np.full((20, 20), -5, np.int16), "negative pixel values"),
-        (np.full((20, 20), 2.0, np.float32) * np.linspace(0, 300, 20, dtype=np.float32), "floats in [0, 600]; MRAD expects floats in [0, 1] or [0, 255]"),
+        (
+            np.full((20, 20), 2.0, np.float32) * np.linspace(0, 300, 20, dtype=np.float32),
+            "floats in [0, 600]; MRAD expects floats in [0, 1] or [0, 255]",
+        ),
         (np.zeros((20, 20, 5), np.uint8), "expected an (H, W), (H, W, 3) or (H, W, 4) image array"),
         (np.zeros((2, 20, 20, 3), np.uint8), "expected an"),
         (np.zeros((20, 20), np.complex64), "unsupported dtype"),
@@ -115,7 +128,11 @@ def test_exif_orientation_is_applied(tmp_path):
     image.save(path, exif=exif, quality=100)
     upright = load_image(path)
     assert upright.size == (20, 40)
-    np.testing.assert_allclose(np.asarray(upright, np.float32), np.rot90(np.asarray(load_image(path, exif_transpose=False), np.float32)), atol=0)
+    np.testing.assert_allclose(
+        np.asarray(upright, np.float32),
+        np.rot90(np.asarray(load_image(path, exif_transpose=False), np.float32)),
+        atol=0,
+    )
 
 
 def test_corrupt_exif_is_refused_and_an_invalid_orientation_ignored(tmp_path):
@@ -169,7 +186,9 @@ def test_float_tiff_out_of_range_or_nan_is_refused(tmp_path):
 def test_grayscale_and_rgba_follow_the_reference_order(tmp_path):
     """Resize in the image's own mode, then convert to RGB (what the reference's PIL transforms do)."""
     rgba = Image.fromarray(np.dstack([texture(30, 40), np.full((30, 40), 128, np.uint8)]), "RGBA")
-    expected = torch.from_numpy(np.asarray(rgba.resize((56, 56), Image.Resampling.BICUBIC).convert("RGB"), np.float32) / 255)
+    expected = torch.from_numpy(
+        np.asarray(rgba.resize((56, 56), Image.Resampling.BICUBIC).convert("RGB"), np.float32) / 255
+    )
     got = PROCESSOR(rgba)["pixel_values"][0]
     mean, std = torch.tensor(PROCESSOR.image_mean).view(3, 1, 1), torch.tensor(PROCESSOR.image_std).view(3, 1, 1)
     torch.testing.assert_close(got * std + mean, expected.permute(2, 0, 1), atol=1e-6, rtol=0)
@@ -195,7 +214,9 @@ def test_bad_masks_are_refused_naming_mask_and_image(tmp_path):
     small = tmp_path / "part_mask.png"
     Image.fromarray(np.zeros((24, 32), np.uint8)).save(small)
     message = _error([image], mask=[small])
-    assert f"Mask '{small}' is 32x24 but its image '{image}' is 64x48" in message and "Fix or remove the mask" in message
+    assert (
+        f"Mask '{small}' is 32x24 but its image '{image}' is 64x48" in message and "Fix or remove the mask" in message
+    )
     corrupt = write(tmp_path / "corrupt_mask.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     assert f"'{corrupt}' (a mask)" in _error([image], mask=[corrupt])
     assert "contains NaN" in _error([image], mask=[np.full((48, 64), np.nan)])
@@ -214,14 +235,16 @@ def cli_setup(tmp_path_factory):
     write(data / "good" / "900_broken.png", valid_image_bytes()["png"][:200])
     (data / "good" / "901_folder.png").mkdir()
     write(data / "scratch" / "902.png", encode(Image.fromarray(texture(100, 120)), "PNG"))
-    write(data / "scratch" / "902_mask.png", encode(Image.fromarray(np.zeros((10, 10), np.uint8)), "PNG"))  # wrong size
+    write(
+        data / "scratch" / "902_mask.png", encode(Image.fromarray(np.zeros((10, 10), np.uint8)), "PNG")
+    )  # wrong size
     return model_dir, data
 
 
 def _error_line(capsys, command):
     """The one error line of a failed command (a progress bar interrupted by the error may precede it on its line)."""
     marker = f"mrad {command}: error:"
-    lines = [line[line.index(marker):] for line in capsys.readouterr().err.splitlines() if marker in line]
+    lines = [line[line.index(marker) :] for line in capsys.readouterr().err.splitlines() if marker in line]
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -250,7 +273,17 @@ def test_ksdd2_unreadable_ground_truth_names_the_file(tmp_path):
 def test_build_bank_skips_and_reports_or_fails(cli_setup, tmp_path, capsys):
     model_dir, data = cli_setup
     bank_path = tmp_path / "bank.safetensors"
-    args = ["build-bank", "--model", str(model_dir), "--dataset", "folder", "--data-root", str(data), "--output", str(bank_path)]
+    args = [
+        "build-bank",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--output",
+        str(bank_path),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "SKIPPED 2 file(s)" in printed and "skipped_files" in printed
@@ -266,8 +299,23 @@ def test_build_bank_skips_and_reports_or_fails(cli_setup, tmp_path, capsys):
 def test_evaluate_skips_and_reports_or_fails(cli_setup, tmp_path, capsys):
     model_dir, data = cli_setup
     out = tmp_path / "eval"
-    args = ["evaluate", "--model", str(model_dir), "--bank-from", "folder", "--bank-root", str(data),
-            "--dataset", "folder", "--data-root", str(data), "--output-dir", str(out), "--heatmaps", "0"]
+    args = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--bank-from",
+        "folder",
+        "--bank-root",
+        str(data),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--heatmaps",
+        "0",
+    ]
     assert main(args) == 0
     assert "SKIPPED 2 file(s)" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
@@ -282,17 +330,44 @@ def test_evaluate_skips_and_reports_or_fails(cli_setup, tmp_path, capsys):
 def test_predict_skips_and_reports_or_fails(cli_setup, tmp_path, capsys):
     model_dir, data = cli_setup
     bank = tmp_path / "bank.safetensors"
-    assert main(["build-bank", "--model", str(model_dir), "--dataset", "folder", "--data-root", str(data), "--output", str(bank)]) == 0
+    assert (
+        main(
+            [
+                "build-bank",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(data),
+                "--output",
+                str(bank),
+            ]
+        )
+        == 0
+    )
     text_file = write(tmp_path / "readme.txt", b"not an image")
     out = tmp_path / "predict"
-    args = ["predict", "--model", str(model_dir), "--bank", str(bank), str(data / "good"), str(text_file), "--output-dir", str(out)]
+    args = [
+        "predict",
+        "--model",
+        str(model_dir),
+        "--bank",
+        str(bank),
+        str(data / "good"),
+        str(text_file),
+        "--output-dir",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Scored 3 of 5 image(s)" in printed and "SKIPPED 2 file(s)" in printed
     summary = json.loads((out / "scores.json").read_text())
     assert summary["scored"] == 3 and summary["failed"] == 2
     assert {f["path"] for f in summary["failures"]} == {str(data / "good" / "900_broken.png"), str(text_file)}
-    assert all(math.isfinite(r["score"]) for r in summary["results"]) and len(list((out / "heatmaps").glob("*.png"))) == 3
+    assert (
+        all(math.isfinite(r["score"]) for r in summary["results"]) and len(list((out / "heatmaps").glob("*.png"))) == 3
+    )
     assert main(args + ["--on-error", "fail"]) == 2
     assert "900_broken.png" in _error_line(capsys, "predict")
     assert main(["predict", "--model", str(model_dir), str(tmp_path / "nothing.png")]) == 2

@@ -22,14 +22,18 @@ from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
 def scored():
     model = make_tiny_model(batch_invariant=True)
     model.build_memory_bank(make_samples(8), batch_size=4, progress=False)
-    pixels = MRADImageProcessor.from_config(model.config)([s["image"] for s in make_samples(6, seed=9)])["pixel_values"]
+    pixels = MRADImageProcessor.from_config(model.config)([s["image"] for s in make_samples(6, seed=9)])[
+        "pixel_values"
+    ]
     with torch.no_grad():
         reference = model(pixel_values=pixels[:4])
     return model, pixels, reference
 
 
 def _same(outputs, reference, index) -> bool:
-    return torch.equal(outputs.anomaly_map, reference.anomaly_map[index]) and torch.equal(outputs.anomaly_score, reference.anomaly_score[index])
+    return torch.equal(outputs.anomaly_map, reference.anomaly_map[index]) and torch.equal(
+        outputs.anomaly_score, reference.anomaly_score[index]
+    )
 
 
 @torch.no_grad()
@@ -84,8 +88,14 @@ def test_trained_variants_are_batch_invariant_bit_for_bit(variant):
 
     model = make_tiny_trained_model(variant, batch_invariant=True)
     model.build_memory_bank(make_samples(6), batch_size=4, progress=False)
-    pixels = MRADImageProcessor.from_config(model.config)([s["image"] for s in make_samples(4, seed=3)])["pixel_values"]
+    pixels = MRADImageProcessor.from_config(model.config)([s["image"] for s in make_samples(4, seed=3)])[
+        "pixel_values"
+    ]
     full = model(pixel_values=pixels)
     for size in (1, 3):
         for start in range(0, 4 - size + 1):
-            assert _same(model(pixel_values=pixels[start : start + size]), full, slice(start, start + size)), (variant, size, start)
+            assert _same(model(pixel_values=pixels[start : start + size]), full, slice(start, start + size)), (
+                variant,
+                size,
+                start,
+            )

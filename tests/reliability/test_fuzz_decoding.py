@@ -70,7 +70,9 @@ def test_fuzzed_files_give_a_clean_error_or_a_finite_score(fuzz_model, tmp_path,
 def test_fuzzed_files_through_the_pipeline(fuzz_model, tmp_path):
     from transformers import pipeline
 
-    detector = pipeline("anomaly-detection", model=fuzz_model, image_processor=MRADImageProcessor.from_config(fuzz_model.config))
+    detector = pipeline(
+        "anomaly-detection", model=fuzz_model, image_processor=MRADImageProcessor.from_config(fuzz_model.config)
+    )
     outcomes = {"error": 0, "scored": 0}
     for name, data in fuzz_cases(50, seed=13):
         path = write(tmp_path / name, data)
@@ -112,10 +114,27 @@ def test_fuzzed_folder_through_mrad_predict(saved_fuzz_model, tmp_path):
 
 def test_fuzzed_file_with_on_error_fail_exits_2_naming_the_file(saved_fuzz_model, tmp_path, capsys):
     processor = MRADImageProcessor(image_size=112)
-    broken = [(name, data) for name, data in fuzz_cases(80, seed=15) if _load_or_error(processor, write(tmp_path / "probe" / name, data))[1]]
+    broken = [
+        (name, data)
+        for name, data in fuzz_cases(80, seed=15)
+        if _load_or_error(processor, write(tmp_path / "probe" / name, data))[1]
+    ]
     for name, data in broken[:5]:
         path = write(tmp_path / "single" / name, data)
-        code = main(["predict", "--model", str(saved_fuzz_model), str(path), "--output-dir", str(tmp_path / "out" / name), "--on-error", "fail"])
-        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # progress bars aside
+        code = main(
+            [
+                "predict",
+                "--model",
+                str(saved_fuzz_model),
+                str(path),
+                "--output-dir",
+                str(tmp_path / "out" / name),
+                "--on-error",
+                "fail",
+            ]
+        )
+        lines = [
+            line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()
+        ]  # progress bars aside
         assert code == 2
         assert len(lines) == 1 and lines[0].startswith("mrad predict: error:") and str(path) in lines[0], lines

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mrad_hf import MemoryBank, MRADImageProcessor
-from mrad_hf.models.mrad.configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mrad_hf.evaluation.metrics import f1_max, image_ap, image_auroc
+from mrad_hf.models.mrad.configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mrad_hf.models.mrad.image_processing_mrad import load_mask, preprocess_mask
 from mrad_hf.models.mrad.retrieval_mrad import one_hot_labels
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 SIZE = 28
 LOW = [(0.0 - m) / s for m, s in zip(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
 HIGH = [(1.0 - m) / s for m, s in zip(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
@@ -31,7 +33,9 @@ def images(draw):
     """uint8 / uint16 / bool / float-in-[0,1] arrays, (H, W), (H, W, 3), (H, W, 4) or (3, H, W)."""
     height, width = draw(sides), draw(sides)
     layout = draw(st.sampled_from(["hw", "hw3", "hw4", "3hw"]))
-    shape = {"hw": (height, width), "hw3": (height, width, 3), "hw4": (height, width, 4), "3hw": (3, height, width)}[layout]
+    shape = {"hw": (height, width), "hw3": (height, width, 3), "hw4": (height, width, 4), "3hw": (3, height, width)}[
+        layout
+    ]
     dtype = draw(st.sampled_from(["uint8", "uint16", "bool", "float32"]))
     if dtype == "float32":
         elements = st.floats(0.0, 1.0, width=32)
@@ -50,7 +54,11 @@ def test_preprocessing_output_shape_dtype_and_range(image):
     assert pixels.shape == (1, 3, SIZE, SIZE) and pixels.dtype == torch.float32 and torch.isfinite(pixels).all()
     for channel in range(3):  # normalised values of pixels in [0, 1] (bicubic overshoot is clipped by PIL)
         assert LOW[channel] - 1e-5 <= pixels[0, channel].min() and pixels[0, channel].max() <= HIGH[channel] + 1e-5
-    height, width = (image.shape[1:] if image.shape[0] == 3 and image.ndim == 3 and image.shape[-1] not in (3, 4) else image.shape[:2])
+    height, width = (
+        image.shape[1:]
+        if image.shape[0] == 3 and image.ndim == 3 and image.shape[-1] not in (3, 4)
+        else image.shape[:2]
+    )
     assert batch["original_sizes"].tolist() == [[height, width]]
 
 
@@ -135,7 +143,15 @@ def banks(draw):
     n_image, n_patch = draw(st.integers(0, 12)), draw(st.integers(0, 20))
     d_image, d_patch = draw(st.integers(1, 16)), draw(st.integers(1, 16))
     finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
-    metadata = draw(st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in ("counts", "tensors_sha256", "image_ids", "image_sources", "format_version")), metadata_values, max_size=4))
+    metadata = draw(
+        st.dictionaries(
+            st.text(min_size=1, max_size=8).filter(
+                lambda k: k not in ("counts", "tensors_sha256", "image_ids", "image_sources", "format_version")
+            ),
+            metadata_values,
+            max_size=4,
+        )
+    )
     image_labels = draw(st.lists(st.integers(0, 1), min_size=n_image, max_size=n_image))
     patch_labels = draw(st.lists(st.integers(0, 1), min_size=n_patch, max_size=n_patch))
     sources = draw(st.lists(st.integers(-1, max(n_image - 1, -1)), min_size=n_patch, max_size=n_patch))
@@ -149,7 +165,13 @@ def banks(draw):
     )
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(bank=banks())
 def test_bank_round_trip_is_bit_exact(bank, tmp_path):
     loaded = MemoryBank.load(bank.save(tmp_path / "bank.safetensors"))
@@ -157,7 +179,9 @@ def test_bank_round_trip_is_bit_exact(bank, tmp_path):
         again = getattr(loaded, name)
         assert again.dtype == tensor.dtype and again.shape == tensor.shape, name
         # bit patterns, so -0.0 vs 0.0 and every float payload count
-        assert torch.equal(again.view(torch.int32) if again.is_floating_point() else again,
-                           tensor.view(torch.int32) if tensor.is_floating_point() else tensor), name
+        assert torch.equal(
+            again.view(torch.int32) if again.is_floating_point() else again,
+            tensor.view(torch.int32) if tensor.is_floating_point() else tensor,
+        ), name
     assert loaded.metadata == bank.metadata
     assert loaded.counts() == bank.counts()

@@ -26,8 +26,21 @@ from reliability._files import write_folder_dataset
 def setup(tmp_path):
     data = write_folder_dataset(tmp_path / "widget", make_samples(6, seed=61))
     make_tiny_model().save_pretrained(tmp_path / "tiny")
-    command = ["build-bank", "--model", str(tmp_path / "tiny"), "--dataset", "folder", "--data-root", str(data),
-               "--output", str(tmp_path / "bank.safetensors"), "--save-model", str(tmp_path / "model"), "--batch-size", "4"]
+    command = [
+        "build-bank",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--output",
+        str(tmp_path / "bank.safetensors"),
+        "--save-model",
+        str(tmp_path / "model"),
+        "--batch-size",
+        "4",
+    ]
     return tmp_path, command
 
 
@@ -48,7 +61,10 @@ def test_a_failed_model_save_leaves_the_old_bank_and_model(setup, monkeypatch, c
     assert "No space left on device" in capsys.readouterr().err
     assert (tmp_path / "bank.safetensors").read_bytes() == bank_before  # not a new bank beside the old model
     assert _tree(tmp_path / "model") == model_before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model.") and not p.name.endswith(".lock")) == []
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model.") and not p.name.endswith(".lock"))
+        == []
+    )
 
 
 def test_a_second_writer_is_refused(setup, capsys):
@@ -87,11 +103,18 @@ def test_crashed_staging_folders_are_cleaned_on_the_next_save(tmp_path):
     assert not set_aside.exists()
 
 
-@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+@pytest.mark.parametrize(
+    "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]
+)
 def test_saved_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
     previous = os.umask(umask)
     try:
-        bank = MemoryBank(image_keys=torch.zeros(2, 4), image_values=torch.eye(2), patch_keys=torch.zeros(2, 4), patch_values=torch.eye(2))
+        bank = MemoryBank(
+            image_keys=torch.zeros(2, 4),
+            image_values=torch.eye(2),
+            patch_keys=torch.zeros(2, 4),
+            patch_values=torch.eye(2),
+        )
         path = bank.save(tmp_path / "bank.safetensors")
         with atomic_directory(tmp_path / "folder") as staging:
             (staging / "a.txt").write_text("x")
@@ -101,4 +124,6 @@ def test_saved_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, di
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == dir_mode
-    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()} == {file_mode}  # model.safetensors too
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()} == {
+        file_mode
+    }  # model.safetensors too

@@ -31,7 +31,9 @@ def test_uploaded_image_gets_the_pipeline_score(model_with_bank, tmp_path):
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        score, decision, overlay, panel, details = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(handle_file(str(path)), api_name="/predict")
+        score, decision, overlay, panel, details = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            handle_file(str(path)), api_name="/predict"
+        )
     finally:
         app.close()
     assert score == pytest.approx(expected, abs=1e-6)
@@ -82,7 +84,9 @@ def test_client_sees_the_real_error_uploads_are_capped_and_the_temp_folder_is_re
         score = client.predict(handle_file(str(good)), api_name="/predict")[0]
         assert 0.0 <= score <= 1.0
         assert any(temp_dir.rglob("part.png"))  # uploads land in the app's own folder
-        with pytest.raises(Exception, match="Image file 'notes.png' is not a readable image") as error:  # MRAD's message
+        with pytest.raises(
+            Exception, match="Image file 'notes.png' is not a readable image"
+        ) as error:  # MRAD's message
             client.predict(handle_file(str(not_an_image)), api_name="/predict")
         assert str(temp_dir) not in str(error.value)
         with pytest.raises(Exception, match="(?i)file size|too large|exceeds|limit"):
@@ -112,7 +116,9 @@ def test_details_name_no_server_path_and_thumbnails_come_only_from_the_root(tiny
     bank = tiny_model.get_memory_bank()
     bank.metadata["image_ids"] = [str(tmp_path / f"private_{index}.png") for index in range(len(rows))]
     tiny_model.set_memory_bank(bank)
-    score, decision, overlay, panel, details = analyse(detector_for(tiny_model), rows[0]["image"], top_k=3, image_root=tmp_path / "served")
+    score, decision, overlay, panel, details = analyse(
+        detector_for(tiny_model), rows[0]["image"], top_k=3, image_root=tmp_path / "served"
+    )
     text = json.dumps(details)
     assert str(tmp_path) not in text and "private_" in text  # file names only
     assert all(n["image_id_redacted"] for n in details["explanation"]["image"]["neighbours"])

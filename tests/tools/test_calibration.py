@@ -12,8 +12,16 @@ from scipy.stats import betabinom
 from transformers import pipeline
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
-from mrad_hf.tools.calibration import ConformalError, apply_calibration, calibrate, conformal_threshold, minimum_normal_images, resampling_study, score_images
 from mrad_hf.data.synthetic import load_texture, paste_defect, sample_normal_image
+from mrad_hf.tools.calibration import (
+    ConformalError,
+    apply_calibration,
+    calibrate,
+    conformal_threshold,
+    minimum_normal_images,
+    resampling_study,
+    score_images,
+)
 
 SIZE = 56  # the tiny backbone's native size: fast, and enough for many scores
 
@@ -59,7 +67,9 @@ def test_promised_false_positive_rate_on_held_out_normals(brick_model_and_normal
     # mean m (n + 1 - k) / (n + 1) <= target m. Accept anything but the extreme 0.1 % tails.
     k = math.ceil((n + 1) * (1 - target))
     law = betabinom(m, n + 1 - k, k)
-    print(f"held-out normals flagged: {flagged} of {m}; accepted band [{law.ppf(0.001):.0f}, {law.ppf(0.999):.0f}], mean {law.mean():.1f}")
+    print(
+        f"held-out normals flagged: {flagged} of {m}; accepted band [{law.ppf(0.001):.0f}, {law.ppf(0.999):.0f}], mean {law.mean():.1f}"
+    )
     assert law.ppf(0.001) <= flagged <= law.ppf(0.999), (flagged, m)
     assert law.mean() <= target * m
     assert not np.any(held_out == calibration["image_threshold"])  # no tie at the threshold: the count is the law's
@@ -78,7 +88,9 @@ def test_resampling_study_matches_the_estimator():
     for row in rows:  # the mean achieved rate is within sampling error of the conformal mean (n + 1 - k) / (n + 1)
         n = row["n"]
         expected = (n + 1 - math.ceil((n + 1) * 0.95)) / (n + 1)
-        assert row["fpr_mean"] == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - expected) / n / 300) + 0.005)
+        assert row["fpr_mean"] == pytest.approx(
+            expected, abs=4 * math.sqrt(expected * (1 - expected) / n / 300) + 0.005
+        )
     assert rows[1]["threshold_sd"] < rows[0]["threshold_sd"]  # more images, a steadier threshold
 
 
@@ -91,15 +103,28 @@ def test_calibration_travels_with_the_model_and_drives_pipeline_decisions(brick_
     model.save_pretrained(tmp_path / "calibrated")
     reloaded = MRADForAnomalyDetection.from_pretrained(tmp_path / "calibrated")
     assert reloaded.calibration == calibration
-    detect = pipeline("anomaly-detection", model=reloaded, image_processor=MRADImageProcessor.from_pretrained(tmp_path / "calibrated"), device="cpu")
+    detect = pipeline(
+        "anomaly-detection",
+        model=reloaded,
+        image_processor=MRADImageProcessor.from_pretrained(tmp_path / "calibrated"),
+        device="cpu",
+    )
     results = detect(normals[19:40])
     for result in results:
         assert result["is_anomalous"] == (result["score"] > calibration["image_threshold"])
         assert result["label"] == ("anomaly" if result["is_anomalous"] else "normal")
         np.testing.assert_array_equal(result["mask"], result["anomaly_map"] > calibration["pixel_threshold"])
-        assert result["thresholds"] == {"image": calibration["image_threshold"], "pixel": calibration["pixel_threshold"], "from": "calibration"}
+        assert result["thresholds"] == {
+            "image": calibration["image_threshold"],
+            "pixel": calibration["pixel_threshold"],
+            "from": "calibration",
+        }
     explicit = detect(normals[19], threshold=0.0)  # explicit arguments win; the calibrated pixel threshold stays
-    assert explicit["is_anomalous"] and explicit["thresholds"] == {"image": 0.0, "pixel": calibration["pixel_threshold"], "from": "arguments"}
+    assert explicit["is_anomalous"] and explicit["thresholds"] == {
+        "image": 0.0,
+        "pixel": calibration["pixel_threshold"],
+        "from": "arguments",
+    }
     both = detect(normals[19], threshold=0.0, pixel_threshold=1.0)
     assert both["mask"].sum() == 0 and both["thresholds"]["pixel"] == 1.0
 
@@ -111,11 +136,21 @@ def test_calibration_from_the_bank_metadata_and_stale_bank_warning(brick_model_a
     apply_calibration(model, calibration, bank=bank)
     model.calibration = None
     model.set_memory_bank(bank)  # the bank carries the thresholds
-    detect = pipeline("anomaly-detection", model=model, image_processor=MRADImageProcessor.from_config(model.config), device="cpu")
+    detect = pipeline(
+        "anomaly-detection", model=model, image_processor=MRADImageProcessor.from_config(model.config), device="cpu"
+    )
     assert detect(normals[50])["thresholds"]["from"] == "calibration"
-    smaller = bank.__class__(**{**bank.tensors(), "image_keys": bank.image_keys[:4], "image_values": bank.image_values[:4],
-                                "patch_keys": bank.patch_keys[:2], "patch_values": bank.patch_values[:2], "patch_sources": bank.patch_sources[:2]},
-                             metadata={k: v for k, v in bank.metadata.items() if k not in ("image_ids", "image_sources", "image_sha256")})
+    smaller = bank.__class__(
+        **{
+            **bank.tensors(),
+            "image_keys": bank.image_keys[:4],
+            "image_values": bank.image_values[:4],
+            "patch_keys": bank.patch_keys[:2],
+            "patch_values": bank.patch_values[:2],
+            "patch_sources": bank.patch_sources[:2],
+        },
+        metadata={k: v for k, v in bank.metadata.items() if k not in ("image_ids", "image_sources", "image_sha256")},
+    )
     model.set_memory_bank(smaller)
     model.calibration = calibration
     with pytest.warns(UserWarning, match="calibration was made with a memory bank of 8 image"):
@@ -137,9 +172,20 @@ def test_known_defects_report_recall(brick_model_and_normals):
     model, normals = brick_model_and_normals
     rng = np.random.default_rng(5)
     defects = [paste_defect(normals[100 + i], "blob", rng) for i in range(4)]
-    calibration = calibrate(model, normals[:9], target_fpr=0.1, defect_images=[d[0] for d in defects], defect_masks=[d[1] for d in defects], progress=False)
+    calibration = calibrate(
+        model,
+        normals[:9],
+        target_fpr=0.1,
+        defect_images=[d[0] for d in defects],
+        defect_masks=[d[1] for d in defects],
+        progress=False,
+    )
     scores, maps, masks = score_images(model, [d[0] for d in defects], masks=[d[1] for d in defects], progress=False)
     assert calibration["defects"]["n_images"] == 4
-    assert calibration["defects"]["image_recall"] == pytest.approx(float((scores > calibration["image_threshold"]).mean()))
-    assert calibration["defects"]["pixel_recall"] == pytest.approx(float((maps[masks] > calibration["pixel_threshold"]).mean()))
+    assert calibration["defects"]["image_recall"] == pytest.approx(
+        float((scores > calibration["image_threshold"]).mean())
+    )
+    assert calibration["defects"]["pixel_recall"] == pytest.approx(
+        float((maps[masks] > calibration["pixel_threshold"]).mean())
+    )
     assert torch.is_tensor(torch.as_tensor(maps))

@@ -26,7 +26,9 @@ def test_entries_are_the_true_top_k_by_the_scoring_similarity(model_with_bank, q
         image_queries, patch_queries = model.retrieval_queries(model.extract_features(queries))
         image_logits = model.retrieval_logits("image", image_queries)
     # these logits are the score's: their softmax over the memory values is the model's image probability
-    torch.testing.assert_close(torch.softmax(image_logits, -1) @ model.memory.image_values, outputs.image_probabilities)
+    torch.testing.assert_close(
+        torch.softmax(image_logits, -1) @ model.memory.image_values, outputs.image_probabilities
+    )
     bank = model.get_memory_bank()
     for b, explanation in enumerate(explanations):
         order = torch.argsort(image_logits[b], descending=True)[:top_k].tolist()
@@ -45,22 +47,33 @@ def test_entries_are_the_true_top_k_by_the_scoring_similarity(model_with_bank, q
         order = torch.argsort(patch_logits, descending=True)[:top_k].tolist()
         assert [n["index"] for n in region["neighbours"]] == order
         assert [n for n in region["neighbours"]] == [
-            {**bank.provenance("patch", i), "rank": r + 1, "similarity": pytest.approx(float(patch_logits[i]), abs=1e-6),
-             "weight": pytest.approx(float(torch.softmax(patch_logits, -1)[i]), abs=1e-6)}
+            {
+                **bank.provenance("patch", i),
+                "rank": r + 1,
+                "similarity": pytest.approx(float(patch_logits[i]), abs=1e-6),
+                "weight": pytest.approx(float(torch.softmax(patch_logits, -1)[i]), abs=1e-6),
+            }
             for r, i in enumerate(order)
         ]
         assert explanation["score"] == pytest.approx(float(outputs.anomaly_score[b]))
 
 
 def test_pipeline_explain_batched_equals_single(model_with_bank):
-    detect = pipeline("anomaly-detection", model=model_with_bank, image_processor=MRADImageProcessor.from_config(model_with_bank.config), device="cpu")
+    detect = pipeline(
+        "anomaly-detection",
+        model=model_with_bank,
+        image_processor=MRADImageProcessor.from_config(model_with_bank.config),
+        device="cpu",
+    )
     images = [s["image"] for s in make_samples(3, seed=32)]
     singles = [detect(image, explain=True, top_k=2)["explanation"] for image in images]
     batched = [r["explanation"] for r in detect(images, explain=True, top_k=2, batch_size=2)]
     for one, many in zip(singles, batched):  # batching changes float rounding only
         for level in ("image", "region"):
             assert [n["index"] for n in many[level]["neighbours"]] == [n["index"] for n in one[level]["neighbours"]]
-            assert [n["similarity"] for n in many[level]["neighbours"]] == pytest.approx([n["similarity"] for n in one[level]["neighbours"]], abs=1e-5)
+            assert [n["similarity"] for n in many[level]["neighbours"]] == pytest.approx(
+                [n["similarity"] for n in one[level]["neighbours"]], abs=1e-5
+            )
     assert [e["region"]["patch_index"] for e in batched] == [e["region"]["patch_index"] for e in singles]
     assert len(singles[0]["image"]["neighbours"]) == 2
     assert "explanation" not in detect(images[0])
@@ -70,7 +83,9 @@ def test_pipeline_explain_batched_equals_single(model_with_bank):
 
 def test_panel_shows_source_thumbnails_and_placeholders(tiny_model, tmp_path):
     rows = make_samples(4, seed=33)
-    for index, row in enumerate(rows[:2]):  # the first two entries come from files under the root, the others have no file
+    for index, row in enumerate(
+        rows[:2]
+    ):  # the first two entries come from files under the root, the others have no file
         row["id"] = f"aux{index}.png"
         Image.fromarray(row["image"]).save(tmp_path / row["id"])
     tiny_model.build_memory_bank(rows, source="files", progress=False)
@@ -78,7 +93,14 @@ def test_panel_shows_source_thumbnails_and_placeholders(tiny_model, tmp_path):
     explanation = explain_images(tiny_model, query, top_k=4)[0]
     tile, gap, strip = 96, 4, 18
     anomaly_map = np.linspace(0, 1, 50 * 60, dtype=np.float32).reshape(50, 60)
-    path = save_explanation(tmp_path / "panel.png", Image.fromarray(rows[0]["image"]), anomaly_map, explanation, tile=tile, image_root=tmp_path)
+    path = save_explanation(
+        tmp_path / "panel.png",
+        Image.fromarray(rows[0]["image"]),
+        anomaly_map,
+        explanation,
+        tile=tile,
+        image_root=tmp_path,
+    )
     panel = np.asarray(Image.open(path).convert("RGB"))
     assert panel.shape[1] == 4 * (tile + gap) + gap
     top = strip + strip + tile + strip  # header, row-1 label, query tiles, row-2 label
@@ -86,11 +108,16 @@ def test_panel_shows_source_thumbnails_and_placeholders(tiny_model, tmp_path):
         left = gap + rank * (tile + gap)
         inside = panel[top + 10 : top + tile - 10, left + 10 : left + tile - 10].astype(int)
         if entry["image_index"] < 2:
-            expected = np.asarray(Image.fromarray(rows[entry["image_index"]]["image"]).resize((tile, tile), Image.Resampling.BILINEAR))
+            expected = np.asarray(
+                Image.fromarray(rows[entry["image_index"]]["image"]).resize((tile, tile), Image.Resampling.BILINEAR)
+            )
             assert np.abs(inside - expected[10:-10, 10:-10].astype(int)).max() <= 1
         else:  # placeholder: flat grey except its caption text
             assert (np.all(inside == 225, axis=-1)).mean() > 0.8
-    assert render_explanation(Image.fromarray(rows[1]["image"]), anomaly_map, explanation).size[0] == 4 * (160 + gap) + gap
+    assert (
+        render_explanation(Image.fromarray(rows[1]["image"]), anomaly_map, explanation).size[0]
+        == 4 * (160 + gap) + gap
+    )
 
 
 # ---------------------------------------------------------------- thumbnails come only from the image root (issue 13 §2)
@@ -129,8 +156,16 @@ def test_thumbnails_are_read_only_inside_the_image_root(tiny_model, tmp_path):
     query = MRADImageProcessor.from_config(tiny_model.config)(rows[0]["image"])["pixel_values"]
     explanation = explain_images(tiny_model, query, top_k=6)[0]
     tile, notes = 96, []
-    panel = np.asarray(render_explanation(Image.fromarray(rows[0]["image"]), np.zeros((8, 8), np.float32), explanation, tile=tile,
-                                          image_root=root, notes=notes))
+    panel = np.asarray(
+        render_explanation(
+            Image.fromarray(rows[0]["image"]),
+            np.zeros((8, 8), np.float32),
+            explanation,
+            tile=tile,
+            image_root=root,
+            notes=notes,
+        )
+    )
     reasons = {}
     for rank, entry in enumerate(explanation["image"]["neighbours"]):
         inside = _tile(panel, rank, tile)
@@ -139,14 +174,18 @@ def test_thumbnails_are_read_only_inside_the_image_root(tiny_model, tmp_path):
             assert np.abs(inside - expected[10:-10, 10:-10].astype(int)).max() <= 1
         else:
             assert np.all(inside == 225, axis=-1).mean() > 0.8  # a placeholder, never the private image
-            reasons[entry["image_id"]] = next(note for note in notes if note.startswith(f"thumbnail of '{entry['image_id']}'"))
+            reasons[entry["image_id"]] = next(
+                note for note in notes if note.startswith(f"thumbnail of '{entry['image_id']}'")
+            )
     assert reasons[str(outside / "secret.png")].endswith("absolute image id, not read")
     assert reasons["../private/secret.png"].endswith("image id leaves the image root")
     assert reasons["link.png"].endswith("image id leaves the image root (symlink)")
     assert reasons["folder.png"].endswith("not a regular file")
     assert reasons["missing.png"].endswith("file not found under the image root")
     # without a root nothing is read at all, not even the good file
-    panel = np.asarray(render_explanation(Image.fromarray(rows[0]["image"]), np.zeros((8, 8), np.float32), explanation, tile=tile))
+    panel = np.asarray(
+        render_explanation(Image.fromarray(rows[0]["image"]), np.zeros((8, 8), np.float32), explanation, tile=tile)
+    )
     good = [rank for rank, e in enumerate(explanation["image"]["neighbours"]) if e["image_id"] == "good.png"][0]
     assert np.all(_tile(panel, good, tile) == 225, axis=-1).mean() > 0.8
 
@@ -167,22 +206,46 @@ def test_bad_thumbnails_are_placeholders_and_the_run_goes_on(tiny_model, tmp_pat
     explanation = explain_images(tiny_model, query, top_k=5)[0]
     decoded_sizes = []
     resize = Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: decoded_sizes.append(self.size) or resize(self, size, *a, **k))
+    monkeypatch.setattr(
+        Image.Image,
+        "resize",
+        lambda self, size, *a, **k: decoded_sizes.append(self.size) or resize(self, size, *a, **k),
+    )
     notes = []
-    save_explanation(tmp_path / "panel.png", Image.fromarray(rows[0]["image"]), np.zeros((8, 8), np.float32), explanation, tile=96,
-                     image_root=tmp_path, notes=notes)
+    save_explanation(
+        tmp_path / "panel.png",
+        Image.fromarray(rows[0]["image"]),
+        np.zeros((8, 8), np.float32),
+        explanation,
+        tile=96,
+        image_root=tmp_path,
+        notes=notes,
+    )
     assert (tmp_path / "panel.png").is_file()
-    assert "thumbnail of 'huge.png': unreadable (ValueError: too large for a thumbnail (over PIL's decompression-bomb" in "".join(notes)
+    assert (
+        "thumbnail of 'huge.png': unreadable (ValueError: too large for a thumbnail (over PIL's decompression-bomb"
+        in "".join(notes)
+    )
     assert str(tmp_path) not in "".join(notes)  # the notes name the id, never the server path
-    assert any(n.startswith("thumbnail of 'large.png': unreadable") and "12000x12000 px is too large for a thumbnail" in n for n in notes)
+    assert any(
+        n.startswith("thumbnail of 'large.png': unreadable") and "12000x12000 px is too large for a thumbnail" in n
+        for n in notes
+    )
     assert any(n.startswith("thumbnail of 'corrupt.png': unreadable (") for n in notes)
-    assert len(set(notes)) == 3  # (region rows repeat them) the two big files were drawn, from a reduced decode (draft for JPEG, reduce for PNG)
-    assert max(max(size) for size in decoded_sizes if size != (8, 8)) <= 2 * 160 and explain.THUMBNAIL_MAX_PIXELS < 20000 * 20000
+    assert (
+        len(set(notes)) == 3
+    )  # (region rows repeat them) the two big files were drawn, from a reduced decode (draft for JPEG, reduce for PNG)
+    assert (
+        max(max(size) for size in decoded_sizes if size != (8, 8)) <= 2 * 160
+        and explain.THUMBNAIL_MAX_PIXELS < 20000 * 20000
+    )
 
 
 def test_public_explanation_names_no_server_path(model_with_bank):
     explanation = {
-        "image": {"neighbours": [{"image_id": "/srv/private/part.png", "index": 0}, {"image_id": "good/001.png", "index": 1}]},
+        "image": {
+            "neighbours": [{"image_id": "/srv/private/part.png", "index": 0}, {"image_id": "good/001.png", "index": 1}]
+        },
         "region": {"neighbours": [{"image_id": "C:\\data\\x.png", "index": 2}]},
     }
     from mrad_hf.tools.explain import public_explanation

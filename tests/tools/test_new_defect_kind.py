@@ -14,17 +14,19 @@ from sklearn.metrics import roc_auc_score
 from transformers import CLIPConfig
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
-from mrad_hf.memory.tools import add_samples
 from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
+from mrad_hf.memory.tools import add_samples
 
 NEW_KIND = "hole"
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    root = make_synthetic_benchmark(tmp_path_factory.mktemp("newkind") / "data", n_test_good=4, n_test_per_defect=4, image_size=128, seed=0)
+    root = make_synthetic_benchmark(
+        tmp_path_factory.mktemp("newkind") / "data", n_test_good=4, n_test_per_defect=4, image_size=128, seed=0
+    )
     rows = list(load_mvtec_layout(root))
     memory = [r for r in rows if r["defect_type"] != NEW_KIND][::2]
     new = [r for r in rows if r["defect_type"] == NEW_KIND]
@@ -36,9 +38,13 @@ def split(tmp_path_factory):
 def test_adding_a_few_examples_of_a_new_defect_kind_raises_pixel_auroc(split):
     memory, added, held_out = split
     torch.manual_seed(0)
-    model = MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, retrieval_temperature=0.01).eval()
+    model = MRADForAnomalyDetection.from_clip(
+        CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, retrieval_temperature=0.01
+    ).eval()
     bank = model.build_memory_bank(memory, progress=False, source="base")
-    inputs = MRADImageProcessor.from_config(model.config)([r["image"] for r in held_out], masks=[r["mask"] for r in held_out])
+    inputs = MRADImageProcessor.from_config(model.config)(
+        [r["image"] for r in held_out], masks=[r["mask"] for r in held_out]
+    )
     truth = inputs["masks"].numpy().ravel() > 0.5
 
     def pixel_auroc():

@@ -11,7 +11,19 @@ from mrad_hf.models.mrad.prompting_mrad import OPENAI_DEFAULT_PROMPT_TOKEN_IDS, 
 from mrad_hf.training.tokenization import clip_tokenizer_from_bpe, load_clip_tokenizer
 
 # merges that build the prompt words from bytes, in OpenAI's file format (header line, then "a b" pairs)
-SMALL_MERGES = ["o b", "ob j", "e c", "ec t</w>", "obj ect</w>", "d a", "da m", "dam a", "dama g", "damag e", "damage d</w>"]
+SMALL_MERGES = [
+    "o b",
+    "ob j",
+    "e c",
+    "ec t</w>",
+    "obj ect</w>",
+    "d a",
+    "da m",
+    "dam a",
+    "dama g",
+    "damag e",
+    "damage d</w>",
+]
 
 
 def _small_bpe(path: Path) -> Path:
@@ -25,7 +37,9 @@ def test_prompt_texts():
 
 
 def test_prompt_ids_from_a_small_bpe_vocabulary(tmp_path):
-    tokenizer = clip_tokenizer_from_bpe(_small_bpe(tmp_path / "bpe.txt.gz"), tmp_path / "tok", num_merges=len(SMALL_MERGES))
+    tokenizer = clip_tokenizer_from_bpe(
+        _small_bpe(tmp_path / "bpe.txt.gz"), tmp_path / "tok", num_merges=len(SMALL_MERGES)
+    )
     vocab = tokenizer.get_vocab()
     start, end = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     assert (start, end) == (512 + len(SMALL_MERGES), 512 + len(SMALL_MERGES) + 1)

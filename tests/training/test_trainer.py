@@ -49,8 +49,16 @@ def test_ft_loss_goes_down_cosine_lr_and_the_model_reloads(tmp_path):
     reloaded = AutoModel.from_pretrained(final).eval()
     pixel_values = MRADImageProcessor.from_config(model.config)([samples[1]["image"]])["pixel_values"]
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(pixel_values=pixel_values).anomaly_score, model.eval()(pixel_values=pixel_values).anomaly_score)
-    assert abs(pipeline("anomaly-detection", model=str(final))(samples[1]["image"])["score"] - reloaded(pixel_values=pixel_values).anomaly_score.item()) < 1e-6
+        torch.testing.assert_close(
+            reloaded(pixel_values=pixel_values).anomaly_score, model.eval()(pixel_values=pixel_values).anomaly_score
+        )
+    assert (
+        abs(
+            pipeline("anomaly-detection", model=str(final))(samples[1]["image"])["score"]
+            - reloaded(pixel_values=pixel_values).anomaly_score.item()
+        )
+        < 1e-6
+    )
 
 
 def test_clip_ft_stage_has_constant_lr_and_prompt_loss_goes_down(tmp_path):
@@ -63,7 +71,9 @@ def test_clip_ft_stage_has_constant_lr_and_prompt_loss_goes_down(tmp_path):
     assert history[-1]["loss"] < history[1]["loss"]
     assert not torch.equal(model.patch_projection.query.weight, frozen_projection)  # trained in the ft epoch ...
     checkpoint = load_file(str(tmp_path / "checkpoints" / "epoch-1" / "trainable_state.safetensors"))
-    torch.testing.assert_close(model.patch_projection.query.weight, checkpoint["patch_projection.query.weight"])  # ... then frozen
+    torch.testing.assert_close(
+        model.patch_projection.query.weight, checkpoint["patch_projection.query.weight"]
+    )  # ... then frozen
 
 
 def test_checkpoints_are_safetensors_and_json_without_the_backbone(tmp_path):
@@ -77,7 +87,12 @@ def test_checkpoints_are_safetensors_and_json_without_the_backbone(tmp_path):
 def test_resume_after_a_kill_gives_the_same_model_bit_for_bit(tmp_path, monkeypatch):
     samples = make_samples(12, seed=5)
     args = dict(ft_epochs=1, prompt_epochs=2, batch_size=4)
-    straight = train_mrad(make_tiny_trained_model("clip"), samples, MRADTrainingArguments(output_dir=str(tmp_path / "a"), resume=False, **args), progress=False)
+    straight = train_mrad(
+        make_tiny_trained_model("clip"),
+        samples,
+        MRADTrainingArguments(output_dir=str(tmp_path / "a"), resume=False, **args),
+        progress=False,
+    )
     _reset()
     save = training._save_checkpoint
 
@@ -88,11 +103,21 @@ def test_resume_after_a_kill_gives_the_same_model_bit_for_bit(tmp_path, monkeypa
 
     monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_mrad(make_tiny_trained_model("clip"), samples, MRADTrainingArguments(output_dir=str(tmp_path / "b"), resume=False, **args), progress=False)
+        train_mrad(
+            make_tiny_trained_model("clip"),
+            samples,
+            MRADTrainingArguments(output_dir=str(tmp_path / "b"), resume=False, **args),
+            progress=False,
+        )
     assert not (tmp_path / "b" / "final").exists()
     monkeypatch.setattr(training, "_save_checkpoint", save)
     _reset()
-    resumed = train_mrad(make_tiny_trained_model("clip"), samples, MRADTrainingArguments(output_dir=str(tmp_path / "b"), resume=True, **args), progress=False)
+    resumed = train_mrad(
+        make_tiny_trained_model("clip"),
+        samples,
+        MRADTrainingArguments(output_dir=str(tmp_path / "b"), resume=True, **args),
+        progress=False,
+    )
     assert resumed.step_losses == straight.step_losses
     a, b = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("a", "b"))
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -106,24 +131,50 @@ def test_a_failed_final_save_leaves_no_model_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MRADForAnomalyDetection, "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
-        train_mrad(make_tiny_trained_model("ft"), make_samples(8), MRADTrainingArguments(output_dir=str(tmp_path), resume=False), progress=False)
-    assert sorted(path.name for path in tmp_path.iterdir()) == [".incomplete", "checkpoints", "run.json"]  # no final/, no partial folder; marked unfinished
+        train_mrad(
+            make_tiny_trained_model("ft"),
+            make_samples(8),
+            MRADTrainingArguments(output_dir=str(tmp_path), resume=False),
+            progress=False,
+        )
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".incomplete",
+        "checkpoints",
+        "run.json",
+    ]  # no final/, no partial folder; marked unfinished
 
 
 def test_two_processes_give_the_one_process_bank_and_model(tmp_path):
     script = Path(__file__).with_name("two_process_training.py")
     environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path / "two"),
+    ]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     sys.path.insert(0, str(script.parent))
     from two_process_training import run
 
-    run(str(tmp_path / "one"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each (OMP_NUM_THREADS=1): the same GEMM kernels here
+    try:
+        run(str(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
     one, two = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("one", "two"))
     for key in ("memory.image_keys", "memory.patch_keys", "memory.patch_values", "memory.patch_sources"):
         assert torch.equal(one[key], two[key]), key  # the sharded bank is the same bank
-    one_state, two_state = (json.loads((tmp_path / name / "checkpoints" / "epoch-1" / "trainer_state.json").read_text()) for name in ("one", "two"))
+    one_state, two_state = (
+        json.loads((tmp_path / name / "checkpoints" / "epoch-1" / "trainer_state.json").read_text())
+        for name in ("one", "two")
+    )
     assert len(one_state["step_losses"]) == len(two_state["step_losses"]) == 2  # the same global batches of 8
     assert one_state["step_losses"] == pytest.approx(two_state["step_losses"], abs=1e-5)
     for key in one:
@@ -134,7 +185,9 @@ def test_two_processes_give_the_one_process_bank_and_model(tmp_path):
     models = []
     for name in ("one", "two"):
         models.append(AutoModel.from_pretrained(tmp_path / name / "final").eval())
-    pixel_values = MRADImageProcessor.from_config(models[0].config)([s["image"] for s in make_samples(3, seed=9)])["pixel_values"]
+    pixel_values = MRADImageProcessor.from_config(models[0].config)([s["image"] for s in make_samples(3, seed=9)])[
+        "pixel_values"
+    ]
     with torch.no_grad():
         first, second = (m(pixel_values=pixel_values) for m in models)
     torch.testing.assert_close(first.anomaly_score, second.anomaly_score, atol=1e-5, rtol=0)
@@ -163,7 +216,9 @@ def test_an_accelerate_tracker_receives_losses_and_bf16_autocast_runs_on_cpu(tmp
             self.logged.append((step, dict(values)))
 
     tracker = RecordingTracker()
-    args = MRADTrainingArguments(output_dir=str(tmp_path), batch_size=4, mixed_precision="bf16", log_with=[tracker], resume=False)
+    args = MRADTrainingArguments(
+        output_dir=str(tmp_path), batch_size=4, mixed_precision="bf16", log_with=[tracker], resume=False
+    )
     result = train_mrad(make_tiny_trained_model("ft"), make_samples(8), args, progress=False)
     step_losses = [values["ft/loss"] for _, values in tracker.logged if "ft/loss" in values]
     assert step_losses == result.step_losses and len(step_losses) == 2

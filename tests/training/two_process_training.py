@@ -14,7 +14,12 @@ from mrad_hf.training.trainer import MRADTrainingArguments, train_mrad  # noqa: 
 
 def run(output_dir: str) -> None:
     model = make_tiny_trained_model("ft")
-    train_mrad(model, make_samples(16), MRADTrainingArguments(output_dir=output_dir, batch_size=8, resume=False), progress=False)
+    train_mrad(
+        model,
+        make_samples(16),
+        MRADTrainingArguments(output_dir=output_dir, batch_size=8, resume=False),
+        progress=False,
+    )
 
 
 if __name__ == "__main__":

@@ -74,10 +74,14 @@ class EndpointHandler:
 
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or "inputs" not in data:
-            raise ValueError('The request must be a JSON object with "inputs" (an image as base64, a data URI or a URL).')
+            raise ValueError(
+                'The request must be a JSON object with "inputs" (an image as base64, a data URI or a URL).'
+            )
         parameters = data.get("parameters") or {}
         if not isinstance(parameters, dict):
-            raise ValueError(f'"parameters" must be an object such as {{"threshold": 0.5}}, got {type(parameters).__name__}.')
+            raise ValueError(
+                f'"parameters" must be an object such as {{"threshold": 0.5}}, got {type(parameters).__name__}.'
+            )
         unknown = sorted(set(parameters) - {"threshold", "pixel_threshold"})
         if unknown:
             raise ValueError(f"Unknown parameters {unknown}; this handler takes 'threshold' and 'pixel_threshold'.")
@@ -110,7 +114,11 @@ class EndpointHandler:
             anomaly_map = F.interpolate(anomaly_map, size=(height, width), mode="bilinear", align_corners=False)
         anomaly_map = anomaly_map[0, 0].cpu().numpy()
         response: dict[str, Any] = {
-            "score": score, "anomaly_map": encode_map(anomaly_map), "anomaly_map_format": MAP_FORMAT, "width": width, "height": height,
+            "score": score,
+            "anomaly_map": encode_map(anomaly_map),
+            "anomaly_map_format": MAP_FORMAT,
+            "width": width,
+            "height": height,
         }
         if thresholds is not None:
             response["is_anomalous"] = score > thresholds["image"]
@@ -147,8 +155,12 @@ def decode_image(item: Any) -> Image.Image:
                 image.load()
                 return image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"inputs could not be decoded as an image ({error}); send a PNG, JPEG, BMP, TIFF or WebP file.") from None
-    raise ValueError(f"inputs of type {type(item).__name__} is not an image; send base64 image bytes, a data URI or a URL.")
+            raise ValueError(
+                f"inputs could not be decoded as an image ({error}); send a PNG, JPEG, BMP, TIFF or WebP file."
+            ) from None
+    raise ValueError(
+        f"inputs of type {type(item).__name__} is not an image; send base64 image bytes, a data URI or a URL."
+    )
 
 
 def encode_map(anomaly_map: np.ndarray) -> str:
@@ -174,9 +186,13 @@ def _download(url: str) -> bytes:
         with urllib.request.urlopen(request, timeout=_URL_TIMEOUT_S) as response:  # noqa: S310 (http(s) only, checked above)
             data = response.read(_MAX_DOWNLOAD_BYTES + 1)
     except OSError as error:
-        raise ValueError(f"Could not download the image at {url} ({error}); send the image bytes base64-encoded instead.") from None
+        raise ValueError(
+            f"Could not download the image at {url} ({error}); send the image bytes base64-encoded instead."
+        ) from None
     if len(data) > _MAX_DOWNLOAD_BYTES:
-        raise ValueError(f"The image at {url} is larger than {_MAX_DOWNLOAD_BYTES // 2**20} MiB; send a smaller image.")
+        raise ValueError(
+            f"The image at {url} is larger than {_MAX_DOWNLOAD_BYTES // 2**20} MiB; send a smaller image."
+        )
     return data
 
 
@@ -187,5 +203,7 @@ def _calibration(folder: str, config) -> dict[str, Any] | None:
         with open(path, encoding="utf-8") as handle:
             calibration = json.load(handle)
     else:
-        calibration = getattr(config, "calibration", None) or (getattr(config, "memory_bank_metadata", None) or {}).get("calibration")
+        calibration = getattr(config, "calibration", None) or (
+            getattr(config, "memory_bank_metadata", None) or {}
+        ).get("calibration")
     return calibration if isinstance(calibration, dict) and "image_threshold" in calibration else None

@@ -236,7 +236,9 @@ class MRADConfig(PreTrainedConfig):
         elif self.vv_start_layer > self.feature_layer % vision.num_hidden_layers:
             problems.append("vv_start_layer is after feature_layer, so the V-V path would be empty")
         if any(k < 1 or k % 2 == 0 or k > 99 for k in self.neighbor_kernel_sizes):
-            problems.append(f"neighbor_kernel_sizes must be positive odd integers up to 99, got {self.neighbor_kernel_sizes}")
+            problems.append(
+                f"neighbor_kernel_sizes must be positive odd integers up to 99, got {self.neighbor_kernel_sizes}"
+            )
         if self.position_interpolation not in _POSITION_INTERPOLATIONS:
             problems.append(f"position_interpolation must be one of {_POSITION_INTERPOLATIONS}")
         if self.score_fusion not in _SCORE_FUSIONS:
@@ -273,13 +275,18 @@ class MRADConfig(PreTrainedConfig):
         if self.variant == "clip":
             text = self.clip_config.text_config
             if self.deep_prompt_depth - 1 > text.num_hidden_layers - 1:
-                problems.append(f"deep_prompt_depth ({self.deep_prompt_depth}) exceeds the {text.num_hidden_layers} text layers")
+                problems.append(
+                    f"deep_prompt_depth ({self.deep_prompt_depth}) exceeds the {text.num_hidden_layers} text layers"
+                )
             if self.deep_prompt_length > self.prompt_context_length:
                 problems.append("deep_prompt_length must not exceed prompt_context_length")
             if self.prompt_token_ids is not None:
                 if len(self.prompt_token_ids) != 2:
                     problems.append("prompt_token_ids needs two token lists (normal, anomaly)")
-                elif any(len(ids) < self.prompt_context_length + 2 or len(ids) > text.max_position_embeddings for ids in self.prompt_token_ids):
+                elif any(
+                    len(ids) < self.prompt_context_length + 2 or len(ids) > text.max_position_embeddings
+                    for ids in self.prompt_token_ids
+                ):
                     problems.append(
                         f"each prompt needs start + {self.prompt_context_length} context + end tokens and at most "
                         f"{text.max_position_embeddings} tokens"

@@ -43,7 +43,6 @@ in-place updates of the checkpoint (the reference overwrites its positional tabl
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import math
@@ -150,7 +149,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
 
 
 def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """"onednn" (pre-packed oneDNN linears) or "aten" (`F.linear`) for the vision tower's linears.
+    """ "onednn" (pre-packed oneDNN linears) or "aten" (`F.linear`) for the vision tower's linears.
 
     `MRAD_LINEAR_BACKEND=aten|onednn` forces one (onednn only where it has a kernel: CPU, float32, or bfloat16 on
     AVX-512); "auto" (default) takes oneDNN on AVX-512 CPUs, where it was measured faster than MKL, `F.linear`
@@ -161,7 +160,11 @@ def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torc
         raise ValueError(f"MRAD_LINEAR_BACKEND={choice!r}; use one of {LINEAR_BACKENDS}.")
     features = cpu_features()
     avx512 = features["capability"].startswith("AVX512")
-    possible = torch.device(device).type == "cpu" and features["mkldnn"] and (dtype == torch.float32 or (dtype == torch.bfloat16 and avx512))
+    possible = (
+        torch.device(device).type == "cpu"
+        and features["mkldnn"]
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and avx512))
+    )
     if choice == "aten" or not possible:
         return "aten"
     if choice == "onednn":
@@ -232,7 +235,9 @@ def compile_features(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- pure helpers
-def interpolate_position_embeddings(position_table: torch.Tensor, grid_size: int, mode: str = "bilinear") -> torch.Tensor:
+def interpolate_position_embeddings(
+    position_table: torch.Tensor, grid_size: int, mode: str = "bilinear"
+) -> torch.Tensor:
     """Resize a CLIP positional table (1 + S*S, W) to (1 + G*G, W), keeping the class row.
 
     `mode="bilinear"` uses `align_corners=False` and no antialiasing, as the reference does.
@@ -258,7 +263,9 @@ def neighbor_average(tokens: torch.Tensor, grid_size: int, kernel_sizes: list[in
     """
     batch, num_tokens, channels = tokens.shape
     if num_tokens != grid_size * grid_size:
-        raise ValueError(f"Expected {grid_size * grid_size} tokens for a {grid_size}x{grid_size} grid, got {num_tokens}.")
+        raise ValueError(
+            f"Expected {grid_size * grid_size} tokens for a {grid_size}x{grid_size} grid, got {num_tokens}."
+        )
     grid = tokens.transpose(1, 2).reshape(batch, channels, grid_size, grid_size)
     pooled = [F.avg_pool2d(grid, kernel_size=k, stride=1, padding=k // 2) for k in kernel_sizes]
     averaged = sum(pooled) / len(pooled)
@@ -403,9 +410,15 @@ def dual_path_vision_features(
     if autocast_dtype is not None and not torch.is_autocast_enabled(pixel_values.device.type):
         with torch.autocast(pixel_values.device.type, dtype=autocast_dtype):
             features = dual_path_vision_features(
-                vision_model, visual_projection, pixel_values, vv_start_layer=vv_start_layer, feature_layer=feature_layer,
-                position_interpolation=position_interpolation, class_key_post_layernorm=class_key_post_layernorm,
-                batch_invariant=batch_invariant, backend="aten",
+                vision_model,
+                visual_projection,
+                pixel_values,
+                vv_start_layer=vv_start_layer,
+                feature_layer=feature_layer,
+                position_interpolation=position_interpolation,
+                class_key_post_layernorm=class_key_post_layernorm,
+                batch_invariant=batch_invariant,
+                backend="aten",
             )
         return MRADVisionFeatures(features.class_embeds.float(), features.patch_tokens.float(), features.grid_size)
 
@@ -426,7 +439,9 @@ def dual_path_vision_features(
 
     patches = embeddings.patch_embedding(pixel_values.to(target_dtype)).flatten(2).transpose(1, 2)
     class_token = embeddings.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
-    positions = interpolate_position_embeddings(embeddings.position_embedding.weight, grid_size, position_interpolation)
+    positions = interpolate_position_embeddings(
+        embeddings.position_embedding.weight, grid_size, position_interpolation
+    )
     hidden = vision_model.pre_layrnorm(torch.cat([class_token, patches], dim=1) + positions.to(patches.dtype))
 
     vv_hidden = hidden if vv_start_layer == 0 else None
@@ -437,7 +452,12 @@ def dual_path_vision_features(
         # MLP run on that row alone (row-wise operations, so the values are unchanged; ~3% fewer FLOPs for ViT-L).
         class_only = index == num_layers - 1 and index + 1 != vv_start_layer
         original, vv = _block_attention(
-            layer.self_attn, layer.layer_norm1(hidden), with_vv, class_only, batch_invariant=batch_invariant, backend=backend
+            layer.self_attn,
+            layer.layer_norm1(hidden),
+            with_vv,
+            class_only,
+            batch_invariant=batch_invariant,
+            backend=backend,
         )
         if with_vv:
             vv_hidden = vv_hidden + vv
@@ -455,6 +475,8 @@ def dual_path_vision_features(
     class_state = hidden[:, 0]
     if class_key_post_layernorm:
         class_state = vision_model.post_layernorm(class_state)
-    class_embeds = rowwise_linear(visual_projection, class_state) if batch_invariant else visual_projection(class_state)
+    class_embeds = (
+        rowwise_linear(visual_projection, class_state) if batch_invariant else visual_projection(class_state)
+    )
     patch_tokens = vision_model.post_layernorm(vv_hidden)[:, 1:]
     return MRADVisionFeatures(class_embeds=class_embeds, patch_tokens=patch_tokens, grid_size=grid_size)

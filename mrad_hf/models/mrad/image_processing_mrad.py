@@ -35,8 +35,14 @@ from transformers.utils import is_torchvision_available
 from .configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
-    "SUPPORTED_IMAGE_EXTENSIONS", "MRADImageProcessor", "MRADImageProcessorFast", "MRADInputError", "load_image",
-    "load_mask", "preprocess_image", "preprocess_mask",
+    "SUPPORTED_IMAGE_EXTENSIONS",
+    "MRADImageProcessor",
+    "MRADImageProcessorFast",
+    "MRADInputError",
+    "load_image",
+    "load_mask",
+    "preprocess_image",
+    "preprocess_mask",
 ]
 
 ImageLike = str | os.PathLike | bytes | dict | Image.Image | np.ndarray | torch.Tensor
@@ -49,10 +55,31 @@ def _decodable(extensions: Sequence[str]) -> tuple[str, ...]:
 
 
 #: Extensions of the raster formats this PIL build decodes; folder loaders and the CLI look for these.
-SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = _decodable((
-    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpx", ".qoi",
-))
+SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = _decodable(
+    (
+        ".png",
+        ".apng",
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".bmp",
+        ".dib",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".gif",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".jp2",
+        ".j2k",
+        ".jpx",
+        ".qoi",
+    )
+)
 
 
 class MRADInputError(ValueError):
@@ -90,8 +117,10 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         low, high = float(array.min()), float(array.max())
         if low >= 0.0 and high <= 255.0:
             return np.round(array * (255.0 if high <= 1.0 else 1.0)).astype(np.uint8)
-        raise MRADInputError(f"{name} holds floats in [{low:g}, {high:g}]; MRAD expects floats in [0, 1] or [0, 255]. "
-                             "Rescale the image to one of these ranges first.")
+        raise MRADInputError(
+            f"{name} holds floats in [{low:g}, {high:g}]; MRAD expects floats in [0, 1] or [0, 255]. "
+            "Rescale the image to one of these ranges first."
+        )
     if np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if low < 0:
@@ -131,8 +160,9 @@ def _normalise_mode(image: Image.Image, name: str) -> Image.Image:
 def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Image:
     """Fully decode one image file (or its bytes); any decoder failure becomes an MRADInputError naming it."""
     if data is None and path.is_dir():
-        raise MRADInputError(f"Image path {name} is a folder, not an image file. Pass the files inside it "
-                             "(the CLI accepts folders).")
+        raise MRADInputError(
+            f"Image path {name} is a folder, not an image file. Pass the files inside it (the CLI accepts folders)."
+        )
     if data is None and not path.is_file():
         raise MRADInputError(f"Image file {name} does not exist (or is not a regular file). Check the path.")
     if (len(data) if data is not None else path.stat().st_size) == 0:
@@ -145,14 +175,19 @@ def _decode_file(path: Path, name: str, data: bytes | None = None) -> Image.Imag
                 opened.load()
                 return opened.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise MRADInputError(f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
-                             "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first.") from error
+        raise MRADInputError(
+            f"Image file {name} is too large to decode safely ({error}). If you trust it, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS, or downscale the file first."
+        ) from error
     except UnidentifiedImageError as error:
-        raise MRADInputError(f"Image file {name} is not a readable image (unknown or corrupt format). "
-                             "Re-export it as PNG or JPEG.") from error
+        raise MRADInputError(
+            f"Image file {name} is not a readable image (unknown or corrupt format). Re-export it as PNG or JPEG."
+        ) from error
     except Exception as error:  # noqa: BLE001 - decoders of untrusted bytes raise anything (struct.error, ...)
-        raise MRADInputError(f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated "
-                             "or corrupt. Re-export it as PNG or JPEG, or remove it.") from error
+        raise MRADInputError(
+            f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated "
+            "or corrupt. Re-export it as PNG or JPEG, or remove it."
+        ) from error
 
 
 def _fetch(url: str, name: str, timeout: float | None) -> Image.Image:
@@ -164,8 +199,10 @@ def _fetch(url: str, name: str, timeout: float | None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return fetch_url(url, timeout=timeout)
     except Exception as error:  # noqa: BLE001 - network errors, HTTP error pages, undecodable bodies
-        raise MRADInputError(f"Image URL {name} could not be fetched and decoded ({_one_line(error)}). "
-                             "Check the address (and timeout=), or download the file and pass its path.") from error
+        raise MRADInputError(
+            f"Image URL {name} could not be fetched and decoded ({_one_line(error)}). "
+            "Check the address (and timeout=), or download the file and pass its path."
+        ) from error
 
 
 def _decode(source: Any, name: str, timeout: float | None = None) -> Image.Image:
@@ -193,8 +230,9 @@ def _exif_transpose(image: Image.Image, name: str) -> Image.Image:
     try:
         return image if image.getexif().get(0x0112, 1) == 1 else ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - a corrupt EXIF block must not crash a batch
-        raise MRADInputError(f"Image {name} has a corrupt EXIF block ({_one_line(error)}); "
-                             "re-export it without EXIF.") from error
+        raise MRADInputError(
+            f"Image {name} has a corrupt EXIF block ({_one_line(error)}); re-export it without EXIF."
+        ) from error
 
 
 def load_image(source: ImageLike, *, exif_transpose: bool = True, timeout: float | None = None) -> Image.Image:
@@ -210,8 +248,9 @@ def load_image(source: ImageLike, *, exif_transpose: bool = True, timeout: float
     except MRADInputError:
         raise
     except Exception as error:  # noqa: BLE001 - e.g. a decoded image whose pixel data is inconsistent
-        raise MRADInputError(f"Image {name} could not be converted to RGB ({_one_line(error)}). "
-                             "Save it as 8-bit RGB.") from error
+        raise MRADInputError(
+            f"Image {name} could not be converted to RGB ({_one_line(error)}). Save it as 8-bit RGB."
+        ) from error
 
 
 def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
@@ -231,8 +270,9 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
         try:
             array = np.asarray(image if image.mode in _RAW_MASK_MODES else image.convert("L"))
         except Exception as error:  # noqa: BLE001
-            raise MRADInputError(f"{name} could not be converted to grey levels ({_one_line(error)}). "
-                                 "Save it as an 8-bit PNG.") from error
+            raise MRADInputError(
+                f"{name} could not be converted to grey levels ({_one_line(error)}). Save it as an 8-bit PNG."
+            ) from error
     if array.ndim != 2:
         raise MRADInputError(f"{name}: expected a single-channel (H, W) mask, got shape {array.shape}.")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
@@ -240,8 +280,9 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
     return array > 0
 
 
-def preprocess_mask(mask: ImageLike | None, size: int | tuple[int, int], threshold: float = 0.5, *,
-                    exif_transpose: bool = True) -> torch.Tensor:
+def preprocess_mask(
+    mask: ImageLike | None, size: int | tuple[int, int], threshold: float = 0.5, *, exif_transpose: bool = True
+) -> torch.Tensor:
     """Reference mask preprocessing -> (S, S) (or `size=(H, W)`) float tensor of 0/1; `None` (a good image): zeros."""
     height, width = (size, size) if isinstance(size, int) else size
     if mask is None:
@@ -251,8 +292,9 @@ def preprocess_mask(mask: ImageLike | None, size: int | tuple[int, int], thresho
     return torch.from_numpy((resized > threshold).astype(np.float32))
 
 
-def preprocess_image(image: ImageLike, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                     std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
+def preprocess_image(
+    image: ImageLike, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
+) -> torch.Tensor:
     """One image through `MRADImageProcessor` at `size` x `size` -> (3, S, S) (no minimum side)."""
     processor = MRADImageProcessor(image_size=size, image_mean=mean, image_std=std, min_image_side=1)
     return processor(image, return_tensors="pt")["pixel_values"][0]
@@ -297,8 +339,13 @@ class _MRADProcessing:
     @classmethod
     def from_config(cls, config, **kwargs):
         """The processor that matches an `MRADConfig` (size, statistics, mask threshold, smallest image)."""
-        settings = dict(image_size=config.image_size, image_mean=config.image_mean, image_std=config.image_std,
-                        mask_threshold=config.mask_threshold, min_image_side=config.patch_size)
+        settings = dict(
+            image_size=config.image_size,
+            image_mean=config.image_mean,
+            image_std=config.image_std,
+            mask_threshold=config.mask_threshold,
+            min_image_side=config.patch_size,
+        )
         return cls(**{**settings, **kwargs})
 
     def load(self, source: ImageLike, *, timeout: float | None = None) -> Image.Image:
@@ -338,20 +385,25 @@ class _MRADProcessing:
         pairs = [self.load_pair(image, None if masks is None else masks[index]) for index, image in enumerate(images)]
         size, resample = kwargs["size"], kwargs["resample"]
         # alpha: resized with it, then dropped (the reference's order); CLIP's resize of the result is then a no-op
-        decoded = [image.resize((size.width, size.height), resample).convert("RGB") if image.mode in ("RGBA", "LA")
-                   else image for image, _ in pairs]
+        decoded = [
+            image.resize((size.width, size.height), resample).convert("RGB") if image.mode in ("RGBA", "LA") else image
+            for image, _ in pairs
+        ]
         prepared = self._prepare_image_like_inputs(decoded, **kwargs)
         pixels = self._preprocess(prepared, return_tensors=None, **kwargs)["pixel_values"]
-        data = {"pixel_values": torch.stack(pixels) if isinstance(pixels[0], torch.Tensor) else np.stack(pixels),
-                "original_sizes": np.array([(image.height, image.width) for image, _ in pairs], dtype=np.int64)}
+        data = {
+            "pixel_values": torch.stack(pixels) if isinstance(pixels[0], torch.Tensor) else np.stack(pixels),
+            "original_sizes": np.array([(image.height, image.width) for image, _ in pairs], dtype=np.int64),
+        }
         if masks is not None:
             threshold = kwargs.get("mask_threshold", self.mask_threshold)
             resized = [preprocess_mask(mask, (size.height, size.width), threshold) for _, mask in pairs]
             data["masks"] = np.stack([mask.numpy() for mask in resized])
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def post_process_anomaly_detection(self, outputs, target_sizes=None, threshold: float | None = None,
-                                       pixel_threshold: float | None = None) -> list[dict[str, Any]]:
+    def post_process_anomaly_detection(
+        self, outputs, target_sizes=None, threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> list[dict[str, Any]]:
         """Per image of `outputs` (an `MRADOutput`, or a dict with `anomaly_map` (B, S, S) and `anomaly_score` (B,)):
         `score` (float); `anomaly_map` (float tensor, resized bilinearly to `target_sizes[i]` = (height, width) when
         given); with `threshold`, `is_anomalous` and `label` ("anomaly" | "normal"); with a pixel threshold
@@ -363,8 +415,10 @@ class _MRADProcessing:
         pixel_threshold = threshold if pixel_threshold is None else pixel_threshold
         maps, scores = outputs["anomaly_map"].detach().float(), outputs["anomaly_score"].detach().float().reshape(-1)
         if target_sizes is not None and len(target_sizes) != maps.shape[0]:
-            raise ValueError(f"Got {maps.shape[0]} anomaly maps but {len(target_sizes)} target sizes; "
-                             "pass one (height, width) per image.")
+            raise ValueError(
+                f"Got {maps.shape[0]} anomaly maps but {len(target_sizes)} target sizes; "
+                "pass one (height, width) per image."
+            )
         results = []
         for index in range(maps.shape[0]):
             anomaly_map = maps[index].reshape(maps.shape[-2:])
@@ -413,6 +467,8 @@ class MRADImageProcessorFast(_MRADProcessing, CLIPImageProcessor):
 
     def __init__(self, image_size: int | None = None, **kwargs):
         if not is_torchvision_available():
-            raise ImportError("MRADImageProcessorFast needs torchvision (pip install torchvision); MRADImageProcessor "
-                              "(the PIL backend, bit-exact with the reference) needs nothing more.")
+            raise ImportError(
+                "MRADImageProcessorFast needs torchvision (pip install torchvision); MRADImageProcessor "
+                "(the PIL backend, bit-exact with the reference) needs nothing more."
+            )
         super().__init__(image_size=image_size, **kwargs)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 __all__ = ["focal_loss", "binary_dice_loss", "image_classification_loss", "ft_loss", "prompt_loss"]
 
 
-def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+def focal_loss(
+    probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
+) -> torch.Tensor:
     """Focal loss on class probabilities.
 
     Args:
@@ -48,7 +50,9 @@ def binary_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: fl
     return 1.0 - dice.sum() / batch
 
 
-def image_classification_loss(image_probabilities: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+def image_classification_loss(
+    image_probabilities: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
     """cross_entropy(p / temperature, label) with p the (B, 2) retrieved image probabilities."""
     return F.cross_entropy(image_probabilities / temperature, labels.long())
 

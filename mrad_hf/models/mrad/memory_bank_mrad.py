@@ -31,15 +31,15 @@ merges, de-duplicates and removes entries while keeping these lists aligned.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
 import shutil
-import glob
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,13 @@ def _clean_stale_staging(path: Path) -> None:
     set aside by a swap that died (`.<name>.old-*`) is put back if `path` is missing, otherwise removed."""
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
         parts = leftover.name[len(path.name) + 2 :].split(".")
-        if len(parts) == 3 and parts[2] == "tmp" and parts[0].isdigit() and leftover.is_dir() and not _pid_alive(int(parts[0])):
+        if (
+            len(parts) == 3
+            and parts[2] == "tmp"
+            and parts[0].isdigit()
+            and leftover.is_dir()
+            and not _pid_alive(int(parts[0]))
+        ):
             shutil.rmtree(leftover, ignore_errors=True)
         elif parts[0].startswith("old-") and leftover.is_dir():
             if not path.exists():
@@ -203,11 +209,15 @@ def verify_seal(stored: dict[str, Any], bank: MemoryBank, origin: str) -> None:
             "from different saves, or edited/damaged on disk). Rebuild or re-download it."
         )
     if stored.get("counts") is not None and stored["counts"] != bank.counts():
-        raise MemoryBankError(f"{origin}: metadata field 'counts' was edited ({stored['counts']} vs the tensors' {bank.counts()}).")
+        raise MemoryBankError(
+            f"{origin}: metadata field 'counts' was edited ({stored['counts']} vs the tensors' {bank.counts()})."
+        )
     recorded = stored.get("metadata_sha256")
     if recorded is None:
         if int(stored.get("format_version", 1)) >= 2:
-            raise MemoryBankError(f"{origin}: the metadata checksums ('metadata_sha256') were removed; rebuild or re-download the bank.")
+            raise MemoryBankError(
+                f"{origin}: the metadata checksums ('metadata_sha256') were removed; rebuild or re-download the bank."
+            )
         return
     actual = _sealed_checksums(stored)
     for name in SEALED_FIELDS:
@@ -229,7 +239,12 @@ def validate_calibration(calibration: Any, origin: str = "calibration") -> dict[
         value = calibration.get(key)
         if value is None and key == "pixel_threshold":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= upper:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not 0.0 <= value <= upper
+        ):
             raise MemoryBankError(
                 f"{origin}: '{key}' is {value!r}; it must be a finite number in [0, {upper:g}] (scores are probabilities). "
                 "Recalibrate with `mrad calibrate` or mrad_hf.tools.calibration.calibrate."
@@ -248,7 +263,11 @@ def verify_model_memory(model, *, trust_bank: bool = False) -> None:
         return
     stored = dict(model.memory.metadata or {})
     bank = model.get_memory_bank()
-    verify_seal(stored, bank, f"The model's memory bank ({config.image_bank_size} image / {config.patch_bank_size} patch entries)")
+    verify_seal(
+        stored,
+        bank,
+        f"The model's memory bank ({config.image_bank_size} image / {config.patch_bank_size} patch entries)",
+    )
     fingerprint = model.backbone_fingerprint()
     if "weights_signature" not in (bank.metadata.get("backbone") or {}):
         fingerprint["weights_sha256"] = _legacy_weights_sha256(model.clip)  # a format-1 bank
@@ -343,7 +362,11 @@ def _check_label_values(tensors: dict[str, torch.Tensor]) -> None:
     """Stored values must be one-hot rows of 0/1 (LABEL_CONVENTION), keys floating point, patch_sources integers."""
     for name in ("image_values", "patch_values"):
         values = tensors[name]
-        if values.ndim == 2 and values.numel() and not (((values == 0) | (values == 1)).all() and (values.sum(dim=1) == 1).all()):
+        if (
+            values.ndim == 2
+            and values.numel()
+            and not (((values == 0) | (values == 1)).all() and (values.sum(dim=1) == 1).all())
+        ):
             raise MemoryBankError(f"{name} must hold one-hot 0/1 rows ({LABEL_CONVENTION}); this file's do not.")
     for name in ("image_keys", "patch_keys"):
         if not tensors[name].is_floating_point():
@@ -355,7 +378,9 @@ def _check_label_values(tensors: dict[str, torch.Tensor]) -> None:
 
 def _check_values(name: str, values: torch.Tensor, keys: torch.Tensor) -> None:
     if values.ndim != 2 or values.shape[1] != 2:
-        raise MemoryBankError(f"{name} must be (N, 2) one-hot labels ({LABEL_CONVENTION}), got shape {tuple(values.shape)}.")
+        raise MemoryBankError(
+            f"{name} must be (N, 2) one-hot labels ({LABEL_CONVENTION}), got shape {tuple(values.shape)}."
+        )
     if values.shape[0] != keys.shape[0]:
         raise MemoryBankError(f"{name} has {values.shape[0]} rows but its keys have {keys.shape[0]}.")
 
@@ -527,8 +552,16 @@ class MemoryBank:
             )
         stored_backbone = dict(self.metadata.get("backbone") or {})
         stored_features = dict(self.metadata.get("features") or {})
-        unchecked = [name for name, value in (("backbone fingerprint", stored_backbone), ("feature settings", stored_features)) if not value]
-        if not stored_backbone.get("weights_signature") and stored_backbone.get("weights_sha256") and backbone.get("weights_sha256") is None:
+        unchecked = [
+            name
+            for name, value in (("backbone fingerprint", stored_backbone), ("feature settings", stored_features))
+            if not value
+        ]
+        if (
+            not stored_backbone.get("weights_signature")
+            and stored_backbone.get("weights_sha256")
+            and backbone.get("weights_sha256") is None
+        ):
             unchecked.append("backbone weights (a format-1 hash, checkable only with float32 weights)")
         if unchecked and not trust_bank:
             raise MemoryBankError(
@@ -578,15 +611,21 @@ class MemoryBank:
         if path.is_dir():
             path = path / "memory_bank.safetensors"
         if not path.is_file():
-            raise MemoryBankError(f"Memory bank file '{path}' does not exist. Build one with `mrad build-bank` or check the path.")
+            raise MemoryBankError(
+                f"Memory bank file '{path}' does not exist. Build one with `mrad build-bank` or check the path."
+            )
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
-            raise MemoryBankError(f"'{path}' is not a readable safetensors file ({error}); it may be truncated. Rebuild or re-download it.") from error
+            raise MemoryBankError(
+                f"'{path}' is not a readable safetensors file ({error}); it may be truncated. Rebuild or re-download it."
+            ) from error
         if _METADATA_KEY not in header:
-            raise MemoryBankError(f"'{path}' is a safetensors file but not an MRAD memory bank (no '{_METADATA_KEY}' metadata).")
+            raise MemoryBankError(
+                f"'{path}' is a safetensors file but not an MRAD memory bank (no '{_METADATA_KEY}' metadata)."
+            )
         missing = [name for name in _TENSOR_NAMES[:4] if name not in tensors]
         if missing:
             raise MemoryBankError(f"'{path}' lacks the tensors {missing}; it is not a complete MRAD memory bank.")
@@ -595,12 +634,16 @@ class MemoryBank:
             if not isinstance(metadata, dict):
                 raise ValueError("not a JSON object")
         except ValueError as error:
-            raise MemoryBankError(f"'{path}' has corrupt bank metadata ({error}); rebuild or re-download it.") from error
+            raise MemoryBankError(
+                f"'{path}' has corrupt bank metadata ({error}); rebuild or re-download it."
+            ) from error
         version = metadata.get("format_version", 0)
         if not isinstance(version, int):
             raise MemoryBankError(f"'{path}' has an invalid format_version {version!r}; rebuild or re-download it.")
         if version > BANK_FORMAT_VERSION:
-            raise MemoryBankError(f"'{path}' uses bank format {version}; this mrad_hf reads up to {BANK_FORMAT_VERSION}. Upgrade mrad_hf.")
+            raise MemoryBankError(
+                f"'{path}' uses bank format {version}; this mrad_hf reads up to {BANK_FORMAT_VERSION}. Upgrade mrad_hf."
+            )
         try:
             _check_label_values(tensors)
             bank = cls(**{name: tensors[name] for name in _TENSOR_NAMES if name in tensors}, metadata=metadata)
@@ -636,6 +679,28 @@ def _file_sha256(path: str | os.PathLike) -> str | None:
     return digest.hexdigest()
 
 
+def _rows_read_one_by_one(samples: Iterable[Any]) -> Iterator[Any]:
+    """The samples in order; a row that fails while it is produced (a `datasets` Image column decodes the file itself)
+    raises `MRADInputError` naming the row and the fix, not a raw PIL error."""
+    from .image_processing_mrad import MRADInputError
+
+    iterator = iter(samples)
+    position = 0
+    while True:
+        try:
+            sample = next(iterator)
+        except StopIteration:
+            return
+        except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError / truncated files are OSErrors
+            raise MRADInputError(
+                f"Sample {position} could not be read ({type(error).__name__}: {error}). Skip unreadable files with "
+                "mrad_hf.data.loaders.iter_readable_rows(dataset, processor.load_pair, on_error='skip'), or cast the image column with "
+                "datasets.Image(decode=False) so that MRAD's decoder reads the file and names it."
+            ) from error
+        yield sample
+        position += 1
+
+
 def iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, dict[str, Any]]]:
     """Normalise dict / tuple samples to (image, label, mask, provenance).
 
@@ -643,7 +708,7 @@ def iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, dict[s
     as a path, its file name and, as source, its folder's name (never an absolute path); `sha256` of the image file's
     bytes when the image is a path (or the row's `sha256`), else None.
     """
-    for position, sample in enumerate(samples):
+    for position, sample in enumerate(_rows_read_one_by_one(samples)):
         if isinstance(sample, dict):
             if "image" not in sample or "label" not in sample:
                 raise ValueError(f"Sample {position} needs 'image' and 'label' keys, got {sorted(sample)}.")
@@ -662,7 +727,11 @@ def iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, dict[s
             sample_id = Path(sample_id).name
         if sample_id is None and path is not None:
             sample_id, source = Path(path).name, source or Path(path).parent.name or None
-        provenance = {"id": str(sample_id if sample_id is not None else f"sample-{position}"), "source": source, "sha256": sha}
+        provenance = {
+            "id": str(sample_id if sample_id is not None else f"sample-{position}"),
+            "source": source,
+            "sha256": sha,
+        }
         yield image, label_value(label, position), mask, provenance
 
 

@@ -194,7 +194,9 @@ class MRADPromptLearner(MRADFloat32Module):
         width, fp32 = config.text_width, torch.float32
         self.normal_context = nn.Parameter(torch.empty(config.prompt_context_length, width, dtype=fp32))
         self.anomaly_context = nn.Parameter(torch.empty(config.prompt_context_length, width, dtype=fp32))
-        self.deep_prompts = nn.Parameter(torch.empty(config.num_deep_prompts, config.deep_prompt_length, width, dtype=fp32))
+        self.deep_prompts = nn.Parameter(
+            torch.empty(config.num_deep_prompts, config.deep_prompt_length, width, dtype=fp32)
+        )
 
     def context(self, biases: torch.Tensor) -> torch.Tensor:
         """(B, 2, n_ctx, D) context vectors: each state's vectors plus that state's (B, 2, D) bias, on every vector."""
@@ -236,9 +238,17 @@ class MRADPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLIPTextEmbeddings"]
-    _keys_to_ignore_on_load_missing = [r"^memory\.", r"^image_projection\.", r"^patch_projection\.", r"^prompt_learner\.", r"^region_bias\."]
+    _keys_to_ignore_on_load_missing = [
+        r"^memory\.",
+        r"^image_projection\.",
+        r"^patch_projection\.",
+        r"^prompt_learner\.",
+        r"^region_bias\.",
+    ]
     _supports_sdpa = True  # the CLIP towers follow `attn_implementation` (eager / sdpa)
-    supports_gradient_checkpointing = True  # the CLIP text tower's layers, which the MRAD-CLIP prompt stage backprops through
+    supports_gradient_checkpointing = (
+        True  # the CLIP text tower's layers, which the MRAD-CLIP prompt stage backprops through
+    )
     accepts_loss_kwargs = False  # the loss is a per-batch mean: let Trainer scale it for gradient accumulation
 
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
@@ -295,7 +305,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         self.memory = MRADMemory(config)
         for name, head in self._make_heads(config).items():
             setattr(self, name, head)
-        self.calibration: dict[str, Any] | None = None  # decision thresholds (`mrad_hf.tools.calibration`), calibration.json
+        self.calibration: dict[str, Any] | None = (
+            None  # decision thresholds (`mrad_hf.tools.calibration`), calibration.json
+        )
         self.post_init()
 
     @staticmethod
@@ -337,22 +349,42 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         missing, unexpected = model.__dict__.pop("_weights_mismatch", ([], []))
         if (missing or unexpected) and not allow_new_heads:
-            found = f"lacks the trained weights {missing}" if missing else f"holds trained weights of another variant {unexpected[:4]}"
+            found = (
+                f"lacks the trained weights {missing}"
+                if missing
+                else f"holds trained weights of another variant {unexpected[:4]}"
+            )
             raise ValueError(
                 f"'{pretrained_model_name_or_path}' is configured as MRAD-{model.config.variant.upper()} but its weights file "
-                f"{found}: config.json's \"variant\" does not match the weights. Restore config.json (or load the folder "
+                f'{found}: config.json\'s "variant" does not match the weights. Restore config.json (or load the folder '
                 "the model was saved to); an MRAD model never scores with freshly initialised heads or prompts."
             )
         model.clip.requires_grad_(False)
         for tensor in (*model.parameters(), *model.buffers()):
             if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
-                tensor.data = tensor.data.clone()  # memory-mapped weights can be misaligned; MKL rounds differently on them
+                tensor.data = (
+                    tensor.data.clone()
+                )  # memory-mapped weights can be misaligned; MKL rounds differently on them
         if not allow_new_heads:
-            hub = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only", "token", "subfolder") if key in kwargs}
-            legacy = _read_json(pretrained_model_name_or_path, "config.json", hub) or {}  # state saved in config.json by older versions
-            model.memory.metadata = _read_json(pretrained_model_name_or_path, MODEL_BANK_FILENAME, hub) or legacy.get("memory_bank_metadata") or {}
-            calibration = _read_json(pretrained_model_name_or_path, CALIBRATION_FILENAME, hub) or legacy.get("calibration")
-            model.calibration = validate_calibration(calibration, f"'{pretrained_model_name_or_path}' {CALIBRATION_FILENAME}")
+            hub = {
+                key: kwargs[key]
+                for key in ("revision", "cache_dir", "local_files_only", "token", "subfolder")
+                if key in kwargs
+            }
+            legacy = (
+                _read_json(pretrained_model_name_or_path, "config.json", hub) or {}
+            )  # state saved in config.json by older versions
+            model.memory.metadata = (
+                _read_json(pretrained_model_name_or_path, MODEL_BANK_FILENAME, hub)
+                or legacy.get("memory_bank_metadata")
+                or {}
+            )
+            calibration = _read_json(pretrained_model_name_or_path, CALIBRATION_FILENAME, hub) or legacy.get(
+                "calibration"
+            )
+            model.calibration = validate_calibration(
+                calibration, f"'{pretrained_model_name_or_path}' {CALIBRATION_FILENAME}"
+            )
             verify_model_memory(model, trust_bank=trust_bank)
         return (model, info) if want_info else model
 
@@ -411,7 +443,11 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         folder the finished files are moved one by one, `config.json` last, and the user's other files are kept.
         """
         self.config.custom_pipelines = {
-            "anomaly-detection": {"impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline", "pt": ["AutoModel"], "type": "image"}
+            "anomaly-detection": {
+                "impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline",
+                "pt": ["AutoModel"],
+                "type": "image",
+            }
         }
         if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub"):
             return self._save_files(save_directory, *args, **kwargs)
@@ -469,7 +505,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
     def retrieval_queries(self, features: MRADVisionFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """(image queries (B, P), patch queries (B, G*G, W)): normalised class embeds; averaged, normalised patches."""
         image_queries = l2_normalize(features.class_embeds.float())
-        patch_tokens = neighbor_average(features.patch_tokens.float(), features.grid_size, self.config.neighbor_kernel_sizes)
+        patch_tokens = neighbor_average(
+            features.patch_tokens.float(), features.grid_size, self.config.neighbor_kernel_sizes
+        )
         return image_queries, l2_normalize(patch_tokens)
 
     # ------------------------------------------------------------------ memory bank (Sec. 3.2)
@@ -494,7 +532,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             metadata=dict(self.memory.metadata or {}),
         )
 
-    def set_memory_bank(self, bank: MemoryBank | str | os.PathLike, *, strict: bool = True, trust_bank: bool = False) -> None:
+    def set_memory_bank(
+        self, bank: MemoryBank | str | os.PathLike, *, strict: bool = True, trust_bank: bool = False
+    ) -> None:
         """Attach a memory bank (object or safetensors path) after checking it was built for this backbone.
 
         A bank without a backbone fingerprint or feature settings is refused unless `trust_bank=True` (which warns
@@ -550,7 +590,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         total = len(samples) if hasattr(samples, "__len__") else None
         if total is not None and world > 1:
-            total = sum(min(batch_size, total - start) for start in range(rank * batch_size, total, world * batch_size))
+            total = sum(
+                min(batch_size, total - start) for start in range(rank * batch_size, total, world * batch_size)
+            )
         bar = progress_bar(total, "Building memory bank" + (f" (process {rank})" if world > 1 else ""), progress)
         batches = []
         for batch_index, batch in enumerate(batched(iter_samples(samples), batch_size)):
@@ -570,13 +612,17 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             self.set_memory_bank(bank)
         return bank
 
-    def _memory_entries(self, batch: list[tuple[Any, int, Any, dict]], processor: MRADImageProcessor) -> list[dict[str, Any]]:
+    def _memory_entries(
+        self, batch: list[tuple[Any, int, Any, dict]], processor: MRADImageProcessor
+    ) -> list[dict[str, Any]]:
         """Per image of one batch: its provenance, label, class key and [(region label, prototype)] (anomalous first)."""
         images, labels, masks, ids = zip(*batch)
         inputs = processor(list(images), masks=list(masks))
         features = self.extract_features(inputs["pixel_values"].to(device=self.device, dtype=self.dtype))
         keys = l2_normalize(features.class_embeds.float()).cpu()
-        patch_tokens = neighbor_average(features.patch_tokens.float(), features.grid_size, self.config.neighbor_kernel_sizes)
+        patch_tokens = neighbor_average(
+            features.patch_tokens.float(), features.grid_size, self.config.neighbor_kernel_sizes
+        )
         regions = patch_region_labels(inputs["masks"].to(self.device), features.grid_size, self.config.region_rule)
         entries = []
         for offset in range(len(images)):
@@ -586,7 +632,13 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 if selected.any():
                     prototypes.append((region_label, l2_normalize(patch_tokens[offset][selected].mean(dim=0)).cpu()))
             entries.append(
-                {"id": ids[offset], "label": labels[offset], "key": keys[offset], "regions": prototypes, "unmasked_anomaly": labels[offset] == 1 and masks[offset] is None}
+                {
+                    "id": ids[offset],
+                    "label": labels[offset],
+                    "key": keys[offset],
+                    "regions": prototypes,
+                    "unmasked_anomaly": labels[offset] == 1 and masks[offset] is None,
+                }
             )
         return entries
 
@@ -610,7 +662,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             image_keys=torch.stack([entry["key"] for entry in entries]),
             image_values=one_hot_labels(torch.tensor([entry["label"] for entry in entries])),
             patch_keys=torch.stack(patch_keys) if patch_keys else torch.zeros(0, self.config.patch_key_dim),
-            patch_values=one_hot_labels(torch.tensor(patch_labels, dtype=torch.long)) if patch_keys else torch.zeros(0, 2),
+            patch_values=one_hot_labels(torch.tensor(patch_labels, dtype=torch.long))
+            if patch_keys
+            else torch.zeros(0, 2),
             patch_sources=torch.tensor(patch_sources, dtype=torch.long),
             metadata={
                 "source": source,
@@ -666,12 +720,18 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             if projection is not None:
                 queries, keys = _project_queries(projection, queries, batch_invariant), projection.key(keys)
             return soft_retrieve(
-                queries, keys, values, temperature=config.retrieval_temperature, chunk_size=config.retrieval_chunk_size,
+                queries,
+                keys,
+                values,
+                temperature=config.retrieval_temperature,
+                chunk_size=config.retrieval_chunk_size,
                 batch_invariant=batch_invariant,
             )
         quantile = config.image_dropout_quantile if level == "image" else config.patch_dropout_quantile
         drop = similarity_dropout_mask(retrieval_logits(queries, keys, batch_invariant=batch_invariant), quantile)
-        return masked_soft_retrieve(self.retrieval_logits(level, queries), values, drop, batch_invariant=batch_invariant)
+        return masked_soft_retrieve(
+            self.retrieval_logits(level, queries), values, drop, batch_invariant=batch_invariant
+        )
 
     # ------------------------------------------------------------------ MRAD-CLIP text branch (Sec. 3.5)
     def projected_patch_tokens(self, features: MRADVisionFeatures) -> torch.Tensor:
@@ -679,7 +739,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         projected = self.clip.visual_projection(features.patch_tokens).float()
         return l2_normalize(neighbor_average(projected, features.grid_size, self.config.neighbor_kernel_sizes))
 
-    def text_patch_probabilities(self, features: MRADVisionFeatures, patch_anomaly_probability: torch.Tensor) -> torch.Tensor:
+    def text_patch_probabilities(
+        self, features: MRADVisionFeatures, patch_anomaly_probability: torch.Tensor
+    ) -> torch.Tensor:
         """MRAD-CLIP's text branch: (B, G*G, 2) softmax(cos(patch, [t_normal, t_anomaly]) / 0.07) per patch.
 
         The prompts of an image are biased by its region priors (patches with pixel-retrieval p_anomaly above
@@ -703,7 +765,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 grid_size=features.grid_size,
             )
             patch_tokens = self.projected_patch_tokens(single)
-            region_tokens = region_prior_tokens(patch_anomaly_probability[index : index + 1], patch_tokens, config.region_prior_threshold)
+            region_tokens = region_prior_tokens(
+                patch_anomaly_probability[index : index + 1], patch_tokens, config.region_prior_threshold
+            )
             text_features = self.prompt_text_features(region_tokens, prompt_tokens)
             similarity = torch.matmul(patch_tokens, text_features.transpose(1, 2))
             per_image.append(torch.softmax(similarity / config.text_temperature, dim=-1))
@@ -774,7 +838,9 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         config = self.config
         want_loss = labels is not None and masks is not None
         if want_loss and config.variant == "tf":
-            raise ValueError("MRAD-TF has nothing to train; create the model with variant='ft' or 'clip' to get a loss.")
+            raise ValueError(
+                "MRAD-TF has nothing to train; create the model with variant='ft' or 'clip' to get a loss."
+            )
         stage = loss_stage or ("prompt" if config.variant == "clip" else "ft")
         if stage not in ("ft", "prompt") or (stage == "prompt" and config.variant != "clip"):
             raise ValueError(f"loss_stage {stage!r} is not available for variant {config.variant!r}")
@@ -794,7 +860,13 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             masks = masks.to(device=image_probabilities.device, dtype=torch.float32)
             if stage == "ft":
                 retrieval_maps = upsample_patch_probabilities(patch_probabilities, grid, size)
-                loss = ft_loss(retrieval_maps, masks, image_probabilities, labels.to(masks.device), config.classification_temperature)
+                loss = ft_loss(
+                    retrieval_maps,
+                    masks,
+                    image_probabilities,
+                    labels.to(masks.device),
+                    config.classification_temperature,
+                )
             else:
                 loss = prompt_loss(upsample_patch_probabilities(text_probabilities, grid, size), masks)
 
@@ -817,16 +889,26 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     def maps_and_scores(
-        self, patch_probabilities: torch.Tensor, image_anomaly_probability: torch.Tensor, grid_size: int, text_map: bool = False
+        self,
+        patch_probabilities: torch.Tensor,
+        image_anomaly_probability: torch.Tensor,
+        grid_size: int,
+        text_map: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference post-processing: upsample both channels, take the anomaly channel (MRAD-CLIP's text map:
         (p_a + 1 - p_n) / 2), blur, fuse the image score."""
         config = self.config
         upsampled = upsample_patch_probabilities(patch_probabilities, grid_size, config.image_size)
         maps = (upsampled[:, 1] + 1 - upsampled[:, 0]) / 2.0 if text_map else upsampled[:, 1]
-        maps = gaussian_blur(maps, config.gaussian_sigma, config.gaussian_truncate, batch_invariant=config.batch_invariant)
+        maps = gaussian_blur(
+            maps, config.gaussian_sigma, config.gaussian_truncate, batch_invariant=config.batch_invariant
+        )
         score = fuse_image_score(
-            maps, image_anomaly_probability, weight=config.image_score_weight, top_k_ratio=config.top_k_ratio, fusion=config.score_fusion
+            maps,
+            image_anomaly_probability,
+            weight=config.image_score_weight,
+            top_k_ratio=config.top_k_ratio,
+            fusion=config.score_fusion,
         )
         return maps, score
 
@@ -862,8 +944,11 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[
         path = str(path) if path.is_file() else None
     else:
         path = cached_file(
-            os.fspath(name_or_path), filename, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+            os.fspath(name_or_path),
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
         )
     if path is None:
         return None
@@ -871,7 +956,9 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError) as error:
-        raise MemoryBankError(f"'{path}' is not readable JSON ({error}); re-save the model or re-download it.") from error
+        raise MemoryBankError(
+            f"'{path}' is not readable JSON ({error}); re-save the model or re-download it."
+        ) from error
 
 
 def _check_anomalous_entries(bank: MemoryBank, allowed: bool) -> None:
@@ -904,7 +991,11 @@ def _prompt_token_ids_for(clip: Any, tokenizer: Any, config_overrides: dict[str,
     """MRAD-CLIP prompt ids from a tokenizer object, a tokenizer source, or the tokenizer saved with `clip`."""
     reference_prompts = all(
         config_overrides.get(key, default) == default
-        for key, default in (("prompt_context_length", 12), ("normal_prompt", "object"), ("anomaly_prompt", "damaged object"))
+        for key, default in (
+            ("prompt_context_length", 12),
+            ("normal_prompt", "object"),
+            ("anomaly_prompt", "damaged object"),
+        )
     )
     if tokenizer is None:
         if not isinstance(clip, (str, os.PathLike)):
@@ -940,7 +1031,9 @@ def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact"
     normal where exactly 0, fractional boundary patches dropped. "majority": anomalous where > 0.5, else normal.
     Returns (B, G*G) int64.
     """
-    small = F.interpolate(masks.float().unsqueeze(1), size=(grid_size, grid_size), mode="bilinear", align_corners=False)
+    small = F.interpolate(
+        masks.float().unsqueeze(1), size=(grid_size, grid_size), mode="bilinear", align_corners=False
+    )
     small = small.squeeze(1).flatten(1)
     if rule == "exact":
         labels = torch.full_like(small, -1, dtype=torch.long)

@@ -51,12 +51,15 @@ class AnomalyDetectionPipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = MRADImageProcessor.from_config(self.model.config)
         if not hasattr(self.image_processor, "post_process_anomaly_detection"):
-            raise TypeError(f"The anomaly-detection pipeline needs MRAD's image processor, got "
-                            f"{type(self.image_processor).__name__}; pass "
-                            "image_processor=MRADImageProcessor.from_config(model.config) or load the model folder.")
+            raise TypeError(
+                f"The anomaly-detection pipeline needs MRAD's image processor, got "
+                f"{type(self.image_processor).__name__}; pass "
+                "image_processor=MRADImageProcessor.from_config(model.config) or load the model folder."
+            )
 
-    def _sanitize_parameters(self, threshold=None, pixel_threshold=None, explain=None, top_k=None, timeout=None,
-                             **kwargs):
+    def _sanitize_parameters(
+        self, threshold=None, pixel_threshold=None, explain=None, top_k=None, timeout=None, **kwargs
+    ):
         if kwargs:
             raise TypeError(f"anomaly-detection pipeline got unexpected arguments: {sorted(kwargs)}")
         preprocess = {} if timeout is None else {"timeout": float(timeout)}
@@ -81,8 +84,11 @@ class AnomalyDetectionPipeline(Pipeline):
     def _forward(self, model_inputs: dict[str, torch.Tensor], explain: bool = False, top_k: int = 5) -> dict[str, Any]:
         original_sizes = model_inputs.pop("original_sizes")
         outputs = self.model(pixel_values=model_inputs["pixel_values"])
-        result = {"anomaly_map": outputs.anomaly_map, "anomaly_score": outputs.anomaly_score,
-                  "original_sizes": original_sizes}
+        result = {
+            "anomaly_map": outputs.anomaly_map,
+            "anomaly_score": outputs.anomaly_score,
+            "original_sizes": original_sizes,
+        }
         if explain:
             # a list, one per image: batched runs hand postprocess one item each
             explain_images = _explain_images()
@@ -93,7 +99,9 @@ class AnomalyDetectionPipeline(Pipeline):
     def _calibration(self) -> dict[str, Any] | None:
         """`model.calibration` (calibration.json), else the attached bank's record of it; warns if the bank changed since."""
         config = self.model.config
-        calibration = getattr(self.model, "calibration", None) or (getattr(self.model, "memory_bank_metadata", None) or {}).get("calibration")
+        calibration = getattr(self.model, "calibration", None) or (
+            getattr(self.model, "memory_bank_metadata", None) or {}
+        ).get("calibration")
         if not calibration:
             return None
         made_for = calibration.get("bank") or {}
@@ -108,8 +116,9 @@ class AnomalyDetectionPipeline(Pipeline):
             )
         return calibration
 
-    def postprocess(self, model_outputs: dict[str, Any], threshold: float | None = None,
-                    pixel_threshold: float | None = None) -> dict[str, Any]:
+    def postprocess(
+        self, model_outputs: dict[str, Any], threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> dict[str, Any]:
         source = "arguments"
         calibration = self._calibration() if threshold is None or pixel_threshold is None else None
         if calibration is not None:
@@ -118,8 +127,10 @@ class AnomalyDetectionPipeline(Pipeline):
             if pixel_threshold is None:
                 pixel_threshold = float(calibration["pixel_threshold"])
         processed = self.image_processor.post_process_anomaly_detection(
-            model_outputs, target_sizes=model_outputs["original_sizes"].reshape(-1, 2)[:1].tolist(),
-            threshold=threshold, pixel_threshold=pixel_threshold,
+            model_outputs,
+            target_sizes=model_outputs["original_sizes"].reshape(-1, 2)[:1].tolist(),
+            threshold=threshold,
+            pixel_threshold=pixel_threshold,
         )[0]
         anomaly_map = processed["anomaly_map"].cpu().numpy().astype(np.float32)
         heatmap = Image.fromarray(np.round(np.clip(anomaly_map, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
@@ -143,5 +154,7 @@ def _explain_images():
     try:
         return importlib.import_module("mrad_hf.tools.explain").explain_images
     except ImportError as error:
-        raise ImportError("explain=True needs the mrad-hf package (pip install mrad-hf): explanations are not part "
-                          "of the code a saved model carries. Score without explain=True, or install it.") from error
+        raise ImportError(
+            "explain=True needs the mrad-hf package (pip install mrad-hf): explanations are not part "
+            "of the code a saved model carries. Score without explain=True, or install it."
+        ) from error

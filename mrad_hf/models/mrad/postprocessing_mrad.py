@@ -21,7 +21,9 @@ import torch.nn.functional as F
 __all__ = ["upsample_patch_probabilities", "gaussian_kernel1d", "gaussian_blur", "top_k_mean", "fuse_image_score"]
 
 
-def upsample_patch_probabilities(patch_probabilities: torch.Tensor, grid_size: int, output_size: int | tuple[int, int]) -> torch.Tensor:
+def upsample_patch_probabilities(
+    patch_probabilities: torch.Tensor, grid_size: int, output_size: int | tuple[int, int]
+) -> torch.Tensor:
     """(B, G*G, C) patch probabilities -> (B, C, H, W) maps, bilinear, align_corners=False (the reference)."""
     batch, num_tokens, channels = patch_probabilities.shape
     if num_tokens != grid_size * grid_size:
@@ -46,7 +48,9 @@ def _reflect_indices(length: int, radius: int, device) -> torch.Tensor:
     return torch.where(positions >= length, 2 * length - 1 - positions, positions)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, *, batch_invariant: bool = False) -> torch.Tensor:
+def gaussian_blur(
+    maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, *, batch_invariant: bool = False
+) -> torch.Tensor:
     """Separable Gaussian smoothing of (B, H, W) maps, equal to scipy.ndimage.gaussian_filter(mode="reflect").
 
     Computed in the input's floating dtype (float32 maps stay float32); sigma = 0 returns the input.
@@ -97,4 +101,3 @@ def fuse_image_score(
     if fusion == "sum":
         return pixel_term + image_anomaly_probability
     raise ValueError(f"Unknown score fusion {fusion!r}; use 'weighted' or 'sum'.")
-

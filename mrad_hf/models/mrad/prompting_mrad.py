@@ -38,13 +38,19 @@ OPENAI_DEFAULT_PROMPT_TOKEN_IDS = (
     [49406] + [343] * 12 + [14115, 269, 49407],
     [49406] + [343] * 12 + [13568, 14115, 269, 49407],
 )
-def prompt_texts(context_length: int, normal_prompt: str = "object", anomaly_prompt: str = "damaged object") -> list[str]:
+
+
+def prompt_texts(
+    context_length: int, normal_prompt: str = "object", anomaly_prompt: str = "damaged object"
+) -> list[str]:
     """The two prompt strings with one placeholder word per context vector, e.g. "X X ... X damaged object."."""
     placeholders = " ".join([CONTEXT_PLACEHOLDER] * context_length)
     return [f"{placeholders} {normal_prompt}.", f"{placeholders} {anomaly_prompt}."]
 
 
-def prompt_token_ids(tokenizer, context_length: int = 12, normal_prompt: str = "object", anomaly_prompt: str = "damaged object") -> list[list[int]]:
+def prompt_token_ids(
+    tokenizer, context_length: int = 12, normal_prompt: str = "object", anomaly_prompt: str = "damaged object"
+) -> list[list[int]]:
     """Ids (start token ... end token, no padding) of the normal and anomalous prompts.
 
     Raises ValueError when a placeholder does not map to exactly one token (the context vectors would then

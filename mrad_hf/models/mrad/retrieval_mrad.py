@@ -121,7 +121,9 @@ def soft_retrieve(
     running_sum = None
     accumulated = None
     for start in range(0, keys.shape[0], chunk_size):
-        logits = retrieval_logits(queries, keys[start : start + chunk_size], temperature, batch_invariant=batch_invariant)
+        logits = retrieval_logits(
+            queries, keys[start : start + chunk_size], temperature, batch_invariant=batch_invariant
+        )
         chunk_max = logits.amax(dim=-1, keepdim=True)
         if running_max is None:
             new_max = chunk_max
@@ -133,7 +135,9 @@ def soft_retrieve(
             rescale = torch.exp(running_max - new_max)
             exp_logits = torch.exp(logits - new_max)
             running_sum = running_sum * rescale + exp_logits.sum(dim=-1, keepdim=True)
-            accumulated = accumulated * rescale + _matmul(exp_logits, values[start : start + chunk_size], batch_invariant)
+            accumulated = accumulated * rescale + _matmul(
+                exp_logits, values[start : start + chunk_size], batch_invariant
+            )
         running_max = new_max
     return accumulated / running_sum
 
@@ -162,7 +166,9 @@ def masked_soft_retrieve(
     return _matmul(torch.softmax(logits, dim=-1), values.to(logits.dtype), batch_invariant)
 
 
-def region_prior_tokens(anomaly_probability: torch.Tensor, tokens: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def region_prior_tokens(
+    anomaly_probability: torch.Tensor, tokens: torch.Tensor, threshold: float = 0.5
+) -> torch.Tensor:
     """MRAD-CLIP's region priors: mean token over the normal and over the anomalous patches of each image.
 
     Args:

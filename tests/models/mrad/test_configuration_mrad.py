@@ -9,7 +9,14 @@ from mrad_hf import MRADConfig
 
 def vit_l14_336() -> CLIPConfig:
     return CLIPConfig(
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
         text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         projection_dim=768,
     )

@@ -6,7 +6,12 @@ import torch
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 from reference_mrad import reference_average_neighbor, reference_encode_image
 
-from mrad_hf.models.mrad.features_mrad import dual_path_vision_features, interpolate_position_embeddings, neighbor_average, set_backbone_dtype
+from mrad_hf.models.mrad.features_mrad import (
+    dual_path_vision_features,
+    interpolate_position_embeddings,
+    neighbor_average,
+    set_backbone_dtype,
+)
 
 
 def _pixels(batch=3, size=TINY_IMAGE_SIZE, seed=1):
@@ -43,9 +48,13 @@ def test_original_path_equals_transformers_clip_at_native_size():
     pixels = _pixels(size=56)
     hf = model.clip.vision_model(pixels)
     features = model.extract_features(pixels)
-    torch.testing.assert_close(features.class_embeds, model.clip.visual_projection(hf.last_hidden_state[:, 0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        features.class_embeds, model.clip.visual_projection(hf.last_hidden_state[:, 0]), atol=1e-5, rtol=0
+    )
     # class_key_post_layernorm=True gives CLIP's standard image embedding instead (the reference skips ln_post)
-    with_ln = dual_path_vision_features(model.clip.vision_model, model.clip.visual_projection, pixels, class_key_post_layernorm=True)
+    with_ln = dual_path_vision_features(
+        model.clip.vision_model, model.clip.visual_projection, pixels, class_key_post_layernorm=True
+    )
     standard = model.clip.get_image_features(pixel_values=pixels).pooler_output
     torch.testing.assert_close(with_ln.class_embeds, standard, atol=1e-5, rtol=0)
     assert (with_ln.class_embeds - features.class_embeds).abs().max() > 1e-3
@@ -56,7 +65,9 @@ def test_bilinear_position_interpolation_differs_from_transformers_bicubic():
     table = model.clip.vision_model.embeddings.position_embedding.weight
     ours = interpolate_position_embeddings(table, 8, "bilinear")
     bicubic = interpolate_position_embeddings(table, 8, "bicubic")
-    hf = model.clip.vision_model.embeddings.interpolate_pos_encoding(torch.zeros(1, 65, 48), TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)[0]
+    hf = model.clip.vision_model.embeddings.interpolate_pos_encoding(
+        torch.zeros(1, 65, 48), TINY_IMAGE_SIZE, TINY_IMAGE_SIZE
+    )[0]
     torch.testing.assert_close(bicubic, hf, atol=1e-6, rtol=0)
     assert ours.shape == (65, 48)
     torch.testing.assert_close(ours[0], table[0])  # class row kept
@@ -71,7 +82,9 @@ def test_neighbor_average_hand_computed():
     assert out[1, 1].item() == pytest.approx(4.0)
     assert out[0, 0].item() == pytest.approx((0 + 8 / 9) / 2)
     random_tokens = torch.randn(2, 25, 7)
-    torch.testing.assert_close(neighbor_average(random_tokens, 5, [1, 3, 5]), reference_average_neighbor(random_tokens))
+    torch.testing.assert_close(
+        neighbor_average(random_tokens, 5, [1, 3, 5]), reference_average_neighbor(random_tokens)
+    )
 
 
 def test_bad_pixel_values_are_rejected():
@@ -88,7 +101,9 @@ def test_last_block_class_only_path_keeps_plain_clip_values_when_vv_starts_late(
     pixels = _pixels(size=56)
     hf = model.clip.vision_model(pixels, output_hidden_states=True)
     features = model.extract_features(pixels)
-    torch.testing.assert_close(features.class_embeds, model.clip.visual_projection(hf.last_hidden_state[:, 0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        features.class_embeds, model.clip.visual_projection(hf.last_hidden_state[:, 0]), atol=1e-5, rtol=0
+    )
     ref_class, ref_patches = reference_encode_image(model.clip, pixels, dpam_layer=2)
     torch.testing.assert_close(features.patch_tokens, ref_patches, atol=1e-5, rtol=0)
 
@@ -101,7 +116,9 @@ def test_half_precision_backbone_keeps_memory_and_scores_float32(samples):
     assert set_backbone_dtype(half, "bfloat16") is half
     assert half.clip.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     assert half.memory.image_keys.dtype == torch.float32 and half.memory.patch_keys.dtype == torch.float32
-    torch.testing.assert_close(half.memory.patch_keys, fp32.memory.patch_keys, atol=0, rtol=0)  # the bank is not rounded
+    torch.testing.assert_close(
+        half.memory.patch_keys, fp32.memory.patch_keys, atol=0, rtol=0
+    )  # the bank is not rounded
     pixels = _pixels(batch=2)
     with torch.no_grad():
         expected, got = fp32(pixels), half(pixels.to(torch.bfloat16))
@@ -163,7 +180,9 @@ def test_half_precision_casts_keep_the_bank_float32_and_matching(model_with_bank
     before = fresh.backbone_fingerprint()
     set_backbone_dtype(fresh, "bfloat16")
     after = fresh.backbone_fingerprint()  # dtype-independent: the architecture is equal, the weights signature close
-    assert {k: v for k, v in after.items() if k != "weights_signature"} == {k: v for k, v in before.items() if k != "weights_signature"}
+    assert {k: v for k, v in after.items() if k != "weights_signature"} == {
+        k: v for k, v in before.items() if k != "weights_signature"
+    }
     assert after["weights_signature"] == pytest.approx(before["weights_signature"], abs=0.01)
     fresh.set_memory_bank(bank)  # ... so a bank built for the float32 backbone still attaches
 
@@ -245,7 +264,9 @@ def test_eager_and_sdpa_attention_give_equal_outputs(variant, monkeypatch):
     sdpa = model(pixels)
     eager_calls = []
     original = features_mrad.eager_attention_forward
-    monkeypatch.setattr(features_mrad, "eager_attention_forward", lambda *a, **k: eager_calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        features_mrad, "eager_attention_forward", lambda *a, **k: eager_calls.append(1) or original(*a, **k)
+    )
     model.clip.vision_model.config._attn_implementation = "eager"
     try:
         assert attention_config._attn_implementation == "eager"
@@ -275,7 +296,12 @@ def test_batch_invariant_switch_off_equals_on_within_float_rounding(variant):
 def _slice(outputs, size):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{name: getattr(outputs, name)[:size] for name in ("anomaly_map", "anomaly_score", "image_probabilities", "patch_probabilities")})
+    return SimpleNamespace(
+        **{
+            name: getattr(outputs, name)[:size]
+            for name in ("anomaly_map", "anomaly_score", "image_probabilities", "patch_probabilities")
+        }
+    )
 
 
 def test_batch_invariant_must_be_a_bool():
@@ -308,7 +334,10 @@ def test_resolve_dtype_and_linear_backend_follow_the_cpu(monkeypatch):
         features_mrad.linear_backend("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert features_mrad.resolve_dtype("auto", "cuda") == torch.float16
-    assert features_mrad.resolve_dtype("bfloat16") == torch.bfloat16 and features_mrad.resolve_dtype(None) == torch.float32
+    assert (
+        features_mrad.resolve_dtype("bfloat16") == torch.bfloat16
+        and features_mrad.resolve_dtype(None) == torch.float32
+    )
     with pytest.raises(ValueError, match="Unknown backbone dtype"):
         features_mrad.resolve_dtype("fp8")
     assert real["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(real["bf16_matrix"], bool)
@@ -323,7 +352,10 @@ def test_autocast_mode_keeps_float32_weights_and_float32_outputs(model_with_bank
     try:
         assert model.clip.vision_model.embeddings.patch_embedding.weight.dtype == torch.float32
         got = model(pixels)
-        assert got.anomaly_map.dtype == torch.float32 and model.extract_features(pixels).patch_tokens.dtype == torch.float32
+        assert (
+            got.anomaly_map.dtype == torch.float32
+            and model.extract_features(pixels).patch_tokens.dtype == torch.float32
+        )
         difference = (got.anomaly_map - expected.anomaly_map).abs().max().item()
         assert 0 < difference < 2e-2  # bf16 matmuls under autocast: close, not equal
     finally:

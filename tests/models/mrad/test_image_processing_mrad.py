@@ -18,7 +18,9 @@ from mrad_hf.models.mrad.image_processing_mrad import preprocess_image, preproce
 def _expected_pixels(image: Image.Image, size: int) -> np.ndarray:
     """The reference: Resize((S, S), BICUBIC) on the PIL image, convert('RGB'), ToTensor, Normalize."""
     array = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB"), dtype=np.float32) / 255.0
-    return ((array - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)).transpose(2, 0, 1)
+    return (
+        (array - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
+    ).transpose(2, 0, 1)
 
 
 def test_image_is_stretched_not_cropped():
@@ -221,11 +223,15 @@ def test_processor_is_clips_pil_processor_with_the_reference_settings():
 
     processor = MRADImageProcessor()
     assert isinstance(processor, CLIPImageProcessorPil) and processor.backend == "pil"
-    clip = CLIPImageProcessorPil(size={"height": 518, "width": 518}, do_center_crop=False, resample=Image.Resampling.BICUBIC)
+    clip = CLIPImageProcessorPil(
+        size={"height": 518, "width": 518}, do_center_crop=False, resample=Image.Resampling.BICUBIC
+    )
     image = _random_image("RGB", 300, 451, seed=3)
     assert torch.equal(processor(image)["pixel_values"], clip(image, return_tensors="pt")["pixel_values"])
     saved = processor.to_dict()
-    assert saved["size"] == {"height": 518, "width": 518} and saved["do_center_crop"] is False and saved["resample"] == 3
+    assert (
+        saved["size"] == {"height": 518, "width": 518} and saved["do_center_crop"] is False and saved["resample"] == 3
+    )
     assert saved["image_processor_type"] == "MRADImageProcessor" and saved["min_image_side"] == 14
 
 
@@ -268,10 +274,14 @@ def test_fast_processor_is_close_to_the_reference_when_torchvision_imports():
     out, reference = fast(images, masks=masks), MRADImageProcessor()(images, masks=masks)
     assert out["pixel_values"].shape == reference["pixel_values"].shape
     assert (out["pixel_values"] - reference["pixel_values"]).abs().mean() < 0.02
-    assert torch.equal(out["masks"], reference["masks"]) and torch.equal(out["original_sizes"], reference["original_sizes"])
+    assert torch.equal(out["masks"], reference["masks"]) and torch.equal(
+        out["original_sizes"], reference["original_sizes"]
+    )
 
 
-@pytest.mark.parametrize("extension, save_as", [(".webp", "WEBP"), (".gif", "GIF"), (".jfif", "JPEG"), (".tiff", "TIFF"), (".ppm", "PPM")])
+@pytest.mark.parametrize(
+    "extension, save_as", [(".webp", "WEBP"), (".gif", "GIF"), (".jfif", "JPEG"), (".tiff", "TIFF"), (".ppm", "PPM")]
+)
 def test_formats_beyond_png_and_jpeg_decode(tmp_path, extension, save_as):
     from mrad_hf import SUPPORTED_IMAGE_EXTENSIONS
 
@@ -313,7 +323,10 @@ def test_post_process_resizes_maps_and_thresholds():
     assert torch.equal(plain[1]["anomaly_map"], expected)
     assert "label" not in plain[0] and "mask" not in plain[0]
     decided = processor.post_process_anomaly_detection(outputs, target_sizes=[(28, 28), (50, 30)], threshold=0.5)
-    assert [r["label"] for r in decided] == ["normal", "anomaly"] and [r["is_anomalous"] for r in decided] == [False, True]
+    assert [r["label"] for r in decided] == ["normal", "anomaly"] and [r["is_anomalous"] for r in decided] == [
+        False,
+        True,
+    ]
     assert torch.equal(decided[1]["mask"], expected > 0.5) and decided[1]["mask"].dtype == torch.bool
     pixel = processor.post_process_anomaly_detection(outputs, threshold=0.5, pixel_threshold=0.9)
     assert torch.equal(pixel[0]["mask"], maps[0] > 0.9) and pixel[0]["anomaly_map"].shape == (28, 28)

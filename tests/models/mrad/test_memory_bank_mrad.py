@@ -29,8 +29,12 @@ def test_round_trip_bit_exact(tmp_path):
         assert torch.equal(tensor, getattr(loaded, name)), name
     assert loaded.metadata["source"] == "unit" and loaded.metadata["format_version"] == BANK_FORMAT_VERSION
     assert loaded.counts() == {
-        "image_entries": 5, "image_normal": 2, "image_anomalous": 3,
-        "patch_entries": 7, "patch_normal": 5, "patch_anomalous": 2,
+        "image_entries": 5,
+        "image_normal": 2,
+        "image_anomalous": 3,
+        "patch_entries": 7,
+        "patch_normal": 5,
+        "patch_anomalous": 2,
     }
     assert "image=5 x 8 (3 anomalous)" in repr(loaded)
 
@@ -91,7 +95,10 @@ def test_checksum_tracks_every_tensor_and_ignores_metadata():
 
     bank = _bank()
     assert bank.metadata["tensors_sha256"] == tensors_checksum(bank.tensors())
-    assert MemoryBank(**bank.tensors(), metadata={"source": "other"}).metadata["tensors_sha256"] == bank.metadata["tensors_sha256"]
+    assert (
+        MemoryBank(**bank.tensors(), metadata={"source": "other"}).metadata["tensors_sha256"]
+        == bank.metadata["tensors_sha256"]
+    )
     for name in ("image_keys", "patch_keys"):
         edited = dict(bank.tensors())
         edited[name] = edited[name].clone()
@@ -141,7 +148,10 @@ def _rewrite_header(path, edit):
         (lambda m: m["features"].update(image_size=518), "metadata field 'features' was edited"),
         (lambda m: m.pop("backbone"), "metadata field 'backbone' was removed"),
         (lambda m: m.pop("metadata_sha256"), "metadata checksums .* were removed"),
-        (lambda m: m["calibration"].update(image_threshold=float("nan")), r"'image_threshold' is nan; it must be a finite number"),
+        (
+            lambda m: m["calibration"].update(image_threshold=float("nan")),
+            r"'image_threshold' is nan; it must be a finite number",
+        ),
     ],
 )
 def test_the_checksum_covers_the_answer_changing_metadata(tmp_path, edit, message):
@@ -180,3 +190,21 @@ def test_the_backbone_signature_tells_casts_from_other_weights():
         assert _signature_problem(full, cast) is None, dtype
     other = backbone_fingerprint(make_tiny_model(seed=1).clip)["weights_signature"]
     assert "different CLIP weights" in _signature_problem(full, other)
+
+
+def test_a_datasets_row_that_fails_to_decode_is_a_named_error_not_a_raw_pil_error(tmp_path, tiny_model):
+    """`datasets` decodes Image columns itself: a truncated file must surface as MRADInputError naming the row."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from mrad_hf import MRADInputError
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:60])  # a PNG header and nothing else
+    rows = datasets.Dataset.from_dict({"image": [str(good), str(broken)], "label": [0, 1]})
+    rows = rows.cast_column("image", datasets.Image())
+    with pytest.raises(MRADInputError, match=r"Sample 1 could not be read .*decode=False"):
+        tiny_model.build_memory_bank(rows, progress=False, allow_no_anomalies=True)

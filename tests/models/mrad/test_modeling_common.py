@@ -68,8 +68,13 @@ def _assert_outputs_close(actual, expected, atol):
 
 def _assert_bank_is_float32(model):
     dtypes = {name: buffer.dtype for name, buffer in model.memory.named_buffers()}
-    assert dtypes == {"image_keys": torch.float32, "image_values": torch.float32, "patch_keys": torch.float32,
-                      "patch_values": torch.float32, "patch_sources": torch.int64}
+    assert dtypes == {
+        "image_keys": torch.float32,
+        "image_values": torch.float32,
+        "patch_keys": torch.float32,
+        "patch_values": torch.float32,
+        "patch_sources": torch.int64,
+    }
     for name in ("image_projection", "patch_projection", "prompt_learner", "region_bias"):
         if hasattr(model, name):
             assert {p.dtype for p in getattr(model, name).parameters()} == {torch.float32}, name
@@ -95,7 +100,9 @@ def test_dtype_loading_keeps_the_bank_float32_and_the_outputs_close(saved, dtype
     assert _outputs(model, pixels).anomaly_score.dtype == torch.float32  # retrieval and scores are float32
     # the fingerprint does not depend on the dtype: same architecture, weights signature within its tolerance
     cast, full = model.backbone_fingerprint(), reference.backbone_fingerprint()
-    assert {k: v for k, v in cast.items() if k != "weights_signature"} == {k: v for k, v in full.items() if k != "weights_signature"}
+    assert {k: v for k, v in cast.items() if k != "weights_signature"} == {
+        k: v for k, v in full.items() if k != "weights_signature"
+    }
     assert cast["weights_signature"] == pytest.approx(full["weights_signature"], abs=0.01)
     # save after the cast, reload in float32 and in the cast dtype: the bank still attaches and is bit-identical
     model.save_pretrained(tmp_path / "cast")
@@ -152,7 +159,12 @@ def test_forward_accepts_unknown_keywords_as_transformers_models_do(saved):
     _, folder, pixels, expected = saved
     model = MRADForAnomalyDetection.from_pretrained(folder)
     with torch.no_grad():
-        outputs = model(pixel_values=pixels, num_items_in_batch=torch.tensor(3), output_hidden_states=True, original_sizes=[(9, 9)] * 3)
+        outputs = model(
+            pixel_values=pixels,
+            num_items_in_batch=torch.tensor(3),
+            output_hidden_states=True,
+            original_sizes=[(9, 9)] * 3,
+        )
     _assert_outputs_close(outputs, expected, atol=0)  # MRAD offers no hidden states; the keyword changes nothing
     assert model.supports_gradient_checkpointing
 
@@ -162,7 +174,9 @@ def _training_batch(model, count=4):
 
     samples = make_samples(count, seed=3)
     dataset = MRADTrainDataset(samples, MRADImageProcessor.from_config(model.config))
-    return dataset, {key: torch.stack([dataset[i][key] for i in range(count)]) for key in ("pixel_values", "masks", "labels")}
+    return dataset, {
+        key: torch.stack([dataset[i][key] for i in range(count)]) for key in ("pixel_values", "masks", "labels")
+    }
 
 
 def test_a_transformers_trainer_step_equals_a_manual_reference_step(saved, tmp_path):
@@ -188,9 +202,21 @@ def test_a_transformers_trainer_step_equals_a_manual_reference_step(saved, tmp_p
     model.set_training_stage(stage)
     model.config.use_cache = False
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=len(dataset), max_steps=1, learning_rate=4e-4,
-        adam_beta1=0.5, adam_beta2=0.999, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=len(dataset),
+        max_steps=1,
+        learning_rate=4e-4,
+        adam_beta1=0.5,
+        adam_beta2=0.999,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
     class StageTrainer(Trainer):  # the stage is a model keyword, as in `train_mrad`
@@ -213,7 +239,10 @@ def test_a_transformers_trainer_step_equals_a_manual_reference_step(saved, tmp_p
         moved += int(real.sum())
     assert moved > 0
     changed = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert changed and all(name.split(".")[0] in ("prompt_learner", "region_bias", "image_projection", "patch_projection") for name in changed)
+    assert changed and all(
+        name.split(".")[0] in ("prompt_learner", "region_bias", "image_projection", "patch_projection")
+        for name in changed
+    )
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(saved):
@@ -246,7 +275,10 @@ def test_remote_code_unit_has_at_most_ten_files(saved):
     assert not {"api.py", "trainer.py", "common.py"} & set(names)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 §2 target not reached yet: ~3,100 lines; bank building and bank provenance are still in layer 0")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 §2 target not reached yet: ~3,100 lines; bank building and bank provenance are still in layer 0",
+)
 def test_remote_code_unit_meets_the_issue_budget(saved):
     names, lines = _saved_remote_code(saved[1])
     assert len(names) <= REMOTE_CODE_MAX_FILES and lines <= REMOTE_CODE_MAX_LINES, f"{lines} lines in {names}"
@@ -258,7 +290,9 @@ def test_pipeline_by_task_with_mrad_hf_installed_runs_the_installed_code(saved):
     _, folder, pixels, expected = saved
     by_task = pipeline("anomaly-detection", model=str(folder), device="cpu")  # no trust_remote_code needed
     assert type(by_task).__module__.startswith("mrad_hf.") and type(by_task.model).__module__.startswith("mrad_hf.")
-    assert json.loads((folder / "config.json").read_text())["custom_pipelines"]["anomaly-detection"]["pt"] == ["AutoModel"]
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"]["anomaly-detection"]["pt"] == [
+        "AutoModel"
+    ]
     # task-less pipeline(model=folder) is inferred from config.json's custom_pipelines where mrad_hf is not installed
     # (next test); where it is, transformers 5.24 would demand trust_remote_code for a listed task, so the installed
     # config does not list it and a task-less call needs the Hub's pipeline_tag (see configuration_mrad.__post_init__)
@@ -283,8 +317,8 @@ def test_remote_code_and_task_inference_in_a_fresh_process_without_mrad_hf(tmp_p
         import numpy as np, torch
         from transformers import AutoModel, pipeline
         folders = {json.dumps({k: str(v) for k, v in folders.items()})}
-        image = np.load({str(tmp_path / 'image.npy')!r}, allow_pickle=False)
-        pixels = torch.from_numpy(np.load({str(tmp_path / 'pixels.npy')!r}, allow_pickle=False))
+        image = np.load({str(tmp_path / "image.npy")!r}, allow_pickle=False)
+        pixels = torch.from_numpy(np.load({str(tmp_path / "pixels.npy")!r}, allow_pickle=False))
         result = {{}}
         for variant, folder in folders.items():
             model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
@@ -296,13 +330,14 @@ def test_remote_code_and_task_inference_in_a_fresh_process_without_mrad_hf(tmp_p
         """
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     for variant in VARIANTS:
         assert result[variant][0] == pytest.approx(expected[variant], abs=1e-5), variant
         assert result[variant][1] == pytest.approx(expected[variant], abs=0.02), variant  # bfloat16 tower
-
 
 
 def test_cli_build_bank_in_bfloat16_then_predict_from_the_saved_model(tmp_path, capsys):
@@ -315,8 +350,26 @@ def test_cli_build_bank_in_bfloat16_then_predict_from_the_saved_model(tmp_path, 
 
     make_tiny_model().save_pretrained(tmp_path / "tiny")
     data = write_folder_dataset(tmp_path / "widget", make_samples(6, seed=21))
-    assert main(["build-bank", "--model", str(tmp_path / "tiny"), "--dataset", "folder", "--data-root", str(data), "--dtype", "bfloat16",
-                 "--output", str(tmp_path / "bank.safetensors"), "--save-model", str(tmp_path / "with_bank")]) == 0
+    assert (
+        main(
+            [
+                "build-bank",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(data),
+                "--dtype",
+                "bfloat16",
+                "--output",
+                str(tmp_path / "bank.safetensors"),
+                "--save-model",
+                str(tmp_path / "with_bank"),
+            ]
+        )
+        == 0
+    )
     saved = MRADForAnomalyDetection.from_pretrained(tmp_path / "with_bank")
     assert saved.clip.visual_projection.weight.dtype == torch.bfloat16
     _assert_bank_is_float32(saved)
@@ -324,5 +377,8 @@ def test_cli_build_bank_in_bfloat16_then_predict_from_the_saved_model(tmp_path, 
     queries.mkdir()
     Image.fromarray(make_samples(1, seed=22)[0]["image"]).save(queries / "q0.png")
     capsys.readouterr()
-    assert main(["predict", "--model", str(tmp_path / "with_bank"), str(queries), "--output-dir", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert (
+        main(["predict", "--model", str(tmp_path / "with_bank"), str(queries), "--output-dir", str(tmp_path / "out")])
+        == 0
+    ), capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["scored"] == 1

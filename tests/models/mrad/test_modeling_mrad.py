@@ -28,9 +28,7 @@ def test_bank_and_scores_match_reference(model_with_bank, samples):
     model = model_with_bank
     inputs = _inputs(model, samples)
     labels = torch.tensor([s["label"] for s in samples])
-    ref = reference_build_banks(
-        model.clip, inputs["pixel_values"].split(4), labels.split(4), inputs["masks"].split(4)
-    )
+    ref = reference_build_banks(model.clip, inputs["pixel_values"].split(4), labels.split(4), inputs["masks"].split(4))
     bank = model.get_memory_bank()
     for ours, theirs in zip((bank.image_keys, bank.image_values, bank.patch_keys, bank.patch_values), ref):
         assert ours.shape == theirs.shape
@@ -57,7 +55,9 @@ def test_batch_composition_does_not_change_results(model_with_bank):
 def test_patch_region_labels_exact_rule_drops_boundaries():
     masks = torch.zeros(1, 56, 56)
     masks[0, 0:28, 0:28] = 1  # exactly the top-left 2 x 2 patches of a 4 x 4 grid
-    masks[0, 40:42, 40:56] = 1  # a thin stripe through the centres (rows 14i+6, 14i+7) of the last patch row? no: row 2
+    masks[0, 40:42, 40:56] = (
+        1  # a thin stripe through the centres (rows 14i+6, 14i+7) of the last patch row? no: row 2
+    )
     labels = patch_region_labels(masks, 4, "exact").view(4, 4)
     assert labels[0, 0] == 1 and labels[1, 1] == 1
     assert labels[3, 3] == 0
@@ -99,16 +99,18 @@ def test_remote_code_loads_in_fresh_process_without_mrad_hf(model_with_bank, tmp
         sys.modules["mrad_hf"] = None  # the package is not importable in this process
         import numpy as np, torch
         from transformers import AutoModel, pipeline
-        model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
+        model = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
         assert "transformers_modules" in type(model).__module__, type(model).__module__
-        pixels = torch.from_numpy(np.load({str(tmp_path / 'pixels.npy')!r}, allow_pickle=False))
+        pixels = torch.from_numpy(np.load({str(tmp_path / "pixels.npy")!r}, allow_pickle=False))
         print(",".join(repr(v) for v in model(pixel_values=pixels).anomaly_score.tolist()))
-        pipe = pipeline("anomaly-detection", model={str(tmp_path / 'model')!r}, trust_remote_code=True, device="cpu")
+        pipe = pipeline("anomaly-detection", model={str(tmp_path / "model")!r}, trust_remote_code=True, device="cpu")
         print(pipe(np.zeros((30, 40, 3), dtype=np.uint8))["anomaly_map"].shape)
         """
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     np.testing.assert_array_equal(np.array([float(v) for v in lines[-2].split(",")]), expected.numpy())
@@ -168,10 +170,18 @@ def test_sample_validation_and_unmasked_anomaly_warning(tiny_model):
         tiny_model.build_memory_bank([{"image": image, "label": "weird"}], progress=False)
     with pytest.raises(MemoryBankError, match="No samples"):
         tiny_model.build_memory_bank([], progress=False)
-    with pytest.warns(UserWarning, match="had no mask"), pytest.raises(MemoryBankError, match="no anomalous entry at the pixel level"):
+    with (
+        pytest.warns(UserWarning, match="had no mask"),
+        pytest.raises(MemoryBankError, match="no anomalous entry at the pixel level"),
+    ):
         tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False)
-    with pytest.warns(UserWarning, match="had no mask"), pytest.warns(UserWarning, match="allow_no_anomalies=True: .* pixel level"):
-        bank = tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False, allow_no_anomalies=True)
+    with (
+        pytest.warns(UserWarning, match="had no mask"),
+        pytest.warns(UserWarning, match="allow_no_anomalies=True: .* pixel level"),
+    ):
+        bank = tiny_model.build_memory_bank(
+            [(image, "anomaly"), (image, "normal")], progress=False, attach=False, allow_no_anomalies=True
+        )
     assert bank.counts()["patch_anomalous"] == 0 and bank.counts()["image_anomalous"] == 1
 
 
@@ -195,7 +205,9 @@ def test_save_pretrained_is_staged_and_keeps_the_users_other_files(model_with_ba
     assert not (tmp_path / "fresh").exists()  # a new folder appears complete or not at all
     with pytest.raises(OSError, match="disk full"):
         model_with_bank.save_pretrained(target)
-    assert AutoModel.from_pretrained(target).config.image_bank_size == model_with_bank.config.image_bank_size  # old save intact
+    assert (
+        AutoModel.from_pretrained(target).config.image_bank_size == model_with_bank.config.image_bank_size
+    )  # old save intact
 
 
 @pytest.mark.parametrize("variant", ["ft", "clip"])
@@ -215,23 +227,30 @@ def test_trained_variants_load_as_remote_code_without_mrad_hf(variant, tmp_path)
         sys.modules["mrad_hf"] = None
         import numpy as np, torch
         from transformers import AutoModel
-        model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        model = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
         assert "transformers_modules" in type(model).__module__ and model.config.variant == {variant!r}
-        pixels = torch.from_numpy(np.load({str(tmp_path / 'pixels.npy')!r}, allow_pickle=False))
+        pixels = torch.from_numpy(np.load({str(tmp_path / "pixels.npy")!r}, allow_pickle=False))
         with torch.no_grad():
             print(",".join(repr(v) for v in model(pixel_values=pixels).anomaly_score.tolist()))
         """
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(np.array([float(v) for v in result.stdout.strip().splitlines()[-1].split(",")]), expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        np.array([float(v) for v in result.stdout.strip().splitlines()[-1].split(",")]), expected.numpy(), atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------- issue 12 §2, issue 13 §3, issue 14 §2
 def test_a_bank_without_anomalous_entries_is_refused_with_the_fix(tiny_model, samples):
     normals = [sample for sample in samples if sample["label"] == 0]
-    with pytest.raises(MemoryBankError, match=r"no anomalous entry at the image and pixel level \(3 images, 0 anomalous.*add defect images with label 1"):
+    with pytest.raises(
+        MemoryBankError,
+        match=r"no anomalous entry at the image and pixel level \(3 images, 0 anomalous.*add defect images with label 1",
+    ):
         tiny_model.build_memory_bank(normals, progress=False)
     assert tiny_model.config.image_bank_size == 0  # nothing was attached
     with pytest.warns(UserWarning, match="p_anomaly = 0 for every query"):
@@ -291,7 +310,10 @@ def _edit_json(path, edit):
     [
         (lambda m: m["features"].update(image_size=224), "metadata field 'features' was edited"),
         (lambda m: m["backbone"].update(patch_size=16), "metadata field 'backbone' was edited"),
-        (lambda m: m.update(label_convention="values[:, 0] = anomaly"), "metadata field 'label_convention' was edited"),
+        (
+            lambda m: m.update(label_convention="values[:, 0] = anomaly"),
+            "metadata field 'label_convention' was edited",
+        ),
         (lambda m: m["counts"].update(image_anomalous=0), "metadata field 'counts' was edited"),
         (lambda m: m.update(calibration={"image_threshold": 0.1}), "metadata field 'calibration' was added"),
         (lambda m: m.update(tensors_sha256="0" * 64), "tensors do not match"),
@@ -325,8 +347,13 @@ def test_a_bank_without_fingerprint_needs_trust_bank_and_warns_what_was_not_chec
 @pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -0.5, 7.0])
 def test_nan_inf_and_out_of_range_thresholds_are_refused_at_load(model_with_bank, tmp_path, threshold):
     model_with_bank.save_pretrained(tmp_path)
-    (tmp_path / "calibration.json").write_text('{"image_threshold": %s, "pixel_threshold": 0.5}' % ("NaN" if threshold != threshold else repr(threshold).replace("inf", "Infinity")))
-    with pytest.raises(MemoryBankError, match=r"calibration.json.*'image_threshold' is .*must be a finite number in \[0, 2\]"):
+    (tmp_path / "calibration.json").write_text(
+        '{"image_threshold": %s, "pixel_threshold": 0.5}'
+        % ("NaN" if threshold != threshold else repr(threshold).replace("inf", "Infinity"))
+    )
+    with pytest.raises(
+        MemoryBankError, match=r"calibration.json.*'image_threshold' is .*must be a finite number in \[0, 2\]"
+    ):
         MRADForAnomalyDetection.from_pretrained(tmp_path)
 
 
@@ -336,7 +363,19 @@ def test_a_changed_variant_in_config_json_is_an_error_naming_the_weights(saved, 
 
     model = make_tiny_trained_model(saved) if saved != "tf" else make_tiny_model()
     model.save_pretrained(tmp_path)
-    _edit_json(tmp_path / "config.json", lambda c: c.update(variant=edited, prompt_token_ids=c.get("prompt_token_ids") or [[0] + [5] * 12 + [7, 8, 98], [0] + [5] * 12 + [9, 7, 8, 98]], deep_prompt_depth=3))
-    expected = r"lacks the trained weights \[.*(image_projection|prompt_learner)" if edited != "tf" else "holds trained weights of another variant"
+    _edit_json(
+        tmp_path / "config.json",
+        lambda c: c.update(
+            variant=edited,
+            prompt_token_ids=c.get("prompt_token_ids")
+            or [[0] + [5] * 12 + [7, 8, 98], [0] + [5] * 12 + [9, 7, 8, 98]],
+            deep_prompt_depth=3,
+        ),
+    )
+    expected = (
+        r"lacks the trained weights \[.*(image_projection|prompt_learner)"
+        if edited != "tf"
+        else "holds trained weights of another variant"
+    )
     with pytest.raises(ValueError, match=expected):
         MRADForAnomalyDetection.from_pretrained(tmp_path)

@@ -21,7 +21,9 @@ from mrad_hf.training.trainer import count_trainable_parameters
 
 
 def _inputs(model, samples):
-    return MRADImageProcessor.from_config(model.config)([s["image"] for s in samples], masks=[s["mask"] for s in samples])
+    return MRADImageProcessor.from_config(model.config)(
+        [s["image"] for s in samples], masks=[s["mask"] for s in samples]
+    )
 
 
 def _randomise_heads(model, seed=1):
@@ -45,8 +47,11 @@ def _prompt(model):
     for row, prompt in enumerate(ids):
         token_ids[row, : len(prompt)] = torch.tensor(prompt)
     return dict(
-        ctx_pos=learner.normal_context, ctx_neg=learner.anomaly_context, deep_prompts=list(learner.deep_prompts),
-        token_ids=token_ids, n_ctx=model.config.prompt_context_length,
+        ctx_pos=learner.normal_context,
+        ctx_neg=learner.anomaly_context,
+        deep_prompts=list(learner.deep_prompts),
+        token_ids=token_ids,
+        n_ctx=model.config.prompt_context_length,
         prompt_proj=(model.region_bias.normal, model.region_bias.anomaly),
     )
 
@@ -69,8 +74,13 @@ def test_inference_matches_reference(variant, bank_samples):
     image_proj, patch_proj = _reference_heads(model)
     with torch.no_grad():
         maps, scores = reference_trained_score(
-            model.clip, pixel_values, (bank.image_keys, bank.image_values, bank.patch_keys, bank.patch_values),
-            image_proj, patch_proj, model.config.image_size, prompt=_prompt(model) if variant == "clip" else None,
+            model.clip,
+            pixel_values,
+            (bank.image_keys, bank.image_values, bank.patch_keys, bank.patch_values),
+            image_proj,
+            patch_proj,
+            model.config.image_size,
+            prompt=_prompt(model) if variant == "clip" else None,
         )
     np.testing.assert_allclose(output.anomaly_map.numpy(), maps, atol=2e-5)
     np.testing.assert_allclose(output.anomaly_score.numpy(), scores, atol=2e-5)
@@ -93,7 +103,9 @@ def test_training_mode_applies_similarity_dropout_like_reference(bank_samples):
     image_proj, patch_proj = _reference_heads(model)
     with torch.no_grad():
         ref_image = reference_compute_score(image_q, bank.image_keys, bank.image_values, image_proj, need_mask=True)
-        ref_patch, _ = reference_compute_patch_score(patch_q, bank.patch_keys, bank.patch_values, patch_proj, need_mask=True)
+        ref_patch, _ = reference_compute_patch_score(
+            patch_q, bank.patch_keys, bank.patch_values, patch_proj, need_mask=True
+        )
         ref_eval = reference_compute_score(image_q, bank.image_keys, bank.image_values, image_proj, need_mask=False)
     torch.testing.assert_close(train_image, ref_image, atol=1e-6, rtol=0)
     torch.testing.assert_close(train_patch, ref_patch, atol=1e-6, rtol=0)
@@ -111,7 +123,13 @@ def test_text_features_match_reference_full_context_and_fp16_deep_prompts():
         bias = model.region_bias(region_tokens)
         prompt = _prompt(model)
         theirs = reference_encode_text_learn(
-            model.clip, prompt["ctx_pos"], prompt["ctx_neg"], bias, prompt["token_ids"], prompt["deep_prompts"], prompt["n_ctx"]
+            model.clip,
+            prompt["ctx_pos"],
+            prompt["ctx_neg"],
+            bias,
+            prompt["token_ids"],
+            prompt["deep_prompts"],
+            prompt["n_ctx"],
         )
         theirs = theirs / theirs.norm(dim=-1, keepdim=True)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
@@ -156,7 +174,12 @@ def test_loss_requires_a_trained_variant_and_masks(bank_samples):
     output = model(pixel_values=inputs["pixel_values"], labels=torch.tensor([0, 1]), masks=inputs["masks"])
     assert output.loss is not None and output.loss.requires_grad and output.loss.item() > 0
     with pytest.raises(ValueError, match="not available for variant 'ft'"):
-        model(pixel_values=inputs["pixel_values"], labels=torch.tensor([0, 1]), masks=inputs["masks"], loss_stage="prompt")
+        model(
+            pixel_values=inputs["pixel_values"],
+            labels=torch.tensor([0, 1]),
+            masks=inputs["masks"],
+            loss_stage="prompt",
+        )
 
 
 @pytest.mark.parametrize("variant", ["ft", "clip"])

@@ -15,14 +15,21 @@ from mrad_hf.hub.api import load_detector_bundle
 
 @pytest.fixture
 def detector(model_with_bank):
-    return pipeline("anomaly-detection", model=model_with_bank, image_processor=MRADImageProcessor.from_config(model_with_bank.config), device="cpu")
+    return pipeline(
+        "anomaly-detection",
+        model=model_with_bank,
+        image_processor=MRADImageProcessor.from_config(model_with_bank.config),
+        device="cpu",
+    )
 
 
 def test_single_image_values_equal_direct_model_call(detector, model_with_bank, tmp_path):
     image = make_samples(1, seed=11, height=90, width=70)[0]["image"]
     inputs = MRADImageProcessor.from_config(model_with_bank.config)(image)
     direct = model_with_bank(pixel_values=inputs["pixel_values"])
-    expected_map = F.interpolate(direct.anomaly_map[:, None], size=(90, 70), mode="bilinear", align_corners=False)[0, 0]
+    expected_map = F.interpolate(direct.anomaly_map[:, None], size=(90, 70), mode="bilinear", align_corners=False)[
+        0, 0
+    ]
     path = tmp_path / "query.png"
     Image.fromarray(image).save(path)
     for source in (image, Image.fromarray(image), str(path)):
@@ -69,11 +76,15 @@ def test_documented_output_structure_and_heatmap(detector):
     result = detector(image, threshold=0.5)
     assert set(result) == {"score", "anomaly_map", "heatmap", "is_anomalous", "label", "mask", "thresholds"}
     assert isinstance(result["score"], float) and result["label"] in ("anomaly", "normal")
-    assert result["anomaly_map"].shape == (60, 80) and result["mask"].shape == (60, 80) and result["mask"].dtype == bool
+    assert (
+        result["anomaly_map"].shape == (60, 80) and result["mask"].shape == (60, 80) and result["mask"].dtype == bool
+    )
     heatmap = result["heatmap"]
     assert isinstance(heatmap, Image.Image) and heatmap.mode == "L" and heatmap.size == (80, 60)
     # a fixed scale (value * 255), not stretched per image: a normal image must not look anomalous
-    np.testing.assert_array_equal(np.asarray(heatmap), np.round(np.clip(result["anomaly_map"], 0, 1) * 255).astype(np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(heatmap), np.round(np.clip(result["anomaly_map"], 0, 1) * 255).astype(np.uint8)
+    )
     with pytest.raises(ValueError, match="finite"):
         detector(image, threshold=float("nan"))
 
@@ -142,7 +153,9 @@ def test_one_folder_gives_one_score_through_pipeline_and_loader(model_with_bank,
     assert processor.image_mean == (0.5, 0.5, 0.5)
     with torch.no_grad():
         from_loader = model(**processor(images)).anomaly_score.tolist()
-        from_defaults = model_with_bank(**MRADImageProcessor.from_config(model_with_bank.config)(images)).anomaly_score.tolist()
+        from_defaults = model_with_bank(
+            **MRADImageProcessor.from_config(model_with_bank.config)(images)
+        ).anomaly_score.tolist()
     # the same file's processor; equal to float rounding (the pipeline scores one image per call and batch invariance
     # is opt-in, config.batch_invariant), far closer than the other processor below
     assert from_pipeline == pytest.approx(from_loader, abs=1e-6, rel=0)
@@ -156,7 +169,9 @@ def test_loader_refuses_a_processor_that_does_not_fit_the_model(model_with_bank,
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     saved["size"] = saved["crop_size"] = {"height": 28, "width": 28}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"preprocessor_config.json resizes to 28 x 28 but the model's config.json has image_size"):
+    with pytest.raises(
+        ValueError, match=r"preprocessor_config.json resizes to 28 x 28 but the model's config.json has image_size"
+    ):
         load_detector_bundle(tmp_path)
     (tmp_path / "preprocessor_config.json").unlink()  # no file: the config's processor
     _, processor = load_detector_bundle(tmp_path)

@@ -6,7 +6,13 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from mrad_hf.models.mrad.postprocessing_mrad import fuse_image_score, gaussian_blur, gaussian_kernel1d, top_k_mean, upsample_patch_probabilities
+from mrad_hf.models.mrad.postprocessing_mrad import (
+    fuse_image_score,
+    gaussian_blur,
+    gaussian_kernel1d,
+    top_k_mean,
+    upsample_patch_probabilities,
+)
 
 
 @pytest.mark.parametrize("shape", [(2, 518, 518), (1, 9, 13), (3, 40, 40)])
@@ -15,7 +21,9 @@ def test_gaussian_blur_equals_scipy(shape):
     expected = np.stack([gaussian_filter(m, sigma=4) for m in maps.numpy()])
     np.testing.assert_allclose(gaussian_blur(maps, 4.0).numpy(), expected, atol=1e-6)
     # the reference passes a (1, H, W) array, smoothing a singleton axis too: still the same
-    np.testing.assert_allclose(gaussian_blur(maps[:1], 4.0).numpy(), gaussian_filter(maps[:1].numpy(), sigma=4), atol=1e-6)
+    np.testing.assert_allclose(
+        gaussian_blur(maps[:1], 4.0).numpy(), gaussian_filter(maps[:1].numpy(), sigma=4), atol=1e-6
+    )
 
 
 def test_gaussian_kernel_matches_scipy_radius():
@@ -63,4 +71,6 @@ def test_batched_blur_equals_image_by_image_blur():
     for index in range(5):
         assert torch.equal(invariant[index : index + 1], gaussian_blur(maps[index : index + 1], 4.0))
     torch.testing.assert_close(gaussian_blur(maps, 4.0), invariant, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(gaussian_blur(maps, 4.0).numpy(), gaussian_filter(maps.numpy(), sigma=(0, 4, 4)), atol=1e-6)
+    np.testing.assert_allclose(
+        gaussian_blur(maps, 4.0).numpy(), gaussian_filter(maps.numpy(), sigma=(0, 4, 4)), atol=1e-6
+    )

@@ -86,10 +86,18 @@ def test_batch_invariant_retrieval_is_row_by_row_and_equals_the_batched_product(
     values = one_hot_labels(torch.randint(0, 2, (50,), generator=generator))
     invariant = soft_retrieve(queries, keys, values, temperature=0.1, batch_invariant=True)
     for index in range(7):  # each row is its own product: the same bits as the row alone
-        assert torch.equal(invariant[index : index + 1], soft_retrieve(queries[index : index + 1], keys, values, temperature=0.1, batch_invariant=True))
+        assert torch.equal(
+            invariant[index : index + 1],
+            soft_retrieve(queries[index : index + 1], keys, values, temperature=0.1, batch_invariant=True),
+        )
     torch.testing.assert_close(soft_retrieve(queries, keys, values, temperature=0.1), invariant, atol=1e-6, rtol=0)
     streamed = soft_retrieve(queries, keys, values, temperature=0.1, chunk_size=16, batch_invariant=True)
     torch.testing.assert_close(streamed, invariant, atol=1e-6, rtol=0)
     logits = retrieval_logits(queries, keys, batch_invariant=True)
     torch.testing.assert_close(retrieval_logits(queries, keys), logits, atol=1e-6, rtol=0)
-    torch.testing.assert_close(masked_soft_retrieve(logits, values), masked_soft_retrieve(logits, values, batch_invariant=True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        masked_soft_retrieve(logits, values),
+        masked_soft_retrieve(logits, values, batch_invariant=True),
+        atol=1e-6,
+        rtol=0,
+    )
