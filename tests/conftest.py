@@ -108,3 +108,28 @@ def samples():
 def model_with_bank(tiny_model, samples):
     tiny_model.build_memory_bank(samples, batch_size=4, source="unit-test", progress=False)
     return tiny_model
+
+
+def run_two_processes_and_one(script, two_output, one_output, **one_kwargs) -> None:
+    """`script`'s `run(output)` under `torchrun --nproc_per_node 2` on CPU (gloo), then in this process for comparison.
+
+    The workers run one thread each (OMP_NUM_THREADS=1), so the one-process run uses one thread too: the same GEMM
+    kernels on both sides, so equal inputs give equal bits.
+    """
+    import importlib
+    import subprocess
+
+    environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    completed = subprocess.run(
+        [*command, str(script), str(two_output)], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    sys.path.insert(0, str(script.parent))
+    run = importlib.import_module(script.stem).run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(str(one_output), **one_kwargs)
+    finally:
+        torch.set_num_threads(threads)

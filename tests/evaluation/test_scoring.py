@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_samples, make_tiny_model
+from conftest import make_samples, make_tiny_model, run_two_processes_and_one
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -88,28 +85,7 @@ def test_labels_masks_and_scores_only(scored_model):
 
 def test_two_processes_give_the_results_of_one(tmp_path):
     script = Path(__file__).with_name("two_process_scoring.py")
-    environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tmp_path / "two.safetensors"),
-    ]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    sys.path.insert(0, str(script.parent))
-    from two_process_scoring import run
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run one thread each (OMP_NUM_THREADS=1): the same GEMM kernels here
-    try:
-        run(str(tmp_path / "one.safetensors"), accelerate=False)
-    finally:
-        torch.set_num_threads(threads)
+    run_two_processes_and_one(script, tmp_path / "two.safetensors", tmp_path / "one.safetensors", accelerate=False)
     one, two = (load_file(tmp_path / f"{name}.safetensors") for name in ("one", "two"))
     ids = [json.loads(safe_open(tmp_path / f"{name}.safetensors", "pt").metadata()["ids"]) for name in ("one", "two")]
     assert ids[0] == ids[1] and len(ids[0]) == 7

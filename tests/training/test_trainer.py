@@ -3,14 +3,11 @@
 no half-written final model, and a 2-process run equal to the 1-process run."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_samples, make_tiny_trained_model
+from conftest import make_samples, make_tiny_trained_model, run_two_processes_and_one
 from safetensors.torch import load_file
 from transformers import AutoModel, pipeline
 
@@ -146,28 +143,7 @@ def test_a_failed_final_save_leaves_no_model_folder(tmp_path, monkeypatch):
 
 def test_two_processes_give_the_one_process_bank_and_model(tmp_path):
     script = Path(__file__).with_name("two_process_training.py")
-    environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tmp_path / "two"),
-    ]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    sys.path.insert(0, str(script.parent))
-    from two_process_training import run
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run one thread each (OMP_NUM_THREADS=1): the same GEMM kernels here
-    try:
-        run(str(tmp_path / "one"))
-    finally:
-        torch.set_num_threads(threads)
+    run_two_processes_and_one(script, tmp_path / "two", tmp_path / "one")
     one, two = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("one", "two"))
     for key in ("memory.image_keys", "memory.patch_keys", "memory.patch_values", "memory.patch_sources"):
         assert torch.equal(one[key], two[key]), key  # the sharded bank is the same bank
