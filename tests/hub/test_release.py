@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conversion import test_convert_official_checkpoint as official_checkpoints
 from conversion.test_convert_official_bank import official_cache
 from conversion.test_convert_openai_clip import EMBED, TEXT_WIDTH, VISION_WIDTH, openai_state_dict
 from fake_hub_server import FakeHub
 from safetensors.torch import load_file
 
-from conversion import test_convert_official_checkpoint as official_checkpoints
 from mrad_hf.cli.main import main
 from mrad_hf.hub.release import OFFICIAL_SHA256, ReleaseFiles, build_release, compare_with_hub
 
