@@ -115,6 +115,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 #: Python-API advice inside library messages -> what a command-line user types instead.
 CLI_ADVICE: tuple[tuple[str, str], ...] = (
+    ("pass trust_bank=True (to set_memory_bank / from_pretrained)", "pass --trust-bank"),
+    ("trust_bank=True", "--trust-bank"),
     ("pass strict=False", "pass --trust-bank"),
     ("strict=False", "--trust-bank"),
     ("allow_random_backbone=True", "a pretrained --clip (runs on random backbones give meaningless numbers)"),
@@ -463,7 +465,7 @@ def _attach_bank(detector, bank, *, trust: bool) -> None:
     name = bank if isinstance(bank, str) else None
     if name is not None:
         bank = load_bank(name)
-    detector.set_memory_bank(bank, strict=not trust)
+    detector.set_memory_bank(bank, strict=not trust, trust_bank=trust)  # --trust-bank: warn what is not checked
     if name is not None:
         _log(
             f"Using memory bank {name} ({bank.counts()['image_entries']} image / {bank.counts()['patch_entries']} region entries)"

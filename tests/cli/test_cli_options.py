@@ -439,3 +439,26 @@ def test_log_goes_through_tqdm_and_only_from_rank_zero(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     common._show_warning(UserWarning("pass strict=False to keep going"), UserWarning, "f.py", 1)
     assert written[-1] == "WARNING: pass --trust-bank to keep going"
+
+
+def test_trust_bank_attaches_a_bank_without_a_fingerprint_and_says_what_was_not_checked(tmp_path, capsys):
+    """A bank with its backbone fingerprint removed is refused with CLI advice; `--trust-bank` attaches it, warning."""
+    from conftest import make_samples, make_tiny_model
+
+    from mrad_hf import MemoryBank
+
+    model = make_tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    bank = model.build_memory_bank(make_samples(4), progress=False, attach=False)
+    bank.metadata.pop("backbone")
+    bank.save(tmp_path / "bank.safetensors")
+    assert MemoryBank.load(tmp_path / "bank.safetensors").metadata.get("backbone") is None
+    image = tmp_path / "part.png"
+    Image.fromarray(make_samples(1)[0]["image"]).save(image)
+    argv = ["predict", "--model", str(tmp_path / "model"), "--bank", str(tmp_path / "bank.safetensors"), str(image)]
+    assert main([*argv, "--output-dir", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "--trust-bank" in error and "trust_bank=True" not in error
+    assert main([*argv, "--trust-bank", "--output-dir", str(tmp_path / "trusted")]) == 0
+    printed = capsys.readouterr()
+    assert "not checked" in printed.out + printed.err
