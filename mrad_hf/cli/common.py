@@ -316,9 +316,14 @@ def model_options(
 
 # ---------------------------------------------------------------------- local paths and Hub ids
 def _looks_like_local_path(name: str) -> bool:
-    """A name the user meant as a path (not a Hub id `name` / `org/name`)."""
+    """A name the user meant as a path (not a Hub id `name` / `org/name`).
+
+    `org/name` whose `org` is a folder here (`models/parts` next to `models/`) is a path: a Hub organisation is
+    never meant by a name that starts with a local folder.
+    """
     return (
         name.startswith((".", "/", "~", "\\"))
+        or (name.count("/") == 1 and os.path.isdir(os.path.expanduser(name.split("/")[0])))
         or name.endswith(("/", "\\"))
         or name.count("/") > 1
         or "\\" in name

@@ -462,3 +462,14 @@ def test_trust_bank_attaches_a_bank_without_a_fingerprint_and_says_what_was_not_
     assert main([*argv, "--trust-bank", "--output-dir", str(tmp_path / "trusted")]) == 0
     printed = capsys.readouterr()
     assert "not checked" in printed.out + printed.err
+
+
+def test_org_slash_name_under_a_local_folder_is_a_missing_path_not_a_hub_id(tmp_path, monkeypatch, capsys):
+    """`--model models/parts-calibrated` (a folder the user meant to make in ./models) fails at once as a path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any Hub attempt would fail slowly, not with this text
+    (tmp_path / "models" / "parts").mkdir(parents=True)
+    (tmp_path / "part.png").write_bytes(b"")
+    assert main(["predict", "--model", "models/parts-calibrated", "part.png"]) == 2
+    error = capsys.readouterr().err
+    assert "no such file or folder" in error and "not tried on the Hub" in error
