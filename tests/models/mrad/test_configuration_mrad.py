@@ -5,21 +5,12 @@ import pytest
 from transformers import CLIPConfig
 
 from mrad_hf import MRADConfig
+from mrad_hf.cli.common import RANDOM_BACKBONES
 
 
 def vit_l14_336() -> CLIPConfig:
-    return CLIPConfig(
-        vision_config=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-        ),
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        projection_dim=768,
-    )
+    """OpenAI CLIP ViT-L/14@336's shapes: the CLI's `random-vit-l14-336` backbone (one definition of them)."""
+    return CLIPConfig(**RANDOM_BACKBONES["random-vit-l14-336"])
 
 
 def test_reference_defaults_and_vit_l_sizes():
