@@ -191,7 +191,8 @@ def machine_info(device: torch.device) -> dict:
         "cpu_flags_bf16_matrix": [],
         "device": str(device),
     }
-    from mrad_hf.models.mrad.features_mrad import cpu_features, linear_backend, resolve_dtype
+    from mrad_hf.models.mrad.features_mrad import linear_backend
+    from mrad_hf.runtime import cpu_features, resolve_dtype
 
     info["cpu_flags"] = cpu_features()["flags"]
     info["linear_backend_auto_fp32"] = linear_backend(device, torch.float32)
@@ -630,7 +631,7 @@ def _scaling_faiss(queries, keys, values, exact, size, args, device, results) ->
 def stage_dtype(args, device, results) -> None:
     """bf16/fp16 CLIP tower: feature speed on the benchmark backbone, and accuracy on the synthetic benchmark."""
     from mrad_hf.evaluation.metrics import image_auroc, pixel_auroc
-    from mrad_hf.models.mrad.features_mrad import set_backbone_dtype
+    from mrad_hf.runtime import set_backbone_dtype
 
     flops = None
     # speed: one batch of the benchmark backbone through the feature path, per dtype
@@ -788,7 +789,7 @@ def _official_config(name: str, base, device):
     """(model, environment backend) of one of our configurations; bf16 works on a copy (the cast is one-way)."""
     import copy
 
-    from mrad_hf.models.mrad.features_mrad import resolve_dtype, set_backbone_dtype
+    from mrad_hf.runtime import resolve_dtype, set_backbone_dtype
 
     backend = {"fp32-onednn": "onednn", "fp32-aten": "aten"}.get(name, "auto")
     if name in ("bf16", "auto"):
@@ -1261,7 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--malloc",
         choices=("tuned", "glibc", "rss"),
         default="tuned",
-        help="tuned: features_mrad.tune_malloc_for_inference (what mrad_hf applies); glibc: untouched defaults; "
+        help="tuned: runtime.tune_malloc_for_inference (what mrad_hf applies); glibc: untouched defaults; "
         "rss: a fixed 1 MiB mmap threshold so that RSS growth tracks live tensors (memory stages; many page faults)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -1309,7 +1310,7 @@ def main(argv=None) -> int:
     if argv is None and args.malloc == "rss":
         _reexec_with_fixed_mmap_threshold()
     if args.malloc == "tuned":
-        from mrad_hf.models.mrad.features_mrad import tune_malloc_for_inference
+        from mrad_hf.runtime import tune_malloc_for_inference
 
         tune_malloc_for_inference()
     resolve_defaults(args)

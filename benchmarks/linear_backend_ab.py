@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 from benchmark_inference import make_model
 
-from mrad_hf.models.mrad.features_mrad import tune_malloc_for_inference
+from mrad_hf.runtime import tune_malloc_for_inference
 
 tune_malloc_for_inference()
 S, B, R = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> None:
     mode, size, batches = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
     if mode == "tuned":
-        from mrad_hf.models.mrad.features_mrad import tune_malloc_for_inference
+        from mrad_hf.runtime import tune_malloc_for_inference
 
         assert tune_malloc_for_inference()
     from benchmark_inference import make_model

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mrad_hf"
 #: top-level sub-package -> layer; a module may import modules of its own package or of lower layers
 LAYERS = {
     "models": 0,
+    "runtime": 1,  # mrad_hf/runtime.py: CPU features, dtype "auto", allocator, compile
     "data": 1,
     "memory": 1,
     "evaluation": 2,

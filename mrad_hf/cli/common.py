@@ -381,11 +381,11 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_dtype(dtype: str | None, device: str) -> str:
-    """`auto` -> the precision the device runs best (`features_mrad.resolve_dtype`: bfloat16 on CUDA and on CPUs with
+    """`auto` -> the precision the device runs best (`runtime.resolve_dtype`: bfloat16 on CUDA and on CPUs with
     bf16 matrix units, float32 elsewhere); other names pass through."""
     if dtype != "auto":
         return dtype or "float32"
-    from ..models.mrad.features_mrad import resolve_dtype as resolve_backbone_dtype
+    from ..runtime import resolve_dtype as resolve_backbone_dtype
 
     return str(resolve_backbone_dtype("auto", device)).replace("torch.", "")
 
@@ -441,7 +441,7 @@ def load_detector(
     if isinstance(bank, (str, os.PathLike)):
         bank = check_local_path("--bank", os.fspath(bank))
     device = resolve_device(device)  # before any loading: a wrong --device fails at once
-    from ..models.mrad.features_mrad import tune_malloc_for_inference
+    from ..runtime import tune_malloc_for_inference
 
     tune_malloc_for_inference()  # large activations re-used, not re-mapped per layer (batch 8 as fast as batch 1)
     detector = _load_detector(model, clip, image_size=image_size, seed=seed, **overrides).eval()
@@ -478,7 +478,7 @@ def _attach_bank(detector, bank, *, trust: bool) -> None:
 
 
 def _set_dtype(detector, dtype: str | None):
-    from ..models.mrad.features_mrad import set_backbone_dtype
+    from ..runtime import set_backbone_dtype
 
     if dtype and dtype != "float32":
         _log(

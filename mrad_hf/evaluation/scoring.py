@@ -8,7 +8,7 @@
   item's failure: `on_error="skip"` records it (`ScoredItem.error`, one line naming the file) and scores the rest,
   `on_error="fail"` raises `MRADInputError` naming the file;
 * **batches on a device and dtype**: `device` moves the model, `dtype` ("float32", "bfloat16", "float16", "auto")
-  runs the CLIP tower in that dtype (`features_mrad.set_backbone_dtype`, `mode="cast"` or `"autocast"`); bank,
+  runs the CLIP tower in that dtype (`runtime.set_backbone_dtype`, `mode="cast"` or `"autocast"`); bank,
   retrieval, maps and scores stay float32;
 * **several processes** (`accelerate launch` / `torchrun`): with an `accelerate.Accelerator` (or any initialised
   `torch.distributed` group) the *batches* are split between the processes (`split_between_processes`) and the
@@ -17,7 +17,7 @@
 
 Results come back in input order as `ScoredItem`s (score, image-level probability, the input-size map, the processed
 ground-truth mask if one was given, the original size, the label if one was given). The glibc allocator is tuned for
-batch activations first (`features_mrad.tune_malloc_for_inference`; `tune_malloc=False` to skip).
+batch activations first (`runtime.tune_malloc_for_inference`; `tune_malloc=False` to skip).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..models.mrad.features_mrad import set_backbone_dtype, tune_malloc_for_inference
 from ..models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError
 from ..models.mrad.memory_bank_mrad import label_value, progress_bar
+from ..runtime import set_backbone_dtype, tune_malloc_for_inference
 
 __all__ = ["ScoredItem", "score_items", "ON_ERROR_CHOICES"]
 
@@ -164,14 +164,14 @@ def score_items(
             across batch sizes within float rounding; with True bit for bit.
         num_workers: DataLoader worker processes decoding ahead of the model (0: decode in this process).
         device: where to run (the model is moved there); default: where the model is.
-        dtype: the CLIP tower's dtype ("auto" = `features_mrad.resolve_dtype`); None leaves the model as it is.
+        dtype: the CLIP tower's dtype ("auto" = `runtime.resolve_dtype`); None leaves the model as it is.
         dtype_mode: "cast" (cast the tower's weights) or "autocast" (float32 weights under `torch.autocast`).
         on_error: "skip" (record the item's one-line error, score the rest) or "fail" (raise `MRADInputError`).
         keep_maps: keep each item's (S, S) map (1 MiB per 518-px image); False keeps scores only.
         accelerator: an `accelerate.Accelerator` of a multi-process run (also detected from an initialised
             `torch.distributed` group): batches are split between processes, results gathered on every process.
         progress: a tqdm bar.
-        tune_malloc: apply `features_mrad.tune_malloc_for_inference()` (Linux/glibc) before scoring.
+        tune_malloc: apply `runtime.tune_malloc_for_inference()` (Linux/glibc) before scoring.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")

@@ -17,25 +17,13 @@ for the explicit softmax(q k^T) v) as one call with the two problems stacked on 
 read). The positional table is resized bilinearly to the input grid (the reference; transformers' own
 `interpolate_pos_encoding` is bicubic).
 
-Speed (issue 15), every choice made at run time from what the machine offers (`cpu_features`):
-
-* **Linear layers**: `linear_backend()` picks oneDNN with weights pre-packed once per weight version
-  (`torch.ops.mkldnn._linear_pointwise`; packed copies live in a side cache, the module's parameters stay the
-  source of truth, so `state_dict`/`save_pretrained` are unchanged and a dtype/device change re-packs) on
-  AVX-512 CPUs, where it measured ~2.3x the MKL GEMM of `F.linear`; plain `F.linear` elsewhere (on an AVX2-only
-  EPYC it measured equal or faster). Both are exact fp32 (within 1e-5 of each other). `MRAD_LINEAR_BACKEND=aten|
-  onednn|auto` overrides the choice.
-* **Attention**: SDPA (a blocked, flash-style CPU kernel) measured ~3-4x the explicit softmax(V V^T) V (eager or
-  batched GEMMs; the symmetric V V^T saves nothing once the 1370 x 1370 matrix is materialised), so "sdpa" stays the
-  default implementation.
-* **Half precision**: `resolve_dtype("auto", device)` picks bfloat16 on GPUs and on CPUs with bf16 matrix units
-  (AVX512-BF16 / AMX), float32 elsewhere; `set_backbone_dtype` casts only the CLIP tower (`mode="cast"`) or runs it
-  under `torch.autocast` with float32 weights (`mode="autocast"`). Memory, retrieval, maps and scores stay float32.
-* **Batch invariance** (`batch_invariant=True`, `MRADConfig.batch_invariant`): per-image products wherever a CPU
-  kernel picks its algorithm by the batch size, so an image's outputs are bit-identical whatever it is scored with
-  (docs/reliability.md, "Determinism"). Off by default: whole-batch products, equal within float rounding (1e-5).
-* `tune_malloc_for_inference()`: glibc allocator settings that stop batch activations (above the 32 MiB mmap
-  threshold) being mapped and unmapped, with a page fault per 4 KiB page, in every layer.
+Speed (issue 15): `linear_backend()` runs the tower's linears through oneDNN with weights pre-packed once per
+weight version (packed copies live in a side cache; parameters stay the source of truth) on AVX-512 CPUs, where it
+measured ~2.3x MKL's `F.linear`, and through `F.linear` elsewhere (equal or faster on AVX2); both are exact fp32.
+`MRAD_LINEAR_BACKEND=aten|onednn|auto` overrides. SDPA measured 3-4x the explicit softmax(V V^T) V, so it stays the
+default attention. `batch_invariant=True` (`MRADConfig.batch_invariant`) uses per-image products wherever a CPU kernel
+picks its algorithm by batch size, so an image's outputs are bit-identical whatever it is scored with (off by default:
+whole-batch products, equal within 1e-5). dtype, allocator and compile choices live in `mrad_hf.runtime`.
 
 Everything here is a pure function of the CLIP weights and the pixels: no state but the packed-weight cache, no
 in-place updates of the checkpoint (the reference overwrites its positional table on the first 518-px forward).
@@ -43,11 +31,8 @@ in-place updates of the checkpoint (the reference overwrites its positional tabl
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import os
-import sys
 import weakref
 from dataclasses import dataclass
 
@@ -64,19 +49,10 @@ __all__ = [
     "interpolate_position_embeddings",
     "neighbor_average",
     "dual_path_vision_features",
-    "BACKBONE_DTYPES",
-    "set_backbone_dtype",
-    "resolve_dtype",
-    "cpu_features",
     "linear_backend",
     "LINEAR_BACKENDS",
-    "tune_malloc_for_inference",
-    "compile_features",
 ]
 
-#: Dtypes the CLIP tower may run in. Half precision pays off on CPUs with bf16 matrix units (AMX / AVX512-BF16) and on
-#: GPUs; without them (e.g. AVX2-only CPUs) it is several times *slower* than float32 (`resolve_dtype("auto")`).
-BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LINEAR_BACKENDS = ("auto", "aten", "onednn")
 
 
@@ -97,57 +73,7 @@ class MRADVisionFeatures:
     grid_size: int
 
 
-# ---------------------------------------------------------------------- what the machine offers (run time)
-@functools.lru_cache(maxsize=1)
-def cpu_features() -> dict:
-    """The CPU facts the kernel choices depend on: torch's capability ("AVX2", "AVX512", ...), bf16 flags, model.
-
-    `bf16_matrix` is True with AVX512-BF16 or AMX-BF16 (where bfloat16 GEMMs beat float32); read from
-    /proc/cpuinfo on Linux, False where it cannot be read.
-    """
-    flags: set[str] = set()
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {
-        "model": model,
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
-        "bf16_matrix": bool({"avx512_bf16", "amx_bf16"} & flags),
-    }
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
-    """The CLIP tower's dtype: "auto" picks bfloat16 on CUDA (float16 where bf16 is unsupported) and on CPUs with
-    bf16 matrix units (AVX512-BF16 / AMX), float32 elsewhere; names ("bfloat16") and torch dtypes pass through;
-    None is float32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in BACKBONE_DTYPES.values():
-            raise ValueError(f"Unsupported backbone dtype {dtype}; use one of {sorted(BACKBONE_DTYPES)} or 'auto'.")
-        return dtype
-    if dtype == "auto":
-        device = torch.device(device if device is not None else "cpu")
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_features()["bf16_matrix"]:
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in BACKBONE_DTYPES:
-        raise ValueError(f"Unknown backbone dtype {dtype!r}; use one of {sorted(BACKBONE_DTYPES)} or 'auto'.")
-    return BACKBONE_DTYPES[dtype]
-
-
+# ---------------------------------------------------------------------- linear-layer backend (run time)
 def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
     """ "onednn" (pre-packed oneDNN linears) or "aten" (`F.linear`) for the vision tower's linears.
 
@@ -158,11 +84,10 @@ def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torc
     choice = os.environ.get("MRAD_LINEAR_BACKEND", "auto").lower()
     if choice not in LINEAR_BACKENDS:
         raise ValueError(f"MRAD_LINEAR_BACKEND={choice!r}; use one of {LINEAR_BACKENDS}.")
-    features = cpu_features()
-    avx512 = features["capability"].startswith("AVX512")
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     possible = (
         torch.device(device).type == "cpu"
-        and features["mkldnn"]
+        and torch.backends.mkldnn.is_available()
         and (dtype == torch.float32 or (dtype == torch.bfloat16 and avx512))
     )
     if choice == "aten" or not possible:
@@ -188,50 +113,17 @@ def _packed_weight(linear: nn.Linear) -> torch.Tensor:
 
 
 def _linear(linear: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """`linear(x)` through the chosen backend (oneDNN only without autograd, outside torch.compile/export)."""
+    """`linear(x)` through the chosen backend (oneDNN only without autograd, outside torch.compile/export/autocast)."""
     if (
         backend == "onednn"
         and x.device.type == "cpu"
         and x.dtype == linear.weight.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
     ):
         return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(linear), linear.bias, "none", [], "")
     return linear(x)
-
-
-def tune_malloc_for_inference() -> bool:
-    """Keep large freed blocks in glibc's heap instead of returning them to the OS (Linux/glibc only).
-
-    A ViT-L activation at batch 8 (8 x 1370 x 4096 floats, 180 MB) is above glibc's largest mmap threshold (32 MiB),
-    so without this every layer maps fresh pages and faults on each 4 KiB of them (measured 0.4-1.2 M page faults per
-    image at batch 8, none at batch 1: batch 8 was 21-32 % slower per image). `mallopt(M_MMAP_MAX, 0)` serves large
-    blocks from the heap and `mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)` (mallopt's int limit) keeps the heap's top
-    mapped, so they are re-used. Cost: the process keeps its peak heap until it exits (fine for inference processes).
-    Applies to allocations made after the call. The same as starting with `MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=2147483647`. Returns True where applied.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def compile_features(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Opt-in `torch.compile` of an MRAD model's feature pass (the instance's `extract_features`; returns the model).
-
-    Measured on CPU in `benchmarks/benchmark_inference.py --stages compile`; CUDA graphs ("reduce-overhead") are
-    untested (no GPU was lent to this work). The compiled path uses `F.linear` (the oneDNN side cache is skipped
-    while compiling).
-    """
-    compile_kwargs.setdefault("dynamic", False)
-    model.extract_features = torch.compile(type(model).extract_features.__get__(model), **compile_kwargs)
-    return model
 
 
 # ---------------------------------------------------------------------- pure helpers
@@ -270,32 +162,6 @@ def neighbor_average(tokens: torch.Tensor, grid_size: int, kernel_sizes: list[in
     pooled = [F.avg_pool2d(grid, kernel_size=k, stride=1, padding=k // 2) for k in kernel_sizes]
     averaged = sum(pooled) / len(pooled)
     return averaged.flatten(2).transpose(1, 2).contiguous()  # one layout for any batch size: same norm order
-
-
-def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None, *, mode: str = "cast"):
-    """Run an MRAD model's CLIP tower in `dtype` while its memory, retrieval and scoring stay float32.
-
-    `dtype`: "float32", "bfloat16", "float16", a torch dtype, "auto" (`resolve_dtype` on the model's device) or None
-    (unchanged). `mode="cast"` casts only `model.clip` (in place; returns the model); queries are cast back with
-    `.float()` before retrieval, so logits, softmax, maps and scores are float32. The same as `model.to(dtype)` or
-    `from_pretrained(..., dtype=...)`, which leave the memory and heads float32 (`modeling_mrad.MRADFloat32Module`).
-    `mode="autocast"` keeps the float32 weights and runs the vision tower under `torch.autocast(dtype)` (the GPU habit;
-    its outputs are cast to float32). The backbone fingerprint does not depend on the dtype, so banks built with the
-    float32 backbone still attach after the cast.
-    """
-    if dtype is None:
-        return model
-    if mode not in ("cast", "autocast"):
-        raise ValueError(f"Unknown mode {mode!r}; use 'cast' or 'autocast'.")
-    dtype = resolve_dtype(dtype, next(model.clip.parameters()).device)
-    vision = model.clip.vision_model
-    if mode == "autocast":
-        model.clip.to(torch.float32)
-        vision._mrad_autocast_dtype = None if dtype == torch.float32 else dtype
-        return model
-    vision._mrad_autocast_dtype = None
-    model.clip.to(dtype)
-    return model
 
 
 # ---------------------------------------------------------------------- the dual-path pass
@@ -406,22 +272,6 @@ def dual_path_vision_features(
         backend: "aten" or "onednn" for the linears; None chooses with `linear_backend` for the weights' device and
             dtype.
     """
-    autocast_dtype = getattr(vision_model, "_mrad_autocast_dtype", None)
-    if autocast_dtype is not None and not torch.is_autocast_enabled(pixel_values.device.type):
-        with torch.autocast(pixel_values.device.type, dtype=autocast_dtype):
-            features = dual_path_vision_features(
-                vision_model,
-                visual_projection,
-                pixel_values,
-                vv_start_layer=vv_start_layer,
-                feature_layer=feature_layer,
-                position_interpolation=position_interpolation,
-                class_key_post_layernorm=class_key_post_layernorm,
-                batch_invariant=batch_invariant,
-                backend="aten",
-            )
-        return MRADVisionFeatures(features.class_embeds.float(), features.patch_tokens.float(), features.grid_size)
-
     embeddings = vision_model.embeddings
     layers = vision_model.encoder.layers
     num_layers = len(layers)

@@ -10,8 +10,8 @@ from mrad_hf.models.mrad.features_mrad import (
     dual_path_vision_features,
     interpolate_position_embeddings,
     neighbor_average,
-    set_backbone_dtype,
 )
+from mrad_hf.runtime import set_backbone_dtype
 
 
 def _pixels(batch=3, size=TINY_IMAGE_SIZE, seed=1):
@@ -309,20 +309,14 @@ def test_batch_invariant_must_be_a_bool():
         make_tiny_model(batch_invariant="yes")
 
 
-def test_resolve_dtype_and_linear_backend_follow_the_cpu(monkeypatch):
+def test_linear_backend_follows_the_cpu(monkeypatch):
     from mrad_hf.models.mrad import features_mrad
 
-    def fake(capability, bf16):
-        return lambda: {"model": "x", "capability": capability, "mkldnn": True, "flags": [], "bf16_matrix": bf16}
-
-    real = features_mrad.cpu_features()
     monkeypatch.delenv("MRAD_LINEAR_BACKEND", raising=False)
-    monkeypatch.setattr(features_mrad, "cpu_features", fake("AVX2", False))
-    assert features_mrad.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert features_mrad.linear_backend("cpu", torch.float32) == "aten"  # AVX2: MKL measured at least as fast
     assert features_mrad.linear_backend("cpu", torch.bfloat16) == "aten"
-    monkeypatch.setattr(features_mrad, "cpu_features", fake("AVX512", True))
-    assert features_mrad.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert features_mrad.linear_backend("cpu", torch.float32) == "onednn"
     assert features_mrad.linear_backend("cpu", torch.bfloat16) == "onednn"
     assert features_mrad.linear_backend("cpu", torch.float16) == "aten"
@@ -332,60 +326,3 @@ def test_resolve_dtype_and_linear_backend_follow_the_cpu(monkeypatch):
     monkeypatch.setenv("MRAD_LINEAR_BACKEND", "fast")
     with pytest.raises(ValueError, match="MRAD_LINEAR_BACKEND"):
         features_mrad.linear_backend("cpu")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert features_mrad.resolve_dtype("auto", "cuda") == torch.float16
-    assert (
-        features_mrad.resolve_dtype("bfloat16") == torch.bfloat16
-        and features_mrad.resolve_dtype(None) == torch.float32
-    )
-    with pytest.raises(ValueError, match="Unknown backbone dtype"):
-        features_mrad.resolve_dtype("fp8")
-    assert real["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(real["bf16_matrix"], bool)
-
-
-@torch.no_grad()
-def test_autocast_mode_keeps_float32_weights_and_float32_outputs(model_with_bank):
-    model = model_with_bank
-    pixels = _pixels(batch=2)
-    expected = model(pixels)
-    set_backbone_dtype(model, "bfloat16", mode="autocast")
-    try:
-        assert model.clip.vision_model.embeddings.patch_embedding.weight.dtype == torch.float32
-        got = model(pixels)
-        assert (
-            got.anomaly_map.dtype == torch.float32
-            and model.extract_features(pixels).patch_tokens.dtype == torch.float32
-        )
-        difference = (got.anomaly_map - expected.anomaly_map).abs().max().item()
-        assert 0 < difference < 2e-2  # bf16 matmuls under autocast: close, not equal
-    finally:
-        set_backbone_dtype(model, "float32", mode="autocast")
-    torch.testing.assert_close(model(pixels).anomaly_map, expected.anomaly_map, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="mode"):
-        set_backbone_dtype(model, "bfloat16", mode="amp")
-
-
-def test_malloc_tuning_applies_in_a_fresh_process():
-    import subprocess
-    import sys
-
-    code = "from mrad_hf.models.mrad.features_mrad import tune_malloc_for_inference as t; import torch; print(t()); torch.ones(8, 1370, 4096).sum()"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
-
-
-@torch.no_grad()
-def test_compile_features_wraps_the_instance_feature_pass(model_with_bank):
-    """The opt-in torch.compile hook (backend "eager" here: the wiring, not inductor's speed, which the benchmark
-    measures) gives the model's own outputs."""
-    from mrad_hf.models.mrad.features_mrad import compile_features
-
-    pixels = _pixels(batch=2)
-    expected = model_with_bank(pixels)
-    compiled = compile_features(model_with_bank, backend="eager")
-    try:
-        assert "extract_features" in compiled.__dict__
-        torch.testing.assert_close(compiled(pixels).anomaly_map, expected.anomaly_map, atol=1e-6, rtol=0)
-    finally:
-        del model_with_bank.extract_features
