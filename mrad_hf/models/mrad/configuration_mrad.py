@@ -17,8 +17,9 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, PreTrainedConfig
+from transformers.pipelines import PIPELINE_REGISTRY
 
-__all__ = ["MRADConfig", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "VARIANTS"]
+__all__ = ["MRADConfig", "CustomPipelines", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "VARIANTS"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,6 +32,21 @@ VARIANTS = ("tf", "ft", "clip")
 _STATE_KEYS = ("memory_bank_metadata", "calibration")
 #: Upper bounds that keep a run finite: a 1e6 sigma or 1e9 truncation asks for a kernel of gigabytes.
 _MAX_IMAGE_SIZE, _MAX_GAUSSIAN_SIGMA, _MAX_GAUSSIAN_TRUNCATE = 4096, 64.0, 16.0
+
+
+class CustomPipelines(dict):
+    """`config.custom_pipelines`: the pipelines a saved folder ships as code, where `task in` means "needs that code".
+
+    `save_pretrained` lists the `anomaly-detection` pipeline and its file, so that `pipeline(model=folder,
+    trust_remote_code=True)` infers the task and runs where `mrad_hf` is not installed. transformers' `pipeline()`
+    infers a task-less call's task from this listing, then demands `trust_remote_code` for every task `in` it. A task
+    already registered in this process (as `import mrad_hf` registers `anomaly-detection`) is served by the registered
+    code, so it is listed (saved, inferred) but not `in`: `pipeline(model=folder)` and `pipeline("anomaly-detection",
+    model=folder)` then run the installed code with no remote code.
+    """
+
+    def __contains__(self, task) -> bool:
+        return dict.__contains__(self, task) and task not in PIPELINE_REGISTRY.get_supported_tasks()
 
 
 @strict
@@ -175,20 +191,14 @@ class MRADConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         for state in _STATE_KEYS:  # folders saved before the sidecars: the model reads them from config.json itself
             kwargs.pop(state, None)
-        if __name__.startswith("mrad_hf."):
-            # transformers 5.24's pipeline() demands trust_remote_code for any task listed in `custom_pipelines`, even
-            # when the same pipeline is registered locally. The installed package registers "anomaly-detection", so
-            # its config does not list it: `pipeline("anomaly-detection", model=folder)` runs mrad_hf's code with no
-            # remote code. Without mrad_hf, `pipeline(model=folder, trust_remote_code=True)` infers the task from the
-            # folder's config.json (save_pretrained always writes `custom_pipelines`); with mrad_hf installed a
-            # task-less call has only the Hub's `pipeline_tag` to go by (transformers' get_task), so name the task.
-            kwargs.pop("custom_pipelines", None)
         if self.neighbor_kernel_sizes is None:
             self.neighbor_kernel_sizes = [1, 3, 5]
         self.neighbor_kernel_sizes = [int(k) for k in self.neighbor_kernel_sizes]
         self.image_mean = list(OPENAI_CLIP_MEAN if self.image_mean is None else self.image_mean)
         self.image_std = list(OPENAI_CLIP_STD if self.image_std is None else self.image_std)
         super().__post_init__(**kwargs)
+        if getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = CustomPipelines(self.custom_pipelines)
 
     # ---- derived quantities (no state) ----
     @property

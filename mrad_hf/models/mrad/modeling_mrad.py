@@ -39,7 +39,7 @@ from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput, cached_file
 
-from .configuration_mrad import MRADConfig
+from .configuration_mrad import CustomPipelines, MRADConfig
 from .features_mrad import MRADVisionFeatures, dual_path_vision_features, neighbor_average
 from .image_processing_mrad import MRADImageProcessor
 from .losses_mrad import ft_loss, prompt_loss
@@ -442,13 +442,15 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         The files are written to a staging folder first. A new folder appears complete or not at all; into an existing
         folder the finished files are moved one by one, `config.json` last, and the user's other files are kept.
         """
-        self.config.custom_pipelines = {
-            "anomaly-detection": {
-                "impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline",
-                "pt": ["AutoModel"],
-                "type": "image",
+        self.config.custom_pipelines = CustomPipelines(
+            {
+                "anomaly-detection": {
+                    "impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline",
+                    "pt": ["AutoModel"],
+                    "type": "image",
+                }
             }
-        }
+        )
         if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub"):
             return self._save_files(save_directory, *args, **kwargs)
         target = Path(save_directory)

@@ -284,18 +284,23 @@ def test_remote_code_unit_meets_the_issue_budget(saved):
     assert len(names) <= REMOTE_CODE_MAX_FILES and lines <= REMOTE_CODE_MAX_LINES, f"{lines} lines in {names}"
 
 
-def test_pipeline_by_task_with_mrad_hf_installed_runs_the_installed_code(saved):
+def test_pipeline_with_mrad_hf_installed_infers_the_task_and_runs_the_installed_code(saved):
     from transformers import pipeline
 
     _, folder, pixels, expected = saved
-    by_task = pipeline("anomaly-detection", model=str(folder), device="cpu")  # no trust_remote_code needed
-    assert type(by_task).__module__.startswith("mrad_hf.") and type(by_task.model).__module__.startswith("mrad_hf.")
     assert json.loads((folder / "config.json").read_text())["custom_pipelines"]["anomaly-detection"]["pt"] == [
         "AutoModel"
-    ]
-    # task-less pipeline(model=folder) is inferred from config.json's custom_pipelines where mrad_hf is not installed
-    # (next test); where it is, transformers 5.24 would demand trust_remote_code for a listed task, so the installed
-    # config does not list it and a task-less call needs the Hub's pipeline_tag (see configuration_mrad.__post_init__)
+    ]  # listed for hosts without mrad_hf (next test)
+    image = make_samples(1, seed=7)[0]["image"]
+    scores = []
+    for call in ({"task": "anomaly-detection"}, {}, {"trust_remote_code": True}):  # no remote code needed
+        detector = pipeline(model=str(folder), device="cpu", **call)
+        assert type(detector).__module__.startswith("mrad_hf.") and type(detector.model).__module__.startswith(
+            "mrad_hf."
+        ), call
+        scores.append(detector(image)["score"])
+    assert scores[0] == scores[1] == scores[2]
+    torch.testing.assert_close(torch.tensor(scores[0]), expected.anomaly_score[0], atol=1e-6, rtol=0)
 
 
 def test_remote_code_and_task_inference_in_a_fresh_process_without_mrad_hf(tmp_path):
