@@ -5,8 +5,8 @@
     export_model(model, "exports/mrad-tf-visa-onnx", format="onnx")        # model.onnx (+ model.onnx.data)
     export_model(model, "exports/mrad-tf-visa-openvino", format="openvino")  # model.xml + model.bin
 
-An export folder holds the graph (`MRADExportModule`: pixels -> anomaly_map (B, S, S), anomaly_score (B,); CLIP
-weights, heads and memory bank as constants; upsampling, Gaussian blur and score fusion in the graph),
+An export folder holds the graph (the model's own forward, `MRADExportModule`: pixels -> anomaly_map (B, S, S),
+anomaly_score (B,); CLIP weights, heads and memory bank as constants; upsampling, blur and score fusion in the graph),
 `preprocessor_config.json` (the model's `MRADImageProcessor`, so that the runtime preprocesses identically) and
 `export_config.json` (format, variant, sizes, the bank it embeds, versions, and the measured difference to the
 PyTorch model at two batch sizes). ONNX comes from `torch.onnx.export(dynamo=True)` (the torch.export-based exporter);
@@ -56,7 +56,7 @@ def export_onnx(
     require("onnxscript")
     path = Path(path)
     size = module.config.image_size
-    example = _random_pixels(example_batch, size).to(next(module.clip.parameters()).device)
+    example = _random_pixels(example_batch, size).to(next(module.parameters()).device)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.onnx internals (pytree spec deprecation)

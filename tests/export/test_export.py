@@ -48,6 +48,7 @@ from mrad_hf.export import (  # noqa: E402
 from mrad_hf.export.exporters import _verify  # noqa: E402
 
 VARIANTS = ("tf", "ft", "clip")
+INPUT = "pixel_values"
 BATCH_SIZES = (1, 3, 8)
 TOLERANCE = 1e-4
 
@@ -94,16 +95,42 @@ def assert_equal_outputs(got, expected):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_export_module_equals_the_model_batch_wise(models, variant):
+def test_model_forward_itself_exports_with_a_dynamic_batch(models, variant):
+    """torch.export of the model's own forward (the export module only selects its outputs) keeps the batch free."""
+    model = models[variant]
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(
+            MRADExportModule(model), (pixels(2, seed=0),), dynamic_shapes={"pixel_values": {0: batch}}
+        )
+        (pixel_values,) = [node for node in program.graph.nodes if node.op == "placeholder" and node.name == INPUT]
+        assert isinstance(pixel_values.meta["val"].shape[0], torch.SymInt)
+        for size in (1, 5):  # a graph specialised to the example's batch of 2 would refuse these
+            x = pixels(size, seed=30 + size)
+            anomaly_map, anomaly_score = program.module()(x)
+            expected = model(pixel_values=x)
+            torch.testing.assert_close(anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
+            torch.testing.assert_close(anomaly_score, expected.anomaly_score, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_module_is_the_model_forward_and_batch_wise(models, variant):
     model = models[variant]
     x = pixels(3, seed=1)
     with torch.no_grad():
         expected = model(pixel_values=x)
         anomaly_map, anomaly_score = MRADExportModule(model)(x)
-        alone, _ = MRADExportModule(model)(x[1:2])
-    torch.testing.assert_close(anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
-    torch.testing.assert_close(anomaly_score, expected.anomaly_score, atol=1e-5, rtol=0)
-    torch.testing.assert_close(alone[0], anomaly_map[1], atol=1e-5, rtol=0)  # an image does not see its batch mates
+        model.config.batch_invariant = True  # exported batch-wise through a copy; the model itself is left as it is
+        try:
+            invariant = model(pixel_values=x)
+            module = MRADExportModule(model)
+            batch_wise_map, batch_wise_score = module(x)
+            assert model.config.batch_invariant and not module.config.batch_invariant
+        finally:
+            model.config.batch_invariant = False
+    assert torch.equal(anomaly_map, expected.anomaly_map) and torch.equal(anomaly_score, expected.anomaly_score)
+    assert torch.equal(batch_wise_map, anomaly_map) and torch.equal(batch_wise_score, anomaly_score)
+    torch.testing.assert_close(invariant.anomaly_map, anomaly_map, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -236,8 +236,8 @@ def _block_attention(
     if not with_vv:
         return _linear(attention.out_proj, _attend(attention, query, key, value), backend), None
     attended = _attend(attention, torch.cat([query, value]), torch.cat([key, value]), torch.cat([value, value]))
-    original, vv = _linear(attention.out_proj, attended, backend).chunk(2, dim=0)
-    return original, vv
+    projected = _linear(attention.out_proj, attended, backend)  # slices, not chunk(2): no guard on a free batch
+    return projected[: normed.shape[0]], projected[normed.shape[0] :]
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:

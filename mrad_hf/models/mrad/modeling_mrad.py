@@ -751,52 +751,29 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         and the projections then see the same shapes whatever the batch, so an image's map does not depend on the
         images scored with it; otherwise for the whole batch at once.
         """
-        config = self.config
-        prompt_tokens = self.prompt_token_tensors()  # once per batch, not per image
-        if not config.batch_invariant:
-            patch_tokens = self.projected_patch_tokens(features)
-            region_tokens = region_prior_tokens(patch_anomaly_probability, patch_tokens, config.region_prior_threshold)
-            text_features = self.prompt_text_features(region_tokens, prompt_tokens)
-            similarity = torch.matmul(patch_tokens, text_features.transpose(1, 2))
-            return torch.softmax(similarity / config.text_temperature, dim=-1)
-        per_image = []
-        for index in range(features.patch_tokens.shape[0]):
-            single = MRADVisionFeatures(
-                class_embeds=features.class_embeds[index : index + 1],
-                patch_tokens=features.patch_tokens[index : index + 1],
-                grid_size=features.grid_size,
+        if self.config.batch_invariant and features.patch_tokens.shape[0] > 1:
+            return torch.cat(
+                [
+                    self.text_patch_probabilities(
+                        MRADVisionFeatures(features.class_embeds[i : i + 1], tokens, features.grid_size),
+                        patch_anomaly_probability[i : i + 1],
+                    )
+                    for i, tokens in enumerate(features.patch_tokens.split(1))
+                ]
             )
-            patch_tokens = self.projected_patch_tokens(single)
-            region_tokens = region_prior_tokens(
-                patch_anomaly_probability[index : index + 1], patch_tokens, config.region_prior_threshold
-            )
-            text_features = self.prompt_text_features(region_tokens, prompt_tokens)
-            similarity = torch.matmul(patch_tokens, text_features.transpose(1, 2))
-            per_image.append(torch.softmax(similarity / config.text_temperature, dim=-1))
-        return torch.cat(per_image)
+        patch_tokens = self.projected_patch_tokens(features)
+        region_tokens = region_prior_tokens(patch_anomaly_probability, patch_tokens, self.config.region_prior_threshold)
+        similarity = torch.matmul(patch_tokens, self.prompt_text_features(region_tokens).transpose(1, 2))
+        return torch.softmax(similarity / self.config.text_temperature, dim=-1)
 
-    def prompt_token_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token ids (2, T) zero-padded, end-token positions (2,)) of the two prompts, from `config.prompt_token_ids`."""
-        ids = self.config.prompt_token_ids
-        if ids is None:
+    def prompt_text_features(self, region_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 2, P) normalised text features [normal, anomalous] of the per-image prompts biased by region tokens."""
+        config = self.config
+        if config.prompt_token_ids is None:
             raise ValueError(
                 "This MRAD-CLIP model has no prompt token ids; create it with MRADForAnomalyDetection.from_clip(..., "
                 "variant='clip', tokenizer=<CLIP tokenizer>) or set config.prompt_token_ids."
             )
-        device = self.prompt_learner.normal_context.device
-        token_ids = torch.zeros(len(ids), max(len(prompt) for prompt in ids), dtype=torch.long, device=device)
-        for row, prompt in enumerate(ids):
-            token_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-        return token_ids, torch.tensor([len(prompt) - 1 for prompt in ids], device=device)
-
-    def prompt_text_features(
-        self, region_tokens: torch.Tensor, prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """(B, 2, P) normalised text features [normal, anomalous] of the per-image prompts biased by region tokens.
-
-        `prompt_tokens`: `prompt_token_tensors()`, when the caller already has them."""
-        config = self.config
-        token_ids, end_positions = prompt_tokens if prompt_tokens is not None else self.prompt_token_tensors()
         learner = self.prompt_learner
         text_dtype = self.clip.text_model.final_layer_norm.weight.dtype
         context = learner.context(self.region_bias(region_tokens.to(learner.normal_context.dtype))).to(text_dtype)
@@ -804,8 +781,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             self.clip.text_model,
             self.clip.text_projection,
             context,
-            token_ids,
-            end_positions,
+            config.prompt_token_ids,
             learner.deep_prompts.to(text_dtype),
             round_deep_prompts_to_fp16=config.deep_prompt_fp16_rounding,
         )

@@ -77,8 +77,7 @@ def prompted_text_features(
     text_model: nn.Module,
     text_projection: nn.Module,
     context: torch.Tensor,
-    token_ids: torch.Tensor,
-    end_positions: torch.Tensor,
+    token_ids: list[list[int]],
     deep_prompts: torch.Tensor | None = None,
     *,
     round_deep_prompts_to_fp16: bool = True,
@@ -89,20 +88,21 @@ def prompted_text_features(
         text_model: `CLIPModel.text_model` (embeddings, encoder.layers, final_layer_norm).
         text_projection: `CLIPModel.text_projection`.
         context: (B, S, n_ctx, D) context vectors, biases already added.
-        token_ids: (S, T) token ids of each prompt, padded after its end token; positions 1..n_ctx are placeholders
-            whose embeddings are replaced by `context`.
-        end_positions: (S,) index of each prompt's end token.
+        token_ids: the S prompts' ids (start ... end token, `config.prompt_token_ids`); positions 1..n_ctx are
+            placeholders whose embeddings are replaced by `context`. Python ints, so every length and index is a
+            constant: the only free shape is the batch (exportable with a dynamic batch axis).
         deep_prompts: (n_deep, t, D): inserted at layers 1..n_deep (0-based), replacing tokens 1..t.
         round_deep_prompts_to_fp16: round the deep prompts to fp16 values first (the reference's `.half()`).
     """
     batch, states, n_ctx, width = context.shape
-    length = int(end_positions.max()) + 1
-    token_ids = token_ids[:, :length]
+    ends = [len(prompt) - 1 for prompt in token_ids]
+    length = max(ends) + 1
+    padded = [list(prompt) + [0] * (length - len(prompt)) for prompt in token_ids]
     embeddings = text_model.embeddings
-    words = embeddings.token_embedding(token_ids).to(context.dtype)  # (S, T, D)
+    words = embeddings.token_embedding(torch.tensor(padded, device=context.device)).to(context.dtype)  # (S, T, D)
     prefix = words[:, :1].unsqueeze(0).expand(batch, -1, -1, -1)
     suffix = words[:, 1 + n_ctx :].unsqueeze(0).expand(batch, -1, -1, -1)
-    hidden = torch.cat([prefix, context, suffix], dim=2).reshape(batch * states, length, width)
+    hidden = torch.cat([prefix, context, suffix], dim=2).flatten(0, 1)
     hidden = hidden + embeddings.position_embedding.weight[:length].to(hidden.dtype)
 
     mask = causal_attention_mask(length, hidden.dtype, hidden.device)
@@ -115,7 +115,5 @@ def prompted_text_features(
             deep = deep.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
             hidden = torch.cat([hidden[:, :1], deep, hidden[:, 1 + deep.shape[1] :]], dim=1)
         hidden = layer(hidden, attention_mask=mask)
-    hidden = text_model.final_layer_norm(hidden)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    ends = end_positions.to(hidden.device).repeat(batch)
-    return text_projection(hidden[rows, ends]).reshape(batch, states, -1)
+    hidden = text_model.final_layer_norm(hidden).unflatten(0, (batch, states))
+    return text_projection(hidden[:, list(range(states)), ends])
