@@ -751,20 +751,19 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         and the projections then see the same shapes whatever the batch, so an image's map does not depend on the
         images scored with it; otherwise for the whole batch at once.
         """
-        if self.config.batch_invariant and features.patch_tokens.shape[0] > 1:
-            return torch.cat(
-                [
-                    self.text_patch_probabilities(
-                        MRADVisionFeatures(features.class_embeds[i : i + 1], tokens, features.grid_size),
-                        patch_anomaly_probability[i : i + 1],
-                    )
-                    for i, tokens in enumerate(features.patch_tokens.split(1))
-                ]
+        config = self.config
+        if config.batch_invariant and features.patch_tokens.shape[0] > 1:
+            images = zip(
+                features.class_embeds.split(1), features.patch_tokens.split(1), patch_anomaly_probability.split(1)
             )
+            single = [
+                self.text_patch_probabilities(MRADVisionFeatures(c, t, features.grid_size), p) for c, t, p in images
+            ]
+            return torch.cat(single)
         patch_tokens = self.projected_patch_tokens(features)
-        region_tokens = region_prior_tokens(patch_anomaly_probability, patch_tokens, self.config.region_prior_threshold)
+        region_tokens = region_prior_tokens(patch_anomaly_probability, patch_tokens, config.region_prior_threshold)
         similarity = torch.matmul(patch_tokens, self.prompt_text_features(region_tokens).transpose(1, 2))
-        return torch.softmax(similarity / self.config.text_temperature, dim=-1)
+        return torch.softmax(similarity / config.text_temperature, dim=-1)
 
     def prompt_text_features(self, region_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 2, P) normalised text features [normal, anomalous] of the per-image prompts biased by region tokens."""
