@@ -10,7 +10,7 @@ the same ONNX file, and the IR is converted from it) into `--work-dir` (reused w
 the same random pixels, per batch size, interleaved (one warm-up call each first, on the smallest batch):
 
 * `pytorch fp32`: `MRADForAnomalyDetection` (the package's default path; the reference for every diff);
-* `pytorch fp32 batch-wise`: the export wrapper `MRADExportModule` run eagerly (what the graph computes);
+* `pytorch fp32 batch-wise`: the export module `MRADExportModule` run eagerly (the model's own forward, as the graph traces it; it differs from `pytorch fp32` only with `batch_invariant=True`);
 * `onnxruntime fp32`: `ExportedDetector(..., backend="onnxruntime")`;
 * `openvino fp32`: `ExportedDetector(..., backend="openvino")` on the IR, `inference_precision="f32"`;
 * `openvino int8 weights` / `openvino int8 ptq` (`--int8`, needs `pip install nncf`): NNCF weight-only int8, and

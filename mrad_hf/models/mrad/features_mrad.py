@@ -1,32 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
 """MRAD's dual-path CLIP features over the weights of a Hugging Face `CLIPModel` (paper Sec. 3.1).
 
-MRAD keeps CLIP frozen and reads two things from one pass of the vision tower:
+One pass of the frozen vision tower gives two things:
 
-* the **original path** (plain CLIP blocks) gives the class token; its projection *without*
-  `post_layernorm` is the image-level query/key (a quirk of the reference code, kept by default);
-* the **V-V path** (CLIP-Surgery / AnomalyCLIP "DPAM") starts at block `vv_start_layer` from the
-  original path's hidden state and, in every later block, adds a self-attention in which query, key and
-  value are all the V projection of the *original* path's `layer_norm1` output. It has no MLP. Its tokens
-  after `post_layernorm` (not projected, 1024-d for ViT-L) are the pixel-level queries/keys.
+* the **original path** (plain CLIP blocks): the class token, projected *without* `post_layernorm` (a quirk of the
+  reference, kept by default), is the image-level query/key;
+* the **V-V path** (CLIP-Surgery / AnomalyCLIP "DPAM"): from block `vv_start_layer` on, a self-attention whose query,
+  key and value are all the V projection of the original path's `layer_norm1` output, no MLP; its tokens after
+  `post_layernorm` (1024-d for ViT-L) are the pixel-level queries/keys.
 
-Both attentions of a dual-path block go through transformers' attention interface
-(`ALL_ATTENTION_FUNCTIONS`, chosen by the vision config's `_attn_implementation`: "sdpa" by default, "eager"
-for the explicit softmax(q k^T) v) as one call with the two problems stacked on the batch axis, and share one
-`out_proj` call; the last block computes the original path for the class token only (nothing else of it is
-read). The positional table is resized bilinearly to the input grid (the reference; transformers' own
-`interpolate_pos_encoding` is bicubic).
-
-Speed (issue 15): `linear_backend()` runs the tower's linears through oneDNN with weights pre-packed once per
-weight version (packed copies live in a side cache; parameters stay the source of truth) on AVX-512 CPUs, where it
-measured ~2.3x MKL's `F.linear`, and through `F.linear` elsewhere (equal or faster on AVX2); both are exact fp32.
-`MRAD_LINEAR_BACKEND=aten|onednn|auto` overrides. SDPA measured 3-4x the explicit softmax(V V^T) V, so it stays the
-default attention. `batch_invariant=True` (`MRADConfig.batch_invariant`) uses per-image products wherever a CPU kernel
-picks its algorithm by batch size, so an image's outputs are bit-identical whatever it is scored with (off by default:
-whole-batch products, equal within 1e-5). dtype, allocator and compile choices live in `mrad_hf.runtime`.
-
-Everything here is a pure function of the CLIP weights and the pixels: no state but the packed-weight cache, no
-in-place updates of the checkpoint (the reference overwrites its positional table on the first 518-px forward).
+Both attentions of a block run as one call of transformers' attention interface (`ALL_ATTENTION_FUNCTIONS`, per
+`_attn_implementation`; SDPA measured 3-4x the explicit softmax(V V^T) V) and share one `out_proj`; the last block
+computes the class row only. The positional table is resized bilinearly (the reference; transformers' is bicubic).
+On AVX-512 CPUs the linears run through oneDNN with weights pre-packed once per weight version (~2.3x MKL there; on
+AVX2 MKL is as fast), exact fp32 either way (`linear_backend`, `MRAD_LINEAR_BACKEND`). `batch_invariant=True` uses
+per-image products wherever a CPU kernel picks its algorithm by batch size, so an image's outputs are bit-identical
+whatever it is scored with. Pure functions of the weights and pixels: the checkpoint is never updated in place (the
+reference overwrites its positional table on the first 518-px forward). dtype and compile choices: `mrad_hf.runtime`.
 """
 
 from __future__ import annotations
@@ -75,11 +65,9 @@ class MRADVisionFeatures:
 
 # ---------------------------------------------------------------------- linear-layer backend (run time)
 def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """ "onednn" (pre-packed oneDNN linears) or "aten" (`F.linear`) for the vision tower's linears.
+    """ "onednn" (pre-packed oneDNN linears, where it has a kernel: CPU fp32, bf16 on AVX-512) or "aten" (`F.linear`).
 
-    `MRAD_LINEAR_BACKEND=aten|onednn` forces one (onednn only where it has a kernel: CPU, float32, or bfloat16 on
-    AVX-512); "auto" (default) takes oneDNN on AVX-512 CPUs, where it was measured faster than MKL, `F.linear`
-    elsewhere (AVX2: MKL measured equal or faster; GPUs: cuBLAS).
+    "auto" (default; `MRAD_LINEAR_BACKEND=aten|onednn` forces one) takes oneDNN on AVX-512 CPUs, `F.linear` elsewhere.
     """
     choice = os.environ.get("MRAD_LINEAR_BACKEND", "auto").lower()
     if choice not in LINEAR_BACKENDS:
