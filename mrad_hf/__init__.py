@@ -40,6 +40,7 @@ _LAZY_EXPORTS = {
     "MemoryBankError": ".models.mrad.memory_bank_mrad",
     "SUPPORTED_IMAGE_EXTENSIONS": ".models.mrad.image_processing_mrad",
     "load_image": ".models.mrad.image_processing_mrad",
+    "set_backbone_dtype": ".runtime",
 }
 
 __all__ = sorted(_LAZY_EXPORTS) + ["__version__"]
