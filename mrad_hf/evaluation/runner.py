@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.loaders import file_sha256, iter_readable_rows
+from ..data.loaders import file_sha256, undecoded_images
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.memory_bank_mrad import atomic_write
 from ..tools.visualization import save_panel
 from .metrics import METRIC_KEYS, compute_all_metrics, image_auroc, pixel_auroc
+from .scoring import broadcast_from_main, iter_scored, process_group, score_items
 
 __all__ = [
     "BankOverlapWarning",
@@ -124,16 +125,17 @@ def held_out_split(rows: list[dict[str, Any]], seed: int = 0) -> tuple[list[dict
     return [rows[i] for i in order[:half]], [rows[i] for i in order[half:]]
 
 
-@torch.no_grad()
 def held_out_aurocs(model, rows: list[dict[str, Any]]) -> tuple[float, float]:
     """(image AUROC, pixel AUROC) of `model` (put in eval mode) on `rows` (image, label, mask), in one batch, with
     the maps and masks at the network input size."""
-    processor = MRADImageProcessor.from_config(model.config)
-    inputs = processor([row["image"] for row in rows], masks=[row["mask"] for row in rows])
-    outputs = model.eval()(pixel_values=inputs["pixel_values"])
+    items = [{"image": row["image"], "mask": row["mask"]} for row in rows]
+    results = score_items(model, items, batch_size=max(1, len(rows)), on_error="fail")
     return (
-        image_auroc([row["label"] for row in rows], outputs.anomaly_score.numpy()),
-        pixel_auroc(inputs["masks"].numpy() > 0.5, outputs.anomaly_map.numpy()),
+        image_auroc([row["label"] for row in rows], np.array([result.score for result in results])),
+        pixel_auroc(
+            torch.stack([result.mask for result in results]).numpy() > 0.5,
+            torch.stack([result.anomaly_map for result in results]).numpy(),
+        ),
     )
 
 
@@ -147,10 +149,9 @@ def _evenly_spaced(count: int, chosen: int) -> set[int]:
     return {int(i) for i in np.linspace(0, count - 1, num=min(chosen, count)).round()}
 
 
-@torch.no_grad()
 def evaluate_category(
     model,
-    rows,
+    rows: list[dict[str, Any]],
     category: str,
     *,
     processor: MRADImageProcessor,
@@ -159,10 +160,31 @@ def evaluate_category(
     heatmaps: int,
     aupro_protocol: str,
     progress,
-) -> dict[str, Any]:
-    """Score one category's rows and return its metrics, counts and throughput."""
-    labels, scores, maps, masks, known = [], [], [], [], []
-    if not rows:
+    on_error: str = "skip",
+    skipped: list[dict[str, str]] | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any] | None:
+    """Score one category's rows (image and mask undecoded, label, path, defect_type) with `scoring.iter_scored` and
+    return its metrics, counts and throughput. Unreadable rows go to `skipped` (`on_error="skip"`) or raise. In a
+    multi-process run every process scores its share and process 0 alone computes, draws and returns (others: None).
+    """
+    rank, _ = process_group()
+    started = time.perf_counter()
+    results = []
+    for step in iter_scored(
+        model, rows_as_items(rows), processor=processor, batch_size=batch_size, num_workers=num_workers,
+        on_error=on_error,
+    ):
+        results.extend(step)
+        progress.update(len(step))
+    elapsed = time.perf_counter() - started
+    if rank != 0:
+        return None
+    failed = [result for result in results if result.error is not None]
+    if skipped is not None:
+        skipped.extend({"path": result.id, "error": result.error} for result in failed)
+    scored = [result for result in results if result.error is None]
+    if not scored:
         empty = {key: None for key in METRIC_KEYS}
         return {
             "category": category,
@@ -174,32 +196,26 @@ def evaluate_category(
             "metrics": empty,
             "scores": [],
         }
-    shown = _evenly_spaced(len(rows), heatmaps)
-    started = time.perf_counter()
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        inputs = processor([row["image"] for row in batch], masks=[row["mask"] for row in batch])
-        outputs = model(pixel_values=inputs["pixel_values"].to(model.device, model.dtype))
-        for offset, row in enumerate(batch):
-            index = start + offset
-            labels.append(int(row["label"]))
-            scores.append(float(outputs.anomaly_score[offset]))
-            maps.append(outputs.anomaly_map[offset].float().cpu().numpy())
-            masks.append(inputs["masks"][offset].numpy() > 0.5)
-            known.append(not (labels[-1] == 1 and row["mask"] is None))  # an anomaly without a mask: pixels unknown
-            if heatmap_dir is not None and index in shown:
-                image = processor.load(row["image"]).resize((maps[-1].shape[1], maps[-1].shape[0]))
-                name = f"{category}_{index:04d}_{row['defect_type']}.png".replace("/", "_").replace(" ", "_")
-                save_panel(
-                    heatmap_dir / name,
-                    image,
-                    maps[-1],
-                    mask=masks[-1],
-                    title=f"{category} {row['defect_type']} score={scores[-1]:.4f}",
-                    value_range=None,
-                )
-        progress.update(len(batch))
-    elapsed = time.perf_counter() - started
+    shown = _evenly_spaced(len(scored), heatmaps)
+    labels, scores, maps, masks, known = [], [], [], [], []
+    for index, result in enumerate(scored):
+        row = rows[result.index]
+        labels.append(int(row["label"]))
+        scores.append(result.score)
+        maps.append(result.anomaly_map.numpy())
+        masks.append(result.mask.numpy() > 0.5)
+        known.append(not (labels[-1] == 1 and row["mask"] is None))  # an anomaly without a mask: pixels unknown
+        if heatmap_dir is not None and index in shown:
+            image = processor.load(row["image"]).resize((maps[-1].shape[1], maps[-1].shape[0]))
+            name = f"{category}_{index:04d}_{row['defect_type']}.png".replace("/", "_").replace(" ", "_")
+            save_panel(
+                heatmap_dir / name,
+                image,
+                maps[-1],
+                mask=masks[-1],
+                title=f"{category} {row['defect_type']} score={scores[-1]:.4f}",
+                value_range=None,
+            )
     has_masks = any(mask.any() for mask, is_known in zip(masks, known) if is_known)
     pixel_excluded = sum(1 for is_known in known if not is_known)
     metrics = compute_all_metrics(
@@ -212,19 +228,33 @@ def evaluate_category(
     )
     return {
         "category": category,
-        "images": len(rows),
+        "images": len(scored),
         "anomalous": int(sum(labels)),
         "pixel_excluded": pixel_excluded if has_masks else 0,
         "seconds": elapsed,
-        "images_per_second": len(rows) / elapsed if elapsed > 0 else float("nan"),
+        "images_per_second": len(scored) / elapsed if elapsed > 0 else float("nan"),
         "metrics": {
             key: (None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value))
             for key, value in metrics.items()
         },
         "scores": [
-            {"path": row["path"], "label": label, "score": score} for row, label, score in zip(rows, labels, scores)
+            {"path": rows[result.index]["path"], "label": label, "score": score}
+            for result, label, score in zip(scored, labels, scores)
         ],
     }
+
+
+def rows_as_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Dataset rows (image and mask undecoded) as `scoring` items: decoded in its DataLoader, named by their path."""
+    return [
+        {"image": row["image"], "mask": row.get("mask"), "label": int(row["label"]), "id": _row_name(row)}
+        for row in rows
+    ]
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    image = row.get("image")
+    return str(row.get("path") or (image.get("path") if isinstance(image, dict) else image))
 
 
 def format_markdown_table(per_category: list[dict[str, Any]], mean: dict[str, float | None]) -> str:
@@ -278,7 +308,8 @@ def evaluate_dataset(
     exclude_bank_images: bool = False,
     overwrite: bool = False,
     resume_anyway: bool = False,
-) -> dict[str, Any]:
+    num_workers: int = 0,
+) -> dict[str, Any] | None:
     """Evaluate `model` on every category of `dataset` (rows with image, mask, label, category, defect_type, path).
 
     Writes `per_category/<category>.json` as each category finishes, then `results.json`, `results.csv` and
@@ -288,6 +319,11 @@ def evaluate_dataset(
     are counted (`results["bank_overlap"]`, a `BankOverlapWarning`) and, with `exclude_bank_images`, left out.
     The folder's run fingerprint (`tools.run_folder`: model, bank, dataset, settings) must match to resume; a folder
     of another run is refused unless `overwrite` (start over) or `resume_anyway`. Returns the content of `results.json`.
+
+    Images are decoded in a DataLoader (`num_workers` processes) and scored by `scoring.iter_scored`. Under
+    `torchrun` / `accelerate launch` (an initialised process group) every process scores its share of each category
+    and process 0 alone writes the folder and returns the results (the others return None): the same numbers as one
+    process.
     """
     from tqdm.auto import tqdm
 
@@ -335,32 +371,44 @@ def evaluate_dataset(
     fingerprint = run_folder.run_fingerprint(
         command="evaluate", model=model, dataset=run_folder.dataset_identity(dataset, name=name), settings=settings
     )
-    run = run_folder.open_run_folder(
-        output_dir,
-        fingerprint,
-        artefacts=("per_category", "heatmaps", "results.json", "results.csv", "results.md"),
-        overwrite=overwrite or not resume,
-        resume_anyway=resume_anyway,
-    )
-    processor = MRADImageProcessor.from_config(model.config)
+    rank, _ = process_group()
+    run, refusal = None, None
+    if rank == 0:  # one process owns the folder; the others learn its state (or its refusal) from it
+        try:
+            run = run_folder.open_run_folder(
+                output_dir,
+                fingerprint,
+                artefacts=("per_category", "heatmaps", "results.json", "results.csv", "results.md"),
+                overwrite=overwrite or not resume,
+                resume_anyway=resume_anyway,
+            )
+        except Exception as error:
+            refusal = error
     category_column = dataset["category"]
     categories = sorted(set(category_column))
-    bar = tqdm(total=len(dataset), desc=f"Evaluating {name}", unit="img", disable=not progress)
+    finished = [
+        category for category in categories if resume and (output_dir / "per_category" / f"{category}.json").exists()
+    ]
+    refusal, finished = broadcast_from_main((refusal, finished) if rank == 0 else None)
+    if refusal is not None:
+        raise refusal
+    processor = MRADImageProcessor.from_config(model.config)
+    bar = tqdm(total=len(dataset), desc=f"Evaluating {name}", unit="img", disable=not progress or rank != 0)
     per_category = []
     for category in categories:
         record_path = output_dir / "per_category" / f"{category}.json"
-        if resume and record_path.exists():
+        if category in finished:
+            if rank != 0:
+                continue
             record = json.loads(record_path.read_text(encoding="utf-8"))
             bar.update(record["images"] + len(record.get("skipped", [])))
         else:
-            # select by the category column so that only this category's images are decoded
-            selected = dataset.select([i for i, name in enumerate(category_column) if name == category])
+            # select by the category column so that only this category's images are decoded (in the DataLoader)
+            selected = undecoded_images(dataset.select([i for i, name in enumerate(category_column) if name == category]))
             skipped: list[dict[str, str]] = []
-            rows = list(iter_readable_rows(selected, processor.load_pair, on_error=on_error, failures=skipped))
-            bar.update(len(skipped))
             record = evaluate_category(
                 model,
-                rows,
+                list(selected),
                 category,
                 processor=processor,
                 batch_size=batch_size,
@@ -368,11 +416,18 @@ def evaluate_dataset(
                 heatmaps=heatmaps_per_category,
                 aupro_protocol=aupro_protocol,
                 progress=bar,
+                on_error=on_error,
+                skipped=skipped,
+                num_workers=num_workers,
             )
+            if record is None:  # not process 0
+                continue
             record["skipped"] = skipped
             _write_text(record_path, json.dumps(record, indent=2))
         per_category.append(record)
     bar.close()
+    if rank != 0:
+        return None
     mean = {}
     for key in METRIC_KEYS:
         values = [r["metrics"].get(key) for r in per_category if r["metrics"].get(key) is not None]

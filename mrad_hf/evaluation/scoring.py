@@ -23,7 +23,7 @@ batch activations first (`runtime.tune_malloc_for_inference`; `tune_malloc=False
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,8 @@ from ..models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputErr
 from ..models.mrad.memory_bank_mrad import label_value, progress_bar
 from ..runtime import set_backbone_dtype, tune_malloc_for_inference
 
-__all__ = ["ScoredItem", "score_items", "ON_ERROR_CHOICES"]
+__all__ = ["ScoredItem", "score_items", "iter_scored", "process_group", "init_distributed", "broadcast_from_main",
+           "ON_ERROR_CHOICES"]
 
 ON_ERROR_CHOICES = ("skip", "fail")
 
@@ -52,6 +53,7 @@ class ScoredItem:
     original_size: tuple[int, int] | None = None  # (height, width) of the decoded image
     label: int | None = None
     error: str | None = None
+    image: Any = None  # the decoded PIL image, with `keep_images=True`
 
 
 def _normalise(item: Any, position: int) -> dict[str, Any]:
@@ -75,9 +77,15 @@ class _ScoringDataset(Dataset):
     """Decodes and preprocesses one item per `__getitem__` (run in the DataLoader's workers)."""
 
     def __init__(
-        self, items: list[dict[str, Any]], indices: list[int], processor: MRADImageProcessor, with_masks: bool
+        self,
+        items: list[dict[str, Any]],
+        indices: list[int],
+        processor: MRADImageProcessor,
+        with_masks: bool,
+        keep_images: bool = False,
     ):
         self.items, self.indices, self.processor, self.with_masks = items, indices, processor, with_masks
+        self.keep_images = keep_images
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -86,17 +94,21 @@ class _ScoringDataset(Dataset):
         index = self.indices[position]
         item = self.items[index]
         try:
-            inputs = self.processor([item["image"]], masks=[item["mask"]] if self.with_masks else None)
+            image = self.processor.load(item["image"]) if self.keep_images else item["image"]
+            inputs = self.processor([image], masks=[item["mask"]] if self.with_masks else None)
         except Exception as error:  # the processor raises MRADInputError naming the file; anything else: same
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            if not isinstance(error, MRADInputError):
-                message = f"{item['id']}: {message}"
+            if isinstance(error, MRADInputError):
+                message = str(error).splitlines()[0]
+            else:  # memory, disk, a decoder bug: this item's failure too
+                detail = (str(error).splitlines() or ["out of memory" if isinstance(error, MemoryError) else ""])[0]
+                message = f"Image '{item['id']}' failed: {type(error).__name__}: {detail}"
             return {"index": index, "error": message}
         return {
             "index": index,
             "pixel_values": inputs["pixel_values"][0],
             "mask": inputs["masks"][0] if self.with_masks else None,
             "original_size": tuple(int(v) for v in inputs["original_sizes"][0]),
+            "image": image if self.keep_images else None,
         }
 
 
@@ -108,6 +120,7 @@ def _collate(records: list[dict[str, Any]]) -> dict[str, Any]:
         "pixel_values": torch.stack([record["pixel_values"] for record in good]) if good else None,
         "masks": [record["mask"] for record in good],
         "original_sizes": [record["original_size"] for record in good],
+        "images": [record["image"] for record in good],
     }
 
 
@@ -115,7 +128,8 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the model's threads
 
 
-def _process_group(accelerator: Any) -> tuple[int, int]:
+def process_group(accelerator: Any = None) -> tuple[int, int]:
+    """(rank, number of processes) of this run: the accelerator's, an initialised `torch.distributed` group's, or (0, 1)."""
     if accelerator is not None:
         return accelerator.process_index, accelerator.num_processes
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -123,9 +137,28 @@ def _process_group(accelerator: Any) -> tuple[int, int]:
     return 0, 1
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that `torchrun` / `accelerate launch` describe in the environment (`WORLD_SIZE` > 1),
+    with the gloo backend (results are gathered as Python objects, on the CPU, whatever device the model uses);
+    returns (rank, number of processes), (0, 1) for a plain run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="gloo")
+    return process_group()
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """`value` as process 0 has it, on every process (itself on a single process)."""
+    if process_group()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _my_batches(num_batches: int, accelerator: Any, rank: int, world: int) -> list[int]:
     batches = list(range(num_batches))
-    if world == 1:
+    if world == 1 or num_batches == 0:
         return batches
     if accelerator is not None:
         with accelerator.split_between_processes(batches) as mine:
@@ -135,8 +168,14 @@ def _my_batches(num_batches: int, accelerator: Any, rank: int, world: int) -> li
     return batches[start : start + per_process + (1 if rank < extra else 0)]
 
 
+def score_items(model, items: Iterable[Any], **options: Any) -> list[ScoredItem]:
+    """Score `items` with an MRAD model in batches; results in input order, one `ScoredItem` per item (on every
+    process of a multi-process run). The options are `iter_scored`'s."""
+    return sorted((item for step in iter_scored(model, items, **options) for item in step), key=lambda r: r.index)
+
+
 @torch.no_grad()
-def score_items(
+def iter_scored(
     model,
     items: Iterable[Any],
     *,
@@ -148,11 +187,13 @@ def score_items(
     dtype_mode: str = "cast",
     on_error: str = "skip",
     keep_maps: bool = True,
+    keep_images: bool = False,
     accelerator: Any = None,
     progress: bool = False,
     tune_malloc: bool = True,
-) -> list[ScoredItem]:
-    """Score `items` with an MRAD model in batches; results in input order, one `ScoredItem` per item.
+) -> Iterator[list[ScoredItem]]:
+    """Score `items` in batches and yield, step by step, the `ScoredItem`s of that step in input order (one batch;
+    with several processes one batch of each, gathered on every process), so callers can write results as they come.
 
     Args:
         model: an `MRADForAnomalyDetection` with a memory bank (put in eval mode here).
@@ -166,8 +207,10 @@ def score_items(
         device: where to run (the model is moved there); default: where the model is.
         dtype: the CLIP tower's dtype ("auto" = `runtime.resolve_dtype`); None leaves the model as it is.
         dtype_mode: "cast" (cast the tower's weights) or "autocast" (float32 weights under `torch.autocast`).
-        on_error: "skip" (record the item's one-line error, score the rest) or "fail" (raise `MRADInputError`).
+        on_error: "skip" (record the item's one-line error, score the rest) or "fail" (raise `MRADInputError`, on
+            every process).
         keep_maps: keep each item's (S, S) map (1 MiB per 518-px image); False keeps scores only.
+        keep_images: keep each item's decoded PIL image (`ScoredItem.image`, e.g. for heatmap panels).
         accelerator: an `accelerate.Accelerator` of a multi-process run (also detected from an initialised
             `torch.distributed` group): batches are split between processes, results gathered on every process.
         progress: a tqdm bar.
@@ -189,7 +232,7 @@ def score_items(
     raw = list(items)
     normalised = [_normalise(item, position) for position, item in enumerate(raw)]
     with_masks = any(item["has_mask"] for item in normalised)
-    rank, world = _process_group(accelerator)
+    rank, world = process_group(accelerator)
 
     batch_starts = list(range(0, len(normalised), batch_size))
     mine = _my_batches(len(batch_starts), accelerator, rank, world)
@@ -199,7 +242,7 @@ def score_items(
         for index in range(batch_starts[batch], min(batch_starts[batch] + batch_size, len(normalised)))
     ]
     loader = DataLoader(
-        _ScoringDataset(normalised, indices, processor, with_masks),
+        _ScoringDataset(normalised, indices, processor, with_masks, keep_images),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -208,37 +251,45 @@ def score_items(
         pin_memory=run_device.type == "cuda",
         persistent_workers=False,
     )
+    steps = -(-len(batch_starts) // world)  # the most batches any process has (accelerate's contiguous split)
+    batches = iter(loader)
     bar = progress_bar(len(indices), "Scoring" + (f" (process {rank})" if world > 1 else ""), progress)
-    results: list[ScoredItem] = []
-    for batch in loader:
-        for index, message in batch["errors"]:
-            if on_error == "fail":
-                raise MRADInputError(message)
-            item = normalised[index]
-            results.append(ScoredItem(index=index, id=item["id"], label=item["label"], error=message))
-        if batch["pixel_values"] is not None:
-            outputs = model(pixel_values=batch["pixel_values"].to(run_device, non_blocking=True))
-            scores = outputs.anomaly_score.float().cpu()
-            probabilities = outputs.image_probabilities[:, 1].float().cpu()
-            maps = outputs.anomaly_map.float().cpu() if keep_maps else None
-            for offset, index in enumerate(batch["indices"]):
+    for _ in range(steps):
+        batch = next(batches, None)
+        step: list[ScoredItem] = []
+        if batch is not None:
+            for index, message in batch["errors"]:
                 item = normalised[index]
-                results.append(
-                    ScoredItem(
-                        index=index,
-                        id=item["id"],
-                        score=float(scores[offset]),
-                        image_probability=float(probabilities[offset]),
-                        anomaly_map=maps[offset].clone() if maps is not None else None,
-                        mask=batch["masks"][offset],
-                        original_size=batch["original_sizes"][offset],
-                        label=item["label"],
+                step.append(ScoredItem(index=index, id=item["id"], label=item["label"], error=message))
+            if batch["pixel_values"] is not None:
+                outputs = model(pixel_values=batch["pixel_values"].to(run_device, non_blocking=True))
+                scores = outputs.anomaly_score.float().cpu()
+                probabilities = outputs.image_probabilities[:, 1].float().cpu()
+                maps = outputs.anomaly_map.float().cpu() if keep_maps else None
+                for offset, index in enumerate(batch["indices"]):
+                    item = normalised[index]
+                    step.append(
+                        ScoredItem(
+                            index=index,
+                            id=item["id"],
+                            score=float(scores[offset]),
+                            image_probability=float(probabilities[offset]),
+                            anomaly_map=maps[offset].clone() if maps is not None else None,
+                            mask=batch["masks"][offset],
+                            original_size=batch["original_sizes"][offset],
+                            label=item["label"],
+                            image=batch["images"][offset],
+                        )
                     )
-                )
-        bar.update(len(batch["indices"]) + len(batch["errors"]))
+            bar.update(len(batch["indices"]) + len(batch["errors"]))
+        if world > 1:  # every process takes part in every step, so a failure on one is raised on all
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, step)
+            step = [item for part in gathered for item in part]
+        step.sort(key=lambda item: item.index)
+        failed = [item for item in step if item.error is not None]
+        if failed and on_error == "fail":
+            bar.close()
+            raise MRADInputError(failed[0].error)
+        yield step
     bar.close()
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, results)
-        results = [item for part in gathered for item in part]
-    return sorted(results, key=lambda item: item.index)

@@ -76,38 +76,33 @@ def conformal_threshold(scores: Sequence[float] | np.ndarray, target_fpr: float)
     return float(np.partition(values, k - 1)[k - 1])
 
 
-@torch.no_grad()
 def score_images(
     model, images: Iterable[Any], *, masks: Iterable[Any] | None = None, batch_size: int = 8, progress: bool = True
 ):
     """Scores (n,) and anomaly maps (n, S, S) at the network input size, plus masks (n, S, S) bool when given.
 
-    Images as the image processor takes them (paths, PIL images, arrays); the scores equal the pipeline's.
+    Images as the image processor takes them (paths, PIL images, arrays); scored by `evaluation.scoring.score_items`
+    (the loop evaluation and prediction use), so the scores equal the pipeline's. An unusable image raises.
     """
-    from ..models.mrad.memory_bank_mrad import progress_bar
+    from ..evaluation.scoring import score_items
 
     images = list(images)
-    masks = list(masks) if masks is not None else [None] * len(images)
-    if len(masks) != len(images):
+    masks = list(masks) if masks is not None else None
+    if masks is not None and len(masks) != len(images):
         raise ValueError(f"Got {len(images)} images but {len(masks)} masks.")
-    processor = MRADImageProcessor.from_config(model.config)
-    scores, maps, mask_out = [], [], []
-    bar = progress_bar(len(images), "Scoring calibration images", progress)
-    for start in range(0, len(images), batch_size):
-        inputs = processor(images[start : start + batch_size], masks=masks[start : start + batch_size])
-        outputs = model(pixel_values=inputs["pixel_values"].to(device=model.device, dtype=model.dtype))
-        if outputs.anomaly_map is None:
-            raise ValueError(
-                "The model is in training mode and returns no anomaly maps; call model.eval() before scoring."
-            )
-        scores.append(outputs.anomaly_score.float().cpu())
-        maps.append(outputs.anomaly_map.float().cpu())
-        mask_out.append(inputs["masks"].cpu() > 0.5)
-        bar.update(len(images[start : start + batch_size]))
-    bar.close()
-    if not scores:
+    if not images:
         raise ValueError("No images to score: pass at least one image.")
-    return torch.cat(scores).numpy(), torch.cat(maps).numpy(), torch.cat(mask_out).numpy()
+    items = [{"image": image, **({"mask": masks[index]} if masks is not None else {})} for index, image in enumerate(images)]
+    results = score_items(model, items, batch_size=batch_size, on_error="fail", progress=progress)
+    scores = np.array([result.score for result in results], dtype=np.float32)
+    maps = torch.stack([result.anomaly_map for result in results]).numpy()
+    side = maps.shape[-1]
+    mask_out = (
+        torch.stack([result.mask for result in results]).numpy() > 0.5
+        if masks is not None
+        else np.zeros((len(results), side, side), dtype=bool)
+    )
+    return scores, maps, mask_out
 
 
 def _bank_signature(model) -> dict[str, Any]:
