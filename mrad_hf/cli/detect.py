@@ -77,38 +77,37 @@ def cmd_build_bank(args) -> int:
     return 0
 
 
-def _predictions(detect, paths, *, batch_size: int, threshold: float | None, failures: list, on_error: str):
-    """(path, image, prediction) for each readable image, `batch_size` images per forward pass, in input order.
+def _predictions(detector, detect, paths, *, batch_size: int, threshold: float | None, failures: list, on_error: str):
+    """(path, image, prediction) for each readable image, in input order, as `evaluation.scoring.iter_scored` scores
+    them (`batch_size` images per forward pass, decoded in its DataLoader; split between the processes of a
+    `torchrun` / `accelerate launch` run and gathered); `prediction` is the pipeline's own post-processing of that
+    item (map at the image's size, threshold or calibration decision), so it equals what `detect(path)` returns.
 
-    Unreadable files are appended to `failures` (`on_error="skip"`) or stop the run (`"fail"`). Images are read as
-    the pipeline consumes them, so memory holds about one batch, whatever the number of files.
+    Unreadable files are appended to `failures` (`on_error="skip"`) or stop the run (`"fail"`).
     """
-    from collections import deque
+    import torch
 
+    from ..evaluation.scoring import iter_scored
     from ..models.mrad.image_processing_mrad import MRADInputError
 
-    pending: deque = deque()
-
-    def readable_images():
-        for path in paths:
-            try:
-                image = detect.image_processor.load(path)
-            except (MRADInputError, MemoryError, OSError) as error:  # this image's failure: bad file, memory, disk
-                reason = (
-                    str(error)
-                    if isinstance(error, MRADInputError)
-                    else f"Image '{path}' failed: {type(error).__name__}: {error or 'out of memory'}"
-                )
-                if on_error == "fail":
-                    raise CLIError(f"{reason} (--on-error skip reports and skips such files)") from error
-                failures.append({"path": str(path), "error": reason})
-                continue
-            pending.append((path, image))
-            yield image
-
-    for prediction in detect(readable_images(), batch_size=batch_size, threshold=threshold):
-        path, image = pending.popleft()
-        yield path, image, prediction
+    steps = iter_scored(
+        detector, paths, processor=detect.image_processor, batch_size=batch_size, on_error=on_error, keep_images=True
+    )
+    try:
+        for step in steps:
+            for result in step:
+                path = paths[result.index]
+                if result.error is not None:
+                    failures.append({"path": str(path), "error": result.error})
+                    continue
+                outputs = {
+                    "anomaly_map": result.anomaly_map[None],
+                    "anomaly_score": torch.tensor([result.score]),
+                    "original_sizes": torch.tensor([result.original_size]),
+                }
+                yield path, result.image, detect.postprocess(outputs, threshold=threshold)
+    except MRADInputError as error:
+        raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
 
 
 class _StreamedFailures(list):
@@ -140,30 +139,48 @@ def cmd_predict(args) -> int:
     fingerprint = run_folder.run_fingerprint(
         command="predict", model=detector, settings=settings, extra={"images": images}
     )
-    run = run_folder.open_run_folder(
-        output_dir,
-        fingerprint,
-        artefacts=("scores.jsonl", "scores.json", "heatmaps"),
-        overwrite=args.overwrite,
-        resume_anyway=args.resume_anyway,
-    )
-    done = (
-        {record["path"]: record for record in run_folder.read_json_lines(output_dir / "scores.jsonl")}
-        if run.resumed
-        else {}
-    )
+    from ..evaluation.scoring import broadcast_from_main, init_distributed
+
+    rank, world = init_distributed()  # torchrun / accelerate launch: images split, results gathered on process 0
+    run, refusal, done = None, None, {}
+    if rank == 0:  # process 0 alone owns the folder and prints; the others learn what is left to do from it
+        try:
+            run = run_folder.open_run_folder(
+                output_dir,
+                fingerprint,
+                artefacts=("scores.jsonl", "scores.json", "heatmaps"),
+                overwrite=args.overwrite,
+                resume_anyway=args.resume_anyway,
+            )
+            if run.resumed:
+                done = {record["path"]: record for record in run_folder.read_json_lines(output_dir / "scores.jsonl")}
+        except Exception as error:
+            refusal = error
+    refusal, done = broadcast_from_main((refusal, done) if rank == 0 else None)
+    if refusal is not None:
+        raise refusal
     done = {path: record for path, record in done.items() if "error" not in record}  # failed images are tried again
+    todo = [path for path in paths if str(path) not in done]
+    if rank != 0:
+        for _ in _predictions(
+            detector, detect, todo, batch_size=args.batch_size, threshold=args.threshold, failures=[],
+            on_error=args.on_error,
+        ):
+            pass
+        return 0
     if done:
         _log(
             f"Resuming the {'unfinished ' if run.was_incomplete else ''}run in {output_dir}: {len(done)} of {len(paths)} image(s) already done"
         )
+    if world > 1:
+        _log(f"Scoring {len(todo)} image(s) in {world} processes")
     position = {str(path): index for index, path in enumerate(paths)}
-    todo = [path for path in paths if str(path) not in done]
     lines = run_folder.JsonLinesWriter(output_dir / "scores.jsonl")
     results, failures = [], _StreamedFailures(lines)
     value_range = None if args.stretch else (0.0, 1.0)
     with lines, tqdm(total=len(todo), desc="Scoring", unit="img") as bar:
         predictions = _predictions(
+            detector,
             detect,
             todo,
             batch_size=args.batch_size,
@@ -329,12 +346,14 @@ def cmd_evaluate(args) -> int:
 
     from ..data.loaders import load_benchmark
     from ..evaluation.runner import BankOverlapWarning, evaluate_dataset
+    from ..evaluation.scoring import init_distributed
     from ..models.mrad.image_processing_mrad import MRADInputError
 
     detector = detector_from_args(
         args
     )  # attaches --bank (checked against the float32 weights), then --dtype, --device
     output_dir = Path(args.output_dir)
+    rank, _ = init_distributed()  # torchrun / accelerate launch: each category split, process 0 writes and prints
     if args.bank:
         bank_source = args.bank
     elif args.bank_from:
@@ -345,8 +364,9 @@ def cmd_evaluate(args) -> int:
         bank = _build_bank_from(
             detector, auxiliary, source=args.bank_from, batch_size=args.batch_size, on_error=args.on_error
         )
-        bank_path = bank.save(output_dir / "memory_bank.safetensors")
-        _report_skipped(bank.metadata.get("skipped_files", []), f"'skipped_files' in the metadata of {bank_path}")
+        if rank == 0:
+            bank_path = bank.save(output_dir / "memory_bank.safetensors")
+            _report_skipped(bank.metadata.get("skipped_files", []), f"'skipped_files' in the metadata of {bank_path}")
         bank_source = args.bank_from
     elif detector.config.image_bank_size:
         bank_source = (detector.memory_bank_metadata or {}).get("source", "model")
@@ -383,6 +403,8 @@ def cmd_evaluate(args) -> int:
             )
     except MRADInputError as error:
         raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
+    if results is None:  # not process 0
+        return 0
     print((output_dir / "results.md").read_text(encoding="utf-8"))
     _log(
         f"Tables: {output_dir / 'results.md'}, {output_dir / 'results.csv'}, {output_dir / 'results.json'}; heatmaps: {output_dir / 'heatmaps'}"
