@@ -163,7 +163,12 @@ def cmd_predict(args) -> int:
     todo = [path for path in paths if str(path) not in done]
     if rank != 0:
         for _ in _predictions(
-            detector, detect, todo, batch_size=args.batch_size, threshold=args.threshold, failures=[],
+            detector,
+            detect,
+            todo,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            failures=[],
             on_error=args.on_error,
         ):
             pass

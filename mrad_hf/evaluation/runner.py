@@ -172,7 +172,11 @@ def evaluate_category(
     started = time.perf_counter()
     results = []
     for step in iter_scored(
-        model, rows_as_items(rows), processor=processor, batch_size=batch_size, num_workers=num_workers,
+        model,
+        rows_as_items(rows),
+        processor=processor,
+        batch_size=batch_size,
+        num_workers=num_workers,
         on_error=on_error,
     ):
         results.extend(step)
@@ -180,6 +184,7 @@ def evaluate_category(
     elapsed = time.perf_counter() - started
     if rank != 0:
         return None
+    results.sort(key=lambda result: result.index)  # steps of several processes interleave
     failed = [result for result in results if result.error is not None]
     if skipped is not None:
         skipped.extend({"path": result.id, "error": result.error} for result in failed)
@@ -404,7 +409,9 @@ def evaluate_dataset(
             bar.update(record["images"] + len(record.get("skipped", [])))
         else:
             # select by the category column so that only this category's images are decoded (in the DataLoader)
-            selected = undecoded_images(dataset.select([i for i, name in enumerate(category_column) if name == category]))
+            selected = undecoded_images(
+                dataset.select([i for i, name in enumerate(category_column) if name == category])
+            )
             skipped: list[dict[str, str]] = []
             record = evaluate_category(
                 model,

@@ -34,8 +34,15 @@ from ..models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputErr
 from ..models.mrad.memory_bank_mrad import label_value, progress_bar
 from ..runtime import set_backbone_dtype, tune_malloc_for_inference
 
-__all__ = ["ScoredItem", "score_items", "iter_scored", "process_group", "init_distributed", "broadcast_from_main",
-           "ON_ERROR_CHOICES"]
+__all__ = [
+    "ScoredItem",
+    "score_items",
+    "iter_scored",
+    "process_group",
+    "init_distributed",
+    "broadcast_from_main",
+    "ON_ERROR_CHOICES",
+]
 
 ON_ERROR_CHOICES = ("skip", "fail")
 

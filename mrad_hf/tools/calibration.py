@@ -92,7 +92,9 @@ def score_images(
         raise ValueError(f"Got {len(images)} images but {len(masks)} masks.")
     if not images:
         raise ValueError("No images to score: pass at least one image.")
-    items = [{"image": image, **({"mask": masks[index]} if masks is not None else {})} for index, image in enumerate(images)]
+    items = [
+        {"image": image, **({"mask": masks[index]} if masks is not None else {})} for index, image in enumerate(images)
+    ]
     results = score_items(model, items, batch_size=batch_size, on_error="fail", progress=progress)
     scores = np.array([result.score for result in results], dtype=np.float32)
     maps = torch.stack([result.anomaly_map for result in results]).numpy()
