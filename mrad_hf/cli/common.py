@@ -359,10 +359,17 @@ def check_local_path(option: str, name: str) -> str:
 
 # ---------------------------------------------------------------------- devices and precision
 def resolve_device(device: str | None) -> str:
-    """`auto` -> "cuda" when a CUDA device is visible, else "cpu"; an explicit device that is not there is an error."""
+    """`auto` -> "cuda" when a CUDA device is visible, else "cpu"; an explicit device that is not there is an error.
+
+    Under `torchrun` / `accelerate launch` (LOCAL_RANK set), "auto" and a bare "cuda" mean this process's own GPU,
+    `cuda:LOCAL_RANK`, so that N processes on N GPUs do not all run on the first one.
+    """
     import torch
 
     device = (device or "auto").lower()
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device in ("auto", "cuda") and torch.cuda.is_available() and local_rank is not None:
+        device = f"cuda:{int(local_rank) % torch.cuda.device_count()}"
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):

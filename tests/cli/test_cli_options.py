@@ -303,15 +303,23 @@ def test_device_and_dtype_reach_the_model(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert common.resolve_device("auto") == "cpu"
-    from mrad_hf.models.mrad import features_mrad
+    from mrad_hf.runtime import resolve_dtype  # the one rule for "auto"
 
-    rule = getattr(features_mrad, "resolve_dtype", None)  # the one rule for "auto" where it exists
-    assert common.resolve_dtype("auto", "cpu") == (
-        str(rule("auto", "cpu")).replace("torch.", "") if rule else "float32"
-    )
+    assert common.resolve_dtype("auto", "cpu") == str(resolve_dtype("auto", "cpu")).replace("torch.", "")
     assert common.resolve_dtype("float16", "cpu") == "float16" and common.resolve_dtype(None, "cpu") == "float32"
     with pytest.raises(common.CLIError, match="--device cuda: no CUDA device"):
         common.detector_from_args(_parse("predict", "--clip", "random-tiny", "--device", "cuda", "x.png"))
+
+
+def test_each_launched_process_takes_its_own_gpu(monkeypatch):
+    """Under torchrun / accelerate launch, "auto" and "cuda" mean cuda:LOCAL_RANK (recorded: no GPU here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert common.resolve_device("auto") == common.resolve_device("cuda") == "cuda:2"
+    assert common.resolve_device("cuda:1") == "cuda:1" and common.resolve_device("cpu") == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert common.resolve_device("auto") == "cuda"
 
 
 def test_device_moves_the_model_where_it_is_asked(monkeypatch):
