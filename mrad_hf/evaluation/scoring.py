@@ -119,6 +119,32 @@ class _ScoringDataset(Dataset):
         }
 
 
+def _forward(model, pixel_values: torch.Tensor, device, keep_maps: bool):
+    """One batched forward -> (scores, p_anomaly, maps or None, {offset: error}) on the CPU.
+
+    Out of memory for the batch (host `MemoryError` or CUDA's `OutOfMemoryError`): the batch is scored image by image,
+    so only an image that does not fit alone fails (with a one-line error), and the run goes on.
+    """
+    out_of_memory = (MemoryError, torch.OutOfMemoryError)
+    try:
+        outputs = model(pixel_values=pixel_values.to(device, non_blocking=True))
+        maps = outputs.anomaly_map.float().cpu() if keep_maps else None
+        return outputs.anomaly_score.float().cpu(), outputs.image_probabilities[:, 1].float().cpu(), maps, {}
+    except out_of_memory:
+        if pixel_values.shape[0] == 1:
+            raise
+    scores, probabilities, maps, failures = [], [], [], {}
+    for offset in range(pixel_values.shape[0]):
+        try:
+            score, probability, single_map, _ = _forward(model, pixel_values[offset : offset + 1], device, keep_maps)
+        except out_of_memory as error:
+            failures[offset] = f"out of memory even alone ({type(error).__name__})"
+            score, probability = torch.zeros(1), torch.zeros(1)
+            single_map = torch.zeros(1, *pixel_values.shape[-2:]) if keep_maps else None
+        scores.append(score), probabilities.append(probability), maps.append(single_map)
+    return torch.cat(scores), torch.cat(probabilities), torch.cat(maps) if keep_maps else None, failures
+
+
 def _collate(records: list[dict[str, Any]]) -> dict[str, Any]:
     good = [record for record in records if "error" not in record]
     return {
@@ -269,12 +295,13 @@ def iter_scored(
                 item = normalised[index]
                 step.append(ScoredItem(index=index, id=item["id"], label=item["label"], error=message))
             if batch["pixel_values"] is not None:
-                outputs = model(pixel_values=batch["pixel_values"].to(run_device, non_blocking=True))
-                scores = outputs.anomaly_score.float().cpu()
-                probabilities = outputs.image_probabilities[:, 1].float().cpu()
-                maps = outputs.anomaly_map.float().cpu() if keep_maps else None
+                scores, probabilities, maps, failures = _forward(model, batch["pixel_values"], run_device, keep_maps)
                 for offset, index in enumerate(batch["indices"]):
                     item = normalised[index]
+                    if offset in failures:
+                        error = f"Image '{item['id']}' failed: {failures[offset]}"
+                        step.append(ScoredItem(index=index, id=item["id"], label=item["label"], error=error))
+                        continue
                     step.append(
                         ScoredItem(
                             index=index,

@@ -71,6 +71,29 @@ def test_a_bad_file_is_that_items_failure(scored_model, tmp_path):
         score_items(scored_model, items, on_error="ignore")
 
 
+def test_out_of_memory_for_a_batch_scores_its_images_one_by_one(scored_model, monkeypatch):
+    """A batch that does not fit (MemoryError) is scored image by image; an image that does not fit alone is that
+    item's failure (with on_error="skip"), and the run goes on."""
+    samples = make_samples(4, seed=5)
+    expected = score_items(scored_model, samples, batch_size=4, keep_maps=False)
+    forward, poisoned = type(scored_model).forward, samples[2]["image"]
+    processor = MRADImageProcessor.from_config(scored_model.config)
+    poisoned_pixels = processor([poisoned], return_tensors="pt")["pixel_values"]
+
+    def forward_with_little_memory(pixel_values=None, **kwargs):
+        if pixel_values.shape[0] > 1 or torch.equal(pixel_values, poisoned_pixels):
+            raise MemoryError()
+        return forward(scored_model, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(scored_model, "forward", forward_with_little_memory)
+    results = score_items(scored_model, samples, batch_size=4, keep_maps=True, on_error="skip")
+    assert [r.error is None for r in results] == [True, True, False, True]
+    assert "out of memory even alone (MemoryError)" in results[2].error
+    for got, want in zip(results, expected):
+        if got.error is None:
+            assert got.score == pytest.approx(want.score, abs=1e-6) and got.anomaly_map is not None
+
+
 def test_labels_masks_and_scores_only(scored_model):
     samples = make_samples(4, seed=6)
     results = score_items(scored_model, samples, batch_size=3, keep_maps=False)
