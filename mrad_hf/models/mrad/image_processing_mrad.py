@@ -463,17 +463,17 @@ class MRADImageProcessor(_MRADProcessing, CLIPImageProcessorPil):
         if not default or kwargs.get("input_data_format") is not None:
             return super()._pixels(images, kwargs)
         size, resample = kwargs["size"], kwargs["resample"]
-        mean, std = (np.asarray(kwargs[key], np.float32) for key in ("image_mean", "image_std"))
+        mean, std = (np.asarray(kwargs[key], np.float32).reshape(-1, 1, 1) for key in ("image_mean", "image_std"))
         pixels = []
         for image in images:
             image = image if image.mode == "RGB" else image.convert("RGB")  # CLIP's do_convert_rgb
             if image.size != (size.width, size.height):
                 image = image.resize((size.width, size.height), resample)
-            array = np.asarray(image, dtype=np.float32)  # (H, W, 3), a fresh copy
+            array = np.array(np.asarray(image).transpose(2, 0, 1), dtype=np.float32, order="C")  # (3, H, W)
             array /= np.float32(255.0)  # == float32(x * (1/255) in float64) for every uint8 x
             array -= mean
             array /= std
-            pixels.append(np.ascontiguousarray(array.transpose(2, 0, 1)))
+            pixels.append(array)
         return pixels
 
     def rescale(self, image: np.ndarray, scale: float, **kwargs) -> np.ndarray:
