@@ -389,8 +389,7 @@ class _MRADProcessing:
             image.resize((size.width, size.height), resample).convert("RGB") if image.mode in ("RGBA", "LA") else image
             for image, _ in pairs
         ]
-        prepared = self._prepare_image_like_inputs(decoded, **kwargs)
-        pixels = self._preprocess(prepared, return_tensors=None, **kwargs)["pixel_values"]
+        pixels = self._pixels(decoded, kwargs)
         data = {
             "pixel_values": torch.stack(pixels) if isinstance(pixels[0], torch.Tensor) else np.stack(pixels),
             "original_sizes": np.array([(image.height, image.width) for image, _ in pairs], dtype=np.int64),
@@ -400,6 +399,11 @@ class _MRADProcessing:
             resized = [preprocess_mask(mask, (size.height, size.width), threshold) for _, mask in pairs]
             data["masks"] = np.stack([mask.numpy() for mask in resized])
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _pixels(self, images: list[Image.Image], kwargs: dict[str, Any]) -> list:
+        """CLIP's steps on decoded PIL images: `_prepare_image_like_inputs` then `_preprocess`."""
+        prepared = self._prepare_image_like_inputs(images, **kwargs)
+        return self._preprocess(prepared, **{**kwargs, "return_tensors": None})["pixel_values"]
 
     def post_process_anomaly_detection(
         self, outputs, target_sizes=None, threshold: float | None = None, pixel_threshold: float | None = None
@@ -447,6 +451,30 @@ class MRADImageProcessor(_MRADProcessing, CLIPImageProcessorPil):
     `rescale` and `normalize` are CLIP's, in place on contiguous float32 (CLIP's helpers go through float64 and
     strided views): the same values to the last bit (tests), several times faster.
     """
+
+    def _pixels(self, images: list[Image.Image], kwargs: dict[str, Any]) -> list:
+        """CLIP's PIL path without its round trips (PIL -> numpy -> PIL for the resize, three float copies), for the
+        default steps: the PIL resize of the decoded image, then one float32 pass of /255, -mean, /std in the same
+        order and precision as CLIP's, so the same values to the last bit (tests); other settings go CLIP's way."""
+        steps = ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb")
+        default = all(kwargs.get(step) for step in steps) and not kwargs.get("do_center_crop")
+        default = default and not kwargs.get("do_pad") and abs(kwargs["rescale_factor"] * 255.0 - 1.0) <= 1e-12
+        default = default and kwargs.get("data_format") in (None, "channels_first") and kwargs.get("device") is None
+        if not default or kwargs.get("input_data_format") is not None:
+            return super()._pixels(images, kwargs)
+        size, resample = kwargs["size"], kwargs["resample"]
+        mean, std = (np.asarray(kwargs[key], np.float32).reshape(-1, 1, 1) for key in ("image_mean", "image_std"))
+        pixels = []
+        for image in images:
+            image = image if image.mode == "RGB" else image.convert("RGB")  # CLIP's do_convert_rgb
+            if image.size != (size.width, size.height):
+                image = image.resize((size.width, size.height), resample)
+            array = np.array(np.asarray(image).transpose(2, 0, 1), dtype=np.float32, order="C")  # (3, H, W)
+            array /= np.float32(255.0)  # == float32(x * (1/255) in float64) for every uint8 x
+            array -= mean
+            array /= std
+            pixels.append(array)
+        return pixels
 
     def rescale(self, image: np.ndarray, scale: float, **kwargs) -> np.ndarray:
         if abs(scale * 255.0 - 1.0) > 1e-12:

@@ -1,22 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """`pipeline("anomaly-detection")`: images in, scores and anomaly maps out (the MRAD inference of paper Sec. 3.3).
 
-Registered when `mrad_hf` is imported, and shipped with saved models as custom code. Accepts file paths, URLs
-(fetched by `transformers.image_utils.load_image`, with `timeout=`), PIL images, numpy arrays (H, W[, C]), bytes and
-lists of them (batched with `batch_size=`). Decoding, the tiny-image check and the error type (`MRADInputError`) are
-the image processor's; maps are resized by its `post_process_anomaly_detection`. Each result is a dict:
-
-* `score` (float): the image anomaly score in [0, 1];
-* `anomaly_map` (np.ndarray float32, H x W): the smoothed map resized bilinearly to the input image's own size;
-* `heatmap` (PIL.Image, mode "L", W x H): that map on a fixed scale (0 -> black, 1 -> white, not stretched per image,
-  so two heatmaps compare), as depth-estimation returns `depth`;
-* when there is a threshold (an explicit `threshold=`, otherwise the model's calibration: `model.calibration`, or the
-  config's / attached bank's record of it): `is_anomalous` (score > threshold), `label` ("anomaly" / "normal"),
-  `mask` (bool H x W, map > pixel threshold) and `thresholds` ({"image", "pixel", "from": "arguments" |
-  "calibration"}). The pixel threshold is `pixel_threshold=` if given, else the calibrated one, else `threshold`;
-  `pixel_threshold=` alone gives `mask` only;
-* with `explain=True`: `explanation`, the top-`top_k` memory entries behind the score and behind the most anomalous
-  patch (`mrad_hf.tools.explain`, which needs the `mrad-hf` package: one extra feature pass per image).
+Registered when `mrad_hf` is imported and shipped with saved models as custom code. Inputs: paths, URLs (`timeout=`),
+PIL images, arrays (H, W[, C]), bytes, lists of them (`batch_size=`); decoding, the tiny-image check and the error
+(`MRADInputError`) are the image processor's, as is the map resize. Each result is a dict: `score` (float in [0, 1]);
+`anomaly_map` (float32 H x W at the input's size); `heatmap` (PIL "L", 0 -> black, 1 -> white on a fixed scale so two
+heatmaps compare, as depth-estimation's `depth`); with a threshold (`threshold=`, else the model's calibration:
+`model.calibration` or the bank's record) `is_anomalous`, `label` ("anomaly" / "normal"), `mask` (map > pixel
+threshold: `pixel_threshold=`, else the calibrated one, else `threshold`; `pixel_threshold=` alone gives `mask` only)
+and `thresholds` ({"image", "pixel", "from": "arguments" | "calibration"}); with `explain=True`, `explanation` (the
+top-`top_k` memory entries behind the score and the worst patch; `mrad_hf.tools.explain`, one more feature pass).
 """
 
 from __future__ import annotations
@@ -35,15 +28,10 @@ __all__ = ["AnomalyDetectionPipeline"]
 
 
 class AnomalyDetectionPipeline(Pipeline):
-    """Anomaly detection with an MRAD model.
-
-    `pipe(images, threshold=None, pixel_threshold=None, explain=False, top_k=5, timeout=None)`; see the module doc.
-    """
+    """`pipe(images, threshold=None, pixel_threshold=None, explain=False, top_k=5, timeout=None)`; see the module doc."""
 
     _load_image_processor = True
-    _load_processor = False
-    _load_tokenizer = False
-    _load_feature_extractor = False
+    _load_processor = _load_tokenizer = _load_feature_extractor = False
     _load_video_processor = False  # else transformers probes for a video processor and asks about remote code
 
     def __init__(self, *args, **kwargs):
@@ -51,30 +39,21 @@ class AnomalyDetectionPipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = MRADImageProcessor.from_config(self.model.config)
         if not hasattr(self.image_processor, "post_process_anomaly_detection"):
+            name = type(self.image_processor).__name__
             raise TypeError(
-                f"The anomaly-detection pipeline needs MRAD's image processor, got "
-                f"{type(self.image_processor).__name__}; pass "
+                f"The anomaly-detection pipeline needs MRAD's image processor, got {name}; pass "
                 "image_processor=MRADImageProcessor.from_config(model.config) or load the model folder."
             )
 
-    def _sanitize_parameters(
-        self, threshold=None, pixel_threshold=None, explain=None, top_k=None, timeout=None, **kwargs
-    ):
-        if kwargs:
-            raise TypeError(f"anomaly-detection pipeline got unexpected arguments: {sorted(kwargs)}")
-        preprocess = {} if timeout is None else {"timeout": float(timeout)}
-        forward, postprocess = {}, {}
-        if threshold is not None:
-            postprocess["threshold"] = float(threshold)
-        if pixel_threshold is not None:
-            postprocess["pixel_threshold"] = float(pixel_threshold)
-        if explain is not None:
-            forward["explain"] = bool(explain)
-        if top_k is not None:
-            if int(top_k) < 1:
-                raise ValueError(f"top_k is the number of memory entries to show, at least 1; got {top_k}.")
-            forward["top_k"] = int(top_k)
-        return preprocess, forward, postprocess
+    def _sanitize_parameters(self, threshold=None, pixel_threshold=None, explain=None, top_k=None, timeout=None, **kw):
+        if kw:
+            raise TypeError(f"anomaly-detection pipeline got unexpected arguments: {sorted(kw)}")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"top_k is the number of memory entries to show, at least 1; got {top_k}.")
+        given = {"threshold": threshold, "pixel_threshold": pixel_threshold, "explain": explain, "top_k": top_k}
+        given = {key: {"explain": bool, "top_k": int}.get(key, float)(v) for key, v in given.items() if v is not None}
+        forward = {key: given.pop(key) for key in ("explain", "top_k") if key in given}
+        return ({} if timeout is None else {"timeout": float(timeout)}), forward, given
 
     def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
         decoded = self.image_processor.load(image, timeout=timeout)  # the one decoder: names the input on failure
@@ -82,36 +61,26 @@ class AnomalyDetectionPipeline(Pipeline):
         return {"pixel_values": inputs["pixel_values"].to(self.dtype), "original_sizes": inputs["original_sizes"]}
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], explain: bool = False, top_k: int = 5) -> dict[str, Any]:
-        original_sizes = model_inputs.pop("original_sizes")
-        outputs = self.model(pixel_values=model_inputs["pixel_values"])
-        result = {
-            "anomaly_map": outputs.anomaly_map,
-            "anomaly_score": outputs.anomaly_score,
-            "original_sizes": original_sizes,
-        }
+        outputs, pixel_values = self.model(pixel_values=model_inputs["pixel_values"]), model_inputs["pixel_values"]
+        result = {"anomaly_map": outputs.anomaly_map, "anomaly_score": outputs.anomaly_score}
+        result["original_sizes"] = model_inputs["original_sizes"]
         if explain:
-            # a list, one per image: batched runs hand postprocess one item each
-            explain_images = _explain_images()
-            pixel_values = model_inputs["pixel_values"]
-            result["explanation"] = explain_images(self.model, pixel_values, top_k=top_k, outputs=outputs)
+            result["explanation"] = _explain_images()(self.model, pixel_values, top_k=top_k, outputs=outputs)
         return result
 
     def _calibration(self) -> dict[str, Any] | None:
         """`model.calibration` (calibration.json), else the attached bank's record of it; warns if the bank changed since."""
-        config = self.model.config
-        calibration = getattr(self.model, "calibration", None) or (
-            getattr(self.model, "memory_bank_metadata", None) or {}
-        ).get("calibration")
+        bank_metadata = getattr(self.model, "memory_bank_metadata", None) or {}
+        calibration = getattr(self.model, "calibration", None) or bank_metadata.get("calibration")
         if not calibration:
             return None
         made_for = calibration.get("bank") or {}
-        current = (config.image_bank_size, config.patch_bank_size)
+        current = (self.model.config.image_bank_size, self.model.config.patch_bank_size)
         if made_for and (made_for.get("image_entries"), made_for.get("patch_entries")) != current:
             warnings.warn(
                 f"The calibration was made with a memory bank of {made_for.get('image_entries')} image / "
-                f"{made_for.get('patch_entries')} patch entries but the model now has {current[0]} / {current[1]}: "
-                "its thresholds may no longer give the promised false-positive rate. Re-run `mrad calibrate` with "
-                "this bank.",
+                f"{made_for.get('patch_entries')} patch entries but the model now has {current[0]} / {current[1]}: its "
+                "thresholds may no longer give the promised false-positive rate. Re-run `mrad calibrate` with it.",
                 stacklevel=2,
             )
         return calibration
@@ -119,19 +88,14 @@ class AnomalyDetectionPipeline(Pipeline):
     def postprocess(
         self, model_outputs: dict[str, Any], threshold: float | None = None, pixel_threshold: float | None = None
     ) -> dict[str, Any]:
-        source = "arguments"
-        calibration = self._calibration() if threshold is None or pixel_threshold is None else None
-        if calibration is not None:
-            if threshold is None:
-                threshold, source = float(calibration["image_threshold"]), "calibration"
-            if pixel_threshold is None:
-                pixel_threshold = float(calibration["pixel_threshold"])
-        processed = self.image_processor.post_process_anomaly_detection(
-            model_outputs,
-            target_sizes=model_outputs["original_sizes"].reshape(-1, 2)[:1].tolist(),
-            threshold=threshold,
-            pixel_threshold=pixel_threshold,
-        )[0]
+        calibration = (self._calibration() if threshold is None or pixel_threshold is None else None) or {}
+        source = "calibration" if threshold is None and calibration else "arguments"
+        threshold = float(calibration["image_threshold"]) if threshold is None and calibration else threshold
+        if pixel_threshold is None and calibration:
+            pixel_threshold = float(calibration["pixel_threshold"])
+        size = model_outputs["original_sizes"].reshape(-1, 2)[:1].tolist()
+        post_process = self.image_processor.post_process_anomaly_detection
+        processed = post_process(model_outputs, size, threshold=threshold, pixel_threshold=pixel_threshold)[0]
         anomaly_map = processed["anomaly_map"].cpu().numpy().astype(np.float32)
         heatmap = Image.fromarray(np.round(np.clip(anomaly_map, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
         result = {"score": processed["score"], "anomaly_map": anomaly_map, "heatmap": heatmap}
@@ -141,7 +105,7 @@ class AnomalyDetectionPipeline(Pipeline):
             result["thresholds"] = {"image": threshold, "pixel": pixel, "from": source}
         if "mask" in processed:
             result["mask"] = processed["mask"].cpu().numpy()
-        if "explanation" in model_outputs:
+        if "explanation" in model_outputs:  # batched runs hand postprocess a list of one
             explanation = model_outputs["explanation"]
             result["explanation"] = explanation[0] if isinstance(explanation, list) else explanation
         return result
