@@ -243,6 +243,7 @@ def model_options(
     bank: bool = True,
     image_size: bool = True,
     batch_size: bool = True,
+    num_workers: bool = False,
     on_error: bool = True,
     seed_default: int = 0,
     image_size_default: int | None = None,
@@ -252,7 +253,8 @@ def model_options(
     """Add the model options every model-running command shares (one definition, one help text each):
 
     `--model | --clip`, `--bank` (+ `--trust-bank`), `--image-size`, `--retrieval-temperature`, `--dtype`,
-    `--device`, `--batch-size`, `--on-error`, `--seed`. `detector_from_args(args)` turns them into a model.
+    `--device`, `--batch-size` (+ `--num-workers` where asked), `--on-error`, `--seed`. `detector_from_args(args)`
+    turns them into a model.
     """
     group = sub.add_argument_group("model options")
     source = group.add_mutually_exclusive_group(required=clip_required) if model else group
@@ -301,6 +303,13 @@ def model_options(
         )
     if batch_size:
         group.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    if num_workers:
+        group.add_argument(
+            "--num-workers",
+            type=_bounded(int, "an integer from 0 to 64", low=0, high=64),
+            default=0,
+            help="processes decoding and resizing the next images while the model runs (0: in this process)",
+        )
     if on_error:
         group.add_argument(
             "--on-error",

@@ -77,7 +77,9 @@ def cmd_build_bank(args) -> int:
     return 0
 
 
-def _predictions(detector, detect, paths, *, batch_size: int, threshold: float | None, failures: list, on_error: str):
+def _predictions(
+    detector, detect, paths, *, batch_size: int, threshold, failures: list, on_error: str, num_workers: int = 0
+):
     """(path, image, prediction) for each readable image, in input order, as `evaluation.scoring.iter_scored` scores
     them (`batch_size` images per forward pass, decoded in its DataLoader; split between the processes of a
     `torchrun` / `accelerate launch` run and gathered); `prediction` is the pipeline's own post-processing of that
@@ -91,7 +93,13 @@ def _predictions(detector, detect, paths, *, batch_size: int, threshold: float |
     from ..models.mrad.image_processing_mrad import MRADInputError
 
     steps = iter_scored(
-        detector, paths, processor=detect.image_processor, batch_size=batch_size, on_error=on_error, keep_images=True
+        detector,
+        paths,
+        processor=detect.image_processor,
+        batch_size=batch_size,
+        on_error=on_error,
+        keep_images=True,
+        num_workers=num_workers,
     )
     try:
         for step in steps:
@@ -170,6 +178,7 @@ def cmd_predict(args) -> int:
             threshold=args.threshold,
             failures=[],
             on_error=args.on_error,
+            num_workers=args.num_workers,
         ):
             pass
         return 0
@@ -192,6 +201,7 @@ def cmd_predict(args) -> int:
             threshold=args.threshold,
             failures=failures,
             on_error=args.on_error,
+            num_workers=args.num_workers,
         )
         for path, image, prediction in predictions:
             bar.n = len(results) + len(failures) + 1
@@ -402,6 +412,7 @@ def cmd_evaluate(args) -> int:
                 resume=not args.no_resume,
                 run_info=run_info,
                 on_error=args.on_error,
+                num_workers=args.num_workers,
                 exclude_bank_images=args.exclude_bank_images,
                 overwrite=args.overwrite,
                 resume_anyway=args.resume_anyway,
@@ -483,7 +494,7 @@ def register(commands) -> None:
     predict = commands.add_parser(
         "predict", help="score images (files or folders), write heatmap PNGs and scores.json"
     )
-    model_options(predict)
+    model_options(predict, num_workers=True)
     predict.add_argument("inputs", nargs="+", help="image files and/or folders")
     predict.add_argument("--output-dir", default="outputs/predict", help="where scores.json and heatmaps/ go")
     predict.add_argument(
@@ -498,7 +509,7 @@ def register(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="paper-protocol evaluation: per-category tables (Markdown, CSV, JSON) and heatmaps"
     )
-    model_options(evaluate)
+    model_options(evaluate, num_workers=True)
     dataset_options(evaluate, "the benchmark to score")
     evaluate.add_argument("--bank-from", help="build the memory from this auxiliary dataset's test split (e.g. visa)")
     evaluate.add_argument("--bank-root", help="the auxiliary dataset's folder (with --bank-from)")

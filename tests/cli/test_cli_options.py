@@ -354,7 +354,7 @@ def test_batched_predict_equals_one_by_one(model_with_bank, tmp_path):
     Image.fromarray(make_samples(1, seed=4, height=70, width=150)[0]["image"]).save(queries / "q9_other_size.png")
     (queries / "q5_broken.png").write_bytes(b"not an image")
     runs = {}
-    for batch_size in (1, 3, 16):
+    for batch_size, workers in ((1, "0"), (3, "2"), (16, "0")):  # batch 3 decodes in 2 DataLoader worker processes
         out = tmp_path / f"out{batch_size}"
         assert (
             main(
@@ -367,6 +367,8 @@ def test_batched_predict_equals_one_by_one(model_with_bank, tmp_path):
                     str(out),
                     "--batch-size",
                     str(batch_size),
+                    "--num-workers",
+                    workers,
                     "--device",
                     "cpu",
                     "--threshold",
