@@ -50,6 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_style import reference_end_to_end, reference_postprocess, reference_retrieve  # noqa: E402
 
+from mrad_hf.memory import build_memory_bank
+
 STAGES = ("peak", "official", "features", "end-to-end", "retrieval", "postprocessing", "scaling", "dtype", "compile")
 REFERENCE_BANK = {"image": 2162, "patch": 3000}  # about the size of the reference's VisA banks
 STANDARD_NOTES = [
@@ -693,7 +695,7 @@ def stage_dtype(args, device, results) -> None:
                 0.01  # as the offline demo with random weights (see cli.RANDOM_DEMO_TEMPERATURE)
             )
             set_backbone_dtype(model, dtype)
-            model.build_memory_bank(memory_rows, batch_size=8, progress=False)
+            build_memory_bank(model, memory_rows, batch_size=8, progress=False)
             from mrad_hf.models.mrad.image_processing_mrad import MRADImageProcessor
 
             processor = MRADImageProcessor.from_config(model.config)
@@ -1125,7 +1127,7 @@ def markdown(results: dict) -> str:
 
 
 def save(results: dict, output_dir: Path, name: str) -> tuple[Path, Path]:
-    from mrad_hf.models.mrad.memory_bank_mrad import atomic_write
+    from mrad_hf.memory.files import atomic_write
 
     output_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = output_dir / f"{name}.md", output_dir / f"{name}.json"

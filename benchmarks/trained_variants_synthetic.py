@@ -28,6 +28,7 @@ from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
 from mrad_hf.evaluation.runner import held_out_aurocs, held_out_split
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.training.trainer import MRADTrainingArguments, train_mrad
 
 
@@ -56,7 +57,7 @@ def main() -> None:
         started = time.perf_counter()
         history = []
         if variant == "tf":
-            model.build_memory_bank(memory, progress=False)
+            build_memory_bank(model, memory, progress=False)
         else:
             history = train_mrad(
                 model, memory, MRADTrainingArguments(output_dir=str(work / variant), resume=False), progress=False

@@ -39,6 +39,7 @@ _LAZY_EXPORTS = {
     "MemoryBank": ".models.mrad.memory_bank_mrad",
     "MemoryBankError": ".models.mrad.memory_bank_mrad",
     "SUPPORTED_IMAGE_EXTENSIONS": ".models.mrad.image_processing_mrad",
+    "build_memory_bank": ".memory.building",
     "load_image": ".models.mrad.image_processing_mrad",
     "set_backbone_dtype": ".runtime",
 }

@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import CLIPConfig
 
+from mrad_hf.memory import build_memory_bank
+
 TINY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px; the backbone's native grid is 4 x 4, so positions are interpolated
 
 
@@ -106,7 +108,7 @@ def samples():
 
 @pytest.fixture
 def model_with_bank(tiny_model, samples):
-    tiny_model.build_memory_bank(samples, batch_size=4, source="unit-test", progress=False)
+    build_memory_bank(tiny_model, samples, batch_size=4, source="unit-test", progress=False)
     return tiny_model
 
 

@@ -152,12 +152,12 @@ def test_wheel_installs_into_a_fresh_venv_and_works_outside_the_source_tree(tmp_
         from mrad_hf.data.synthetic import load_texture
         from mrad_hf.hub.api import ENDPOINT_HANDLER_FILE, render_model_card
         from mrad_hf.hub.cards import card_config
-        from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank
+        from mrad_hf.memory import load_bank
 
         card = render_model_card(card_config("clip", "visa"), repo_id="someone/mrad-clip-visa")
         card.save("README.md")
         convert_official_bank("cache_model_visa.pt", "cache_patch_model_visa.pt", "bank.safetensors")
-        bank = MemoryBank.load("bank.safetensors")
+        bank = load_bank("bank.safetensors")
         print(json.dumps({
             "mrad_hf": mrad_hf.__file__, "card": card.data.to_dict(), "card_text": card.text[:400],
             "bank_counts": bank.counts(), "image_keys": bank.image_keys.tolist(), "patch_values": bank.patch_values.tolist(),

@@ -120,8 +120,8 @@ CLI_ADVICE: tuple[tuple[str, str], ...] = (
     ("pass strict=False", "pass --trust-bank"),
     ("strict=False", "--trust-bank"),
     ("allow_random_backbone=True", "a pretrained --clip (runs on random backbones give meaningless numbers)"),
-    ("(`model.build_memory_bank(...)`)", "(`mrad build-bank`)"),
-    ("`model.build_memory_bank(...)`", "`mrad build-bank`"),
+    ("(mrad_hf.memory.build_memory_bank, `mrad build-bank`)", "(`mrad build-bank`)"),
+    ("mrad_hf.memory.build_memory_bank(model, samples)", "`mrad build-bank`"),
 )
 
 
@@ -472,11 +472,12 @@ def load_detector(
 
 def load_bank(name: str, option: str = "--bank"):
     """A `MemoryBank` from a local file, or else a Hub bank repo / short name (a missing local path fails at once)."""
-    from ..models.mrad.memory_bank_mrad import MemoryBank
 
     name = check_local_path(option, os.fspath(name))
     if os.path.exists(name):
-        return MemoryBank.load(name)
+        from ..memory.files import load_bank as read_bank_file
+
+        return read_bank_file(name)
     from ..hub.api import load_memory_bank  # not a path (check_local_path said so): a Hub bank repo or short name
 
     return load_memory_bank(name)
@@ -639,7 +640,7 @@ def load_dataset_from_args(args, **kwargs):
 
 
 def _write_json(path: Path, payload) -> None:
-    from ..models.mrad.memory_bank_mrad import atomic_write
+    from ..memory.files import atomic_write
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -655,13 +656,14 @@ def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_erro
     or stop the command with a one-line error (`"fail"`).
     """
     from ..data.loaders import iter_readable_rows
+    from ..memory.building import build_memory_bank
     from ..models.mrad.image_processing_mrad import MRADInputError
 
     processor = detector_image_processor(detector)
     skipped: list[dict[str, str]] = []
     rows = iter_readable_rows(dataset, processor.load_pair, on_error=on_error, failures=skipped)
     try:
-        bank = detector.build_memory_bank(rows, batch_size=batch_size, source=source, image_processor=processor)
+        bank = build_memory_bank(detector, rows, batch_size=batch_size, source=source, image_processor=processor)
     except MRADInputError as error:
         raise CLIError(f"{error} (--on-error skip reports and skips such files)") from error
     if skipped:

@@ -46,7 +46,7 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_build_bank(args) -> int:
-    from ..models.mrad.memory_bank_mrad import atomic_directory
+    from ..memory.files import atomic_directory
     from ..tools.run_folder import writer_lock
 
     detector = detector_from_args(args)
@@ -66,7 +66,9 @@ def cmd_build_bank(args) -> int:
         if args.save_model:  # the model first: if it cannot be written, the old bank and model both stay as they were
             with atomic_directory(args.save_model) as staging:  # an interrupted save leaves the old folder intact
                 detector.save_pretrained(staging)
-        path = bank.save(args.output)
+        from ..memory.files import save_bank
+
+        path = save_bank(bank, args.output)
         built = bank.counts()["image_entries"]
         _log(f"{bank} -> {path} ({elapsed:.1f} s, {built / max(elapsed, 1e-9):.2f} images/s)")
         if args.save_model:
@@ -296,8 +298,10 @@ def cmd_demo(args) -> int:
         _log(
             f"Protocol held-out-images: memory from every other image of {categories}, scoring the other {len(test)} images"
         )
-    bank = detector.build_memory_bank(memory, source=f"synthetic:{protocol}", batch_size=args.batch_size)
-    bank.save(output_dir / "memory_bank.safetensors")
+    from ..memory import build_memory_bank, save_bank
+
+    bank = build_memory_bank(detector, memory, source=f"synthetic:{protocol}", batch_size=args.batch_size)
+    save_bank(bank, output_dir / "memory_bank.safetensors")
     _, detect = _detector_pipeline(detector)
     scores, labels, pixel_maps, pixel_masks = [], [], [], []
     for index, row in enumerate(test):
@@ -336,7 +340,9 @@ def cmd_demo(args) -> int:
         "scores": [{"path": r["path"], "label": int(r["label"]), "score": s} for r, s in zip(test, scores)],
     }
     model_dir = output_dir / "model"
-    detector.save_pretrained(model_dir)  # the backbone, the bank and the settings the scores above used
+    from ..memory.files import save_model
+
+    save_model(detector, model_dir)  # the backbone, the bank and the settings the scores above used
     summary["model"] = str(model_dir)
     _write_json(output_dir / "demo_results.json", summary)
     _log(f"Image AUROC: {image_auroc:.3f}   pixel AUROC: {pixel_auroc:.3f}   ({protocol}, {len(test)} images)")
@@ -380,7 +386,9 @@ def cmd_evaluate(args) -> int:
             detector, auxiliary, source=args.bank_from, batch_size=args.batch_size, on_error=args.on_error
         )
         if rank == 0:
-            bank_path = bank.save(output_dir / "memory_bank.safetensors")
+            from ..memory.files import save_bank
+
+            bank_path = save_bank(bank, output_dir / "memory_bank.safetensors")
             _report_skipped(bank.metadata.get("skipped_files", []), f"'skipped_files' in the metadata of {bank_path}")
         bank_source = args.bank_from
     elif detector.config.image_bank_size:

@@ -115,7 +115,9 @@ def _dedup(args):
 
 
 def _save(bank, path) -> None:
-    saved = bank.save(path)
+    from ..memory.files import save_bank
+
+    saved = save_bank(bank, path)
     _cli._log(f"{bank} -> {saved}")
 
 
@@ -224,7 +226,9 @@ def cmd_calibrate(args) -> int:
             f"on the known defects: image recall {calibration['defects']['image_recall']:.3f}, pixel recall {calibration['defects']['pixel_recall']}"
         )
     if args.save_model:
-        detector.save_pretrained(args.save_model)
+        from ..memory.files import save_model
+
+        save_model(detector, args.save_model)
         _cli._log(
             f"Calibrated model saved to {args.save_model}: pipeline('anomaly-detection') now returns is_anomalous and mask"
         )

@@ -29,6 +29,8 @@ from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_fi
 from mrad_hf.conversion.options import BANK_DESCRIPTION as DESCRIPTION
 from mrad_hf.conversion.options import add_bank_arguments as add_arguments
 
+from ..memory.files import save_bank
+
 __all__ = ["convert_official_bank", "read_official_cache", "VIT_L14_DIMS", "main", "add_arguments", "run"]
 
 #: (image key width, patch key width) of the official release's backbone, CLIP ViT-L/14@336.
@@ -163,7 +165,7 @@ def convert_official_bank(
         },
     )
     if output is not None:
-        bank.save(output)
+        save_bank(bank, output)
     return bank
 
 

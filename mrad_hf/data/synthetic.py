@@ -54,7 +54,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from ..models.mrad.memory_bank_mrad import atomic_write
+from ..memory.files import atomic_write
 
 __all__ = [
     "DEFECT_KINDS",

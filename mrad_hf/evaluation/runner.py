@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from ..data.loaders import file_sha256, undecoded_images
+from ..memory.files import atomic_write
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
-from ..models.mrad.memory_bank_mrad import atomic_write
 from ..tools.visualization import save_panel
 from .metrics import METRIC_KEYS, compute_all_metrics, image_auroc, pixel_auroc
 from .scoring import broadcast_from_main, iter_scored, process_group, score_items

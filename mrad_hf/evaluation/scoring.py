@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..memory.samples import label_value, progress_bar
 from ..models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError
-from ..models.mrad.memory_bank_mrad import label_value, progress_bar
 from ..runtime import set_backbone_dtype, tune_malloc_for_inference
 
 __all__ = [

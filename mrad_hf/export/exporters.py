@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from ..memory.files import atomic_directory
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
-from ..models.mrad.memory_bank_mrad import atomic_directory
 from .graph import INPUT_NAME, OUTPUT_NAMES, MRADExportModule
 from .runtime import EXPORT_CONFIG_NAME, ExportedDetector, ExportError, require
 

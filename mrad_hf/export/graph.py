@@ -32,8 +32,9 @@ class MRADExportModule(nn.Module):
         super().__init__()
         if model.memory.image_keys.shape[0] == 0 or model.memory.patch_keys.shape[0] == 0:
             raise ValueError(
-                "This model has no memory bank (or an empty level); an exported graph would score nothing. Build one "
-                "with model.build_memory_bank(samples) or attach one with model.set_memory_bank(path) before exporting."
+                "This model has no memory bank (or an empty level); an exported graph would score nothing. "
+                "Build one with "
+                "build_memory_bank(model, samples) or attach one with model.set_memory_bank(load_bank(path)) before exporting."
             )
         if model.config.batch_invariant:  # shares every weight and the bank; only the config differs
             model = copy.copy(model)

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..memory.files import load_bank, save_bank, save_model
 from ..models.mrad.memory_bank_mrad import MODEL_BANK_FILENAME, MemoryBank
 
 __all__ = [
@@ -346,7 +347,7 @@ def write_model_repo(
         memory_bank_metadata=model.memory_bank_metadata,
     )
     card = render_model_card(card_config, repo_id=repo_id, results=results, base_model=base_model)
-    model.save_pretrained(folder)
+    save_model(model, folder)
     card.save(os.path.join(folder, "README.md"))
     if endpoint_handler:
         write_endpoint_handler(folder)
@@ -374,7 +375,7 @@ def push_memory_bank(
 ):
     """Push a memory bank on its own: `memory_bank.safetensors`, `memory_bank.json` (its metadata), README card."""
     if not isinstance(bank, MemoryBank):
-        bank = MemoryBank.load(bank)
+        bank = load_bank(bank)
     api = _api(token, endpoint)
     with tempfile.TemporaryDirectory(prefix="mrad-bank-push-") as folder:
         write_bank_repo(bank, folder, repo_id=repo_id)
@@ -392,7 +393,7 @@ def push_memory_bank(
 
 def write_bank_repo(bank: MemoryBank, folder: str | os.PathLike, *, repo_id: str) -> Path:
     """Write exactly what `push_memory_bank` uploads into `folder`: the bank, `memory_bank.json`, README.md card."""
-    bank.save(os.path.join(folder, BANK_FILENAME))
+    save_bank(bank, os.path.join(folder, BANK_FILENAME))
     Path(folder, BANK_METADATA_FILENAME).write_text(
         json.dumps(bank.metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
@@ -415,7 +416,7 @@ def load_memory_bank(
 
     name = os.fspath(repo_id_or_path)
     if _is_local(name):
-        return MemoryBank.load(name)
+        return load_bank(name)
     repo_id = resolve_model_id(
         name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, filename=filename
     )
@@ -431,7 +432,7 @@ def load_memory_bank(
         )
     except Exception as error:
         raise explain_download_error(name, error, revision=revision, cache_dir=cache_dir) from error
-    return MemoryBank.load(path)
+    return load_bank(path)
 
 
 def pull_memory_bank(

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mrad_hf.hub.api import render_model_card
-from mrad_hf.models.mrad.memory_bank_mrad import atomic_write
+from mrad_hf.memory.files import atomic_write
 
 __all__ = ["card_config", "main"]
 

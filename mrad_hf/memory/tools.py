@@ -39,8 +39,10 @@ from typing import Any
 import torch
 
 from ..data.loaders import IgnoredFile, iter_readable_rows, pair_image_files
-from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings, label_value
+from ..memory.samples import label_value
+from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings
 from ..models.mrad.retrieval_mrad import l2_normalize
+from .building import build_memory_bank
 
 __all__ = [
     "DEFAULT_DEDUP_THRESHOLD",
@@ -346,7 +348,7 @@ def entries_from_samples(
     on_error: str = "fail",
     failures: list[dict[str, str]] | None = None,
 ) -> MemoryBank:
-    """Memory entries for labelled samples, computed by `model.build_memory_bank(..., attach=False)`.
+    """Memory entries for labelled samples, computed by `build_memory_bank(model, ..., attach=False)`.
 
     `samples` as for `build_memory_bank`: dicts with `image`, `label` and optional `mask` / `path` / `id`,
     or a `datasets.Dataset` from `mrad_hf.data.loaders`, whose files are read by MRAD's decoder
@@ -380,8 +382,14 @@ def entries_from_samples(
     with warnings.catch_warnings():  # the model's "whole image counts as a normal region" note: handled below
         warnings.filterwarnings("ignore", message=r".*had no mask.*", category=UserWarning)
         warnings.filterwarnings("ignore", message="allow_no_anomalies")  # added entries may all be normal
-        bank = model.build_memory_bank(
-            samples_in, batch_size=batch_size, source=source, progress=progress, attach=False, allow_no_anomalies=True
+        bank = build_memory_bank(
+            model,
+            samples_in,
+            batch_size=batch_size,
+            source=source,
+            progress=progress,
+            attach=False,
+            allow_no_anomalies=True,
         )
     bank.metadata["image_sources"] = [source] * bank.image_keys.shape[0]
     if len(unmasked) == bank.image_keys.shape[0] and any(unmasked):

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..models.mrad.memory_bank_mrad import MemoryBank, atomic_write
+from ..memory.files import atomic_write
+from ..models.mrad.memory_bank_mrad import MemoryBank
 from .visualization import overlay_heatmap
 
 __all__ = [

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..models.mrad.memory_bank_mrad import atomic_write
+from ..memory.files import atomic_write
 
 __all__ = [
     "RUN_FILE",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..models.mrad.memory_bank_mrad import atomic_write
+from ..memory.files import atomic_write
 
 __all__ = ["colorize", "overlay_heatmap", "render_panel", "save_panel"]
 

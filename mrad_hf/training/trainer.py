@@ -20,7 +20,7 @@ JSON (Accelerate's `save_state` pickles optimizer and RNG states, which this pac
 CLIP is not copied into checkpoints. The global
 batch is `batch_size` whatever the number of processes (`split_batches=True`), so a 2-process run takes the
 same optimisation steps as a 1-process run. Bank building is sharded across processes batch by batch and gathered
-in the original order (`MRADForAnomalyDetection.build_memory_bank(accelerator=...)`), so it gives the same bank as
+in the original order (`build_memory_bank(MRADForAnomalyDetection, accelerator=...)`), so it gives the same bank as
 one process.
 
 A checkpoint or final model is written into a temporary folder and renamed when complete, so an interrupted run
@@ -44,9 +44,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.loaders import undecoded_images
+from ..memory.building import build_memory_bank
+from ..memory.files import atomic_directory
+from ..memory.samples import iter_samples, progress_bar
 from ..models.mrad.configuration_mrad import MRADConfig
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
-from ..models.mrad.memory_bank_mrad import atomic_directory, iter_samples, progress_bar
 from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
 from ..tools import run_folder
 
@@ -440,7 +442,8 @@ def train_mrad(
     if latest is not None:
         _restore_memory_bank(model, *latest)
     elif model.memory.image_keys.shape[0] == 0:
-        model.build_memory_bank(
+        build_memory_bank(
+            model,
             train_samples,
             batch_size=args.bank_batch_size,
             source=bank_source,

@@ -9,8 +9,9 @@ import pytest
 from conftest import make_samples, make_tiny_model
 from PIL import Image
 
-from mrad_hf import MemoryBank, MRADImageProcessor
+from mrad_hf import MRADImageProcessor
 from mrad_hf.cli.main import main
+from mrad_hf.memory import load_bank
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_build_bank_then_predict_with_a_bad_file(user_folder, saved_tiny, tmp_pa
         ]
     )
     assert code == 0
-    bank = MemoryBank.load(bank_path)
+    bank = load_bank(bank_path)
     assert bank.counts()["image_entries"] == 6 and bank.counts()["patch_anomalous"] == 3
     assert bank.metadata["source"] == "folder"
 
@@ -142,7 +143,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert results["pixel_auroc"] > 0.75  # retrieval localises the pasted defects (measured 0.95)
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
     assert len(heatmaps) == len(scores) and Image.open(heatmaps[0]).size == (3 * 256, 256 + 18)
-    assert MemoryBank.load(out / "memory_bank.safetensors").counts()["image_entries"] == len(scores)
+    assert load_bank(out / "memory_bank.safetensors").counts()["image_entries"] == len(scores)
 
     # the next command the demo prints works as printed, with the model it saved
     next_command = [line.strip() for line in printed.splitlines() if line.strip().startswith("mrad predict --model")]
@@ -191,7 +192,7 @@ def test_evaluate_cross_dataset_tables_match_independent_metrics(tmp_path, saved
     assert [r["category"] for r in results["per_category"]] == ["grass", "gravel"]
 
     model = MRADForAnomalyDetection.from_pretrained(saved_tiny)
-    model.set_memory_bank(out / "memory_bank.safetensors")
+    model.set_memory_bank(load_bank(out / "memory_bank.safetensors"))
     processor = MRADImageProcessor.from_config(model.config)
     recomputed = {}
     for category in ("grass", "gravel"):

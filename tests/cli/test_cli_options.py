@@ -19,6 +19,7 @@ from PIL import Image
 
 from mrad_hf.cli import common
 from mrad_hf.cli.main import build_parser, main
+from mrad_hf.memory import build_memory_bank, load_bank, save_bank
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HEAVY_MODULES = ("torch", "transformers", "numpy", "PIL", "datasets", "accelerate", "safetensors", "huggingface_hub")
@@ -340,7 +341,7 @@ def test_device_moves_the_model_where_it_is_asked(monkeypatch):
 @pytest.fixture
 def model_with_bank(tmp_path):
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(6, seed=3), source="test", progress=False)
+    build_memory_bank(model, make_samples(6, seed=3), source="test", progress=False)
     path = tmp_path / "with_bank"
     model.save_pretrained(path)
     return path
@@ -403,8 +404,8 @@ def test_bank_mismatch_advice_is_a_cli_flag(model_with_bank, tmp_path, capsys):
     """A bank from another backbone: the error says --trust-bank (not strict=False); --trust-bank attaches it with a
     one-line warning."""
     other = make_tiny_model(seed=1)
-    bank = other.build_memory_bank(make_samples(4, seed=5), progress=False)
-    bank_path = bank.save(tmp_path / "other.safetensors")
+    bank = build_memory_bank(other, make_samples(4, seed=5), progress=False)
+    bank_path = save_bank(bank, tmp_path / "other.safetensors")
     image = tmp_path / "part.png"
     Image.fromarray(make_samples(1, seed=6)[0]["image"]).save(image)
     argv = [
@@ -455,14 +456,12 @@ def test_trust_bank_attaches_a_bank_without_a_fingerprint_and_says_what_was_not_
     """A bank with its backbone fingerprint removed is refused with CLI advice; `--trust-bank` attaches it, warning."""
     from conftest import make_samples, make_tiny_model
 
-    from mrad_hf import MemoryBank
-
     model = make_tiny_model()
     model.save_pretrained(tmp_path / "model")
-    bank = model.build_memory_bank(make_samples(4), progress=False, attach=False)
+    bank = build_memory_bank(model, make_samples(4), progress=False, attach=False)
     bank.metadata.pop("backbone")
-    bank.save(tmp_path / "bank.safetensors")
-    assert MemoryBank.load(tmp_path / "bank.safetensors").metadata.get("backbone") is None
+    save_bank(bank, tmp_path / "bank.safetensors")
+    assert load_bank(tmp_path / "bank.safetensors").metadata.get("backbone") is None
     image = tmp_path / "part.png"
     Image.fromarray(make_samples(1)[0]["image"]).save(image)
     argv = ["predict", "--model", str(tmp_path / "model"), "--bank", str(tmp_path / "bank.safetensors"), str(image)]

@@ -11,13 +11,13 @@ from PIL import Image
 
 from mrad_hf import MRADForAnomalyDetection
 from mrad_hf.cli.main import main
-from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank
+from mrad_hf.memory import load_bank, save_bank
 
 
 @pytest.fixture
 def workspace(model_with_bank, tmp_path):
     model_with_bank.save_pretrained(tmp_path / "model")
-    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    save_bank(model_with_bank.get_memory_bank(), tmp_path / "bank.safetensors")
     line = tmp_path / "line"
     (line / "good").mkdir(parents=True)
     (line / "dent").mkdir()
@@ -35,7 +35,7 @@ def workspace(model_with_bank, tmp_path):
 
 
 def test_bank_add_info_merge_remove(workspace, capsys):
-    base = MemoryBank.load(workspace / "bank.safetensors")
+    base = load_bank(workspace / "bank.safetensors")
     args = [
         "bank",
         "add",
@@ -53,7 +53,7 @@ def test_bank_add_info_merge_remove(workspace, capsys):
         "--no-dedup",
     ]
     assert main(args) == 0
-    grown = MemoryBank.load(workspace / "grown.safetensors")
+    grown = load_bank(workspace / "grown.safetensors")
     assert (
         grown.counts()["image_entries"] == 10 and grown.counts()["patch_entries"] == base.counts()["patch_entries"] + 6
     )
@@ -81,7 +81,7 @@ def test_bank_add_info_merge_remove(workspace, capsys):
         )
         == 0
     )
-    merged = MemoryBank.load(workspace / "merged.safetensors")
+    merged = load_bank(workspace / "merged.safetensors")
     assert merged.counts() == grown.counts()  # the grown bank's copy of the base entries is deduplicated away
     assert merged.image_sources() == grown.image_sources()
     assert (
@@ -98,7 +98,7 @@ def test_bank_add_info_merge_remove(workspace, capsys):
         )
         == 0
     )
-    back = MemoryBank.load(workspace / "back.safetensors")
+    back = load_bank(workspace / "back.safetensors")
     assert torch.equal(back.patch_keys, base.patch_keys) and torch.equal(back.image_keys, base.image_keys)
 
 
@@ -123,7 +123,7 @@ def test_bank_add_images_with_one_label_and_bad_input(workspace, capsys):
         )
         == 0
     )
-    grown = MemoryBank.load(bank)  # replaced in place
+    grown = load_bank(bank)  # replaced in place
     assert grown.image_values[-2:].argmax(1).tolist() == [1, 1] and grown.image_ids()[-2:] == ["d1.png", "d3.png"]
     capsys.readouterr()
     assert (

@@ -11,8 +11,8 @@ import torch
 from test_convert_official_bank import write_pair
 from test_convert_openai_clip import openai_state_dict
 
-from mrad_hf import MemoryBank
 from mrad_hf.cli.main import main as mrad
+from mrad_hf.memory import load_bank
 
 
 def test_mrad_convert_clip_and_python_m_write_the_same_model(tmp_path, capsys):
@@ -50,9 +50,7 @@ def test_mrad_convert_bank_takes_a_clip_or_an_mrad_folder(tmp_path, tiny_model, 
             str(tmp_path / f"{name}.safetensors"),
         ]
         assert mrad(args + ["--model", str(tmp_path / name)]) == 0, capsys.readouterr().err
-        assert (
-            MemoryBank.load(tmp_path / f"{name}.safetensors").metadata["backbone"] == tiny_model.backbone_fingerprint()
-        )
+        assert load_bank(tmp_path / f"{name}.safetensors").metadata["backbone"] == tiny_model.backbone_fingerprint()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"model_type": "bert"}')
     assert (

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from conftest import TINY_IMAGE_SIZE, make_samples
 from reference_mrad import reference_tf_score
 
-from mrad_hf import MemoryBank, MRADImageProcessor
+from mrad_hf import MRADImageProcessor
 from mrad_hf.conversion.common import ConversionError
 from mrad_hf.conversion.convert_official_bank import convert_official_bank, main
+from mrad_hf.memory import load_bank
 
 
 def official_cache(rows: int, width: int, seed: int, anomalous_every: int = 3) -> dict[str, torch.Tensor]:
@@ -42,7 +43,7 @@ def test_converted_bank_scores_equal_reference_on_original_tensors(tmp_path, tin
         model=tiny_model,
     )
 
-    saved = MemoryBank.load(tmp_path / "visa.safetensors")
+    saved = load_bank(tmp_path / "visa.safetensors")
     assert bank.counts() == saved.counts() and bank.metadata["tensors_sha256"] == saved.metadata["tensors_sha256"]
     assert torch.equal(saved.image_keys, image["keys"]) and torch.equal(saved.patch_values, patch["values"])
     meta = saved.metadata
@@ -80,14 +81,14 @@ def test_without_model_backbone_is_unknown_and_widths_come_from_the_files(tmp_pa
     assert (
         main(["--cache-dir", str(tmp_path), "--dataset", "mvtec", "--output", str(tmp_path / "out.safetensors")]) == 0
     )
-    bank = MemoryBank.load(tmp_path / "out.safetensors")
+    bank = load_bank(tmp_path / "out.safetensors")
     assert bank.metadata["backbone"] is None and bank.metadata["conversion"]["backbone"].startswith("unknown")
     assert bank.metadata["source"] == "mvtec" and bank.metadata["features"]["image_size"] == 518
     assert "Wrote" in capsys.readouterr().out
 
     write_pair(tmp_path, tiny_model, dataset="visa")  # 24 / 48-d keys: not ViT-L/14's, still a valid bank
     assert main(["--cache-dir", str(tmp_path), "--dataset", "visa", "--output", str(tmp_path / "x.safetensors")]) == 0
-    assert MemoryBank.load(tmp_path / "x.safetensors").counts()["image_entries"] == 9
+    assert load_bank(tmp_path / "x.safetensors").counts()["image_entries"] == 9
     # with a model, its widths are checked: the ViT-L/14-wide mvtec files do not fit the tiny backbone
     assert (
         main(

@@ -17,6 +17,7 @@ from scipy.ndimage import gaussian_filter
 from mrad_hf import MemoryBank, MRADForAnomalyDetection, MRADImageProcessor
 from mrad_hf.conversion.common import ConversionError
 from mrad_hf.conversion.convert_official_checkpoint import convert_official_checkpoint, main
+from mrad_hf.memory import save_bank
 from mrad_hf.models.mrad.memory_bank_mrad import feature_settings
 
 IMAGE_DIM, PATCH_DIM, TEXT_DIM = 24, 48, 32  # tiny_clip_config: projection, vision width, text width
@@ -135,7 +136,7 @@ def test_ft_checkpoint_matches_official_scoring(tmp_path, capsys):
     checkpoint = official_ft_checkpoint()
     torch.save(checkpoint, tmp_path / "mrad_ft_final.pth")
     bank = _official_bank(tf_model)
-    bank.save(tmp_path / "visa.safetensors")
+    save_bank(bank, tmp_path / "visa.safetensors")
     assert (
         main([str(tmp_path / "mrad_ft_final.pth"), str(tmp_path / "no-clip"), "--clip", str(tmp_path / "missing")])
         == 2

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mrad_hf.cli.main import main
 from mrad_hf.data.loaders import iter_readable_rows, load_folder, readable_items, readable_subset, undecoded_images
+from mrad_hf.memory import build_memory_bank, save_bank
 from mrad_hf.memory.tools import entries_from_samples
 from mrad_hf.models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError
 
@@ -102,7 +103,7 @@ def test_calibrate_never_counts_an_unreadable_file_as_good(tmp_path):
     from mrad_hf.tools.calibration import calibrate
 
     model = make_tiny_model(image_size=56, retrieval_temperature=0.01)
-    model.build_memory_bank(make_samples(6, seed=1, height=56, width=56), source="aux", progress=False)
+    build_memory_bank(model, make_samples(6, seed=1, height=56, width=56), source="aux", progress=False)
     paths = []
     for index, sample in enumerate(make_samples(10, seed=4, height=56, width=56)):
         paths.append(tmp_path / f"ok{index}.png")
@@ -144,7 +145,7 @@ def test_cli_bank_add_from_a_dataset_skips_the_corrupt_file(
     folder_with_truncated_file, model_with_bank, tmp_path, capsys
 ):
     model_with_bank.save_pretrained(tmp_path / "model")
-    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    save_bank(model_with_bank.get_memory_bank(), tmp_path / "bank.safetensors")
     args = [
         "bank",
         "add",

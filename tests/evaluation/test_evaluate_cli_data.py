@@ -13,6 +13,7 @@ from PIL import Image
 
 from mrad_hf.cli.main import main
 from mrad_hf.data.loaders import load_benchmark
+from mrad_hf.memory import build_memory_bank, save_bank
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def textile(tmp_path):
     memory = memory.filter(
         lambda row_id: row_id.endswith(("img0.png", "img1.png", "img2.png", "img3.png")), input_columns="id"
     )
-    model.build_memory_bank(memory, source="folder", progress=False).save(tmp_path / "bank.safetensors")
+    save_bank(build_memory_bank(model, memory, source="folder", progress=False), tmp_path / "bank.safetensors")
     return tmp_path, root
 
 

@@ -20,6 +20,7 @@ from mrad_hf.evaluation.runner import (
     evaluate_dataset,
     file_sha256,
 )
+from mrad_hf.memory import build_memory_bank
 
 
 def test_pixel_images_leaves_unmasked_anomalies_out_with_numbers():
@@ -62,7 +63,7 @@ def write_folder(root, samples, *, unmasked=()):
 @pytest.fixture
 def scored_model():
     model = make_tiny_model(batch_invariant=True)  # the subset/full comparison below is bit-for-bit
-    model.build_memory_bank(make_samples(6, seed=3), batch_size=6, source="aux", progress=False)
+    build_memory_bank(model, make_samples(6, seed=3), batch_size=6, source="aux", progress=False)
     return model
 
 
@@ -111,7 +112,7 @@ def test_leakage_is_counted_warned_and_excludable(tmp_path):
     dataset = load_folder(tmp_path / "part")
     model = make_tiny_model()
     in_bank = dataset.select(range(0, 8, 2))  # 4 of the 8 scored images also fill the memory
-    model.build_memory_bank(in_bank, batch_size=4, source="folder", progress=False)
+    build_memory_bank(model, in_bank, batch_size=4, source="folder", progress=False)
     hits, how = bank_overlap(dataset, model.memory_bank_metadata)
     assert sorted(hits) == [0, 2, 4, 6]
     with pytest.warns(BankOverlapWarning, match=r"LEAKAGE: 4 of 8 scored images are in the memory bank"):

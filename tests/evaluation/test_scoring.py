@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 
 from mrad_hf import MRADImageProcessor, MRADInputError
 from mrad_hf.evaluation.scoring import score_items
+from mrad_hf.memory import build_memory_bank
 
 
 @pytest.fixture(scope="module")
 def scored_model():
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(6), batch_size=3, progress=False)
+    build_memory_bank(model, make_samples(6), batch_size=3, progress=False)
     return model
 
 

@@ -13,11 +13,12 @@ from conftest import make_samples, make_tiny_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from mrad_hf.evaluation.scoring import score_items  # noqa: E402
+from mrad_hf.memory import build_memory_bank
 
 
 def run(output: str, accelerate: bool = True) -> None:
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(6), batch_size=3, progress=False)
+    build_memory_bank(model, make_samples(6), batch_size=3, progress=False)
     accelerator = None
     if accelerate:
         from accelerate import Accelerator

@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import TINY_IMAGE_SIZE, TINY_PROMPT_TOKEN_IDS, make_samples, tiny_clip_config
 
+from mrad_hf.memory import build_memory_bank
+
 # every test exports ONNX (torch.onnx's exporter needs onnx + onnxscript); each runtime is needed only where it runs
 pytest.importorskip("onnx", reason="onnx is not installed: pip install 'mrad-hf[onnx]'")
 pytest.importorskip(
@@ -62,7 +64,7 @@ def tiny_variant(variant: str, seed: int = 0) -> MRADForAnomalyDetection:
         overrides.update(prompt_token_ids=TINY_PROMPT_TOKEN_IDS, deep_prompt_depth=3)
     torch.manual_seed(seed)
     model = MRADForAnomalyDetection.from_clip(clip_config, **overrides).eval()
-    model.build_memory_bank(make_samples(6, seed=seed), batch_size=4, progress=False)
+    build_memory_bank(model, make_samples(6, seed=seed), batch_size=4, progress=False)
     return model
 
 

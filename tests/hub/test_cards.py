@@ -16,6 +16,7 @@ from PIL import Image
 
 from mrad_hf.hub.api import eval_results_from_json, render_bank_card, render_model_card
 from mrad_hf.hub.cards import main as render_main
+from mrad_hf.memory import build_memory_bank
 
 VARIANTS = ("tf", "ft", "clip")
 
@@ -48,7 +49,7 @@ def results_json(tmp_path_factory):
             }
         )
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(4, seed=9), progress=False, source="visa")
+    build_memory_bank(model, make_samples(4, seed=9), progress=False, source="visa")
     evaluate_dataset(
         model,
         Dataset.from_list(rows),

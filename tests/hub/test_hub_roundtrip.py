@@ -32,6 +32,7 @@ from mrad_hf.hub.api import (
     push_model,
     resolve_model_id,
 )
+from mrad_hf.memory import build_memory_bank, save_bank
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,8 +78,8 @@ def test_push_pull_offline_reload_round_trip(fake_hub, online, model_with_bank, 
         [s["image"] for s in make_samples(3, seed=7)]
     )["pixel_values"]
     expected_map, expected_score = _outputs(model_with_bank, pixel_values)
-    other_bank = model_with_bank.build_memory_bank(
-        make_samples(4, seed=3), source="visa", progress=False, attach=False
+    other_bank = build_memory_bank(
+        model_with_bank, make_samples(4, seed=3), source="visa", progress=False, attach=False
     )
 
     hub = {"endpoint": fake_hub.url, "token": "test-token"}
@@ -178,7 +179,7 @@ def test_bank_revisions_in_process(fake_hub, online, model_with_bank, tmp_path):
     from huggingface_hub import HfApi, constants
 
     bank = model_with_bank.get_memory_bank()
-    smaller = model_with_bank.build_memory_bank(make_samples(2, seed=5), source="mvtec", progress=False, attach=False)
+    smaller = build_memory_bank(model_with_bank, make_samples(2, seed=5), source="mvtec", progress=False, attach=False)
     first = push_memory_bank(bank, "tester/bank-revisions", endpoint=fake_hub.url, token="t")
     push_memory_bank(smaller, "tester/bank-revisions", endpoint=fake_hub.url, token="t")  # main moves on
     HfApi(endpoint=fake_hub.url, token="t").create_tag("tester/bank-revisions", tag="v1", revision=first.oid)
@@ -288,7 +289,7 @@ def test_mrad_push_cli_and_load_model_error(fake_hub, online, monkeypatch, model
         constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
     )
     model_with_bank.save_pretrained(tmp_path / "model")
-    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    save_bank(model_with_bank.get_memory_bank(), tmp_path / "bank.safetensors")
     assert main(["push", str(tmp_path / "model"), "tester/cli-model"]) == 0
     assert main(["push", "--bank", str(tmp_path / "bank.safetensors"), "tester/cli-bank", "--revision", "v1"]) == 0
     out = capsys.readouterr().out

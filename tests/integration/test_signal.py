@@ -19,6 +19,7 @@ from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
 from mrad_hf.evaluation.runner import held_out_aurocs, held_out_split
+from mrad_hf.memory import build_memory_bank
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def synthetic_split(tmp_path_factory):
 
 
 def _aurocs(model, memory, queries):
-    model.build_memory_bank(memory, progress=False)
+    build_memory_bank(model, memory, progress=False)
     return held_out_aurocs(model, queries)
 
 

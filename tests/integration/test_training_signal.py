@@ -15,6 +15,7 @@ from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
 from mrad_hf.evaluation.runner import held_out_aurocs, held_out_split
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.training.trainer import MRADTrainingArguments, train_mrad
 
 
@@ -30,7 +31,7 @@ def test_mrad_ft_beats_mrad_tf_on_held_out_images(tmp_path, reset_accelerate):
             CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, variant=variant
         )
         if variant == "tf":
-            model.build_memory_bank(memory, progress=False)
+            build_memory_bank(model, memory, progress=False)
         else:
             history = train_mrad(
                 model, memory, MRADTrainingArguments(output_dir=str(tmp_path / "ft"), resume=False), progress=False

@@ -31,6 +31,7 @@ from conftest import make_tiny_model  # noqa: E402
 from mrad_hf.data.synthetic import load_texture, make_synthetic_benchmark  # noqa: E402
 from mrad_hf.evaluation.metrics import image_auroc, pixel_auroc  # noqa: E402
 from mrad_hf.integrations.anomalib import MRADAnomalib  # noqa: E402
+from mrad_hf.memory import build_memory_bank  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def _engine(tmp_path: Path) -> Engine:
 def test_engine_test_metrics_equal_mrad_metrics_on_the_same_outputs(folder_dataset, tmp_path):
     model = make_tiny_model()
     rows = [{"image": load_texture("brick")[:96, :96], "label": 0, "mask": None, "id": "texture"}]
-    model.build_memory_bank(
+    build_memory_bank(
+        model,
         rows
         + [{"image": np.asarray(load_texture("brick")[100:300, 100:300]), "label": 0, "mask": None, "id": "crop"}],
         batch_size=2,

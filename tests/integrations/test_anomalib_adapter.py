@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_IMAGE_SIZE
 
+from mrad_hf.memory import build_memory_bank
+
 
 @pytest.fixture
 def adapter_module(monkeypatch):
@@ -45,7 +47,7 @@ def test_batch_fields_are_mrads_scores_and_maps(adapter_module, variant, samples
     from conftest import make_tiny_trained_model
 
     model = make_tiny_trained_model(variant)
-    model.build_memory_bank(samples, batch_size=4, source="unit-test", progress=False)
+    build_memory_bank(model, samples, batch_size=4, source="unit-test", progress=False)
     module = adapter_module.MRADAnomalib(model, pre_processor=False)
     assert module.learning_type == fake_anomalib.LearningType.ZERO_SHOT and module.trainer_arguments == {}
     images = _images()

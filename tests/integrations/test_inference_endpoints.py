@@ -27,6 +27,7 @@ from PIL import Image
 from mrad_hf import MRADImageProcessor
 from mrad_hf.hub.api import ENDPOINT_HANDLER_FILE, write_endpoint_handler
 from mrad_hf.integrations.inference_endpoints import MAP_FORMAT, EndpointHandler, decode_map
+from mrad_hf.memory import build_memory_bank
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def saved_folder(tmp_path_factory):
     from conftest import make_tiny_model
 
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(), batch_size=4, source="unit-test", progress=False)
+    build_memory_bank(model, make_samples(), batch_size=4, source="unit-test", progress=False)
     folder = tmp_path_factory.mktemp("endpoint") / "model"
     model.save_pretrained(folder)
     write_endpoint_handler(folder)

@@ -13,8 +13,8 @@ from conftest import make_samples
 from PIL import Image
 
 from mrad_hf.cli.main import main
+from mrad_hf.memory import load_bank, save_bank
 from mrad_hf.memory.tools import add_samples, entries_from_samples, samples_from_files
-from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank
 
 
 def save_line(folder, count=4, seed=51, masks=True):
@@ -86,7 +86,7 @@ def test_add_mixes_masked_and_unmasked_anomalies(tiny_model, model_with_bank, tm
 
 def test_cli_bank_add_says_so(model_with_bank, tmp_path, capsys):
     model_with_bank.save_pretrained(tmp_path / "model")
-    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    save_bank(model_with_bank.get_memory_bank(), tmp_path / "bank.safetensors")
     save_line(tmp_path / "bad", count=2, seed=5)
     save_line(tmp_path / "loose", count=1, seed=6, masks=False)
     images = sorted(str(p) for p in (tmp_path / "bad").glob("*.png")) + [str(tmp_path / "loose" / "d0.png")]
@@ -109,7 +109,7 @@ def test_cli_bank_add_says_so(model_with_bank, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "1 anomalous image(s) had no mask: added as image-level anomalous entries only" in out
-    grown = MemoryBank.load(tmp_path / "grown.safetensors")
+    grown = load_bank(tmp_path / "grown.safetensors")
     base = model_with_bank.get_memory_bank()
     assert grown.image_keys.shape[0] == base.image_keys.shape[0] + 3
     added_labels = grown.patch_values[base.patch_keys.shape[0] :].argmax(1).tolist()
@@ -139,7 +139,7 @@ def test_cli_prints_the_ignored_summary_as_one_line(model_with_bank, tmp_path, c
     from mrad_hf.cli.main import main as cli_main
 
     model_with_bank.save_pretrained(tmp_path / "model")
-    model_with_bank.get_memory_bank().save(tmp_path / "bank.safetensors")
+    save_bank(model_with_bank.get_memory_bank(), tmp_path / "bank.safetensors")
     save_line(tmp_path / "line" / "dent", count=1, seed=9)
     (tmp_path / "line" / "good").mkdir()
     Image.fromarray(make_samples(1, seed=9)[0]["image"]).save(tmp_path / "line" / "good" / "g.png")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import make_samples, make_tiny_model
 
+from mrad_hf.memory import build_memory_bank, load_bank, save_bank
 from mrad_hf.memory.tools import add_samples, bank_info, deduplicate, merge_banks, remove_sources, select_entries
 from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError
 from mrad_hf.models.mrad.retrieval_mrad import one_hot_labels
@@ -12,7 +13,7 @@ from mrad_hf.models.mrad.retrieval_mrad import one_hot_labels
 
 @pytest.fixture
 def base_bank(tiny_model, samples):
-    return tiny_model.build_memory_bank(samples, batch_size=4, source="public", progress=False, attach=False)
+    return build_memory_bank(tiny_model, samples, batch_size=4, source="public", progress=False, attach=False)
 
 
 def test_provenance_of_every_entry(base_bank, samples):
@@ -47,8 +48,8 @@ def test_provenance_of_every_entry(base_bank, samples):
 def test_old_banks_without_per_entry_sources_still_load(base_bank, tmp_path):
     metadata = {k: v for k, v in base_bank.metadata.items() if k not in ("image_sources", "image_ids", "image_sha256")}
     old = MemoryBank(**base_bank.tensors(), metadata=metadata)
-    old.save(tmp_path / "v1.safetensors")
-    loaded = MemoryBank.load(tmp_path / "v1.safetensors")
+    save_bank(old, tmp_path / "v1.safetensors")
+    loaded = load_bank(tmp_path / "v1.safetensors")
     assert loaded.image_sources() == ["public"] * 6
     assert loaded.image_ids() == [f"entry-{i}" for i in range(6)]
     assert loaded.provenance("patch", 1)["image_id"] == "entry-1"
@@ -67,7 +68,7 @@ def test_provenance_out_of_step_with_keys_is_refused(base_bank):
 def test_add_appends_exactly_the_entries_the_model_computes(tiny_model, base_bank, tmp_path):
     new_samples = make_samples(4, seed=21)
     grown = add_samples(base_bank, tiny_model, new_samples, source="line-3", dedup_threshold=None, progress=False)
-    fresh = tiny_model.build_memory_bank(new_samples, source="x", progress=False, attach=False)
+    fresh = build_memory_bank(tiny_model, new_samples, source="x", progress=False, attach=False)
     torch.testing.assert_close(grown.image_keys, torch.cat([base_bank.image_keys, fresh.image_keys]))
     torch.testing.assert_close(grown.patch_keys, torch.cat([base_bank.patch_keys, fresh.patch_keys]))
     assert torch.equal(grown.patch_sources, torch.cat([base_bank.patch_sources, fresh.patch_sources + 6]))
@@ -75,7 +76,7 @@ def test_add_appends_exactly_the_entries_the_model_computes(tiny_model, base_ban
     assert grown.provenance("patch", 10)["image_id"] == "img1" and grown.provenance("patch", 10)["source"] == "line-3"
     assert [step["operation"] for step in grown.metadata["history"]] == ["add"]
     # survives the file format, and the original bank is untouched
-    reloaded = MemoryBank.load(grown.save(tmp_path / "grown.safetensors"))
+    reloaded = load_bank(save_bank(grown, tmp_path / "grown.safetensors"))
     assert reloaded.image_sources() == grown.image_sources() and reloaded.image_ids() == grown.image_ids()
     assert base_bank.counts()["image_entries"] == 6
     info = bank_info(reloaded)
@@ -139,16 +140,16 @@ def test_deduplication_rule():
 
 
 def test_merge_checks_compatibility_and_keeps_provenance(tiny_model, base_bank):
-    line = tiny_model.build_memory_bank(make_samples(2, seed=5), source="line", progress=False, attach=False)
+    line = build_memory_bank(tiny_model, make_samples(2, seed=5), source="line", progress=False, attach=False)
     merged = merge_banks([base_bank, line], names=["public.safetensors", "line.safetensors"], dedup_threshold=None)
     assert merged.image_sources() == ["public"] * 6 + ["line"] * 2
     assert merged.metadata["source"] == "public+line"
     assert merged.patch_sources.tolist()[-3:] == [6, 7, 7]
-    other = make_tiny_model(seed=3).build_memory_bank(make_samples(2), source="x", progress=False, attach=False)
+    other = build_memory_bank(make_tiny_model(seed=3), make_samples(2), source="x", progress=False, attach=False)
     with pytest.raises(MemoryBankError, match="Cannot merge x.safetensors into public.safetensors.*weights signature"):
         merge_banks([base_bank, other], names=["public.safetensors", "x.safetensors"])
-    resized = make_tiny_model(image_size=56).build_memory_bank(
-        make_samples(2), source="y", progress=False, attach=False
+    resized = build_memory_bank(
+        make_tiny_model(image_size=56), make_samples(2), source="y", progress=False, attach=False
     )
     with pytest.raises(MemoryBankError, match="feature setting image_size: bank 112 vs model 56"):
         merge_banks([base_bank, resized])

@@ -14,10 +14,13 @@ import torch
 from conftest import TINY_IMAGE_SIZE, make_samples, make_tiny_model
 from safetensors.torch import load_file, save_file
 
+import mrad_hf.memory.files as bank_files
 import mrad_hf.models.mrad.memory_bank_mrad as memory_bank_module
-from mrad_hf import MemoryBank, MemoryBankError, MRADForAnomalyDetection
+from mrad_hf import MemoryBankError, MRADForAnomalyDetection
 from mrad_hf.cli.main import main
-from mrad_hf.models.mrad.memory_bank_mrad import atomic_directory, tensors_checksum, verify_model_memory
+from mrad_hf.memory import build_memory_bank, load_bank, save_bank
+from mrad_hf.memory.files import atomic_directory
+from mrad_hf.models.mrad.memory_bank_mrad import tensors_checksum, verify_model_memory
 
 from ._files import mutate, write_folder_dataset
 
@@ -26,13 +29,13 @@ from ._files import mutate, write_folder_dataset
 def built():
     """A tiny model, the bank it built (not attached) and the bank's bytes on disk."""
     model = make_tiny_model()
-    bank = model.build_memory_bank(make_samples(6), progress=False, source="integrity")
+    bank = build_memory_bank(model, make_samples(6), progress=False, source="integrity")
     return model, bank
 
 
 @pytest.fixture
 def bank_file(built, tmp_path):
-    return built[1].save(tmp_path / "bank.safetensors")
+    return save_bank(built[1], tmp_path / "bank.safetensors")
 
 
 def _rewrite(path, edit):
@@ -51,7 +54,7 @@ def _rewrite(path, edit):
 
 def test_bank_metadata_records_what_loading_checks(built, bank_file):
     model, bank = built
-    metadata = MemoryBank.load(bank_file).metadata
+    metadata = load_bank(bank_file).metadata
     assert metadata["format_version"] == memory_bank_module.BANK_FORMAT_VERSION
     assert metadata["backbone"] == model.backbone_fingerprint()
     assert metadata["backbone"]["projection_dim"] == 24 and metadata["backbone"]["hidden_size"] == 48
@@ -71,7 +74,7 @@ def test_bank_metadata_records_what_loading_checks(built, bank_file):
 def test_bank_from_another_backbone_is_refused(bank_file, tmp_path, capsys):
     other = make_tiny_model(seed=1)  # same architecture, other weights
     with pytest.raises(MemoryBankError, match="weights signature.*different CLIP weights.*Rebuild the bank"):
-        other.set_memory_bank(bank_file)
+        other.set_memory_bank(load_bank(bank_file))
     other.save_pretrained(tmp_path / "other")
     image = tmp_path / "query.png"
     from PIL import Image
@@ -96,7 +99,7 @@ def test_bank_from_another_backbone_is_refused(bank_file, tmp_path, capsys):
 def test_bank_with_another_input_size_is_refused(bank_file):
     same_weights_other_size = make_tiny_model(seed=0, image_size=56)
     with pytest.raises(MemoryBankError, match=r"feature setting image_size: bank 112 vs model 56"):
-        same_weights_other_size.set_memory_bank(bank_file)
+        same_weights_other_size.set_memory_bank(load_bank(bank_file))
 
 
 @pytest.mark.parametrize("keep", [0, 7, 8, 100, -1])
@@ -104,7 +107,7 @@ def test_truncated_bank_is_refused_naming_the_file(bank_file, keep):
     data = bank_file.read_bytes()
     bank_file.write_bytes(data[: keep if keep >= 0 else len(data) - 1])
     with pytest.raises(MemoryBankError, match=r"bank\.safetensors"):
-        MemoryBank.load(bank_file)
+        load_bank(bank_file)
 
 
 def test_flipped_data_byte_is_caught_by_the_checksum(bank_file):
@@ -114,19 +117,19 @@ def test_flipped_data_byte_is_caught_by_the_checksum(bank_file):
     data[8 + header_length + start + 5] ^= 0x10  # inside image_keys' float data: still a valid safetensors file
     bank_file.write_bytes(bytes(data))
     with pytest.raises(MemoryBankError, match=r"bank\.safetensors' is corrupt: its tensors do not match the SHA-256"):
-        MemoryBank.load(bank_file)
+        load_bank(bank_file)
 
 
 def test_edited_tensors_with_inconsistent_shapes_are_refused(bank_file):
     _rewrite(bank_file, lambda tensors, metadata: tensors.update(image_values=tensors["image_values"][:4]))
     with pytest.raises(MemoryBankError, match=r"bank\.safetensors': image_values has 4 rows but its keys have 6"):
-        MemoryBank.load(bank_file)
+        load_bank(bank_file)
 
 
 def test_edited_consistent_tensors_are_caught_by_the_checksum(bank_file):
     _rewrite(bank_file, lambda tensors, metadata: tensors.update(image_keys=tensors["image_keys"].flip(0)))
     with pytest.raises(MemoryBankError, match="do not match the SHA-256"):
-        MemoryBank.load(bank_file)
+        load_bank(bank_file)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +147,7 @@ def test_edited_consistent_tensors_are_caught_by_the_checksum(bank_file):
 def test_other_edits_are_refused(built, bank_file, edit, message):
     _rewrite(bank_file, edit)
     with pytest.raises(MemoryBankError, match=message):
-        built[0].set_memory_bank(bank_file)
+        built[0].set_memory_bank(load_bank(bank_file))
 
 
 def test_mutated_bank_files_never_load_as_a_different_bank(built, bank_file):
@@ -156,7 +159,7 @@ def test_mutated_bank_files_never_load_as_a_different_bank(built, bank_file):
     for _ in range(200):
         bank_file.write_bytes(mutate(original, rng))
         try:
-            loaded = MemoryBank.load(bank_file)
+            loaded = load_bank(bank_file)
         except MemoryBankError as error:
             assert "bank.safetensors" in str(error)
             refused += 1
@@ -185,7 +188,7 @@ def test_killed_bank_build_leaves_no_loadable_partial_file(tmp_path, monkeypatch
     ]
     assert main(args) == 0
     before = output.read_bytes()
-    real_save_file = memory_bank_module.save_file
+    real_save_file = bank_files.save_file
 
     def dies_half_way(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)
@@ -193,12 +196,12 @@ def test_killed_bank_build_leaves_no_loadable_partial_file(tmp_path, monkeypatch
             handle.truncate(len(open(filename, "rb").read()) // 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(memory_bank_module, "save_file", dies_half_way)
+    monkeypatch.setattr(bank_files, "save_file", dies_half_way)
     assert main(args) == 130  # interrupted
-    assert output.read_bytes() == before and MemoryBank.load(output).counts()["image_entries"] == 4
+    assert output.read_bytes() == before and load_bank(output).counts()["image_entries"] == 4
     assert sorted(p.name for p in output.parent.iterdir()) == ["bank.safetensors"]
     fresh = tmp_path / "banks" / "new.safetensors"
-    monkeypatch.setattr(memory_bank_module, "save_file", dies_half_way)
+    monkeypatch.setattr(bank_files, "save_file", dies_half_way)
     assert main(args[:-1] + [str(fresh)]) == 130
     assert not fresh.exists() and sorted(p.name for p in output.parent.iterdir()) == ["bank.safetensors"]
 
@@ -210,7 +213,7 @@ def test_interrupted_model_save_leaves_the_previous_folder_loadable(built, tmp_p
         model.save_pretrained(staging)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     other = make_tiny_model()
-    other.build_memory_bank(make_samples(6, seed=5), progress=False)
+    build_memory_bank(other, make_samples(6, seed=5), progress=False)
 
     from mrad_hf import MRADImageProcessor
 
@@ -233,7 +236,7 @@ def test_model_folder_mixing_two_saves_is_refused(built, tmp_path, capsys):
     from_pretrained refuses it (it runs verify_model_memory), and so does the CLI."""
     model, _ = built
     other = make_tiny_model()
-    other.build_memory_bank(make_samples(6, seed=5), progress=False)
+    build_memory_bank(other, make_samples(6, seed=5), progress=False)
     assert other.config.patch_bank_size == model.config.patch_bank_size  # same shapes: transformers cannot tell
     model.save_pretrained(tmp_path / "a")
     other.save_pretrained(tmp_path / "b")

@@ -15,9 +15,10 @@ import torch
 from conftest import make_samples, make_tiny_model
 from PIL import Image
 
-from mrad_hf import MemoryBank, MRADImageProcessor, MRADInputError, load_image
+from mrad_hf import MRADImageProcessor, MRADInputError, load_image
 from mrad_hf.cli.main import main
 from mrad_hf.data.loaders import iter_readable_rows, load_folder, load_ksdd2
+from mrad_hf.memory import build_memory_bank, load_bank
 from mrad_hf.models.mrad.image_processing_mrad import load_mask, preprocess_image, preprocess_mask
 
 from ._files import encode, texture, valid_image_bytes, write, write_folder_dataset
@@ -287,7 +288,7 @@ def test_build_bank_skips_and_reports_or_fails(cli_setup, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "SKIPPED 2 file(s)" in printed and "skipped_files" in printed
-    bank = MemoryBank.load(bank_path)
+    bank = load_bank(bank_path)
     assert bank.counts()["image_entries"] == 6
     assert sorted(f["path"].rsplit("/", 1)[1] for f in bank.metadata["skipped_files"]) == ["900_broken.png", "902.png"]
     assert not any("900_broken" in image_id for image_id in bank.metadata["image_ids"])
@@ -378,7 +379,7 @@ def test_pipeline_raises_the_same_clean_error(tmp_path):
     from transformers import pipeline
 
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(4), progress=False)
+    build_memory_bank(model, make_samples(4), progress=False)
     detector = pipeline("anomaly-detection", model=model, image_processor=MRADImageProcessor.from_config(model.config))
     broken = write(tmp_path / "broken.jpg", valid_image_bytes()["jpg"][:100])
     with pytest.raises(MRADInputError, match=r"broken\.jpg"):

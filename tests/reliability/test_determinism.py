@@ -16,12 +16,13 @@ import torch
 from conftest import make_samples, make_tiny_model
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
+from mrad_hf.memory import build_memory_bank
 
 
 @pytest.fixture(scope="module")
 def scored():
     model = make_tiny_model(batch_invariant=True)
-    model.build_memory_bank(make_samples(8), batch_size=4, progress=False)
+    build_memory_bank(model, make_samples(8), batch_size=4, progress=False)
     pixels = MRADImageProcessor.from_config(model.config)([s["image"] for s in make_samples(6, seed=9)])[
         "pixel_values"
     ]
@@ -87,7 +88,7 @@ def test_trained_variants_are_batch_invariant_bit_for_bit(variant):
     from conftest import make_tiny_trained_model
 
     model = make_tiny_trained_model(variant, batch_invariant=True)
-    model.build_memory_bank(make_samples(6), batch_size=4, progress=False)
+    build_memory_bank(model, make_samples(6), batch_size=4, progress=False)
     pixels = MRADImageProcessor.from_config(model.config)([s["image"] for s in make_samples(4, seed=3)])[
         "pixel_values"
     ]

@@ -19,6 +19,7 @@ from conftest import make_samples, make_tiny_model
 
 from mrad_hf import MRADImageProcessor, MRADInputError
 from mrad_hf.cli.main import main
+from mrad_hf.memory import build_memory_bank
 
 from ._files import fuzz_cases, valid_image_bytes, write
 
@@ -26,7 +27,7 @@ from ._files import fuzz_cases, valid_image_bytes, write
 @pytest.fixture(scope="module")
 def fuzz_model():
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(6), batch_size=6, progress=False)
+    build_memory_bank(model, make_samples(6), batch_size=6, progress=False)
     return model
 
 

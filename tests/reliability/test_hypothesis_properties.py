@@ -14,6 +14,7 @@ from hypothesis.extra.numpy import arrays
 
 from mrad_hf import MemoryBank, MRADImageProcessor
 from mrad_hf.evaluation.metrics import f1_max, image_ap, image_auroc
+from mrad_hf.memory import load_bank, save_bank
 from mrad_hf.models.mrad.configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mrad_hf.models.mrad.image_processing_mrad import load_mask, preprocess_mask
 from mrad_hf.models.mrad.retrieval_mrad import one_hot_labels
@@ -174,7 +175,7 @@ def banks(draw):
 )
 @given(bank=banks())
 def test_bank_round_trip_is_bit_exact(bank, tmp_path):
-    loaded = MemoryBank.load(bank.save(tmp_path / "bank.safetensors"))
+    loaded = load_bank(save_bank(bank, tmp_path / "bank.safetensors"))
     for name, tensor in bank.tensors().items():
         again = getattr(loaded, name)
         assert again.dtype == tensor.dtype and again.shape == tensor.shape, name

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mrad_hf.cli.main import main
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.tools.run_folder import (
     INCOMPLETE_MARKER,
     JsonLinesWriter,
@@ -43,7 +44,7 @@ def two_models(tmp_path, widget):
     folders = []
     for seed, name in ((0, "A"), (1, "B")):
         model = make_tiny_model(seed=seed)
-        model.build_memory_bank(make_samples(6, seed=52), source="aux", progress=False)
+        build_memory_bank(model, make_samples(6, seed=52), source="aux", progress=False)
         model.save_pretrained(tmp_path / name)
         folders.append(tmp_path / name)
     return folders

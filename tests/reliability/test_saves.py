@@ -17,7 +17,8 @@ from conftest import make_samples, make_tiny_model
 
 from mrad_hf import MemoryBank, MRADForAnomalyDetection
 from mrad_hf.cli.main import main
-from mrad_hf.models.mrad.memory_bank_mrad import atomic_directory
+from mrad_hf.memory import load_bank, save_bank
+from mrad_hf.memory.files import atomic_directory
 from mrad_hf.tools.run_folder import RunFolderError, writer_lock
 from reliability._files import write_folder_dataset
 
@@ -78,7 +79,7 @@ def test_a_second_writer_is_refused(setup, capsys):
             with writer_lock(tmp_path / "model", "the bank"):
                 pass
     assert main(command) == 0  # released with its holder (the kernel releases it even after kill -9)
-    assert MemoryBank.load(tmp_path / "bank.safetensors").counts()["image_entries"] == 6
+    assert load_bank(tmp_path / "bank.safetensors").counts()["image_entries"] == 6
 
 
 def test_crashed_staging_folders_are_cleaned_on_the_next_save(tmp_path):
@@ -115,7 +116,7 @@ def test_saved_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, di
             patch_keys=torch.zeros(2, 4),
             patch_values=torch.eye(2),
         )
-        path = bank.save(tmp_path / "bank.safetensors")
+        path = save_bank(bank, tmp_path / "bank.safetensors")
         with atomic_directory(tmp_path / "folder") as staging:
             (staging / "a.txt").write_text("x")
         with atomic_directory(tmp_path / "model") as staging:

@@ -10,6 +10,7 @@ import pytest
 from conftest import make_samples
 from PIL import Image
 
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.tools.app import analyse, build_app, detector_for
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -111,7 +112,7 @@ def test_details_name_no_server_path_and_thumbnails_come_only_from_the_root(tiny
     (tmp_path / "served").mkdir()
     for index, row in enumerate(rows):  # private images on the serving machine
         Image.fromarray(row["image"]).save(tmp_path / f"private_{index}.png")
-    tiny_model.build_memory_bank(rows, source="aux", progress=False)
+    build_memory_bank(tiny_model, rows, source="aux", progress=False)
     # a bank whose ids are absolute paths there (banks built here never store them; one from elsewhere may)
     bank = tiny_model.get_memory_bank()
     bank.metadata["image_ids"] = [str(tmp_path / f"private_{index}.png") for index in range(len(rows))]

@@ -13,6 +13,7 @@ from transformers import pipeline
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
 from mrad_hf.data.synthetic import load_texture, paste_defect, sample_normal_image
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.tools.calibration import (
     ConformalError,
     apply_calibration,
@@ -52,7 +53,7 @@ def brick_model_and_normals():
         else:
             memory.append({"image": image, "label": 0})
     model = make_tiny_model(image_size=SIZE, retrieval_temperature=0.01)
-    model.build_memory_bank(memory, source="brick", progress=False)
+    build_memory_bank(model, memory, source="brick", progress=False)
     return model, normals
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 from transformers import pipeline
 
 from mrad_hf import MRADImageProcessor
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.tools.explain import explain_images, render_explanation, save_explanation
 
 
@@ -88,7 +89,7 @@ def test_panel_shows_source_thumbnails_and_placeholders(tiny_model, tmp_path):
     ):  # the first two entries come from files under the root, the others have no file
         row["id"] = f"aux{index}.png"
         Image.fromarray(row["image"]).save(tmp_path / row["id"])
-    tiny_model.build_memory_bank(rows, source="files", progress=False)
+    build_memory_bank(tiny_model, rows, source="files", progress=False)
     query = MRADImageProcessor.from_config(tiny_model.config)(rows[0]["image"])["pixel_values"]
     explanation = explain_images(tiny_model, query, top_k=4)[0]
     tile, gap, strip = 96, 4, 18
@@ -148,7 +149,7 @@ def test_thumbnails_are_read_only_inside_the_image_root(tiny_model, tmp_path):
     (root / "link.png").symlink_to(outside / "secret.png")
     (root / "folder.png").mkdir()
     ids = ["good.png", str(outside / "secret.png"), "../private/secret.png", "link.png", "folder.png", "missing.png"]
-    tiny_model.build_memory_bank(rows, source="files", progress=False)
+    build_memory_bank(tiny_model, rows, source="files", progress=False)
     # banks built here never store absolute ids; a bank from elsewhere (or an edited one) may: put them in by hand
     bank = tiny_model.get_memory_bank()
     bank.metadata["image_ids"] = ids
@@ -201,7 +202,7 @@ def test_bad_thumbnails_are_placeholders_and_the_run_goes_on(tiny_model, tmp_pat
     Image.new("RGB", (2000, 2000), (200, 10, 30)).save(tmp_path / "big.jpg", quality=90)
     for row, image_id in zip(rows, ["huge.png", "corrupt.png", "big.png", "big.jpg", "large.png"]):
         row["id"] = image_id
-    tiny_model.build_memory_bank(rows, source="files", progress=False)
+    build_memory_bank(tiny_model, rows, source="files", progress=False)
     query = MRADImageProcessor.from_config(tiny_model.config)(rows[0]["image"])["pixel_values"]
     explanation = explain_images(tiny_model, query, top_k=5)[0]
     decoded_sizes = []

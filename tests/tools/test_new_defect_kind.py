@@ -17,6 +17,7 @@ from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
 from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.data.loaders import load_mvtec_layout
 from mrad_hf.data.synthetic import make_synthetic_benchmark
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.memory.tools import add_samples
 
 NEW_KIND = "hole"
@@ -41,7 +42,7 @@ def test_adding_a_few_examples_of_a_new_defect_kind_raises_pixel_auroc(split):
     model = MRADForAnomalyDetection.from_clip(
         CLIPConfig(**RANDOM_BACKBONES["random-tiny"]), image_size=224, retrieval_temperature=0.01
     ).eval()
-    bank = model.build_memory_bank(memory, progress=False, source="base")
+    bank = build_memory_bank(model, memory, progress=False, source="base")
     inputs = MRADImageProcessor.from_config(model.config)(
         [r["image"] for r in held_out], masks=[r["mask"] for r in held_out]
     )

@@ -24,9 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,14 +44,8 @@ from .memory_bank_mrad import (
     MODEL_BANK_FILENAME,
     MemoryBank,
     MemoryBankError,
-    _legacy_weights_sha256,
-    atomic_directory,
-    atomic_write,
     backbone_fingerprint,
-    batched,
-    feature_settings,
-    iter_samples,
-    progress_bar,
+    check_model_bank,
     validate_calibration,
     verify_model_memory,
 )
@@ -64,7 +55,6 @@ from .prompting_mrad import OPENAI_DEFAULT_PROMPT_TOKEN_IDS, prompt_token_ids, p
 from .retrieval_mrad import (
     l2_normalize,
     masked_soft_retrieve,
-    one_hot_labels,
     region_prior_tokens,
     retrieval_logits,
     rowwise_linear,
@@ -291,7 +281,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
     ```python
     >>> from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
     >>> model = MRADForAnomalyDetection.from_clip("openai/clip-vit-large-patch14-336")  # doctest: +SKIP
-    >>> model.build_memory_bank(aux_dataset, source="visa")  # rows with image, label, mask  # doctest: +SKIP
+    >>> build_memory_bank(model, aux_dataset, source="visa")  # from mrad_hf.memory  # rows with image, label, mask  # doctest: +SKIP
     >>> processor = MRADImageProcessor.from_config(model.config)
     >>> outputs = model(**processor(images, return_tensors="pt"))  # doctest: +SKIP
     >>> outputs.anomaly_score, outputs.anomaly_map.shape  # doctest: +SKIP
@@ -432,16 +422,11 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, plus what makes the folder self-contained for users.
-
-        Also writes `memory_bank.json` (the attached bank's provenance and checksums), `calibration.json` (when
-        `model.calibration` is set), `preprocessor_config.json` (the matching `MRADImageProcessor`) and registers the
-        `anomaly-detection` pipeline in `config.json` (`custom_pipelines`) with its code, so that
+        """`PreTrainedModel.save_pretrained`, plus the files that make the folder self-contained: `memory_bank.json`
+        (the bank's provenance and checksums), `calibration.json` (when set), `preprocessor_config.json` and the
+        `anomaly-detection` pipeline (`custom_pipelines` in config.json, with its code), so that
         `pipeline(model=folder)` works with `mrad_hf` installed, and with `trust_remote_code=True` without it.
-
-        The files are written to a staging folder first. A new folder appears complete or not at all; into an existing
-        folder the finished files are moved one by one, `config.json` last, and the user's other files are kept.
-        """
+        `mrad_hf.memory.save_model` saves through a staging folder (never a half-written folder)."""
         self.config.custom_pipelines = CustomPipelines(
             {
                 "anomaly-detection": {
@@ -451,27 +436,6 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 }
             }
         )
-        if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub"):
-            return self._save_files(save_directory, *args, **kwargs)
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise FileExistsError(f"'{target}' exists and is not a folder; choose another output folder.")
-        if not target.exists() or not any(target.iterdir()):
-            with atomic_directory(target) as staging:
-                self._save_files(staging, *args, **kwargs)
-            return None
-        staging_root = target.with_name(f".{target.name}.staging")
-        with atomic_directory(staging_root) as staging:
-            self._save_files(staging, *args, **kwargs)
-            for path in sorted(staging.rglob("*"), key=lambda path: path.name == "config.json"):
-                if path.is_file():
-                    destination = target / path.relative_to(staging)
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, destination)
-        shutil.rmtree(staging_root, ignore_errors=True)
-        return None
-
-    def _save_files(self, save_directory, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             custom_object_save(AnomalyDetectionPipeline, save_directory)
@@ -481,7 +445,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
             for name, content in sidecars.items():
                 if content is not None:
                     text = json.dumps(content, indent=2, sort_keys=True, allow_nan=False) + "\n"
-                    atomic_write(Path(save_directory) / name, lambda tmp, text=text: Path(tmp).write_text(text))
+                    Path(save_directory, name).write_text(text, encoding="utf-8")
 
     # ------------------------------------------------------------------ features (Sec. 3.1)
     def extract_features(self, pixel_values: torch.Tensor) -> MRADVisionFeatures:
@@ -524,159 +488,21 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
     def get_memory_bank(self) -> MemoryBank:
         """The attached memory as a standalone `MemoryBank` (copies of the buffers plus metadata)."""
-        memory = self.memory
-        return MemoryBank(
-            image_keys=memory.image_keys.detach().cpu().clone(),
-            image_values=memory.image_values.detach().cpu().clone(),
-            patch_keys=memory.patch_keys.detach().cpu().clone(),
-            patch_values=memory.patch_values.detach().cpu().clone(),
-            patch_sources=memory.patch_sources.detach().cpu().clone(),
-            metadata=dict(self.memory.metadata or {}),
-        )
+        tensors = {name: buffer.detach().cpu().clone() for name, buffer in self.memory.named_buffers()}
+        return MemoryBank(**tensors, metadata=dict(self.memory.metadata or {}))
 
-    def set_memory_bank(
-        self, bank: MemoryBank | str | os.PathLike, *, strict: bool = True, trust_bank: bool = False
-    ) -> None:
-        """Attach a memory bank (object or safetensors path) after checking it was built for this backbone.
-
-        A bank without a backbone fingerprint or feature settings is refused unless `trust_bank=True` (which warns
-        what could not be checked); `strict=False` turns a known mismatch into a warning.
-        """
+    def set_memory_bank(self, bank: MemoryBank, *, strict: bool = True, trust_bank: bool = False) -> None:
+        """Attach a memory bank (from `mrad_hf.memory.build_memory_bank` or `load_bank`) after checking it was built
+        for this backbone; a bank without fingerprint or feature settings needs `trust_bank=True` (a warning says what
+        was not checked); `strict=False` turns a known mismatch into a warning."""
         if not isinstance(bank, MemoryBank):
-            bank = MemoryBank.load(bank)
-        fingerprint = self.backbone_fingerprint()
-        if "weights_signature" not in (bank.metadata.get("backbone") or {}):
-            fingerprint["weights_sha256"] = _legacy_weights_sha256(self.clip)  # a format-1 bank
-        bank.check_compatible(fingerprint, feature_settings(self.config), strict=strict, trust_bank=trust_bank)
+            raise TypeError(
+                f"set_memory_bank takes a MemoryBank; read a file with mrad_hf.memory.load_bank({bank!r})."
+            )
+        check_model_bank(self, bank, strict=strict, trust_bank=trust_bank)
         self.memory.replace(bank)
         self.config.image_bank_size = int(bank.image_keys.shape[0])
         self.config.patch_bank_size = int(bank.patch_keys.shape[0])
-
-    @torch.no_grad()
-    def build_memory_bank(
-        self,
-        samples: Iterable[Any],
-        *,
-        batch_size: int = 8,
-        source: str | None = None,
-        image_processor: MRADImageProcessor | None = None,
-        progress: bool = True,
-        attach: bool = True,
-        accelerator: Any = None,
-        allow_no_anomalies: bool = False,
-    ) -> MemoryBank:
-        """Build both memories from labelled auxiliary samples, as the reference `build_*cache_model` does.
-
-        Args:
-            samples: an iterable (a list, a `datasets.Dataset`, a generator) of dicts with `image`, `label`
-                (0/1 or "normal"/"anomaly"), optional `mask` (None for good images) and optional `path`/`id`;
-                or tuples `(image, label[, mask])`. Images and masks may be paths, PIL images or arrays.
-            batch_size: images per forward pass (the result does not depend on it).
-            source: a name for the auxiliary data (e.g. "visa"), stored in the bank's metadata.
-            image_processor: defaults to `MRADImageProcessor.from_config(self.config)`.
-            progress: show a tqdm progress bar.
-            attach: also attach the bank to this model (`set_memory_bank`).
-            accelerator: an `accelerate.Accelerator` of a multi-process run: batch k is computed by process
-                k % num_processes and the entries are gathered in the original order, so every process gets the
-                bank a single process builds (batches have the same composition either way).
-            allow_no_anomalies: build a bank without anomalous entries at the image or pixel level (a warning says
-                what the scores then mean) instead of refusing it.
-
-        Returns:
-            The `MemoryBank`. Each image adds its class key (label = its image label) and up to two region
-            prototypes: the mean neighbour-averaged V-V token over its anomalous patches (label 1) and over its
-            normal patches (label 0), each L2-normalised. With the default `region_rule="exact"`, a patch is
-            anomalous only if the mask downsampled bilinearly to the grid is exactly 1, normal only if exactly 0.
-        """
-        processor = image_processor or MRADImageProcessor.from_config(self.config)
-        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-        total = len(samples) if hasattr(samples, "__len__") else None
-        if total is not None and world > 1:
-            total = sum(
-                min(batch_size, total - start) for start in range(rank * batch_size, total, world * batch_size)
-            )
-        bar = progress_bar(total, "Building memory bank" + (f" (process {rank})" if world > 1 else ""), progress)
-        batches = []
-        for batch_index, batch in enumerate(batched(iter_samples(samples), batch_size)):
-            if batch_index % world != rank:
-                continue
-            batches.append((batch_index, self._memory_entries(batch, processor)))
-            bar.update(len(batch))
-        bar.close()
-        if world > 1:
-            gathered: list[Any] = [None] * world  # the accelerator's process group (gloo on CPU, nccl on GPU)
-            torch.distributed.all_gather_object(gathered, batches)
-            batches = sorted((item for part in gathered for item in part), key=lambda item: item[0])
-        entries = [entry for _, batch_entries in batches for entry in batch_entries]
-        bank = self._assemble_memory_bank(entries, source)
-        _check_anomalous_entries(bank, allow_no_anomalies)
-        if attach:
-            self.set_memory_bank(bank)
-        return bank
-
-    def _memory_entries(
-        self, batch: list[tuple[Any, int, Any, dict]], processor: MRADImageProcessor
-    ) -> list[dict[str, Any]]:
-        """Per image of one batch: its provenance, label, class key and [(region label, prototype)] (anomalous first)."""
-        images, labels, masks, ids = zip(*batch)
-        inputs = processor(list(images), masks=list(masks))
-        features = self.extract_features(inputs["pixel_values"].to(device=self.device, dtype=self.dtype))
-        keys = l2_normalize(features.class_embeds.float()).cpu()
-        patch_tokens = neighbor_average(
-            features.patch_tokens.float(), features.grid_size, self.config.neighbor_kernel_sizes
-        )
-        regions = patch_region_labels(inputs["masks"].to(self.device), features.grid_size, self.config.region_rule)
-        entries = []
-        for offset in range(len(images)):
-            prototypes = []
-            for region_label in (1, 0):  # the reference appends the anomalous prototype first
-                selected = regions[offset] == region_label
-                if selected.any():
-                    prototypes.append((region_label, l2_normalize(patch_tokens[offset][selected].mean(dim=0)).cpu()))
-            entries.append(
-                {
-                    "id": ids[offset],
-                    "label": labels[offset],
-                    "key": keys[offset],
-                    "regions": prototypes,
-                    "unmasked_anomaly": labels[offset] == 1 and masks[offset] is None,
-                }
-            )
-        return entries
-
-    def _assemble_memory_bank(self, entries: list[dict[str, Any]], source: str | None) -> MemoryBank:
-        if not entries:
-            raise MemoryBankError("No samples were given to build_memory_bank; pass at least one labelled image.")
-        unmasked_anomalies = sum(entry["unmasked_anomaly"] for entry in entries)
-        if unmasked_anomalies:
-            warnings.warn(
-                f"{unmasked_anomalies} anomalous sample(s) had no mask: as in the reference, their whole image counts as "
-                "a normal region for the pixel memory. Pass masks to use them as anomalous regions.",
-                stacklevel=3,
-            )
-        patch_keys, patch_labels, patch_sources = [], [], []
-        for index, entry in enumerate(entries):
-            for region_label, prototype in entry["regions"]:
-                patch_keys.append(prototype)
-                patch_labels.append(region_label)
-                patch_sources.append(index)
-        return MemoryBank(
-            image_keys=torch.stack([entry["key"] for entry in entries]),
-            image_values=one_hot_labels(torch.tensor([entry["label"] for entry in entries])),
-            patch_keys=torch.stack(patch_keys) if patch_keys else torch.zeros(0, self.config.patch_key_dim),
-            patch_values=one_hot_labels(torch.tensor(patch_labels, dtype=torch.long))
-            if patch_keys
-            else torch.zeros(0, 2),
-            patch_sources=torch.tensor(patch_sources, dtype=torch.long),
-            metadata={
-                "source": source,
-                "backbone": self.backbone_fingerprint(),
-                "features": feature_settings(self.config),
-                "image_ids": [entry["id"]["id"] for entry in entries],
-                "image_sources": [entry["id"]["source"] or source or "unknown" for entry in entries],
-                "image_sha256": [entry["id"]["sha256"] for entry in entries],
-            },
-        )
 
     # ------------------------------------------------------------------ retrieval (Sec. 3.3-3.4)
     def _memory_level(self, level: str) -> tuple[torch.Tensor, torch.Tensor, MRADProjectionPair | None]:
@@ -711,8 +537,8 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         keys, values, projection = self._memory_level(level)
         if keys.shape[0] == 0:
             raise MemoryBankError(
-                "This model has no memory bank (or an empty one). Build one with model.build_memory_bank(samples) "
-                "or attach a saved one with model.set_memory_bank('memory_bank.safetensors')."
+                "This model has no memory bank (or an empty one). Build one with mrad_hf.memory.build_memory_bank(model, samples) "
+                "or attach a saved one with model.set_memory_bank(mrad_hf.memory.load_bank('memory_bank.safetensors'))."
             )
         if similarity_dropout is None:
             similarity_dropout = self.training and projection is not None
@@ -936,27 +762,6 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[
         raise MemoryBankError(
             f"'{path}' is not readable JSON ({error}); re-save the model or re-download it."
         ) from error
-
-
-def _check_anomalous_entries(bank: MemoryBank, allowed: bool) -> None:
-    counts = bank.counts()
-    missing = [level for level in ("image", "patch") if not counts[f"{level}_anomalous"]]
-    if not missing:
-        return
-    levels = " and ".join("pixel" if level == "patch" else level for level in missing)
-    if not allowed:
-        raise MemoryBankError(
-            f"The memory bank would have no anomalous entry at the {levels} level ({counts['image_entries']} images, "
-            f"{counts['image_anomalous']} anomalous, {counts['patch_anomalous']} anomalous regions): every score would be "
-            "0. MRAD retrieves from labelled auxiliary images, normal AND defective: add defect images with label 1 "
-            "and their masks (e.g. the test split of a dataset, `mrad build-bank --split test`), or pass "
-            "allow_no_anomalies=True to build it anyway."
-        )
-    warnings.warn(
-        f"allow_no_anomalies=True: the bank has no anomalous entry at the {levels} level, so retrieval there returns "
-        "p_anomaly = 0 for every query and the scores only reflect the other level.",
-        stacklevel=3,
-    )
 
 
 def _project_queries(projection: MRADProjectionPair, queries: torch.Tensor, batch_invariant: bool) -> torch.Tensor:

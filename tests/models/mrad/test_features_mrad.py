@@ -6,6 +6,7 @@ import torch
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 from reference_mrad import reference_average_neighbor, reference_encode_image
 
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.models.mrad.features_mrad import (
     dual_path_vision_features,
     interpolate_position_embeddings,
@@ -110,9 +111,9 @@ def test_last_block_class_only_path_keeps_plain_clip_values_when_vv_starts_late(
 
 def test_half_precision_backbone_keeps_memory_and_scores_float32(samples):
     fp32 = make_tiny_model()
-    fp32.build_memory_bank(samples, batch_size=4, progress=False)
+    build_memory_bank(fp32, samples, batch_size=4, progress=False)
     half = make_tiny_model()
-    half.build_memory_bank(samples, batch_size=4, progress=False)
+    build_memory_bank(half, samples, batch_size=4, progress=False)
     assert set_backbone_dtype(half, "bfloat16") is half
     assert half.clip.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     assert half.memory.image_keys.dtype == torch.float32 and half.memory.patch_keys.dtype == torch.float32
@@ -192,7 +193,7 @@ def _variant_model(variant: str, **overrides):
     from conftest import make_samples, make_tiny_trained_model
 
     model = make_tiny_model(**overrides) if variant == "tf" else make_tiny_trained_model(variant, **overrides)
-    model.build_memory_bank(make_samples(6), batch_size=3, progress=False)
+    build_memory_bank(model, make_samples(6), batch_size=3, progress=False)
     return model
 
 

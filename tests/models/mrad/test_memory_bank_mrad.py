@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mrad_hf.memory import build_memory_bank, load_bank, save_bank
 from mrad_hf.models.mrad.memory_bank_mrad import BANK_FORMAT_VERSION, MemoryBank, MemoryBankError
 from mrad_hf.models.mrad.retrieval_mrad import l2_normalize, one_hot_labels
 
@@ -23,8 +24,8 @@ def _bank(n_image=5, n_patch=7):
 
 def test_round_trip_bit_exact(tmp_path):
     bank = _bank()
-    path = bank.save(tmp_path / "bank.safetensors")
-    loaded = MemoryBank.load(path)
+    path = save_bank(bank, tmp_path / "bank.safetensors")
+    loaded = load_bank(path)
     for name, tensor in bank.tensors().items():
         assert torch.equal(tensor, getattr(loaded, name)), name
     assert loaded.metadata["source"] == "unit" and loaded.metadata["format_version"] == BANK_FORMAT_VERSION
@@ -40,9 +41,9 @@ def test_round_trip_bit_exact(tmp_path):
 
 
 def test_directory_path_resolves_to_default_name(tmp_path):
-    _bank().save(tmp_path)
+    save_bank(_bank(), tmp_path)
     assert (tmp_path / "memory_bank.safetensors").exists()
-    assert MemoryBank.load(tmp_path).counts()["patch_entries"] == 7
+    assert load_bank(tmp_path).counts()["patch_entries"] == 7
 
 
 def test_validation_errors():
@@ -57,26 +58,26 @@ def test_validation_errors():
 
 def test_broken_files_are_refused_with_the_file_name(tmp_path):
     with pytest.raises(MemoryBankError, match="does not exist"):
-        MemoryBank.load(tmp_path / "nothing.safetensors")
+        load_bank(tmp_path / "nothing.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
     with pytest.raises(MemoryBankError, match="garbage.safetensors.*not a readable safetensors"):
-        MemoryBank.load(garbage)
-    path = _bank().save(tmp_path / "bank.safetensors")
+        load_bank(garbage)
+    path = save_bank(_bank(), tmp_path / "bank.safetensors")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(MemoryBankError, match="truncated.safetensors"):
-        MemoryBank.load(truncated)
+        load_bank(truncated)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2)}, str(foreign))
     with pytest.raises(MemoryBankError, match="not an MRAD memory bank"):
-        MemoryBank.load(foreign)
+        load_bank(foreign)
 
 
 def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
-    path = _bank().save(tmp_path / "bank.safetensors")
+    path = save_bank(_bank(), tmp_path / "bank.safetensors")
     before = path.read_bytes()
-    import mrad_hf.models.mrad.memory_bank_mrad as module
+    import mrad_hf.memory.files as module
 
     def exploding_save(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
@@ -85,7 +86,7 @@ def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "save_file", exploding_save)
     with pytest.raises(KeyboardInterrupt):
-        _bank(n_patch=3).save(path)
+        save_bank(_bank(n_patch=3), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]  # no temporary left behind
 
@@ -109,7 +110,7 @@ def test_checksum_tracks_every_tensor_and_ignores_metadata():
 
 
 def test_atomic_directory_replaces_on_success_and_keeps_the_old_folder_on_error(tmp_path):
-    from mrad_hf.models.mrad.memory_bank_mrad import atomic_directory
+    from mrad_hf.memory.files import atomic_directory
 
     target = tmp_path / "out"
     with atomic_directory(target) as staging:
@@ -161,21 +162,21 @@ def test_the_checksum_covers_the_answer_changing_metadata(tmp_path, edit, messag
         features={"image_size": 112},
         calibration={"image_threshold": 0.2, "pixel_threshold": 0.5},
     )
-    path = bank.save(tmp_path / "bank.safetensors")
-    assert MemoryBank.load(path).metadata["calibration"]["image_threshold"] == 0.2  # intact: loads
+    path = save_bank(bank, tmp_path / "bank.safetensors")
+    assert load_bank(path).metadata["calibration"]["image_threshold"] == 0.2  # intact: loads
     _rewrite_header(path, edit)
     with pytest.raises(MemoryBankError, match=message):
-        MemoryBank.load(path)
+        load_bank(path)
 
 
 def test_a_format_1_bank_still_loads_with_its_tensor_checksum(tmp_path):
     bank = _bank()
-    path = bank.save(tmp_path / "bank.safetensors")
+    path = save_bank(bank, tmp_path / "bank.safetensors")
     _rewrite_header(path, lambda m: (m.pop("metadata_sha256"), m.update(format_version=1)))
-    assert MemoryBank.load(path).counts() == bank.counts()
+    assert load_bank(path).counts() == bank.counts()
     _rewrite_header(path, lambda m: m.update(tensors_sha256="0" * 64))
     with pytest.raises(MemoryBankError, match="tensors do not match"):
-        MemoryBank.load(path)
+        load_bank(path)
 
 
 def test_the_backbone_signature_tells_casts_from_other_weights():
@@ -207,4 +208,4 @@ def test_a_datasets_row_that_fails_to_decode_is_a_named_error_not_a_raw_pil_erro
     rows = datasets.Dataset.from_dict({"image": [str(good), str(broken)], "label": [0, 1]})
     rows = rows.cast_column("image", datasets.Image())
     with pytest.raises(MRADInputError, match=r"Sample 1 could not be read .*decode=False"):
-        tiny_model.build_memory_bank(rows, progress=False, allow_no_anomalies=True)
+        build_memory_bank(tiny_model, rows, progress=False, allow_no_anomalies=True)

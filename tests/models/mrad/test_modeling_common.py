@@ -22,6 +22,7 @@ from conftest import make_samples, make_tiny_model, make_tiny_trained_model
 from transformers import AutoModel
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
+from mrad_hf.memory import build_memory_bank
 
 VARIANTS = ("tf", "ft", "clip")
 OUTPUT_FIELDS = ("anomaly_map", "anomaly_score", "image_probabilities", "patch_probabilities", "text_probabilities")
@@ -31,7 +32,7 @@ REMOTE_CODE_MAX_FILES, REMOTE_CODE_MAX_LINES = 10, 2000
 
 def _model(variant: str):
     model = make_tiny_model() if variant == "tf" else make_tiny_trained_model(variant)
-    model.build_memory_bank(make_samples(6), batch_size=3, source="common", progress=False)
+    build_memory_bank(model, make_samples(6), batch_size=3, source="common", progress=False)
     return model
 
 

@@ -16,6 +16,7 @@ from reference_mrad import reference_build_banks, reference_tf_score
 from transformers import AutoConfig, AutoModel, CLIPModel
 
 from mrad_hf import MemoryBankError, MRADConfig, MRADForAnomalyDetection, MRADImageProcessor
+from mrad_hf.memory import build_memory_bank, load_bank, save_bank, save_model
 from mrad_hf.models.mrad.modeling_mrad import patch_region_labels
 
 
@@ -136,27 +137,27 @@ def test_empty_bank_and_foreign_bank_errors(tiny_model, samples, tmp_path):
     pixels = _inputs(tiny_model, samples[:1])["pixel_values"]
     with pytest.raises(MemoryBankError, match="no memory bank"):
         tiny_model(pixel_values=pixels)
-    bank = tiny_model.build_memory_bank(samples, progress=False, attach=False)
-    bank_path = bank.save(tmp_path / "bank.safetensors")
+    bank = build_memory_bank(tiny_model, samples, progress=False, attach=False)
+    bank_path = save_bank(bank, tmp_path / "bank.safetensors")
     other = make_tiny_model(seed=1)  # same architecture, different weights
     with pytest.raises(MemoryBankError, match="weights signature entry .*different CLIP weights"):
-        other.set_memory_bank(bank_path)
+        other.set_memory_bank(load_bank(bank_path))
     with pytest.warns(UserWarning, match="does not match"):
-        other.set_memory_bank(bank_path, strict=False)
+        other.set_memory_bank(load_bank(bank_path), strict=False)
     same_backbone = make_tiny_model(seed=0, image_size=TINY_IMAGE_SIZE)
     wider_clip = MRADForAnomalyDetection.from_clip(tiny_clip_config(hidden_size=64), image_size=TINY_IMAGE_SIZE)
     with pytest.raises(MemoryBankError, match="patch keys are 48-d"):
-        wider_clip.set_memory_bank(bank_path)
+        wider_clip.set_memory_bank(load_bank(bank_path))
     different_features = make_tiny_model(seed=0, vv_start_layer=2)
     with pytest.raises(MemoryBankError, match="vv_start_layer"):
-        different_features.set_memory_bank(bank_path)
-    same_backbone.set_memory_bank(bank_path)  # same weights and settings: accepted
+        different_features.set_memory_bank(load_bank(bank_path))
+    same_backbone.set_memory_bank(load_bank(bank_path))  # same weights and settings: accepted
     assert same_backbone(pixel_values=pixels).anomaly_score.shape == (1,)
 
 
 def test_bank_build_is_independent_of_batch_size(tiny_model, samples):
-    one = tiny_model.build_memory_bank(samples, batch_size=1, progress=False, attach=False)
-    five = tiny_model.build_memory_bank(samples, batch_size=5, progress=False, attach=False)
+    one = build_memory_bank(tiny_model, samples, batch_size=1, progress=False, attach=False)
+    five = build_memory_bank(tiny_model, samples, batch_size=5, progress=False, attach=False)
     torch.testing.assert_close(one.patch_keys, five.patch_keys, atol=1e-6, rtol=0)
     assert one.metadata["image_ids"] == [f"img{i}" for i in range(6)]
     assert one.patch_sources.tolist() == five.patch_sources.tolist()
@@ -165,31 +166,31 @@ def test_bank_build_is_independent_of_batch_size(tiny_model, samples):
 def test_sample_validation_and_unmasked_anomaly_warning(tiny_model):
     image = np.zeros((40, 40, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="label must be 0"):
-        tiny_model.build_memory_bank([(image, 3)], progress=False)
+        build_memory_bank(tiny_model, [(image, 3)], progress=False)
     with pytest.raises(ValueError, match="unknown label 'weird'"):
-        tiny_model.build_memory_bank([{"image": image, "label": "weird"}], progress=False)
+        build_memory_bank(tiny_model, [{"image": image, "label": "weird"}], progress=False)
     with pytest.raises(MemoryBankError, match="No samples"):
-        tiny_model.build_memory_bank([], progress=False)
+        build_memory_bank(tiny_model, [], progress=False)
     with (
         pytest.warns(UserWarning, match="had no mask"),
         pytest.raises(MemoryBankError, match="no anomalous entry at the pixel level"),
     ):
-        tiny_model.build_memory_bank([(image, "anomaly"), (image, "normal")], progress=False, attach=False)
+        build_memory_bank(tiny_model, [(image, "anomaly"), (image, "normal")], progress=False, attach=False)
     with (
         pytest.warns(UserWarning, match="had no mask"),
         pytest.warns(UserWarning, match="allow_no_anomalies=True: .* pixel level"),
     ):
-        bank = tiny_model.build_memory_bank(
-            [(image, "anomaly"), (image, "normal")], progress=False, attach=False, allow_no_anomalies=True
+        bank = build_memory_bank(
+            tiny_model, [(image, "anomaly"), (image, "normal")], progress=False, attach=False, allow_no_anomalies=True
         )
     assert bank.counts()["patch_anomalous"] == 0 and bank.counts()["image_anomalous"] == 1
 
 
-def test_save_pretrained_is_staged_and_keeps_the_users_other_files(model_with_bank, tmp_path, monkeypatch):
+def test_save_model_is_staged_and_keeps_the_users_other_files(model_with_bank, tmp_path, monkeypatch):
     target = tmp_path / "model"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
-    model_with_bank.save_pretrained(target)
+    save_model(model_with_bank, target)
     assert (target / "notes.txt").read_text() == "mine" and (target / "config.json").is_file()
     assert not list(tmp_path.glob(".model.*"))  # no staging folder left behind
     reloaded = AutoModel.from_pretrained(target)
@@ -199,12 +200,12 @@ def test_save_pretrained_is_staged_and_keeps_the_users_other_files(model_with_ba
         (Path(save_directory) / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(MRADForAnomalyDetection, "_save_files", crash)
+    monkeypatch.setattr(MRADForAnomalyDetection, "save_pretrained", crash)
     with pytest.raises(OSError, match="disk full"):
-        model_with_bank.save_pretrained(tmp_path / "fresh")
+        save_model(model_with_bank, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()  # a new folder appears complete or not at all
     with pytest.raises(OSError, match="disk full"):
-        model_with_bank.save_pretrained(target)
+        save_model(model_with_bank, target)
     assert (
         AutoModel.from_pretrained(target).config.image_bank_size == model_with_bank.config.image_bank_size
     )  # old save intact
@@ -215,7 +216,7 @@ def test_trained_variants_load_as_remote_code_without_mrad_hf(variant, tmp_path)
     from conftest import make_tiny_trained_model
 
     model = make_tiny_trained_model(variant)
-    model.build_memory_bank(make_samples(4), batch_size=4, progress=False)
+    build_memory_bank(model, make_samples(4), batch_size=4, progress=False)
     model.save_pretrained(tmp_path / "model")
     pixels = _inputs(model, make_samples(2, seed=5))["pixel_values"]
     np.save(tmp_path / "pixels.npy", pixels.numpy())
@@ -251,10 +252,10 @@ def test_a_bank_without_anomalous_entries_is_refused_with_the_fix(tiny_model, sa
         MemoryBankError,
         match=r"no anomalous entry at the image and pixel level \(3 images, 0 anomalous.*add defect images with label 1",
     ):
-        tiny_model.build_memory_bank(normals, progress=False)
+        build_memory_bank(tiny_model, normals, progress=False)
     assert tiny_model.config.image_bank_size == 0  # nothing was attached
     with pytest.warns(UserWarning, match="p_anomaly = 0 for every query"):
-        bank = tiny_model.build_memory_bank(normals, progress=False, attach=False, allow_no_anomalies=True)
+        bank = build_memory_bank(tiny_model, normals, progress=False, attach=False, allow_no_anomalies=True)
     assert bank.counts()["image_anomalous"] == bank.counts()["patch_anomalous"] == 0
 
 
@@ -273,7 +274,7 @@ def test_bank_ids_are_never_absolute_paths_and_record_file_hashes(tiny_model, sa
     rows[0]["id"] = "good/part0.png"  # an id relative to the dataset root is kept as given
     rows[1]["id"] = str(path)  # an absolute id is reduced to its file name
     rows.append({"image": samples[5]["image"], "label": 1, "mask": samples[5]["mask"], "sha256": "ab" * 32})
-    bank = tiny_model.build_memory_bank(rows, progress=False, attach=False, source="line-3")
+    bank = build_memory_bank(tiny_model, rows, progress=False, attach=False, source="line-3")
     assert bank.metadata["image_ids"] == ["good/part0.png", "part3.png", "part2.png", "part3.png", "sample-4"]
     assert not any(str(tmp_path) in str(value) for value in bank.metadata.values())
     assert bank.metadata["image_sources"] == ["line-3", "line-3", "line3", "line3", "line-3"]
@@ -331,12 +332,12 @@ def test_a_bank_without_fingerprint_needs_trust_bank_and_warns_what_was_not_chec
     for field in ("backbone", "features"):
         bank.metadata.pop(field)
     bank.seal()  # a consistent file whose provenance fields were never recorded
-    path = bank.save(tmp_path / "bank.safetensors")
+    path = save_bank(bank, tmp_path / "bank.safetensors")
     fresh = make_tiny_model()
     with pytest.raises(MemoryBankError, match="no backbone fingerprint and no feature settings.*trust_bank=True"):
-        fresh.set_memory_bank(path)
+        fresh.set_memory_bank(load_bank(path))
     with pytest.warns(UserWarning, match="not checked: backbone fingerprint, feature settings"):
-        fresh.set_memory_bank(path, trust_bank=True)
+        fresh.set_memory_bank(load_bank(path), trust_bank=True)
     fresh.save_pretrained(tmp_path / "model")
     with pytest.raises(MemoryBankError, match="no backbone fingerprint"):
         MRADForAnomalyDetection.from_pretrained(tmp_path / "model")

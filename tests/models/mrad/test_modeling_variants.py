@@ -17,6 +17,7 @@ from transformers import AutoModel, CLIPConfig, pipeline
 
 from mrad_hf import MRADConfig, MRADImageProcessor
 from mrad_hf.cli.common import RANDOM_BACKBONES
+from mrad_hf.memory import build_memory_bank
 from mrad_hf.training.trainer import count_trainable_parameters
 
 
@@ -65,7 +66,7 @@ def bank_samples():
 def test_inference_matches_reference(variant, bank_samples):
     model = make_tiny_trained_model(variant)
     _randomise_heads(model)
-    model.build_memory_bank(bank_samples, batch_size=4, progress=False)
+    build_memory_bank(model, bank_samples, batch_size=4, progress=False)
     bank = model.get_memory_bank()
     queries = make_samples(3, seed=11)
     pixel_values = _inputs(model, queries)["pixel_values"]
@@ -90,7 +91,7 @@ def test_inference_matches_reference(variant, bank_samples):
 def test_training_mode_applies_similarity_dropout_like_reference(bank_samples):
     model = make_tiny_trained_model("ft")
     _randomise_heads(model)
-    model.build_memory_bank(bank_samples, batch_size=4, progress=False)
+    build_memory_bank(model, bank_samples, batch_size=4, progress=False)
     bank = model.get_memory_bank()
     pixel_values = _inputs(model, bank_samples[:4])["pixel_values"]
     with torch.no_grad():
@@ -169,7 +170,7 @@ def test_parameter_counts_for_vit_l14_match_reference_without_building_it():
 
 def test_loss_requires_a_trained_variant_and_masks(bank_samples):
     model = make_tiny_trained_model("ft")
-    model.build_memory_bank(bank_samples, batch_size=4, progress=False)
+    build_memory_bank(model, bank_samples, batch_size=4, progress=False)
     inputs = _inputs(model, bank_samples[:2])
     output = model(pixel_values=inputs["pixel_values"], labels=torch.tensor([0, 1]), masks=inputs["masks"])
     assert output.loss is not None and output.loss.requires_grad and output.loss.item() > 0
@@ -186,7 +187,7 @@ def test_loss_requires_a_trained_variant_and_masks(bank_samples):
 def test_save_and_reload_through_automodel_and_pipeline(variant, bank_samples, tmp_path, capsys):
     model = make_tiny_trained_model(variant)
     _randomise_heads(model)
-    model.build_memory_bank(bank_samples, batch_size=4, progress=False)
+    build_memory_bank(model, bank_samples, batch_size=4, progress=False)
     model.save_pretrained(tmp_path)
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     assert reloaded.config.variant == variant

@@ -1,0 +1,236 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Files the package writes, each complete or not at all: the one atomic-save helper and the bank file (Sec. 3.2).
+
+`atomic_write` writes one file through a temporary file and a rename; `atomic_directory` does the same for a whole
+folder; `save_model` saves an MRAD model folder through them, so that `mrad` commands never leave a half-written
+model. `save_bank` / `load_bank` read and write the standalone bank file (`memory_bank.safetensors`: the five
+tensors, the metadata as JSON in the safetensors header), the format bank repos use; a model folder keeps the same
+metadata in `memory_bank.json` (`models/mrad/memory_bank_mrad.py`, which also holds the integrity checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..models.mrad.memory_bank_mrad import (
+    _TENSOR_NAMES,
+    BANK_FORMAT_VERSION,
+    LABEL_CONVENTION,
+    MemoryBank,
+    MemoryBankError,
+    verify_seal,
+)
+
+__all__ = ["atomic_directory", "atomic_write", "load_bank", "save_bank", "save_model"]
+
+BANK_FILENAME = "memory_bank.safetensors"
+_METADATA_KEY = "mrad_memory_bank"
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _clean_stale_staging(path: Path) -> None:
+    """Remove what a crashed save of `path` left beside it: staging folders of dead processes; a previous folder
+    set aside by a swap that died (`.<name>.old-*`) is put back if `path` is missing, otherwise removed."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        parts = leftover.name[len(path.name) + 2 :].split(".")
+        if (
+            len(parts) == 3
+            and parts[2] == "tmp"
+            and parts[0].isdigit()
+            and leftover.is_dir()
+            and not _pid_alive(int(parts[0]))
+        ):
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif parts[0].startswith("old-") and leftover.is_dir():
+            if not path.exists():
+                os.replace(leftover, path)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` and move the result to `path` only if it succeeded (mode as the umask says)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp (and safetensors) create 0600
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path`, on any exception it is removed.
+
+    An interrupted write (exception, Ctrl-C) leaves `path` exactly as it was: never a folder that mixes files of
+    two saves. The swap is two renames (old folder aside, new folder in, old folder deleted); should the process
+    die between them, the previous folder survives as `.<name>.old-*` beside it. What a killed save left behind
+    (its `.<name>.<pid>.*.tmp` staging folder, an `.old-*` folder) is cleaned up by the next save of `path`.
+    The folder's mode follows the umask.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"'{path}' exists and is not a folder; choose another output folder.")
+    _clean_stale_staging(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    try:
+        yield tmp
+        mask = _umask()
+        for root, folders, files in os.walk(tmp):  # safetensors writes 0600 whatever the umask
+            for name in folders:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(model, folder: str | os.PathLike, **kwargs) -> None:
+    """`model.save_pretrained(folder, **kwargs)` through a staging folder: never a half-written model folder.
+
+    A new (or empty) folder appears complete or not at all; into an existing folder the finished files are moved
+    one by one, `config.json` last, and the user's other files are kept.
+    """
+    target = Path(folder)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"'{target}' exists and is not a folder; choose another output folder.")
+    if not target.exists() or not any(target.iterdir()):
+        with atomic_directory(target) as staging:
+            model.save_pretrained(staging, **kwargs)
+        return
+    staging_root = target.with_name(f".{target.name}.staging")
+    with atomic_directory(staging_root) as staging:
+        model.save_pretrained(staging, **kwargs)
+        for path in sorted(staging.rglob("*"), key=lambda path: path.name == "config.json"):
+            if path.is_file():
+                destination = target / path.relative_to(staging)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, destination)
+    shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def save_bank(bank: MemoryBank, path: str | os.PathLike) -> Path:
+    """Write the bank as one safetensors file (metadata as JSON in the header), atomically; returns the path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / BANK_FILENAME if path.is_dir() or not path.suffix else path
+    bank.seal()
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in bank.tensors().items()}
+    header = {_METADATA_KEY: json.dumps(bank.metadata, sort_keys=True), "format": "pt"}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def _check_label_values(tensors: dict[str, torch.Tensor]) -> None:
+    """Stored values must be one-hot rows of 0/1 (LABEL_CONVENTION), keys floating point, patch_sources integers."""
+    for name in ("image_values", "patch_values"):
+        values = tensors[name]
+        if (
+            values.ndim == 2
+            and values.numel()
+            and not (((values == 0) | (values == 1)).all() and (values.sum(dim=1) == 1).all())
+        ):
+            raise MemoryBankError(f"{name} must hold one-hot 0/1 rows ({LABEL_CONVENTION}); this file's do not.")
+    for name in ("image_keys", "patch_keys"):
+        if not tensors[name].is_floating_point():
+            raise MemoryBankError(f"{name} must be floating point, got {tensors[name].dtype}.")
+    sources = tensors.get("patch_sources")
+    if sources is not None and sources.is_floating_point():
+        raise MemoryBankError(f"patch_sources must be integer indices, got {sources.dtype}.")
+
+
+def load_bank(path: str | os.PathLike) -> MemoryBank:
+    """Read a bank written by `save_bank`; a malformed or foreign file raises MemoryBankError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BANK_FILENAME
+    if not path.is_file():
+        raise MemoryBankError(
+            f"Memory bank file '{path}' does not exist. Build one with `mrad build-bank` or check the path."
+        )
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MemoryBankError(
+            f"'{path}' is not a readable safetensors file ({error}); it may be truncated. Rebuild or re-download it."
+        ) from error
+    if _METADATA_KEY not in header:
+        raise MemoryBankError(
+            f"'{path}' is a safetensors file but not an MRAD memory bank (no '{_METADATA_KEY}' metadata)."
+        )
+    missing = [name for name in _TENSOR_NAMES[:4] if name not in tensors]
+    if missing:
+        raise MemoryBankError(f"'{path}' lacks the tensors {missing}; it is not a complete MRAD memory bank.")
+    try:
+        metadata = json.loads(header[_METADATA_KEY])
+        if not isinstance(metadata, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise MemoryBankError(f"'{path}' has corrupt bank metadata ({error}); rebuild or re-download it.") from error
+    version = metadata.get("format_version", 0)
+    if not isinstance(version, int):
+        raise MemoryBankError(f"'{path}' has an invalid format_version {version!r}; rebuild or re-download it.")
+    if version > BANK_FORMAT_VERSION:
+        raise MemoryBankError(
+            f"'{path}' uses bank format {version}; this mrad_hf reads up to {BANK_FORMAT_VERSION}. Upgrade mrad_hf."
+        )
+    try:
+        _check_label_values(tensors)
+        bank = MemoryBank(**{name: tensors[name] for name in _TENSOR_NAMES if name in tensors}, metadata=metadata)
+    except MemoryBankError as error:
+        raise MemoryBankError(f"'{path}': {error}") from error
+    verify_seal(metadata, bank, f"'{path}'")
+    return bank
