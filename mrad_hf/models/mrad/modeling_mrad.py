@@ -350,31 +350,18 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
                 "the model was saved to); an MRAD model never scores with freshly initialised heads or prompts."
             )
         model.clip.requires_grad_(False)
-        for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
-                tensor.data = (
-                    tensor.data.clone()
-                )  # memory-mapped weights can be misaligned; MKL rounds differently on them
+        for tensor in (*model.parameters(), *model.buffers()):  # memory-mapped weights can be misaligned, and MKL
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:  # rounds differently on them
+                tensor.data = tensor.data.clone()
         if not allow_new_heads:
-            hub = {
-                key: kwargs[key]
-                for key in ("revision", "cache_dir", "local_files_only", "token", "subfolder")
-                if key in kwargs
-            }
-            legacy = (
-                _read_json(pretrained_model_name_or_path, "config.json", hub) or {}
-            )  # state saved in config.json by older versions
-            model.memory.metadata = (
-                _read_json(pretrained_model_name_or_path, MODEL_BANK_FILENAME, hub)
-                or legacy.get("memory_bank_metadata")
-                or {}
-            )
-            calibration = _read_json(pretrained_model_name_or_path, CALIBRATION_FILENAME, hub) or legacy.get(
-                "calibration"
-            )
-            model.calibration = validate_calibration(
-                calibration, f"'{pretrained_model_name_or_path}' {CALIBRATION_FILENAME}"
-            )
+            keys = ("revision", "cache_dir", "local_files_only", "token", "subfolder")
+            hub = {key: kwargs[key] for key in keys if key in kwargs}
+            name = pretrained_model_name_or_path
+            legacy = _read_json(name, "config.json", hub) or {}  # state saved in config.json by older versions
+            metadata = _read_json(name, MODEL_BANK_FILENAME, hub) or legacy.get("memory_bank_metadata")
+            model.memory.metadata = metadata or {}
+            calibration = _read_json(name, CALIBRATION_FILENAME, hub) or legacy.get("calibration")
+            model.calibration = validate_calibration(calibration, f"'{name}' {CALIBRATION_FILENAME}")
             verify_model_memory(model, trust_bank=trust_bank)
         return (model, info) if want_info else model
 
@@ -746,18 +733,10 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[
         path = folder / hub_kwargs.get("subfolder", "") / filename
         path = str(path) if path.is_file() else None
     else:
-        path = cached_file(
-            os.fspath(name_or_path),
-            filename,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **hub_kwargs,
-        )
-    if path is None:
-        return None
+        options = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+        path = cached_file(os.fspath(name_or_path), filename, **options, **hub_kwargs)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return None if path is None else json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise MemoryBankError(
             f"'{path}' is not readable JSON ({error}); re-save the model or re-download it."
