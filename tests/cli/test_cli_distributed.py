@@ -10,13 +10,15 @@ import pytest
 from conftest import make_samples, make_tiny_model, run_two_processes_and_one
 from PIL import Image
 
+from mrad_hf.memory import build_memory_bank
+
 
 def test_two_process_predict_and_evaluate_equal_one_process(tmp_path, monkeypatch):
     from mrad_hf.data.synthetic import make_synthetic_benchmark
 
     inputs = tmp_path / "inputs"
     model = make_tiny_model()
-    model.build_memory_bank(make_samples(6, seed=3), source="test", progress=False)
+    build_memory_bank(model, make_samples(6, seed=3), source="test", progress=False)
     model.save_pretrained(inputs / "model")
     queries = inputs / "queries"
     queries.mkdir()
