@@ -82,8 +82,25 @@ def _clean_stale_staging(path: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or, on POSIX, a folder's entries') data to the disk, so that a rename after it survives a power
+    loss with the new content rather than an empty file. Best effort: file systems that cannot sync are skipped."""
+    try:
+        flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
+        descriptor = os.open(path, flags)
+    except OSError:
+        return  # e.g. folders cannot be opened on Windows
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)` and move the result to `path` only if it succeeded (mode as the umask says)."""
+    """Call `write(tmp_path)` and move the result to `path` only if it succeeded (mode as the umask says; synced to
+    the disk before the rename, and the folder after it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -91,7 +108,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     try:
         write(tmp_name)
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp (and safetensors) create 0600
+        _fsync(tmp_name)
         os.replace(tmp_name, path)
+        _fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
@@ -123,12 +142,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 os.chmod(os.path.join(root, name), 0o777 & ~mask)
             for name in files:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)
+                _fsync(os.path.join(root, name))
+            _fsync(root)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
