@@ -98,7 +98,6 @@ from __future__ import annotations
 import csv
 import errno
 import glob
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -175,6 +174,7 @@ __all__ = [
 # Constants
 # --------------------------------------------------------------------------------------------------
 
+from ..memory.files import file_sha256  # noqa: E402, F401 - one hash rule for banks and leakage checks
 from ..models.mrad.image_processing_mrad import SUPPORTED_IMAGE_EXTENSIONS as _DECODER_EXTENSIONS  # noqa: E402
 
 #: one decoder, one list of formats: every extension the image processor's decoder reads
@@ -1777,18 +1777,6 @@ def undecoded_images(dataset: Any) -> Any:
 def _row_name(row: Mapping[str, Any]) -> str:
     image = row.get("image")
     return str(row.get("path") or (image.get("path") if isinstance(image, dict) else image))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str | None:
-    """SHA-256 of a file's bytes (what banks store per image entry as ``image_sha256``); None if it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def iter_readable_rows(

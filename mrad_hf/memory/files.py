@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -80,6 +81,18 @@ def _clean_stale_staging(path: Path) -> None:
                 os.replace(leftover, path)
             else:
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """SHA-256 of a file's bytes (what banks store per image entry as ``image_sha256``); None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None  # the decoder reports the unreadable file with its name
+    return digest.hexdigest()
 
 
 def _fsync(path: str | os.PathLike) -> None:

@@ -4,13 +4,13 @@ batches and progress bars (paper Sec. 3.2: the memory is built from labelled aux
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..models.mrad.image_processing_mrad import MRADInputError
+from .files import file_sha256
 
 __all__ = ["batched", "iter_samples", "label_value", "progress_bar"]
 
@@ -26,17 +26,6 @@ def label_value(label: Any, position: int) -> int:
     if value not in (0, 1):
         raise ValueError(f"Sample {position}: label must be 0 (normal) or 1 (anomaly), got {label!r}.")
     return value
-
-
-def _file_sha256(path: str | os.PathLike) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None  # the decoder reports the unreadable file with its name
-    return digest.hexdigest()
 
 
 def _rows_read_one_by_one(samples: Iterable[Any]) -> Iterator[Any]:
@@ -80,7 +69,7 @@ def iter_samples(samples: Iterable[Any]) -> Iterator[tuple[Any, int, Any, dict[s
             sample_id = source = sha = path = None
         if isinstance(image, (str, os.PathLike)):
             path = image
-            sha = sha or _file_sha256(image)
+            sha = sha or file_sha256(image)
         if sample_id is not None and os.path.isabs(os.fspath(sample_id)):
             sample_id = Path(sample_id).name
         if sample_id is None and path is not None:
