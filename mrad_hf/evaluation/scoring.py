@@ -119,30 +119,30 @@ class _ScoringDataset(Dataset):
         }
 
 
+_OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+
 def _forward(model, pixel_values: torch.Tensor, device, keep_maps: bool):
     """One batched forward -> (scores, p_anomaly, maps or None, {offset: error}) on the CPU.
 
     Out of memory for the batch (host `MemoryError` or CUDA's `OutOfMemoryError`): the batch is scored image by image,
-    so only an image that does not fit alone fails (with a one-line error), and the run goes on.
+    so only an image that does not fit alone fails (with a one-line error; zeros stand in its rows), and the run goes
+    on, at any batch size.
     """
-    out_of_memory = (MemoryError, torch.OutOfMemoryError)
     try:
         outputs = model(pixel_values=pixel_values.to(device, non_blocking=True))
         maps = outputs.anomaly_map.float().cpu() if keep_maps else None
         return outputs.anomaly_score.float().cpu(), outputs.image_probabilities[:, 1].float().cpu(), maps, {}
-    except out_of_memory:
+    except _OUT_OF_MEMORY as error:
         if pixel_values.shape[0] == 1:
-            raise
-    scores, probabilities, maps, failures = [], [], [], {}
-    for offset in range(pixel_values.shape[0]):
-        try:
-            score, probability, single_map, _ = _forward(model, pixel_values[offset : offset + 1], device, keep_maps)
-        except out_of_memory as error:
-            failures[offset] = f"out of memory even alone ({type(error).__name__})"
-            score, probability = torch.zeros(1), torch.zeros(1)
-            single_map = torch.zeros(1, *pixel_values.shape[-2:]) if keep_maps else None
-        scores.append(score), probabilities.append(probability), maps.append(single_map)
-    return torch.cat(scores), torch.cat(probabilities), torch.cat(maps) if keep_maps else None, failures
+            blank_map = torch.zeros(1, *pixel_values.shape[-2:]) if keep_maps else None
+            return torch.zeros(1), torch.zeros(1), blank_map, {0: f"out of memory even alone ({type(error).__name__})"}
+    parts = [
+        _forward(model, pixel_values[offset : offset + 1], device, keep_maps) for offset in range(len(pixel_values))
+    ]
+    failures = {offset: part[3][0] for offset, part in enumerate(parts) if part[3]}
+    maps = torch.cat([part[2] for part in parts]) if keep_maps else None
+    return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), maps, failures
 
 
 def _collate(records: list[dict[str, Any]]) -> dict[str, Any]:

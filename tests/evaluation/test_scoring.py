@@ -87,12 +87,13 @@ def test_out_of_memory_for_a_batch_scores_its_images_one_by_one(scored_model, mo
         return forward(scored_model, pixel_values=pixel_values, **kwargs)
 
     monkeypatch.setattr(scored_model, "forward", forward_with_little_memory)
-    results = score_items(scored_model, samples, batch_size=4, keep_maps=True, on_error="skip")
-    assert [r.error is None for r in results] == [True, True, False, True]
-    assert "out of memory even alone (MemoryError)" in results[2].error
-    for got, want in zip(results, expected):
-        if got.error is None:
-            assert got.score == pytest.approx(want.score, abs=1e-6) and got.anomaly_map is not None
+    for batch_size in (4, 1):  # a batch that does not fit, and one image per batch
+        results = score_items(scored_model, samples, batch_size=batch_size, keep_maps=True, on_error="skip")
+        assert [r.error is None for r in results] == [True, True, False, True]
+        assert "out of memory even alone (MemoryError)" in results[2].error
+        for got, want in zip(results, expected):
+            if got.error is None:
+                assert got.score == pytest.approx(want.score, abs=1e-6) and got.anomaly_map is not None
 
 
 def test_labels_masks_and_scores_only(scored_model):
