@@ -104,18 +104,24 @@ def set_backbone_dtype(model: nn.Module, dtype: str | torch.dtype | None, *, mod
     if mode not in ("cast", "autocast"):
         raise ValueError(f"Unknown mode {mode!r}; use 'cast' or 'autocast'.")
     dtype = resolve_dtype(dtype, next(model.clip.parameters()).device)
-    model.__dict__.pop("extract_features", None)  # undo an earlier autocast wrapper
+    current = model.__dict__.get("extract_features")
+    if getattr(current, "_mrad_autocast", False):  # undo an earlier autocast wrapper, back to what it wrapped
+        del model.extract_features
+        if current._mrad_inner is not None:
+            model.extract_features = current._mrad_inner
     if mode == "cast" or dtype == torch.float32:
         model.clip.to(dtype if mode == "cast" else torch.float32)
         return model
     model.clip.to(torch.float32)
-    plain = type(model).extract_features.__get__(model)
+    inner = model.__dict__.get("extract_features")  # e.g. a compile_features pass, which autocast then wraps
+    plain = inner or type(model).extract_features.__get__(model)
 
     def extract_features(pixel_values: torch.Tensor) -> MRADVisionFeatures:
         with torch.autocast(pixel_values.device.type, dtype=dtype):
             features = plain(pixel_values)
         return MRADVisionFeatures(features.class_embeds.float(), features.patch_tokens.float(), features.grid_size)
 
+    extract_features._mrad_autocast, extract_features._mrad_inner = True, inner
     model.extract_features = extract_features
     return model
 

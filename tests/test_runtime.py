@@ -74,3 +74,19 @@ def test_compile_features_wraps_the_instance_feature_pass(model_with_bank):
         torch.testing.assert_close(compiled(pixels).anomaly_map, expected.anomaly_map, atol=1e-6, rtol=0)
     finally:
         del model_with_bank.extract_features
+
+
+def test_a_dtype_change_keeps_a_compiled_feature_pass(model_with_bank):
+    """set_backbone_dtype removes only its own autocast wrapper (which wraps a compiled pass), never the compiled one."""
+    compiled = compile_features(model_with_bank, backend="eager").extract_features
+    try:
+        set_backbone_dtype(model_with_bank, "float32")
+        assert model_with_bank.__dict__["extract_features"] is compiled
+        set_backbone_dtype(model_with_bank, "bfloat16", mode="autocast")
+        wrapper = model_with_bank.__dict__["extract_features"]
+        assert wrapper._mrad_autocast and wrapper._mrad_inner is compiled
+        set_backbone_dtype(model_with_bank, "float32", mode="autocast")
+        assert model_with_bank.__dict__["extract_features"] is compiled
+    finally:
+        model_with_bank.__dict__.pop("extract_features", None)
+        model_with_bank.clip.to(torch.float32)
