@@ -1779,6 +1779,24 @@ def _row_name(row: Mapping[str, Any]) -> str:
     return str(row.get("path") or (image.get("path") if isinstance(image, dict) else image))
 
 
+def _decoded_rows(dataset: Dataset, load_pair, on_error: str, failures: list[dict[str, str]] | None):
+    """(index, undecoded row, image, mask) of every row ``load_pair`` can decode; an ``MRADInputError`` is appended to
+    ``failures`` and the row skipped (``on_error="skip"``), or raised (``"fail"``)."""
+    from ..models.mrad.image_processing_mrad import MRADInputError
+
+    _check_on_error(on_error)
+    for index, row in enumerate(undecoded_images(dataset)):
+        try:
+            image, mask = load_pair(row["image"], row.get("mask"))
+        except MRADInputError as error:
+            if on_error == "fail":
+                raise
+            if failures is not None:
+                failures.append({"path": _row_name(row), "error": str(error)})
+            continue
+        yield index, row, image, mask
+
+
 def iter_readable_rows(
     dataset: Dataset,
     load_pair: Callable[[Any, Any], tuple[Any, Any]],
@@ -1794,18 +1812,7 @@ def iter_readable_rows(
     ``{"path": ..., "error": ...}`` and skipped; with ``on_error="fail"`` the error propagates. Each row also gets
     ``sha256``, the :func:`file_sha256` of its image file (None without a file), which banks store per entry.
     """
-    from ..models.mrad.image_processing_mrad import MRADInputError
-
-    _check_on_error(on_error)
-    for row in undecoded_images(dataset):
-        try:
-            image, mask = load_pair(row["image"], row.get("mask"))
-        except MRADInputError as error:
-            if on_error == "fail":
-                raise
-            if failures is not None:
-                failures.append({"path": _row_name(row), "error": str(error)})
-            continue
+    for _, row, image, mask in _decoded_rows(dataset, load_pair, on_error, failures):
         source = row.get("image")
         path = source.get("path") if isinstance(source, dict) else row.get("path")
         yield {**row, "image": image, "mask": mask, "sha256": file_sha256(path) if path else None}
@@ -1824,20 +1831,7 @@ def readable_subset(
     is read once here, so a truncated or corrupt file is reported by name (``failures``, ``on_error="skip"``) or
     raised as ``MRADInputError`` (``"fail"``) before the run starts, instead of stopping it with a raw PIL error.
     """
-    from ..models.mrad.image_processing_mrad import MRADInputError
-
-    _check_on_error(on_error)
-    keep = []
-    for index, row in enumerate(undecoded_images(dataset)):
-        try:
-            load_pair(row["image"], row.get("mask"))
-        except MRADInputError as error:
-            if on_error == "fail":
-                raise
-            if failures is not None:
-                failures.append({"path": _row_name(row), "error": str(error)})
-            continue
-        keep.append(index)
+    keep = [index for index, *_ in _decoded_rows(dataset, load_pair, on_error, failures)]
     return dataset if len(keep) == len(dataset) else dataset.select(keep)
 
 
