@@ -191,7 +191,9 @@ def save_model(model, folder: str | os.PathLike, **kwargs) -> None:
             if path.is_file():
                 destination = target / path.relative_to(staging)
                 destination.parent.mkdir(parents=True, exist_ok=True)
+                _fsync(path)  # as atomic_directory does before its swap: the moved file survives a power loss
                 os.replace(path, destination)
+                _fsync(destination.parent)
     shutil.rmtree(staging_root, ignore_errors=True)
 
 

@@ -31,3 +31,19 @@ def test_atomic_directory_syncs_every_file_and_the_parent(tmp_path, monkeypatch)
         (staging / "model.safetensors").write_bytes(b"x")
     assert sum(path.endswith(("config.json", "model.safetensors")) for path in synced) == 2
     assert synced[-1] == str(tmp_path) and sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_save_model_into_an_existing_folder_syncs_each_moved_file(tmp_path, monkeypatch):
+    class Saver:
+        def save_pretrained(self, folder, **kwargs):
+            for name in ("model.safetensors", "config.json"):
+                (folder / name).write_text(name)
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's")
+    synced = _record_fsyncs(monkeypatch)
+    files.save_model(Saver(), target)
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "notes.txt"]
+    staged = [path for path in synced if path.endswith(("model.safetensors", "config.json")) and ".staging" in path]
+    assert len(staged) == 2 and synced.count(str(target)) == 2  # each file before its move, the folder after it
