@@ -9,15 +9,35 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..models.mrad.features_mrad import neighbor_average
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings
-from ..models.mrad.modeling_mrad import patch_region_labels
 from ..models.mrad.retrieval_mrad import l2_normalize, one_hot_labels
 from .samples import batched, iter_samples, progress_bar
 
-__all__ = ["build_memory_bank"]
+__all__ = ["build_memory_bank", "patch_region_labels"]
+
+
+def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact") -> torch.Tensor:
+    """Label the G x G patch grid from (B, S, S) binary masks -> (B, G*G) int64: 1 anomalous, 0 normal, -1 dropped.
+
+    "exact" (reference): bilinear (align_corners=False) downsampling; anomalous where the value is exactly 1, normal
+    where exactly 0, fractional boundary patches dropped. "majority": anomalous where > 0.5, else normal.
+    """
+    small = F.interpolate(
+        masks.float().unsqueeze(1), size=(grid_size, grid_size), mode="bilinear", align_corners=False
+    )
+    small = small.squeeze(1).flatten(1)
+    if rule == "exact":
+        labels = torch.full_like(small, -1, dtype=torch.long)
+        labels[small == 1] = 1
+        labels[small == 0] = 0
+        return labels
+    if rule == "majority":
+        return (small > 0.5).long()
+    raise ValueError(f"Unknown region rule {rule!r}; use 'exact' or 'majority'.")
 
 
 @torch.no_grad()

@@ -58,6 +58,8 @@ __all__ = [
     "MRADTrainDataset",
     "training_stages",
     "count_trainable_parameters",
+    "set_training_stage",
+    "trainable_parameters",
     "train_mrad",
 ]
 
@@ -138,11 +140,33 @@ def count_trainable_parameters(config: MRADConfig, stage: str) -> int:
     """
     with torch.device("meta"):
         heads = MRADForAnomalyDetection._make_heads(config)
-    names = {"ft": ("image_projection", "patch_projection"), "prompt": ("prompt_learner", "region_bias")}[stage]
+    names = STAGE_MODULES[stage]
     missing = [name for name in names if name not in heads]
     if missing:
         raise ValueError(f"Variant {config.variant!r} has no {', '.join(missing)} (stage {stage!r}).")
     return sum(parameter.numel() for name in names for parameter in heads[name].parameters())
+
+
+#: The modules each training stage updates, as the reference: "ft" both projection pairs, "prompt" the prompt learner
+#: and the region biases (the projections then stay frozen).
+STAGE_MODULES = {"ft": ("image_projection", "patch_projection"), "prompt": ("prompt_learner", "region_bias")}
+
+
+def trainable_parameters(model: MRADForAnomalyDetection, stage: str) -> list[torch.nn.Parameter]:
+    """The parameters a training stage of `model` updates (`STAGE_MODULES`)."""
+    names = STAGE_MODULES.get(stage, ())
+    if not names or not all(hasattr(model, name) for name in names):
+        raise ValueError(f"No stage {stage!r} for variant {model.config.variant!r}")
+    return [parameter for name in names for parameter in getattr(model, name).parameters()]
+
+
+def set_training_stage(model: MRADForAnomalyDetection, stage: str | None) -> list[torch.nn.Parameter]:
+    """Freeze everything except the stage's parameters (None freezes all); returns the trainable ones."""
+    model.requires_grad_(False)
+    parameters = [] if stage is None else trainable_parameters(model, stage)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    return parameters
 
 
 class MRADTrainDataset(Dataset):
@@ -463,9 +487,9 @@ def train_mrad(
     steps_per_epoch = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     optimizer_steps_per_epoch = math.ceil(steps_per_epoch / args.gradient_accumulation_steps)
 
-    for parameter in model.trainable_parameters("ft"):
+    for parameter in trainable_parameters(model, "ft"):
         parameter.requires_grad_(True)
-    ft_optimizer = torch.optim.Adam(model.trainable_parameters("ft"), lr=args.learning_rate, betas=tuple(args.betas))
+    ft_optimizer = torch.optim.Adam(trainable_parameters(model, "ft"), lr=args.learning_rate, betas=tuple(args.betas))
     objects: list[Any] = [model, ft_optimizer]
     cosine = (config.variant == "ft") if args.cosine_schedule is None else args.cosine_schedule
     scheduler = None
@@ -477,10 +501,10 @@ def train_mrad(
         objects.append(scheduler)
     prompt_optimizer = None
     if "prompt" in stages:
-        for parameter in model.trainable_parameters("prompt"):
+        for parameter in trainable_parameters(model, "prompt"):
             parameter.requires_grad_(True)
         prompt_optimizer = torch.optim.Adam(
-            model.trainable_parameters("prompt"), lr=args.learning_rate, betas=tuple(args.betas)
+            trainable_parameters(model, "prompt"), lr=args.learning_rate, betas=tuple(args.betas)
         )
         objects.append(prompt_optimizer)
     objects.append(loader)
@@ -514,7 +538,7 @@ def train_mrad(
     for epoch in range(start_epoch, len(stages)):
         stage = stages[epoch]
         optimizer = ft_optimizer if stage == "ft" else prompt_optimizer
-        unwrapped.set_training_stage(stage)
+        set_training_stage(unwrapped, stage)
         model_wrapped.train()
         losses = []
         if hasattr(loader, "set_epoch"):
@@ -569,7 +593,7 @@ def train_mrad(
             accelerator.log({f"{stage}/epoch_loss": record["loss"]}, step=len(result.step_losses))
         _save_checkpoint(accelerator, unwrapped, optimizers, scheduler, output_dir, epoch + 1, result)
 
-    unwrapped.set_training_stage(None)
+    set_training_stage(unwrapped, None)
     unwrapped.eval()
     accelerator.wait_for_everyone()
     final = output_dir / "final"

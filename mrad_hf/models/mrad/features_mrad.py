@@ -1,22 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """MRAD's dual-path CLIP features over the weights of a Hugging Face `CLIPModel` (paper Sec. 3.1).
 
-One pass of the frozen vision tower gives two things:
-
-* the **original path** (plain CLIP blocks): the class token, projected *without* `post_layernorm` (a quirk of the
-  reference, kept by default), is the image-level query/key;
-* the **V-V path** (CLIP-Surgery / AnomalyCLIP "DPAM"): from block `vv_start_layer` on, a self-attention whose query,
-  key and value are all the V projection of the original path's `layer_norm1` output, no MLP; its tokens after
-  `post_layernorm` (1024-d for ViT-L) are the pixel-level queries/keys.
-
-Both attentions of a block run as one call of transformers' attention interface (`ALL_ATTENTION_FUNCTIONS`, per
-`_attn_implementation`; SDPA measured 3-4x the explicit softmax(V V^T) V) and share one `out_proj`; the last block
-computes the class row only. The positional table is resized bilinearly (the reference; transformers' is bicubic).
-On AVX-512 CPUs the linears run through oneDNN with weights pre-packed once per weight version (~2.3x MKL there; on
-AVX2 MKL is as fast), exact fp32 either way (`linear_backend`, `MRAD_LINEAR_BACKEND`). `batch_invariant=True` uses
-per-image products wherever a CPU kernel picks its algorithm by batch size, so an image's outputs are bit-identical
-whatever it is scored with. Pure functions of the weights and pixels: the checkpoint is never updated in place (the
-reference overwrites its positional table on the first 518-px forward). dtype and compile choices: `mrad_hf.runtime`.
+One pass of the frozen vision tower gives the **original path**'s class token, projected *without* `post_layernorm`
+(a reference quirk, kept by default): the image-level query/key; and the **V-V path** (CLIP-Surgery / AnomalyCLIP
+"DPAM": from block `vv_start_layer` on, self-attention whose query, key and value are all the V projection of the
+block's `layer_norm1` output, no MLP), whose tokens after `post_layernorm` are the pixel-level queries/keys. Both
+attentions of a block are one call of transformers' attention interface (per `_attn_implementation`) and share one
+`out_proj`; the last block computes the class row only; the positional table is resized bilinearly (the reference;
+transformers' is bicubic) and never updated in place (the reference overwrites it). On AVX-512 CPUs the linears run
+through oneDNN with weights packed once per weight version (~2.3x MKL there), exact fp32 either way.
+`batch_invariant=True` uses per-image products wherever a CPU kernel picks its algorithm by the batch size.
 """
 
 from __future__ import annotations
@@ -48,15 +41,8 @@ LINEAR_BACKENDS = ("auto", "aten", "onednn")
 
 @dataclass
 class MRADVisionFeatures:
-    """What one dual-path pass produces. Shapes for a batch of B images on a G x G patch grid.
-
-    Attributes:
-        class_embeds: (B, P) projected class token of the original path (P = projection dim, 768 for ViT-L),
-            not normalised.
-        patch_tokens: (B, G*G, W) V-V tokens of `feature_layer` after `post_layernorm`, before neighbour
-            averaging and normalisation (W = vision width, 1024 for ViT-L).
-        grid_size: G.
-    """
+    """One dual-path pass on a G x G grid: `class_embeds` (B, P) projected class tokens and `patch_tokens` (B, G*G, W)
+    V-V tokens of `feature_layer` after `post_layernorm`, both unnormalised (P 768, W 1024 for ViT-L)."""
 
     class_embeds: torch.Tensor
     patch_tokens: torch.Tensor
@@ -65,10 +51,8 @@ class MRADVisionFeatures:
 
 # ---------------------------------------------------------------------- linear-layer backend (run time)
 def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """ "onednn" (pre-packed oneDNN linears, where it has a kernel: CPU fp32, bf16 on AVX-512) or "aten" (`F.linear`).
-
-    "auto" (default; `MRAD_LINEAR_BACKEND=aten|onednn` forces one) takes oneDNN on AVX-512 CPUs, `F.linear` elsewhere.
-    """
+    """The linears' backend: "onednn" (packed oneDNN weights: CPU fp32, or bf16 on AVX-512) or "aten" (`F.linear`);
+    oneDNN on AVX-512 CPUs only, unless `MRAD_LINEAR_BACKEND=aten|onednn` forces one (where possible)."""
     choice = os.environ.get("MRAD_LINEAR_BACKEND", "auto").lower()
     if choice not in LINEAR_BACKENDS:
         raise ValueError(f"MRAD_LINEAR_BACKEND={choice!r}; use one of {LINEAR_BACKENDS}.")
@@ -78,19 +62,14 @@ def linear_backend(device: torch.device | str = "cpu", dtype: torch.dtype = torc
         and torch.backends.mkldnn.is_available()
         and (dtype == torch.float32 or (dtype == torch.bfloat16 and avx512))
     )
-    if choice == "aten" or not possible:
-        return "aten"
-    if choice == "onednn":
-        return "onednn"
-    return "onednn" if avx512 else "aten"
+    return "onednn" if possible and (choice == "onednn" or (choice == "auto" and avx512)) else "aten"
 
 
 _PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _packed_weight(linear: nn.Linear) -> torch.Tensor:
-    """The oneDNN-packed copy of `linear.weight`, made once per weight version (data pointer, in-place version,
-    dtype, device); outside the module, so state_dict, save_pretrained, deepcopy and pickling never see it."""
+    """The oneDNN-packed `linear.weight`, cached per weight version outside the module (state_dict never sees it)."""
     weight = linear.weight
     key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
     cached = _PACKED_WEIGHTS.get(linear)
@@ -101,7 +80,7 @@ def _packed_weight(linear: nn.Linear) -> torch.Tensor:
 
 
 def _linear(linear: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """`linear(x)` through the chosen backend (oneDNN only without autograd, outside torch.compile/export/autocast)."""
+    """`linear(x)` through the backend (oneDNN only without autograd, outside torch.compile, export and autocast)."""
     if (
         backend == "onednn"
         and x.device.type == "cpu"
@@ -118,10 +97,8 @@ def _linear(linear: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
 def interpolate_position_embeddings(
     position_table: torch.Tensor, grid_size: int, mode: str = "bilinear"
 ) -> torch.Tensor:
-    """Resize a CLIP positional table (1 + S*S, W) to (1 + G*G, W), keeping the class row.
-
-    `mode="bilinear"` uses `align_corners=False` and no antialiasing, as the reference does.
-    """
+    """A CLIP positional table (1 + S*S, W) resized to (1 + G*G, W), class row kept (align_corners=False, no
+    antialiasing, as the reference)."""
     num_patches = position_table.shape[0] - 1
     source_side = math.isqrt(num_patches)
     if source_side * source_side != num_patches:
@@ -136,11 +113,8 @@ def interpolate_position_embeddings(
 
 
 def neighbor_average(tokens: torch.Tensor, grid_size: int, kernel_sizes: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """MRAD's `average_neighbor`: mean over kernels k of a stride-1 k x k average pool on the token grid.
-
-    Zero padding of k // 2 is counted in the average (`count_include_pad=True`), so border tokens are damped,
-    exactly as the reference. Args: tokens (B, G*G, C). Returns (B, G*G, C).
-    """
+    """MRAD's `average_neighbor` of (B, G*G, C) tokens: the mean over kernels k of stride-1 k x k average pools, the
+    zero padding counted (border tokens damped, as the reference)."""
     batch, num_tokens, channels = tokens.shape
     if num_tokens != grid_size * grid_size:
         raise ValueError(
@@ -164,10 +138,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale) v through transformers' attention interface, per `config._attn_implementation`.
-
-    q, k, v: (B, H, L, D). Returns (B, Lq, H * D). No mask, no dropout (the tower is frozen, in eval mode).
-    """
+    """softmax(q k^T * scale) v of (B, H, L, D) inputs through transformers' attention interface -> (B, Lq, H * D)."""
     implementation = getattr(attention.config, "_attn_implementation", None) or "eager"
     interface = (
         eager_attention_forward
@@ -188,13 +159,8 @@ def _block_attention(
     batch_invariant: bool = False,
     backend: str = "aten",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Original q.k attention (and, if asked, the V-V attention) of one CLIP attention module.
-
-    Both attentions read the same LN'd input; when both are needed they run as one attention call on a doubled
-    batch and share one `out_proj` call. `class_only`: the original attention is computed for the class-token
-    query alone (the last block, whose other original-path outputs nothing reads). Returns
-    (original_out, vv_out or None), after `out_proj`.
-    """
+    """(original attention, V-V attention or None) of one CLIP attention module, after `out_proj`: one attention call
+    on a doubled batch and one `out_proj` for both; `class_only` computes the original one for the class row alone."""
     num_heads = attention.num_heads
     key = _split_heads(_linear(attention.k_proj, normed, backend), num_heads)
     value = _split_heads(_linear(attention.v_proj, normed, backend), num_heads)
@@ -244,22 +210,9 @@ def dual_path_vision_features(
     batch_invariant: bool = False,
     backend: str | None = None,
 ) -> MRADVisionFeatures:
-    """Run the frozen CLIP vision tower once and return MRAD's image-level and pixel-level features.
-
-    Args:
-        vision_model: `CLIPModel.vision_model` (a `CLIPVisionModel`: embeddings, pre_layrnorm, encoder,
-            post_layernorm).
-        visual_projection: `CLIPModel.visual_projection`.
-        pixel_values: (B, 3, H, W) normalised images; H = W must be a multiple of the patch size.
-        vv_start_layer: first block (0-based) with a V-V path.
-        feature_layer: block whose V-V tokens are returned (negative counts from the end).
-        position_interpolation: "bilinear" (reference) or "bicubic".
-        class_key_post_layernorm: apply `post_layernorm` to the class token before projecting.
-        batch_invariant: per-image products where CPU kernels choose by batch size, so that an image's features are
-            bit-identical whatever batch it is in (slower; see the module docstring). False: whole-batch products.
-        backend: "aten" or "onednn" for the linears; None chooses with `linear_backend` for the weights' device and
-            dtype.
-    """
+    """One pass of the frozen tower (`CLIPModel.vision_model` and `.visual_projection`) over (B, 3, S, S) normalised
+    pixels (S a multiple of the patch size) -> MRAD's image- and pixel-level features. The keywords are the
+    `MRADConfig` fields of the same names; `backend` ("aten" / "onednn") defaults to `linear_backend`'s choice."""
     embeddings = vision_model.embeddings
     layers = vision_model.encoder.layers
     num_layers = len(layers)
@@ -284,10 +237,8 @@ def dual_path_vision_features(
 
     vv_hidden = hidden if vv_start_layer == 0 else None
     for index, layer in enumerate(layers):
-        # The V-V path runs from vv_start_layer to feature_layer; later blocks only feed the class token.
-        with_vv = vv_start_layer <= index <= feature_layer
-        # In the last block only the class token of the original path is read: attention query, residual and
-        # MLP run on that row alone (row-wise operations, so the values are unchanged; ~3% fewer FLOPs for ViT-L).
+        with_vv = vv_start_layer <= index <= feature_layer  # later blocks only feed the class token
+        # the last block's only output read is the class row: query, residual and MLP on it alone (~3% fewer FLOPs)
         class_only = index == num_layers - 1 and index + 1 != vv_start_layer
         original, vv = _block_attention(
             layer.self_attn,

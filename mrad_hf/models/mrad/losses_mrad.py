@@ -1,17 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Training losses of MRAD-FT and MRAD-CLIP (paper Sec. 3.4-3.5), as the reference code computes them.
+"""Training losses of MRAD-FT and MRAD-CLIP (paper Sec. 3.4-3.5) as the reference computes them (`utils/loss.py`).
 
-All are pure functions of probabilities (not logits) and binary ground truth, shared by the model's
-`forward(labels=...)`, the trainer and the tests:
-
-* `focal_loss`: the reference's focal loss on 2-channel probability maps (gamma 2, alpha 1, the one-hot
-  target clamped to [1e-5, 1 - 1e-5], pt = sum(onehot * p) + 1e-5, mean over every pixel of the batch);
-* `binary_dice_loss`: 1 - mean over images of (2 sum(p g) + 1) / (sum(p) + sum(g) + 1);
-* `image_classification_loss`: cross-entropy of the *retrieved image probabilities* divided by 0.07
-  (a softmax applied to probabilities, as in the reference);
-* `ft_loss` and `prompt_loss` combine them as the two training stages do.
-
-Reference: github.com/CROVO1026/MRAD, `utils/loss.py` and `train.py`.
+Pure functions of probabilities (not logits) and binary ground truth: the focal loss (gamma 2, one-hot target
+clamped to [1e-5, 1 - 1e-5], pt = sum(onehot * p) + 1e-5, mean over every pixel), the dice loss, and the image
+cross-entropy of the *retrieved probabilities* / 0.07 (a softmax of probabilities, as the reference), combined as
+the two training stages do (`ft_loss`, `prompt_loss`).
 """
 
 from __future__ import annotations
@@ -25,14 +18,8 @@ __all__ = ["focal_loss", "binary_dice_loss", "image_classification_loss", "ft_lo
 def focal_loss(
     probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
 ) -> torch.Tensor:
-    """Focal loss on class probabilities.
-
-    Args:
-        probabilities: (B, C, H, W) per-pixel class probabilities (channel 1 = anomaly for C = 2).
-        target: (B, H, W) integer-valued class map (0 normal, 1 anomaly), float or int.
-        gamma: focusing parameter.
-        smooth: label clamp and the epsilon added to pt (the reference's `smooth`).
-    """
+    """Focal loss of (B, C, H, W) class probabilities against a (B, H, W) class map; `smooth` is the label clamp and
+    the epsilon added to pt (the reference's)."""
     num_classes = probabilities.shape[1]
     flat = probabilities.flatten(2).transpose(1, 2).reshape(-1, num_classes)
     one_hot = F.one_hot(target.reshape(-1).long(), num_classes).to(flat.dtype)
@@ -42,7 +29,7 @@ def focal_loss(
 
 
 def binary_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Dice loss of one probability channel. probability, target: (B, H, W)."""
+    """1 - mean over images of (2 sum(p g) + 1) / (sum(p) + sum(g) + 1); probability, target: (B, H, W)."""
     batch = target.shape[0]
     p = probability.reshape(batch, -1)
     g = target.reshape(batch, -1).to(p.dtype)

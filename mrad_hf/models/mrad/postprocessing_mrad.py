@@ -1,16 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """From patch probabilities to an anomaly map and an image score (paper Sec. 3.3), on the tensor's device.
 
-The reference (`test.py` of the official code) does, per image:
-
-1. reshape the (G*G, 2) patch probabilities to a G x G grid and upsample **both channels** bilinearly
-   (align_corners=False) to the input size, then take the anomaly channel;
-2. smooth with `scipy.ndimage.gaussian_filter(sigma=4)` (mode "reflect" = half-sample symmetric,
-   truncate 4, radius 16);
-3. score = (1 - k) * mean(top int(H*W*0.01) pixels of the smoothed map) + k * p_anomaly(image retrieval).
-
-`gaussian_blur` is a separable convolution that pads like scipy's "reflect" mode, so the result equals
-scipy's to float rounding, batched and on any device (no numpy round trip).
+As the reference (`test.py`), per image: upsample **both channels** of the (G*G, 2) patch probabilities bilinearly
+(align_corners=False) to the input size and take the anomaly channel; smooth it like `scipy.ndimage.gaussian_filter
+(sigma=4)` ("reflect" padding, truncate 4: a separable convolution equal to scipy's to float rounding, batched); score
+= (1 - k) * mean(top int(H*W*0.01) pixels) + k * p_anomaly(image retrieval).
 """
 
 from __future__ import annotations
@@ -51,12 +45,8 @@ def _reflect_indices(length: int, radius: int, device) -> torch.Tensor:
 def gaussian_blur(
     maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, *, batch_invariant: bool = False
 ) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, H, W) maps, equal to scipy.ndimage.gaussian_filter(mode="reflect").
-
-    Computed in the input's floating dtype (float32 maps stay float32); sigma = 0 returns the input.
-    `batch_invariant`: blur image by image (oneDNN picks the convolution algorithm by batch size, so a batched blur
-    can differ in the last bits from the same map alone); otherwise one batched convolution.
-    """
+    """scipy.ndimage.gaussian_filter(mode="reflect") of (B, H, W) maps in their float dtype (sigma 0: unchanged);
+    `batch_invariant` blurs map by map (oneDNN picks the convolution algorithm by the batch size)."""
     if sigma == 0:
         return maps
     if maps.ndim != 3:
@@ -90,11 +80,7 @@ def fuse_image_score(
     top_k_ratio: float = 0.01,
     fusion: str = "weighted",
 ) -> torch.Tensor:
-    """Image score from the (smoothed) map and the image-level retrieval.
-
-    `fusion="weighted"` (reference): (1 - weight) * top_k_mean(map) + weight * p_anomaly.
-    `fusion="sum"` (the paper's formula): top_k_mean(map) + p_anomaly.
-    """
+    """ "weighted" (reference): (1 - weight) * top_k_mean(map) + weight * p_anomaly; "sum" (the paper): their sum."""
     pixel_term = top_k_mean(anomaly_maps, top_k_ratio)
     if fusion == "weighted":
         return (1.0 - weight) * pixel_term + weight * image_anomaly_probability

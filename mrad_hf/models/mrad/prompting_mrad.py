@@ -1,20 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """MRAD-CLIP's prompted text features over the weights of a Hugging Face `CLIPModel` (paper Sec. 3.5).
 
-MRAD-CLIP describes the two states with AnomalyCLIP-style learnable prompts
-
-    normal:    [SOT] P_1 ... P_12 object . [EOT]
-    anomalous: [SOT] P_1 ... P_12 damaged object . [EOT]
-
-whose context vectors P_i get a per-image bias from the region priors (added to every P_i), and
-*deep* prompts: at text layers 2..9 (1-based) the hidden states of tokens 1..4 are replaced by learned
-vectors, which the reference rounds to fp16 before inserting. The text feature of a prompt is its
-end-token state after the final layer norm, times `text_projection`.
-
-`prompted_text_features` is a pure function of the frozen CLIP text weights and the learned vectors.
-Because the text transformer is causal, tokens after the end token cannot influence it, so the
-sequence is cut right after the longest prompt's end token instead of CLIP's 77 positions (the same
-result, ~4x less work).
+AnomalyCLIP-style learnable prompts describe the two states, `[SOT] P_1 ... P_12 object . [EOT]` and `[SOT] P_1 ...
+P_12 damaged object . [EOT]`; each context vector P_i gets the image's region-prior bias, and at text layers 2..9
+(1-based) the states of tokens 1..4 are replaced by learned *deep* prompts (rounded to fp16 first, as the reference).
+A prompt's feature is its end-token state after the final layer norm, times `text_projection`. The text transformer is
+causal, so the sequence is cut after the longest prompt's end token instead of CLIP's 77 (same result, ~4x less work).
 """
 
 from __future__ import annotations
@@ -31,9 +22,8 @@ __all__ = [
 ]
 
 CONTEXT_PLACEHOLDER = "X"
-#: What OpenAI's CLIP tokenizer gives for the reference prompts (12 placeholders, "object" / "damaged object"):
-#: start 49406, "x" 343 x 12, ("damaged" 13568), "object" 14115, "." 269, end 49407. Used when no tokenizer is at
-#: hand (e.g. random offline backbones with CLIP's vocabulary size); a test checks them against the real vocabulary.
+#: OpenAI's tokenizer on the reference prompts: start 49406, "x" 343 x 12, ("damaged" 13568), "object" 14115, "." 269,
+#: end 49407. Used when no tokenizer is at hand (a test checks them against the real vocabulary).
 OPENAI_DEFAULT_PROMPT_TOKEN_IDS = (
     [49406] + [343] * 12 + [14115, 269, 49407],
     [49406] + [343] * 12 + [13568, 14115, 269, 49407],
@@ -51,11 +41,8 @@ def prompt_texts(
 def prompt_token_ids(
     tokenizer, context_length: int = 12, normal_prompt: str = "object", anomaly_prompt: str = "damaged object"
 ) -> list[list[int]]:
-    """Ids (start token ... end token, no padding) of the normal and anomalous prompts.
-
-    Raises ValueError when a placeholder does not map to exactly one token (the context vectors would then
-    not sit at positions 1..context_length).
-    """
+    """Ids (start ... end token) of the two prompts; refuses a tokenizer that does not give one token per placeholder
+    (the context vectors must sit at positions 1..context_length)."""
     ids = [list(tokenizer(text)["input_ids"]) for text in prompt_texts(context_length, normal_prompt, anomaly_prompt)]
     for prompt in ids:
         placeholders = prompt[1 : 1 + context_length]
@@ -82,17 +69,11 @@ def prompted_text_features(
     *,
     round_deep_prompts_to_fp16: bool = True,
 ) -> torch.Tensor:
-    """Text features of per-image prompts, shape (B, S, P) for S states (2: normal, anomalous), not normalised.
+    """(B, S, P) unnormalised text features of S per-image prompts (S = 2: normal, anomalous).
 
-    Args:
-        text_model: `CLIPModel.text_model` (embeddings, encoder.layers, final_layer_norm).
-        text_projection: `CLIPModel.text_projection`.
-        context: (B, S, n_ctx, D) context vectors, biases already added.
-        token_ids: the S prompts' ids (start ... end token, `config.prompt_token_ids`); positions 1..n_ctx are
-            placeholders whose embeddings are replaced by `context`. Python ints, so every length and index is a
-            constant: the only free shape is the batch (exportable with a dynamic batch axis).
-        deep_prompts: (n_deep, t, D): inserted at layers 1..n_deep (0-based), replacing tokens 1..t.
-        round_deep_prompts_to_fp16: round the deep prompts to fp16 values first (the reference's `.half()`).
+    `context` (B, S, n_ctx, D): context vectors with their biases, replacing the placeholders 1..n_ctx of `token_ids`
+    (`config.prompt_token_ids`, Python ints: the batch is the only free shape, so it exports with a dynamic batch);
+    `deep_prompts` (n_deep, t, D) replace tokens 1..t at layers 1..n_deep (0-based).
     """
     batch, states, n_ctx, width = context.shape
     ends = [len(prompt) - 1 for prompt in token_ids]

@@ -23,6 +23,7 @@ from transformers import AutoModel
 
 from mrad_hf import MRADForAnomalyDetection, MRADImageProcessor
 from mrad_hf.memory import build_memory_bank
+from mrad_hf.training.trainer import set_training_stage
 
 VARIANTS = ("tf", "ft", "clip")
 OUTPUT_FIELDS = ("anomaly_map", "anomaly_score", "image_probabilities", "patch_probabilities", "text_probabilities")
@@ -194,13 +195,13 @@ def test_a_transformers_trainer_step_equals_a_manual_reference_step(saved, tmp_p
     # manual step: the reference optimiser (Adam, lr 4e-4, betas 0.5/0.999) on the stage's parameters
     manual = MRADForAnomalyDetection.from_pretrained(folder).train()
     dataset, batch = _training_batch(manual)
-    optimizer = torch.optim.Adam(manual.set_training_stage(stage), lr=4e-4, betas=(0.5, 0.999))
+    optimizer = torch.optim.Adam(set_training_stage(manual, stage), lr=4e-4, betas=(0.5, 0.999))
     manual_loss = manual(**batch, loss_stage=stage).loss
     manual_loss.backward()
     optimizer.step()
 
     model = MRADForAnomalyDetection.from_pretrained(folder)
-    model.set_training_stage(stage)
+    set_training_stage(model, stage)
     model.config.use_cache = False
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -256,7 +257,7 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(saved):
         model = MRADForAnomalyDetection.from_pretrained(folder)
         if checkpointing:
             model.gradient_checkpointing_enable()
-        parameters = model.set_training_stage(stage)
+        parameters = set_training_stage(model, stage)
         model.train()
         _, batch = _training_batch(model)
         model(**batch, loss_stage=stage).loss.backward()

@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModel, CLIPModel
 
 from mrad_hf import MemoryBankError, MRADConfig, MRADForAnomalyDetection, MRADImageProcessor
 from mrad_hf.memory import build_memory_bank, load_bank, save_bank, save_model
-from mrad_hf.models.mrad.modeling_mrad import patch_region_labels
 
 
 def _inputs(model, samples):
@@ -51,25 +50,6 @@ def test_batch_composition_does_not_change_results(model_with_bank):
     together = model_with_bank(pixel_values=inputs)
     alone = [model_with_bank(pixel_values=x) for x in inputs.split(1)]
     torch.testing.assert_close(together.anomaly_score, torch.cat([a.anomaly_score for a in alone]), atol=1e-6, rtol=0)
-
-
-def test_patch_region_labels_exact_rule_drops_boundaries():
-    masks = torch.zeros(1, 56, 56)
-    masks[0, 0:28, 0:28] = 1  # exactly the top-left 2 x 2 patches of a 4 x 4 grid
-    masks[0, 40:42, 40:56] = (
-        1  # a thin stripe through the centres (rows 14i+6, 14i+7) of the last patch row? no: row 2
-    )
-    labels = patch_region_labels(masks, 4, "exact").view(4, 4)
-    assert labels[0, 0] == 1 and labels[1, 1] == 1
-    assert labels[3, 3] == 0
-    # a one-pixel-wide stripe at row 48 (centre rows of patch row 3 are 48 and 49): value 0.5, dropped
-    masks2 = torch.zeros(1, 56, 56)
-    masks2[0, 48, :] = 1
-    labels2 = patch_region_labels(masks2, 4, "exact").view(4, 4)
-    assert (labels2[3] == -1).all() and (labels2[:3] == 0).all()
-    assert (patch_region_labels(masks2, 4, "majority").view(4, 4) == 0).all()
-    with pytest.raises(ValueError, match="Unknown region rule"):
-        patch_region_labels(masks, 4, "any")
 
 
 def test_save_load_automodel_bit_exact(model_with_bank, tmp_path):

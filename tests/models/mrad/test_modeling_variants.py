@@ -18,7 +18,7 @@ from transformers import AutoModel, CLIPConfig, pipeline
 from mrad_hf import MRADConfig, MRADImageProcessor
 from mrad_hf.cli.common import RANDOM_BACKBONES
 from mrad_hf.memory import build_memory_bank
-from mrad_hf.training.trainer import count_trainable_parameters
+from mrad_hf.training.trainer import count_trainable_parameters, set_training_stage
 
 
 def _inputs(model, samples):
@@ -152,14 +152,14 @@ def test_bias_is_added_to_every_context_vector():
 def test_stage_switch_sets_exactly_the_reference_trainable_parameters():
     model = make_tiny_trained_model("clip")
     trainable = lambda: sorted({name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad})  # noqa: E731
-    model.set_training_stage("ft")
+    set_training_stage(model, "ft")
     assert trainable() == ["image_projection", "patch_projection"]
-    model.set_training_stage("prompt")
+    set_training_stage(model, "prompt")
     assert trainable() == ["prompt_learner", "region_bias"]
-    model.set_training_stage(None)
+    set_training_stage(model, None)
     assert trainable() == []
     with pytest.raises(ValueError, match="No stage 'prompt' for variant 'ft'"):
-        make_tiny_trained_model("ft").set_training_stage("prompt")
+        set_training_stage(make_tiny_trained_model("ft"), "prompt")
 
 
 def test_parameter_counts_for_vit_l14_match_reference_without_building_it():
