@@ -140,11 +140,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T * scale) v of (B, H, L, D) inputs through transformers' attention interface -> (B, Lq, H * D)."""
     implementation = getattr(attention.config, "_attn_implementation", None) or "eager"
-    interface = (
-        eager_attention_forward
-        if implementation == "eager"
-        else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    )
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)  # eager: the default
     attended, _ = interface(attention, query, key, value, None, scaling=attention.scale, dropout=0.0, is_causal=False)
     batch, length = attended.shape[:2]
     return attended.reshape(batch, length, -1)  # the interface returns (B, Lq, H, D)
@@ -178,17 +174,13 @@ def _block_attention(
         # one out_proj per image: the row count (1 + L) then never depends on the batch, which GEMM kernels can see
         projected = torch.cat([_linear(attention.out_proj, image, backend) for image in merged.split(1)])
         return projected[:, :1], projected[:, 1:]
-    if class_only:  # the class row alone, whole-batch products
-        query = _split_heads(_linear(attention.q_proj, normed[:, :1], backend), num_heads)
-        original = _attend(attention, query, key, value)
-        if not with_vv:
-            return _linear(attention.out_proj, original, backend), None
-        merged = torch.cat([original, _attend(attention, value, value, value)], dim=1)
-        projected = _linear(attention.out_proj, merged, backend)
-        return projected[:, :1], projected[:, 1:]
-    query = _split_heads(_linear(attention.q_proj, normed, backend), num_heads)
+    query = _split_heads(_linear(attention.q_proj, normed[:, :1] if class_only else normed, backend), num_heads)
     if not with_vv:
         return _linear(attention.out_proj, _attend(attention, query, key, value), backend), None
+    if class_only:  # the class row's attention and the V-V attention through one out_proj
+        merged = torch.cat([_attend(attention, query, key, value), _attend(attention, value, value, value)], dim=1)
+        projected = _linear(attention.out_proj, merged, backend)
+        return projected[:, :1], projected[:, 1:]
     attended = _attend(attention, torch.cat([query, value]), torch.cat([key, value]), torch.cat([value, value]))
     projected = _linear(attention.out_proj, attended, backend)  # slices, not chunk(2): no guard on a free batch
     return projected[: normed.shape[0]], projected[normed.shape[0] :]
@@ -267,5 +259,4 @@ def dual_path_vision_features(
     class_embeds = (
         rowwise_linear(visual_projection, class_state) if batch_invariant else visual_projection(class_state)
     )
-    patch_tokens = vision_model.post_layernorm(vv_hidden)[:, 1:]
-    return MRADVisionFeatures(class_embeds=class_embeds, patch_tokens=patch_tokens, grid_size=grid_size)
+    return MRADVisionFeatures(class_embeds, vision_model.post_layernorm(vv_hidden)[:, 1:], grid_size)
