@@ -112,8 +112,9 @@ def model_with_bank(tiny_model, samples):
     return tiny_model
 
 
-def run_two_processes_and_one(script, two_output, one_output, **one_kwargs) -> None:
-    """`script`'s `run(output)` under `torchrun --nproc_per_node 2` on CPU (gloo), then in this process for comparison.
+def run_two_processes_and_one(script, two_output, one_output, *, launcher: str = "torchrun", **one_kwargs) -> None:
+    """`script`'s `run(output)` under `torchrun --nproc_per_node 2` (or `accelerate launch --num_processes 2`) on CPU
+    (gloo), then in this process for comparison.
 
     The workers run one thread each (OMP_NUM_THREADS=1), so the one-process run uses one thread too: the same GEMM
     kernels on both sides, so equal inputs give equal bits.
@@ -123,6 +124,9 @@ def run_two_processes_and_one(script, two_output, one_output, **one_kwargs) -> N
 
     environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    if launcher == "accelerate":
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     completed = subprocess.run(
         [*command, str(script), str(two_output)], env=environment, capture_output=True, text=True, timeout=600
     )

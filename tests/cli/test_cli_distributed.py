@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`mrad predict` and `mrad evaluate` under `torchrun --nproc_per_node 2` (CPU, gloo) give what one process gives."""
+"""`mrad predict` and `mrad evaluate` under `torchrun --nproc_per_node 2` and `accelerate launch --num_processes 2`
+(CPU, gloo) give what one process gives."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from PIL import Image
 from mrad_hf.memory import build_memory_bank
 
 
-def test_two_process_predict_and_evaluate_equal_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_process_predict_and_evaluate_equal_one_process(tmp_path, monkeypatch, launcher):
     from mrad_hf.data.synthetic import make_synthetic_benchmark
 
     inputs = tmp_path / "inputs"
@@ -30,7 +32,7 @@ def test_two_process_predict_and_evaluate_equal_one_process(tmp_path, monkeypatc
     )
     monkeypatch.setenv("MRAD_TWO_PROCESS_INPUTS", str(inputs))
     script = Path(__file__).with_name("two_process_cli.py")
-    run_two_processes_and_one(script, tmp_path / "two", tmp_path / "one")
+    run_two_processes_and_one(script, tmp_path / "two", tmp_path / "one", launcher=launcher)
 
     one, two = (json.loads((tmp_path / name / "predict" / "scores.json").read_text()) for name in ("one", "two"))
     assert one["scored"] == 7 and one["failed"] == 1 and two["failed"] == 1

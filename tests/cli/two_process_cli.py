@@ -21,4 +21,5 @@ def run(output: str) -> None:
 
 
 if __name__ == "__main__":
+    assert os.environ.get("WORLD_SIZE") == "2", "the launcher did not start two processes"
     run(sys.argv[1])
