@@ -125,7 +125,9 @@ def run_two_processes_and_one(script, two_output, one_output, *, launcher: str =
     environment = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     if launcher == "accelerate":
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+        # `--multi_gpu` is accelerate's multi-process launcher, CPUs included (with ACCELERATE_USE_CPU=1); its `--cpu`
+        # with several processes expects MPI and otherwise starts one process, silently
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     completed = subprocess.run(
         [*command, str(script), str(two_output)], env=environment, capture_output=True, text=True, timeout=600
