@@ -6,13 +6,11 @@
 * Pixel level: keys = L2-normalised region prototypes (N_p x W): per auxiliary image, the mean neighbour-averaged
   V-V token over its anomalous patches and over its normal patches; values one-hot; `patch_sources` = image entry.
 
-A bank is only meaningful for the backbone and feature settings that built it, so its metadata records the format
-version, the backbone's architecture and a dtype-independent signature of its weights (`backbone_fingerprint`), the
-feature settings, the source, counts and per-image provenance (`PER_IMAGE_FIELDS`; never absolute paths).
-`metadata["tensors_sha256"]` seals the five tensors and `metadata["metadata_sha256"]` each answer-changing field
-(`SEALED_FIELDS`); `verify_model_memory` (run by `from_pretrained`) refuses a model whose buffers, sealed fields,
-backbone or feature settings no longer match, naming the field. A model folder keeps this metadata in
-`memory_bank.json`. Building banks, the bank file and the bank tools (provenance, add, merge) are `mrad_hf.memory`.
+A bank is only meaningful for the backbone and feature settings that built it: its metadata (`memory_bank.json` in a
+model folder) records them (`backbone_fingerprint`, `feature_settings`), the source, counts and per-image provenance
+(`PER_IMAGE_FIELDS`, never absolute paths), with SHA-256 seals of the tensors and of each answer-changing field
+(`SEALED_FIELDS`). `verify_model_memory` (run by `from_pretrained`) refuses a model whose buffers, sealed fields,
+backbone or feature settings no longer match, naming the field. Bank building, files and tools: `mrad_hf.memory`.
 """
 
 from __future__ import annotations
@@ -158,13 +156,14 @@ def backbone_fingerprint(clip_model: torch.nn.Module) -> dict[str, Any]:
         for row in range(4):
             pattern = (((index * 2654435761 + (row + 1) * 40503) >> 13) & 1).to(torch.float64) * 2 - 1
             signature.append(round(float(flat @ pattern) / norm, 4))
-    sizes = dict(
-        hidden_size=vision.hidden_size,
-        projection_dim=config.projection_dim,
-        num_hidden_layers=vision.num_hidden_layers,
-    )
-    sizes.update(patch_size=vision.patch_size, native_image_size=vision.image_size)
-    return {**{name: int(size) for name, size in sizes.items()}, "weights_signature": signature}
+    return {
+        "hidden_size": int(vision.hidden_size),
+        "projection_dim": int(config.projection_dim),
+        "num_hidden_layers": int(vision.num_hidden_layers),
+        "patch_size": int(vision.patch_size),
+        "native_image_size": int(vision.image_size),
+        "weights_signature": signature,
+    }
 
 
 def _signature_problem(stored: list[float], actual: list[float]) -> str | None:
@@ -177,7 +176,7 @@ def _signature_problem(stored: list[float], actual: list[float]) -> str | None:
 
 
 def _legacy_weights_sha256(clip_model: torch.nn.Module) -> str | None:
-    """The format-1 `weights_sha256` (exact float32 bytes); None when the weights are not float32 (cannot be checked)."""
+    """The format-1 `weights_sha256` (exact float32 bytes); None for weights that are not float32 (not checkable)."""
     tensors = _signature_tensors(clip_model)
     if any(tensor.dtype != torch.float32 for tensor in tensors):
         return None
@@ -242,9 +241,9 @@ class MemoryBank:
                     f"entries; the provenance is out of step with the keys. {_EDIT_HINT}"
                 )
         if len(self.patch_sources) and int(self.patch_sources.max()) >= entries:
-            source = int(self.patch_sources.max())
+            last = int(self.patch_sources.max())
             raise MemoryBankError(
-                f"patch_sources points at image entry {source} but the bank has {entries}. {_EDIT_HINT}"
+                f"patch_sources points at image entry {last} of {entries} image entries. {_EDIT_HINT}"
             )
 
     def counts(self) -> dict[str, int]:
@@ -306,9 +305,8 @@ class MemoryBank:
         ]
         if any(problems):
             message = (
-                f"The memory bank does not match this model ({'; '.join(p for p in problems if p)}). Its keys would be "
-                "compared with features of a different space and the scores would be meaningless. Rebuild the bank "
-                "with this model, or pass strict=False if you know the difference is harmless."
+                f"The memory bank does not match this model ({'; '.join(p for p in problems if p)}): its scores would "
+                "be meaningless. Rebuild the bank with this model, or pass strict=False if the difference is harmless."
             )
             if strict:
                 raise MemoryBankError(message)
