@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Living memory banks: add a line's own labelled images, merge banks, de-duplicate, remove by source.
+"""Living memory banks: provenance, add a line's own labelled images, merge banks, de-duplicate, remove by source.
 
 MRAD's memory is explicit data, so it can be edited without any training step. Every function here takes
 `MemoryBank` objects and returns a new one (inputs are not modified); `mrad bank add|merge|remove|info`
 wraps them. Provenance stays aligned with the keys throughout: image entry i keeps its source and image
 id (`metadata["image_sources"][i]`, `metadata["image_ids"][i]`), and region prototypes keep pointing at
-their image entry through `patch_sources` (see `MemoryBank.provenance`).
+their image entry through `patch_sources`.
+
+* **provenance** (`provenance`, `image_ids`, `image_sources`, `image_sha256`): where each entry came from, read
+  from the per-image metadata lists (`PER_IMAGE_FIELDS`), with defaults for banks that do not record them.
 
 * **add** (`add_samples`): entries for new labelled images are computed with the model's own
   `build_memory_bank(..., attach=False)` (same features, same region rule as the rest of the bank) and
@@ -46,12 +49,17 @@ from .building import build_memory_bank
 
 __all__ = [
     "DEFAULT_DEDUP_THRESHOLD",
+    "ENTRY_KINDS",
     "add_samples",
     "bank_info",
     "check_mergeable",
     "deduplicate",
     "entries_from_samples",
+    "image_ids",
+    "image_sha256",
+    "image_sources",
     "merge_banks",
+    "provenance",
     "remove_sources",
     "samples_from_files",
     "select_entries",
@@ -64,12 +72,53 @@ __all__ = [
 #: change the scores, hence a threshold this close to 1. Random-weight backbones (tests, offline demo)
 #: give nearly collinear features, for which even distinct images can exceed it.
 DEFAULT_DEDUP_THRESHOLD = 0.999
+#: Kinds of memory entries, as `provenance` reports them.
+ENTRY_KINDS = ("image", "normal region", "anomalous region")
 
 
 def _labels(values: torch.Tensor) -> torch.Tensor:
     return values.argmax(dim=1) if len(values) else torch.zeros(0, dtype=torch.long)
 
 
+# ---------------------------------------------------------------------- provenance
+def image_ids(bank: MemoryBank) -> list[str]:
+    """The id of each image entry (relative to its dataset root, or a file name); `entry-<i>` where none is known."""
+    ids = bank.metadata.get("image_ids")
+    return [str(i) for i in ids] if ids is not None else [f"entry-{i}" for i in range(len(bank.image_keys))]
+
+
+def image_sources(bank: MemoryBank) -> list[str]:
+    """The source (dataset or folder) of each image entry; the bank's `source` where none is recorded per entry."""
+    sources = bank.metadata.get("image_sources")
+    return [str(s) for s in sources] if sources is not None else [_source_name(bank)] * len(bank.image_keys)
+
+
+def image_sha256(bank: MemoryBank) -> list[str | None]:
+    """SHA-256 of each image entry's file bytes (None where unknown), to find test images that are in the bank."""
+    hashes = bank.metadata.get("image_sha256")
+    return list(hashes) if hashes is not None else [None] * len(bank.image_keys)
+
+
+def provenance(bank: MemoryBank, level: str, index: int) -> dict[str, Any]:
+    """Where entry `index` of the "image" or "patch" memory came from: `{"level", "index", "kind" (ENTRY_KINDS),
+    "label" (0/1), "source", "image_id", "image_index"}` (image_index -1 and image_id None if unknown)."""
+    if level not in ("image", "patch"):
+        raise ValueError(f"level must be 'image' or 'patch', got {level!r}.")
+    label = int(getattr(bank, f"{level}_values")[index].argmax())
+    image_index = int(index) if level == "image" else int(bank.patch_sources[index])
+    known = 0 <= image_index < bank.image_keys.shape[0]
+    return {
+        "level": level,
+        "index": int(index),
+        "kind": "image" if level == "image" else ENTRY_KINDS[1 + label],
+        "label": label,
+        "source": image_sources(bank)[image_index] if known else _source_name(bank),
+        "image_id": image_ids(bank)[image_index] if known else None,
+        "image_index": image_index if known else -1,
+    }
+
+
+# ---------------------------------------------------------------------- select
 def select_entries(
     bank: MemoryBank, image_indices: Sequence[int], patch_indices: Sequence[int], **metadata_updates
 ) -> MemoryBank:
@@ -90,7 +139,7 @@ def select_entries(
         raise MemoryBankError(
             f"Patch entry {first} would lose its image entry {int(bank.patch_sources[first])}; select both or neither."
         )
-    ids, sources = bank.image_ids(), bank.image_sources()
+    ids, sources = image_ids(bank), image_sources(bank)
     metadata = dict(bank.metadata)
     chosen = image_index.tolist()
     metadata.update(image_ids=[ids[i] for i in chosen], image_sources=[sources[i] for i in chosen], **metadata_updates)
@@ -161,8 +210,8 @@ def merge_banks(
         shifted = bank.patch_sources.clone()
         shifted[shifted >= 0] += image_offset
         patch_sources.append(shifted)
-        ids += bank.image_ids()
-        sources += bank.image_sources()
+        ids += image_ids(bank)
+        sources += image_sources(bank)
         image_offset += bank.image_keys.shape[0]
     distinct = list(dict.fromkeys(sources))
     metadata = dict(banks[0].metadata)
@@ -253,12 +302,12 @@ def deduplicate(
 def remove_sources(bank: MemoryBank, sources: Iterable[str]) -> MemoryBank:
     """Remove every entry whose source is in `sources` (image entries and the region prototypes built from them)."""
     sources = set(sources)
-    image_sources = bank.image_sources()
-    present = set(image_sources)
+    entry_sources = image_sources(bank)
+    present = set(entry_sources)
     unknown = sorted(sources - present)
     if unknown:
         raise MemoryBankError(f"The bank has no entries from {unknown}; its sources are {sorted(present)}.")
-    image_kept = [i for i, source in enumerate(image_sources) if source not in sources]
+    image_kept = [i for i, source in enumerate(entry_sources) if source not in sources]
     if not image_kept:
         raise MemoryBankError(f"Removing {sorted(sources)} would leave the bank empty; build a new bank instead.")
     keep_image = torch.zeros(bank.image_keys.shape[0] + 1, dtype=torch.bool)  # last slot: unknown source (-1)
@@ -269,7 +318,7 @@ def remove_sources(bank: MemoryBank, sources: Iterable[str]) -> MemoryBank:
         raise MemoryBankError(
             f"Removing {sorted(sources)} would leave the pixel memory empty; build a new bank instead."
         )
-    remaining = list(dict.fromkeys(image_sources[i] for i in image_kept))
+    remaining = list(dict.fromkeys(entry_sources[i] for i in image_kept))
     history = list(bank.metadata.get("history") or []) + [{"operation": "remove", "sources": sorted(sources)}]
     metadata = {"source": "+".join(remaining), "history": history}
     result = select_entries(bank, image_kept, patch_kept, **metadata)
@@ -420,7 +469,7 @@ def add_samples(
     (`image_level_only_anomalies`): they were added as image-level entries only (see `entries_from_samples`).
     """
     bank.check_compatible(model.backbone_fingerprint(), feature_settings(model.config), strict=True)
-    if source in set(bank.image_sources()):
+    if source in set(image_sources(bank)):
         raise MemoryBankError(
             f"The bank already has entries from source {source!r}; pick a new name, or remove that source first."
         )
@@ -443,7 +492,7 @@ def add_samples(
 # ---------------------------------------------------------------------- info
 def bank_info(bank: MemoryBank) -> dict[str, Any]:
     """Counts overall and per source, key widths, backbone and feature settings, history: JSON-able."""
-    sources = bank.image_sources()
+    sources = image_sources(bank)
     image_labels = _labels(bank.image_values).tolist()
     patch_labels = _labels(bank.patch_values).tolist()
     per_source: dict[str, Counter] = {}

@@ -9,7 +9,7 @@ largest weight in the score. For one image, `explain_images` reports
   map is made of (`patch_probabilities[..., 1]`, or MRAD-CLIP's `text_probabilities[..., 1]`, before
   upsampling and smoothing) and the top-k region prototypes for that patch's query;
 
-each with its provenance (`MemoryBank.provenance`: source, image id, kind), its label, its similarity
+each with its provenance (`mrad_hf.memory.tools.provenance`: source, image id, kind), its label, its similarity
 (the pre-softmax retrieval logit, `model.retrieval_logits(level, queries)`: cosine / tau for MRAD-TF,
 projected dot products for the trained variants) and its softmax weight (its share of the retrieval).
 Queries come from `model.retrieval_queries(model.extract_features(pixel_values))`, the model's own path.
@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..memory.files import atomic_write
+from ..memory.tools import provenance
 from ..models.mrad.memory_bank_mrad import MemoryBank
 from .visualization import overlay_heatmap
 
@@ -74,7 +75,7 @@ def _neighbours(bank: MemoryBank, level: str, logits: torch.Tensor, top_k: int) 
     values, indices = torch.topk(logits.float(), min(top_k, logits.shape[-1]))
     entries = []
     for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
-        entry = bank.provenance(level, index)
+        entry = provenance(bank, level, index)
         entry.update(rank=rank, similarity=float(value), weight=float(weights[index]))
         entries.append(entry)
     return entries

@@ -12,6 +12,7 @@ from PIL import Image
 from mrad_hf import MRADForAnomalyDetection
 from mrad_hf.cli.main import main
 from mrad_hf.memory import load_bank, save_bank
+from mrad_hf.memory.tools import image_ids, image_sources
 
 
 @pytest.fixture
@@ -57,8 +58,8 @@ def test_bank_add_info_merge_remove(workspace, capsys):
     assert (
         grown.counts()["image_entries"] == 10 and grown.counts()["patch_entries"] == base.counts()["patch_entries"] + 6
     )
-    assert grown.image_sources()[6:] == ["line"] * 4
-    assert grown.image_ids()[6] == "dent/d1.png"  # loader order: defect folders, then good; ids relative to the root
+    assert image_sources(grown)[6:] == ["line"] * 4
+    assert image_ids(grown)[6] == "dent/d1.png"  # loader order: defect folders, then good; ids relative to the root
     capsys.readouterr()
     assert main(["bank", "info", str(workspace / "grown.safetensors"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -83,7 +84,7 @@ def test_bank_add_info_merge_remove(workspace, capsys):
     )
     merged = load_bank(workspace / "merged.safetensors")
     assert merged.counts() == grown.counts()  # the grown bank's copy of the base entries is deduplicated away
-    assert merged.image_sources() == grown.image_sources()
+    assert image_sources(merged) == image_sources(grown)
     assert (
         main(
             [
@@ -124,7 +125,7 @@ def test_bank_add_images_with_one_label_and_bad_input(workspace, capsys):
         == 0
     )
     grown = load_bank(bank)  # replaced in place
-    assert grown.image_values[-2:].argmax(1).tolist() == [1, 1] and grown.image_ids()[-2:] == ["d1.png", "d3.png"]
+    assert grown.image_values[-2:].argmax(1).tolist() == [1, 1] and image_ids(grown)[-2:] == ["d1.png", "d3.png"]
     capsys.readouterr()
     assert (
         main(

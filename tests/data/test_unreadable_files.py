@@ -12,7 +12,7 @@ from PIL import Image
 from mrad_hf.cli.main import main
 from mrad_hf.data.loaders import iter_readable_rows, load_folder, readable_items, readable_subset, undecoded_images
 from mrad_hf.memory import build_memory_bank, save_bank
-from mrad_hf.memory.tools import entries_from_samples
+from mrad_hf.memory.tools import entries_from_samples, image_ids
 from mrad_hf.models.mrad.image_processing_mrad import MRADImageProcessor, MRADInputError
 
 
@@ -131,7 +131,7 @@ def test_bank_entries_skip_corrupt_rows_and_keep_flags_aligned(folder_with_trunc
         make_tiny_model(), dataset, source="line", progress=False, on_error="skip", failures=failures
     )
     assert len(failures) == 1 and failures[0]["path"].endswith("img0.png")
-    ids = bank.image_ids()
+    ids = image_ids(bank)
     assert len(ids) == len(dataset) - 1 and "good/img0.png" not in ids
     unmasked = ids.index("dent/img5.png")
     assert unmasked not in bank.patch_sources.tolist()  # no region prototype from the unmasked anomaly

@@ -6,7 +6,17 @@ import torch
 from conftest import make_samples, make_tiny_model
 
 from mrad_hf.memory import build_memory_bank, load_bank, save_bank
-from mrad_hf.memory.tools import add_samples, bank_info, deduplicate, merge_banks, remove_sources, select_entries
+from mrad_hf.memory.tools import (
+    add_samples,
+    bank_info,
+    deduplicate,
+    image_ids,
+    image_sources,
+    merge_banks,
+    provenance,
+    remove_sources,
+    select_entries,
+)
 from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError
 from mrad_hf.models.mrad.retrieval_mrad import one_hot_labels
 
@@ -18,9 +28,9 @@ def base_bank(tiny_model, samples):
 
 def test_provenance_of_every_entry(base_bank, samples):
     # make_samples: odd images are anomalous with a mask -> image entry + anomalous + normal region; even ones: image + normal region
-    assert base_bank.image_sources() == ["public"] * 6
-    assert base_bank.image_ids() == [s["id"] for s in samples]
-    assert base_bank.provenance("image", 3) == {
+    assert image_sources(base_bank) == ["public"] * 6
+    assert image_ids(base_bank) == [s["id"] for s in samples]
+    assert provenance(base_bank, "image", 3) == {
         "level": "image",
         "index": 3,
         "kind": "image",
@@ -29,8 +39,8 @@ def test_provenance_of_every_entry(base_bank, samples):
         "image_id": "img3",
         "image_index": 3,
     }
-    kinds = [base_bank.provenance("patch", j)["kind"] for j in range(len(base_bank.patch_keys))]
-    ids = [base_bank.provenance("patch", j)["image_id"] for j in range(len(base_bank.patch_keys))]
+    kinds = [provenance(base_bank, "patch", j)["kind"] for j in range(len(base_bank.patch_keys))]
+    ids = [provenance(base_bank, "patch", j)["image_id"] for j in range(len(base_bank.patch_keys))]
     assert kinds == [
         "normal region",
         "anomalous region",
@@ -50,9 +60,9 @@ def test_old_banks_without_per_entry_sources_still_load(base_bank, tmp_path):
     old = MemoryBank(**base_bank.tensors(), metadata=metadata)
     save_bank(old, tmp_path / "v1.safetensors")
     loaded = load_bank(tmp_path / "v1.safetensors")
-    assert loaded.image_sources() == ["public"] * 6
-    assert loaded.image_ids() == [f"entry-{i}" for i in range(6)]
-    assert loaded.provenance("patch", 1)["image_id"] == "entry-1"
+    assert image_sources(loaded) == ["public"] * 6
+    assert image_ids(loaded) == [f"entry-{i}" for i in range(6)]
+    assert provenance(loaded, "patch", 1)["image_id"] == "entry-1"
     assert loaded.metadata["format_version"] == 2
 
 
@@ -72,12 +82,14 @@ def test_add_appends_exactly_the_entries_the_model_computes(tiny_model, base_ban
     torch.testing.assert_close(grown.image_keys, torch.cat([base_bank.image_keys, fresh.image_keys]))
     torch.testing.assert_close(grown.patch_keys, torch.cat([base_bank.patch_keys, fresh.patch_keys]))
     assert torch.equal(grown.patch_sources, torch.cat([base_bank.patch_sources, fresh.patch_sources + 6]))
-    assert grown.image_sources() == ["public"] * 6 + ["line-3"] * 4
-    assert grown.provenance("patch", 10)["image_id"] == "img1" and grown.provenance("patch", 10)["source"] == "line-3"
+    assert image_sources(grown) == ["public"] * 6 + ["line-3"] * 4
+    assert (
+        provenance(grown, "patch", 10)["image_id"] == "img1" and provenance(grown, "patch", 10)["source"] == "line-3"
+    )
     assert [step["operation"] for step in grown.metadata["history"]] == ["add"]
     # survives the file format, and the original bank is untouched
     reloaded = load_bank(save_bank(grown, tmp_path / "grown.safetensors"))
-    assert reloaded.image_sources() == grown.image_sources() and reloaded.image_ids() == grown.image_ids()
+    assert image_sources(reloaded) == image_sources(grown) and image_ids(reloaded) == image_ids(grown)
     assert base_bank.counts()["image_entries"] == 6
     info = bank_info(reloaded)
     assert info["per_source"]["line-3"] == {
@@ -97,7 +109,7 @@ def test_adding_the_same_images_again_is_deduplicated_and_remove_restores(tiny_m
     restored = remove_sources(kept, ["line-3"])
     for name, tensor in base_bank.tensors().items():
         assert torch.equal(getattr(restored, name), tensor), name
-    assert restored.image_ids() == base_bank.image_ids()
+    assert image_ids(restored) == image_ids(base_bank)
     with pytest.raises(MemoryBankError, match="already has entries from source 'public'"):
         add_samples(base_bank, tiny_model, samples, source="public", progress=False)
 
@@ -131,7 +143,7 @@ def test_deduplication_rule():
     result = deduplicate(bank, 0.999)
     # patches: #1 duplicates #0 (same label) -> dropped; #2 has another label; #3 is different -> kept.
     # images: #1 duplicates #0 and lost its only region -> dropped; #2 other label; #3 duplicates #0 but keeps a region -> kept
-    assert result.image_sources() == ["a", "c", "d"]
+    assert image_sources(result) == ["a", "c", "d"]
     assert result.patch_sources.tolist() == [0, 1, 2]
     assert result.patch_values.argmax(1).tolist() == [0, 1, 0]
     assert deduplicate(bank, 0.99999).counts() == bank.counts()  # below the threshold nothing is dropped
@@ -142,7 +154,7 @@ def test_deduplication_rule():
 def test_merge_checks_compatibility_and_keeps_provenance(tiny_model, base_bank):
     line = build_memory_bank(tiny_model, make_samples(2, seed=5), source="line", progress=False, attach=False)
     merged = merge_banks([base_bank, line], names=["public.safetensors", "line.safetensors"], dedup_threshold=None)
-    assert merged.image_sources() == ["public"] * 6 + ["line"] * 2
+    assert image_sources(merged) == ["public"] * 6 + ["line"] * 2
     assert merged.metadata["source"] == "public+line"
     assert merged.patch_sources.tolist()[-3:] == [6, 7, 7]
     other = build_memory_bank(make_tiny_model(seed=3), make_samples(2), source="x", progress=False, attach=False)

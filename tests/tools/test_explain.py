@@ -10,6 +10,7 @@ from transformers import pipeline
 
 from mrad_hf import MRADImageProcessor
 from mrad_hf.memory import build_memory_bank
+from mrad_hf.memory.tools import image_ids, provenance
 from mrad_hf.tools.explain import explain_images, render_explanation, save_explanation
 
 
@@ -38,7 +39,7 @@ def test_entries_are_the_true_top_k_by_the_scoring_similarity(model_with_bank, q
         assert [n["similarity"] for n in neighbours] == pytest.approx(image_logits[b, order].tolist(), abs=1e-6)
         weights = torch.softmax(image_logits[b], -1)[order]
         assert [n["weight"] for n in neighbours] == pytest.approx(weights.tolist(), abs=1e-6)
-        assert all(n["image_id"] == bank.image_ids()[n["index"]] and n["source"] == "unit-test" for n in neighbours)
+        assert all(n["image_id"] == image_ids(bank)[n["index"]] and n["source"] == "unit-test" for n in neighbours)
         # the region: the patch with the highest anomaly probability, and its own top-k prototypes
         region = explanation["region"]
         patch = int(outputs.patch_probabilities[b, :, 1].argmax())
@@ -49,7 +50,7 @@ def test_entries_are_the_true_top_k_by_the_scoring_similarity(model_with_bank, q
         assert [n["index"] for n in region["neighbours"]] == order
         assert [n for n in region["neighbours"]] == [
             {
-                **bank.provenance("patch", i),
+                **provenance(bank, "patch", i),
                 "rank": r + 1,
                 "similarity": pytest.approx(float(patch_logits[i]), abs=1e-6),
                 "weight": pytest.approx(float(torch.softmax(patch_logits, -1)[i]), abs=1e-6),

@@ -2,18 +2,15 @@
 """MRAD's two-level memory bank and its integrity checks, as a saved model needs them (paper Sec. 3.2).
 
 * Image level: keys = L2-normalised projected class tokens of the auxiliary images (N_c x P), values = one-hot
-  labels (column 0 normal, column 1 anomaly).
+  labels (`LABEL_CONVENTION`: column 0 normal, column 1 anomaly).
 * Pixel level: keys = L2-normalised region prototypes (N_p x W): per auxiliary image, the mean neighbour-averaged
   V-V token over its anomalous patches and over its normal patches; values one-hot; `patch_sources` = image entry.
 
-A bank is only meaningful for the backbone and feature settings that built it, so its metadata records the format
-version, the backbone's architecture and a dtype-independent signature of its weights, the feature settings, the
-source, counts and per-image provenance (`image_ids`, `image_sources`, `image_sha256`; never absolute paths).
-`metadata["tensors_sha256"]` seals the five tensors and `metadata["metadata_sha256"]` each answer-changing field
-(`SEALED_FIELDS`); `verify_model_memory` (run by `from_pretrained`) refuses a model whose buffers, sealed fields,
-backbone or feature settings no longer match, naming the field. A model folder keeps this metadata in
-`memory_bank.json` (`MODEL_BANK_FILENAME`). Building banks, the standalone bank file and the bank tools live in
-`mrad_hf.memory` (layer 1).
+A bank is only meaningful for the backbone and feature settings that built it: its metadata (`memory_bank.json` in a
+model folder) records them (`backbone_fingerprint`, `feature_settings`), the source, counts and per-image provenance
+(`PER_IMAGE_FIELDS`, never absolute paths), with SHA-256 seals of the tensors and of each answer-changing field
+(`SEALED_FIELDS`). `verify_model_memory` (run by `from_pretrained`) refuses a model whose buffers, sealed fields,
+backbone or feature settings no longer match, naming the field. Bank building, files and tools: `mrad_hf.memory`.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import torch
 
 __all__ = [
     "BANK_FORMAT_VERSION",
-    "ENTRY_KINDS",
     "MemoryBank",
     "MemoryBankError",
     "backbone_fingerprint",
@@ -44,12 +40,13 @@ BANK_FORMAT_VERSION = 2  # 2: dtype-independent backbone signature, sealed metad
 MODEL_BANK_FILENAME = "memory_bank.json"
 #: Metadata fields that change an answer: each has its own SHA-256 in `metadata["metadata_sha256"]`.
 SEALED_FIELDS = ("backbone", "features", "label_convention", "counts", "calibration")
-#: Per-image-entry provenance lists, aligned with the image keys.
+#: Per-image-entry provenance lists, aligned with the image keys (read by `mrad_hf.memory.tools.provenance`).
 PER_IMAGE_FIELDS = ("image_ids", "image_sources", "image_sha256")
-#: Kinds of memory entries, as `MemoryBank.provenance` reports them.
-ENTRY_KINDS = ("image", "normal region", "anomalous region")
 _TENSOR_NAMES = ("image_keys", "image_values", "patch_keys", "patch_values", "patch_sources")
 LABEL_CONVENTION = "values[:, 0] = normal, values[:, 1] = anomaly"
+_EDIT_HINT = "Rebuild the bank, or edit it only with `mrad bank` / mrad_hf.memory.tools."
+#: Largest difference of two signature entries (RMS relative, projections absolute) of one backbone's casts.
+SIGNATURE_TOLERANCE = 0.05
 
 
 class MemoryBankError(ValueError):
@@ -60,8 +57,7 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of a bank's tensors (floats as float32, indices as int64)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu")
-        tensor = tensor.to(torch.float32) if tensor.is_floating_point() else tensor.to(torch.int64)
+        tensor = tensors[name].detach().to("cpu", torch.float32 if tensors[name].is_floating_point() else torch.int64)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -76,10 +72,8 @@ def _sealed_checksums(metadata: dict[str, Any]) -> dict[str, str]:
 
 
 def verify_seal(stored: dict[str, Any], bank: MemoryBank, origin: str) -> None:
-    """Refuse a bank whose tensors or sealed fields differ from what was recorded when it was saved.
-
-    `stored` is the metadata as read, `bank` the bank rebuilt from it (which recomputes the checksums). Format-1
-    banks recorded only the tensor checksum."""
+    """Refuse a bank whose tensors or sealed fields differ from the checksums recorded at its save: `stored` is the
+    metadata as read, `bank` the bank rebuilt from it (recomputed checksums). Format 1 recorded only the tensors'."""
     if stored.get("tensors_sha256") not in (None, bank.metadata["tensors_sha256"]):
         raise MemoryBankError(
             f"{origin} is corrupt: its tensors do not match the SHA-256 recorded when it was saved (tensors and metadata "
@@ -119,8 +113,7 @@ def validate_calibration(calibration: Any, origin: str = "calibration") -> dict[
 
 
 def check_model_bank(model, bank: MemoryBank, *, strict: bool = True, trust_bank: bool = False) -> None:
-    """`bank.check_compatible` against `model`'s backbone fingerprint and feature settings (format-1 banks: the
-    exact float32 weight hash)."""
+    """`bank.check_compatible` with `model`'s backbone fingerprint and feature settings (format 1: float32 hash)."""
     fingerprint = backbone_fingerprint(model.clip)
     if "weights_signature" not in (bank.metadata.get("backbone") or {}):
         fingerprint["weights_sha256"] = _legacy_weights_sha256(model.clip)
@@ -139,16 +132,9 @@ def verify_model_memory(model, *, trust_bank: bool = False) -> None:
 
 
 def _signature_tensors(clip_model: torch.nn.Module) -> list[torch.Tensor]:
-    vision = clip_model.vision_model
-    embeddings, norm = vision.embeddings, vision.post_layernorm
-    return [
-        embeddings.patch_embedding.weight,
-        embeddings.class_embedding,
-        embeddings.position_embedding.weight,
-        norm.weight,
-        norm.bias,
-        clip_model.visual_projection.weight,
-    ]
+    embeddings, norm = clip_model.vision_model.embeddings, clip_model.vision_model.post_layernorm
+    patch, position = embeddings.patch_embedding.weight, embeddings.position_embedding.weight
+    return [patch, embeddings.class_embedding, position, norm.weight, norm.bias, clip_model.visual_projection.weight]
 
 
 def backbone_fingerprint(clip_model: torch.nn.Module) -> dict[str, Any]:
@@ -159,7 +145,8 @@ def backbone_fingerprint(clip_model: torch.nn.Module) -> dict[str, Any]:
     every platform; about N(0, 1) for unrelated weights). A bf16/fp16 cast moves a projection by ~1e-3, another
     backbone by ~1, so signatures are compared with `SIGNATURE_TOLERANCE`: one bank serves every dtype of a backbone.
     """
-    vision = clip_model.config.vision_config
+    config = clip_model.config
+    vision = config.vision_config
     signature = []
     for tensor in _signature_tensors(clip_model):
         flat = tensor.detach().to("cpu", torch.float64).flatten()
@@ -171,16 +158,12 @@ def backbone_fingerprint(clip_model: torch.nn.Module) -> dict[str, Any]:
             signature.append(round(float(flat @ pattern) / norm, 4))
     return {
         "hidden_size": int(vision.hidden_size),
-        "projection_dim": int(clip_model.config.projection_dim),
+        "projection_dim": int(config.projection_dim),
         "num_hidden_layers": int(vision.num_hidden_layers),
         "patch_size": int(vision.patch_size),
         "native_image_size": int(vision.image_size),
         "weights_signature": signature,
     }
-
-
-#: Largest difference of two signature entries (RMS relative, projections absolute) of one backbone's casts.
-SIGNATURE_TOLERANCE = 0.05
 
 
 def _signature_problem(stored: list[float], actual: list[float]) -> str | None:
@@ -193,14 +176,11 @@ def _signature_problem(stored: list[float], actual: list[float]) -> str | None:
 
 
 def _legacy_weights_sha256(clip_model: torch.nn.Module) -> str | None:
-    """The format-1 `weights_sha256` (exact float32 bytes); None when the weights are not float32 (cannot be checked)."""
+    """The format-1 `weights_sha256` (exact float32 bytes); None for weights that are not float32 (not checkable)."""
     tensors = _signature_tensors(clip_model)
     if any(tensor.dtype != torch.float32 for tensor in tensors):
         return None
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return hashlib.sha256(b"".join(t.detach().to("cpu").contiguous().numpy().tobytes() for t in tensors)).hexdigest()
 
 
 def feature_settings(config) -> dict[str, Any]:
@@ -214,15 +194,9 @@ def feature_settings(config) -> dict[str, Any]:
 
 @dataclass
 class MemoryBank:
-    """Keys, values and provenance of MRAD's two memories.
-
-    Attributes:
-        image_keys / patch_keys: (N_c, P) / (N_p, W) float32, L2-normalised class keys / region prototypes.
-        image_values / patch_values: (N, 2) float32 one-hot labels (`LABEL_CONVENTION`).
-        patch_sources: (N_p,) int64 index of the image entry each prototype came from (-1 if unknown).
-        metadata: JSON-able: `format_version`, `backbone` (`backbone_fingerprint`), `features` (`feature_settings`),
-            `source`, `counts`, `label_convention`, the per-image lists `PER_IMAGE_FIELDS`, the checksums.
-    """
+    """Keys and values (float32, shapes in the module docstring) of MRAD's two memories, `patch_sources` (N_p,) int64
+    (the image entry of each prototype, -1 if unknown) and the JSON-able `metadata`: `backbone`, `features`, `source`,
+    `PER_IMAGE_FIELDS`, ...; construction validates the bank and recomputes counts and checksums (`seal`)."""
 
     image_keys: torch.Tensor
     image_values: torch.Tensor
@@ -260,52 +234,17 @@ class MemoryBank:
                 raise MemoryBankError(f"{level}_values has {values.shape[0]} rows but its keys have {keys.shape[0]}.")
         if self.patch_sources.shape != (self.patch_keys.shape[0],):
             raise MemoryBankError(f"patch_sources must have one entry per patch key ({self.patch_keys.shape[0]}).")
-        lengths = {name: len(self.metadata[name]) for name in PER_IMAGE_FIELDS if self.metadata.get(name) is not None}
-        for name, length in lengths.items():
-            if length != entries:
+        for name in PER_IMAGE_FIELDS:
+            if self.metadata.get(name) is not None and len(self.metadata[name]) != entries:
                 raise MemoryBankError(
-                    f"metadata['{name}'] lists {length} entries but the bank has {entries} image entries; the provenance "
-                    "is out of step with the keys. Rebuild the bank, or edit it only with mrad_hf.memory.tools."
+                    f"metadata['{name}'] lists {len(self.metadata[name])} entries but the bank has {entries} image "
+                    f"entries; the provenance is out of step with the keys. {_EDIT_HINT}"
                 )
         if len(self.patch_sources) and int(self.patch_sources.max()) >= entries:
+            last = int(self.patch_sources.max())
             raise MemoryBankError(
-                f"patch_sources points at image entry {int(self.patch_sources.max())} but the bank has only {entries} "
-                "image entries. Rebuild the bank, or edit it only with mrad_hf.memory.tools."
+                f"patch_sources points at image entry {last} of {entries} image entries. {_EDIT_HINT}"
             )
-
-    def image_ids(self) -> list[str]:
-        """The id of each image entry (relative to its dataset root, or a file name); `entry-<i>` where none is known."""
-        ids = self.metadata.get("image_ids")
-        return [str(i) for i in ids] if ids is not None else [f"entry-{i}" for i in range(len(self.image_keys))]
-
-    def image_sources(self) -> list[str]:
-        """The source (dataset or folder) of each image entry; the bank's `source` where none is recorded per entry."""
-        sources = self.metadata.get("image_sources")
-        default = str(self.metadata.get("source") or "unknown")
-        return [str(s) for s in sources] if sources is not None else [default] * len(self.image_keys)
-
-    def image_sha256(self) -> list[str | None]:
-        """SHA-256 of each image entry's file bytes (None where unknown), to find test images that are in the bank."""
-        hashes = self.metadata.get("image_sha256")
-        return list(hashes) if hashes is not None else [None] * len(self.image_keys)
-
-    def provenance(self, level: str, index: int) -> dict[str, Any]:
-        """Where entry `index` of the "image" or "patch" memory came from: `{"level", "index", "kind" (ENTRY_KINDS),
-        "label" (0/1), "source", "image_id", "image_index"}` (image_index -1 and image_id None if unknown)."""
-        if level not in ("image", "patch"):
-            raise ValueError(f"level must be 'image' or 'patch', got {level!r}.")
-        label = int(getattr(self, f"{level}_values")[index].argmax())
-        image_index = int(index) if level == "image" else int(self.patch_sources[index])
-        known = 0 <= image_index < self.image_keys.shape[0]
-        return {
-            "level": level,
-            "index": int(index),
-            "kind": "image" if level == "image" else ENTRY_KINDS[1 + label],
-            "label": label,
-            "source": self.image_sources()[image_index] if known else str(self.metadata.get("source") or "unknown"),
-            "image_id": self.image_ids()[image_index] if known else None,
-            "image_index": image_index if known else -1,
-        }
 
     def counts(self) -> dict[str, int]:
         counts = {}
@@ -317,48 +256,35 @@ class MemoryBank:
             counts[f"{level}_anomalous"] = int((labels == 1).sum())
         return counts
 
-    @property
-    def is_empty(self) -> bool:
-        return self.image_keys.shape[0] == 0 or self.patch_keys.shape[0] == 0
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _TENSOR_NAMES}
 
     def __repr__(self) -> str:
-        counts, source = self.counts(), self.metadata.get("source")
-        return (
-            f"MemoryBank(image={counts['image_entries']} x {self.image_keys.shape[1]} ({counts['image_anomalous']} "
-            f"anomalous), patch={counts['patch_entries']} x {self.patch_keys.shape[1]} ({counts['patch_anomalous']} "
-            f"anomalous), source={source!r})"
+        counts, widths = self.counts(), {"image": self.image_keys.shape[1], "patch": self.patch_keys.shape[1]}
+        image, patch = (
+            f"{counts[f'{lv}_entries']} x {widths[lv]} ({counts[f'{lv}_anomalous']} anomalous)" for lv in widths
         )
+        return f"MemoryBank(image={image}, patch={patch}, source={self.metadata.get('source')!r})"
 
     def check_compatible(
         self, backbone: dict[str, Any], features: dict[str, Any], *, strict: bool = True, trust_bank: bool = False
     ) -> None:
-        """Refuse (or, with strict=False, warn about) a bank built for another backbone or other feature settings.
-
-        Key widths must always match. A bank without a backbone fingerprint or feature settings cannot be checked:
-        refused unless `trust_bank=True`, which warns what was not checked."""
-        for level, width, what in (
-            ("image", "projection_dim", "class keys"),
-            ("patch", "hidden_size", "patch tokens"),
-        ):
-            if getattr(self, f"{level}_keys").shape[1] != backbone[width]:
+        """Refuse (strict=False: warn about) a bank built for another backbone or other feature settings. Key widths
+        must always match; a bank without a fingerprint or feature settings is refused unless `trust_bank=True`."""
+        for level, dim, what in (("image", "projection_dim", "class keys"), ("patch", "hidden_size", "patch tokens")):
+            size = getattr(self, f"{level}_keys").shape[1]
+            if size != backbone[dim]:
                 raise MemoryBankError(
-                    f"This bank's {level} keys are {getattr(self, f'{level}_keys').shape[1]}-d but the backbone's "
-                    f"{what} are {backbone[width]}-d: the bank was built with another CLIP. Rebuild it with this model "
-                    "(mrad_hf.memory.build_memory_bank, `mrad build-bank`) or load the matching backbone."
+                    f"This bank's {level} keys are {size}-d but the backbone's {what} are {backbone[dim]}-d: the bank "
+                    "was built with another CLIP. Rebuild it with this model (mrad_hf.memory.build_memory_bank, "
+                    "`mrad build-bank`) or load the matching backbone."
                 )
-        stored_backbone = dict(self.metadata.get("backbone") or {})
-        stored_features = dict(self.metadata.get("features") or {})
-        unchecked = [
-            name
-            for name, value in (("backbone fingerprint", stored_backbone), ("feature settings", stored_features))
-            if not value
-        ]
-        if not stored_backbone.get("weights_signature") and stored_backbone.get("weights_sha256"):
-            if backbone.get("weights_sha256") is None:
-                unchecked.append("backbone weights (a format-1 hash, checkable only with float32 weights)")
+        stored_backbone, stored_features = (dict(self.metadata.get(name) or {}) for name in ("backbone", "features"))
+        unchecked = [] if stored_backbone else ["backbone fingerprint"]
+        unchecked += [] if stored_features else ["feature settings"]
+        legacy = stored_backbone.get("weights_sha256") and not stored_backbone.get("weights_signature")
+        if legacy and backbone.get("weights_sha256") is None:
+            unchecked.append("backbone weights (a format-1 hash, checkable only with float32 weights)")
         if unchecked and not trust_bank:
             raise MemoryBankError(
                 f"This bank has no {' and no '.join(unchecked)}, so nothing shows it was built for this backbone and "
@@ -369,24 +295,18 @@ class MemoryBank:
             warnings.warn(f"trust_bank=True: not checked: {', '.join(unchecked)}.", stacklevel=3)
         signatures = stored_backbone.get("weights_signature"), backbone.get("weights_signature")
         problems = [_signature_problem(*signatures)] if None not in signatures else []
+        model_backbone = {k: v for k, v in backbone.items() if k != "weights_signature" and v is not None}
+        compared = (("backbone", stored_backbone, model_backbone), ("feature setting", stored_features, features))
         problems += [
-            f"backbone {key}: bank {stored_backbone[key]!r} vs model {value!r}"
-            for key, value in backbone.items()
-            if key != "weights_signature"
-            and key in stored_backbone
-            and value is not None
-            and stored_backbone[key] != value
-        ]
-        problems += [
-            f"feature setting {key}: bank {stored_features[key]!r} vs model {value!r}"
-            for key, value in features.items()
-            if key in stored_features and stored_features[key] != value
+            f"{what} {key}: bank {saved[key]!r} vs model {value!r}"
+            for what, saved, actual in compared
+            for key, value in actual.items()
+            if key in saved and saved[key] != value
         ]
         if any(problems):
             message = (
-                f"The memory bank does not match this model ({'; '.join(p for p in problems if p)}). Its keys would be "
-                "compared with features of a different space and the scores would be meaningless. Rebuild the bank "
-                "with this model, or pass strict=False if you know the difference is harmless."
+                f"The memory bank does not match this model ({'; '.join(p for p in problems if p)}): its scores would "
+                "be meaningless. Rebuild the bank with this model, or pass strict=False if the difference is harmless."
             )
             if strict:
                 raise MemoryBankError(message)

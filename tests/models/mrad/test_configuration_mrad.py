@@ -17,6 +17,7 @@ def test_reference_defaults_and_vit_l_sizes():
     config = MRADConfig(clip_config=vit_l14_336())
     assert config.image_size == 518 and config.grid_size == 37
     assert (config.image_key_dim, config.patch_key_dim) == (768, 1024)
+    assert (config.patch_size, config.text_width, config.num_deep_prompts) == (14, 768, 8)
     assert config.vv_start_layer == 1 and config.feature_layer == -1
     assert config.neighbor_kernel_sizes == [1, 3, 5]
     assert config.retrieval_temperature == 1.0 and config.image_score_weight == 0.7 and config.top_k_ratio == 0.01
@@ -53,6 +54,10 @@ def test_round_trip(tmp_path):
         ({"mask_threshold": -0.1}, r"mask_threshold is -0.1"),
         ({"retrieval_temperature": 0.0}, "retrieval_temperature"),
         ({"position_interpolation": "nearest"}, "position_interpolation"),
+        ({"region_rule": "any"}, r"region_rule must be one of \('exact', 'majority'\), got 'any'"),
+        ({"variant": "xl"}, r"variant must be one of \('tf', 'ft', 'clip'\), got 'xl'"),
+        ({"vv_start_layer": 23, "feature_layer": 5}, "V-V path would be empty"),
+        ({"variant": "clip", "prompt_token_ids": [[49406, 49407]] * 2}, r"start \+ 12 context \+ end tokens"),
     ],
 )
 def test_invalid_values_are_refused(overrides, message):
