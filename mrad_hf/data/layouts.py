@@ -8,30 +8,10 @@ licence, and its row strategy: a small frozen dataclass (:class:`ClassFolders`, 
 says where images, masks and labels are. :func:`mrad_hf.data.loaders.load_dataset_layout` is the one loader that
 runs a row; ``load_mvtec``, ``load_visa``, ... are that loader bound to one row. Nothing here touches the disk.
 
-``<root>`` is the folder passed as ``root``; ``[...]`` marks an optional level::
-
-    name      layout under <root>
-    mvtec     <cat>/{train/good, test/{good,<defect>}, ground_truth/<defect>/<id>_mask.png}
-    visa      split_csv/1cls.csv + <cat>/Data/{Images/{Normal,Anomaly}, Masks/Anomaly}
-              or anomalib's visa_pytorch: <cat>/{train/good, test/{good,bad}, ground_truth/bad}
-    mpdd      as mvtec (6 categories)
-    btad      {01,02,03}/{train/ok, test/{ok,ko}, ground_truth/ko/<id>.{png,bmp}}
-    ksdd2     "electrical commutators"/ laid out as mvtec
-              or the raw archive: {train,test}/<id>.png + <id>_GT.png
-    dagm      Class<k>/{Test,Train}/<id>.PNG + .../Label/<id>_label.PNG
-    dtd       as mvtec (12 DTD-Synthetic categories)
-    headct    brain/test/{good,<anomaly>}/*            (image labels only)
-    brainmri  [brain_tumor_dataset/]{no,yes}/*         (image labels only)
-    br35h     {no,yes}/*  (pred/ is ignored)           (image labels only)
-    isic      skin/test/<specie>/* + skin/ISBI2016_ISIC_Part1_Test_GroundTruth/*
-              or raw: ISBI2016_ISIC_Part1_Test_{Data,GroundTruth}/*
-    clinicdb  {images,masks}/*  or the original {Original,Ground Truth}/*
-    colondb   as clinicdb
-    kvasir    as clinicdb
-    endo      masks/* + any other folder of images (good/ = normal)
-    folder    [<cat>/]{good,<defect>}/* + optional masks (see load_folder), or explicit
-              normal_dirs / abnormal_dirs / mask_dirs (see load_folders)
-    mvtec-layout  any categories laid out as mvtec (the synthetic benchmark, your own data)
+Each row's tree (``<root>`` is the folder passed as ``root``) is shown in its errors and in the docstring of its
+``load_<dataset>``. The datasets: MVTec AD, VisA, MPDD, BTAD, KSDD2, DAGM, DTD-Synthetic, HeadCT, BrainMRI, Br35H,
+ISIC 2016, CVC-ClinicDB, CVC-ColonDB, Kvasir-SEG and EndoTect, plus the generic ``folder`` format and any
+``mvtec-layout`` folder for your own data.
 
 Splits: ``train`` and ``test`` for mvtec, visa, mpdd, btad, ksdd2, dagm, dtd and mvtec-layout; ``test`` only for
 the others. MRAD uses ``test`` everywhere. Licences are as far as known here: check each source before you
@@ -152,7 +132,7 @@ class NamedClasses:
 
 @dataclass(frozen=True)
 class ImageMaskFolders:
-    """Every image in the first existing ``(images, masks)`` folder pair is anomalous, with its mask matched by name."""
+    """Every image in the first existing ``(images, masks)`` folder pair is anomalous; masks are matched by name."""
 
     pairs: tuple[tuple[str, str], ...] = (("images", "masks"), ("Original", "Ground Truth"))
 
@@ -176,8 +156,16 @@ class UserFolders:
     """The documented folder format for your own data (see ``load_folder``): categories found on disk."""
 
 
-RowStrategy = ClassFolders | SplitCsv | MasksBeside | LabelFolder | NamedClasses | ImageMaskFolders | SharedMaskFolder
-RowStrategy |= UserFolders
+RowStrategy = (
+    ClassFolders
+    | SplitCsv
+    | MasksBeside
+    | LabelFolder
+    | NamedClasses
+    | ImageMaskFolders
+    | SharedMaskFolder
+    | UserFolders
+)
 
 
 @dataclass(frozen=True)
@@ -222,7 +210,7 @@ TRAIN_TEST = ("train", "test")
 _ISIC_GT = "ISBI2016_ISIC_Part1_Test_GroundTruth"
 _ISIC_DATA = "ISBI2016_ISIC_Part1_Test_Data"
 _CC_BY_NC_SA = "CC BY-NC-SA 4.0"
-_KAGGLE = "a Kaggle upload with its own terms; not verified here"
+_KAGGLE = "a Kaggle upload with per-upload terms; not verified here"
 
 
 def _mvtec_tree(categories: tuple[str, ...], normal: str, defect: str, mask: str | None, train: bool = True) -> str:
@@ -379,7 +367,8 @@ or, without the brain_tumor_dataset/ level:
         "brainmri",
         BRAINMRI_CATEGORIES,
         rows=NamedClasses(nested="brain_tumor_dataset"),
-        notes='``brain_tumor_dataset/`` (the MRAD generator\'s) wins over top-level ``no/``, ``yes/``; ``yes`` rows get ``defect_type="tumor"``.',  # noqa: E501
+        notes="``brain_tumor_dataset/`` (read by the MRAD generator) wins over top-level ``no/`` and ``yes/``; "
+        '``yes`` rows get ``defect_type="tumor"``.',
         licence=_KAGGLE,
     ),
     DatasetLayout(
@@ -465,7 +454,7 @@ or, with several categories:
 <root>/<category>/{good, <defect>, masks}/...
 """,
         "arrange the images as above (any of "
-        + " ".join(sorted(extension.lower() for extension in SUPPORTED_IMAGE_EXTENSIONS))
+        + " ".join(sorted({extension.lower() for extension in SUPPORTED_IMAGE_EXTENSIONS}))
         + ", any case) and pass <root>, or name the folders yourself with --normal-dir / --abnormal-dir / --mask-dir.",
         "folder",
         rows=UserFolders(),

@@ -61,9 +61,10 @@ import csv
 import errno
 import glob
 import os
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -705,9 +706,8 @@ def _folder_category_rows(
 _Listing = tuple[list[_Row], Path, Path]  # rows, the folder named when there are none, the root of the ids
 
 
-def _class_folder_rows(
-    layout: DatasetLayout, strategy: ClassFolders, root: Path, folders: Mapping[str, Path], split: str
-) -> _Listing:
+def _class_folder_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: ClassFolders = layout.rows
     rows: list[_Row] = []
     for category, folder in folders.items():
         category_dir = _require_dir(folder, layout)
@@ -751,18 +751,18 @@ def _csv_row(root: Path, record: Mapping[str, str], layout: DatasetLayout, csv_n
     return _Row(record["object"], UNSPECIFIED_DEFECT_TYPE, image, _require_file(root / record["mask"], layout))
 
 
-def _split_csv_rows(
-    layout: DatasetLayout, strategy: SplitCsv, root: Path, folders: Mapping[str, Path], split: str
-) -> _Listing:
+def _split_csv_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: SplitCsv = layout.rows
     csv_path = root / strategy.csv
     if not csv_path.is_file() and (next(iter(folders.values())) / "test").is_dir():
         _check_split(split, TRAIN_TEST, layout)
-        return _class_folder_rows(layout, strategy.converted, root, folders, split)
+        return _class_folder_rows(replace(layout, rows=strategy.converted), root, folders, split)
     records = _read_csv_rows(_require_file(csv_path, layout), strategy.columns, layout)
     _check_split(split, sorted({record["split"] for record in records}), layout)
     selected = [record for record in records if record["split"] == split and record["object"] in folders]
     rows = [_csv_row(root, record, layout, strategy.csv) for record in selected]
-    absent = [category for category in folders if category not in {row.category for row in rows}]
+    found = {row.category for row in rows}
+    absent = [category for category in folders if category not in found]
     if absent:
         raise layout.error(f"{csv_path} has no {split!r} rows for {', '.join(absent)}.", csv_path)
     return rows, root, root
@@ -774,12 +774,11 @@ def _mask_is_empty(path: Path) -> bool:
     return not load_mask(path).any()
 
 
-def _masks_beside_rows(
-    layout: DatasetLayout, strategy: MasksBeside, root: Path, folders: Mapping[str, Path], split: str
-) -> _Listing:
+def _masks_beside_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: MasksBeside = layout.rows
     split_dir = root / split
     if (root / layout.categories[0]).is_dir() or not split_dir.is_dir():
-        return _class_folder_rows(layout, strategy.converted, root, folders, split)
+        return _class_folder_rows(replace(layout, rows=strategy.converted), root, folders, split)
     (category,) = folders
     files = _list_images(split_dir)
     masks = _index_masks((path for path in files if _has_mask_suffix(path)), layout)
@@ -789,13 +788,14 @@ def _masks_beside_rows(
         if mask is None:
             raise layout.error(f"no ground truth for {image}.", split_dir / f"{image.stem}_GT.png")
         normal = _mask_is_empty(mask)
-        rows.append(_Row(category, NORMAL_DEFECT_TYPE if normal else UNSPECIFIED_DEFECT_TYPE, image, None if normal else mask))  # fmt: skip
+        rows.append(
+            _Row(category, NORMAL_DEFECT_TYPE if normal else UNSPECIFIED_DEFECT_TYPE, image, None if normal else mask)
+        )
     return rows, split_dir, root
 
 
-def _label_folder_rows(
-    layout: DatasetLayout, strategy: LabelFolder, root: Path, folders: Mapping[str, Path], split: str
-) -> _Listing:
+def _label_folder_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: LabelFolder = layout.rows
     rows = []
     for category, folder in folders.items():
         split_dir = _require_dir(_require_dir(folder, layout) / dict(strategy.split_dirs)[split], layout)
@@ -811,34 +811,30 @@ def _label_folder_rows(
     return rows, root, root
 
 
-def _named_class_rows(
-    layout: DatasetLayout, strategy: NamedClasses, root: Path, folders: Mapping[str, Path], split: str
-) -> _Listing:
+def _named_class_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: NamedClasses = layout.rows
     (category,) = folders
     nested = None if strategy.nested is None else root / strategy.nested
     base = nested if nested is not None and nested.is_dir() else root
-    rename = dict(strategy.rename)
     rows = _class_dir_rows(
-        base, category, layout, normal_dir=strategy.normal, class_dirs=strategy.classes, rename=rename
+        base, category, layout, normal_dir=strategy.normal, class_dirs=strategy.classes, rename=dict(strategy.rename)
     )
     return rows, base, base
 
 
-def _image_mask_rows(
-    layout: DatasetLayout, strategy: ImageMaskFolders, root: Path, folders: Mapping[str, Path], split: str
-) -> _Listing:
+def _image_mask_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: ImageMaskFolders = layout.rows
     (category,) = folders
-    pairs = strategy.pairs
-    image_dir_name, mask_dir_name = next(((images, masks) for images, masks in pairs if (root / images).is_dir()), pairs[0])  # fmt: skip
+    existing = [(images, masks) for images, masks in strategy.pairs if (root / images).is_dir()]
+    image_dir_name, mask_dir_name = (existing or strategy.pairs)[0]
     images = _list_images(_require_dir(root / image_dir_name, layout))
     masks = _pair_masks(images, root / mask_dir_name, layout) if images else []
     rows = [_Row(category, UNSPECIFIED_DEFECT_TYPE, image, mask) for image, mask in zip(images, masks, strict=True)]
     return rows, root / image_dir_name, root
 
 
-def _shared_mask_rows(
-    layout: DatasetLayout, strategy: SharedMaskFolder, root: Path, folders: Mapping[str, Path], split: str
-) -> _Listing:
+def _shared_mask_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: SharedMaskFolder = layout.rows
     (category,) = folders
     if strategy.classes is None:  # the root holds the classes and the mask folder
         mask_dir = _require_dir(root / strategy.masks, layout)
@@ -846,14 +842,13 @@ def _shared_mask_rows(
         return rows, root, root
     base = root / category
     if not base.is_dir() and strategy.otherwise is not None:
-        return _image_mask_rows(layout, strategy.otherwise, root, folders, split)
+        return _image_mask_rows(replace(layout, rows=strategy.otherwise), root, folders, split)
     classes = _require_dir(base / strategy.classes, layout)
     return _class_dir_rows(classes, category, layout, mask_dir_for=_shared_masks(base / strategy.masks)), classes, root
 
 
 def _user_folder_rows(
     layout: DatasetLayout,
-    strategy: UserFolders,
     root: Path,
     folders: Mapping[str, Path],
     split: str,
@@ -885,7 +880,7 @@ _ROW_BUILDERS: Mapping[type, Callable[..., _Listing]] = {
     SharedMaskFolder: _shared_mask_rows,
     UserFolders: _user_folder_rows,
 }
-"""Strategy type -> ``(layout, strategy, root, {category: folder}, split, **options) -> (rows, searched, id root)``."""
+"""Strategy type -> ``(layout, root, {category: folder}, split, **options) -> (rows, searched, id root)``."""
 
 _CATEGORY_FINDERS: Mapping[type, Callable[..., dict[str, Path]]] = {
     ClassFolders: _class_folder_categories,
@@ -941,7 +936,7 @@ def load_dataset_layout(
         folders = {category: found[category] for category in _select_categories(categories, tuple(found), layout.name)}
     else:
         folders = {category: directory / category for category in selected}
-    rows, searched, base = _ROW_BUILDERS[type(layout.rows)](layout, layout.rows, directory, folders, split, **options)
+    rows, searched, base = _ROW_BUILDERS[type(layout.rows)](layout, directory, folders, split, **options)
     return _build_dataset(rows, layout, searched, base)
 
 
@@ -952,17 +947,22 @@ def _bound_loader(key: str, function_name: str) -> DatasetLoader:
     def load(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
         return load_dataset_layout(key, root, categories, split)
 
+    def wrapped(text: str, indent: int) -> str:
+        return textwrap.indent(textwrap.fill(text, 116 - indent), " " * indent) + "\n"
+
     categories = ", ".join(layout.categories) if layout.categories else "the categories found on disk"
-    tree = "\n".join(f"        {line}" for line in layout.tree.strip("\n").splitlines())
     load.__name__ = load.__qualname__ = function_name
-    load.__doc__ = (
-        f"Loads {layout.name}: :func:`load_dataset_layout` with its ``LAYOUTS`` row ``{key!r}``.\n\n"
-        + (f"    {layout.notes}\n\n" if layout.notes else "")
-        + f"    Layout under ``root``::\n\n{tree}\n\n    Args:\n        root: The folder shown as ``<root>``.\n"
-        f"        categories: A subset of {categories}; ``None`` loads all of them.\n"
-        f"        split: One of {', '.join(layout.splits or TRAIN_TEST)}.\n\n"
-        "    Returns:\n        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.\n"
-        + (f"\n    Licence (as far as known here): {layout.licence}.\n" if layout.licence else "")
+    load.__doc__ = "".join(
+        [
+            f"Loads {layout.name}: :func:`load_dataset_layout` with its ``LAYOUTS`` row ``{key!r}``.\n\n",
+            wrapped(layout.notes, 4) + "\n" if layout.notes else "",
+            "    Layout under ``root``::\n\n" + textwrap.indent(layout.tree.strip("\n"), " " * 8) + "\n\n    Args:\n",
+            "        root: The folder shown as ``<root>``.\n",
+            wrapped(f"categories: A subset of {categories}; ``None`` loads all of them.", 8),
+            f"        split: One of {', '.join(layout.splits or TRAIN_TEST)}.\n\n    Returns:\n",
+            "        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.\n",
+            f"\n    Licence (as far as known here): {layout.licence}.\n" if layout.licence else "",
+        ]
     )
     return load
 
@@ -1357,7 +1357,7 @@ DATASET_LOADERS: dict[str, DatasetLoader] = {
     else _bound_loader(layout.key, _LOADER_NAMES.get(layout.key, f"load_{layout.key}"))
     for layout in LAYOUTS
 }
-"""Dataset name -> loader (one per :data:`LAYOUTS` row, same order). Each takes ``(root, categories=None, split="test")``."""
+"""Dataset name -> loader, one per :data:`LAYOUTS` row, in order; each takes ``(root, categories, split)``."""
 
 load_mvtec = DATASET_LOADERS["mvtec"]
 load_visa = DATASET_LOADERS["visa"]
