@@ -476,3 +476,38 @@ if __name__ == "__main__":  # regenerate the expected outcomes (review the diff 
     )  # a row a line
     EXPECTED.write_text(text + "\n", encoding="utf-8")
     print(f"wrote {EXPECTED} ({len(recorded)} cases)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry itself: one row per loader, one generic loader behind them
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dataset_loaders_are_the_registry_rows_in_order() -> None:
+    from mrad_hf.data import loaders
+    from mrad_hf.data.layouts import LAYOUTS
+
+    assert list(DATASET_LOADERS) == [layout.key for layout in LAYOUTS]
+    assert DATASET_LOADERS["folder"] is loaders.load_folder
+    assert (
+        DATASET_LOADERS["dtd"] is loaders.load_dtd_synthetic
+        and loaders.load_dtd_synthetic.__name__ == "load_dtd_synthetic"
+    )
+    assert DATASET_LOADERS["mvtec-layout"].__qualname__ == "load_mvtec_layout"
+    visa = next(layout for layout in LAYOUTS if layout.key == "visa")
+    doc = loaders.load_visa.__doc__
+    assert "split_csv/1cls.csv             columns: object,split,label,image,mask" in doc
+    assert "VisA masks are not binary" in doc and visa.licence in doc
+
+
+def test_bound_loaders_run_the_generic_loader(tmp_path: Path) -> None:
+    from mrad_hf.data.loaders import load_dataset_layout, load_mvtec
+
+    mvtec_tree(tmp_path)
+    generic = outcome(lambda: load_dataset_layout(" MVTec_AD", tmp_path, ["bottle"], "train"), tmp_path)
+    assert generic == outcome(lambda: load_mvtec(tmp_path, ["bottle"], "train"), tmp_path)
+    assert [row[0] for row in generic["rows"]] == ["bottle/train/good/000.png", "bottle/train/good/001.png"]
+    with pytest.raises(ValueError, match=r"unknown dataset 'mvtech'; known datasets: mvtec, visa, mpdd"):
+        load_dataset_layout("mvtech", tmp_path)
+    with pytest.raises(TypeError, match="normal_dir"):  # strategy options belong to the strategies that take them
+        load_dataset_layout("mvtec", tmp_path, ["bottle"], normal_dir="ok")
