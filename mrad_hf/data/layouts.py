@@ -26,7 +26,23 @@ from pathlib import Path
 from ..models.mrad.image_processing_mrad import SUPPORTED_IMAGE_EXTENSIONS
 
 __all__ = [
+    "BR35H_CATEGORIES",
+    "BRAINMRI_CATEGORIES",
+    "BTAD_CATEGORIES",
+    "CLINICDB_CATEGORIES",
+    "COLONDB_CATEGORIES",
+    "DAGM_CATEGORIES",
+    "DTD_CATEGORIES",
+    "ENDO_CATEGORIES",
+    "HEADCT_CATEGORIES",
+    "ISIC_CATEGORIES",
+    "KSDD2_CATEGORIES",
+    "KVASIR_CATEGORIES",
     "LAYOUTS",
+    "MPDD_CATEGORIES",
+    "MVTEC_CATEGORIES",
+    "TRAIN_TEST",
+    "VISA_CATEGORIES",
     "ClassFolders",
     "DatasetLayout",
     "DatasetLayoutError",
