@@ -48,49 +48,11 @@ Mask pairing. Masks are matched to images by file stem, ignoring case, extension
 and mask counts are equal, images and masks are paired in sorted order, as the official MRAD json
 generators do, with a warning. A partial match raises :class:`DatasetLayoutError`.
 
-Layouts. ``<root>`` is what you pass as ``root``; ``[...]`` marks an optional level. These are the
-layouts the MRAD ``generate_dataset_json/*.py`` scripts expect, plus the accepted variants::
-
-    name      layout under <root>
-    mvtec     <cat>/{train/good, test/{good,<defect>}, ground_truth/<defect>/<id>_mask.png}
-    visa      split_csv/1cls.csv + <cat>/Data/{Images/{Normal,Anomaly}, Masks/Anomaly}
-              or anomalib's visa_pytorch: <cat>/{train/good, test/{good,bad}, ground_truth/bad}
-    mpdd      as mvtec (6 categories)
-    btad      {01,02,03}/{train/ok, test/{ok,ko}, ground_truth/ko/<id>.{png,bmp}}
-    ksdd2     "electrical commutators"/ laid out as mvtec
-              or the raw archive: {train,test}/<id>.png + <id>_GT.png
-    dagm      Class<k>/{Test,Train}/<id>.PNG + .../Label/<id>_label.PNG
-    dtd       as mvtec (12 DTD-Synthetic categories)
-    headct    brain/test/{good,<anomaly>}/*            (image labels only)
-    brainmri  [brain_tumor_dataset/]{no,yes}/*         (image labels only)
-    br35h     {no,yes}/*  (pred/ is ignored)           (image labels only)
-    isic      skin/test/<specie>/* + skin/ISBI2016_ISIC_Part1_Test_GroundTruth/*
-              or raw: ISBI2016_ISIC_Part1_Test_{Data,GroundTruth}/*
-    clinicdb  {images,masks}/*  or the original {Original,Ground Truth}/*
-    colondb   as clinicdb
-    kvasir    as clinicdb
-    endo      masks/* + any other folder of images (good/ = normal)
-    folder    [<cat>/]{good,<defect>}/* + optional masks (see load_folder), or explicit
-              normal_dirs / abnormal_dirs / mask_dirs (see load_folders)
-
-Splits: ``train`` and ``test`` for mvtec, visa, mpdd, btad, ksdd2, dagm and dtd; ``test`` only for the
-others. MRAD uses ``test`` everywhere.
-
-Licences, as far as known here. Check each source before you redistribute anything:
-
-- MVTec AD: CC BY-NC-SA 4.0 (Bergmann et al., IJCV 2021).
-- VisA: CC BY 4.0 (amazon-science/spot-diff).
-- MPDD: CC BY-NC-SA 4.0 (stepanje/MPDD; not verified here).
-- BTAD: CC BY-NC-SA 4.0 (as stated by anomalib).
-- KSDD2: CC BY-NC-SA 4.0 (ViCoS, University of Ljubljana; not verified here).
-- DAGM 2007: free for non-commercial research (HCI Heidelberg terms).
-- DTD-Synthetic: derived from DTD (research use), released by Aota et al. (WACV 2023); licence not
-  verified here.
-- HeadCT, BrainMRI and Br35H: Kaggle uploads with per-upload terms; not verified here.
-- ISIC 2016: ISIC Archive terms (CC-0 / CC BY-NC per image); not verified here.
-- CVC-ClinicDB and CVC-ColonDB: research use only, cite Bernal et al.
-- Kvasir-SEG: research and education use, cite Jha et al. (2020).
-- EndoTect 2020: challenge terms, cite Hicks et al. (2021).
+Layouts. Every supported layout is one row of :data:`mrad_hf.data.layouts.LAYOUTS` (data: name, the tree and
+fix its errors show, categories, splits, aliases, licence and a row strategy such as MVTec-style class folders,
+a split csv or image/mask folder pairs); :func:`load_dataset_layout` is the one loader that runs a row, and
+``load_mvtec``, ``load_visa``, ... (:data:`DATASET_LOADERS`) are it bound to one row. The generic folder format
+(:func:`load_folder`) and explicit folders (:func:`load_folders`) are for your own data.
 """
 
 from __future__ import annotations
@@ -99,9 +61,10 @@ import csv
 import errno
 import glob
 import os
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -116,6 +79,7 @@ __all__ = [
     "COLONDB_CATEGORIES",
     "DAGM_CATEGORIES",
     "DATASET_LOADERS",
+    "LAYOUTS",
     "DTD_CATEGORIES",
     "ENDO_CATEGORIES",
     "HEADCT_CATEGORIES",
@@ -133,6 +97,7 @@ __all__ = [
     "NORMAL_DEFECT_TYPE",
     "UNSPECIFIED_DEFECT_TYPE",
     "VISA_CATEGORIES",
+    "DatasetLayout",
     "DatasetLayoutError",
     "DatasetLoader",
     "FolderScan",
@@ -152,6 +117,7 @@ __all__ = [
     "load_clinicdb",
     "load_colondb",
     "load_dagm",
+    "load_dataset_layout",
     "load_dtd_synthetic",
     "load_endo",
     "load_folder",
@@ -176,6 +142,36 @@ __all__ = [
 
 from ..memory.files import file_sha256  # noqa: E402, F401 - one hash rule for banks and leakage checks
 from ..models.mrad.image_processing_mrad import SUPPORTED_IMAGE_EXTENSIONS as _DECODER_EXTENSIONS  # noqa: E402
+from .layouts import (  # noqa: E402, F401 - the registry and its categories, re-exported here
+    BR35H_CATEGORIES,
+    BRAINMRI_CATEGORIES,
+    BTAD_CATEGORIES,
+    CLINICDB_CATEGORIES,
+    COLONDB_CATEGORIES,
+    DAGM_CATEGORIES,
+    DTD_CATEGORIES,
+    ENDO_CATEGORIES,
+    HEADCT_CATEGORIES,
+    ISIC_CATEGORIES,
+    KSDD2_CATEGORIES,
+    KVASIR_CATEGORIES,
+    LAYOUTS,
+    MPDD_CATEGORIES,
+    MVTEC_CATEGORIES,
+    TRAIN_TEST,
+    VISA_CATEGORIES,
+    ClassFolders,
+    DatasetLayout,
+    DatasetLayoutError,
+    ImageMaskFolders,
+    LabelFolder,
+    LayoutDoc,
+    MasksBeside,
+    NamedClasses,
+    SharedMaskFolder,
+    SplitCsv,
+    UserFolders,
+)
 
 #: one decoder, one list of formats: every extension the image processor's decoder reads
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(extension.lower() for extension in _DECODER_EXTENSIONS)
@@ -209,67 +205,13 @@ LOADER_FEATURES = Features(
     }
 )
 
-MVTEC_CATEGORIES: tuple[str, ...] = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-)  # fmt: skip
-VISA_CATEGORIES: tuple[str, ...] = (
-    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
-)  # fmt: skip
-MPDD_CATEGORIES: tuple[str, ...] = (
-    "bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes",
-)  # fmt: skip
-BTAD_CATEGORIES: tuple[str, ...] = ("01", "02", "03")
-KSDD2_CATEGORIES: tuple[str, ...] = ("electrical commutators",)
-DAGM_CATEGORIES: tuple[str, ...] = tuple(f"Class{index}" for index in range(1, 11))
-DTD_CATEGORIES: tuple[str, ...] = (
-    "Woven_001", "Woven_127", "Woven_104", "Stratified_154", "Blotchy_099", "Woven_068",
-    "Woven_125", "Marbled_078", "Perforated_037", "Mesh_114", "Fibrous_183", "Matted_069",
-)  # fmt: skip
-HEADCT_CATEGORIES: tuple[str, ...] = ("brain",)
-BRAINMRI_CATEGORIES: tuple[str, ...] = ("brain",)
-BR35H_CATEGORIES: tuple[str, ...] = ("brain",)
-ISIC_CATEGORIES: tuple[str, ...] = ("skin",)
-CLINICDB_CATEGORIES: tuple[str, ...] = ("colon",)
-COLONDB_CATEGORIES: tuple[str, ...] = ("colon",)
-KVASIR_CATEGORIES: tuple[str, ...] = ("colon",)
-ENDO_CATEGORIES: tuple[str, ...] = ("colon",)
 
 _MASK_SUFFIXES: tuple[str, ...] = ("_mask", "_label", "_gt", "_segmentation")
-_GROUND_TRUTH_DIR = "ground_truth"
 
 
 # --------------------------------------------------------------------------------------------------
-# Errors and layout descriptions
+# Rows and the loader signature
 # --------------------------------------------------------------------------------------------------
-
-
-class DatasetLayoutError(ValueError):
-    """A dataset folder does not have the expected layout.
-
-    Attributes:
-        missing: The file or folder that was missing or wrong, when one can be named.
-    """
-
-    def __init__(self, message: str, missing: Path | None = None) -> None:
-        super().__init__(message)
-        self.missing = missing
-
-
-@dataclass(frozen=True)
-class _LayoutDoc:
-    """What error messages say about one dataset: its name, expected tree and how to fix it."""
-
-    name: str
-    tree: str
-    hint: str
-    key: str = ""  # the DATASET_LOADERS name, written into every row's ``dataset`` column
-
-    def error(self, problem: str, missing: Path | None = None) -> DatasetLayoutError:
-        tree = "\n".join(f"    {line}" for line in self.tree.strip("\n").splitlines())
-        message = f"{self.name}: {problem}\nExpected layout:\n{tree}\nWhat to do: {self.hint}"
-        return DatasetLayoutError(message, missing)
 
 
 class _Row(NamedTuple):
@@ -302,13 +244,13 @@ def _absolute(root: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
 
 
-def _require_dir(path: Path, doc: _LayoutDoc) -> Path:
+def _require_dir(path: Path, doc: LayoutDoc) -> Path:
     if not path.is_dir():
         raise doc.error(f"folder {path}/ not found.", missing=path)
     return path
 
 
-def _require_file(path: Path, doc: _LayoutDoc) -> Path:
+def _require_file(path: Path, doc: LayoutDoc) -> Path:
     if not path.is_file():
         raise doc.error(f"file {path} not found.", missing=path)
     return path
@@ -479,10 +421,10 @@ def scan_folder(
     return FolderScan(sorted(images), sorted(masks), ignored)
 
 
-def _warn_ignored(ignored: Sequence[IgnoredFile], where: Path) -> None:
+def _warn_ignored(ignored: Sequence[IgnoredFile], where: Path, stacklevel: int = 3) -> None:
     summary = ignored_summary(ignored, where)
     if summary:
-        warnings.warn(summary, IgnoredFilesWarning, stacklevel=3)
+        warnings.warn(summary, IgnoredFilesWarning, stacklevel=stacklevel)
 
 
 def _has_mask_suffix(path: Path) -> bool:
@@ -498,7 +440,7 @@ def _mask_key(stem: str) -> str:
     return key
 
 
-def _index_masks(masks: Iterable[Path], doc: _LayoutDoc) -> dict[str, Path]:
+def _index_masks(masks: Iterable[Path], doc: LayoutDoc) -> dict[str, Path]:
     index: dict[str, Path] = {}
     for mask in masks:
         key = _mask_key(mask.stem)
@@ -508,7 +450,7 @@ def _index_masks(masks: Iterable[Path], doc: _LayoutDoc) -> dict[str, Path]:
     return index
 
 
-def _pair_masks(images: Sequence[Path], mask_dir: Path, doc: _LayoutDoc) -> list[Path]:
+def _pair_masks(images: Sequence[Path], mask_dir: Path, doc: LayoutDoc) -> list[Path]:
     """Pairs every image with its mask in ``mask_dir``.
 
     Pairs by name first. If no name matches and the counts are equal, it pairs in sorted order, as the
@@ -526,7 +468,7 @@ def _pair_masks(images: Sequence[Path], mask_dir: Path, doc: _LayoutDoc) -> list
         warnings.warn(
             f"{doc.name}: mask names in {mask_dir} do not match the image names; pairing images and masks "
             "in sorted order, as the official MRAD json generator does.",
-            stacklevel=4,
+            stacklevel=5,
         )
         return masks
     unmatched = next(image for image, mask in zip(images, matched, strict=True) if mask is None)
@@ -538,7 +480,7 @@ def _pair_masks(images: Sequence[Path], mask_dir: Path, doc: _LayoutDoc) -> list
     )
 
 
-def _check_split(split: str, available: Sequence[str], doc: _LayoutDoc) -> None:
+def _check_split(split: str, available: Sequence[str], doc: LayoutDoc) -> None:
     if split not in available:
         raise ValueError(f"{doc.name}: unknown split {split!r}; available splits: {', '.join(available)}.")
 
@@ -564,7 +506,7 @@ def _row_id(image: Path, root: Path) -> str:
     return Path(relative).as_posix() if not relative.startswith("..") else image.name
 
 
-def _build_dataset(rows: Iterable[_Row], doc: _LayoutDoc, searched: Path, root: Path | None = None) -> Dataset:
+def _build_dataset(rows: Iterable[_Row], doc: LayoutDoc, searched: Path, root: Path | None = None) -> Dataset:
     """Sorts the rows and turns them into a lazily decoded ``datasets.Dataset``.
 
     ``root`` is the dataset root the ``id`` column is relative to (default: ``searched``).
@@ -602,7 +544,7 @@ def _shared_masks(folder: Path) -> Callable[[str], Path]:
 def _class_dir_rows(
     base: Path,
     category: str,
-    doc: _LayoutDoc,
+    doc: LayoutDoc,
     *,
     normal_dir: str = NORMAL_DEFECT_TYPE,
     class_dirs: Sequence[str] | None = None,
@@ -638,728 +580,10 @@ def _class_dir_rows(
 
 
 # --------------------------------------------------------------------------------------------------
-# MVTec-style layouts: <category>/{train,test}/<class>/ + <category>/ground_truth/<defect>/
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _MVTecStyleLayout:
-    """An MVTec-like layout, described as data."""
-
-    doc: _LayoutDoc
-    categories: tuple[str, ...]
-    splits: tuple[str, ...] = ("train", "test")
-    normal_dir: str = NORMAL_DEFECT_TYPE
-    ground_truth_dir: str | None = _GROUND_TRUTH_DIR  # None: image-level labels only
-
-
-def _mvtec_tree(categories: Sequence[str], normal: str, defect: str, mask: str | None, train: bool = True) -> str:
-    lines = ["<root>/", f"  <category>/          one of {', '.join(categories)}"]
-    if train:
-        lines.append(f"    train/{normal}/*.png")
-    lines += [f"    test/{normal}/*.png", f"    test/{defect}/*.png"]
-    if mask is not None:
-        lines.append(f"    ground_truth/{defect}/{mask}")
-    return "\n".join(lines)
-
-
-def _mvtec_style_rows(
-    root: Path, layout: _MVTecStyleLayout, categories: Sequence[str] | None, split: str
-) -> list[_Row]:
-    doc = layout.doc
-    _check_split(split, layout.splits, doc)
-    selected = _select_categories(categories, layout.categories, doc.name)
-    _require_dir(root, doc)
-    rows: list[_Row] = []
-    for category in selected:
-        category_dir = _require_dir(root / category, doc)
-        gt_dir = layout.ground_truth_dir
-        rows += _class_dir_rows(
-            _require_dir(category_dir / split, doc),
-            category,
-            doc,
-            normal_dir=layout.normal_dir,
-            mask_dir_for=None if gt_dir is None else _masks_per_defect(category_dir / gt_dir),
-        )
-    return rows
-
-
-def _load_mvtec_style(
-    root: str | os.PathLike[str], layout: _MVTecStyleLayout, categories: Sequence[str] | None, split: str
-) -> Dataset:
-    directory = _absolute(root)
-    return _build_dataset(_mvtec_style_rows(directory, layout, categories, split), layout.doc, directory)
-
-
-_MVTEC = _MVTecStyleLayout(
-    _LayoutDoc(
-        "MVTec AD",
-        _mvtec_tree((*MVTEC_CATEGORIES[:3], "..."), "good", "<defect>", "<id>_mask.png"),
-        "extract mvtec_anomaly_detection.tar.xz and pass the folder that contains bottle/, cable/, ... as root.",
-        "mvtec",
-    ),
-    MVTEC_CATEGORIES,
-)
-_MVTEC_LAYOUT = _MVTecStyleLayout(
-    _LayoutDoc(
-        "MVTec-layout dataset",
-        _mvtec_tree(("<any name>", "..."), "good", "<defect>", "<id>_mask.png"),
-        "pass the folder that contains the category folders (each with test/ and ground_truth/) as root.",
-        "mvtec-layout",
-    ),
-    (),
-)
-_MPDD = _MVTecStyleLayout(
-    _LayoutDoc(
-        "MPDD",
-        _mvtec_tree((*MPDD_CATEGORIES[:2], "..."), "good", "<defect>", "<id>_mask.png"),
-        "download MPDD (github.com/stepanje/MPDD) and pass the folder that contains bracket_black/, ... as root.",
-        "mpdd",
-    ),
-    MPDD_CATEGORIES,
-)
-_BTAD = _MVTecStyleLayout(
-    _LayoutDoc(
-        "BTAD",
-        _mvtec_tree(BTAD_CATEGORIES, "ok", "ko", "<id>.png   (01, 02: .png; 03: .bmp)"),
-        "extract BTech_Dataset_transformed.zip and pass the folder that contains 01/, 02/, 03/ as root.",
-        "btad",
-    ),
-    BTAD_CATEGORIES,
-    normal_dir="ok",
-)
-_KSDD2_MVTEC = _MVTecStyleLayout(
-    _LayoutDoc(
-        "KSDD2",
-        _mvtec_tree(KSDD2_CATEGORIES, "good", "<defect>", "<id>[_mask].png")
-        + "\nor the raw KolektorSDD2 archive:\n<root>/\n  train/<id>.png, train/<id>_GT.png\n"
-        "  test/<id>.png, test/<id>_GT.png",
-        "pass the folder that contains 'electrical commutators/' (MRAD's layout) or the raw KolektorSDD2 "
-        "folder that contains train/ and test/ as root.",
-        "ksdd2",
-    ),
-    KSDD2_CATEGORIES,
-)
-_DTD = _MVTecStyleLayout(
-    _LayoutDoc(
-        "DTD-Synthetic",
-        _mvtec_tree((*DTD_CATEGORIES[:2], "..."), "good", "<defect>", "<id>_mask.png"),
-        "download DTD-Synthetic (Aota et al., WACV 2023) and pass the folder that contains Woven_001/, ... as root.",
-        "dtd",
-    ),
-    DTD_CATEGORIES,
-)
-_HEADCT = _MVTecStyleLayout(
-    _LayoutDoc(
-        "HeadCT",
-        _mvtec_tree(HEADCT_CATEGORIES, "good", "<anomaly>", None, train=False) + "\n(image-level labels only)",
-        "arrange the Kaggle 'Head CT - hemorrhage' images as brain/test/good/ (normal) and "
-        "brain/test/<anomaly>/ (hemorrhage), as in the AnomalyCLIP/MRAD data release, and pass the folder "
-        "that contains brain/ as root.",
-        "headct",
-    ),
-    HEADCT_CATEGORIES,
-    splits=("test",),
-    ground_truth_dir=None,
-)
-
-
-def load_mvtec(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads MVTec AD: ``<cat>/{train/good, test/<defect>, ground_truth/<defect>/<id>_mask.png}``.
-
-    Args:
-        root: The folder that contains the 15 category folders.
-        categories: Subset of :data:`MVTEC_CATEGORIES`; ``None`` loads (and requires) all of them.
-        split: ``"test"`` (the MRAD protocol) or ``"train"`` (``train/good`` only).
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-
-    Raises:
-        DatasetLayoutError: If a folder or mask is missing.
-        ValueError: For an unknown category or split.
-    """
-    return _load_mvtec_style(root, _MVTEC, categories, split)
-
-
-def load_mvtec_layout(
-    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
-) -> Dataset:
-    """Loads any dataset in the MVTec AD layout, with the categories found on disk.
-
-    For the synthetic benchmark (``mrad make-synthetic``) and for users who arrange their own data like
-    MVTec AD: every sub-folder of ``root`` that has a ``test/`` folder is a category.
-
-    Raises:
-        DatasetLayoutError: If ``root`` has no category folder, or a folder or mask is missing.
-    """
-    directory = _require_dir(_absolute(root), _MVTEC_LAYOUT.doc)
-    found = tuple(name for name in _list_subdirs(directory) if (directory / name / "test").is_dir())
-    if not found:
-        raise _MVTEC_LAYOUT.doc.error(f"no category folder with a test/ sub-folder under {directory}/.", directory)
-    layout = _MVTecStyleLayout(_MVTEC_LAYOUT.doc, found)
-    return _build_dataset(_mvtec_style_rows(directory, layout, categories, split), layout.doc, directory)
-
-
-def load_mpdd(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads MPDD, which uses the MVTec AD layout with :data:`MPDD_CATEGORIES`.
-
-    Args:
-        root: The folder that contains ``bracket_black/``, ``connector/``, ...
-        categories: Subset of :data:`MPDD_CATEGORIES`; ``None`` loads all.
-        split: ``"test"`` or ``"train"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    return _load_mvtec_style(root, _MPDD, categories, split)
-
-
-def load_btad(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads BTAD (``BTech_Dataset_transformed``): ``{01,02,03}/{train/ok, test/{ok,ko}, ground_truth/ko}``.
-
-    ``ok`` rows get ``defect_type="good"``; ``ko`` rows keep ``"ko"``. The file extensions differ per
-    category (anomalib lists 01: bmp images / png masks, 02: png / png, 03: bmp / bmp), so masks are
-    matched by stem, whatever their extension.
-
-    Args:
-        root: The folder that contains ``01/``, ``02/`` and ``03/``.
-        categories: Subset of :data:`BTAD_CATEGORIES`; ``None`` loads all.
-        split: ``"test"`` or ``"train"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    return _load_mvtec_style(root, _BTAD, categories, split)
-
-
-def load_dtd_synthetic(
-    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
-) -> Dataset:
-    """Loads DTD-Synthetic, which uses the MVTec AD layout with the 12 :data:`DTD_CATEGORIES`.
-
-    Args:
-        root: The folder that contains ``Woven_001/``, ``Blotchy_099/``, ...
-        categories: Subset of :data:`DTD_CATEGORIES`; ``None`` loads all.
-        split: ``"test"`` or ``"train"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    return _load_mvtec_style(root, _DTD, categories, split)
-
-
-def load_headct(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads HeadCT as MRAD lays it out: ``brain/test/{good,<anomaly>}/*``, image labels only.
-
-    Every folder under ``brain/test`` other than ``good`` is anomalous, and its name becomes the
-    ``defect_type``. ``mask`` is always ``None``.
-
-    Args:
-        root: The folder that contains ``brain/``.
-        categories: ``None`` or ``["brain"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    return _load_mvtec_style(root, _HEADCT, categories, split)
-
-
-# --------------------------------------------------------------------------------------------------
-# VisA
-# --------------------------------------------------------------------------------------------------
-
-_VISA_DOC = _LayoutDoc(
-    "VisA",
-    """
-<root>/                          (the VisA_20220922 folder)
-  split_csv/1cls.csv             columns: object,split,label,image,mask
-  candle/Data/Images/Normal/*.JPG
-  candle/Data/Images/Anomaly/*.JPG
-  candle/Data/Masks/Anomaly/*.png
-  ...                            (12 objects; csv paths are relative to <root>)
-or anomalib's converted visa_pytorch folder:
-  candle/{train/good, test/{good,bad}, ground_truth/bad/*.png}
-""",
-    "extract VisA_20220922.tar and pass the folder that contains split_csv/ as root; split_csv/1cls.csv "
-    "is also in the amazon-science/spot-diff repository.",
-    "visa",
-)
-_VISA_COLUMNS = ("object", "split", "label", "image", "mask")
-_VISA_PYTORCH = _MVTecStyleLayout(_VISA_DOC, VISA_CATEGORIES)  # anomalib's converted layout
-
-
-def _read_csv_rows(path: Path, columns: Sequence[str], doc: _LayoutDoc) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip() for name in reader.fieldnames or []]
-        missing = [name for name in columns if name not in header]
-        if missing:
-            raise doc.error(f"{path} lacks the column(s) {', '.join(missing)}; it has {', '.join(header)}.", path)
-        return [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
-
-
-def _visa_csv_row(root: Path, record: Mapping[str, str], doc: _LayoutDoc) -> _Row:
-    label = record["label"]
-    if label not in LABEL_NAMES:
-        raise doc.error(f"unknown label {label!r} in split_csv/1cls.csv (expected 'normal' or 'anomaly').")
-    image = _require_file(root / record["image"], doc)
-    if label == "normal":
-        return _Row(record["object"], NORMAL_DEFECT_TYPE, image, None)
-    if not record["mask"]:
-        raise doc.error(f"anomalous image {record['image']} has no mask entry in split_csv/1cls.csv.")
-    return _Row(record["object"], UNSPECIFIED_DEFECT_TYPE, image, _require_file(root / record["mask"], doc))
-
-
-def _visa_csv_rows(root: Path, csv_path: Path, selected: Sequence[str], split: str) -> list[_Row]:
-    records = _read_csv_rows(csv_path, _VISA_COLUMNS, _VISA_DOC)
-    available_splits = sorted({record["split"] for record in records})
-    _check_split(split, available_splits, _VISA_DOC)
-    rows = [
-        _visa_csv_row(root, record, _VISA_DOC)
-        for record in records
-        if record["split"] == split and record["object"] in selected
-    ]
-    found = {row.category for row in rows}
-    absent = [category for category in selected if category not in found]
-    if absent:
-        raise _VISA_DOC.error(f"{csv_path} has no {split!r} rows for {', '.join(absent)}.", csv_path)
-    return rows
-
-
-def load_visa(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads VisA from the official ``split_csv/1cls.csv`` (the split MRAD uses).
-
-    The csv has the columns ``object, split, label, image, mask``. ``label`` is ``normal`` or
-    ``anomaly``, and paths are relative to ``root``. Anomalous rows get ``defect_type="defect"``
-    because the csv names no defect kind. **VisA masks are not binary** (0 plus small defect ids
-    1, 2, ...). The ``mask`` column holds them raw: binarise with ``mask > 0``
-    (:func:`binarize_mask` / :func:`with_binary_masks`).
-
-    Second accepted layout: if there is no ``split_csv/1cls.csv`` but ``<root>/<object>/test/`` exists,
-    the folder is read as anomalib's converted ``visa_pytorch`` layout
-    (``<object>/{train/good, test/{good,bad}, ground_truth/bad}``, same 1cls split). Its anomalous rows
-    get ``defect_type="bad"``.
-
-    Args:
-        root: The ``VisA_20220922`` folder (the one that contains ``split_csv/``).
-        categories: Subset of :data:`VISA_CATEGORIES`; ``None`` loads all 12.
-        split: ``"test"`` (MRAD) or ``"train"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    directory = _absolute(root)
-    selected = _select_categories(categories, VISA_CATEGORIES, _VISA_DOC.name)
-    _require_dir(directory, _VISA_DOC)
-    csv_path = directory / "split_csv" / "1cls.csv"
-    if not csv_path.is_file() and (directory / selected[0] / "test").is_dir():
-        rows = _mvtec_style_rows(directory, _VISA_PYTORCH, selected, split)
-    else:
-        rows = _visa_csv_rows(directory, _require_file(csv_path, _VISA_DOC), selected, split)
-    return _build_dataset(rows, _VISA_DOC, directory)
-
-
-# --------------------------------------------------------------------------------------------------
-# KSDD2 and DAGM: masks beside the images
-# --------------------------------------------------------------------------------------------------
-
-
-def _mask_is_empty(path: Path) -> bool:
-    from ..models.mrad.image_processing_mrad import load_mask  # raises MRADInputError naming an unreadable mask
-
-    return not load_mask(path).any()
-
-
-def _ksdd2_raw_rows(split_dir: Path, category: str) -> list[_Row]:
-    files = _list_images(split_dir)
-    images = [path for path in files if not _has_mask_suffix(path)]
-    masks = _index_masks((path for path in files if _has_mask_suffix(path)), _KSDD2_MVTEC.doc)
-    rows = []
-    for image in images:
-        mask = masks.get(image.stem.casefold())
-        if mask is None:
-            raise _KSDD2_MVTEC.doc.error(f"no ground truth for {image}.", split_dir / f"{image.stem}_GT.png")
-        is_normal = _mask_is_empty(mask)
-        rows.append(
-            _Row(
-                category,
-                NORMAL_DEFECT_TYPE if is_normal else UNSPECIFIED_DEFECT_TYPE,
-                image,
-                None if is_normal else mask,
-            )
-        )
-    return rows
-
-
-def load_ksdd2(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads KolektorSDD2 (the reference calls it ``SDD``). Two layouts are accepted.
-
-    1. MRAD's layout (detected when ``<root>/electrical commutators/`` exists): the MVTec AD layout
-       with the one category ``"electrical commutators"``.
-    2. The raw KolektorSDD2 archive: ``<root>/{train,test}/<id>.png`` with ``<id>_GT.png`` beside
-       each image. Normal images have an all-black ``_GT``, so the label comes from the mask pixels
-       (the only loader that reads pixels while it builds). Normal rows get ``mask=None``.
-       Anomalous rows get ``defect_type="defect"``.
-
-    Args:
-        root: See above.
-        categories: ``None`` or ``["electrical commutators"]``.
-        split: ``"test"`` or ``"train"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    directory = _absolute(root)
-    doc = _KSDD2_MVTEC.doc
-    if (directory / KSDD2_CATEGORIES[0]).is_dir() or not (directory / split).is_dir():
-        return _load_mvtec_style(directory, _KSDD2_MVTEC, categories, split)
-    _check_split(split, _KSDD2_MVTEC.splits, doc)
-    (category,) = _select_categories(categories, KSDD2_CATEGORIES, doc.name)
-    return _build_dataset(_ksdd2_raw_rows(directory / split, category), doc, directory / split, directory)
-
-
-_DAGM_DOC = _LayoutDoc(
-    "DAGM",
-    """
-<root>/                          (e.g. DAGM_KaggleUpload)
-  Class1/ ... Class10/
-    Test/<id>.PNG
-    Test/Label/<id>_label.PNG    one per defective image (Labels.txt is ignored)
-    Train/<id>.PNG
-    Train/Label/<id>_label.PNG
-""",
-    "pass the folder that contains Class1/ ... Class10/ as root (the Kaggle upload of DAGM 2007).",
-    "dagm",
-)
-_DAGM_SPLIT_DIRS: Mapping[str, str] = {"test": "Test", "train": "Train"}
-
-
-def _dagm_rows(category_dir: Path, category: str, split_dir_name: str) -> list[_Row]:
-    split_dir = _require_dir(category_dir / split_dir_name, _DAGM_DOC)
-    masks = _index_masks(_list_images(_require_dir(split_dir / "Label", _DAGM_DOC)), _DAGM_DOC)
-    images = _list_images(split_dir)
-    orphans = sorted(set(masks) - {image.stem.casefold() for image in images})
-    if orphans:
-        raise _DAGM_DOC.error(
-            f"label {masks[orphans[0]]} has no image in {split_dir}/.", split_dir / f"{orphans[0]}.PNG"
-        )
-    rows = []
-    for image in images:
-        mask = masks.get(image.stem.casefold())
-        rows.append(_Row(category, NORMAL_DEFECT_TYPE if mask is None else UNSPECIFIED_DEFECT_TYPE, image, mask))
-    return rows
-
-
-def load_dagm(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads DAGM 2007: ``Class<k>/{Test,Train}/<id>.PNG`` with masks in ``Label/<id>_label.PNG``.
-
-    An image is anomalous exactly when it has a label mask, as in the MRAD generator. Anomalous rows
-    get ``defect_type="defect"``.
-
-    Args:
-        root: The folder that contains ``Class1/`` ... ``Class10/``.
-        categories: Subset of :data:`DAGM_CATEGORIES`; ``None`` loads all 10.
-        split: ``"test"`` (folder ``Test``) or ``"train"`` (folder ``Train``).
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    _check_split(split, tuple(_DAGM_SPLIT_DIRS), _DAGM_DOC)
-    selected = _select_categories(categories, DAGM_CATEGORIES, _DAGM_DOC.name)
-    directory = _require_dir(_absolute(root), _DAGM_DOC)
-    rows = [
-        row
-        for category in selected
-        for row in _dagm_rows(_require_dir(directory / category, _DAGM_DOC), category, _DAGM_SPLIT_DIRS[split])
-    ]
-    return _build_dataset(rows, _DAGM_DOC, directory)
-
-
-# --------------------------------------------------------------------------------------------------
-# Medical sets
-# --------------------------------------------------------------------------------------------------
-
-_BRAIN_RENAME: Mapping[str, str] = {"yes": "tumor"}
-_BRAINMRI_DOC = _LayoutDoc(
-    "BrainMRI",
-    """
-<root>/
-  brain_tumor_dataset/no/*.jpg   normal
-  brain_tumor_dataset/yes/*.jpg  tumour (image-level labels only)
-or, without the brain_tumor_dataset/ level:
-  no/*.jpg, yes/*.jpg
-""",
-    "extract the Kaggle 'Brain MRI Images for Brain Tumor Detection' archive and pass its folder as root.",
-    "brainmri",
-)
-_BR35H_DOC = _LayoutDoc(
-    "Br35H",
-    """
-<root>/
-  no/*.jpg    normal
-  yes/*.jpg   tumour (image-level labels only; pred/ and other folders are ignored)
-""",
-    "extract the Kaggle 'Br35H :: Brain Tumor Detection 2020' archive and pass the folder that contains no/ "
-    "and yes/ as root.",
-    "br35h",
-)
-
-
-def _single_split_category(
-    categories: Sequence[str] | None, split: str, available: Sequence[str], doc: _LayoutDoc
-) -> str:
-    _check_split(split, ("test",), doc)
-    (category,) = _select_categories(categories, available, doc.name)
-    return category
-
-
-def _load_no_yes(root: Path, category: str, doc: _LayoutDoc) -> Dataset:
-    rows = _class_dir_rows(root, category, doc, normal_dir="no", class_dirs=("no", "yes"), rename=_BRAIN_RENAME)
-    return _build_dataset(rows, doc, root)
-
-
-def load_brainmri(
-    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
-) -> Dataset:
-    """Loads BrainMRI: ``[brain_tumor_dataset/]{no,yes}/*``, image labels only.
-
-    The MRAD generator reads ``<root>/brain_tumor_dataset/``. The Kaggle archive also has ``no/`` and
-    ``yes/`` at the top level, so both are accepted, and ``brain_tumor_dataset/`` wins when both
-    exist. ``yes`` rows get ``defect_type="tumor"``.
-
-    Args:
-        root: See above.
-        categories: ``None`` or ``["brain"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    category = _single_split_category(categories, split, BRAINMRI_CATEGORIES, _BRAINMRI_DOC)
-    directory = _require_dir(_absolute(root), _BRAINMRI_DOC)
-    nested = directory / "brain_tumor_dataset"
-    return _load_no_yes(nested if nested.is_dir() else directory, category, _BRAINMRI_DOC)
-
-
-def load_br35h(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads Br35H: ``{no,yes}/*``, image labels only.
-
-    The official generator counts every folder that is not ``no`` as anomalous. Only ``no`` and
-    ``yes`` are read here, so the unlabelled ``pred/`` folder of the Kaggle archive is ignored.
-
-    Args:
-        root: The folder that contains ``no/`` and ``yes/``.
-        categories: ``None`` or ``["brain"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    category = _single_split_category(categories, split, BR35H_CATEGORIES, _BR35H_DOC)
-    return _load_no_yes(_require_dir(_absolute(root), _BR35H_DOC), category, _BR35H_DOC)
-
-
-_ISIC_GT = "ISBI2016_ISIC_Part1_Test_GroundTruth"
-_ISIC_DATA = "ISBI2016_ISIC_Part1_Test_Data"
-_ISIC_DOC = _LayoutDoc(
-    "ISIC",
-    f"""
-<root>/
-  skin/test/<specie>/*.jpg                      (good/ = normal, any other folder = lesion)
-  skin/{_ISIC_GT}/<id>_Segmentation.png
-or the raw ISBI 2016 Part 1 test archives:
-  {_ISIC_DATA}/<id>.jpg
-  {_ISIC_GT}/<id>_Segmentation.png
-""",
-    "pass the folder that contains skin/ (MRAD's layout) or the two extracted ISBI2016_ISIC_Part1_Test_* "
-    "folders as root.",
-    "isic",
-)
-
-
-def load_isic(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads ISIC 2016 (ISBI 2016 Part 1 test set) with lesion masks. Two layouts are accepted.
-
-    1. MRAD's layout (when ``<root>/skin/`` exists): ``skin/test/<specie>/*`` plus one mask folder,
-       ``skin/ISBI2016_ISIC_Part1_Test_GroundTruth/``, shared by every anomalous specie.
-       ``good/`` would be normal; the defect type is the specie folder name.
-    2. The raw archives: ``ISBI2016_ISIC_Part1_Test_Data/`` and ``ISBI2016_ISIC_Part1_Test_GroundTruth/``.
-       Every image is anomalous, with ``defect_type="defect"``.
-
-    Masks ``<id>_Segmentation.png`` are matched to images ``<id>.jpg`` by name.
-
-    Args:
-        root: See above.
-        categories: ``None`` or ``["skin"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    category = _single_split_category(categories, split, ISIC_CATEGORIES, _ISIC_DOC)
-    directory = _require_dir(_absolute(root), _ISIC_DOC)
-    if (directory / category).is_dir():
-        base = directory / category
-        rows = _class_dir_rows(
-            _require_dir(base / "test", _ISIC_DOC), category, _ISIC_DOC, mask_dir_for=_shared_masks(base / _ISIC_GT)
-        )
-        return _build_dataset(rows, _ISIC_DOC, base / "test", directory)
-    return _load_image_mask_pair(directory, category, _ISIC_DOC, ((_ISIC_DATA, _ISIC_GT),))
-
-
-_COLON_DIR_PAIRS: tuple[tuple[str, str], ...] = (("images", "masks"), ("Original", "Ground Truth"))
-
-
-def _colon_doc(name: str, source: str, key: str) -> _LayoutDoc:
-    return _LayoutDoc(
-        name,
-        """
-<root>/
-  images/*.png     every image shows a polyp (anomalous)
-  masks/*.png      same file names as images/
-or the original CVC folders:
-  Original/*.tif, Ground Truth/*.tif
-""",
-        f"pass the folder that contains images/ and masks/ as root ({source}).",
-        key,
-    )
-
-
-_CLINICDB_DOC = _colon_doc("CVC-ClinicDB", "e.g. the PraNet TestDataset/CVC-ClinicDB folder", "clinicdb")
-_COLONDB_DOC = _colon_doc("CVC-ColonDB", "e.g. the PraNet TestDataset/CVC-ColonDB folder", "colondb")
-_KVASIR_DOC = _colon_doc("Kvasir", "the extracted Kvasir-SEG folder or PraNet TestDataset/Kvasir", "kvasir")
-
-
-def _load_image_mask_pair(root: Path, category: str, doc: _LayoutDoc, dir_pairs: Sequence[tuple[str, str]]) -> Dataset:
-    """All images in the first existing ``(image_dir, mask_dir)`` pair are anomalous, with a mask each."""
-    _require_dir(root, doc)
-    image_dir_name, mask_dir_name = next(
-        ((images, masks) for images, masks in dir_pairs if (root / images).is_dir()), dir_pairs[0]
-    )
-    images = _list_images(_require_dir(root / image_dir_name, doc))
-    masks = _pair_masks(images, root / mask_dir_name, doc) if images else []
-    rows = [_Row(category, UNSPECIFIED_DEFECT_TYPE, image, mask) for image, mask in zip(images, masks, strict=True)]
-    return _build_dataset(rows, doc, root / image_dir_name, root)
-
-
-def _load_colon(
-    root: str | os.PathLike[str],
-    categories: Sequence[str] | None,
-    split: str,
-    doc: _LayoutDoc,
-    available: Sequence[str],
-) -> Dataset:
-    category = _single_split_category(categories, split, available, doc)
-    return _load_image_mask_pair(_absolute(root), category, doc, _COLON_DIR_PAIRS)
-
-
-def load_clinicdb(
-    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
-) -> Dataset:
-    """Loads CVC-ClinicDB: ``images/*`` with same-named ``masks/*``; every image is anomalous.
-
-    The original release's ``Original/`` + ``Ground Truth/`` folders are accepted as well.
-
-    Args:
-        root: The folder that contains ``images/`` and ``masks/``.
-        categories: ``None`` or ``["colon"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    return _load_colon(root, categories, split, _CLINICDB_DOC, CLINICDB_CATEGORIES)
-
-
-def load_colondb(
-    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test"
-) -> Dataset:
-    """Loads CVC-ColonDB, which uses the same layout as :func:`load_clinicdb`.
-
-    Args:
-        root: The folder that contains ``images/`` and ``masks/``.
-        categories: ``None`` or ``["colon"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    return _load_colon(root, categories, split, _COLONDB_DOC, COLONDB_CATEGORIES)
-
-
-def load_kvasir(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads Kvasir(-SEG), which uses the same layout as :func:`load_clinicdb`.
-
-    Kvasir-SEG masks are JPEGs, so they are not exactly binary: binarise with ``> 0`` like the
-    reference.
-
-    Args:
-        root: The folder that contains ``images/`` and ``masks/``.
-        categories: ``None`` or ``["colon"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    return _load_colon(root, categories, split, _KVASIR_DOC, KVASIR_CATEGORIES)
-
-
-_ENDO_DOC = _LayoutDoc(
-    "EndoTect",
-    """
-<root>/                          (EndoTect_2020_Segmentation_Test_Dataset)
-  masks/*                        one mask per anomalous image, matched by file name
-  <image folder>/*               e.g. images/; every folder except masks/ and good/ is anomalous
-  good/*                         optional normal images
-""",
-    "pass the folder that contains masks/ and the image folder(s) as root.",
-    "endo",
-)
-
-
-def load_endo(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
-    """Loads EndoTect 2020 (segmentation test set): ``masks/`` plus one or more image folders.
-
-    As in the MRAD generator, every sub-folder except ``masks/`` is an image folder. ``good/`` holds
-    normal images; any other folder holds anomalous ones, and its name becomes the ``defect_type``.
-
-    Args:
-        root: The folder that contains ``masks/``.
-        categories: ``None`` or ``["colon"]``.
-        split: Only ``"test"``.
-
-    Returns:
-        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
-    """
-    category = _single_split_category(categories, split, ENDO_CATEGORIES, _ENDO_DOC)
-    directory = _require_dir(_absolute(root), _ENDO_DOC)
-    mask_dir = _require_dir(directory / "masks", _ENDO_DOC)
-    rows = _class_dir_rows(directory, category, _ENDO_DOC, exclude=("masks",), mask_dir_for=_shared_masks(mask_dir))
-    return _build_dataset(rows, _ENDO_DOC, directory)
-
-
-# --------------------------------------------------------------------------------------------------
 # Generic folder format
 # --------------------------------------------------------------------------------------------------
 
-_FOLDER_DOC = _LayoutDoc(
-    "folder",
-    """
-<root>/                          one object; root's folder name is the category
-  good/*.png                     normal images (or normal/, nominal/, ok/)
-  <defect>/*.png                 anomalous images, one folder per defect kind
-  <defect>/<stem>_mask.png       optional mask beside its image, or
-  masks/<defect>/<stem>.png      a mirror of the defect folders (ground_truth/ works too), or
-  masks/<stem>.png               one flat mask folder (stems unique across defects)
-or, with several categories:
-<root>/<category>/{good, <defect>, masks}/...
-""",
-    "arrange the images as above (any of " + " ".join(sorted(IMAGE_EXTENSIONS)) + ", any case) and pass <root>, "
-    "or name the folders yourself with --normal-dir / --abnormal-dir / --mask-dir.",
-    "folder",
-)
+_FOLDER_DOC: LayoutDoc = next(layout for layout in LAYOUTS if layout.key == "folder")
 
 _MASK_WITHOUT_IMAGE = "mask without a matching anomalous image"
 
@@ -1393,7 +617,7 @@ def _detect_folder_categories(root: Path, normal_names: frozenset[str]) -> dict[
 class _MaskIndex:
     """Masks of one category, by placement: beside the image, mirrored per defect folder, or one flat folder."""
 
-    def __init__(self, mask_roots: Sequence[Path], doc: _LayoutDoc, ignored: list[IgnoredFile]) -> None:
+    def __init__(self, mask_roots: Sequence[Path], doc: LayoutDoc, ignored: list[IgnoredFile]) -> None:
         self.doc = doc
         self.mirrored: dict[str, dict[str, Path]] = {}
         flat: list[Path] = []
@@ -1475,6 +699,274 @@ def _folder_category_rows(
     return rows
 
 
+# --------------------------------------------------------------------------------------------------
+# Row builders: one per strategy of mrad_hf.data.layouts, run by the one generic loader
+# --------------------------------------------------------------------------------------------------
+
+_Listing = tuple[list[_Row], Path, Path]  # rows, the folder named when there are none, the root of the ids
+
+
+def _class_folder_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: ClassFolders = layout.rows
+    rows: list[_Row] = []
+    for category, folder in folders.items():
+        category_dir = _require_dir(folder, layout)
+        ground_truth = None if strategy.ground_truth is None else category_dir / strategy.ground_truth
+        rows += _class_dir_rows(
+            _require_dir(category_dir / split, layout),
+            category,
+            layout,
+            normal_dir=strategy.normal,
+            mask_dir_for=None if ground_truth is None else _masks_per_defect(ground_truth),
+        )
+    return rows, root, root
+
+
+def _class_folder_categories(layout: DatasetLayout, root: Path) -> dict[str, Path]:
+    found = {name: root / name for name in _list_subdirs(root) if (root / name / "test").is_dir()}
+    if not found:
+        raise layout.error(f"no category folder with a test/ sub-folder under {root}/.", root)
+    return found
+
+
+def _read_csv_rows(path: Path, columns: Sequence[str], doc: LayoutDoc) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [name.strip() for name in reader.fieldnames or []]
+        missing = [name for name in columns if name not in header]
+        if missing:
+            raise doc.error(f"{path} lacks the column(s) {', '.join(missing)}; it has {', '.join(header)}.", path)
+        return [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+
+
+def _csv_row(root: Path, record: Mapping[str, str], layout: DatasetLayout, csv_name: str) -> _Row:
+    label = record["label"]
+    if label not in LABEL_NAMES:
+        raise layout.error(f"unknown label {label!r} in {csv_name} (expected 'normal' or 'anomaly').")
+    image = _require_file(root / record["image"], layout)
+    if label == "normal":
+        return _Row(record["object"], NORMAL_DEFECT_TYPE, image, None)
+    if not record["mask"]:
+        raise layout.error(f"anomalous image {record['image']} has no mask entry in {csv_name}.")
+    return _Row(record["object"], UNSPECIFIED_DEFECT_TYPE, image, _require_file(root / record["mask"], layout))
+
+
+def _split_csv_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: SplitCsv = layout.rows
+    csv_path = root / strategy.csv
+    if not csv_path.is_file() and (next(iter(folders.values())) / "test").is_dir():
+        _check_split(split, TRAIN_TEST, layout)
+        return _class_folder_rows(replace(layout, rows=strategy.converted), root, folders, split)
+    records = _read_csv_rows(_require_file(csv_path, layout), strategy.columns, layout)
+    _check_split(split, sorted({record["split"] for record in records}), layout)
+    selected = [record for record in records if record["split"] == split and record["object"] in folders]
+    rows = [_csv_row(root, record, layout, strategy.csv) for record in selected]
+    found = {row.category for row in rows}
+    absent = [category for category in folders if category not in found]
+    if absent:
+        raise layout.error(f"{csv_path} has no {split!r} rows for {', '.join(absent)}.", csv_path)
+    return rows, root, root
+
+
+def _mask_is_empty(path: Path) -> bool:
+    from ..models.mrad.image_processing_mrad import load_mask  # raises MRADInputError naming an unreadable mask
+
+    return not load_mask(path).any()
+
+
+def _masks_beside_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: MasksBeside = layout.rows
+    split_dir = root / split
+    if (root / layout.categories[0]).is_dir() or not split_dir.is_dir():
+        return _class_folder_rows(replace(layout, rows=strategy.converted), root, folders, split)
+    (category,) = folders
+    files = _list_images(split_dir)
+    masks = _index_masks((path for path in files if _has_mask_suffix(path)), layout)
+    rows = []
+    for image in (path for path in files if not _has_mask_suffix(path)):
+        mask = masks.get(image.stem.casefold())
+        if mask is None:
+            raise layout.error(f"no ground truth for {image}.", split_dir / f"{image.stem}_GT.png")
+        normal = _mask_is_empty(mask)
+        rows.append(
+            _Row(category, NORMAL_DEFECT_TYPE if normal else UNSPECIFIED_DEFECT_TYPE, image, None if normal else mask)
+        )
+    return rows, split_dir, root
+
+
+def _label_folder_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: LabelFolder = layout.rows
+    rows = []
+    for category, folder in folders.items():
+        split_dir = _require_dir(_require_dir(folder, layout) / dict(strategy.split_dirs)[split], layout)
+        masks = _index_masks(_list_images(_require_dir(split_dir / strategy.label, layout)), layout)
+        images = _list_images(split_dir)
+        orphans = sorted(set(masks) - {image.stem.casefold() for image in images})
+        if orphans:
+            problem = f"label {masks[orphans[0]]} has no image in {split_dir}/."
+            raise layout.error(problem, split_dir / f"{orphans[0]}.PNG")
+        for image in images:
+            mask = masks.get(image.stem.casefold())
+            rows.append(_Row(category, NORMAL_DEFECT_TYPE if mask is None else UNSPECIFIED_DEFECT_TYPE, image, mask))
+    return rows, root, root
+
+
+def _named_class_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: NamedClasses = layout.rows
+    (category,) = folders
+    nested = None if strategy.nested is None else root / strategy.nested
+    base = nested if nested is not None and nested.is_dir() else root
+    rows = _class_dir_rows(
+        base, category, layout, normal_dir=strategy.normal, class_dirs=strategy.classes, rename=dict(strategy.rename)
+    )
+    return rows, base, base
+
+
+def _image_mask_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: ImageMaskFolders = layout.rows
+    (category,) = folders
+    existing = [(images, masks) for images, masks in strategy.pairs if (root / images).is_dir()]
+    image_dir_name, mask_dir_name = (existing or strategy.pairs)[0]
+    images = _list_images(_require_dir(root / image_dir_name, layout))
+    masks = _pair_masks(images, root / mask_dir_name, layout) if images else []
+    rows = [_Row(category, UNSPECIFIED_DEFECT_TYPE, image, mask) for image, mask in zip(images, masks, strict=True)]
+    return rows, root / image_dir_name, root
+
+
+def _shared_mask_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
+    strategy: SharedMaskFolder = layout.rows
+    (category,) = folders
+    if strategy.classes is None:  # the root holds the classes and the mask folder
+        mask_dir = _require_dir(root / strategy.masks, layout)
+        rows = _class_dir_rows(root, category, layout, exclude=(strategy.masks,), mask_dir_for=_shared_masks(mask_dir))
+        return rows, root, root
+    base = root / category
+    if not base.is_dir() and strategy.otherwise is not None:
+        return _image_mask_rows(replace(layout, rows=strategy.otherwise), root, folders, split)
+    classes = _require_dir(base / strategy.classes, layout)
+    return _class_dir_rows(classes, category, layout, mask_dir_for=_shared_masks(base / strategy.masks)), classes, root
+
+
+def _user_folder_rows(
+    layout: DatasetLayout,
+    root: Path,
+    folders: Mapping[str, Path],
+    split: str,
+    *,
+    normal_dir: str | Sequence[str] | None = None,
+) -> _Listing:
+    normal_names = _normal_names(normal_dir)
+    ignored: list[IgnoredFile] = []
+    rows = [
+        row for name, folder in folders.items() for row in _folder_category_rows(folder, name, normal_names, ignored)
+    ]
+    _warn_ignored(ignored, root, stacklevel=5)
+    return rows, root, root
+
+
+def _user_folder_categories(
+    layout: DatasetLayout, root: Path, *, normal_dir: str | Sequence[str] | None = None
+) -> dict[str, Path]:
+    return _detect_folder_categories(root, _normal_names(normal_dir))
+
+
+_ROW_BUILDERS: Mapping[type, Callable[..., _Listing]] = {
+    ClassFolders: _class_folder_rows,
+    SplitCsv: _split_csv_rows,
+    MasksBeside: _masks_beside_rows,
+    LabelFolder: _label_folder_rows,
+    NamedClasses: _named_class_rows,
+    ImageMaskFolders: _image_mask_rows,
+    SharedMaskFolder: _shared_mask_rows,
+    UserFolders: _user_folder_rows,
+}
+"""Strategy type -> ``(layout, root, {category: folder}, split, **options) -> (rows, searched, id root)``."""
+
+_CATEGORY_FINDERS: Mapping[type, Callable[..., dict[str, Path]]] = {
+    ClassFolders: _class_folder_categories,
+    UserFolders: _user_folder_categories,
+}
+"""For layouts with ``categories=None``: strategy type -> ``(layout, root, **options) -> {category: folder}``."""
+
+_LAYOUTS_BY_KEY: Mapping[str, DatasetLayout] = {layout.key: layout for layout in LAYOUTS}
+_ALIASES: Mapping[str, str] = {alias: layout.key for layout in LAYOUTS for alias in layout.aliases}
+
+
+def _layout_key(name: str, known: Iterable[str]) -> str:
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in known:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(known)}.")
+    return key
+
+
+def load_dataset_layout(
+    name: str,
+    root: str | os.PathLike[str],
+    categories: Sequence[str] | str | None = None,
+    split: str = "test",
+    **options: Any,
+) -> Dataset:
+    """Loads ``split`` of the dataset under ``root`` as its row of :data:`~mrad_hf.data.layouts.LAYOUTS` describes it.
+
+    The one loader behind every ``load_<dataset>``: it checks the split, selects the categories (all of the row's, or
+    those found on disk), requires ``root``, lists the rows with the row's strategy and builds the dataset.
+
+    Args:
+        name: A layout key or alias (``"mvtec"``, ``"SDD"``, ...; case-insensitive).
+        root: The dataset folder.
+        categories: A subset of the layout's categories; ``None`` loads (and requires) all of them.
+        split: One of the layout's splits (``"test"``, the MRAD protocol, everywhere).
+        **options: Strategy options (``normal_dir`` for ``"folder"``).
+
+    Returns:
+        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`, sorted by ``(category, defect_type, path)``.
+
+    Raises:
+        DatasetLayoutError: If a folder, file or mask is missing (the message shows the expected tree and the fix).
+        ValueError: For an unknown dataset, category or split.
+    """
+    layout = _LAYOUTS_BY_KEY[_layout_key(name, _LAYOUTS_BY_KEY)]
+    if layout.splits is not None:
+        _check_split(split, layout.splits, layout)
+    selected = None if layout.categories is None else _select_categories(categories, layout.categories, layout.name)
+    directory = _require_dir(_absolute(root), layout)
+    if selected is None:
+        found = _CATEGORY_FINDERS[type(layout.rows)](layout, directory, **options)
+        folders = {category: found[category] for category in _select_categories(categories, tuple(found), layout.name)}
+    else:
+        folders = {category: directory / category for category in selected}
+    rows, searched, base = _ROW_BUILDERS[type(layout.rows)](layout, directory, folders, split, **options)
+    return _build_dataset(rows, layout, searched, base)
+
+
+def _bound_loader(key: str, function_name: str) -> DatasetLoader:
+    """:func:`load_dataset_layout` bound to one row, named and documented from the row's data."""
+    layout = _LAYOUTS_BY_KEY[key]
+
+    def load(root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str = "test") -> Dataset:
+        return load_dataset_layout(key, root, categories, split)
+
+    def wrapped(text: str, indent: int) -> str:
+        return textwrap.indent(textwrap.fill(text, 116 - indent), " " * indent) + "\n"
+
+    categories = ", ".join(layout.categories) if layout.categories else "the categories found on disk"
+    load.__name__ = load.__qualname__ = function_name
+    load.__doc__ = "".join(
+        [
+            f"Loads {layout.name}: :func:`load_dataset_layout` with its ``LAYOUTS`` row ``{key!r}``.\n\n",
+            wrapped(layout.notes, 4) + "\n" if layout.notes else "",
+            "    Layout under ``root``::\n\n" + textwrap.indent(layout.tree.strip("\n"), " " * 8) + "\n\n    Args:\n",
+            "        root: The folder shown as ``<root>``.\n",
+            wrapped(f"categories: A subset of {categories}; ``None`` loads all of them.", 8),
+            f"        split: One of {', '.join(layout.splits or TRAIN_TEST)}.\n\n    Returns:\n",
+            "        The split as a ``datasets.Dataset`` with :data:`LOADER_FEATURES`.\n",
+            f"\n    Licence (as far as known here): {layout.licence}.\n" if layout.licence else "",
+        ]
+    )
+    return load
+
+
 def load_folder(
     root: str | os.PathLike[str],
     categories: Sequence[str] | None = None,
@@ -1516,15 +1008,7 @@ def load_folder(
     Returns:
         A ``datasets.Dataset`` with :data:`LOADER_FEATURES`.
     """
-    _check_split(split, ("test",), _FOLDER_DOC)
-    directory = _require_dir(_absolute(root), _FOLDER_DOC)
-    normal_names = _normal_names(normal_dir)
-    found = _detect_folder_categories(directory, normal_names)
-    selected = _select_categories(categories, tuple(found), _FOLDER_DOC.name)
-    ignored: list[IgnoredFile] = []
-    rows = [row for name in selected for row in _folder_category_rows(found[name], name, normal_names, ignored)]
-    _warn_ignored(ignored, directory)
-    return _build_dataset(rows, _FOLDER_DOC, directory)
+    return load_dataset_layout("folder", root, categories, split, normal_dir=normal_dir)
 
 
 def pair_image_files(
@@ -1616,7 +1100,7 @@ def pair_image_files(
     return pairs, ignored
 
 
-_PAIRING_DOC = _LayoutDoc(
+_PAIRING_DOC = LayoutDoc(
     "images",
     """
 <folder>/<stem>.png          an image
@@ -1630,7 +1114,7 @@ _PAIRING_DOC = _LayoutDoc(
 # Explicit folders (anomalib's Folder datamodule: normal_dir, abnormal_dir, mask_dir)
 # --------------------------------------------------------------------------------------------------
 
-_FOLDERS_DOC = _LayoutDoc(
+_FOLDERS_DOC = LayoutDoc(
     "folders",
     """
 --normal-dir DIR     normal images (repeatable; globs such as 'lines/*/good' allowed)
@@ -1863,37 +1347,34 @@ def readable_items(
     return kept
 
 
+_LOADER_NAMES: Mapping[str, str] = {
+    "dtd": "load_dtd_synthetic",
+    "mvtec-layout": "load_mvtec_layout",
+}  # else load_<key>
 DATASET_LOADERS: dict[str, DatasetLoader] = {
-    "mvtec": load_mvtec,
-    "visa": load_visa,
-    "mpdd": load_mpdd,
-    "btad": load_btad,
-    "ksdd2": load_ksdd2,
-    "dagm": load_dagm,
-    "dtd": load_dtd_synthetic,
-    "headct": load_headct,
-    "brainmri": load_brainmri,
-    "br35h": load_br35h,
-    "isic": load_isic,
-    "clinicdb": load_clinicdb,
-    "colondb": load_colondb,
-    "kvasir": load_kvasir,
-    "endo": load_endo,
-    "folder": load_folder,
-    "mvtec-layout": load_mvtec_layout,
+    layout.key: load_folder
+    if layout.key == "folder"
+    else _bound_loader(layout.key, _LOADER_NAMES.get(layout.key, f"load_{layout.key}"))
+    for layout in LAYOUTS
 }
-"""Dataset name -> loader. Each loader takes ``(root, categories=None, split="test")``."""
+"""Dataset name -> loader, one per :data:`LAYOUTS` row, in order; each takes ``(root, categories, split)``."""
 
-_ALIASES: Mapping[str, str] = {
-    "sdd": "ksdd2",
-    "dtd-synthetic": "dtd",
-    "dtd_synthetic": "dtd",
-    "isbi": "isic",
-    "br35": "br35h",
-    "endotect": "endo",
-    "mvtec_ad": "mvtec",
-    "mvtec-ad": "mvtec",
-}
+load_mvtec = DATASET_LOADERS["mvtec"]
+load_visa = DATASET_LOADERS["visa"]
+load_mpdd = DATASET_LOADERS["mpdd"]
+load_btad = DATASET_LOADERS["btad"]
+load_ksdd2 = DATASET_LOADERS["ksdd2"]
+load_dagm = DATASET_LOADERS["dagm"]
+load_dtd_synthetic = DATASET_LOADERS["dtd"]
+load_headct = DATASET_LOADERS["headct"]
+load_brainmri = DATASET_LOADERS["brainmri"]
+load_br35h = DATASET_LOADERS["br35h"]
+load_isic = DATASET_LOADERS["isic"]
+load_clinicdb = DATASET_LOADERS["clinicdb"]
+load_colondb = DATASET_LOADERS["colondb"]
+load_kvasir = DATASET_LOADERS["kvasir"]
+load_endo = DATASET_LOADERS["endo"]
+load_mvtec_layout = DATASET_LOADERS["mvtec-layout"]
 
 
 def load_benchmark(
@@ -1920,10 +1401,7 @@ def load_benchmark(
     Raises:
         ValueError: If ``name`` is unknown; the message lists the known names.
     """
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in DATASET_LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_LOADERS)}.")
+    key = _layout_key(name, DATASET_LOADERS)
     if normal_dirs or abnormal_dirs or mask_dirs:
         if key != "folder":
             raise ValueError(
