@@ -68,3 +68,20 @@ def test_real_openai_vocabulary_gives_the_reference_prompt_ids():
     tokenizer = load_clip_tokenizer(path)
     assert tokenizer("Hi there")["input_ids"] == [49406, 1883, 997, 49407]
     assert prompt_token_ids(tokenizer) == [list(ids) for ids in OPENAI_DEFAULT_PROMPT_TOKEN_IDS]
+
+
+def test_from_clip_encodes_the_prompts_with_the_given_tokenizer(tmp_path):
+    from conftest import tiny_clip_config
+
+    from mrad_hf import MRADForAnomalyDetection
+
+    tokenizer = clip_tokenizer_from_bpe(
+        _small_bpe(tmp_path / "bpe.txt.gz"), tmp_path / "tok", num_merges=len(SMALL_MERGES)
+    )
+    clip = tiny_clip_config()
+    clip.text_config.vocab_size = len(tokenizer.get_vocab())
+    options = dict(variant="clip", prompt_context_length=4, deep_prompt_length=2, deep_prompt_depth=2)
+    model = MRADForAnomalyDetection.from_clip(clip, tokenizer=tokenizer, **options)
+    assert model.config.prompt_token_ids == prompt_token_ids(tokenizer, context_length=4)
+    with pytest.raises(ValueError, match="needs the CLIP tokenizer.*load_clip_tokenizer"):
+        MRADForAnomalyDetection.from_clip(clip, tokenizer=str(tmp_path / "bpe.txt.gz"), **options)

@@ -323,37 +323,38 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
         Args:
             clip: a Hub id or folder of a transformers CLIP checkpoint (`"openai/clip-vit-large-patch14-336"`), a
                 loaded `CLIPModel` (used as is, not copied) or a `CLIPConfig` (random weights, for tests).
-            tokenizer: MRAD-CLIP only: a CLIP tokenizer or its folder/Hub id, used once to store the prompts' token
-                ids in the config; defaults to the one saved with `clip` (for OpenAI's `bpe_simple_vocab_16e6.txt.gz`
-                use `mrad_hf.training.tokenization.load_clip_tokenizer`).
+            tokenizer: MRAD-CLIP with other prompts or vocabulary than OpenAI's: a CLIP tokenizer object, used once
+                to store the prompts' token ids in the config (OpenAI's vocabulary needs none: its ids are known).
             **config_overrides: `MRADConfig` fields (`variant="ft"`, ...) and the Hub options `revision`,
                 `cache_dir`, `local_files_only`, `token`, `force_download`.
         """
         hub_keys = ("revision", "cache_dir", "local_files_only", "token", "force_download")
         hub_kwargs = {key: config_overrides.pop(key) for key in hub_keys if key in config_overrides}
+        clip_config = clip.config if isinstance(clip, CLIPModel) else clip
+        if isinstance(clip, (str, os.PathLike)):
+            try:
+                clip_config = CLIPConfig.from_pretrained(clip, **hub_kwargs)
+            except OSError as error:
+                raise OSError(
+                    f"Could not load a CLIP configuration from {clip!r} ({error}). Pass a local folder with a "
+                    "transformers CLIP checkpoint, or a Hub id while online; offline (HF_HUB_OFFLINE=1) only cached "
+                    "models load."
+                ) from error
         if config_overrides.get("variant") == "clip" and config_overrides.get("prompt_token_ids") is None:
-            config_overrides["prompt_token_ids"] = _prompt_token_ids_for(clip, tokenizer, config_overrides)
-        if isinstance(clip, CLIPConfig):
-            return cls(MRADConfig(clip_config=clip, **config_overrides)).eval()
-        if isinstance(clip, CLIPModel):
-            config = MRADConfig(clip_config=clip.config, **config_overrides)
-            with torch.device("meta"):
-                model = cls(config)
-            model.clip = clip.requires_grad_(False)
-            model.memory = MRADMemory(config)
-            for name, head in cls._make_heads(config).items():
-                head.apply(model._init_weights)
-                setattr(model, name, head)
-            return model.eval()
-        try:
-            clip_config = CLIPConfig.from_pretrained(clip, **hub_kwargs)
-        except OSError as error:
-            raise OSError(
-                f"Could not load a CLIP configuration from {clip!r} ({error}). Pass a local folder with a transformers "
-                "CLIP checkpoint, or a Hub id while online; offline (HF_HUB_OFFLINE=1) only cached models load."
-            ) from error
+            config_overrides["prompt_token_ids"] = _prompt_token_ids_for(clip_config, tokenizer, config_overrides)
         config = MRADConfig(clip_config=clip_config, **config_overrides)
-        return cls.from_pretrained(clip, config=config, _allow_new_heads=True, **hub_kwargs).eval()
+        if isinstance(clip, CLIPConfig):
+            return cls(config).eval()
+        if not isinstance(clip, CLIPModel):
+            return cls.from_pretrained(clip, config=config, _allow_new_heads=True, **hub_kwargs).eval()
+        with torch.device("meta"):
+            model = cls(config)
+        model.clip = clip.requires_grad_(False)
+        model.memory = MRADMemory(config)
+        for name, head in cls._make_heads(config).items():
+            head.apply(model._init_weights)
+            setattr(model, name, head)
+        return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` plus what makes the folder self-contained: `memory_bank.json`,
@@ -626,27 +627,17 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[
         ) from error
 
 
-def _prompt_token_ids_for(clip: Any, tokenizer: Any, config_overrides: dict[str, Any]) -> list[list[int]]:
-    """MRAD-CLIP prompt ids from a tokenizer, a tokenizer source, or the tokenizer saved with `clip`."""
+def _prompt_token_ids_for(clip_config: CLIPConfig, tokenizer: Any, overrides: dict[str, Any]) -> list[list[int]]:
+    """MRAD-CLIP prompt ids: OpenAI's known ids for the reference prompts on its vocabulary, else from `tokenizer`."""
     defaults = {"prompt_context_length": 12, "normal_prompt": "object", "anomaly_prompt": "damaged object"}
-    prompts = {key: config_overrides.get(key, default) for key, default in defaults.items()}
-    if tokenizer is None and not isinstance(clip, (str, os.PathLike)):
-        vocab_size = (clip.config if isinstance(clip, CLIPModel) else clip).text_config.vocab_size
-        if prompts == defaults and vocab_size == 49408:  # OpenAI's vocabulary: its ids are known
-            return [list(ids) for ids in OPENAI_DEFAULT_PROMPT_TOKEN_IDS]
+    prompts = {key: overrides.get(key, default) for key, default in defaults.items()}
+    if tokenizer is None and prompts == defaults and clip_config.text_config.vocab_size == 49408:
+        return [list(ids) for ids in OPENAI_DEFAULT_PROMPT_TOKEN_IDS]
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         raise ValueError(
-            "variant='clip' needs the CLIP tokenizer to encode its prompts: pass tokenizer=<CLIPTokenizer, folder, Hub id "
-            "or OpenAI bpe_simple_vocab_16e6.txt.gz>."
+            "variant='clip' with this vocabulary or these prompts needs the CLIP tokenizer to encode them: pass "
+            "tokenizer=CLIPTokenizer.from_pretrained(...) (for OpenAI's bpe_simple_vocab_16e6.txt.gz: "
+            "mrad_hf.training.tokenization.load_clip_tokenizer(path); the CLI's --tokenizer does this)."
         )
-    tokenizer = clip if tokenizer is None else tokenizer
-    if isinstance(tokenizer, (str, os.PathLike)):
-        if str(tokenizer).endswith(".gz"):
-            raise ValueError(
-                f"tokenizer={tokenizer!r} is OpenAI's BPE file: turn it into a tokenizer first with "
-                "mrad_hf.training.tokenization.load_clip_tokenizer (the CLI does this for --tokenizer)."
-            )
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer)
     context_length = prompts.pop("prompt_context_length")
     return prompt_token_ids(tokenizer, context_length=context_length, **prompts)
