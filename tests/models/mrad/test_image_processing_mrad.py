@@ -12,7 +12,12 @@ from PIL import Image
 
 from mrad_hf import MRADImageProcessor, MRADInputError, load_image
 from mrad_hf.models.mrad.configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from mrad_hf.models.mrad.image_processing_mrad import preprocess_image, preprocess_mask
+from mrad_hf.models.mrad.image_processing_mrad import preprocess_mask
+
+
+def preprocess_image(image, size: int) -> torch.Tensor:
+    """One image through `MRADImageProcessor` at `size` x `size` -> (3, S, S), with no minimum side."""
+    return MRADImageProcessor(image_size=size, min_image_side=1)(image)["pixel_values"][0]
 
 
 def _expected_pixels(image: Image.Image, size: int) -> np.ndarray:
