@@ -1,15 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """`pipeline("anomaly-detection")`: images in, scores and anomaly maps out (the MRAD inference of paper Sec. 3.3).
 
-Registered when `mrad_hf` is imported, shipped with saved models as custom code. Inputs: paths, URLs (`timeout=`), PIL
-images, arrays (H, W[, C]), bytes, lists of them (`batch_size=`); decoding, the tiny-image check, `MRADInputError`
-and the map resize are the image processor's. Each result is a dict: `score` (float in [0, 1]); `anomaly_map`
-(float32 H x W at the input's size); `heatmap` (PIL "L", 0 -> black, 1 -> white on a fixed scale so two heatmaps
-compare, as depth-estimation's `depth`); with a threshold (`threshold=`, else `model.calibration`, else the bank's
-record of it) `is_anomalous`, `label` ("anomaly" / "normal"), `mask` (map > `pixel_threshold=`, else the calibrated
-one, else `threshold`; `pixel_threshold=` alone gives `mask` only) and `thresholds` ({"image", "pixel", "from":
-"arguments" | "calibration"}); with `explain=True`, `explanation` (the top-`top_k` memory entries behind the score and
-the worst patch; `mrad_hf.tools.explain`, one more feature pass).
+Registered by `import mrad_hf`, shipped with saved models as custom code. Inputs: paths, URLs (`timeout=`), PIL images,
+arrays (H, W[, C]), bytes, lists of them (`batch_size=`); decoding, the tiny-image check, `MRADInputError` and the map
+resize are the image processor's. Each result is a dict: `score` (float in [0, 1]); `anomaly_map` (float32, the
+input's H x W); `heatmap` (PIL "L", 0 -> black, 1 -> white on a fixed scale so two heatmaps compare, as
+depth-estimation's `depth`); with a threshold (`threshold=`, else `model.calibration`, else the bank's record of it)
+`is_anomalous`, `label` ("anomaly" / "normal") and `thresholds` ({"image", "pixel", "from": "arguments" |
+"calibration"}); `mask` (map > `pixel_threshold=`, else the calibrated one, else `threshold`; `pixel_threshold=` alone
+gives `mask` only); with `explain=True`, `explanation` (the top-`top_k` memory entries behind the score and the worst
+patch; `mrad_hf.tools.explain`, one more feature pass).
 """
 
 import importlib
@@ -72,11 +72,11 @@ class AnomalyDetectionPipeline(Pipeline):
         return result
 
     def postprocess(self, model_outputs, threshold=None, pixel_threshold=None):
-        calibration = (self._calibration() if threshold is None or pixel_threshold is None else None) or {}
+        calibration = self._calibration() if threshold is None or pixel_threshold is None else None
         source = "calibration" if threshold is None and calibration else "arguments"
-        threshold = float(calibration["image_threshold"]) if threshold is None and calibration else threshold
-        if pixel_threshold is None and calibration:
-            pixel_threshold = float(calibration["pixel_threshold"])
+        if calibration:
+            threshold = float(calibration["image_threshold"]) if threshold is None else threshold
+            pixel_threshold = float(calibration["pixel_threshold"]) if pixel_threshold is None else pixel_threshold
         size = model_outputs["original_sizes"].reshape(-1, 2)[:1].tolist()
         post_process = self.image_processor.post_process_anomaly_detection
         processed = post_process(model_outputs, size, threshold=threshold, pixel_threshold=pixel_threshold)[0]
