@@ -98,7 +98,7 @@ def _array_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def _to_pil(image: Image.Image | np.ndarray, name: str) -> Image.Image:
-    """A PIL image or an (H, W[, C]) / (C, H, W) array in a mode that resizes like the reference's: L, RGB, RGBA, LA."""
+    """A PIL image or an (H, W[, C]) / (C, H, W) array in a mode that resizes as the reference's: L, RGB, RGBA, LA."""
     if isinstance(image, Image.Image):
         if image.mode in ("L", "RGB", "RGBA", "LA"):
             return image
@@ -137,14 +137,11 @@ def _read(source: Any, name: str, timeout: float | None) -> Image.Image:
         if data is None and not source.get("path"):
             raise MRADInputError(f"Image {name} has neither a path nor bytes.")
     elif not isinstance(source, (str, os.PathLike, bytes, bytearray)):
-        raise MRADInputError(
-            f"Unsupported image input: {name}. Pass a file path, a PIL image or an (H, W[, C]) array."
-        )
+        fix = "Pass a file path, a PIL image or an (H, W[, C]) array."
+        raise MRADInputError(f"Unsupported image input: {name}. {fix}")
     if not url and data is None and path.is_dir():
-        message = (
-            f"Image path {name} is a folder, not an image file. Pass the files inside it (the CLI accepts folders)."
-        )
-        raise MRADInputError(message)
+        fix = "Pass the files inside it (the CLI accepts folders)."
+        raise MRADInputError(f"Image path {name} is a folder, not an image file. {fix}")
     if not url and data is None and not path.is_file():
         raise MRADInputError(f"Image file {name} does not exist (or is not a regular file). Check the path.")
     if not url and (len(data) if data is not None else path.stat().st_size) == 0:
@@ -212,9 +209,7 @@ def load_mask(source: ImageLike, *, exif_transpose: bool = True) -> np.ndarray:
     return array > 0
 
 
-def preprocess_mask(
-    mask: ImageLike | None, size: int | tuple[int, int], threshold: float = 0.5, *, exif_transpose=True
-):
+def preprocess_mask(mask: ImageLike | None, size, threshold=0.5, *, exif_transpose=True) -> torch.Tensor:
     """Reference mask preprocessing -> (S, S) (or `size=(H, W)`) float tensor of 0/1; `None` (a good image): zeros."""
     height, width = (size, size) if isinstance(size, int) else size
     if mask is None:

@@ -25,7 +25,7 @@ __all__ = ["AnomalyDetectionPipeline"]
 
 
 class AnomalyDetectionPipeline(Pipeline):
-    """`pipe(images, threshold=None, pixel_threshold=None, explain=False, top_k=5, timeout=None)`; see the module doc."""
+    """`pipe(images, threshold=None, pixel_threshold=None, explain=False, top_k=5, timeout=None)`; the module doc."""
 
     _load_image_processor = True
     _load_processor = _load_tokenizer = _load_feature_extractor = False
@@ -36,9 +36,10 @@ class AnomalyDetectionPipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = MRADImageProcessor.from_config(self.model.config)
         if not hasattr(self.image_processor, "post_process_anomaly_detection"):
+            name = type(self.image_processor).__name__
             raise TypeError(
-                f"The anomaly-detection pipeline needs MRAD's image processor, got {type(self.image_processor).__name__}"
-                "; pass image_processor=MRADImageProcessor.from_config(model.config) or load the model folder."
+                f"The anomaly-detection pipeline needs MRAD's image processor, got {name}; pass "
+                "image_processor=MRADImageProcessor.from_config(model.config) or load the model folder."
             )
 
     def _sanitize_parameters(self, threshold=None, pixel_threshold=None, explain=None, top_k=None, timeout=None, **kw):
@@ -103,8 +104,9 @@ class AnomalyDetectionPipeline(Pipeline):
         now = (self.model.config.image_bank_size, self.model.config.patch_bank_size)
         if made_for and made != now:
             warnings.warn(
-                f"The calibration was made with a memory bank of {made[0]} image / {made[1]} patch entries but the model "
-                f"now has {now[0]} / {now[1]}: re-run `mrad calibrate`, its thresholds may no longer hold their rate.",
+                f"The calibration was made with a memory bank of {made[0]} image / {made[1]} patch entries but the "
+                f"model now has {now[0]} / {now[1]}: its thresholds may no longer give the promised false-positive "
+                "rate. Re-run `mrad calibrate` with it.",
                 stacklevel=2,
             )
         return calibration
