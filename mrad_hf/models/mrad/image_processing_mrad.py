@@ -325,16 +325,14 @@ class _MRADProcessing:
         maps, scores = outputs["anomaly_map"].detach().float(), outputs["anomaly_score"].detach().float().reshape(-1)
         sizes = None if target_sizes is None else [tuple(int(v) for v in size) for size in target_sizes]
         if sizes is not None and len(sizes) != maps.shape[0]:
-            raise ValueError(
-                f"Got {maps.shape[0]} anomaly maps but {len(sizes)} target sizes; pass one (height, width) each."
-            )
+            count = f"Got {maps.shape[0]} anomaly maps but {len(sizes)} target sizes"
+            raise ValueError(f"{count}; pass one (height, width) per image.")
         results = []
         for index, anomaly_map in enumerate(maps.reshape(maps.shape[0], *maps.shape[-2:])):
             target = tuple(anomaly_map.shape) if sizes is None else sizes[index]
             if target != tuple(anomaly_map.shape):
-                anomaly_map = F.interpolate(anomaly_map[None, None], target, mode="bilinear", align_corners=False)[
-                    0, 0
-                ]
+                resized = F.interpolate(anomaly_map[None, None], target, mode="bilinear", align_corners=False)
+                anomaly_map = resized[0, 0]
             result = {"score": float(scores[index]), "anomaly_map": anomaly_map}
             if threshold is not None:
                 result["is_anomalous"] = result["score"] > threshold
