@@ -19,7 +19,7 @@ from mrad_hf import MRADImageProcessor, MRADInputError, load_image
 from mrad_hf.cli.main import main
 from mrad_hf.data.loaders import iter_readable_rows, load_folder, load_ksdd2
 from mrad_hf.memory import build_memory_bank, load_bank
-from mrad_hf.models.mrad.image_processing_mrad import load_mask, preprocess_image, preprocess_mask
+from mrad_hf.models.mrad.image_processing_mrad import load_mask, preprocess_mask
 
 from ._files import encode, texture, valid_image_bytes, write, write_folder_dataset
 
@@ -110,7 +110,7 @@ def test_bad_arrays_are_refused(array, expected):
 
 # ---------------------------------------------------------------- odd but valid files: handled
 def _reference_pixels(image: Image.Image) -> torch.Tensor:
-    return preprocess_image(image, 56)
+    return MRADImageProcessor(image_size=56, min_image_side=1)(image)["pixel_values"][0]
 
 
 def test_wrong_extension_is_decoded_by_content(tmp_path):

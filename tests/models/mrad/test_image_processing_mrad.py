@@ -12,7 +12,12 @@ from PIL import Image
 
 from mrad_hf import MRADImageProcessor, MRADInputError, load_image
 from mrad_hf.models.mrad.configuration_mrad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from mrad_hf.models.mrad.image_processing_mrad import preprocess_image, preprocess_mask
+from mrad_hf.models.mrad.image_processing_mrad import preprocess_mask
+
+
+def preprocess_image(image, size: int) -> torch.Tensor:
+    """One image through `MRADImageProcessor` at `size` x `size` -> (3, S, S), with no minimum side."""
+    return MRADImageProcessor(image_size=size, min_image_side=1)(image)["pixel_values"][0]
 
 
 def _expected_pixels(image: Image.Image, size: int) -> np.ndarray:
@@ -228,6 +233,16 @@ def test_processor_is_clips_pil_processor_with_the_reference_settings():
     )
     image = _random_image("RGB", 300, 451, seed=3)
     assert torch.equal(processor(image)["pixel_values"], clip(image, return_tensors="pt")["pixel_values"])
+    # settings off the fast path (a centre crop) are CLIP's own steps, rescale and normalize included: the same bits
+    cropped = dict(do_center_crop=True, crop_size={"height": 480, "width": 500})
+    clip_cropped = CLIPImageProcessorPil(
+        size={"height": 518, "width": 518}, resample=Image.Resampling.BICUBIC, **cropped
+    )
+    expected = clip_cropped(image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(MRADImageProcessor(**cropped)(image)["pixel_values"], expected) and expected.shape[-2:] == (
+        480,
+        500,
+    )
     saved = processor.to_dict()
     assert (
         saved["size"] == {"height": 518, "width": 518} and saved["do_center_crop"] is False and saved["resample"] == 3
