@@ -47,12 +47,12 @@ class AnomalyDetectionPipeline(Pipeline):
             raise TypeError(f"anomaly-detection pipeline got unexpected arguments: {sorted(kw)}")
         if top_k is not None and int(top_k) < 1:
             raise ValueError(f"top_k is the number of memory entries to show, at least 1; got {top_k}.")
-        given = dict(
-            timeout=timeout, explain=explain, top_k=top_k, threshold=threshold, pixel_threshold=pixel_threshold
-        )
-        given = {key: {"explain": bool, "top_k": int}.get(key, float)(v) for key, v in given.items() if v is not None}
-        preprocess = {key: given.pop(key) for key in ["timeout"] if key in given}
-        return preprocess, {key: given.pop(key) for key in ("explain", "top_k") if key in given}, given
+        preprocess = {} if timeout is None else {"timeout": float(timeout)}
+        forward = {"explain": (explain, bool), "top_k": (top_k, int)}
+        forward = {key: cast(value) for key, (value, cast) in forward.items() if value is not None}
+        thresholds = {"threshold": threshold, "pixel_threshold": pixel_threshold}
+        postprocess = {key: float(value) for key, value in thresholds.items() if value is not None}
+        return preprocess, forward, postprocess
 
     def preprocess(self, image, timeout=None):
         inputs = self.image_processor(self.image_processor.load(image, timeout=timeout), return_tensors="pt")
