@@ -29,24 +29,11 @@ paths with ``Dataset.from_dict(..., features=...)``. Nothing is decoded and noth
 Hugging Face cache. One exception: the raw KSDD2 layout stores an all-black ``*_GT.png`` for normal
 images, so its labels are read from the mask pixels.
 
-**Mask convention.** The ``mask`` column holds the raw annotation file; it is *not* binarised.
-Several sets store non-binary masks: VisA masks hold 0 and small defect ids (1, 2, ...), and Kvasir
-masks are JPEGs with compression noise. The MRAD reference binarises every mask with
-``np.array(mask.convert("L")) > 0``, and consumers must do the same. :func:`binarize_mask` does it
-for one mask (0/255, mode ``"L"``). :func:`with_binary_masks` returns a view of a dataset whose
-``mask`` column is already 0/255. That view uses ``with_transform``, so a later ``with_format`` or
-``with_transform`` replaces it.
-
-**Unreadable files.** The loaders only list files; they decode nothing, so a corrupt, truncated or empty
-image is found when it is read. :func:`iter_readable_rows` reads rows through MRAD's own decoder
-(``MRADImageProcessor.load_pair``: image, mask, mask size) and, with ``on_error="skip"``, reports and skips a
-row whose image or mask cannot be used instead of stopping the run; ``mrad build-bank`` and ``mrad evaluate``
-use it (``--on-error skip|fail``).
-
-Mask pairing. Masks are matched to images by file stem, ignoring case, extension and a trailing
-``_mask`` / ``_label`` / ``_gt`` / ``_segmentation``. If *no* name in a folder matches and the image
-and mask counts are equal, images and masks are paired in sorted order, as the official MRAD json
-generators do, with a warning. A partial match raises :class:`DatasetLayoutError`.
+**Masks and unreadable files.** The ``mask`` column holds the raw annotation file; it is *not* binarised, and the
+loaders decode nothing. :mod:`mrad_hf.data.reading` binarises masks as the reference does (:func:`binarize_mask`,
+:func:`with_binary_masks`) and reads rows through MRAD's decoder, reporting or refusing unreadable files
+(:func:`iter_readable_rows`, ``--on-error skip|fail``). Which files are images and which are masks, and how masks
+are paired with images, is :mod:`mrad_hf.data.files` (:func:`classify_file`, :func:`scan_folder`).
 
 Layouts. Every supported layout is one row of :data:`mrad_hf.data.layouts.LAYOUTS` (data: name, the tree and
 fix its errors show, categories, splits, aliases, licence and a row strategy such as MVTec-style class folders,
@@ -58,17 +45,14 @@ a split csv or image/mask folder pairs); :func:`load_dataset_layout` is the one 
 from __future__ import annotations
 
 import csv
-import errno
 import glob
 import os
 import textwrap
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import PIL.Image
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
 __all__ = [
@@ -141,7 +125,27 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 from ..memory.files import file_sha256  # noqa: E402, F401 - one hash rule for banks and leakage checks
-from ..models.mrad.image_processing_mrad import SUPPORTED_IMAGE_EXTENSIONS as _DECODER_EXTENSIONS  # noqa: E402
+from .files import (  # noqa: E402, F401 - finding and classifying files, re-exported here
+    _MASK_WITHOUT_IMAGE,
+    IMAGE_EXTENSIONS,
+    MASK_DIR_NAMES,
+    MASK_STEM_SUFFIX,
+    FolderScan,
+    IgnoredFile,
+    IgnoredFilesWarning,
+    _has_mask_suffix,
+    _index_masks,
+    _list_images,
+    _list_subdirs,
+    _pair_masks,
+    _require_dir,
+    _require_file,
+    _warn_ignored,
+    classify_file,
+    ignored_summary,
+    pair_image_files,
+    scan_folder,
+)
 from .layouts import (  # noqa: E402, F401 - the registry and its categories, re-exported here
     BR35H_CATEGORIES,
     BRAINMRI_CATEGORIES,
@@ -172,19 +176,17 @@ from .layouts import (  # noqa: E402, F401 - the registry and its categories, re
     SplitCsv,
     UserFolders,
 )
-
-#: one decoder, one list of formats: every extension the image processor's decoder reads
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(extension.lower() for extension in _DECODER_EXTENSIONS)
-"""Image file extensions the loaders and the CLI pick up (compared case-insensitively): what the decoder reads."""
+from .reading import (  # noqa: E402, F401 - decode-or-record helpers, re-exported here
+    binarize_mask,
+    iter_readable_rows,
+    readable_items,
+    readable_subset,
+    undecoded_images,
+    with_binary_masks,
+)
 
 NORMAL_DIR_NAMES: tuple[str, ...] = ("good", "normal", "nominal", "ok")
 """Folder names (any case) that hold normal images in the generic folder layout."""
-
-MASK_DIR_NAMES: tuple[str, ...] = ("ground_truth", "masks", "gt")
-"""Folder names (any case) whose files are ground-truth masks, never images (see :func:`classify_file`)."""
-
-MASK_STEM_SUFFIX = "_mask"
-"""A file whose stem ends with this (any case) is a mask, never an image (see :func:`classify_file`)."""
 
 LABEL_NAMES: tuple[str, str] = ("normal", "anomaly")
 NORMAL_DEFECT_TYPE = "good"
@@ -204,9 +206,6 @@ LOADER_FEATURES = Features(
         "dataset": Value("string"),
     }
 )
-
-
-_MASK_SUFFIXES: tuple[str, ...] = ("_mask", "_label", "_gt", "_segmentation")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,248 +235,12 @@ class DatasetLoader(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared helpers: file system, validation, mask pairing, dataset construction
+# Shared helpers: validation, dataset construction
 # --------------------------------------------------------------------------------------------------
 
 
 def _absolute(root: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
-
-
-def _require_dir(path: Path, doc: LayoutDoc) -> Path:
-    if not path.is_dir():
-        raise doc.error(f"folder {path}/ not found.", missing=path)
-    return path
-
-
-def _require_file(path: Path, doc: LayoutDoc) -> Path:
-    if not path.is_file():
-        raise doc.error(f"file {path} not found.", missing=path)
-    return path
-
-
-def _is_visible(name: str) -> bool:
-    return not name.startswith(".")
-
-
-def _list_images(directory: Path) -> list[Path]:
-    """Image files directly inside ``directory``, sorted by name; hidden files are skipped."""
-    with os.scandir(directory) as entries:
-        images = [
-            Path(entry.path)
-            for entry in entries
-            if entry.is_file() and _is_visible(entry.name) and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
-        ]
-    return sorted(images, key=lambda path: path.name)
-
-
-def _list_subdirs(directory: Path, exclude: Iterable[str] = ()) -> list[str]:
-    """Names of the visible sub-folders of ``directory``, sorted, minus ``exclude``."""
-    excluded = set(exclude)
-    with os.scandir(directory) as entries:
-        names = [e.name for e in entries if e.is_dir() and _is_visible(e.name) and e.name not in excluded]
-    return sorted(names)
-
-
-def classify_file(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str | None:
-    """The one rule every entry point uses for a file in a user's folder: ``"image"``, ``"mask"`` or ``None``.
-
-    * ``None`` (not read): the extension is not one of :data:`IMAGE_EXTENSIONS` (any case).
-    * ``"mask"``: the stem ends with ``_mask`` (any case), or a folder between ``root`` and the file is named
-      ``ground_truth``, ``masks`` or ``gt`` (any case, :data:`MASK_DIR_NAMES`). A mask is never scored.
-    * ``"image"``: anything else.
-
-    The generic folder loader, ``mrad predict`` / ``explain`` / ``calibrate`` folder inputs and ``mrad bank add
-    --images`` all call this, so they agree on what is an image and what is a mask.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return None
-    if root is not None:
-        try:
-            folders = Path(os.path.relpath(path, root)).parts[:-1]
-        except ValueError:  # another drive on Windows
-            folders = ()
-        folders = tuple(part for part in folders if part not in ("..", "."))
-    else:
-        folders = ()
-    if path.stem.casefold().endswith(MASK_STEM_SUFFIX) or any(part.casefold() in MASK_DIR_NAMES for part in folders):
-        return "mask"
-    return "image"
-
-
-class IgnoredFile(NamedTuple):
-    """A file or folder a loader saw and did not read, and why."""
-
-    path: Path
-    reason: str
-
-
-class IgnoredFilesWarning(UserWarning):
-    """Files in a folder that were not read (unsupported extension, symlink loop, FIFO, unreadable, ...)."""
-
-
-@dataclass
-class FolderScan:
-    """What :func:`scan_folder` found: image files, mask files and the ignored entries with their reason."""
-
-    images: list[Path]
-    masks: list[Path]
-    ignored: list[IgnoredFile]
-
-    def summary(self, where: str | os.PathLike[str]) -> str | None:
-        """One line: how many entries were ignored and why, with an example each; ``None`` if nothing was."""
-        return ignored_summary(self.ignored, where)
-
-
-def ignored_summary(ignored: Sequence[IgnoredFile], where: str | os.PathLike[str]) -> str | None:
-    """``"Ignored 3 file(s) under X: 2 unsupported extension (e.g. notes.txt), 1 symlink loop (e.g. a/loop)"``."""
-    if not ignored:
-        return None
-    examples: dict[str, Path] = {}
-    counts: dict[str, int] = {}
-    for item in ignored:
-        counts[item.reason] = counts.get(item.reason, 0) + 1
-        examples.setdefault(item.reason, item.path)
-    parts = ", ".join(f"{count} {reason} (e.g. {examples[reason]})" for reason, count in counts.items())
-    return f"Ignored {len(ignored)} file(s) under {where}: {parts}."
-
-
-_UNSUPPORTED = "unsupported extension"
-_SYMLINK_LOOP = "symlink loop"
-_SPECIAL_FILE = "not a regular file (FIFO, socket or device)"
-
-
-def _entry_kind(entry: os.DirEntry[str]) -> str:
-    """``"dir"``, ``"file"`` or the reason the entry cannot be read."""
-    try:
-        if entry.is_dir():
-            return "dir"
-        if entry.is_file():
-            return "file" if os.access(entry.path, os.R_OK) else "unreadable (permission denied)"
-        if entry.is_symlink():
-            os.stat(entry.path)  # raises for a loop or a dangling link
-        return _SPECIAL_FILE
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            return _SYMLINK_LOOP
-        if isinstance(error, FileNotFoundError):
-            return "broken symlink"
-        return f"unreadable ({error.strerror or error})"
-
-
-def scan_folder(
-    folder: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None, recursive: bool = True
-) -> FolderScan:
-    """Image and mask files under ``folder`` (sorted), classified by :func:`classify_file`, and what was ignored.
-
-    Hidden entries (``.name``) are skipped silently. Everything else that is not read is listed in
-    ``ignored`` with its reason: unsupported extension, symlink loop (a folder link back to one of its own
-    parents, or a self-referencing link), broken symlink, FIFO / socket / device, unreadable file or folder,
-    and, when ``recursive=False``, sub-folders (``"sub-folder not read"``).
-
-    Args:
-        folder: The folder to list.
-        root: Where :func:`classify_file` starts looking for mask folder names (default: ``folder``).
-        recursive: Descend into sub-folders.
-    """
-    start = Path(folder)
-    base = start if root is None else Path(root)
-    images: list[Path] = []
-    masks: list[Path] = []
-    ignored: list[IgnoredFile] = []
-    pending: list[tuple[Path, frozenset[str]]] = [(start, frozenset({os.path.realpath(start)}))]
-    while pending:
-        directory, ancestors = pending.pop()
-        try:
-            with os.scandir(directory) as listing:
-                entries = sorted(listing, key=lambda entry: entry.name)
-        except OSError as error:
-            ignored.append(IgnoredFile(directory, f"unreadable folder ({error.strerror or error})"))
-            continue
-        subfolders = []
-        for entry in entries:
-            if not _is_visible(entry.name):
-                continue
-            path = Path(entry.path)
-            kind = _entry_kind(entry)
-            if kind == "dir":
-                real = os.path.realpath(path)
-                if real in ancestors:
-                    ignored.append(IgnoredFile(path, _SYMLINK_LOOP))
-                elif recursive:
-                    subfolders.append((path, ancestors | {real}))
-                else:
-                    ignored.append(IgnoredFile(path, "sub-folder not read"))
-            elif kind != "file":
-                ignored.append(IgnoredFile(path, kind))
-            else:
-                role = classify_file(path, base)
-                if role is None:
-                    ignored.append(IgnoredFile(path, _UNSUPPORTED))
-                else:
-                    (images if role == "image" else masks).append(path)
-        pending.extend(reversed(subfolders))
-    return FolderScan(sorted(images), sorted(masks), ignored)
-
-
-def _warn_ignored(ignored: Sequence[IgnoredFile], where: Path, stacklevel: int = 3) -> None:
-    summary = ignored_summary(ignored, where)
-    if summary:
-        warnings.warn(summary, IgnoredFilesWarning, stacklevel=stacklevel)
-
-
-def _has_mask_suffix(path: Path) -> bool:
-    return path.stem.casefold().endswith(_MASK_SUFFIXES)
-
-
-def _mask_key(stem: str) -> str:
-    """The image stem a mask file name refers to: ``"000_mask"`` -> ``"000"``."""
-    key = stem.casefold()
-    for suffix in _MASK_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return key
-
-
-def _index_masks(masks: Iterable[Path], doc: LayoutDoc) -> dict[str, Path]:
-    index: dict[str, Path] = {}
-    for mask in masks:
-        key = _mask_key(mask.stem)
-        if key in index:
-            raise doc.error(f"two masks refer to the same image: {index[key]} and {mask}.", missing=mask)
-        index[key] = mask
-    return index
-
-
-def _pair_masks(images: Sequence[Path], mask_dir: Path, doc: LayoutDoc) -> list[Path]:
-    """Pairs every image with its mask in ``mask_dir``.
-
-    Pairs by name first. If no name matches and the counts are equal, it pairs in sorted order, as the
-    official MRAD json generators do, and warns.
-
-    Raises:
-        DatasetLayoutError: If the folder is missing or some images have no mask.
-    """
-    masks = _list_images(_require_dir(mask_dir, doc))
-    index = _index_masks(masks, doc)
-    matched = [index.get(image.stem.casefold()) for image in images]
-    if all(mask is not None for mask in matched):
-        return [mask for mask in matched if mask is not None]
-    if not any(matched) and len(masks) == len(images):
-        warnings.warn(
-            f"{doc.name}: mask names in {mask_dir} do not match the image names; pairing images and masks "
-            "in sorted order, as the official MRAD json generator does.",
-            stacklevel=5,
-        )
-        return masks
-    unmatched = next(image for image, mask in zip(images, matched, strict=True) if mask is None)
-    expected = mask_dir / f"{unmatched.stem}_mask.png"
-    raise doc.error(
-        f"no mask for {unmatched} in {mask_dir}/ (looked for {unmatched.stem}.<ext> or "
-        f"{unmatched.stem}_mask.<ext>; {len(images)} images, {len(masks)} masks).",
-        missing=expected,
-    )
 
 
 def _check_split(split: str, available: Sequence[str], doc: LayoutDoc) -> None:
@@ -584,8 +347,6 @@ def _class_dir_rows(
 # --------------------------------------------------------------------------------------------------
 
 _FOLDER_DOC: LayoutDoc = next(layout for layout in LAYOUTS if layout.key == "folder")
-
-_MASK_WITHOUT_IMAGE = "mask without a matching anomalous image"
 
 
 def _normal_names(normal_dir: str | Sequence[str] | None) -> frozenset[str]:
@@ -1011,105 +772,6 @@ def load_folder(
     return load_dataset_layout("folder", root, categories, split, normal_dir=normal_dir)
 
 
-def pair_image_files(
-    inputs: Sequence[str | os.PathLike[str]], masks: Sequence[str | os.PathLike[str]] | None = None
-) -> tuple[list[tuple[Path, Path | None]], list[IgnoredFile]]:
-    """Images named by ``inputs`` (files and/or folders), each with its mask, by the folder loader's rules.
-
-    Files are classified by :func:`classify_file`, so ``bad/*.png`` that also matches ``bad/001_mask.png``
-    gives one image with its mask, not two images. A mask is found, in this order, in ``masks`` (files
-    and/or folders, matched by stem; if no stem matches and the counts are equal, in sorted order, with a
-    warning), beside the image (``<stem>_mask.<ext>`` in the image's folder, listed or not), or among the
-    masks found in the input folders (``masks/``, ``ground_truth/``, matched by stem). An image without a
-    mask gets ``None``.
-
-    Returns:
-        ``[(image, mask or None)]`` in the order found, and the entries that were not read.
-
-    Raises:
-        DatasetLayoutError: For a path that does not exist, a mask name claimed by two images, or explicit
-            masks that only partly match the images.
-    """
-    images: list[Path] = []
-    pooled: list[Path] = []
-    ignored: list[IgnoredFile] = []
-
-    def collect(items: Sequence[str | os.PathLike[str]], into_masks: bool) -> None:
-        for item in items:
-            path = Path(item)
-            if path.is_dir():
-                scan = scan_folder(path)
-                ignored.extend(scan.ignored)
-                if into_masks:
-                    pooled_masks.extend(scan.images + scan.masks)
-                else:
-                    images.extend(scan.images)
-                    pooled.extend(scan.masks)
-            elif path.is_file():
-                role = classify_file(path)
-                if role is None:
-                    ignored.append(IgnoredFile(path, _UNSUPPORTED))
-                elif into_masks:
-                    pooled_masks.append(path)
-                else:
-                    (images if role == "image" else pooled).append(path)
-            else:
-                raise DatasetLayoutError(f"'{path}' is neither an image file nor a folder; check the path.", path)
-
-    pooled_masks: list[Path] = []
-    collect(inputs, into_masks=False)
-    if masks:
-        collect(masks, into_masks=True)
-    images = list(dict.fromkeys(images))
-    explicit: list[Path | None] = [None] * len(images)
-    if masks:
-        index = _index_masks(pooled_masks, _PAIRING_DOC)
-        explicit = [index.get(image.stem.casefold()) for image in images]
-        if not any(explicit) and len(pooled_masks) == len(images):
-            warnings.warn(
-                "mask names do not match the image names; pairing images and masks in sorted order.", stacklevel=2
-            )
-            explicit = list(sorted(pooled_masks))
-            images = sorted(images)
-        elif not all(explicit):
-            missing = next(image for image, mask in zip(images, explicit, strict=True) if mask is None)
-            raise _PAIRING_DOC.error(
-                f"no mask among the given masks for {missing} (looked for {missing.stem}[_mask].<ext>).", missing
-            )
-    beside_by_folder: dict[Path, dict[str, Path]] = {}
-    for folder in {image.parent for image in images}:
-        found = scan_folder(folder, recursive=False).masks
-        beside_by_folder[folder] = _index_masks(found, _PAIRING_DOC)
-    image_folders = set(beside_by_folder)  # a mask beside images belongs to its folder's images only
-    pool = _index_masks([mask for mask in dict.fromkeys(pooled) if mask.parent not in image_folders], _PAIRING_DOC)
-    pool_users: dict[str, list[Path]] = {}
-    pairs: list[tuple[Path, Path | None]] = []
-    for image, given in zip(images, explicit, strict=True):
-        key = image.stem.casefold()
-        mask = given or beside_by_folder[image.parent].get(key)
-        if mask is None and key in pool:
-            mask = pool[key]
-            pool_users.setdefault(key, []).append(image)
-        pairs.append((image, mask))
-    for key, users in pool_users.items():
-        if len(users) > 1:
-            claimed = ", ".join(map(str, users))
-            raise _PAIRING_DOC.error(f"the mask {pool[key]} matches {len(users)} images ({claimed}).", pool[key])
-    used = {mask for _, mask in pairs}
-    ignored += [IgnoredFile(mask, _MASK_WITHOUT_IMAGE) for mask in dict.fromkeys(pooled) if mask not in used]
-    return pairs, ignored
-
-
-_PAIRING_DOC = LayoutDoc(
-    "images",
-    """
-<folder>/<stem>.png          an image
-<folder>/<stem>_mask.png     its mask, beside it (or pass the masks with --masks, matched by stem)
-""",
-    "give each anomalous image its mask as <stem>_mask.png beside it, or pass --masks with the same stems.",
-)
-
-
 # --------------------------------------------------------------------------------------------------
 # Explicit folders (anomalib's Folder datamodule: normal_dir, abnormal_dir, mask_dir)
 # --------------------------------------------------------------------------------------------------
@@ -1210,141 +872,6 @@ def load_folders(
     _warn_ignored(ignored, dataset_root)
     unique = list({row.image: row for row in rows}.values())
     return _build_dataset(unique, _FOLDERS_DOC, dataset_root, dataset_root)
-
-
-# --------------------------------------------------------------------------------------------------
-# Masks, registry
-# --------------------------------------------------------------------------------------------------
-
-
-def binarize_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
-    """Binarises a mask as the MRAD reference does: grey value ``> 0`` -> 255, else 0 (mode ``"L"``)."""
-    return mask.convert("L").point(lambda value: 255 if value > 0 else 0)
-
-
-def _binarize_mask_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    if "mask" in batch:
-        batch["mask"] = [None if mask is None else binarize_mask(mask) for mask in batch["mask"]]
-    return batch
-
-
-def with_binary_masks(dataset: Dataset) -> Dataset:
-    """Returns a view of ``dataset`` whose decoded ``mask`` is binary 0/255 (mode ``"L"``).
-
-    This is a lazy ``with_transform``: it replaces any earlier format or transform, and a later
-    ``with_format`` / ``with_transform`` replaces it in turn.
-    """
-    return dataset.with_transform(_binarize_mask_batch)
-
-
-_ON_ERROR = ("skip", "fail")
-
-
-def _check_on_error(on_error: str) -> None:
-    if on_error not in _ON_ERROR:
-        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}.")
-
-
-def undecoded_images(dataset: Any) -> Any:
-    """``dataset`` with its ``Image`` columns undecoded, so that files are read by MRAD's decoder (whose errors name
-    the file and the fix), not by PIL inside ``datasets`` (raw ``OSError``). Anything that is not a
-    ``datasets.Dataset`` is returned as it is."""
-    if not isinstance(dataset, Dataset):
-        return dataset
-    for column in ("image", "mask"):
-        feature = dataset.features.get(column)
-        if isinstance(feature, Image) and feature.decode:
-            dataset = dataset.cast_column(column, Image(decode=False))
-    return dataset
-
-
-def _row_name(row: Mapping[str, Any]) -> str:
-    image = row.get("image")
-    return str(row.get("path") or (image.get("path") if isinstance(image, dict) else image))
-
-
-def _decoded_rows(dataset: Dataset, load_pair, on_error: str, failures: list[dict[str, str]] | None):
-    """(index, undecoded row, image, mask) of every row ``load_pair`` can decode; an ``MRADInputError`` is appended to
-    ``failures`` and the row skipped (``on_error="skip"``), or raised (``"fail"``)."""
-    from ..models.mrad.image_processing_mrad import MRADInputError
-
-    _check_on_error(on_error)
-    for index, row in enumerate(undecoded_images(dataset)):
-        try:
-            image, mask = load_pair(row["image"], row.get("mask"))
-        except MRADInputError as error:
-            if on_error == "fail":
-                raise
-            if failures is not None:
-                failures.append({"path": _row_name(row), "error": str(error)})
-            continue
-        yield index, row, image, mask
-
-
-def iter_readable_rows(
-    dataset: Dataset,
-    load_pair: Callable[[Any, Any], tuple[Any, Any]],
-    *,
-    on_error: str = "skip",
-    failures: list[dict[str, str]] | None = None,
-) -> Iterable[dict[str, Any]]:
-    """Rows of ``dataset`` with ``image`` and ``mask`` decoded by ``load_pair(image, mask)``, unreadable rows skipped.
-
-    ``load_pair`` is normally ``MRADImageProcessor.load_pair`` (returns a PIL image and a bool mask or None). The
-    ``Image`` columns are read undecoded, so every file goes through MRAD's decoder and its errors. With
-    ``on_error="skip"`` a row whose image or mask raises ``MRADInputError`` is appended to ``failures`` as
-    ``{"path": ..., "error": ...}`` and skipped; with ``on_error="fail"`` the error propagates. Each row also gets
-    ``sha256``, the :func:`file_sha256` of its image file (None without a file), which banks store per entry.
-    """
-    for _, row, image, mask in _decoded_rows(dataset, load_pair, on_error, failures):
-        source = row.get("image")
-        path = source.get("path") if isinstance(source, dict) else row.get("path")
-        yield {**row, "image": image, "mask": mask, "sha256": file_sha256(path) if path else None}
-
-
-def readable_subset(
-    dataset: Dataset,
-    load_pair: Callable[[Any, Any], tuple[Any, Any]],
-    *,
-    on_error: str = "skip",
-    failures: list[dict[str, str]] | None = None,
-) -> Dataset:
-    """``dataset`` without the rows whose image or mask MRAD's decoder cannot use (as :func:`iter_readable_rows`).
-
-    For consumers that take a whole dataset and decode it themselves (training, ``build_memory_bank``): every file
-    is read once here, so a truncated or corrupt file is reported by name (``failures``, ``on_error="skip"``) or
-    raised as ``MRADInputError`` (``"fail"``) before the run starts, instead of stopping it with a raw PIL error.
-    """
-    keep = [index for index, *_ in _decoded_rows(dataset, load_pair, on_error, failures)]
-    return dataset if len(keep) == len(dataset) else dataset.select(keep)
-
-
-def readable_items(
-    items: Sequence[Any],
-    load: Callable[[Any], Any],
-    *,
-    on_error: str = "skip",
-    failures: list[dict[str, str]] | None = None,
-) -> list[Any]:
-    """The ``items`` (paths, PIL images, ``(image, mask)`` pairs, ...) that ``load(item)`` decodes without an
-    ``MRADInputError``; the others are listed in ``failures`` (``on_error="skip"``) or raise (``"fail"``)."""
-    from ..models.mrad.image_processing_mrad import MRADInputError
-
-    _check_on_error(on_error)
-    kept = []
-    for item in items:
-        try:
-            load(item)
-        except MRADInputError as error:
-            if on_error == "fail":
-                raise
-            if failures is not None:
-                first = item[0] if isinstance(item, tuple) else item
-                name = str(first) if isinstance(first, (str, os.PathLike)) else type(first).__name__
-                failures.append({"path": name, "error": str(error)})
-            continue
-        kept.append(item)
-    return kept
 
 
 _LOADER_NAMES: Mapping[str, str] = {
