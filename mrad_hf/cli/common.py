@@ -548,8 +548,8 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
 
 
 def _collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Image files named or found (recursively) in folders; masks and ignored files per `data.loaders.scan_folder`."""
-    from ..data.loaders import IMAGE_EXTENSIONS, scan_folder
+    """Image files named or found (recursively) in folders; masks and ignored files per `data.files.scan_folder`."""
+    from ..data.files import IMAGE_EXTENSIONS, scan_folder
 
     paths: list[Path] = []
     for item in inputs:
@@ -573,8 +573,8 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def _looks_like_mask(relative: Path) -> bool:
-    """Ground-truth masks inside a dataset folder are not inputs: `data.loaders.classify_file`, the one rule."""
-    from ..data.loaders import classify_file
+    """Ground-truth masks inside a dataset folder are not inputs: `data.files.classify_file`, the one rule."""
+    from ..data.files import classify_file
 
     return classify_file(Path(relative).with_suffix(".png"), Path()) == "mask"
 
@@ -626,7 +626,7 @@ def load_dataset_from_args(args, **kwargs):
         kwargs.update(explicit)
     import warnings
 
-    from ..data.loaders import IgnoredFilesWarning
+    from ..data.files import IgnoredFilesWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IgnoredFilesWarning)
@@ -655,7 +655,7 @@ def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_erro
     Unreadable images or masks are skipped and listed in `bank.metadata["skipped_files"]` (`on_error="skip"`),
     or stop the command with a one-line error (`"fail"`).
     """
-    from ..data.loaders import iter_readable_rows
+    from ..data.reading import iter_readable_rows
     from ..memory.building import build_memory_bank
     from ..models.mrad.image_processing_mrad import MRADInputError
 

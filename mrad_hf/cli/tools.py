@@ -67,7 +67,7 @@ def _samples(args) -> list | object:
         )
     if not args.label:
         raise _cli.CLIError("--images needs --label normal or --label anomaly (one label for all of them).")
-    from ..data.loaders import ignored_summary
+    from ..data.files import ignored_summary
     from ..memory.tools import samples_from_files
 
     if args.label == "normal" and args.masks:

@@ -23,7 +23,8 @@ def cmd_train(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from transformers import CLIPConfig
 
-    from ..data.loaders import load_benchmark, readable_subset
+    from ..data.loaders import load_benchmark
+    from ..data.reading import readable_subset
     from ..training.trainer import MRADTrainingArguments, train_mrad
     from .common import RANDOM_BACKBONES, _log, _report_skipped, detector_image_processor, load_detector
 

@@ -6,7 +6,7 @@ masks resized bilinearly and binarised at 0.5), maps are the model's smoothed 51
 computed per category and then averaged over categories (`metrics.compute_all_metrics`, reference AUPRO by
 default). Results stream to disk: each finished category is written to `per_category/<name>.json` at once,
 so a crash late in a run loses nothing, and a rerun with `resume=True` skips the finished categories.
-Images and masks are read through MRAD's decoder (`data.loaders.iter_readable_rows`): with `on_error="skip"`
+Images and masks are read through MRAD's decoder (`data.reading.iter_readable_rows`): with `on_error="skip"`
 (the default) a file that cannot be used is listed under `skipped` in its category's record and in
 `results.json` (`skipped_files`), and the other images are still scored; `on_error="fail"` stops instead.
 
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.loaders import file_sha256, undecoded_images
-from ..memory.files import atomic_write
+from ..data.reading import undecoded_images
+from ..memory.files import atomic_write, file_sha256
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from ..tools.visualization import save_panel
 from .metrics import METRIC_KEYS, compute_all_metrics, image_auroc, pixel_auroc

@@ -16,7 +16,7 @@ their image entry through `patch_sources`.
   anomalous image without a mask gives an anomalous **image-level entry only**: no region prototype, since
   its defect pixels are unknown and its whole image is not a normal region (the reference would add one;
   `add_samples` removes it and counts these images in its history record). `samples_from_files` pairs
-  `<stem>_mask.png` files with their images by the folder loader's rule (`data.loaders.pair_image_files`).
+  `<stem>_mask.png` files with their images by the folder loader's rule (`data.files.pair_image_files`).
 * **merge** (`merge_banks`): refused unless the banks were built with the same backbone and feature
   settings (`check_mergeable`: key widths, the backbone fingerprint, `feature_settings`).
 * **de-duplicate** (`deduplicate`), the rule: entries are visited in bank order (for a merge: the first
@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from ..data.loaders import IgnoredFile, iter_readable_rows, pair_image_files
+from ..data.files import IgnoredFile, pair_image_files
+from ..data.reading import iter_readable_rows
 from ..memory.samples import label_value
 from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings
 from ..models.mrad.retrieval_mrad import l2_normalize
@@ -332,7 +333,7 @@ def samples_from_files(
 ) -> tuple[list[dict[str, Any]], list[IgnoredFile]]:
     """Labelled samples (dicts for `build_memory_bank`) from image files and/or folders with one label.
 
-    Masks are paired as the folder loader pairs them (`data.loaders.pair_image_files`: `--masks` by stem, then
+    Masks are paired as the folder loader pairs them (`data.files.pair_image_files`: `--masks` by stem, then
     `<stem>_mask.png` beside the image); a mask file is never added as an image. Normal images never get a mask.
     Ids are the paths relative to the images' common folder (no absolute paths in a bank).
 
@@ -401,7 +402,7 @@ def entries_from_samples(
 
     `samples` as for `build_memory_bank`: dicts with `image`, `label` and optional `mask` / `path` / `id`,
     or a `datasets.Dataset` from `mrad_hf.data.loaders`, whose files are read by MRAD's decoder
-    (`data.loaders.iter_readable_rows`: a corrupt file is named, and with `on_error="skip"` listed in
+    (`data.reading.iter_readable_rows`: a corrupt file is named, and with `on_error="skip"` listed in
     `failures` and left out, never a raw PIL `OSError`). Every entry gets `source` as its provenance. An
     anomalous sample without a mask gets its image entry only: the region prototype the reference would
     build from its whole image (as if it were all normal) is dropped. `metadata["image_level_only"]` counts them.

@@ -140,7 +140,7 @@ def calibrate(
         pixel_fpr: wanted share of good pixels in the binary mask; default min(target_fpr, 0.01).
         defect_images, defect_masks: optional known defects, only to report the recall of the thresholds.
     """
-    from ..data.loaders import readable_items
+    from ..data.reading import readable_items
 
     pixel_fpr = min(target_fpr, 0.01) if pixel_fpr is None else pixel_fpr
     _check_rate(pixel_fpr, "pixel_fpr")

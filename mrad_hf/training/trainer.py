@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.loaders import undecoded_images
+from ..data.reading import undecoded_images
 from ..memory.building import build_memory_bank
 from ..memory.files import atomic_directory
 from ..memory.samples import iter_samples, progress_bar
