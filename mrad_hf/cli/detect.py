@@ -46,9 +46,12 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_build_bank(args) -> int:
-    from ..memory.files import atomic_directory
+    from ..memory.files import MODEL_FOLDER, check_bank_output, check_output_folder, save_bank, save_model
     from ..tools.run_folder import writer_lock
 
+    check_bank_output(args.output)  # before the long work: outputs never replace what the package did not write
+    if args.save_model:
+        check_output_folder(args.save_model, MODEL_FOLDER)
     detector = detector_from_args(args)
     dataset = load_dataset_from_args(args, split=args.split)
     with contextlib.ExitStack() as locks:  # issue 13 §5: one writer of this bank (and model folder) at a time
@@ -64,10 +67,7 @@ def cmd_build_bank(args) -> int:
         )
         elapsed = time.perf_counter() - started
         if args.save_model:  # the model first: if it cannot be written, the old bank and model both stay as they were
-            with atomic_directory(args.save_model) as staging:  # an interrupted save leaves the old folder intact
-                detector.save_pretrained(staging)
-        from ..memory.files import save_bank
-
+            save_model(detector, args.save_model)  # staged: an interrupted save leaves the old folder intact
         path = save_bank(bank, args.output)
         built = bank.counts()["image_entries"]
         _log(f"{bank} -> {path} ({elapsed:.1f} s, {built / max(elapsed, 1e-9):.2f} images/s)")

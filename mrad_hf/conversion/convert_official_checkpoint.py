@@ -216,9 +216,9 @@ def convert_official_checkpoint(
         model.set_memory_bank(bank if isinstance(bank, MemoryBank) else load_memory_bank(bank), strict=strict_bank)
     model.conversion_report = {"variant": official.variant, "dropped_official_keys": official.dropped}
     if output_dir is not None:
-        from mrad_hf.memory.files import atomic_directory
+        from mrad_hf.memory.files import MODEL_FOLDER, atomic_directory
 
-        with atomic_directory(output_dir) as staging:  # an interrupted conversion leaves no half-written folder
+        with atomic_directory(output_dir, MODEL_FOLDER) as staging:  # an interrupted conversion leaves no half-written folder
             model.save_pretrained(staging)
     return model.eval()
 

@@ -203,9 +203,9 @@ def convert_openai_clip(
     )
     model = convert_openai_state_dict(state_dict, vision_heads=vision_heads, text_heads=text_heads)
     if output_dir is not None:
-        from mrad_hf.memory.files import atomic_directory
+        from mrad_hf.memory.files import CLIP_FOLDER, atomic_directory
 
-        with atomic_directory(output_dir) as staging:  # an interrupted conversion leaves no half-written folder
+        with atomic_directory(output_dir, CLIP_FOLDER) as staging:  # an interrupted conversion leaves no half-written folder
             model.save_pretrained(staging)
     return model
 

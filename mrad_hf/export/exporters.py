@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..memory.files import atomic_directory
+from ..memory.files import FolderKind, atomic_directory, check_output_folder
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from .graph import INPUT_NAME, OUTPUT_NAMES, MRADExportModule
 from .runtime import EXPORT_CONFIG_NAME, ExportedDetector, ExportError, require
@@ -37,6 +37,12 @@ __all__ = ["EXPORT_FORMATS", "export_model", "export_onnx"]
 EXPORT_FORMATS = ("onnx", "openvino")
 ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"
+#: What an export folder is: recognised by its export_config.json; the files an export writes (user files are kept).
+EXPORT_FOLDER = FolderKind(
+    "an MRAD export folder",
+    lambda folder: (folder / EXPORT_CONFIG_NAME).is_file(),
+    (ONNX_FILE, f"{ONNX_FILE}.data", OPENVINO_FILE, "model.bin", EXPORT_CONFIG_NAME, "preprocessor_config.json"),
+)
 #: default opset of the exported graph (torch.onnx's dynamo exporter translates to 18 and up)
 DEFAULT_OPSET = 18
 #: per runtime precision: the agreement with the PyTorch model that an export must reach to be written
@@ -84,13 +90,11 @@ def _export_openvino(onnx_path: Path, xml_path: Path, *, compress_to_fp16: bool 
 
 
 def _check_output_folder(path: Path) -> None:
-    """Refuse to replace a non-empty folder that is not a previous export (the user's files would be lost)."""
-    if path.exists() and not path.is_dir():
-        raise ExportError(f"'{path}' exists and is not a folder; choose another --output folder.")
-    if path.exists() and any(path.iterdir()) and not (path / EXPORT_CONFIG_NAME).is_file():
-        raise ExportError(
-            f"'{path}' is a non-empty folder that holds no MRAD export; choose a new or empty --output folder."
-        )
+    """Refuse a folder where an export would overwrite files it did not write (`memory.files.check_output_folder`)."""
+    try:
+        check_output_folder(path, EXPORT_FOLDER)
+    except FileExistsError as error:
+        raise ExportError(str(error)) from error
 
 
 def _umask() -> int:
@@ -161,7 +165,7 @@ def export_model(
     tolerance = DEFAULT_TOLERANCE[precision] if tolerance is None else tolerance
     config = model.config
     module = MRADExportModule(model).eval()
-    with atomic_directory(output_dir) as staging:
+    with atomic_directory(output_dir, EXPORT_FOLDER) as staging:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a deployment folder gets the usual permissions
         if format == "onnx":
             export_onnx(module, staging / ONNX_FILE, opset=opset)

@@ -3,7 +3,9 @@
 
 `atomic_write` writes one file through a temporary file and a rename; `atomic_directory` does the same for a whole
 folder; `save_model` saves an MRAD model folder through them, so that `mrad` commands never leave a half-written
-model. `save_bank` / `load_bank` read and write the standalone bank file (`memory_bank.safetensors`: the five
+model. An output never destroys what the package did not write: a folder is replaced only when it is empty or a
+previous output of the same `FolderKind` (whose stale outputs are dropped and whose other files are kept), and a bank
+file only replaces an MRAD bank. `save_bank` / `load_bank` read and write the standalone bank file (`memory_bank.safetensors`: the five
 tensors, the metadata as JSON in the safetensors header), the format bank repos use; a model folder keeps the same
 metadata in `memory_bank.json` (`models/mrad/memory_bank_mrad.py`, which also holds the integrity checks).
 """
@@ -17,7 +19,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -33,10 +37,93 @@ from ..models.mrad.memory_bank_mrad import (
     verify_seal,
 )
 
-__all__ = ["atomic_directory", "atomic_write", "load_bank", "save_bank", "save_model"]
+__all__ = [
+    "CLIP_FOLDER",
+    "MODEL_FOLDER",
+    "FolderKind",
+    "atomic_directory",
+    "atomic_write",
+    "check_bank_output",
+    "check_output_folder",
+    "load_bank",
+    "save_bank",
+    "save_model",
+]
 
 BANK_FILENAME = "memory_bank.safetensors"
 _METADATA_KEY = "mrad_memory_bank"
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of folder the package writes: `what` names it in messages, `is_previous(folder)` recognises one written
+    before, `outputs` are the name patterns of the top-level files a save of it may write (a previous save's files
+    that the new save does not write again are stale and dropped; every other file in the folder is the user's)."""
+
+    what: str
+    is_previous: Callable[[Path], bool]
+    outputs: tuple[str, ...]
+
+    def is_output(self, name: str) -> bool:
+        return any(fnmatch(name, pattern) for pattern in self.outputs)
+
+
+def _model_type(folder: Path) -> str | None:
+    """`model_type` of the folder's config.json; None when it has none (or it is not a readable JSON object)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
+_WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "generation_config.json")
+MODEL_FOLDER = FolderKind(
+    "an MRAD model folder",
+    lambda folder: _model_type(folder) == "mrad",
+    ("config.json", *_WEIGHTS, "memory_bank.json", "calibration.json", "preprocessor_config.json", "*_mrad.py")
+    + ("pipeline_anomaly_detection.py", "training_history.json"),
+)
+CLIP_FOLDER = FolderKind(
+    "a CLIP model folder", lambda folder: _model_type(folder) == "clip", ("config.json", *_WEIGHTS)
+)
+
+
+def check_output_folder(path: str | os.PathLike, kind: FolderKind) -> None:
+    """Refuse an output folder where a save of `kind` would overwrite files the package did not write: `path` must be
+    missing, a folder without any of `kind.outputs` (its files are kept) or a previous output of `kind`. Call it
+    before long work; the savers check it again."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"'{path}' exists and is not a folder; choose another output folder.")
+    clashes = sorted(entry.name for entry in path.iterdir() if kind.is_output(entry.name)) if path.is_dir() else []
+    if clashes and not kind.is_previous(path):
+        raise FileExistsError(
+            f"'{path}' is not {kind.what} but holds {', '.join(clashes[:4])}{' ...' if len(clashes) > 4 else ''}, "
+            "which this save would overwrite. Choose a new or empty output folder."
+        )
+
+
+def _is_bank_file(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return _METADATA_KEY in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - anything that is not a readable safetensors file is not a bank
+        return False
+
+
+def check_bank_output(path: str | os.PathLike) -> Path:
+    """The file `save_bank` writes for `path`; refused when it exists and is not an MRAD bank (an image, a model's
+    weights, ...): a bank output only ever replaces a bank. Call it before long work; `save_bank` checks it again."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / BANK_FILENAME if path.is_dir() or not path.suffix else path
+    if path.exists() and not (path.is_file() and _is_bank_file(path)):
+        raise FileExistsError(
+            f"'{path}' exists and is not an MRAD memory bank; a bank is written only to a new file or over a bank. "
+            "Choose another output path (e.g. banks/name.safetensors)."
+        )
+    return path
 
 
 def _umask() -> int:
@@ -130,10 +217,20 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, kind: FolderKind) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path`, on any exception it is removed.
 
+    `path` must pass `check_output_folder(path, kind)`. The user's files in it (every entry that is not one of
+    `kind.outputs`) are carried into the new folder (hard links where possible); a previous save's outputs are
+    replaced, or dropped when the new save does not write them again (a stale calibration never outlives its bank).
     An interrupted write (exception, Ctrl-C) leaves `path` exactly as it was: never a folder that mixes files of
     two saves. The swap is two renames (old folder aside, new folder in, old folder deleted); should the process
     die between them, the previous folder survives as `.<name>.old-*` beside it. What a killed save left behind
@@ -142,13 +239,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"'{path}' exists and is not a folder; choose another output folder.")
     _clean_stale_staging(path)
+    check_output_folder(path, kind)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
+        check_output_folder(path, kind)  # nothing else wrote there meanwhile
         mask = _umask()
         for root, folders, files in os.walk(tmp):  # safetensors writes 0600 whatever the umask
             for name in folders:
@@ -159,6 +256,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             _fsync(root)
         old = None
         if path.exists():
+            for entry in path.iterdir():  # the user's files move with the folder
+                if not kind.is_output(entry.name) and not (tmp / entry.name).exists():
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+                    elif entry.is_symlink():
+                        os.symlink(os.readlink(entry), tmp / entry.name)
+                    else:
+                        _link_or_copy(str(entry), str(tmp / entry.name))
+            _fsync(tmp)
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
@@ -174,34 +280,39 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 def save_model(model, folder: str | os.PathLike, **kwargs) -> None:
     """`model.save_pretrained(folder, **kwargs)` through a staging folder: never a half-written model folder.
 
-    A new (or empty) folder appears complete or not at all; into an existing folder the finished files are moved
-    one by one, `config.json` last, and the user's other files are kept.
+    A new (or empty) folder appears complete or not at all; into an existing folder (`check_output_folder` with
+    `MODEL_FOLDER`) the finished files are moved one by one, `config.json` last, a previous save's outputs that this
+    save does not write are removed (e.g. a `calibration.json` of another bank), and the user's other files are kept.
     """
     target = Path(folder)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"'{target}' exists and is not a folder; choose another output folder.")
+    check_output_folder(target, MODEL_FOLDER)
     if not target.exists() or not any(target.iterdir()):
-        with atomic_directory(target) as staging:
+        with atomic_directory(target, MODEL_FOLDER) as staging:
             model.save_pretrained(staging, **kwargs)
         return
     staging_root = target.with_name(f".{target.name}.staging")
-    with atomic_directory(staging_root) as staging:
+    with atomic_directory(staging_root, MODEL_FOLDER) as staging:
         model.save_pretrained(staging, **kwargs)
-        for path in sorted(staging.rglob("*"), key=lambda path: path.name == "config.json"):
-            if path.is_file():
-                destination = target / path.relative_to(staging)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                _fsync(path)  # as atomic_directory does before its swap: the moved file survives a power loss
-                os.replace(path, destination)
-                _fsync(destination.parent)
+        check_output_folder(target, MODEL_FOLDER)
+        written = sorted(
+            (path for path in staging.rglob("*") if path.is_file()), key=lambda p: p.name == "config.json"
+        )
+        for entry in target.iterdir():  # first, so that a crash half way is refused on load rather than mixed
+            if MODEL_FOLDER.is_output(entry.name) and entry.is_file() and not (staging / entry.name).exists():
+                entry.unlink()
+        for path in written:
+            destination = target / path.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            _fsync(path)  # as atomic_directory does before its swap: the moved file survives a power loss
+            os.replace(path, destination)
+            _fsync(destination.parent)
     shutil.rmtree(staging_root, ignore_errors=True)
 
 
 def save_bank(bank: MemoryBank, path: str | os.PathLike) -> Path:
-    """Write the bank as one safetensors file (metadata as JSON in the header), atomically; returns the path."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / BANK_FILENAME if path.is_dir() or not path.suffix else path
+    """Write the bank as one safetensors file (metadata as JSON in the header), atomically, to a new path or over a
+    bank (`check_bank_output`); returns the path."""
+    path = check_bank_output(path)
     bank.seal()
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in bank.tensors().items()}
     header = {_METADATA_KEY: json.dumps(bank.metadata, sort_keys=True), "format": "pt"}

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.reading import undecoded_images
 from ..memory.building import build_memory_bank
-from ..memory.files import atomic_directory
+from ..memory.files import MODEL_FOLDER, atomic_directory
 from ..memory.samples import iter_samples, progress_bar
 from ..models.mrad.configuration_mrad import MRADConfig
 from ..models.mrad.image_processing_mrad import MRADImageProcessor
@@ -598,7 +598,7 @@ def train_mrad(
     accelerator.wait_for_everyone()
     final = output_dir / "final"
     if accelerator.is_main_process:
-        with atomic_directory(final) as folder:
+        with atomic_directory(final, MODEL_FOLDER) as folder:
             unwrapped.save_pretrained(folder)
             (folder / "training_history.json").write_text(json.dumps(result.history, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()

@@ -97,6 +97,28 @@ def test_build_bank_then_predict_with_a_bad_file(user_folder, saved_tiny, tmp_pa
     assert "broken.png" in capsys.readouterr().err
 
 
+def test_build_bank_outputs_never_replace_what_the_package_did_not_write(user_folder, saved_tiny, tmp_path, capsys):
+    """--output over an image and --save-model over the CLIP folder it reads are refused in one line, before any
+    work (nothing is built, nothing changes); --save-model into the data folder adds the model beside the data."""
+    image = next(user_folder.glob("good/*.png"))
+    before = {path: path.read_bytes() for path in [*user_folder.rglob("*.png"), *saved_tiny.iterdir()]}
+    base = ["build-bank", "--model", str(saved_tiny), "--dataset", "folder", "--data-root", str(user_folder)]
+    assert main([*base, "--output", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mrad build-bank: error:") and "is not an MRAD memory bank" in err and "Building" not in err
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    assert main([*base, "--output", str(tmp_path / "b.safetensors"), "--save-model", str(clip)]) == 2
+    assert "is not an MRAD model folder but holds config.json" in capsys.readouterr().err
+    assert not (tmp_path / "b.safetensors").exists() and json.loads((clip / "config.json").read_text()) == {
+        "model_type": "clip"
+    }
+    assert main([*base, "--output", str(tmp_path / "b.safetensors"), "--save-model", str(user_folder)]) == 0
+    assert all(path.read_bytes() == content for path, content in before.items())
+    assert (user_folder / "config.json").is_file() and (user_folder / "memory_bank.json").is_file()
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["predict", "--clip", "random-small", str(tmp_path / "nope.png")]) == 2
     err = capsys.readouterr().err

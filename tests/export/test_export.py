@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -215,10 +216,15 @@ def test_cli_exports_openvino_ir_in_float32_that_round_trips(models, tmp_path, c
 def test_export_refuses_what_it_cannot_do_faithfully(models, onnx_exports, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="holds no MRAD export"):
+    (mine / "model.onnx").write_text("the user's graph")  # not an export folder: its files are never overwritten
+    with pytest.raises(ExportError, match="is not an MRAD export folder but holds model.onnx"):
         export_model(models["tf"], mine, format="onnx")
-    assert (mine / "notes.txt").read_text() == "keep me"
+    assert (mine / "model.onnx").read_text() == "the user's graph"
+    earlier = tmp_path / "earlier"  # an earlier export with the user's notes: re-exporting keeps the notes
+    shutil.copytree(onnx_exports["tf"], earlier)
+    (earlier / "deploy_notes.txt").write_text("keep me")
+    export_model(models["tf"], earlier, format="onnx", verify_batch_sizes=())
+    assert (earlier / "deploy_notes.txt").read_text() == "keep me" and (earlier / "model.onnx").is_file()
     with pytest.raises(ExportError, match="needs --format openvino"):
         export_model(models["tf"], tmp_path / "bf16", format="onnx", precision="bfloat16")
     with pytest.raises(ExportError, match="Unknown export format"):

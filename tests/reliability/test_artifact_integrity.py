@@ -19,7 +19,7 @@ import mrad_hf.models.mrad.memory_bank_mrad as memory_bank_module
 from mrad_hf import MemoryBankError, MRADForAnomalyDetection
 from mrad_hf.cli.main import main
 from mrad_hf.memory import build_memory_bank, load_bank, save_bank
-from mrad_hf.memory.files import atomic_directory
+from mrad_hf.memory.files import MODEL_FOLDER, atomic_directory
 from mrad_hf.models.mrad.memory_bank_mrad import tensors_checksum, verify_model_memory
 
 from ._files import mutate, write_folder_dataset
@@ -209,7 +209,7 @@ def test_killed_bank_build_leaves_no_loadable_partial_file(tmp_path, monkeypatch
 def test_interrupted_model_save_leaves_the_previous_folder_loadable(built, tmp_path, monkeypatch):
     model, _ = built
     target = tmp_path / "model"
-    with atomic_directory(target) as staging:
+    with atomic_directory(target, MODEL_FOLDER) as staging:
         model.save_pretrained(staging)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     other = make_tiny_model()
@@ -222,7 +222,7 @@ def test_interrupted_model_save_leaves_the_previous_folder_loadable(built, tmp_p
 
     monkeypatch.setattr(MRADImageProcessor, "save_pretrained", fails_after_the_weights)
     with pytest.raises(OSError, match="disk full"):
-        with atomic_directory(target) as staging:
+        with atomic_directory(target, MODEL_FOLDER) as staging:
             other.save_pretrained(staging)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left behind

@@ -18,9 +18,11 @@ from conftest import make_samples, make_tiny_model
 from mrad_hf import MemoryBank, MRADForAnomalyDetection
 from mrad_hf.cli.main import main
 from mrad_hf.memory import load_bank, save_bank
-from mrad_hf.memory.files import atomic_directory
+from mrad_hf.memory.files import MODEL_FOLDER, FolderKind, atomic_directory
 from mrad_hf.tools.run_folder import RunFolderError, writer_lock
 from reliability._files import write_folder_dataset
+
+ANY_FOLDER = FolderKind("a test folder", lambda folder: True, ("*",))  # every file is a previous output
 
 
 @pytest.fixture
@@ -93,13 +95,13 @@ def test_crashed_staging_folders_are_cleaned_on_the_next_save(tmp_path):
     set_aside = tmp_path / ".model.old-xyz"  # a swap that died after moving the previous folder aside
     set_aside.mkdir()
     (set_aside / "config.json").write_text("{}")
-    with atomic_directory(target) as staging:
+    with atomic_directory(target, ANY_FOLDER) as staging:
         (staging / "config.json").write_text('{"new": true}')
     assert not stale.exists() and live.exists()
     assert (target / "config.json").read_text() == '{"new": true}'  # the set-aside folder was put back, then replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
     set_aside.mkdir()
-    with atomic_directory(target) as staging:  # with `model` present, a leftover old folder is removed
+    with atomic_directory(target, ANY_FOLDER) as staging:  # with `model` present, a leftover old folder is removed
         (staging / "config.json").write_text("{}")
     assert not set_aside.exists()
 
@@ -117,9 +119,9 @@ def test_saved_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, di
             patch_values=torch.eye(2),
         )
         path = save_bank(bank, tmp_path / "bank.safetensors")
-        with atomic_directory(tmp_path / "folder") as staging:
+        with atomic_directory(tmp_path / "folder", MODEL_FOLDER) as staging:
             (staging / "a.txt").write_text("x")
-        with atomic_directory(tmp_path / "model") as staging:
+        with atomic_directory(tmp_path / "model", MODEL_FOLDER) as staging:
             make_tiny_model().save_pretrained(staging)
     finally:
         os.umask(previous)

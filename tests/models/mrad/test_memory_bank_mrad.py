@@ -109,24 +109,6 @@ def test_checksum_tracks_every_tensor_and_ignores_metadata():
     assert MemoryBank(**sources).metadata["tensors_sha256"] != bank.metadata["tensors_sha256"]
 
 
-def test_atomic_directory_replaces_on_success_and_keeps_the_old_folder_on_error(tmp_path):
-    from mrad_hf.memory.files import atomic_directory
-
-    target = tmp_path / "out"
-    with atomic_directory(target) as staging:
-        (staging / "a.txt").write_text("first")
-    assert (target / "a.txt").read_text() == "first"
-    with pytest.raises(RuntimeError, match="half way"):
-        with atomic_directory(target) as staging:
-            (staging / "a.txt").write_text("second")
-            raise RuntimeError("half way")
-    assert [p.name for p in target.iterdir()] == ["a.txt"] and (target / "a.txt").read_text() == "first"
-    with atomic_directory(target) as staging:
-        (staging / "b.txt").write_text("third")
-    assert [p.name for p in target.iterdir()] == ["b.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old folders left
-
-
 def _rewrite_header(path, edit):
     import json
 
