@@ -321,7 +321,11 @@ def save_bank(bank: MemoryBank, path: str | os.PathLike) -> Path:
 
 
 def _check_label_values(tensors: dict[str, torch.Tensor]) -> None:
-    """Stored values must be one-hot rows of 0/1 (LABEL_CONVENTION), keys floating point, patch_sources integers."""
+    """Stored keys and values must be floating point, values one-hot rows of 0/1 (LABEL_CONVENTION), patch_sources
+    integers."""
+    for name in ("image_keys", "patch_keys", "image_values", "patch_values"):
+        if not tensors[name].is_floating_point():  # bool/int values would fail later with a bare torch error
+            raise MemoryBankError(f"{name} must be floating point, got {tensors[name].dtype}.")
     for name in ("image_values", "patch_values"):
         values = tensors[name]
         if (
@@ -330,11 +334,8 @@ def _check_label_values(tensors: dict[str, torch.Tensor]) -> None:
             and not (((values == 0) | (values == 1)).all() and (values.sum(dim=1) == 1).all())
         ):
             raise MemoryBankError(f"{name} must hold one-hot 0/1 rows ({LABEL_CONVENTION}); this file's do not.")
-    for name in ("image_keys", "patch_keys"):
-        if not tensors[name].is_floating_point():
-            raise MemoryBankError(f"{name} must be floating point, got {tensors[name].dtype}.")
     sources = tensors.get("patch_sources")
-    if sources is not None and sources.is_floating_point():
+    if sources is not None and (sources.is_floating_point() or sources.dtype == torch.bool):
         raise MemoryBankError(f"patch_sources must be integer indices, got {sources.dtype}.")
 
 
@@ -366,10 +367,10 @@ def load_bank(path: str | os.PathLike) -> MemoryBank:
         metadata = json.loads(header[_METADATA_KEY])
         if not isinstance(metadata, dict):
             raise ValueError("not a JSON object")
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: JSON nested too deeply to parse
         raise MemoryBankError(f"'{path}' has corrupt bank metadata ({error}); rebuild or re-download it.") from error
-    version = metadata.get("format_version", 0)
-    if not isinstance(version, int):
+    version = metadata.get("format_version")  # every bank file records it (an integer from 1)
+    if type(version) is not int or version < 1:
         raise MemoryBankError(f"'{path}' has an invalid format_version {version!r}; rebuild or re-download it.")
     if version > BANK_FORMAT_VERSION:
         raise MemoryBankError(

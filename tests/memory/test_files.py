@@ -158,3 +158,79 @@ def test_a_bank_is_written_only_to_a_new_path_or_over_a_bank(tmp_path):
     assert image.read_bytes() == original
     path = files.save_bank(_bank(), tmp_path / "bank.safetensors")
     assert files.save_bank(_bank(), path) == path and files.load_bank(path).counts()["image_entries"] == 2
+
+
+def _bank_file(tmp_path, edit_tensors=lambda t: None, edit_metadata=lambda m: None):
+    """A saved bank whose tensors / header metadata were then edited in place (as a hostile file would be)."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mrad_hf.models.mrad.memory_bank_mrad import MemoryBank
+
+    keys, values = torch.eye(3, 4), torch.eye(2)
+    bank = MemoryBank(keys, values[[0, 1, 1]], keys.clone(), values[[1, 0, 0]], metadata={"source": "unit"})
+    path = files.save_bank(bank, tmp_path / "bank.safetensors")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["mrad_memory_bank"])
+    edit_tensors(tensors)
+    edit_metadata(metadata)
+    save_file(tensors, str(path), metadata={"mrad_memory_bank": json.dumps(metadata), "format": "pt"})
+    return path
+
+
+def test_load_bank_names_the_file_for_metadata_nested_too_deeply_to_parse(tmp_path):
+    import json
+
+    import pytest
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mrad_hf.models.mrad.memory_bank_mrad import MemoryBankError
+
+    path = _bank_file(tmp_path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["mrad_memory_bank"])
+    nested = json.dumps(metadata)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    save_file(tensors, str(path), metadata={"mrad_memory_bank": nested, "format": "pt"})
+    with pytest.raises(MemoryBankError, match=r"bank\.safetensors' has corrupt bank metadata \(maximum recursion"):
+        files.load_bank(path)
+
+
+def test_load_bank_refuses_bool_or_integer_values_naming_the_tensor(tmp_path, capsys):
+    """One-hot bool/int values pass the 0/1 test but break counting later (argmax on bool): refuse them at load,
+    and the CLI prints one line naming file and tensor."""
+    import pytest
+    import torch
+
+    from mrad_hf.cli.main import main
+    from mrad_hf.models.mrad.memory_bank_mrad import MemoryBankError
+
+    for name, dtype in (("image_values", torch.bool), ("patch_values", torch.int64), ("patch_sources", torch.bool)):
+        path = _bank_file(tmp_path, lambda t: t.update({name: t[name].to(dtype)}), lambda m: m.pop("tensors_sha256"))
+        with pytest.raises(MemoryBankError, match=rf"bank\.safetensors': {name} must be \w+.*, got {dtype}"):
+            files.load_bank(path)
+    path = _bank_file(tmp_path, lambda t: t.update(image_values=t["image_values"].bool()))
+    assert main(["bank", "info", str(path)]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"mrad bank: error: '{path}': image_values must be floating point, got torch.bool."]
+
+
+def test_load_bank_refuses_format_versions_that_are_not_integers_from_1(tmp_path):
+    import pytest
+
+    from mrad_hf.models.mrad.memory_bank_mrad import MemoryBankError
+
+    for version in (True, 0, -5, 1.0, None):
+        path = _bank_file(tmp_path, edit_metadata=lambda m: m.update(format_version=version))
+        with pytest.raises(MemoryBankError, match=rf"bank\.safetensors' has an invalid format_version {version!r}"):
+            files.load_bank(path)
+    path = _bank_file(tmp_path, edit_metadata=lambda m: m.pop("format_version"))
+    with pytest.raises(MemoryBankError, match="invalid format_version None"):
+        files.load_bank(path)
+    path = _bank_file(tmp_path, edit_metadata=lambda m: (m.pop("metadata_sha256"), m.update(format_version=1)))
+    assert files.load_bank(path).counts()["image_anomalous"] == 2  # format 1 (no metadata seal) still reads

@@ -137,8 +137,15 @@ def test_edited_consistent_tensors_are_caught_by_the_checksum(bank_file):
     [
         (lambda t, m: t.update(image_values=t["image_values"] * 0.5), "one-hot 0/1 rows"),
         (lambda t, m: t.update(patch_keys=t["patch_keys"].long()), "patch_keys must be floating point"),
-        # a bank without a checksum (as written before checksums existed) is still checked for key widths
-        (lambda t, m: (t.update(image_keys=t["image_keys"][:, :5]), m.pop("tensors_sha256")), r"image keys are 5-d"),
+        # a format-1 bank without a checksum (as written before checksums existed) is still checked for key widths
+        (
+            lambda t, m: (
+                t.update(image_keys=torch.nn.functional.normalize(t["image_keys"][:, :5], dim=1)),
+                m.pop("tensors_sha256"),
+                m.update(format_version=1),
+            ),
+            r"image keys are 5-d",
+        ),
         (lambda t, m: m.update(format_version=99), "uses bank format 99; this mrad_hf reads up to 2. Upgrade mrad_hf"),
         (lambda t, m: m.update(format_version="1"), "invalid format_version"),
     ],

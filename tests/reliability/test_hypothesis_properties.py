@@ -139,6 +139,13 @@ metadata_values = st.recursive(
 )
 
 
+def _unit_rows(array: np.ndarray) -> torch.Tensor:
+    """Rows scaled to unit L2 length, as bank keys are (all-zero rows become the first basis vector)."""
+    rows = torch.from_numpy(array).double()
+    norms = rows.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, rows / norms, torch.eye(1, rows.shape[1], dtype=torch.float64)).float()
+
+
 @st.composite
 def banks(draw):
     n_image, n_patch = draw(st.integers(0, 12)), draw(st.integers(0, 20))
@@ -157,9 +164,9 @@ def banks(draw):
     patch_labels = draw(st.lists(st.integers(0, 1), min_size=n_patch, max_size=n_patch))
     sources = draw(st.lists(st.integers(-1, max(n_image - 1, -1)), min_size=n_patch, max_size=n_patch))
     return MemoryBank(
-        image_keys=torch.from_numpy(draw(arrays(np.float32, (n_image, d_image), elements=finite))),
+        image_keys=_unit_rows(draw(arrays(np.float32, (n_image, d_image), elements=finite))),
         image_values=one_hot_labels(torch.tensor(image_labels, dtype=torch.long)).reshape(n_image, 2),
-        patch_keys=torch.from_numpy(draw(arrays(np.float32, (n_patch, d_patch), elements=finite))),
+        patch_keys=_unit_rows(draw(arrays(np.float32, (n_patch, d_patch), elements=finite))),
         patch_values=one_hot_labels(torch.tensor(patch_labels, dtype=torch.long)).reshape(n_patch, 2),
         patch_sources=torch.tensor(sources, dtype=torch.long),
         metadata=metadata,

@@ -113,9 +113,9 @@ def test_saved_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, di
     previous = os.umask(umask)
     try:
         bank = MemoryBank(
-            image_keys=torch.zeros(2, 4),
+            image_keys=torch.eye(2, 4),
             image_values=torch.eye(2),
-            patch_keys=torch.zeros(2, 4),
+            patch_keys=torch.eye(2, 4),
             patch_values=torch.eye(2),
         )
         path = save_bank(bank, tmp_path / "bank.safetensors")

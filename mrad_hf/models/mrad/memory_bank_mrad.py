@@ -73,7 +73,17 @@ def _sealed_checksums(metadata: dict[str, Any]) -> dict[str, str]:
 
 def verify_seal(stored: dict[str, Any], bank: MemoryBank, origin: str) -> None:
     """Refuse a bank whose tensors or sealed fields differ from the checksums recorded at its save: `stored` is the
-    metadata as read, `bank` the bank rebuilt from it (recomputed checksums). Format 1 recorded only the tensors'."""
+    metadata as read (empty: none recorded), `bank` the bank rebuilt from it. Every format records its version, format
+    2 both checksums; format 1 only the tensors' (and, written before checksums existed, none)."""
+    version = stored.get("format_version")
+    if stored and (type(version) is not int or not 1 <= version <= BANK_FORMAT_VERSION):
+        raise MemoryBankError(
+            f"{origin}: format_version {version!r} is not a format this mrad_hf reads (integers 1 to "
+            f"{BANK_FORMAT_VERSION}); rebuild the bank, or upgrade mrad_hf if a newer version wrote it."
+        )
+    for kind in ("tensors", "metadata") if stored and version >= 2 else ():
+        if stored.get(f"{kind}_sha256") is None:
+            raise MemoryBankError(f"{origin}: the {kind} checksums ('{kind}_sha256') were removed; rebuild the bank.")
     if stored.get("tensors_sha256") not in (None, bank.metadata["tensors_sha256"]):
         raise MemoryBankError(
             f"{origin} is corrupt: its tensors do not match the SHA-256 recorded when it was saved (tensors and metadata "
@@ -82,8 +92,6 @@ def verify_seal(stored: dict[str, Any], bank: MemoryBank, origin: str) -> None:
     if stored.get("counts") is not None and stored["counts"] != bank.counts():
         raise MemoryBankError(f"{origin}: metadata field 'counts' was edited ({stored['counts']} vs {bank.counts()}).")
     recorded = stored.get("metadata_sha256")
-    if recorded is None and int(stored.get("format_version", 1)) >= 2:
-        raise MemoryBankError(f"{origin}: the metadata checksums ('metadata_sha256') were removed; rebuild the bank.")
     actual = _sealed_checksums(stored)
     for name in SEALED_FIELDS if recorded is not None else ():
         if recorded.get(name) != actual.get(name):
@@ -228,6 +236,12 @@ class MemoryBank:
                 raise MemoryBankError(f"{level}_keys must be a 2-D (N, D) tensor, got shape {tuple(keys.shape)}.")
             if not torch.isfinite(keys).all():
                 raise MemoryBankError(f"{level}_keys contains NaN or infinite values; rebuild the bank.")
+            norms = keys.double().norm(dim=1) if keys.shape[1] else torch.ones(0)  # zero-width views hold no keys
+            if len(bad := torch.nonzero((norms - 1).abs() > 1e-3)[:, 0]):  # float32/fp16 rounding stays far below
+                raise MemoryBankError(
+                    f"{level}_keys are not unit length ({len(bad)} rows, row {int(bad[0])}: L2 norm "
+                    f"{float(norms[bad[0]]):.6g}); MRAD's keys are L2-normalised (Sec. 3.2): rebuild the bank."
+                )
             if values.ndim != 2 or values.shape[1] != 2:
                 raise MemoryBankError(f"{level}_values must be (N, 2) one-hot labels ({LABEL_CONVENTION}).")
             if values.shape[0] != keys.shape[0]:
@@ -285,6 +299,10 @@ class MemoryBank:
         legacy = stored_backbone.get("weights_sha256") and not stored_backbone.get("weights_signature")
         if legacy and backbone.get("weights_sha256") is None:
             unchecked.append("backbone weights (a format-1 hash, checkable only with float32 weights)")
+        if stored_backbone and not (stored_backbone.get("weights_signature") or stored_backbone.get("weights_sha256")):
+            unchecked.append("backbone weights identity (weights_signature / weights_sha256)")
+        if stored_features and (missing := [key for key in features if key not in stored_features]):
+            unchecked.append(f"feature settings {missing}")
         if unchecked and not trust_bank:
             raise MemoryBankError(
                 f"This bank has no {' and no '.join(unchecked)}, so nothing shows it was built for this backbone and "

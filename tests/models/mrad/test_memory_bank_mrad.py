@@ -191,3 +191,93 @@ def test_a_datasets_row_that_fails_to_decode_is_a_named_error_not_a_raw_pil_erro
     rows = rows.cast_column("image", datasets.Image())
     with pytest.raises(MRADInputError, match=r"Sample 1 could not be read .*decode=False"):
         build_memory_bank(tiny_model, rows, progress=False, allow_no_anomalies=True)
+
+
+def test_keys_that_are_not_unit_length_are_refused_naming_the_tensor_and_row():
+    """The reference stores L2-normalised keys (retrieval is cosine): a scaled key would skew the softmax silently."""
+    bank = _bank()
+    with pytest.raises(MemoryBankError, match=r"image_keys are not unit length \(5 rows, row 0: L2 norm 10\)"):
+        MemoryBank(bank.image_keys * 10, bank.image_values, bank.patch_keys, bank.patch_values)
+    scaled = bank.patch_keys.clone()
+    scaled[3] *= 1.01  # one prototype 1 % too long
+    with pytest.raises(MemoryBankError, match=r"patch_keys are not unit length \(1 rows, row 3: L2 norm 1.01\)"):
+        MemoryBank(bank.image_keys, bank.image_values, scaled, bank.patch_values)
+    rounded = (bank.image_keys.double() * (1 + 1e-5)).float()  # float32/fp16 rounding of normalised keys is fine
+    assert MemoryBank(rounded, bank.image_values, bank.patch_keys, bank.patch_values).counts() == bank.counts()
+    assert MemoryBank(bank.image_keys.half().float(), bank.image_values, bank.patch_keys, bank.patch_values)
+    views = MemoryBank(bank.image_keys[:, :0], bank.image_values, bank.patch_keys[:, :0], bank.patch_values)
+    assert views.counts() == bank.counts()  # zero-width provenance views (tools.explain) carry no keys to check
+
+
+@pytest.mark.parametrize("version", [True, False, 0, -5, 1.0, "2", None, 3])
+def test_the_format_version_must_be_an_integer_this_version_reads(version):
+    from mrad_hf.models.mrad.memory_bank_mrad import verify_seal
+
+    bank = _bank()
+    stored = {**bank.metadata, "format_version": version}
+    with pytest.raises(MemoryBankError, match=rf"origin: format_version {version!r} is not a format this mrad_hf"):
+        verify_seal(stored, bank, "origin")
+    stored.pop("format_version")
+    with pytest.raises(MemoryBankError, match="format_version None is not a format"):
+        verify_seal(stored, bank, "origin")  # removed: every format wrote it
+    verify_seal(dict(bank.metadata), bank, "origin")  # intact: accepted
+    verify_seal({}, bank, "origin")  # no metadata at all (no sidecar): check_compatible's trust_bank decides
+
+
+@pytest.mark.parametrize("removed", ["tensors_sha256", "metadata_sha256"])
+def test_a_format_2_bank_without_a_checksum_is_refused(tmp_path, removed):
+    path = save_bank(_bank(), tmp_path / "bank.safetensors")
+    _rewrite_header(path, lambda m: m.pop(removed))
+    with pytest.raises(MemoryBankError, match=rf"bank.safetensors': the \w+ checksums \('{removed}'\) were removed"):
+        load_bank(path)
+
+
+def test_a_model_folder_sidecar_without_the_tensor_checksum_is_refused(model_with_bank, tmp_path):
+    import json
+
+    from mrad_hf import MRADForAnomalyDetection
+
+    model_with_bank.save_pretrained(tmp_path)
+    sidecar = json.loads((tmp_path / "memory_bank.json").read_text())
+    sidecar.pop("tensors_sha256")
+    (tmp_path / "memory_bank.json").write_text(json.dumps(sidecar))
+    with pytest.raises(
+        MemoryBankError, match=r"memory bank .*: the tensors checksums \('tensors_sha256'\) were removed"
+    ):
+        MRADForAnomalyDetection.from_pretrained(tmp_path)
+    (tmp_path / "memory_bank.json").write_text(json.dumps({**sidecar, "format_version": True}))
+    with pytest.raises(MemoryBankError, match="format_version True is not a format this mrad_hf reads"):
+        MRADForAnomalyDetection.from_pretrained(tmp_path)
+
+
+BACKBONE = {"hidden_size": 12, "projection_dim": 8, "weights_signature": [0.1] * 30}
+FEATURES = {"image_size": 112, "feature_layer": 4, "region_rule": "strict"}
+
+
+@pytest.mark.parametrize(
+    "backbone, features, unchecked",
+    [
+        ({"hidden_size": 12, "projection_dim": 8}, FEATURES, r"backbone weights identity \(weights_signature"),
+        ({**BACKBONE, "weights_signature": None}, FEATURES, r"backbone weights identity"),
+        (BACKBONE, {"image_size": 112}, r"feature settings \['feature_layer', 'region_rule'\]"),
+    ],
+    ids=["no-weights-identity", "null-signature", "partial-features"],
+)
+def test_a_fingerprint_or_feature_settings_with_fields_removed_need_trust_bank(backbone, features, unchecked):
+    """Only recorded fields can be compared: a bank missing some must not pass as checked (another backbone's bank
+    with its signature deleted would otherwise attach silently)."""
+    import warnings
+
+    bank = _bank()
+    bank.metadata.update(backbone=backbone, features=features)
+    with pytest.raises(MemoryBankError, match=f"This bank has no {unchecked}.*trust_bank=True"):
+        bank.check_compatible(BACKBONE, FEATURES)
+    with pytest.warns(UserWarning, match=f"trust_bank=True: not checked: {unchecked}"):
+        bank.check_compatible(BACKBONE, FEATURES, trust_bank=True)
+    bank.metadata.update(backbone=BACKBONE, features=FEATURES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bank.check_compatible(BACKBONE, FEATURES)  # complete: checked, silent
+        bank.check_compatible({**BACKBONE, "weights_sha256": "ab"}, FEATURES)  # format-1 hash alone is an identity
+        bank.metadata["backbone"] = {"hidden_size": 12, "projection_dim": 8, "weights_sha256": "ab"}
+        bank.check_compatible({**BACKBONE, "weights_sha256": "ab"}, FEATURES)
