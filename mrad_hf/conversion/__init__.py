@@ -10,6 +10,7 @@
 Each script has `--help` and is also an importable function (`convert_official_bank`, `convert_openai_clip`,
 `convert_official_checkpoint`). Every file is read with `torch.load(..., weights_only=True)`, or, for OpenAI's
 TorchScript archive only, by `conversion.torchscript` (a restricted unpickler; the archive's code never runs);
-the bank and checkpoint converters refuse TorchScript archives by name. No code from a file is ever executed. Unknown or missing
-keys stop the conversion with the list of them.
+the bank and checkpoint converters refuse TorchScript archives by name. No code from a file is ever executed, and no
+tensor larger than its stored bytes (expanded, overlapping) is accepted (`common.load_torch_file`). Unknown or missing
+keys stop the conversion with the list of them; every refusal names the file.
 """

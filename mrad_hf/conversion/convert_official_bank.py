@@ -12,7 +12,9 @@ the backbone is marked unknown and only the key widths can be checked when the b
     python -m mrad_hf.conversion.convert_official_bank --image-cache cache_model_mvtec.pt --patch-cache cache_patch_model_mvtec.pt \
         --output banks/mvtec.safetensors --model models/mrad-tf      # fingerprint + feature settings of that model
 
-Keys are kept as they are (no re-normalisation), as the official test code uses them.
+Keys are kept as they are (no re-normalisation), as the official test code uses them. They must therefore be unit
+length, as the official code always stores them (`F.normalize` before saving; `test.py` never re-normalises): a file
+with other norms was not written by it, and would silently reweight every retrieval softmax, so it is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = ["convert_official_bank", "read_official_cache", "VIT_L14_DIMS", "main
 
 #: (image key width, patch key width) of the official release's backbone, CLIP ViT-L/14@336.
 VIT_L14_DIMS = (768, 1024)
+#: |norm - 1| allowed for an official key: fp16 rounding of a unit vector moves its norm by < 5e-4.
+UNIT_NORM_TOLERANCE = 2e-3
 _OFFICIAL_NAME = re.compile(r"cache(_patch)?_model_(?P<source>[A-Za-z0-9]+)\.pt$")
 
 
@@ -69,6 +73,14 @@ def read_official_cache(
     if not bool(torch.isfinite(keys).all()):
         raise ConversionError(
             f"{what} '{path}': keys contain NaN or infinite values; the file is corrupt. Re-download it."
+        )
+    norms = keys.detach().double().norm(dim=1)
+    off = torch.nonzero((norms - 1).abs() > UNIT_NORM_TOLERANCE).flatten()
+    if len(off):
+        raise ConversionError(
+            f"{what} '{path}': {len(off)} of {len(norms)} keys are not unit length (rows {off[:5].tolist()} have norms "
+            f"{[round(float(norms[i]), 4) for i in off[:5]]}); the official code stores L2-normalised keys and scores with "
+            "them as they are, so this file was not written by it or was edited. Re-download the official file."
         )
     return keys.detach().to(torch.float32).contiguous(), values.detach().to(torch.float32).contiguous()
 

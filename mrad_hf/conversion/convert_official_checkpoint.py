@@ -66,8 +66,11 @@ _DEEP_PROMPT = re.compile(r"^prompt_learner\.compound_prompts_text\.(\d+)$")
 _TOKEN_IDS = {"prompt_learner.tokenized_prompts_pos": 0, "prompt_learner.tokenized_prompts_neg": 1}
 
 
-def official_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+def official_to_hf(
+    key: str, tensor: torch.Tensor, where: str = "Official checkpoint"
+) -> list[tuple[str, torch.Tensor]] | None:
     """The one key mapping: an official "<part>.<key>" entry -> [(mrad-hf name, tensor)]; [] if dropped, None if unknown.
+    Errors start with `where` (the file).
 
     Deep prompts map to "prompt_learner.deep_prompts.<i>" (stacked into one parameter by `map_official_checkpoint`),
     the tokenized prompts to "config.prompt_token_ids.<0|1>".
@@ -78,7 +81,7 @@ def official_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
     if key in ("prompt_learner.ctx_pos", "prompt_learner.ctx_neg"):
         if tensor.ndim != 4 or tensor.shape[:2] != (1, 1):
             raise ConversionError(
-                f"Official checkpoint: '{key}' must have shape (1, 1, n_ctx, D) (one class, one template), got {tuple(tensor.shape)}."
+                f"{where}: '{key}' must have shape (1, 1, n_ctx, D) (one class, one template), got {tuple(tensor.shape)}."
             )
         name = "normal_context" if key.endswith("pos") else "anomaly_context"
         return [(f"prompt_learner.{name}", tensor[0, 0])]
@@ -91,13 +94,11 @@ def official_to_hf(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
     return None
 
 
-def _token_ids(tensor: torch.Tensor, key: str) -> list[int]:
+def _token_ids(tensor: torch.Tensor, key: str, where: str) -> list[int]:
     """Ids up to and including the end token (CLIP's highest id, where the reference pools), without padding."""
     ids = tensor.reshape(-1).tolist()
-    if len(ids) != tensor.shape[-1] or not ids:
-        raise ConversionError(
-            f"Official checkpoint: '{key}' must hold one tokenized prompt, got shape {tuple(tensor.shape)}."
-        )
+    if tensor.ndim == 0 or len(ids) != tensor.shape[-1] or not ids:
+        raise ConversionError(f"{where}: '{key}' must hold one tokenized prompt, got shape {tuple(tensor.shape)}.")
     end = max(range(len(ids)), key=ids.__getitem__)
     return [int(i) for i in ids[: end + 1]]
 
@@ -122,7 +123,11 @@ def map_official_checkpoint(checkpoint: Mapping, path: str = "checkpoint") -> Of
         module_state = require_mapping(checkpoint[part], path, f"Official checkpoint part '{part}' of")
         for key, tensor in module_state.items():
             full = f"{part}.{key}"
-            mapped = official_to_hf(full, tensor) if isinstance(tensor, torch.Tensor) else None
+            mapped = (
+                official_to_hf(full, tensor, f"Official checkpoint '{path}'")
+                if isinstance(tensor, torch.Tensor)
+                else None
+            )
             if mapped is None:
                 unknown.append(full)
             elif not mapped:
@@ -131,7 +136,7 @@ def map_official_checkpoint(checkpoint: Mapping, path: str = "checkpoint") -> Of
                 if name.startswith("prompt_learner.deep_prompts."):
                     deep[int(name.rsplit(".", 1)[1])] = value
                 elif name.startswith("config.prompt_token_ids."):
-                    token_ids[int(name.rsplit(".", 1)[1])] = _token_ids(value, full)
+                    token_ids[int(name.rsplit(".", 1)[1])] = _token_ids(value, full, f"Official checkpoint '{path}'")
                 else:
                     state_dict[name] = value.detach().float().contiguous()
     if unknown:
@@ -194,7 +199,13 @@ def convert_official_checkpoint(
     raw = require_mapping(
         load_torch_file(checkpoint, "Official MRAD checkpoint"), checkpoint, "Official MRAD checkpoint"
     )
-    official = map_official_checkpoint(raw, str(checkpoint))
+    try:
+        official = map_official_checkpoint(raw, str(checkpoint))
+    except (RuntimeError, IndexError, TypeError) as error:  # a malformed tensor that no check names (e.g. unstackable)
+        raise ConversionError(
+            f"Official checkpoint '{checkpoint}': its tensors do not form an official MRAD checkpoint "
+            f"({type(error).__name__}: {str(error)[:200]})."
+        ) from error
     model = MRADForAnomalyDetection.from_clip(clip, **{**config_overrides, **official.config_overrides})
     heads = ("image_projection.", "patch_projection.", "prompt_learner.", "region_bias.")
     target = {name: tensor for name, tensor in model.state_dict().items() if name.startswith(heads)}

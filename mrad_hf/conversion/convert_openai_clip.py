@@ -77,6 +77,17 @@ _TOP_LEVEL = {
     "logit_scale": "logit_scale",
 }
 _TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+#: The entries `infer_clip_config` reads shapes from, with their number of dimensions.
+_INFERRED_FROM = {
+    "visual.conv1.weight": 4,
+    "visual.positional_embedding": 2,
+    "ln_final.weight": 1,
+    "visual.transformer.resblocks.0.mlp.c_fc.weight": 2,
+    "transformer.resblocks.0.mlp.c_fc.weight": 2,
+    "token_embedding.weight": 2,
+    "positional_embedding": 2,
+    "text_projection": 2,
+}
 
 
 def openai_to_hf_tensors(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -99,39 +110,54 @@ def openai_to_hf_tensors(key: str, tensor: torch.Tensor) -> list[tuple[str, torc
     return []
 
 
-def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str, where: str) -> int:
     indices = {
         int(m.group(2)) for key in state_dict if (m := _BLOCK.match(key)) and bool(m.group(1)) == (prefix == "visual.")
     }
     if indices != set(range(len(indices))):
         raise ConversionError(
-            f"OpenAI CLIP checkpoint: {prefix or 'text '}transformer blocks are not numbered 0..N-1 ({sorted(indices)})."
+            f"{where}: {prefix or 'text '}transformer blocks are not numbered 0..N-1 ({sorted(indices)})."
         )
     return len(indices)
 
 
 def infer_clip_config(
-    state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None, text_heads: int | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    where: str = "OpenAI CLIP checkpoint",
 ):
-    """A `CLIPConfig` from the tensor shapes, as OpenAI's `build_model` infers its architecture."""
+    """A `CLIPConfig` from the tensor shapes, as OpenAI's `build_model` infers its architecture; errors start with
+    `where` (the file)."""
     from transformers import CLIPConfig
 
     if "visual.proj" not in state_dict or "visual.conv1.weight" not in state_dict:
         found = sorted(key for key in state_dict if key.startswith("visual."))[:5]
         raise ConversionError(
-            f"OpenAI CLIP checkpoint: no ViT image tower (visual.conv1.weight / visual.proj missing; found e.g. {found}). "
+            f"{where}: no ViT image tower (visual.conv1.weight / visual.proj missing; found e.g. {found}). "
             "ResNet CLIPs (RN50, ...) cannot be converted to transformers' CLIPModel."
+        )
+    shaped = [key for key, ndim in _INFERRED_FROM.items() if getattr(state_dict.get(key), "ndim", None) != ndim]
+    if shaped:
+        raise ConversionError(
+            f"{where}: {shaped} are missing or have the wrong number of dimensions (expected "
+            f"{[_INFERRED_FROM[key] for key in shaped]}); this is not an OpenAI ViT CLIP state dict."
+        )
+    if "logit_scale" in state_dict and state_dict["logit_scale"].numel() != 1:
+        raise ConversionError(
+            f"{where}: logit_scale must be one number, got shape {tuple(state_dict['logit_scale'].shape)}."
         )
     conv = state_dict["visual.conv1.weight"]
     vision_width, patch_size = int(conv.shape[0]), int(conv.shape[-1])
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = int(state_dict["ln_final.weight"].shape[0])
-    vision_layers, text_layers = _count_blocks(state_dict, "visual."), _count_blocks(state_dict, "")
+    vision_layers, text_layers = _count_blocks(state_dict, "visual.", where), _count_blocks(state_dict, "", where)
     vision_heads = vision_heads or vision_width // 64
     text_heads = text_heads or text_width // 64
     if vision_heads < 1 or vision_width % vision_heads or text_heads < 1 or text_width % text_heads:
         raise ConversionError(
-            f"OpenAI CLIP checkpoint: cannot split widths {vision_width} / {text_width} into {vision_heads} / {text_heads} heads "
+            f"{where}: cannot split widths {vision_width} / {text_width} into {vision_heads} / {text_heads} heads "
             "(OpenAI uses width // 64); pass vision_heads= / text_heads= (--vision-heads / --text-heads)."
         )
     return CLIPConfig(
@@ -164,27 +190,33 @@ def infer_clip_config(
 
 
 def convert_openai_state_dict(
-    state_dict: Mapping[str, torch.Tensor], *, vision_heads: int | None = None, text_heads: int | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    where: str = "OpenAI CLIP checkpoint",
 ):
-    """(`CLIPModel` with the converted weights, in eval mode) from an OpenAI CLIP state dict; every key is accounted for."""
+    """(`CLIPModel` with the converted weights, in eval mode) from an OpenAI CLIP state dict; every key is accounted
+    for. Errors start with `where` (the file the state dict came from)."""
     from transformers import CLIPModel
 
     state_dict = {key: value for key, value in state_dict.items() if key not in NON_WEIGHT_KEYS}
+    not_tensors = sorted(str(key) for key, value in state_dict.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise ConversionError(f"{where}: entries {not_tensors[:5]} are not tensors; this is not a CLIP state dict.")
     unknown = sorted(key for key, value in state_dict.items() if not openai_to_hf_tensors(key, value))
     if unknown:
-        raise ConversionError(
-            f"OpenAI CLIP checkpoint: unknown keys {unknown}; this is not an OpenAI ViT CLIP state dict."
-        )
-    config = infer_clip_config(state_dict, vision_heads=vision_heads, text_heads=text_heads)
+        raise ConversionError(f"{where}: unknown keys {unknown}; this is not an OpenAI ViT CLIP state dict.")
+    config = infer_clip_config(state_dict, vision_heads=vision_heads, text_heads=text_heads, where=where)
     converted = dict(pair for key, value in state_dict.items() for pair in openai_to_hf_tensors(key, value.float()))
     model = CLIPModel(config).eval()
     expected = {key for key in model.state_dict() if not key.endswith("position_ids")}
-    check_keys(converted, expected, "OpenAI CLIP checkpoint (after renaming to transformers names)")
+    check_keys(converted, expected, f"{where} (after renaming to transformers names)")
     for key, value in converted.items():
         target = model.state_dict()[key]
         if target.shape != value.shape:
             raise ConversionError(
-                f"OpenAI CLIP checkpoint: '{key}' has shape {tuple(value.shape)}, the inferred architecture needs {tuple(target.shape)}."
+                f"{where}: '{key}' has shape {tuple(value.shape)}, the inferred architecture needs {tuple(target.shape)}."
             )
     model.load_state_dict(converted, strict=False)
     return model
@@ -201,7 +233,13 @@ def convert_openai_clip(
     state_dict = require_mapping(
         load_torch_file(checkpoint, "OpenAI CLIP checkpoint", torchscript=True), checkpoint, "OpenAI CLIP checkpoint"
     )
-    model = convert_openai_state_dict(state_dict, vision_heads=vision_heads, text_heads=text_heads)
+    where = f"OpenAI CLIP checkpoint '{checkpoint}'"
+    try:
+        model = convert_openai_state_dict(state_dict, vision_heads=vision_heads, text_heads=text_heads, where=where)
+    except (RuntimeError, IndexError, TypeError) as error:  # a malformed tensor that no check above names
+        raise ConversionError(
+            f"{where}: its tensors do not form an OpenAI ViT CLIP ({type(error).__name__}: {str(error)[:200]})."
+        ) from error
     if output_dir is not None:
         from mrad_hf.memory.files import CLIP_FOLDER, atomic_directory
 

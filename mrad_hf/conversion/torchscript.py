@@ -18,12 +18,18 @@ compressed, and exactly as large as the pickle claims), copied into a bytearray 
 memory). The state dict is then collected like `ScriptModule.state_dict()`: the tensors each class declares in
 `__parameters__` / `__buffers__` (read as text from the archive's `code/` files, never executed), with dotted
 names.
+
+`tensor_extent_problem` (also run by `common.load_torch_file` on what `torch.load` returns) refuses, by name, any
+tensor that is not made of its stored bytes: a stride-0 dimension (`torch.zeros(1).expand(3_000_000, 768)` pickles
+as 4 bytes and becomes 9 GB once a converter copies it), overlapping strides, or all tensors together reading far
+more bytes than the file holds. A weights tensor covers each of its stored elements once.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import re
@@ -39,6 +45,7 @@ __all__ = [
     "RestrictedUnpickler",
     "is_torchscript_archive",
     "read_torchscript_state_dict",
+    "tensor_extent_problem",
 ]
 
 _STORAGE_DTYPES = {
@@ -80,20 +87,82 @@ def _holder(qualified_name: str) -> type:
     return type("ScriptObject", (ScriptObject,), {"script_class": qualified_name})
 
 
-def _element_count(size, stride) -> int:
-    if not all(isinstance(v, int) and v >= 0 for v in (*size, *stride)) or len(size) != len(stride):
-        raise TorchScriptReadError(f"a tensor with invalid size {size} / stride {stride}")
-    return 0 if 0 in size else 1 + sum((n - 1) * s for n, s in zip(size, stride))
+def _bounds_problem(size, stride, offset, storage_numel: int) -> str | None:
+    """Why a view (size, stride, offset) does not lie inside a storage of `storage_numel` elements, or None."""
+    values = (*size, *stride, offset)
+    if len(size) != len(stride) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return f"has an invalid size {size} / stride {stride} / offset {offset!r}"
+    if min(values, default=0) < 0:
+        return f"has a negative size, stride or offset (size {size} / stride {stride} / offset {offset})"
+    if 0 not in size and offset + 1 + sum((n - 1) * s for n, s in zip(size, stride)) > storage_numel:
+        return (
+            f"of size {size} / stride {stride} at offset {offset} reaches past its storage ({storage_numel} elements)"
+        )
+    return None
+
+
+def _extent_problem(size, stride, offset, storage_numel: int) -> str | None:
+    """Why a view is not made of stored elements, each read once, or None: besides `_bounds_problem`, stride 0 over
+    more than one element (`expand`) and overlapping strides (more elements than the storage holds from `offset` on)
+    are refused, as each lets a few stored bytes stand for gigabytes once the tensor is copied."""
+    problem = _bounds_problem(size, stride, offset, storage_numel)
+    if problem or 0 in size:
+        return problem
+    if any(s == 0 and n > 1 for n, s in zip(size, stride)):
+        return f"of size {size} repeats its elements (stride {stride}: an expanded view, not stored data)"
+    if math.prod(size) > storage_numel - offset:
+        return (
+            f"of size {size} / stride {stride} has {math.prod(size)} elements but its storage holds only "
+            f"{storage_numel - offset} from offset {offset} (overlapping strides: elements are read more than once)"
+        )
+    return None
+
+
+#: All tensors of a weights file together read at most this many times the file's bytes (tied weights, slices).
+MAX_READ_PER_STORED_BYTE = 2
+
+
+def tensor_extent_problem(obj: Any, stored_bytes: int) -> str | None:
+    """Why the tensors in `obj` (nested dicts / lists / tuples, as a weights file holds them) are not made of the
+    `stored_bytes` bytes of their file, naming the first bad tensor by its key path, or None (see `_extent_problem`;
+    in all, distinct views may read `MAX_READ_PER_STORED_BYTE` times the file's bytes + 1 MiB)."""
+    stack, seen, views, total = [("", obj)], set(), set(), 0
+    while stack:
+        name, value = stack.pop()
+        label = f"tensor '{name or '<root>'}'"
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.is_quantized:
+                return f"{label} is a {value.layout} / quantized tensor; weights files hold dense tensors"
+            storage = value.untyped_storage()
+            problem = _extent_problem(
+                tuple(value.shape), value.stride(), value.storage_offset(), storage.nbytes() // value.element_size()
+            )
+            if problem:
+                return f"{label} {problem}"
+            view = (storage.data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+            if view not in views:
+                views.add(view)
+                total += value.numel() * value.element_size()
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:  # shared / cyclic containers once
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend(reversed([(f"{name}.{key}" if name else str(key), item) for key, item in items]))
+    if total > MAX_READ_PER_STORED_BYTE * stored_bytes + (1 << 20):
+        return (
+            f"its tensors read {total} bytes but the file holds only {stored_bytes} (views that reuse the same stored "
+            "bytes many times over)"
+        )
+    return None
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
     size, stride = tuple(size), tuple(stride)
     if not isinstance(storage, torch.Tensor) or not isinstance(storage_offset, int) or storage_offset < 0:
         raise TorchScriptReadError("a tensor record that does not point at a storage")
-    if storage_offset + _element_count(size, stride) > storage.numel():
-        raise TorchScriptReadError(
-            f"a tensor of size {size} / stride {stride} at offset {storage_offset} reaches past its storage ({storage.numel()} elements)"
-        )
+    # a view inside its storage costs nothing; `tensor_extent_problem` then names repeated / overlapping ones
+    problem = _bounds_problem(size, stride, storage_offset, storage.numel())
+    if problem:
+        raise TorchScriptReadError(f"a tensor {problem}")
     return torch.as_strided(storage, size, stride, storage_offset)
 
 
@@ -163,13 +232,16 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
-    """True for a TorchScript archive (a zip with `constants.pkl` or a `code/` folder), whatever its extension."""
+    """True for a TorchScript archive (a zip with `<archive>/constants.pkl` or an `<archive>/code/` folder), whatever
+    its extension. Only the level below the archive's own folder counts: `torch.save` names that folder after the
+    file, so a plain `code.pt` holds `code/data.pkl` and is no TorchScript archive."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
         return any(
-            _parts(name)[-1:] == ["constants.pkl"] or "code" in _parts(name)[:-1] for name in archive.namelist()
+            _parts(name)[1:] == ["constants.pkl"] or (_parts(name)[1:2] == ["code"] and len(_parts(name)) > 2)
+            for name in archive.namelist()
         )
 
 
@@ -260,4 +332,7 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
             _collect(root, "", archive, code_prefix, state, set(), str(path))
         except RecursionError:
             raise TorchScriptReadError("its modules are nested too deeply for a weights archive") from None
+    problem = tensor_extent_problem(state, path.stat().st_size)
+    if problem:
+        raise TorchScriptReadError(problem)
     return state

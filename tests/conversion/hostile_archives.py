@@ -12,6 +12,7 @@ import collections
 import io
 import os
 import pickle
+import struct
 import sys
 import types
 import warnings
@@ -152,9 +153,11 @@ class _Call:
 
 
 class _Pickler(pickle.Pickler):
+    legacy = False  # the legacy format's storage records carry a sixth field (view metadata)
+
     def persistent_id(self, obj):
         if isinstance(obj, _Storage):
-            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel) + ((None,) if self.legacy else ())
         return None
 
 
@@ -166,10 +169,17 @@ def _script_class(name: str):
 
 
 def write_raw_archive(
-    path: Path, attributes: dict, records: dict[str, bytes], *, torchscript: bool = True, compress: bool = False
+    path: Path,
+    attributes: dict,
+    records: dict[str, bytes],
+    *,
+    torchscript: bool = True,
+    compress: bool = False,
+    parameters: tuple[str, ...] = (),
 ) -> None:
     """A zip in TorchScript's layout whose root object is a `__torch__.Root` with `attributes` (use `raw_tensor`,
-    `_Call`, ...); `records` are the `data/<key>` storages. Without `torchscript` there is no constants.pkl/code/."""
+    `_Call`, ...); `records` are the `data/<key>` storages. Without `torchscript` there is no constants.pkl/code/.
+    `parameters` are the attributes `Root` declares in `__parameters__` (what a reader collects as its state dict)."""
     root = _script_class("Root")()
     root.__dict__.update(attributes)
     buffer = io.BytesIO()
@@ -183,7 +193,10 @@ def write_raw_archive(
         if torchscript:
             archive.writestr("archive/constants.pkl", b"\x80\x02).")
             archive.writestr(
-                "archive/code/__torch__.py", "class Root(Module):\n  __parameters__ = []\n  __buffers__ = []\n"
+                "archive/code/__torch__.py",
+                f"class Root(Module):\n  __parameters__ = {list(parameters)!r}\n  __buffers__ = []\n".replace(
+                    "'", '"'
+                ),
             )
         archive.writestr("archive/version", "3\n")
 
@@ -195,3 +208,34 @@ def raw_tensor(key: str, numel: int, size, stride=None, offset: int = 0) -> _Ten
 
 def system_call(command: str) -> _Call:
     return _Call(os.system, command)
+
+
+def write_plain_zip(path: Path, obj, records: dict[str, bytes]) -> None:
+    """A file in `torch.save`'s zip layout whose object is `obj` (plain dicts / lists of `raw_tensor`s, `_Call`s)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        for key, data in records.items():
+            archive.writestr(f"archive/data/{key}", data)
+        archive.writestr("archive/version", "3\n")
+
+
+def write_legacy_file(path: Path, obj, records: dict[str, bytes]) -> None:
+    """A file in PyTorch's legacy (pre-1.6, non-zip) layout: magic number, protocol, system info, `obj` (with
+    `raw_tensor`s, whose storage records claim their own sizes), the storage keys, then each of `records` as its
+    float32 element count + bytes. torch.load allocates every storage at its claimed size before reading it."""
+    with open(path, "wb") as handle:
+        pickle.dump(0x1950A86A20F9469CFC6C, handle, protocol=2)
+        pickle.dump(1001, handle, protocol=2)
+        pickle.dump(
+            {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+            handle,
+            protocol=2,
+        )
+        pickler = _Pickler(handle, protocol=2)
+        pickler.legacy = True
+        pickler.dump(obj)
+        pickle.dump(sorted(records), handle, protocol=2)
+        for key in sorted(records):
+            handle.write(struct.pack("<q", len(records[key]) // 4) + records[key])

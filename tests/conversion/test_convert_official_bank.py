@@ -130,3 +130,28 @@ def test_malformed_official_files_are_refused_with_the_reason(tmp_path, tiny_mod
             tmp_path / "cache_model_visa.pt", tmp_path / "cache_patch_model_visa.pt", model=tiny_model
         )
     assert "cache_model_visa.pt" in str(error.value)
+
+
+def test_keys_that_are_not_unit_length_are_refused(tmp_path, tiny_model):
+    """The official code stores F.normalize'd keys and scores with them as they are (no re-normalisation): keys x10
+    would silently sharpen every retrieval softmax, so such a file is refused, naming it, the rows and their norms."""
+    image, patch = write_pair(tmp_path, tiny_model)
+    scaled = dict(patch, keys=patch["keys"].clone())
+    scaled["keys"][[3, 8]] *= 10
+    torch.save(scaled, tmp_path / "cache_patch_model_visa.pt")
+    with pytest.raises(ConversionError) as error:
+        convert_official_bank(tmp_path / "cache_model_visa.pt", tmp_path / "cache_patch_model_visa.pt")
+    message = str(error.value)
+    assert "Official patch-level bank '" in message and "cache_patch_model_visa.pt'" in message
+    assert "2 of 14 keys are not unit length (rows [3, 8] have norms [10.0, 10.0])" in message
+    zero = dict(image, keys=image["keys"].clone())
+    zero["keys"][0] = 0
+    torch.save(zero, tmp_path / "cache_model_visa.pt")
+    with pytest.raises(ConversionError, match=r"1 of 9 keys are not unit length \(rows \[0\] have norms \[0.0\]\)"):
+        convert_official_bank(tmp_path / "cache_model_visa.pt", tmp_path / "cache_patch_model_visa.pt")
+    # fp16 rounding of unit keys (how a half-precision run stores them) stays within the tolerance and converts as is
+    write_pair(tmp_path, tiny_model)
+    half = dict(image, keys=image["keys"].half())
+    torch.save(half, tmp_path / "cache_model_visa.pt")
+    bank = convert_official_bank(tmp_path / "cache_model_visa.pt", tmp_path / "cache_patch_model_visa.pt")
+    assert torch.equal(bank.image_keys, half["keys"].float())

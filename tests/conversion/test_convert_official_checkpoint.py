@@ -273,12 +273,22 @@ def test_clip_checkpoint_maps_every_tensor_and_drops_only_known_unused(tmp_path)
             lambda c: c["patch_proj"].update({"fc.0.weight": torch.zeros(IMAGE_DIM, 1024)}),
             r"does not fit this backbone.*patch_projection.query.weight",
         ),
+        (
+            lambda c: c["prompt_learner"].update({"tokenized_prompts_pos": torch.tensor(5)}),
+            r"'prompt_learner.tokenized_prompts_pos' must hold one tokenized prompt, got shape \(\)",
+        ),
+        (  # deep prompts of two lengths cannot be stacked (a RuntimeError inside torch.stack before)
+            lambda c: c["prompt_learner"].update({"compound_prompts_text.1": torch.zeros(DEEP_LENGTH + 1, TEXT_DIM)}),
+            r"its tensors do not form an official MRAD checkpoint \(RuntimeError: stack expects each tensor",
+        ),
     ],
 )
 def test_bad_checkpoints_stop_with_the_keys(tmp_path, edit, message):
+    """Every refusal names the checkpoint file (what the CLI prints as its one line), then what is wrong."""
     checkpoint = official_clip_checkpoint()
     edit(checkpoint)
     torch.save(checkpoint, tmp_path / "ckpt.pth")
     clip_model = MRADForAnomalyDetection.from_clip(tiny_clip_config()).clip
-    with pytest.raises(ConversionError, match=message):
+    with pytest.raises(ConversionError, match=message) as error:
         convert_official_checkpoint(tmp_path / "ckpt.pth", clip=clip_model, image_size=TINY_IMAGE_SIZE)
+    assert str(error.value).startswith(f"Official checkpoint '{tmp_path / 'ckpt.pth'}'")

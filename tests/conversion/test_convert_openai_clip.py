@@ -5,6 +5,7 @@ reproduce an independent OpenAI-style forward (sequence of `nn.MultiheadAttentio
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -188,10 +189,48 @@ def test_unknown_and_missing_keys_are_listed(tmp_path):
         convert_openai_clip(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda s: s.pop("ln_final.weight"),
+            r"\['ln_final.weight'\] are missing or have the wrong number of dimensions",
+        ),
+        (lambda s: s.update({"visual.conv1.weight": torch.zeros(3)}), r"\['visual.conv1.weight'\] are missing or"),
+        (lambda s: s.update({"logit_scale": torch.zeros(2)}), r"logit_scale must be one number, got shape \(2,\)"),
+        (
+            lambda s: s.update({"transformer.resblocks.0.attn.in_proj_bias": torch.tensor(1.0)}),
+            r"its tensors do not form an OpenAI ViT CLIP \(RuntimeError: chunk expects",
+        ),
+        (lambda s: s.update({"visual.extra": torch.zeros(1)}), r"unknown keys \['visual.extra'\]"),
+    ],
+    ids=["missing-shape-source", "wrong-ndim", "logit-scale", "0-d-in-proj", "unknown-key"],
+)
+def test_every_refusal_names_the_file_and_the_cli_prints_one_line(tmp_path, capsys, edit, message):
+    """Malformed entries used to escape as KeyError / RuntimeError tracebacks (no file named); now each is one line."""
+    state = openai_state_dict()
+    edit(state)
+    path = tmp_path / "ViT-bad.pt"
+    torch.save(state, path)
+    assert main([str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: OpenAI CLIP checkpoint '{path}': ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_reports_pickled_code_and_heads(tmp_path, capsys):
     torch.save({"visual.proj": _NotATensor()}, tmp_path / "evil.pt")
     assert main([str(tmp_path / "evil.pt"), str(tmp_path / "out")]) == 2
-    assert "cannot be loaded safely" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "holds Python objects or code that MRAD will not execute (it refers to 'test_convert_openai_clip._NotATensor'"
+        in err
+    )
+    assert "weights_only" not in err and "likely succeed" not in err and "safe_globals" not in err
+    assert (
+        "MRAD reads only plain torch.save files of tensors in dicts and lists and OpenAI's released TorchScript" in err
+    )
     state = openai_state_dict()
     torch.save(state, tmp_path / "ok.pt")
     assert main([str(tmp_path / "ok.pt"), str(tmp_path / "out"), "--vision-heads", "3"]) == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import collections
 import faulthandler
+import re
 import warnings
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def test_pickled_system_call_is_refused_naming_the_global(tmp_path, tiny_model):
     # the same payload in a plain (non-TorchScript) zip reaches torch.load(weights_only=True), which refuses it too
     plain = tmp_path / "plain.pt"
     hostile.write_raw_archive(plain, {"run": hostile.system_call(f"touch {marker}")}, {}, torchscript=False)
-    with pytest.raises(ConversionError, match="cannot be loaded safely|not a readable PyTorch file"):
+    with pytest.raises(ConversionError, match="MRAD will not execute|not a readable PyTorch file"):
         convert_official_bank(plain, tmp_path / "patch.pt", tmp_path / "bank.safetensors")
     assert not marker.exists()
 
@@ -155,6 +156,141 @@ def test_malformed_storages_are_refused_before_any_allocation(tmp_path, attribut
     hostile.write_raw_archive(path, attributes, records, compress=compress)
     with pytest.raises(ConversionError, match=message):
         convert_openai_clip(path)
+
+
+# ---------------------------------------------------------------- tensors not made of their stored bytes
+def _bomb_inputs(tiny_model, bad: torch.Tensor) -> dict[str, tuple[dict, str]]:
+    """For each converter, a file whose one named tensor is `bad` (the rest well formed), and that tensor's key path."""
+    width = tiny_model.config.image_key_dim
+    clip_state = openai_state_dict()
+    clip_state["token_embedding.weight"] = bad
+    return {
+        "bank": ({"keys": bad, "values": torch.eye(2)}, "keys"),
+        "clip": (clip_state, "token_embedding.weight"),
+        "checkpoint": (
+            {"image_proj": {"mlp1.weight": bad, "mlp1.bias": torch.zeros(width)}, "patch_proj": {}},
+            "image_proj.mlp1.weight",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "make_bad, problem",
+    [
+        (
+            lambda: torch.zeros(1).expand(200_000, 768),
+            r"of size \(200000, 768\) repeats its elements \(stride \(0, 0\)",
+        ),
+        (
+            lambda: torch.zeros(768).expand(200_000, 768),
+            r"of size \(200000, 768\) repeats its elements \(stride \(0, 1\)",
+        ),
+        (
+            lambda: torch.zeros(200_000).as_strided((100_000, 768), (1, 1)),
+            r"of size \(100000, 768\) / stride \(1, 1\) has 76800000 elements but its storage holds only 200000 from "
+            r"offset 0 \(overlapping strides",
+        ),
+    ],
+    ids=["expanded-everywhere", "expanded-rows", "overlapping-strides"],
+)
+def test_expanded_and_overlapping_tensors_are_refused_by_every_converter_naming_file_and_tensor(
+    tmp_path, tiny_model, make_bad, problem
+):
+    """The audit's 2 KB file (`torch.zeros(1).expand(3_000_000, 768)` as bank keys) made the converter allocate 9 GB;
+    every converter now refuses such tensors before copying them, naming the file and the tensor."""
+    bad = make_bad()
+    inputs = _bomb_inputs(tiny_model, bad)
+    torch.save(
+        {"keys": torch.nn.functional.normalize(torch.ones(2, 48), dim=-1), "values": torch.eye(2)}, tmp_path / "p.pt"
+    )
+    runs = {
+        "bank": lambda path: convert_official_bank(path, tmp_path / "p.pt", tmp_path / "bank.safetensors"),
+        "clip": lambda path: convert_openai_clip(path, tmp_path / "clip-out"),
+        "checkpoint": lambda path: convert_official_checkpoint(path, tmp_path / "ckpt-out", clip=tiny_model.clip),
+    }
+    for kind, (obj, name) in inputs.items():
+        path = tmp_path / f"{kind}_bomb.pt"
+        torch.save(obj, path)
+        assert path.stat().st_size * 50 < bad.numel() * bad.element_size()  # a few MB standing for > 300 MB
+        with pytest.raises(ConversionError, match=rf"'{re.escape(str(path))}': tensor '{name}' {problem}") as error:
+            runs[kind](path)
+        assert "allocate far more memory than the file holds" in str(error.value)
+    for produced in ("clip-out", "bank.safetensors", "ckpt-out"):
+        assert not (tmp_path / produced).exists()
+
+
+def test_many_views_of_one_storage_are_refused_by_their_total(tmp_path):
+    """Each view lies inside its storage once, but a thousand distinct views of one 8 KB storage read 6 MB."""
+    base = torch.nn.functional.normalize(torch.randn(2000, 1), dim=0).flatten()
+    torch.save({"keys": [base[i:] for i in range(1000)]}, tmp_path / "views.pt")
+    with pytest.raises(ConversionError, match=r"its tensors read 6002000 bytes but the file holds only \d+ \(views"):
+        convert_official_bank(tmp_path / "views.pt", tmp_path / "views.pt")
+    torch.save({"keys": [base[:1000], base[1000:], base]}, tmp_path / "slices.pt")  # slices + the whole: 2x, allowed
+    with pytest.raises(ConversionError, match=r"missing keys: \['values'\]"):  # read, then checked as a bank
+        convert_official_bank(tmp_path / "slices.pt", tmp_path / "slices.pt")
+
+
+def test_torchscript_archive_with_expanded_parameter_is_refused_naming_it(tmp_path):
+    path = tmp_path / "expanded.pt"
+    weight = hostile.raw_tensor("0", 1, (3_000_000, 768), stride=(0, 0))
+    hostile.write_raw_archive(path, {"weight": weight}, {"0": b"\0" * 4}, parameters=("weight",))
+    with pytest.raises(ValueError, match=r"tensor 'weight' of size \(3000000, 768\) repeats its elements"):
+        read_torchscript_state_dict(path)
+    with pytest.raises(
+        ConversionError, match=rf"'{re.escape(str(path))}' is a TorchScript archive .*tensor 'weight' of"
+    ):
+        convert_openai_clip(path)
+    hostile.write_raw_archive(
+        path, {"weight": hostile.raw_tensor("0", 2, (2,))}, {"0": b"\0" * 8}, parameters=("weight",)
+    )
+    assert torch.equal(read_torchscript_state_dict(path)["weight"], torch.zeros(2))  # control: a stored tensor is read
+
+
+def test_legacy_format_storage_claims_are_checked_before_torch_load_allocates(tmp_path, tiny_model):
+    """torch.load allocates each legacy-format storage at the size its pickle claims (40 GB here, 355 bytes stored)."""
+    path = tmp_path / "cache_model_visa.pt"
+    hostile.write_legacy_file(path, {"keys": hostile.raw_tensor("0", 10**10, (3,))}, {"0": b"\0" * 12})
+    with pytest.raises(ConversionError, match=r"claims storages of 40000000000 bytes but the file holds only \d+"):
+        convert_official_bank(path, path)
+    # the census executes nothing: a legacy file calling os.system is then refused by torch.load, naming the global
+    marker = tmp_path / "marker"
+    hostile.write_legacy_file(path, {"run": hostile.system_call(f"touch {marker}")}, {})
+    with pytest.raises(ConversionError, match=r"will not execute \(it refers to '(posix|nt)\.system'"):
+        convert_official_bank(path, path)
+    assert not marker.exists()
+    # control: a genuine legacy-format official cache converts
+    keys = torch.nn.functional.normalize(torch.randn(3, tiny_model.config.image_key_dim), dim=-1)
+    torch.save({"keys": keys, "values": torch.eye(2)[[0, 1, 0]]}, path, _use_new_zipfile_serialization=False)
+    patch = tmp_path / "cache_patch_model_visa.pt"
+    patch_keys = torch.nn.functional.normalize(torch.randn(2, tiny_model.config.patch_key_dim), dim=-1)
+    torch.save({"keys": patch_keys, "values": torch.eye(2)}, patch, _use_new_zipfile_serialization=False)
+    assert torch.equal(convert_official_bank(path, patch, model=tiny_model).image_keys, keys)
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pickle_refusals_never_advise_weights_only_false(tmp_path, tiny_model, legacy):
+    """torch's refusal says re-running with weights_only=False "will likely succeed" (that runs the file's code);
+    every converter says instead what it will not execute and which files it reads."""
+    path = tmp_path / "code.pt"  # torch.save names the zip's folder "code/": still a plain file, not TorchScript
+    torch.save({"keys": _Code()}, path, _use_new_zipfile_serialization=not legacy)
+    messages = _through_every_converter(path, tmp_path, tiny_model)
+    for kind, message in messages.items():
+        refusal = r"' holds Python objects or code that MRAD will not execute \(it refers to '(builtins\.)?print'"
+        assert re.search(re.escape(f"'{path}") + refusal, message), message
+        for advice in ("weights_only", "likely succeed", "safe_globals", "trust"):
+            assert advice not in message, (kind, advice)
+    assert (
+        "MRAD reads only plain torch.save files of tensors in dicts and lists and OpenAI's released"
+        in messages["clip"]
+    )
+    assert (
+        "MRAD reads only plain torch.save files of tensors in dicts and lists (the official MRAD" in messages["bank"]
+    )
 
 
 # ---------------------------------------------------------------- OpenAI's module layout, traced
