@@ -202,6 +202,8 @@ probability = _bounded(float, "a number strictly between 0 and 1", low=0.0, high
 unit_interval = _bounded(float, "a number in (0, 1]", low=0.0, high=1.0, low_open=True)
 seed_int = _bounded(int, "an integer seed in [0, 2**32 - 1]", low=0, high=2**32 - 1)
 port_int = _bounded(int, "a TCP port in [1, 65535]", low=1, high=65535)
+#: Image scores lie in [0, 2] (the ranges `validate_calibration` enforces): a threshold outside flags all or nothing.
+image_threshold = _bounded(float, "an image-score threshold in [0, 2] (the range of image scores)", low=0.0, high=2.0)
 #: The network input side: at least one 14-px patch; 518 is the paper's. Above 2048 px the two attentions of a
 #: ViT-L/14 need tens of GiB per image (tokens grow with the square of the side), so it is refused here.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 14, 2048

@@ -23,8 +23,8 @@ from .common import (
     _write_json,
     dataset_options,
     detector_from_args,
-    finite_float,
     image_size_int,
+    image_threshold,
     load_dataset_from_args,
     model_options,
     non_negative_int,
@@ -507,7 +507,7 @@ def register(commands) -> None:
     predict.add_argument("--output-dir", default="outputs/predict", help="where scores.json and heatmaps/ go")
     predict.add_argument(
         "--threshold",
-        type=finite_float,
+        type=image_threshold,
         help="image score above which an image is labelled anomalous (default: the model's calibration, if any)",
     )
     predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")

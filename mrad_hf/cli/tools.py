@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from . import common as _cli  # the shared helpers
-from .common import finite_float, model_options, port_int, positive_int, probability, unit_interval
+from .common import image_threshold, model_options, port_int, positive_int, probability, unit_interval
 
 __all__ = ["register"]
 
@@ -327,7 +327,7 @@ def _dedup_options(sub) -> None:
 
 def _threshold_option(sub) -> None:
     sub.add_argument(
-        "--threshold", type=finite_float, help="image threshold (default: the model's calibration, if any)"
+        "--threshold", type=image_threshold, help="image threshold (default: the model's calibration, if any)"
     )
 
 
