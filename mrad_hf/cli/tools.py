@@ -249,7 +249,8 @@ def cmd_explain(args) -> int:
     detect = detector_for(detector)
     output_dir = Path(args.output_dir)
     records, notes = [], []
-    for index, path in enumerate(tqdm(_cli._collect_images(args.images), desc="Explaining", unit="img")):
+    paths = _cli._collect_images(args.images, output_dir=output_dir)
+    for index, path in enumerate(tqdm(paths, desc="Explaining", unit="img")):
         image = detect.image_processor.load(path)
         result = detect(image, explain=True, top_k=args.top_k, threshold=args.threshold)
         panel = save_explanation(
