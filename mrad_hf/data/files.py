@@ -14,6 +14,9 @@ Mask pairing. Masks are matched to images by file stem, ignoring case, extension
 images and masks are paired in sorted order, as the official MRAD json generators do, with a warning. A partial
 match raises :class:`~mrad_hf.data.layouts.DatasetLayoutError`. :func:`pair_image_files` pairs named image files
 and folders with their masks by the folder loader's rules. Nothing here decodes a file.
+
+Paths read from a file's content (a split csv's rows, a bank's image ids) go through :func:`path_in_root`, the one
+containment rule: relative, no ``..``, inside the root the user named once symlinks are resolved.
 """
 
 from __future__ import annotations
