@@ -512,15 +512,12 @@ def _csv_file(
     """The existing file that ``record[column]`` (line ``line`` of ``csv_path``) names inside ``root``: the one rule
     for paths read from a file, :func:`path_in_root`."""
     try:
-        path = path_in_root(root, record[column])
-        if path.is_file():
-            return path
+        return _require_file(path_in_root(root, record[column]), layout)
     except (PathOutsideRoot, OSError) as error:  # OSError: a name the system refuses (too long)
         problem = f"{csv_path} line {line}: the {column} path {record[column]!r} is not a file inside the dataset root"
         raise layout.error(
             f"{problem} {root}/ ({error}); csv paths must be relative to the root and stay inside it.", csv_path
         ) from None
-    raise layout.error(f"{csv_path} line {line}: file {path} ({column} column) not found.", missing=path)
 
 
 def _csv_row(root: Path, line: int, record: Mapping[str, str], layout: DatasetLayout, csv_path: Path) -> _Row:
