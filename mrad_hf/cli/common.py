@@ -202,6 +202,8 @@ probability = _bounded(float, "a number strictly between 0 and 1", low=0.0, high
 unit_interval = _bounded(float, "a number in (0, 1]", low=0.0, high=1.0, low_open=True)
 seed_int = _bounded(int, "an integer seed in [0, 2**32 - 1]", low=0, high=2**32 - 1)
 port_int = _bounded(int, "a TCP port in [1, 65535]", low=1, high=65535)
+#: Image scores lie in [0, 2] (the ranges `validate_calibration` enforces): a threshold outside flags all or nothing.
+image_threshold = _bounded(float, "an image-score threshold in [0, 2] (the range of image scores)", low=0.0, high=2.0)
 #: The network input side: at least one 14-px patch; 518 is the paper's. Above 2048 px the two attentions of a
 #: ViT-L/14 need tens of GiB per image (tokens grow with the square of the side), so it is refused here.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 14, 2048
@@ -547,15 +549,42 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
         ) from error
 
 
-def _collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Image files named or found (recursively) in folders; masks and ignored files per `data.files.scan_folder`."""
-    from ..data.files import IMAGE_EXTENSIONS, scan_folder
+def _inside(path: str | os.PathLike, folder: str) -> bool:
+    """Whether `path`, symlinks resolved, is `folder` (a realpath) or lies under it."""
+    real = os.path.realpath(path)
+    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
 
+
+def _collect_images(inputs: Sequence[str], *, output_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Image files named or found (recursively) in folders; masks and ignored files per `data.files.scan_folder`.
+
+    Files under `output_dir` (the command's output folder) are never found as inputs: a folder scan skips them with
+    a count, so a rerun does not score its own earlier heatmaps or panels, and an input folder inside (or equal to)
+    the output folder is refused, since its outputs would land among its inputs. Files named one by one are kept."""
+    from ..data.files import IMAGE_EXTENSIONS, FolderScan, scan_folder
+
+    outputs = None if output_dir is None else os.path.realpath(output_dir)
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            if outputs is not None and _inside(path, outputs):
+                raise CLIError(
+                    f"The input folder '{path}' is inside the output folder '{output_dir}', where this command writes its results (they would be read as inputs next time): choose an --output-dir outside the inputs (a new sub-folder of an input folder is fine: it is skipped)."
+                )
             scan = scan_folder(path)  # the loaders' one rule for what is an image and what is a mask
+            if outputs is not None:
+                found = [*scan.images, *scan.masks, *(entry.path for entry in scan.ignored)]
+                skipped = {entry for entry in found if _inside(entry, outputs)}
+                if skipped:
+                    _log(
+                        f"Skipping {len(skipped)} file(s) under '{path}' that are in the output folder '{output_dir}' (a command's own outputs are never its inputs)"
+                    )
+                    scan = FolderScan(
+                        [image for image in scan.images if image not in skipped],
+                        [mask for mask in scan.masks if mask not in skipped],
+                        [entry for entry in scan.ignored if entry.path not in skipped],
+                    )
             if scan.masks:
                 _log(
                     f"Skipping {len(scan.masks)} ground-truth mask file(s) under '{path}' (a 'ground_truth'/'masks'/'gt' folder or a '_mask' name), e.g. {scan.masks[0]}"
@@ -570,6 +599,23 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
         else:
             raise CLIError(f"'{path}' is neither an image file nor a folder.")
     return paths
+
+
+def without_outputs(dataset, output_dir: str | os.PathLike, what: str):
+    """`dataset` less the rows whose image lies under `output_dir` (the command's output folder), with a count:
+    a command's own outputs (an earlier run's heatmaps) are never its inputs, as in `_collect_images`."""
+    outputs = os.path.realpath(output_dir)
+    keep = [index for index, path in enumerate(dataset["path"]) if not _inside(path, outputs)]
+    if len(keep) == len(dataset):
+        return dataset
+    if not keep:
+        raise CLIError(
+            f"Every image of {what} is inside the output folder '{output_dir}', where this command writes its results (they would be read as inputs next time): choose an --output-dir outside the data."
+        )
+    _log(
+        f"Leaving out {len(dataset) - len(keep)} image(s) of {what} that are in the output folder '{output_dir}' (a command's own outputs are never its inputs)"
+    )
+    return dataset.select(keep)
 
 
 def _looks_like_mask(relative: Path) -> bool:
@@ -613,8 +659,9 @@ def dataset_options(sub, what: str = "the dataset", *, required: bool = True) ->
     )
 
 
-def load_dataset_from_args(args, **kwargs):
-    """The dataset named by `dataset_options`' arguments (`kwargs`, e.g. split=..., go to the loader)."""
+def load_dataset_from_args(args, *, output_dir: str | os.PathLike | None = None, **kwargs):
+    """The dataset named by `dataset_options`' arguments (`kwargs`, e.g. split=..., go to the loader), less any
+    image under the command's `output_dir` (`without_outputs`)."""
     from ..data.loaders import load_benchmark
 
     explicit = {"normal_dirs": args.normal_dir, "abnormal_dirs": args.abnormal_dir, "mask_dirs": args.mask_dir}
@@ -636,7 +683,7 @@ def load_dataset_from_args(args, **kwargs):
             _log(str(warning.message))
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    return dataset
+    return dataset if output_dir is None else without_outputs(dataset, output_dir, f"--dataset {args.dataset}")
 
 
 def _write_json(path: Path, payload) -> None:

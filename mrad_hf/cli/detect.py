@@ -23,12 +23,13 @@ from .common import (
     _write_json,
     dataset_options,
     detector_from_args,
-    finite_float,
     image_size_int,
+    image_threshold,
     load_dataset_from_args,
     model_options,
     non_negative_int,
     seed_int,
+    without_outputs,
 )
 
 __all__ = ["register"]
@@ -141,8 +142,8 @@ def cmd_predict(args) -> int:
     from ..tools.visualization import save_panel
 
     _, detect = _detector_pipeline(detector)
-    paths = _collect_images(args.inputs)
     output_dir = Path(args.output_dir)
+    paths = _collect_images(args.inputs, output_dir=output_dir)
     # issue 13 §4-5: a fingerprinted run folder; per-image results appended to scores.jsonl as they are computed
     settings = {"threshold": args.threshold, "stretch": args.stretch, "dtype": str(detector.dtype)}
     images = run_folder.dataset_identity([os.path.abspath(path) for path in paths])
@@ -380,7 +381,9 @@ def cmd_evaluate(args) -> int:
     elif args.bank_from:
         if not args.bank_root:
             raise CLIError("--bank-from needs --bank-root (the auxiliary dataset's folder).")
-        auxiliary = load_benchmark(args.bank_from, args.bank_root)
+        auxiliary = without_outputs(
+            load_benchmark(args.bank_from, args.bank_root), output_dir, f"--bank-from {args.bank_from}"
+        )
         _log(f"Building the memory bank from {len(auxiliary)} {args.bank_from} test images")
         bank = _build_bank_from(
             detector, auxiliary, source=args.bank_from, batch_size=args.batch_size, on_error=args.on_error
@@ -397,7 +400,7 @@ def cmd_evaluate(args) -> int:
         raise CLIError(
             "No memory bank: pass --bank FILE, --bank-from NAME --bank-root DIR, or a --model saved with a bank."
         )
-    dataset = load_dataset_from_args(args)
+    dataset = load_dataset_from_args(args, output_dir=output_dir)
     _log(
         f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}"
     )
@@ -507,7 +510,7 @@ def register(commands) -> None:
     predict.add_argument("--output-dir", default="outputs/predict", help="where scores.json and heatmaps/ go")
     predict.add_argument(
         "--threshold",
-        type=finite_float,
+        type=image_threshold,
         help="image score above which an image is labelled anomalous (default: the model's calibration, if any)",
     )
     predict.add_argument("--stretch", action="store_true", help="stretch each heatmap to its own min-max")

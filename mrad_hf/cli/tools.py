@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from . import common as _cli  # the shared helpers
-from .common import finite_float, model_options, port_int, positive_int, probability, unit_interval
+from .common import image_threshold, model_options, port_int, positive_int, probability, unit_interval
 
 __all__ = ["register"]
 
@@ -249,7 +249,8 @@ def cmd_explain(args) -> int:
     detect = detector_for(detector)
     output_dir = Path(args.output_dir)
     records, notes = [], []
-    for index, path in enumerate(tqdm(_cli._collect_images(args.images), desc="Explaining", unit="img")):
+    paths = _cli._collect_images(args.images, output_dir=output_dir)
+    for index, path in enumerate(tqdm(paths, desc="Explaining", unit="img")):
         image = detect.image_processor.load(path)
         result = detect(image, explain=True, top_k=args.top_k, threshold=args.threshold)
         panel = save_explanation(
@@ -327,7 +328,7 @@ def _dedup_options(sub) -> None:
 
 def _threshold_option(sub) -> None:
     sub.add_argument(
-        "--threshold", type=finite_float, help="image threshold (default: the model's calibration, if any)"
+        "--threshold", type=image_threshold, help="image threshold (default: the model's calibration, if any)"
     )
 
 

@@ -14,6 +14,9 @@ Mask pairing. Masks are matched to images by file stem, ignoring case, extension
 images and masks are paired in sorted order, as the official MRAD json generators do, with a warning. A partial
 match raises :class:`~mrad_hf.data.layouts.DatasetLayoutError`. :func:`pair_image_files` pairs named image files
 and folders with their masks by the folder loader's rules. Nothing here decodes a file.
+
+Paths read from a file's content (a split csv's rows, a bank's image ids) go through :func:`path_in_root`, the one
+containment rule: relative, no ``..``, inside the root the user named once symlinks are resolved.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ __all__ = [
     "FolderScan",
     "IgnoredFile",
     "IgnoredFilesWarning",
+    "PathOutsideRoot",
     "classify_file",
     "ignored_summary",
     "pair_image_files",
+    "path_in_root",
     "scan_folder",
 ]
 
@@ -67,6 +72,38 @@ def _require_file(path: Path, doc: LayoutDoc) -> Path:
     if not path.is_file():
         raise doc.error(f"file {path} not found.", missing=path)
     return path
+
+
+class PathOutsideRoot(ValueError):
+    """A path read from a file's content (a split csv's row, a bank's image id) that would open a file outside the
+    root the user named. ``kind``: ``"absolute"``, ``"parent"`` (a ``..`` part), ``"symlink"`` or ``"unusable"``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def path_in_root(root: str | os.PathLike[str], relative: str) -> Path:
+    """``root / relative`` for a path read from a file's content, or :class:`PathOutsideRoot`.
+
+    The one containment rule for such paths: nothing a file says opens a file outside the root the user named. The
+    path must be relative, have no ``..`` part and stay inside ``root`` once symlinks are resolved (a symlinked parent
+    folder included). The lexical path is returned, so that ids stay relative to ``root``. Nothing is opened.
+    """
+    text = os.fspath(relative)
+    posix = text.replace("\\", "/")
+    if posix.startswith(("/", "~")) or (len(text) > 1 and text[1] == ":") or os.path.isabs(text):
+        raise PathOutsideRoot("an absolute path", "absolute")
+    if ".." in posix.split("/"):
+        raise PathOutsideRoot("a '..' part leaves the root", "parent")
+    candidate = Path(root) / text
+    try:
+        inside = candidate.resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError, ValueError) as error:  # a NUL byte, a symlink loop
+        raise PathOutsideRoot(f"not a usable path ({error})", "unusable") from None
+    if not inside:
+        raise PathOutsideRoot("a symlink leads out of the root", "symlink")
+    return candidate
 
 
 def _is_visible(name: str) -> bool:

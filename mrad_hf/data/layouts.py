@@ -105,7 +105,8 @@ class ClassFolders:
 class SplitCsv:
     """A csv of ``object, split, label, image, mask`` rows (paths relative to the root, label normal / anomaly).
 
-    Anomalous rows get ``defect_type="defect"``. Without the csv, a root with ``<root>/<category>/test/`` is read
+    A path that is absolute or leaves the root (``..``, a symlink) is refused (``files.path_in_root``). Anomalous rows
+    get ``defect_type="defect"``. Without the csv, a root with ``<root>/<category>/test/`` is read
     as ``converted`` (anomalib's converted VisA) with the splits ``train`` and ``test``.
     """
 

@@ -133,6 +133,7 @@ from .files import (  # noqa: E402, F401 - finding and classifying files, re-exp
     FolderScan,
     IgnoredFile,
     IgnoredFilesWarning,
+    PathOutsideRoot,
     _has_mask_suffix,
     _index_masks,
     _list_images,
@@ -144,6 +145,7 @@ from .files import (  # noqa: E402, F401 - finding and classifying files, re-exp
     classify_file,
     ignored_summary,
     pair_image_files,
+    path_in_root,
     scan_folder,
 )
 from .layouts import (  # noqa: E402, F401 - the registry and its categories, re-exported here
@@ -490,26 +492,46 @@ def _class_folder_categories(layout: DatasetLayout, root: Path) -> dict[str, Pat
     return found
 
 
-def _read_csv_rows(path: Path, columns: Sequence[str], doc: LayoutDoc) -> list[dict[str, str]]:
+def _read_csv_rows(path: Path, columns: Sequence[str], doc: LayoutDoc) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` for every data row of the csv at ``path``, which must have ``columns``."""
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = [name.strip() for name in reader.fieldnames or []]
         missing = [name for name in columns if name not in header]
         if missing:
             raise doc.error(f"{path} lacks the column(s) {', '.join(missing)}; it has {', '.join(header)}.", path)
-        return [{key.strip(): (value or "").strip() for key, value in row.items() if key} for row in reader]
+        return [
+            (reader.line_num, {key.strip(): (value or "").strip() for key, value in row.items() if key})
+            for row in reader
+        ]
 
 
-def _csv_row(root: Path, record: Mapping[str, str], layout: DatasetLayout, csv_name: str) -> _Row:
+def _csv_file(
+    root: Path, record: Mapping[str, str], column: str, layout: DatasetLayout, csv_path: Path, line: int
+) -> Path:
+    """The existing file that ``record[column]`` (line ``line`` of ``csv_path``) names inside ``root``: the one rule
+    for paths read from a file, :func:`path_in_root`."""
+    try:
+        return _require_file(path_in_root(root, record[column]), layout)
+    except (PathOutsideRoot, OSError) as error:  # OSError: a name the system refuses (too long)
+        problem = f"{csv_path} line {line}: the {column} path {record[column]!r} is not a file inside the dataset root"
+        raise layout.error(
+            f"{problem} {root}/ ({error}); csv paths must be relative to the root and stay inside it.", csv_path
+        ) from None
+
+
+def _csv_row(root: Path, line: int, record: Mapping[str, str], layout: DatasetLayout, csv_path: Path) -> _Row:
     label = record["label"]
     if label not in LABEL_NAMES:
-        raise layout.error(f"unknown label {label!r} in {csv_name} (expected 'normal' or 'anomaly').")
-    image = _require_file(root / record["image"], layout)
+        raise layout.error(f"unknown label {label!r} in {csv_path} line {line} (expected 'normal' or 'anomaly').")
+    image = _csv_file(root, record, "image", layout, csv_path, line)
     if label == "normal":
         return _Row(record["object"], NORMAL_DEFECT_TYPE, image, None)
     if not record["mask"]:
-        raise layout.error(f"anomalous image {record['image']} has no mask entry in {csv_name}.")
-    return _Row(record["object"], UNSPECIFIED_DEFECT_TYPE, image, _require_file(root / record["mask"], layout))
+        raise layout.error(f"anomalous image {record['image']} has no mask entry in {csv_path} line {line}.")
+    return _Row(
+        record["object"], UNSPECIFIED_DEFECT_TYPE, image, _csv_file(root, record, "mask", layout, csv_path, line)
+    )
 
 
 def _split_csv_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Path], split: str) -> _Listing:
@@ -519,9 +541,9 @@ def _split_csv_rows(layout: DatasetLayout, root: Path, folders: Mapping[str, Pat
         _check_split(split, TRAIN_TEST, layout)
         return _class_folder_rows(replace(layout, rows=strategy.converted), root, folders, split)
     records = _read_csv_rows(_require_file(csv_path, layout), strategy.columns, layout)
-    _check_split(split, sorted({record["split"] for record in records}), layout)
-    selected = [record for record in records if record["split"] == split and record["object"] in folders]
-    rows = [_csv_row(root, record, layout, strategy.csv) for record in selected]
+    _check_split(split, sorted({record["split"] for _, record in records}), layout)
+    selected = [(line, record) for line, record in records if record["split"] == split and record["object"] in folders]
+    rows = [_csv_row(root, line, record, layout, csv_path) for line, record in selected]
     found = {row.category for row in rows}
     absent = [category for category in folders if category not in found]
     if absent:

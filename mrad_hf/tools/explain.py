@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..data.files import PathOutsideRoot, path_in_root
 from ..memory.files import atomic_write
 from ..memory.tools import provenance
 from ..models.mrad.memory_bank_mrad import MemoryBank
@@ -133,30 +134,38 @@ def _is_absolute(image_id: str) -> bool:
     )
 
 
-def resolve_thumbnail(image_id: str | None, image_root: str | os.PathLike | None) -> tuple[Path | None, str | None]:
-    """(the file to draw, None), or (None, a one-line note why there is no thumbnail).
+_OUTSIDE_NOTES = {
+    "absolute": "absolute image id, not read",
+    "parent": "image id leaves the image root",
+    "symlink": "image id leaves the image root (symlink)",
+}
 
-    Only a relative id without `..` that resolves (symlinks followed) to a regular file inside `image_root` is drawn.
+
+def resolve_thumbnail(image_id: str | None, image_root: str | os.PathLike | None) -> tuple[Path | None, str | None]:
+    """(the file to draw, None), or (None, a one-line note why there is no thumbnail); never raises.
+
+    Only a relative id without `..` that resolves (symlinks followed) to a regular file inside `image_root` is drawn
+    (`data.files.path_in_root`, the one rule for paths read from a file). An id the system cannot use (a NUL byte, a
+    name over the file-name limit) is a note too: one bad entry never stops a run.
     """
     if image_root is None:
         return None, "no image root given"
     if not image_id:
         return None, "entry has no image id"
-    if _is_absolute(image_id):
-        return None, "absolute image id, not read"
-    if ".." in image_id.replace("\\", "/").split("/"):
-        return None, "image id leaves the image root"
     try:
         root = Path(image_root).resolve(strict=True)
-        candidate = (root / image_id).resolve()
-    except (OSError, RuntimeError):
-        return None, "image root or file not found"
-    if not candidate.is_relative_to(root):
-        return None, "image id leaves the image root (symlink)"
-    if not candidate.exists():
-        return None, "file not found under the image root"
-    if not candidate.is_file():
-        return None, "not a regular file"
+    except (OSError, RuntimeError, ValueError):
+        return None, "image root not found"
+    try:
+        candidate = path_in_root(root, str(image_id)).resolve()
+        if not candidate.exists():
+            return None, "file not found under the image root"
+        if not candidate.is_file():
+            return None, "not a regular file"
+    except PathOutsideRoot as error:
+        return None, _OUTSIDE_NOTES.get(error.kind, "unusable image id")
+    except (OSError, RuntimeError, ValueError) as error:  # e.g. ENAMETOOLONG from exists()
+        return None, f"unusable image id ({getattr(error, 'strerror', None) or type(error).__name__})"
     return candidate, None
 
 

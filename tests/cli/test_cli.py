@@ -11,7 +11,7 @@ from PIL import Image
 
 from mrad_hf import MRADImageProcessor
 from mrad_hf.cli.main import main
-from mrad_hf.memory import load_bank
+from mrad_hf.memory import build_memory_bank, load_bank
 
 
 @pytest.fixture
@@ -255,3 +255,48 @@ def test_folder_inputs_skip_ground_truth_masks(tmp_path, capsys):
     found = _collect_images([str(tmp_path)])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["test/good/000.png", "test/hole/001.png"]
     assert "Skipping 2 ground-truth mask file(s)" in capsys.readouterr().out
+
+
+def test_a_command_s_output_folder_is_never_read_as_its_input(tmp_path, capsys):
+    """An output folder inside an input folder is skipped with a count (a rerun scores the same images, not its own
+    heatmaps, even through a symlink); an input folder inside or equal to the output folder is refused."""
+    from mrad_hf.cli.common import CLIError, _collect_images
+
+    model = make_tiny_model()
+    build_memory_bank(model, make_samples(4, seed=51), source="test", progress=False)
+    model.save_pretrained(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, sample in enumerate(make_samples(2, seed=52)):
+        Image.fromarray(sample["image"]).save(images / f"q{index}.png")
+    out = images / "out"
+    for _ in range(2):
+        assert main(["predict", "--model", str(tmp_path / "model"), str(images), "--output-dir", str(out)]) == 0
+        summary = json.loads((out / "scores.json").read_text())
+        assert [Path(r["path"]).name for r in summary["results"]] == ["q0.png", "q1.png"] and not summary["failures"]
+    assert len(list((out / "heatmaps").iterdir())) == 2
+    assert "Skipping 5 file(s) under" in capsys.readouterr().out  # 2 heatmaps, run.json, scores.json, scores.jsonl
+    (images / "link").symlink_to(out, target_is_directory=True)  # the outputs reached another way are outputs too
+    assert [p.name for p in _collect_images([str(images)], output_dir=out)] == ["q0.png", "q1.png"]
+    assert len(_collect_images([str(images)])) == 2 + 2 + 2  # without the rule: both heatmap copies are "inputs"
+    for output_dir in (images, tmp_path):
+        with pytest.raises(CLIError, match="inside the output folder"):
+            _collect_images([str(images)], output_dir=output_dir)
+    assert [p.name for p in _collect_images([str(images / "q0.png")], output_dir=images)] == ["q0.png"]  # named file
+
+
+def test_dataset_rows_in_the_output_folder_are_left_out(tmp_path, capsys):
+    from mrad_hf.cli.common import CLIError, without_outputs
+    from mrad_hf.data.loaders import load_folder
+
+    root = tmp_path / "widget"
+    for relative in ("good/000.png", "good/001.png", "hole/002.png"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / relative)
+    dataset = load_folder(root)
+    kept = without_outputs(dataset, root / "hole", "--dataset folder")
+    assert sorted(kept["id"]) == ["good/000.png", "good/001.png"]
+    assert "Leaving out 1 image(s) of --dataset folder" in capsys.readouterr().out
+    assert without_outputs(dataset, root / "out", "--dataset folder") is dataset
+    with pytest.raises(CLIError, match="Every image of --dataset folder is inside the output folder"):
+        without_outputs(dataset, root, "--dataset folder")

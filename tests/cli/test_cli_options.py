@@ -173,6 +173,10 @@ def test_dedup_default_agrees_with_the_bank_tools():
         (["predict", "--batch-size", "two", "x.png"], "--batch-size"),
         (["predict", "--threshold", "nan", "x.png"], "--threshold"),
         (["predict", "--threshold", "inf", "x.png"], "--threshold"),
+        (["predict", "--threshold", "-1", "x.png"], "--threshold"),  # image scores are in [0, 2]
+        (["predict", "--threshold", "2.5", "x.png"], "--threshold"),
+        (["explain", "--threshold", "-0.1", "x.png"], "--threshold"),
+        (["serve", "--threshold", "3"], "--threshold"),
         (["predict", "--image-size", "100000", "x.png"], "--image-size"),
         (
             [
@@ -227,6 +231,18 @@ def test_out_of_bounds_values_are_parse_errors_that_name_the_option(argv, option
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit.value.code == 2 and f"argument {option}" in err
     assert len(err.split("error:", 1)[1].strip()) > 10  # a real message, not an empty `error:` line
+
+
+def test_image_thresholds_take_the_whole_score_range_and_name_it(capsys):
+    """Every --threshold takes image scores' range [0, 2], ends included, and the refusal states that range."""
+    parser = build_parser()
+    commands = dict(_commands(parser))
+    for path in [("predict",), ("explain",), ("serve",)]:
+        action = next(action for action in commands[path]._actions if "--threshold" in action.option_strings)
+        assert [action.type(text) for text in ("0", "1.25", "2")] == [0.0, 1.25, 2.0], path
+    with pytest.raises(SystemExit):
+        main(["predict", "--threshold", "2.0001", "x.png"])
+    assert "in [0, 2]" in capsys.readouterr().err
 
 
 def test_an_error_without_a_message_still_says_something():

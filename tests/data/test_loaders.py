@@ -310,6 +310,48 @@ def test_visa_missing_image_named(tmp_path: Path) -> None:
     assert_layout_error(lambda: load_visa(tmp_path, ["pcb1"]), image)
 
 
+@pytest.mark.parametrize(
+    "column, entry, why",
+    [
+        ("image", "../outside/secret.JPG", "'..' part"),
+        ("image", "{outside}/secret.JPG", "absolute path"),
+        ("mask", "{outside}/secret_mask.png", "absolute path"),
+        ("image", "candle/link/secret.JPG", "symlink"),  # a symlinked folder inside the root that leads out of it
+        ("image", "candle/" + "x" * 300 + ".JPG", "too long"),
+    ],
+)
+def test_visa_csv_paths_must_stay_inside_the_root(tmp_path: Path, column: str, entry: str, why: str) -> None:
+    """A csv row naming a file outside --data-root is refused, naming the csv, the line and the path; nothing is read."""
+    root, outside = tmp_path / "visa", tmp_path / "outside"
+    make_visa(root)
+    write_image(outside / "secret.JPG"), write_mask(outside / "secret_mask.png", value=1)
+    (root / "candle" / "link").symlink_to(outside, target_is_directory=True)
+    csv_path = root / "split_csv" / "1cls.csv"
+    lines = csv_path.read_text().splitlines(keepends=True)
+    number, line = next((n, text) for n, text in enumerate(lines, 1) if text.startswith("candle,test,anomaly"))
+    fields = line.rstrip("\n").split(",")
+    fields[3 if column == "image" else 4] = entry.format(outside=outside)
+    lines[number - 1] = ",".join(fields) + "\n"
+    csv_path.write_text("".join(lines))
+    error = assert_layout_error(lambda: load_visa(root, ["candle"]), csv_path)
+    assert f"{csv_path} line {number}: the {column} path {entry.format(outside=outside)!r}" in str(error)
+    assert why in str(error) and error.missing == csv_path
+
+
+def test_visa_csv_paths_inside_the_root_may_go_through_symlinks(tmp_path: Path) -> None:
+    """The root itself a symlink, or a symlinked folder that stays inside it: read as before, ids unchanged."""
+    make_visa(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    images = tmp_path / "real" / "candle" / "Data" / "Images"
+    (images / "Mirror").symlink_to(images / "Normal", target_is_directory=True)
+    csv_path = tmp_path / "real" / "split_csv" / "1cls.csv"
+    csv_path.write_text(
+        csv_path.read_text().replace("candle/Data/Images/Normal/0001", "candle/Data/Images/Mirror/0001")
+    )
+    dataset = load_visa(tmp_path / "link", ["candle"])
+    assert sorted(dataset["id"]) == ["candle/Data/Images/Anomaly/000.JPG", "candle/Data/Images/Mirror/0001.JPG"]
+
+
 def test_visa_csv_without_requested_category(tmp_path: Path) -> None:
     make_visa(tmp_path)
     assert_layout_error(lambda: load_visa(tmp_path), tmp_path / "split_csv" / "1cls.csv")

@@ -11,7 +11,7 @@ from transformers import pipeline
 from mrad_hf import MRADImageProcessor
 from mrad_hf.memory import build_memory_bank
 from mrad_hf.memory.tools import image_ids, provenance
-from mrad_hf.tools.explain import explain_images, render_explanation, save_explanation
+from mrad_hf.tools.explain import explain_images, render_explanation, resolve_thumbnail, save_explanation
 
 
 @pytest.fixture
@@ -190,6 +190,39 @@ def test_thumbnails_are_read_only_inside_the_image_root(tiny_model, tmp_path):
     )
     good = [rank for rank, e in enumerate(explanation["image"]["neighbours"]) if e["image_id"] == "good.png"][0]
     assert np.all(_tile(panel, good, tile) == 225, axis=-1).mean() > 0.8
+
+
+def test_unusable_image_ids_are_placeholders_and_the_run_goes_on(tiny_model, tmp_path):
+    """Ids the system refuses (a NUL byte, a name over the 255-byte limit, in characters or in UTF-8 bytes) are
+    placeholder tiles with a note: resolving them never raises, and the panel is written."""
+    rows = make_samples(4, seed=36)
+    Image.fromarray(rows[0]["image"]).save(tmp_path / "good.png")
+    ids = ["good.png", "bad\0id.png", "x" * 300 + ".png", "\u00e9" * 200 + ".png"]  # the last: 400 bytes
+    build_memory_bank(tiny_model, rows, source="files", progress=False)
+    bank = tiny_model.get_memory_bank()
+    bank.metadata["image_ids"] = ids
+    tiny_model.set_memory_bank(bank)
+    assert resolve_thumbnail(ids[1], tmp_path) == (None, "unusable image id")
+    assert resolve_thumbnail(ids[2], tmp_path) == (None, "unusable image id (File name too long)")
+    assert resolve_thumbnail(ids[3], tmp_path) == (None, "unusable image id (File name too long)")
+    assert resolve_thumbnail("good.png", tmp_path) == ((tmp_path / "good.png").resolve(), None)
+    query = MRADImageProcessor.from_config(tiny_model.config)(rows[0]["image"])["pixel_values"]
+    explanation = explain_images(tiny_model, query, top_k=4)[0]
+    notes = []
+    save_explanation(
+        tmp_path / "panel.png",
+        Image.fromarray(rows[0]["image"]),
+        np.zeros((8, 8), np.float32),
+        explanation,
+        tile=96,
+        image_root=tmp_path,
+        notes=notes,
+    )
+    assert (tmp_path / "panel.png").is_file()
+    assert {note.split("': ", 1)[1] for note in notes} == {
+        "unusable image id",
+        "unusable image id (File name too long)",
+    }
 
 
 def test_bad_thumbnails_are_placeholders_and_the_run_goes_on(tiny_model, tmp_path, monkeypatch):
