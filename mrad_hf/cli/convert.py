@@ -43,4 +43,6 @@ def register(commands) -> None:
         description = getattr(options, f"{kind.upper()}_DESCRIPTION")
         sub = kinds.add_parser(kind, help=description, description=description)
         getattr(options, f"add_{kind}_arguments")(sub)
-        sub.set_defaults(handler=_runner(module))
+        sub.set_defaults(
+            handler=_runner(module), prog=f"mrad convert {kind}"
+        )  # errors: 'mrad convert <kind>: error: ...'

@@ -14,6 +14,7 @@ import hashlib
 import os
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,7 +30,7 @@ from .torchscript import (
     tensor_extent_problem,
 )
 
-__all__ = ["ConversionError", "load_torch_file", "sha256_of", "check_keys", "require_mapping"]
+__all__ = ["ConversionError", "load_torch_file", "sha256_of", "check_keys", "print_error", "require_mapping"]
 
 
 class ConversionError(ValueError):
@@ -201,3 +202,8 @@ def require_mapping(obj: Any, path: str | os.PathLike, what: str) -> Mapping:
             f"{what} '{path}' holds a {type(obj).__name__}, not a dict; this is not the official format."
         )
     return obj
+
+
+def print_error(args, error: BaseException) -> None:
+    """A converter's refusal as one line, `<program>: error: <message>` (`mrad convert clip: error: ...`)."""
+    print(f"{getattr(args, 'prog', 'mrad convert')}: error: {error}", file=sys.stderr)

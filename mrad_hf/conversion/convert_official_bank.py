@@ -27,7 +27,14 @@ from pathlib import Path
 
 import torch
 
-from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping, sha256_of
+from mrad_hf.conversion.common import (
+    ConversionError,
+    check_keys,
+    load_torch_file,
+    print_error,
+    require_mapping,
+    sha256_of,
+)
 from mrad_hf.conversion.options import BANK_DESCRIPTION as DESCRIPTION
 from mrad_hf.conversion.options import add_bank_arguments as add_arguments
 
@@ -199,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             image_cache, patch_cache, args.output, model=args.model, source=args.source or args.dataset
         )
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
-        print(f"error: {error}", file=sys.stderr)
+        print_error(args, error)
         return 2
     print(f"Wrote {args.output}: {bank}")
     return 0
@@ -210,6 +217,7 @@ def main(argv=None) -> int:
         prog="python -m mrad_hf.conversion.convert_official_bank", description=DESCRIPTION
     )
     add_arguments(parser)
+    parser.set_defaults(prog=parser.prog)
     return run(parser.parse_args(argv))
 
 

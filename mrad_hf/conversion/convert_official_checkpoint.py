@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping
+from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, print_error, require_mapping
 from mrad_hf.conversion.options import CHECKPOINT_DESCRIPTION as DESCRIPTION
 from mrad_hf.conversion.options import add_checkpoint_arguments as add_arguments
 
@@ -229,7 +229,9 @@ def convert_official_checkpoint(
     if output_dir is not None:
         from mrad_hf.memory.files import MODEL_FOLDER, atomic_directory
 
-        with atomic_directory(output_dir, MODEL_FOLDER) as staging:  # an interrupted conversion leaves no half-written folder
+        with atomic_directory(
+            output_dir, MODEL_FOLDER
+        ) as staging:  # an interrupted conversion leaves no half-written folder
             model.save_pretrained(staging)
     return model.eval()
 
@@ -240,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, args.output_dir, clip=args.clip, bank=args.bank, image_size=args.image_size
         )
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
-        print(f"error: {error}", file=sys.stderr)
+        print_error(args, error)
         return 2
     report = model.conversion_report
     print(
@@ -256,6 +258,7 @@ def main(argv=None) -> int:
         prog="python -m mrad_hf.conversion.convert_official_checkpoint", description=DESCRIPTION
     )
     add_arguments(parser)
+    parser.set_defaults(prog=parser.prog)
     return run(parser.parse_args(argv))
 
 

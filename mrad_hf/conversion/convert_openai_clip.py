@@ -32,7 +32,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, require_mapping
+from mrad_hf.conversion.common import ConversionError, check_keys, load_torch_file, print_error, require_mapping
 from mrad_hf.conversion.options import CLIP_DESCRIPTION as DESCRIPTION
 from mrad_hf.conversion.options import add_clip_arguments as add_arguments
 
@@ -243,7 +243,9 @@ def convert_openai_clip(
     if output_dir is not None:
         from mrad_hf.memory.files import CLIP_FOLDER, atomic_directory
 
-        with atomic_directory(output_dir, CLIP_FOLDER) as staging:  # an interrupted conversion leaves no half-written folder
+        with atomic_directory(
+            output_dir, CLIP_FOLDER
+        ) as staging:  # an interrupted conversion leaves no half-written folder
             model.save_pretrained(staging)
     return model
 
@@ -254,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, args.output_dir, vision_heads=args.vision_heads, text_heads=args.text_heads
         )
     except (ConversionError, OSError, ValueError) as error:  # bad input files, paths, banks: one clear line
-        print(f"error: {error}", file=sys.stderr)
+        print_error(args, error)
         return 2
     vision = model.config.vision_config
     print(
@@ -267,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mrad_hf.conversion.convert_openai_clip", description=DESCRIPTION)
     add_arguments(parser)
+    parser.set_defaults(prog=parser.prog)
     return run(parser.parse_args(argv))
 
 

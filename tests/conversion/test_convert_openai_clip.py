@@ -214,8 +214,13 @@ def test_every_refusal_names_the_file_and_the_cli_prints_one_line(tmp_path, caps
     torch.save(state, path)
     assert main([str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: OpenAI CLIP checkpoint '{path}': ") and err.count("\n") == 1, err
+    program = "python -m mrad_hf.conversion.convert_openai_clip"
+    assert err.startswith(f"{program}: error: OpenAI CLIP checkpoint '{path}': ") and err.count("\n") == 1, err
     assert re.search(message, err), err
+    from mrad_hf.cli.main import main as mrad
+
+    assert mrad(["convert", "clip", str(path), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == err.replace(program, "mrad convert clip")  # the CLI's one-line form
     assert not (tmp_path / "out").exists()
 
 
