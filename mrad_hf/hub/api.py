@@ -29,7 +29,9 @@ is the command-line front end.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -179,7 +181,13 @@ def explain_download_error(
 def load_model(name: str | os.PathLike, **kwargs):
     """`MRADForAnomalyDetection.from_pretrained` that also takes the short names (`"mrad-tf"`, `SHORT_NAMES`); a local
     folder of that name wins. Any download failure becomes a `HubDownloadError` that says what was tried and how to work
-    offline. transformers' `from_pretrained` / `AutoModel` / `pipeline` take full ids (`resolve_model_id` maps one)."""
+    offline. transformers' `from_pretrained` / `AutoModel` / `pipeline` take full ids (`resolve_model_id` maps one).
+
+    A config.json whose sizes do not fit the weights (an edited `image_bank_size`, vision `hidden_size`, ...) is one
+    `ValueError` naming the folder, instead of transformers' LOAD REPORT and its advice to pass a Python argument.
+    """
+    from transformers.modeling_utils import logger as loading_logger
+
     from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
 
     name = resolve_model_id(
@@ -188,12 +196,60 @@ def load_model(name: str | os.PathLike, **kwargs):
         cache_dir=kwargs.get("cache_dir"),
         local_files_only=kwargs.get("local_files_only", False),
     )
+    held, mismatch = _HeldLoadReports(), None
+    loading_logger.addFilter(held)
     try:
         return MRADForAnomalyDetection.from_pretrained(name, **kwargs)
     except OSError as error:
         raise explain_download_error(
             name, error, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")
         ) from error
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        mismatch = error
+    finally:
+        loading_logger.removeFilter(held)
+        for record in held.records if mismatch is None else ():  # the report of any other outcome is shown as is
+            loading_logger.handle(record)
+    raise ValueError(
+        f"Model '{name}': its config.json does not match its model.safetensors (tensor shapes differ{held.mismatched()})"
+        ": config.json was edited or comes from another save. Restore config.json, or re-save the model."
+    ) from mismatch
+
+
+class _HeldLoadReports(logging.Filter):
+    """Holds back transformers' LOAD REPORT while `load_model` runs: a size mismatch becomes one error instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" not in str(record.msg):
+            return True
+        self.records.append(record)
+        return False
+
+    def mismatched(self) -> str:
+        """': key [36, 128] saved vs [30, 128] configured; ...' for (up to three of) the report's MISMATCH rows."""
+        rows = sorted(
+            re.findall(
+                r"^(\S+)\s*\|.*?MISMATCH.*?ckpt: torch\.Size\((\[.*?\])\) vs model:\s*torch\.Size\((\[.*?\])\)",
+                "\n".join(record.getMessage() for record in self.records),
+                flags=re.MULTILINE,
+            )
+        )
+        shown = [f"{key} {saved} saved vs {expected} configured" for key, saved, expected in rows[:3]]
+        more = [f"{len(rows) - 3} more"] if len(rows) > 3 else []
+        return ": " + "; ".join(shown + more) if shown else ""
+
+
+#: The preprocessing settings a model's bank was built with (the config's processor): a saved processor that
+#: differs in any of them would score images the bank never saw (edited file, or one from another model).
+_PREPROCESSING_FIELDS = (
+    "do_resize size resample do_center_crop do_convert_rgb do_rescale rescale_factor do_normalize image_mean image_std"
+).split()
 
 
 def load_detector_bundle(name: str | os.PathLike, *, backend: str | None = None, **kwargs):
@@ -201,14 +257,15 @@ def load_detector_bundle(name: str | os.PathLike, *, backend: str | None = None,
     one saved beside the weights (`preprocessor_config.json`, as `pipeline(model=folder)` reads it; the config's
     defaults when the folder has none). The pipeline, the CLI and the app all score through this pair, so one
     folder gives one score everywhere. `kwargs` go to `from_pretrained`; `backend` ("pil" default, "torchvision")
-    to `AutoImageProcessor`.
+    picks `MRADImageProcessor` or `MRADImageProcessorFast`.
 
-    Raises `ValueError` when the saved processor does not fit the model (another input size, not MRAD's processor).
+    Safe by construction: the file is read as JSON and MRAD's own classes are built from it, so a folder's code
+    (`auto_map`) never runs and never prompts. Raises `ValueError` when the saved processor is not MRAD's or its
+    resize / rescale / normalise settings differ from the config's processor (the one the bank was built with).
     """
-    from transformers import AutoImageProcessor
     from transformers.utils import cached_file
 
-    from ..models.mrad.image_processing_mrad import MRADImageProcessor
+    from ..models.mrad.image_processing_mrad import MRADImageProcessor, MRADImageProcessorFast
 
     model = load_model(name, **kwargs)
     hub = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only", "token") if key in kwargs}
@@ -221,18 +278,45 @@ def load_detector_bundle(name: str | os.PathLike, *, backend: str | None = None,
     saved = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub)
     if saved is None:
         return model, MRADImageProcessor.from_config(model.config)
-    processor = AutoImageProcessor.from_pretrained(source, backend=backend, **hub)
-    if not hasattr(processor, "post_process_anomaly_detection"):
+    kind = _read_json_object(saved).get("image_processor_type")
+    if kind not in ("MRADImageProcessor", "MRADImageProcessorFast"):
         raise ValueError(
-            f"{saved} holds a {type(processor).__name__}, not MRAD's image processor; re-save the model "
-            "with save_pretrained (it writes the matching preprocessor_config.json) or delete the file."
+            f"{saved} names image_processor_type {kind!r}, not MRAD's image processor ('MRADImageProcessor'); re-save "
+            "the model with save_pretrained (it writes the matching preprocessor_config.json) or delete the file."
         )
-    if processor.image_size != model.config.image_size:
+    processor_class = MRADImageProcessorFast if backend == "torchvision" else MRADImageProcessor
+    processor = processor_class.from_pretrained(source, **hub)
+    loaded, expected = (_plain(p.to_dict()) for p in (processor, processor_class.from_config(model.config)))
+    edited = [
+        f"{key} {loaded.get(key)} in the file vs {expected.get(key)} from config.json"
+        for key in _PREPROCESSING_FIELDS
+        if loaded.get(key) != expected.get(key)
+    ]
+    if edited:
         raise ValueError(
-            f"{saved} resizes to {processor.image_size} x {processor.image_size} but the model's config.json "
-            f"has image_size {model.config.image_size}; re-save the model with save_pretrained or fix the file."
+            f"{saved} and the model's config.json (which its memory bank was built with) disagree on preprocessing: "
+            f"{'; '.join(edited)}. Restore the edited file, or re-save the model with save_pretrained (it writes the "
+            "processor config.json describes)."
         )
     return model, processor
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    """A JSON object file; any other content (unreadable, not an object, nested too deeply) names the file."""
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}); restore it or re-save the model.") from error
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(content).__name__}, not an object; restore it or re-save the model."
+        )
+    return content
+
+
+def _plain(value):
+    """JSON's view of a value (tuples as lists, enums as numbers), so that two processors' settings compare."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def pull_model(

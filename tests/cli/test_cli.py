@@ -300,3 +300,55 @@ def test_dataset_rows_in_the_output_folder_are_left_out(tmp_path, capsys):
     assert without_outputs(dataset, root / "out", "--dataset folder") is dataset
     with pytest.raises(CLIError, match="Every image of --dataset folder is inside the output folder"):
         without_outputs(dataset, root, "--dataset folder")
+
+
+def test_a_multi_frame_image_is_one_warning_line_naming_it(model_with_bank, tmp_path, capsys):
+    model_with_bank.save_pretrained(tmp_path / "model")
+    (tmp_path / "in").mkdir()
+    frames = [Image.fromarray(s["image"]) for s in make_samples(3, seed=23)]
+    frames[0].save(tmp_path / "in" / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "in" / "still.png")
+    args = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "in"), "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    lines = [line.split("\r")[-1] for line in err.splitlines() if "frame" in line]  # after any progress bar redraw
+    expected = (
+        f"WARNING: Image '{tmp_path / 'in' / 'anim.gif'}': scoring frame 1 of 3, the rest ignored (split the file"
+    )
+    assert len(lines) == 1 and lines[0].startswith(expected) and "UserWarning" not in err
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["scored"] == 2
+
+
+def test_hostile_or_edited_model_folders_are_one_error_line(model_with_bank, tmp_path, capfd, monkeypatch):
+    import io
+
+    folder, marker = tmp_path / "model", tmp_path / "ran.txt"
+    model_with_bank.save_pretrained(folder)
+    Image.fromarray(make_samples(1, seed=24)[0]["image"]).save(tmp_path / "q.png")
+    args = ["predict", "--model", str(folder), str(tmp_path / "q.png"), "--output-dir", str(tmp_path / "out")]
+    processor_file, config_file = folder / "preprocessor_config.json", folder / "config.json"
+    original = {path: path.read_text() for path in (processor_file, config_file)}
+    (folder / "evil_proc.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 5))  # a prompt, were there one, would be answered "yes"
+    edits = {  # file -> (edit, what the one error line says)
+        processor_file: [
+            (
+                {"auto_map": {"AutoImageProcessor": "evil_proc.P"}, "image_processor_type": "P"},
+                f"{processor_file} names image_processor_type 'P', not MRAD's image processor",
+            ),
+            ({"image_mean": [0, 0, 0]}, f"{processor_file} and the model's config.json"),
+        ],
+        config_file: [
+            ({"image_bank_size": 5}, f"Model '{folder}': its config.json does not match its model.safetensors"),
+        ],
+    }
+    for path, cases in edits.items():
+        for changes, message in cases:
+            path.write_text(json.dumps({**json.loads(original[path]), **changes}))
+            assert main(args) == 2
+            printed = capfd.readouterr()
+            lines = [line for line in printed.err.splitlines() if "error" in line]
+            assert len(lines) == 1 and lines[0].startswith(f"mrad predict: error: {message}")
+            assert "LOAD REPORT" not in printed.err and "custom code" not in printed.out + printed.err
+            path.write_text(original[path])
+    assert not marker.exists()

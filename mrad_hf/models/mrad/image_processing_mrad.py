@@ -5,12 +5,12 @@ Pixels are CLIP's: `MRADImageProcessor` is `CLIPImageProcessorPil` set to the re
 stretch to 518 x 518, no crop, /255, OpenAI mean/std), bit for bit; `MRADImageProcessorFast` is the optional
 torchvision backend (close to, not identical with, PIL's bicubic; used only with `backend="torchvision"`).
 MRAD adds one decoder for every entry point (`load_image`, by content; formats in `SUPPORTED_IMAGE_EXTENSIONS`, first
-frame of GIF/APNG/TIFF; EXIF orientation; palette, 1-bit, CMYK, 16/32-bit (by nominal range, where transformers'
-loader clips) and float images converted; alpha dropped after the resize as in the reference, where CLIP composites
-on white; URLs via `transformers.image_utils.load_image`; PIL's bomb guard, its warning band refused too) with one
-error, `MRADInputError`, naming the input and the fix; images under `min_image_side` are refused; masks (non-zero =
-anomalous, PIL bilinear resize, > `mask_threshold`, the reference's ground truth); `post_process_anomaly_detection`
-(maps at the original sizes, scores, masks, labels).
+frame of GIF/APNG/TIFF (warned); EXIF orientation; palette, 1-bit, CMYK, 16/32-bit (by nominal range, where
+transformers' loader clips) and float images converted; alpha dropped after the resize as in the reference, where CLIP
+composites on white; URLs via `transformers.image_utils.load_image`; PIL's bomb guard, its warning band refused too)
+with one error, `MRADInputError`, naming the input and the fix; images under `min_image_side` are refused; masks
+(non-zero = anomalous, PIL bilinear resize, > `mask_threshold`, the reference's ground truth);
+`post_process_anomaly_detection` (maps at the original sizes, scores, masks, labels).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _read(source: Any, name: str, timeout: float | None) -> Image.Image:
                 return image_utils.load_image(source, timeout=timeout)
             with Image.open(path if data is None else io.BytesIO(data)) as opened:
                 opened.load()
-                return opened.copy()
+                image, frames = opened.copy(), getattr(opened, "n_frames", 1)
     except Exception as error:  # noqa: BLE001 - decoders of untrusted bytes raise anything (struct.error, ...)
         if url:  # network errors, HTTP error pages, undecodable bodies
             message = f"Image URL {name} could not be fetched and decoded ({_one_line(error)}). Check the address"
@@ -169,6 +169,9 @@ def _read(source: Any, name: str, timeout: float | None) -> Image.Image:
             message = f"Image file {name} could not be decoded ({_one_line(error)}); it is probably truncated or "
             message += "corrupt. Re-export it as PNG or JPEG, or remove it."
         raise MRADInputError(message) from error
+    if frames > 1:  # animated GIF / APNG, multi-page TIFF: PIL decodes (and MRAD scores) the first frame only
+        warnings.warn(f"Image {name}: scoring frame 1 of {frames}, the rest ignored (split the file to score those).")
+    return image
 
 
 def load_image(source: ImageLike, *, exif_transpose: bool = True, timeout: float | None = None) -> Image.Image:

@@ -611,7 +611,7 @@ class MRADForAnomalyDetection(MRADPreTrainedModel):
 
 # ---------------------------------------------------------------------- helpers (module-private)
 def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> Any:
-    """A JSON file of a model folder or Hub repo; None when it has none."""
+    """The JSON object in a file of a model folder or Hub repo, None without the file; else an error naming it."""
     folder = Path(os.fspath(name_or_path))
     if folder.is_dir():
         path = folder / hub_kwargs.get("subfolder", "") / filename
@@ -620,11 +620,14 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, hub_kwargs: dict[
         options = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
         path = cached_file(os.fspath(name_or_path), filename, **options, **hub_kwargs)
     try:
-        return None if path is None else json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+        content = None if path is None else json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(content, (dict, type(None))):
+            raise ValueError(f"it holds a JSON {type(content).__name__}, not an object")
+    except (OSError, ValueError, RecursionError) as error:
         raise MemoryBankError(
-            f"'{path}' is not readable JSON ({error}); re-save the model or re-download it."
+            f"'{path}' is not a readable JSON object ({error}); re-save the model or re-download it."
         ) from error
+    return content
 
 
 def _prompt_token_ids_for(clip_config: CLIPConfig, tokenizer: Any, overrides: dict[str, Any]) -> list[list[int]]:

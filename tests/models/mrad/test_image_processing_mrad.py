@@ -311,10 +311,21 @@ def test_formats_beyond_png_and_jpeg_decode(tmp_path, extension, save_as):
     assert MRADImageProcessor(image_size=28)(path)["pixel_values"].shape == (1, 3, 28, 28)
 
 
-def test_animated_gif_gives_its_first_frame(tmp_path):
-    frames = [Image.new("RGB", (20, 20), colour) for colour in ((255, 0, 0), (0, 0, 255))]
-    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert load_image(tmp_path / "anim.gif").getpixel((5, 5)) == (255, 0, 0)
+@pytest.mark.parametrize("name, save_as", [("anim.gif", "GIF"), ("anim.png", "PNG"), ("pages.tiff", "TIFF")])
+def test_multi_frame_images_give_their_first_frame_with_one_warning(tmp_path, name, save_as):
+    frames = [Image.new("RGB", (20, 20), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / name, save_as, save_all=True, append_images=frames[1:])  # PNG: APNG
+    path = tmp_path / name
+    for source, shown in ((path, f"'{path}'"), (path.read_bytes(), "in-memory image bytes")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert load_image(source).getpixel((5, 5)) == (255, 0, 0)
+        expected = f"Image {shown}: scoring frame 1 of 3, the rest ignored (split the file to score those)."
+        assert [str(w.message) for w in caught] == [expected]
+    frames[0].save(tmp_path / f"one-{name}", save_as)  # a single frame: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / f"one-{name}").getpixel((5, 5)) == (255, 0, 0)
 
 
 def test_supported_extensions_are_only_formats_this_pil_decodes():

@@ -339,6 +339,28 @@ def test_nan_inf_and_out_of_range_thresholds_are_refused_at_load(model_with_bank
         MRADForAnomalyDetection.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("filename", ["memory_bank.json", "calibration.json"])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded"),  # parses in C, then recurses
+        ("[1, 2]", "it holds a JSON list, not an object"),
+        ('"text"', "it holds a JSON str, not an object"),
+        ("{", "Expecting property name"),
+    ],
+)
+def test_a_sidecar_that_is_not_a_json_object_is_refused_naming_the_file(
+    model_with_bank, tmp_path, filename, content, reason
+):
+    model_with_bank.calibration = {"image_threshold": 0.5, "pixel_threshold": 0.4}
+    model_with_bank.save_pretrained(tmp_path)
+    (tmp_path / filename).write_text(content)
+    with pytest.raises(
+        MemoryBankError, match=rf"'{tmp_path / filename}' is not a readable JSON object \({reason}.*re-save"
+    ):
+        MRADForAnomalyDetection.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("saved, edited", [("tf", "ft"), ("ft", "clip"), ("ft", "tf")])
 def test_a_changed_variant_in_config_json_is_an_error_naming_the_weights(saved, edited, tmp_path):
     from conftest import make_tiny_trained_model
