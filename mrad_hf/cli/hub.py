@@ -23,9 +23,7 @@ def cmd_push(args) -> int:
             args.source, args.repo_id, revision=args.revision, private=args.private, create_pr=args.create_pr
         )
     else:
-        from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
-
-        model = MRADForAnomalyDetection.from_pretrained(args.source)
+        model = hub.load_model(args.source)  # the package's loader: a broken folder is one line naming it
         info = hub.push_model(
             model,
             args.repo_id,
