@@ -159,6 +159,13 @@ def _download_help(name: str, repo_id: str, revision: str | None, reason: str, c
         f"To work offline: download it once while online with `mrad pull {name}"
         f"{f' --revision {revision}' if revision else ''}` (or `hf download {repo_id}`), then set HF_HUB_OFFLINE=1; "
         "or pass a local folder saved with save_pretrained."
+        + (
+            f" Note: the short-name repos under {DEFAULT_HUB_NAMESPACE}/ are not published yet (README, 'Published "
+            "models'): publish them under your organisation with `mrad release` and "
+            f"{NAMESPACE_ENV}, or build a model with `mrad build-bank ... --save-model`."
+            if name in SHORT_NAMES and hub_namespace() == DEFAULT_HUB_NAMESPACE
+            else ""
+        )
     )
 
 

@@ -244,9 +244,14 @@ def test_offline_short_name_not_cached_is_actionable(monkeypatch, tmp_path):
         "mrad pull mrad-clip --revision v1",
         "hf download",
         "local folder",
+        "repos under mrad-hf/ are not published yet",  # the README says so; the message must not promise them
     ):
         assert expected in message, (expected, message)
     assert isinstance(error.value, OSError)
+    monkeypatch.setenv("MRAD_HUB_NAMESPACE", "my-org")  # a mirror of one's own: no such note
+    with pytest.raises(HubDownloadError, match="my-org/mrad-clip-visa") as error:
+        load_model("mrad-clip")
+    assert "not published" not in str(error.value)
 
 
 def test_plain_push_to_hub_ships_processor_pipeline_code_and_keeps_the_card(
