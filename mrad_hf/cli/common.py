@@ -76,6 +76,11 @@ RANDOM_WARNING = (
     "machine, so the scores below show that the pipeline runs end to end, not MRAD's accuracy. For real results pass "
     "--clip openai/clip-vit-large-patch14-336 (or a local folder with that checkpoint)."
 )
+RANDOM_MODEL_WARNING = (
+    "NOTE: this model's CLIP backbone is RANDOMLY INITIALISED ({name}; its bank records it), so its scores show that "
+    "the pipeline runs end to end, not MRAD's accuracy. For real results build the bank with --clip "
+    "openai/clip-vit-large-patch14-336 (or a local folder with that checkpoint)."
+)
 
 
 class CLIError(Exception):
@@ -465,11 +470,24 @@ def load_detector(
     detector = _load_detector(model, clip, image_size=image_size, seed=seed, **overrides).eval()
     if bank is not None:
         _attach_bank(detector, bank, trust=trust_bank)
+    if clip not in RANDOM_BACKBONES and (note := random_note(detector)):  # a random --clip said so on loading
+        _log(note)
     detector.to(device)
     _set_dtype(detector, resolve_dtype(dtype, device))
     if device != "cpu":
         _log(f"Running on {device}")
     return detector
+
+
+def random_note(detector) -> str | None:
+    """The NOTE line for a model whose CLIP backbone was randomly initialised (`memory.building.random_backbone`:
+    a `--clip random-*` now, or recorded in its bank), else None: every command that uses one prints it."""
+    from ..memory.building import random_backbone
+
+    name = random_backbone(detector)
+    if name is None:
+        return None
+    return (RANDOM_WARNING if getattr(detector, "random_backbone", None) else RANDOM_MODEL_WARNING).format(name=name)
 
 
 def load_bank(name: str, option: str = "--bank"):
@@ -539,7 +557,9 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
     if clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=clip))
         torch.manual_seed(seed)
-        return MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[clip]), **overrides)
+        detector = MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[clip]), **overrides)
+        detector.random_backbone = clip  # recorded in every bank built from it (`memory.building.random_backbone`)
+        return detector
     _log(f"Loading pretrained CLIP weights from {clip}")
     try:
         return MRADForAnomalyDetection.from_clip(clip, **overrides)

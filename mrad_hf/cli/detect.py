@@ -28,6 +28,7 @@ from .common import (
     load_dataset_from_args,
     model_options,
     non_negative_int,
+    random_note,
     seed_int,
     without_outputs,
 )
@@ -249,7 +250,15 @@ def cmd_predict(args) -> int:
         bar.n = len(todo)
         bar.refresh()
     results = sorted([*done.values(), *results], key=lambda record: position[record["path"]])
-    summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": list(failures)}
+    from ..memory.building import random_backbone
+
+    summary = {
+        "scored": len(results),
+        "failed": len(failures),
+        "random_backbone": random_backbone(detector),  # not None: the scores say nothing about MRAD's accuracy
+        "results": results,
+        "failures": list(failures),
+    }
     _write_json(output_dir / "scores.json", summary)
     run.finish()
     _log(
@@ -333,6 +342,7 @@ def cmd_demo(args) -> int:
     summary = {
         "backbone": args.clip,
         "pretrained": args.clip not in RANDOM_BACKBONES,
+        "random_backbone": args.clip if args.clip in RANDOM_BACKBONES else None,
         "retrieval_temperature": temperature,
         "protocol": protocol,
         "memory_entries": bank.counts(),
@@ -404,9 +414,13 @@ def cmd_evaluate(args) -> int:
     _log(
         f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}"
     )
+    from ..memory.building import random_backbone
+
+    random_name = random_backbone(detector)  # a random --clip, or recorded in the --model's / --bank's bank
     run_info = {
         "model": args.model or args.clip,
-        "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None,
+        "pretrained": False if random_name else ((args.clip not in RANDOM_BACKBONES) if args.clip else None),
+        "random_backbone": random_name,
         "bank": bank_source,
     }
     try:
@@ -439,8 +453,8 @@ def cmd_evaluate(args) -> int:
     _report_skipped(results["skipped_files"], f"'skipped_files' in {output_dir / 'results.json'}")
     if results["bank_overlap"].get("message"):
         _log(results["bank_overlap"]["message"])
-    if args.clip in RANDOM_BACKBONES:
-        _log(RANDOM_WARNING.format(name=args.clip))
+    if note := random_note(detector):
+        _log(note)
     return 0 if results["per_category"] else 1
 
 

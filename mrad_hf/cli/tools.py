@@ -89,6 +89,10 @@ def _print_info(info: dict) -> None:
     _cli._log(
         f"entries: {counts['image_entries']} image ({counts['image_anomalous']} anomalous), {counts['patch_entries']} region ({counts['patch_anomalous']} anomalous)"
     )
+    if info["random_backbone"]:
+        _cli._log(
+            f"NOTE: built with a RANDOMLY INITIALISED CLIP backbone ({info['random_backbone']}): a pipeline check"
+        )
     for source, per in info["per_source"].items():
         _cli._log(f"  {source}: " + ", ".join(f"{count} {kind}" for kind, count in sorted(per.items())))
     if info["calibration"]:
@@ -249,6 +253,9 @@ def cmd_explain(args) -> int:
     detect = detector_for(detector)
     output_dir = Path(args.output_dir)
     records, notes = [], []
+    from ..memory.building import random_backbone
+
+    random_name = random_backbone(detector)
     paths = _cli._collect_images(args.images, output_dir=output_dir)
     for index, path in enumerate(tqdm(paths, desc="Explaining", unit="img")):
         image = detect.image_processor.load(path)
@@ -269,6 +276,8 @@ def cmd_explain(args) -> int:
         }
         if "is_anomalous" in result:
             record.update(is_anomalous=bool(result["is_anomalous"]), thresholds=result["thresholds"])
+        if random_name:
+            record["random_backbone"] = random_name  # the explanation retrieves from random features
         records.append(record)
         top = result["explanation"]["image"]["neighbours"][0]
         _cli._log(

@@ -17,7 +17,7 @@ from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_
 from ..models.mrad.retrieval_mrad import l2_normalize, one_hot_labels
 from .samples import batched, iter_samples, progress_bar
 
-__all__ = ["build_memory_bank", "patch_region_labels"]
+__all__ = ["build_memory_bank", "patch_region_labels", "random_backbone"]
 
 
 def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact") -> torch.Tensor:
@@ -38,6 +38,17 @@ def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact"
     if rule == "majority":
         return (small > 0.5).long()
     raise ValueError(f"Unknown region rule {rule!r}; use 'exact' or 'majority'.")
+
+
+def random_backbone(model) -> str | None:
+    """The name of `model`'s randomly initialised CLIP backbone (e.g. "random-small"), or None when none is known.
+
+    Whoever initialises a backbone at random says so (`model.random_backbone`, set by the CLI's `--clip random-*`);
+    every bank built from such a model records it (`metadata["random_backbone"]`), so a saved model, its banks and
+    every later command keep knowing that its scores say nothing about MRAD's accuracy."""
+    return getattr(model, "random_backbone", None) or (getattr(model, "memory_bank_metadata", None) or {}).get(
+        "random_backbone"
+    )
 
 
 @torch.no_grad()
@@ -158,6 +169,7 @@ def _assemble_memory_bank(model, entries: list[dict[str, Any]], source: str | No
             "image_ids": [entry["id"]["id"] for entry in entries],
             "image_sources": [entry["id"]["source"] or source or "unknown" for entry in entries],
             "image_sha256": [entry["id"]["sha256"] for entry in entries],
+            **({"random_backbone": name} if (name := random_backbone(model)) else {}),
         },
     )
 

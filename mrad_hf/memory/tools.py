@@ -509,6 +509,7 @@ def bank_info(bank: MemoryBank) -> dict[str, Any]:
         "key_widths": {"image": int(bank.image_keys.shape[1]), "patch": int(bank.patch_keys.shape[1])},
         "per_source": {source: dict(counter) for source, counter in per_source.items()},
         "backbone": bank.metadata.get("backbone"),
+        "random_backbone": bank.metadata.get("random_backbone"),  # built with randomly initialised CLIP weights
         "features": bank.metadata.get("features"),
         "calibration": bank.metadata.get("calibration"),
         "history": bank.metadata.get("history") or [],

@@ -300,3 +300,40 @@ def test_dataset_rows_in_the_output_folder_are_left_out(tmp_path, capsys):
     assert without_outputs(dataset, root / "out", "--dataset folder") is dataset
     with pytest.raises(CLIError, match="Every image of --dataset folder is inside the output folder"):
         without_outputs(dataset, root, "--dataset folder")
+
+
+def test_a_random_backbone_is_named_by_every_later_command_and_result(user_folder, tmp_path, capsys):
+    """A model built on `--clip random-*` keeps saying so: its bank records the name, and predict / evaluate /
+    calibrate / explain print the NOTE and record it in their JSON (an evaluation is marked not pretrained)."""
+    from mrad_hf.memory.building import random_backbone
+
+    bank_path, model_dir = tmp_path / "bank.safetensors", tmp_path / "random_model"
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(user_folder)]
+    assert main([*build, "--output", str(bank_path), "--save-model", str(model_dir)]) == 0
+    capsys.readouterr()
+    assert load_bank(bank_path).metadata["random_backbone"] == "random-tiny"
+    from mrad_hf import MRADForAnomalyDetection
+
+    assert random_backbone(MRADForAnomalyDetection.from_pretrained(model_dir)) == "random-tiny"
+    assert random_backbone(make_tiny_model()) is None  # nothing said it was random: no claim either way
+
+    good = user_folder / "good"
+    assert main(["predict", "--model", str(model_dir), str(good), "--output-dir", str(tmp_path / "p")]) == 0
+    assert "RANDOMLY INITIALISED (random-tiny; its bank records it)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p" / "scores.json").read_text())["random_backbone"] == "random-tiny"
+
+    evaluate = ["evaluate", "--model", str(model_dir), "--dataset", "folder", "--data-root", str(user_folder)]
+    assert main([*evaluate, "--output-dir", str(tmp_path / "e"), "--heatmaps", "0"]) == 0
+    assert capsys.readouterr().out.count("RANDOMLY INITIALISED") == 2  # on loading, and again below the table
+    run = json.loads((tmp_path / "e" / "results.json").read_text())["run"]
+    assert run["pretrained"] is False and run["random_backbone"] == "random-tiny"
+
+    explain = ["explain", "--model", str(model_dir), str(good / "000.png"), "--output-dir", str(tmp_path / "x")]
+    assert main(explain) == 0
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "x" / "explanations.json").read_text())[0]["random_backbone"] == "random-tiny"
+
+    assert main(["bank", "info", str(bank_path)]) == 0
+    assert "RANDOMLY INITIALISED CLIP backbone (random-tiny)" in capsys.readouterr().out
+    assert main(["bank", "info", str(bank_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["random_backbone"] == "random-tiny"
