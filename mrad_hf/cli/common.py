@@ -490,6 +490,12 @@ def random_note(detector) -> str | None:
     return (RANDOM_WARNING if getattr(detector, "random_backbone", None) else RANDOM_MODEL_WARNING).format(name=name)
 
 
+def score_text(result: dict) -> str:
+    """An image's console score, followed by its decision ("anomaly" / "normal") when a --threshold or the model's
+    calibration made one, as scores.json records it: `0.362342  anomaly ` or `0.362342`."""
+    return f"{result['score']:.6f}" + (f"  {result['label']:7s}" if "is_anomalous" in result else "")
+
+
 def load_bank(name: str, option: str = "--bank"):
     """A `MemoryBank` from a local file, or else a Hub bank repo / short name (a missing local path fails at once)."""
 

@@ -29,6 +29,7 @@ from .common import (
     model_options,
     non_negative_int,
     random_note,
+    score_text,
     seed_int,
     without_outputs,
 )
@@ -246,7 +247,7 @@ def cmd_predict(args) -> int:
             record["heatmap"] = str(heatmap)
             results.append(record)
             lines.write(record)
-            _log(f"{prediction['score']:.6f}  {path}")
+            _log(f"{score_text(prediction)}  {path}")
         bar.n = len(todo)
         bar.refresh()
     results = sorted([*done.values(), *results], key=lambda record: position[record["path"]])

@@ -281,7 +281,7 @@ def cmd_explain(args) -> int:
         records.append(record)
         top = result["explanation"]["image"]["neighbours"][0]
         _cli._log(
-            f"{result['score']:.6f}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}"
+            f"{_cli.score_text(result)}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}"
         )
     _cli._write_json(output_dir / "explanations.json", records)
     _cli._log(f"Panels and explanations.json in {output_dir}")

@@ -182,6 +182,10 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
     )
     records = json.loads((out / "explanations.json").read_text())
     assert len(records) == 2 and all(Image.open(r["panel"]).size[0] > 0 for r in records)
+    printed = capsys.readouterr().out
+    for record in records:  # the console line shows the decision, as explanations.json records it
+        decision = "anomaly" if record["is_anomalous"] else "normal "
+        assert f"{record['score']:.6f}  {decision}  {record['path']}  nearest:" in printed
     for record in records:
         assert record["is_anomalous"] == (record["score"] > calibration["image_threshold"])
         assert [n["rank"] for n in record["explanation"]["image"]["neighbours"]] == [1, 2]
@@ -200,6 +204,9 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
     )
     scored = json.loads((workspace / "pred" / "scores.json").read_text())["results"]
     assert all(r["is_anomalous"] == (r["score"] > calibration["image_threshold"]) for r in scored)
+    printed = capsys.readouterr().out
+    for record in scored:
+        assert f"{record['score']:.6f}  {record['label']:7s}  {record['path']}" in printed
     assert all(r["thresholds"]["from"] == "calibration" for r in scored)
     capsys.readouterr()
     assert (
