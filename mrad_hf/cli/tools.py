@@ -220,24 +220,40 @@ def cmd_calibrate(args) -> int:
     )
     target_bank = bank if bank is not None or not args.bank_output else detector.get_memory_bank()
     apply_calibration(detector, calibration, bank=target_bank)
-    _cli._write_json(Path(args.output), calibration)
     _cli._log(
-        f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f} -> {args.output}"
+        f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f}"
     )
-    _cli._report_skipped(calibration["skipped_files"], f"'skipped_files' in {args.output}")
     if calibration["defects"]:
         _cli._log(
             f"on the known defects: image recall {calibration['defects']['image_recall']:.3f}, pixel recall {calibration['defects']['pixel_recall']}"
         )
+    # written only where asked: --output, inside --save-model (calibration.json), in --bank-output's metadata
+    places = []
+    if args.output:
+        _cli._write_json(Path(args.output), calibration)
+        places.append(str(args.output))
     if args.save_model:
         from ..memory.files import save_model
 
         save_model(detector, args.save_model)
+        places.append(str(Path(args.save_model) / "calibration.json"))
         _cli._log(
             f"Calibrated model saved to {args.save_model}: pipeline('anomaly-detection') now returns is_anomalous and mask"
         )
     if args.bank_output:
         _save(target_bank, args.bank_output)
+        places.append(f"the metadata of {args.bank_output}")
+    if places:
+        _cli._log(f"Calibration written to {', '.join(places)}")
+    else:
+        _cli._log(
+            "The calibration was not saved (nothing asked for it): pass --save-model DIR (the model with its "
+            "thresholds), --output FILE (JSON) or --bank-output FILE, or use the image threshold above as --threshold."
+        )
+    skipped = calibration["skipped_files"]
+    _cli._report_skipped(skipped, f"'skipped_files' in {places[0]}" if places else "the lines below")
+    for failure in [] if places else skipped[1:]:
+        _cli._log(f"  skipped {failure['path']}: {failure['error']}")
     return 0
 
 
@@ -389,7 +405,10 @@ def register(commands) -> None:
     calibrate.add_argument(
         "--pixel-fpr", type=probability, help="share of good pixels in the mask (default: min(target, 0.01))"
     )
-    calibrate.add_argument("--output", default="calibration.json", help="where to write the thresholds as JSON")
+    calibrate.add_argument(
+        "--output",
+        help="also write the thresholds to this JSON file (--save-model keeps them in its calibration.json)",
+    )
     calibrate.add_argument("--save-model", help="save the model with its calibration (and bank) to this folder")
     calibrate.add_argument("--bank-output", help="also write the bank with the calibration in its metadata")
     calibrate.set_defaults(handler=cmd_calibrate)

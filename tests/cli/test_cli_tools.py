@@ -173,6 +173,8 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
     )
     calibration = json.loads((workspace / "cal.json").read_text())
     assert calibration["n_normal_images"] == 9 and calibration["target_fpr"] == 0.1
+    written = f"Calibration written to {workspace / 'cal.json'}, {workspace / 'calibrated' / 'calibration.json'}"
+    assert written in capsys.readouterr().out
     assert MRADForAnomalyDetection.from_pretrained(workspace / "calibrated").calibration == calibration
     out = workspace / "explain"
     dents = sorted(str(p) for p in (workspace / "line" / "dent").glob("d?.png"))
@@ -224,3 +226,25 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
         == 2
     )
     assert "needs at least 19 known-good images" in capsys.readouterr().err
+
+
+def test_calibrate_writes_only_where_asked(workspace, capsys, monkeypatch):
+    """No calibration.json in the current folder by default: only --output, --save-model or --bank-output keep it,
+    and the last line says where it went (or that it went nowhere)."""
+    monkeypatch.chdir(workspace / "line")
+    args = [
+        "calibrate",
+        "--model",
+        str(workspace / "model"),
+        "--images",
+        str(workspace / "good"),
+        "--target-fpr",
+        "0.1",
+    ]
+    assert main(args) == 0
+    assert "The calibration was not saved (nothing asked for it): pass --save-model DIR" in capsys.readouterr().out
+    assert not (workspace / "line" / "calibration.json").exists()
+    assert main([*args, "--save-model", str(workspace / "calibrated")]) == 0
+    assert f"Calibration written to {workspace / 'calibrated' / 'calibration.json'}\n" in capsys.readouterr().out
+    assert not (workspace / "line" / "calibration.json").exists()
+    assert json.loads((workspace / "calibrated" / "calibration.json").read_text())["n_normal_images"] == 9
