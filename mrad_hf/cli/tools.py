@@ -118,6 +118,15 @@ def _dedup(args):
     return None if args.no_dedup else args.dedup
 
 
+def _dropped(count: int, args) -> str:
+    """What de-duplication dropped, and how to keep it, for the summary line of `bank add` / `bank merge`."""
+    return (
+        f" ({count} near-duplicate entr{'y' if count == 1 else 'ies'} dropped; --no-dedup keeps them)"
+        if count and not args.no_dedup
+        else ""
+    )
+
+
 def _save(bank, path) -> None:
     from ..memory.files import save_bank
 
@@ -143,11 +152,16 @@ def cmd_bank_add(args) -> int:
         failures=skipped,
     )
     before, after = bank.counts(), result.counts()
-    _cli._log(
-        f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}"
-    )
     added = next(
         (step for step in reversed(result.metadata.get("history") or []) if step.get("operation") == "add"), {}
+    )
+    offered = added.get("entries") or {}  # the new images' entries, before de-duplication
+    dropped = sum(offered.get(key, 0) for key in ("image_entries", "patch_entries")) - (
+        after["image_entries"] + after["patch_entries"] - before["image_entries"] - before["patch_entries"]
+    )
+    _cli._log(
+        f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}"
+        + _dropped(dropped, args)
     )
     if added.get("image_level_only_anomalies"):
         _cli._log(
@@ -168,7 +182,7 @@ def cmd_bank_merge(args) -> int:
     merged = merge_banks(banks, names=list(args.banks), dedup_threshold=_dedup(args))
     total = sum(b.counts()["image_entries"] + b.counts()["patch_entries"] for b in banks)
     kept = merged.counts()["image_entries"] + merged.counts()["patch_entries"]
-    _cli._log(f"Merged {len(banks)} banks: {kept} of {total} entries kept ({total - kept} near-duplicates dropped)")
+    _cli._log(f"Merged {len(banks)} banks: {kept} of {total} entries kept" + _dropped(total - kept, args))
     _save(merged, args.output)
     return 0
 

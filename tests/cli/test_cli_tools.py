@@ -248,3 +248,26 @@ def test_calibrate_writes_only_where_asked(workspace, capsys, monkeypatch):
     assert f"Calibration written to {workspace / 'calibrated' / 'calibration.json'}\n" in capsys.readouterr().out
     assert not (workspace / "line" / "calibration.json").exists()
     assert json.loads((workspace / "calibrated" / "calibration.json").read_text())["n_normal_images"] == 9
+
+
+def test_bank_add_says_what_de_duplication_dropped(workspace, capsys):
+    """The same good image given twice: its second copy (1 image + 1 region entry) is dropped, and the summary says
+    so and how to keep it; --no-dedup keeps both copies."""
+    bank = workspace / "bank.safetensors"
+    before = load_bank(bank).counts()
+    image = str(workspace / "good" / "ok0.png")
+    twin = workspace / "twin.png"
+    twin.write_bytes((workspace / "good" / "ok0.png").read_bytes())
+    add = ["bank", "add", str(bank), "--model", str(workspace / "model"), "--images", image, str(twin)]
+    assert main([*add, "--label", "normal", "--source", "ok", "--output", str(workspace / "a.safetensors")]) == 0
+    images, regions = before["image_entries"], before["patch_entries"]
+
+    def counts(added: int) -> str:
+        return f"image entries {images} -> {images + added}, region entries {regions} -> {regions + added}"
+
+    assert f"{counts(1)} (2 near-duplicate entries dropped; --no-dedup keeps them)" in capsys.readouterr().out
+    keep = [*add, "--label", "normal", "--source", "ok", "--no-dedup", "--output", str(workspace / "b.safetensors")]
+    assert main(keep) == 0
+    printed = capsys.readouterr().out
+    assert f"{counts(2)}\n" in printed
+    assert "near-duplicate" not in printed
