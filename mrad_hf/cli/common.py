@@ -125,6 +125,13 @@ CLI_ADVICE: tuple[tuple[str, str], ...] = (
     ("pass strict=False", "pass --trust-bank"),
     ("strict=False", "--trust-bank"),
     ("allow_random_backbone=True", "a pretrained --clip (runs on random backbones give meaningless numbers)"),
+    (
+        "add defect images with label 1 and their masks (e.g. the test split of a dataset), or pass "
+        "allow_no_anomalies=True to build it anyway.",
+        "add defect images with their masks. With --dataset folder: one folder per defect kind beside good/, masks as "
+        "<stem>_mask.png beside each image or in a masks/ folder (docs/own-data.md), or name them with --abnormal-dir "
+        "and --mask-dir; with a benchmark: its test split (--split test, the default).",
+    ),
     ("(mrad_hf.memory.build_memory_bank, `mrad build-bank`)", "(`mrad build-bank`)"),
     ("mrad_hf.memory.build_memory_bank(model, samples)", "`mrad build-bank`"),
 )

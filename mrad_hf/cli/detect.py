@@ -336,7 +336,7 @@ def cmd_demo(args) -> int:
             value_range=None,
         )
         _log(
-            f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {os.path.relpath(row['path'], data_root)}"
+            f"truth={'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {os.path.relpath(row['path'], data_root)}"
         )
     image_auroc = compute_image_auroc(labels, scores)
     pixel_auroc = compute_pixel_auroc(np.stack(pixel_masks), np.stack(pixel_maps))  # images share one size here

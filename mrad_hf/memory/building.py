@@ -185,8 +185,7 @@ def _check_anomalous_entries(bank: MemoryBank, allowed: bool) -> None:
             f"The memory bank would have no anomalous entry at the {levels} level ({counts['image_entries']} images, "
             f"{counts['image_anomalous']} anomalous, {counts['patch_anomalous']} anomalous regions): every score would be "
             "0. MRAD retrieves from labelled auxiliary images, normal AND defective: add defect images with label 1 "
-            "and their masks (e.g. the test split of a dataset, `mrad build-bank --split test`), or pass "
-            "allow_no_anomalies=True to build it anyway."
+            "and their masks (e.g. the test split of a dataset), or pass allow_no_anomalies=True to build it anyway."
         )
     warnings.warn(
         f"allow_no_anomalies=True: the bank has no anomalous entry at the {levels} level, so retrieval there returns "

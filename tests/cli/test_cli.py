@@ -159,6 +159,9 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert results["pretrained"] is False and results["protocol"] == "held-out-images"
     scores = results["scores"]
     assert len(scores) == 27 and printed.count(" score=") == 27  # every held-out image scored, none lost on a path
+    for record in scores:  # the label column is the ground truth, and says so (the demo makes no decision)
+        truth = "anomaly" if record["label"] else "normal "
+        assert f"truth={truth}  score={record['score']:.6f}  " in printed
     assert results["image_auroc"] == pytest.approx(
         roc_auc_score([s["label"] for s in scores], [s["score"] for s in scores])
     )
@@ -337,3 +340,18 @@ def test_a_random_backbone_is_named_by_every_later_command_and_result(user_folde
     assert "RANDOMLY INITIALISED CLIP backbone (random-tiny)" in capsys.readouterr().out
     assert main(["bank", "info", str(bank_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["random_backbone"] == "random-tiny"
+
+
+def test_a_good_only_bank_is_refused_with_command_line_advice(tmp_path, capsys):
+    """A folder with only good/ images: the refusal tells a CLI user what to add, never a Python keyword."""
+    from reliability._files import write_folder_dataset
+
+    good_only = write_folder_dataset(tmp_path / "parts", [s for s in make_samples(6, seed=23) if s["mask"] is None])
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(good_only)]
+    assert main([*build, "--output", str(tmp_path / "b.safetensors")]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error.startswith("mrad build-bank: error: The memory bank would have no anomalous entry")
+    assert (
+        "add defect images with their masks. With --dataset folder: one folder per defect kind beside good/" in error
+    )
+    assert "allow_no_anomalies" not in error and "label 1" not in error
