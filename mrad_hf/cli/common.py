@@ -299,7 +299,7 @@ def model_options(
         group.add_argument("--image-size", type=image_size_int, default=image_size_default, help=size_help)
     temperature_help = (
         temperature_help
-        or "softmax temperature of retrieval (default: the model's; 1.0 is the reference, random backbones need about 0.01)"
+        or f"softmax temperature of retrieval (default: the model's; a new model: 1.0, the reference's, or {RANDOM_DEMO_TEMPERATURE} on a random backbone)"
     )
     group.add_argument("--retrieval-temperature", type=positive_float, help=temperature_help)
     if runs_model:
@@ -569,6 +569,12 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
         )
     if clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=clip))
+        if "retrieval_temperature" not in overrides:  # at the reference's 1.0 random features retrieve uniformly
+            overrides["retrieval_temperature"] = RANDOM_DEMO_TEMPERATURE
+            _log(
+                f"Retrieval temperature: {RANDOM_DEMO_TEMPERATURE} for the random backbone (the reference's 1.0 makes "
+                "every heatmap uniform on random features; --retrieval-temperature sets another)"
+            )
         torch.manual_seed(seed)
         detector = MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[clip]), **overrides)
         detector.random_backbone = clip  # recorded in every bank built from it (`memory.building.random_backbone`)

@@ -355,3 +355,18 @@ def test_a_good_only_bank_is_refused_with_command_line_advice(tmp_path, capsys):
         "add defect images with their masks. With --dataset folder: one folder per defect kind beside good/" in error
     )
     assert "allow_no_anomalies" not in error and "label 1" not in error
+
+
+def test_a_random_backbone_gets_the_sharp_retrieval_temperature_unless_one_is_given(user_folder, tmp_path, capsys):
+    """At the reference's 1.0 random features retrieve uniformly: a new random-backbone model uses
+    RANDOM_DEMO_TEMPERATURE and says so; an explicit --retrieval-temperature is kept, silently."""
+    from mrad_hf import MRADForAnomalyDetection
+    from mrad_hf.cli.common import RANDOM_DEMO_TEMPERATURE
+
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(user_folder)]
+    for extra, expected in (([], RANDOM_DEMO_TEMPERATURE), (["--retrieval-temperature", "0.5"], 0.5)):
+        model_dir = tmp_path / f"model{len(extra)}"
+        assert main([*build, *extra, "--output", str(tmp_path / "b.safetensors"), "--save-model", str(model_dir)]) == 0
+        said = f"Retrieval temperature: {RANDOM_DEMO_TEMPERATURE} for the random backbone" in capsys.readouterr().out
+        assert said == (not extra)
+        assert MRADForAnomalyDetection.from_pretrained(model_dir).config.retrieval_temperature == expected
