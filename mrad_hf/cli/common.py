@@ -742,12 +742,14 @@ def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_erro
     or stop the command with a one-line error (`"fail"`).
     """
     from ..data.reading import iter_readable_rows
-    from ..memory.building import build_memory_bank
+    from ..memory.building import CountedRows, build_memory_bank
     from ..models.mrad.image_processing_mrad import MRADInputError
 
     processor = detector_image_processor(detector)
     skipped: list[dict[str, str]] = []
-    rows = iter_readable_rows(dataset, processor.load_pair, on_error=on_error, failures=skipped)
+    rows = CountedRows(
+        iter_readable_rows(dataset, processor.load_pair, on_error=on_error, failures=skipped), len(dataset)
+    )
     try:
         bank = build_memory_bank(detector, rows, batch_size=batch_size, source=source, image_processor=processor)
     except MRADInputError as error:

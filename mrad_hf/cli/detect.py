@@ -61,8 +61,11 @@ def cmd_build_bank(args) -> int:
         locks.enter_context(writer_lock(args.output, "the bank"))
         if args.save_model:
             locks.enter_context(writer_lock(args.save_model, "the model folder"))
+        anomalous = sum(int(label) for label in dataset["label"])  # the label column: no image is decoded
+        what = "images" if args.dataset == "folder" else f"{args.dataset} images ({args.split} split)"  # no splits
         _log(
-            f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}"
+            f"Building the memory bank from {len(dataset)} {what}{f' in {args.data_root}' if args.data_root else ''}: "
+            f"{len(dataset) - anomalous} normal, {anomalous} anomalous"
         )
         started = time.perf_counter()
         bank = _build_bank_from(

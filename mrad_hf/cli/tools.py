@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def _detector(args, bank=None, *, attach: bool = True):
         overrides.update({key: features[key] for key in _FEATURE_FIELDS if key in features})
         if "neighbor_kernel_sizes" in overrides:
             overrides["neighbor_kernel_sizes"] = tuple(overrides["neighbor_kernel_sizes"])
-        if getattr(args, "image_size", None) is not None:
-            overrides.pop("image_size", None)  # an explicit --image-size wins (and the bank check names a mismatch)
+        size = overrides.pop("image_size", None)  # an explicit --image-size wins (and the bank check names a mismatch)
+        if getattr(args, "image_size", None) is None and size is not None:
+            args = argparse.Namespace(**{**vars(args), "image_size": size})  # passed as --image-size, not twice
     return _cli.detector_from_args(
         args, bank=bank if attach else None, **overrides
     )  # attached before --dtype / --device

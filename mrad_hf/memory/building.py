@@ -17,7 +17,7 @@ from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_
 from ..models.mrad.retrieval_mrad import l2_normalize, one_hot_labels
 from .samples import batched, iter_samples, progress_bar
 
-__all__ = ["build_memory_bank", "patch_region_labels", "random_backbone"]
+__all__ = ["CountedRows", "build_memory_bank", "patch_region_labels", "random_backbone"]
 
 
 def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact") -> torch.Tensor:
@@ -38,6 +38,20 @@ def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact"
     if rule == "majority":
         return (small > 0.5).long()
     raise ValueError(f"Unknown region rule {rule!r}; use 'exact' or 'majority'.")
+
+
+class CountedRows:
+    """Rows read as they come (e.g. `data.reading.iter_readable_rows`) with their dataset's length, so that the
+    progress bar of `build_memory_bank` has a total; an unreadable row is skipped, so the bar may stop short."""
+
+    def __init__(self, rows: Iterable[Any], count: int):
+        self.rows, self.count = rows, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return iter(self.rows)
 
 
 def random_backbone(model) -> str | None:

@@ -370,3 +370,11 @@ def test_a_random_backbone_gets_the_sharp_retrieval_temperature_unless_one_is_gi
         said = f"Retrieval temperature: {RANDOM_DEMO_TEMPERATURE} for the random backbone" in capsys.readouterr().out
         assert said == (not extra)
         assert MRADForAnomalyDetection.from_pretrained(model_dir).config.retrieval_temperature == expected
+
+
+def test_build_bank_names_a_plain_folder_without_a_split_and_its_bar_has_a_total(user_folder, tmp_path, capsys):
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(user_folder)]
+    assert main([*build, "--output", str(tmp_path / "b.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert f"Building the memory bank from 6 images in {user_folder}: 3 normal, 3 anomalous\n" in captured.out
+    assert "split" not in captured.out and "Building memory bank: 100%" in captured.err and "6/6" in captured.err

@@ -271,3 +271,20 @@ def test_bank_add_says_what_de_duplication_dropped(workspace, capsys):
     printed = capsys.readouterr().out
     assert f"{counts(2)}\n" in printed
     assert "near-duplicate" not in printed
+
+
+def test_bank_add_with_a_new_clip_model_takes_the_bank_s_image_size_and_shows_a_total(workspace, capsys):
+    """`bank add --clip` builds the model at the bank's feature settings (its image size passed once, not twice), and
+    the progress bar over a loader dataset has its total."""
+    bank = workspace / "random.safetensors"
+    build = ["build-bank", "--clip", "random-tiny", "--image-size", "112", "--dataset", "folder"]
+    assert main([*build, "--data-root", str(workspace / "line"), "--output", str(bank)]) == 0
+    capsys.readouterr()
+    add = ["bank", "add", str(bank), "--clip", "random-tiny", "--dataset", "folder", "--data-root"]
+    assert (
+        main([*add, str(workspace / "line"), "--source", "again", "--output", str(workspace / "r2.safetensors")]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "Building memory bank: 100%" in captured.err and "4/4" in captured.err
+    dropped = "image entries 4 -> 4, region entries 6 -> 6 (10 near-duplicate entries dropped; --no-dedup keeps them)"
+    assert dropped in captured.out  # the same 4 images again: all 4 image and 6 region entries are duplicates
