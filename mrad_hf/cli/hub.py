@@ -26,6 +26,10 @@ def cmd_push(args) -> int:
         from ..models.mrad.modeling_mrad import MRADForAnomalyDetection
 
         model = MRADForAnomalyDetection.from_pretrained(args.source)
+        from .common import _log, random_note
+
+        if note := random_note(model):  # its bank records a random backbone: the pushed model is a pipeline check
+            _log(note)
         info = hub.push_model(
             model,
             args.repo_id,

@@ -305,7 +305,7 @@ def test_dataset_rows_in_the_output_folder_are_left_out(tmp_path, capsys):
         without_outputs(dataset, root, "--dataset folder")
 
 
-def test_a_random_backbone_is_named_by_every_later_command_and_result(user_folder, tmp_path, capsys):
+def test_a_random_backbone_is_named_by_every_later_command_and_result(user_folder, tmp_path, capsys, monkeypatch):
     """A model built on `--clip random-*` keeps saying so: its bank records the name, and predict / evaluate /
     calibrate / explain print the NOTE and record it in their JSON (an evaluation is marked not pretrained)."""
     from mrad_hf.memory.building import random_backbone
@@ -340,6 +340,14 @@ def test_a_random_backbone_is_named_by_every_later_command_and_result(user_folde
     assert "RANDOMLY INITIALISED CLIP backbone (random-tiny)" in capsys.readouterr().out
     assert main(["bank", "info", str(bank_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["random_backbone"] == "random-tiny"
+
+    from types import SimpleNamespace
+
+    from mrad_hf.hub import api
+
+    monkeypatch.setattr(api, "push_model", lambda *args, **kwargs: SimpleNamespace(oid="abc", commit_url="url"))
+    assert main(["push", str(model_dir), "someone/random-model"]) == 0  # no network: the Hub call is replaced
+    assert "RANDOMLY INITIALISED (random-tiny; its bank records it)" in capsys.readouterr().out
 
 
 def test_a_good_only_bank_is_refused_with_command_line_advice(tmp_path, capsys):
