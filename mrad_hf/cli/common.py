@@ -76,6 +76,11 @@ RANDOM_WARNING = (
     "machine, so the scores below show that the pipeline runs end to end, not MRAD's accuracy. For real results pass "
     "--clip openai/clip-vit-large-patch14-336 (or a local folder with that checkpoint)."
 )
+RANDOM_MODEL_WARNING = (
+    "NOTE: this model's CLIP backbone is RANDOMLY INITIALISED ({name}; its bank records it), so its scores show that "
+    "the pipeline runs end to end, not MRAD's accuracy. For real results build the bank with --clip "
+    "openai/clip-vit-large-patch14-336 (or a local folder with that checkpoint)."
+)
 
 
 class CLIError(Exception):
@@ -120,6 +125,13 @@ CLI_ADVICE: tuple[tuple[str, str], ...] = (
     ("pass strict=False", "pass --trust-bank"),
     ("strict=False", "--trust-bank"),
     ("allow_random_backbone=True", "a pretrained --clip (runs on random backbones give meaningless numbers)"),
+    (
+        "add defect images with label 1 and their masks (e.g. the test split of a dataset), or pass "
+        "allow_no_anomalies=True to build it anyway.",
+        "add defect images with their masks. With --dataset folder: one folder per defect kind beside good/, masks as "
+        "<stem>_mask.png beside each image or in a masks/ folder (docs/own-data.md), or name them with --abnormal-dir "
+        "and --mask-dir; with a benchmark: its test split (--split test, the default).",
+    ),
     ("(mrad_hf.memory.build_memory_bank, `mrad build-bank`)", "(`mrad build-bank`)"),
     ("mrad_hf.memory.build_memory_bank(model, samples)", "`mrad build-bank`"),
 )
@@ -287,7 +299,7 @@ def model_options(
         group.add_argument("--image-size", type=image_size_int, default=image_size_default, help=size_help)
     temperature_help = (
         temperature_help
-        or "softmax temperature of retrieval (default: the model's; 1.0 is the reference, random backbones need about 0.01)"
+        or f"softmax temperature of retrieval (default: the model's; a new model: 1.0, the reference's, or {RANDOM_DEMO_TEMPERATURE} on a random backbone)"
     )
     group.add_argument("--retrieval-temperature", type=positive_float, help=temperature_help)
     if runs_model:
@@ -465,11 +477,30 @@ def load_detector(
     detector = _load_detector(model, clip, image_size=image_size, seed=seed, **overrides).eval()
     if bank is not None:
         _attach_bank(detector, bank, trust=trust_bank)
+    if clip not in RANDOM_BACKBONES and (note := random_note(detector)):  # a random --clip said so on loading
+        _log(note)
     detector.to(device)
     _set_dtype(detector, resolve_dtype(dtype, device))
     if device != "cpu":
         _log(f"Running on {device}")
     return detector
+
+
+def random_note(detector) -> str | None:
+    """The NOTE line for a model whose CLIP backbone was randomly initialised (`memory.building.random_backbone`:
+    a `--clip random-*` now, or recorded in its bank), else None: every command that uses one prints it."""
+    from ..memory.building import random_backbone
+
+    name = random_backbone(detector)
+    if name is None:
+        return None
+    return (RANDOM_WARNING if getattr(detector, "random_backbone", None) else RANDOM_MODEL_WARNING).format(name=name)
+
+
+def score_text(result: dict) -> str:
+    """An image's console score, followed by its decision ("anomaly" / "normal") when a --threshold or the model's
+    calibration made one, as scores.json records it: `0.362342  anomaly ` or `0.362342`."""
+    return f"{result['score']:.6f}" + (f"  {result['label']:7s}" if "is_anomalous" in result else "")
 
 
 def load_bank(name: str, option: str = "--bank"):
@@ -538,8 +569,16 @@ def _load_detector(model: str | None, clip: str | None, *, image_size: int | Non
         )
     if clip in RANDOM_BACKBONES:
         _log(RANDOM_WARNING.format(name=clip))
+        if "retrieval_temperature" not in overrides:  # at the reference's 1.0 random features retrieve uniformly
+            overrides["retrieval_temperature"] = RANDOM_DEMO_TEMPERATURE
+            _log(
+                f"Retrieval temperature: {RANDOM_DEMO_TEMPERATURE} for the random backbone (the reference's 1.0 makes "
+                "every heatmap uniform on random features; --retrieval-temperature sets another)"
+            )
         torch.manual_seed(seed)
-        return MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[clip]), **overrides)
+        detector = MRADForAnomalyDetection.from_clip(CLIPConfig(**RANDOM_BACKBONES[clip]), **overrides)
+        detector.random_backbone = clip  # recorded in every bank built from it (`memory.building.random_backbone`)
+        return detector
     _log(f"Loading pretrained CLIP weights from {clip}")
     try:
         return MRADForAnomalyDetection.from_clip(clip, **overrides)
@@ -703,12 +742,14 @@ def _build_bank_from(detector, dataset, *, source: str, batch_size: int, on_erro
     or stop the command with a one-line error (`"fail"`).
     """
     from ..data.reading import iter_readable_rows
-    from ..memory.building import build_memory_bank
+    from ..memory.building import CountedRows, build_memory_bank
     from ..models.mrad.image_processing_mrad import MRADInputError
 
     processor = detector_image_processor(detector)
     skipped: list[dict[str, str]] = []
-    rows = iter_readable_rows(dataset, processor.load_pair, on_error=on_error, failures=skipped)
+    rows = CountedRows(
+        iter_readable_rows(dataset, processor.load_pair, on_error=on_error, failures=skipped), len(dataset)
+    )
     try:
         bank = build_memory_bank(detector, rows, batch_size=batch_size, source=source, image_processor=processor)
     except MRADInputError as error:

@@ -28,6 +28,8 @@ from .common import (
     load_dataset_from_args,
     model_options,
     non_negative_int,
+    random_note,
+    score_text,
     seed_int,
     without_outputs,
 )
@@ -59,8 +61,11 @@ def cmd_build_bank(args) -> int:
         locks.enter_context(writer_lock(args.output, "the bank"))
         if args.save_model:
             locks.enter_context(writer_lock(args.save_model, "the model folder"))
+        anomalous = sum(int(label) for label in dataset["label"])  # the label column: no image is decoded
+        what = "images" if args.dataset == "folder" else f"{args.dataset} images ({args.split} split)"  # no splits
         _log(
-            f"Building the memory bank from {len(dataset)} {args.dataset} images ({args.split} split) in {args.data_root}"
+            f"Building the memory bank from {len(dataset)} {what}{f' in {args.data_root}' if args.data_root else ''}: "
+            f"{len(dataset) - anomalous} normal, {anomalous} anomalous"
         )
         started = time.perf_counter()
         bank = _build_bank_from(
@@ -245,11 +250,19 @@ def cmd_predict(args) -> int:
             record["heatmap"] = str(heatmap)
             results.append(record)
             lines.write(record)
-            _log(f"{prediction['score']:.6f}  {path}")
+            _log(f"{score_text(prediction)}  {path}")
         bar.n = len(todo)
         bar.refresh()
     results = sorted([*done.values(), *results], key=lambda record: position[record["path"]])
-    summary = {"scored": len(results), "failed": len(failures), "results": results, "failures": list(failures)}
+    from ..memory.building import random_backbone
+
+    summary = {
+        "scored": len(results),
+        "failed": len(failures),
+        "random_backbone": random_backbone(detector),  # not None: the scores say nothing about MRAD's accuracy
+        "results": results,
+        "failures": list(failures),
+    }
     _write_json(output_dir / "scores.json", summary)
     run.finish()
     _log(
@@ -326,13 +339,14 @@ def cmd_demo(args) -> int:
             value_range=None,
         )
         _log(
-            f"{'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {os.path.relpath(row['path'], data_root)}"
+            f"truth={'anomaly' if row['label'] else 'normal':7s}  score={prediction['score']:.6f}  {os.path.relpath(row['path'], data_root)}"
         )
     image_auroc = compute_image_auroc(labels, scores)
     pixel_auroc = compute_pixel_auroc(np.stack(pixel_masks), np.stack(pixel_maps))  # images share one size here
     summary = {
         "backbone": args.clip,
         "pretrained": args.clip not in RANDOM_BACKBONES,
+        "random_backbone": args.clip if args.clip in RANDOM_BACKBONES else None,
         "retrieval_temperature": temperature,
         "protocol": protocol,
         "memory_entries": bank.counts(),
@@ -404,9 +418,13 @@ def cmd_evaluate(args) -> int:
     _log(
         f"Evaluating on {len(dataset)} {args.dataset} test images (memory: {bank_source}); results stream to {output_dir}"
     )
+    from ..memory.building import random_backbone
+
+    random_name = random_backbone(detector)  # a random --clip, or recorded in the --model's / --bank's bank
     run_info = {
         "model": args.model or args.clip,
-        "pretrained": (args.clip not in RANDOM_BACKBONES) if args.clip else None,
+        "pretrained": False if random_name else ((args.clip not in RANDOM_BACKBONES) if args.clip else None),
+        "random_backbone": random_name,
         "bank": bank_source,
     }
     try:
@@ -439,8 +457,8 @@ def cmd_evaluate(args) -> int:
     _report_skipped(results["skipped_files"], f"'skipped_files' in {output_dir / 'results.json'}")
     if results["bank_overlap"].get("message"):
         _log(results["bank_overlap"]["message"])
-    if args.clip in RANDOM_BACKBONES:
-        _log(RANDOM_WARNING.format(name=args.clip))
+    if note := random_note(detector):
+        _log(note)
     return 0 if results["per_category"] else 1
 
 

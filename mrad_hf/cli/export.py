@@ -21,7 +21,12 @@ __all__ = ["register", "cmd_export"]
 
 def cmd_export(args) -> int:
     from ..export import ExportError, export_model
+    from ..export.exporters import check_export_request
 
+    try:  # before the model loads: a wrong --precision or --output fails at once
+        check_export_request(args.output, format=args.format, precision=args.precision)
+    except ExportError as error:
+        raise _cli.CLIError(str(error)) from error
     detector = _cli.load_detector(args.model, None).eval()
     _cli._log(
         f"Exporting MRAD-{detector.config.variant.upper()} to {args.format} ({args.precision}); "

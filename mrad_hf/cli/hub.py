@@ -23,7 +23,11 @@ def cmd_push(args) -> int:
             args.source, args.repo_id, revision=args.revision, private=args.private, create_pr=args.create_pr
         )
     else:
+        from .common import _log, random_note
+
         model = hub.load_model(args.source)  # the package's loader: a broken folder is one line naming it
+        if note := random_note(model):  # its bank records a random backbone: the pushed model is a pipeline check
+            _log(note)
         info = hub.push_model(
             model,
             args.repo_id,

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def _detector(args, bank=None, *, attach: bool = True):
         overrides.update({key: features[key] for key in _FEATURE_FIELDS if key in features})
         if "neighbor_kernel_sizes" in overrides:
             overrides["neighbor_kernel_sizes"] = tuple(overrides["neighbor_kernel_sizes"])
-        if getattr(args, "image_size", None) is not None:
-            overrides.pop("image_size", None)  # an explicit --image-size wins (and the bank check names a mismatch)
+        size = overrides.pop("image_size", None)  # an explicit --image-size wins (and the bank check names a mismatch)
+        if getattr(args, "image_size", None) is None and size is not None:
+            args = argparse.Namespace(**{**vars(args), "image_size": size})  # passed as --image-size, not twice
     return _cli.detector_from_args(
         args, bank=bank if attach else None, **overrides
     )  # attached before --dtype / --device
@@ -89,6 +91,10 @@ def _print_info(info: dict) -> None:
     _cli._log(
         f"entries: {counts['image_entries']} image ({counts['image_anomalous']} anomalous), {counts['patch_entries']} region ({counts['patch_anomalous']} anomalous)"
     )
+    if info["random_backbone"]:
+        _cli._log(
+            f"NOTE: built with a RANDOMLY INITIALISED CLIP backbone ({info['random_backbone']}): a pipeline check"
+        )
     for source, per in info["per_source"].items():
         _cli._log(f"  {source}: " + ", ".join(f"{count} {kind}" for kind, count in sorted(per.items())))
     if info["calibration"]:
@@ -112,6 +118,15 @@ def cmd_bank_info(args) -> int:
 
 def _dedup(args):
     return None if args.no_dedup else args.dedup
+
+
+def _dropped(count: int, args) -> str:
+    """What de-duplication dropped, and how to keep it, for the summary line of `bank add` / `bank merge`."""
+    return (
+        f" ({count} near-duplicate entr{'y' if count == 1 else 'ies'} dropped; --no-dedup keeps them)"
+        if count and not args.no_dedup
+        else ""
+    )
 
 
 def _save(bank, path) -> None:
@@ -139,11 +154,16 @@ def cmd_bank_add(args) -> int:
         failures=skipped,
     )
     before, after = bank.counts(), result.counts()
-    _cli._log(
-        f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}"
-    )
     added = next(
         (step for step in reversed(result.metadata.get("history") or []) if step.get("operation") == "add"), {}
+    )
+    offered = added.get("entries") or {}  # the new images' entries, before de-duplication
+    dropped = sum(offered.get(key, 0) for key in ("image_entries", "patch_entries")) - (
+        after["image_entries"] + after["patch_entries"] - before["image_entries"] - before["patch_entries"]
+    )
+    _cli._log(
+        f"Added source {args.source!r}: image entries {before['image_entries']} -> {after['image_entries']}, region entries {before['patch_entries']} -> {after['patch_entries']}"
+        + _dropped(dropped, args)
     )
     if added.get("image_level_only_anomalies"):
         _cli._log(
@@ -164,7 +184,7 @@ def cmd_bank_merge(args) -> int:
     merged = merge_banks(banks, names=list(args.banks), dedup_threshold=_dedup(args))
     total = sum(b.counts()["image_entries"] + b.counts()["patch_entries"] for b in banks)
     kept = merged.counts()["image_entries"] + merged.counts()["patch_entries"]
-    _cli._log(f"Merged {len(banks)} banks: {kept} of {total} entries kept ({total - kept} near-duplicates dropped)")
+    _cli._log(f"Merged {len(banks)} banks: {kept} of {total} entries kept" + _dropped(total - kept, args))
     _save(merged, args.output)
     return 0
 
@@ -216,24 +236,40 @@ def cmd_calibrate(args) -> int:
     )
     target_bank = bank if bank is not None or not args.bank_output else detector.get_memory_bank()
     apply_calibration(detector, calibration, bank=target_bank)
-    _cli._write_json(Path(args.output), calibration)
     _cli._log(
-        f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f} -> {args.output}"
+        f"image threshold {calibration['image_threshold']:.6f}, pixel threshold {calibration['pixel_threshold']:.6f}"
     )
-    _cli._report_skipped(calibration["skipped_files"], f"'skipped_files' in {args.output}")
     if calibration["defects"]:
         _cli._log(
             f"on the known defects: image recall {calibration['defects']['image_recall']:.3f}, pixel recall {calibration['defects']['pixel_recall']}"
         )
+    # written only where asked: --output, inside --save-model (calibration.json), in --bank-output's metadata
+    places = []
+    if args.output:
+        _cli._write_json(Path(args.output), calibration)
+        places.append(str(args.output))
     if args.save_model:
         from ..memory.files import save_model
 
         save_model(detector, args.save_model)
+        places.append(str(Path(args.save_model) / "calibration.json"))
         _cli._log(
             f"Calibrated model saved to {args.save_model}: pipeline('anomaly-detection') now returns is_anomalous and mask"
         )
     if args.bank_output:
         _save(target_bank, args.bank_output)
+        places.append(f"the metadata of {args.bank_output}")
+    if places:
+        _cli._log(f"Calibration written to {', '.join(places)}")
+    else:
+        _cli._log(
+            "The calibration was not saved (nothing asked for it): pass --save-model DIR (the model with its "
+            "thresholds), --output FILE (JSON) or --bank-output FILE, or use the image threshold above as --threshold."
+        )
+    skipped = calibration["skipped_files"]
+    _cli._report_skipped(skipped, f"'skipped_files' in {places[0]}" if places else "the lines below")
+    for failure in [] if places else skipped[1:]:
+        _cli._log(f"  skipped {failure['path']}: {failure['error']}")
     return 0
 
 
@@ -249,6 +285,9 @@ def cmd_explain(args) -> int:
     detect = detector_for(detector)
     output_dir = Path(args.output_dir)
     records, notes = [], []
+    from ..memory.building import random_backbone
+
+    random_name = random_backbone(detector)
     paths = _cli._collect_images(args.images, output_dir=output_dir)
     for index, path in enumerate(tqdm(paths, desc="Explaining", unit="img")):
         image = detect.image_processor.load(path)
@@ -269,10 +308,12 @@ def cmd_explain(args) -> int:
         }
         if "is_anomalous" in result:
             record.update(is_anomalous=bool(result["is_anomalous"]), thresholds=result["thresholds"])
+        if random_name:
+            record["random_backbone"] = random_name  # the explanation retrieves from random features
         records.append(record)
         top = result["explanation"]["image"]["neighbours"][0]
         _cli._log(
-            f"{result['score']:.6f}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}"
+            f"{_cli.score_text(result)}  {path}  nearest: {top['kind']} ({'anomaly' if top['label'] else 'normal'}) {top['image_id']} from {top['source']}"
         )
     _cli._write_json(output_dir / "explanations.json", records)
     _cli._log(f"Panels and explanations.json in {output_dir}")
@@ -380,7 +421,10 @@ def register(commands) -> None:
     calibrate.add_argument(
         "--pixel-fpr", type=probability, help="share of good pixels in the mask (default: min(target, 0.01))"
     )
-    calibrate.add_argument("--output", default="calibration.json", help="where to write the thresholds as JSON")
+    calibrate.add_argument(
+        "--output",
+        help="also write the thresholds to this JSON file (--save-model keeps them in its calibration.json)",
+    )
     calibrate.add_argument("--save-model", help="save the model with its calibration (and bank) to this folder")
     calibrate.add_argument("--bank-output", help="also write the bank with the calibration in its metadata")
     calibrate.set_defaults(handler=cmd_calibrate)

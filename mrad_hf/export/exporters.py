@@ -32,7 +32,7 @@ from ..models.mrad.image_processing_mrad import MRADImageProcessor
 from .graph import INPUT_NAME, OUTPUT_NAMES, MRADExportModule
 from .runtime import EXPORT_CONFIG_NAME, ExportedDetector, ExportError, require
 
-__all__ = ["EXPORT_FORMATS", "export_model", "export_onnx"]
+__all__ = ["EXPORT_FORMATS", "check_export_request", "export_model", "export_onnx"]
 
 EXPORT_FORMATS = ("onnx", "openvino")
 ONNX_FILE = "model.onnx"
@@ -97,6 +97,22 @@ def _check_output_folder(path: Path) -> None:
         raise ExportError(str(error)) from error
 
 
+def check_export_request(output_dir: str | Path, *, format: str, precision: str) -> Path:
+    """Refuse (ExportError) an unknown format or precision, bfloat16 outside OpenVINO, or an output folder an
+    export may not write to; returns the folder. `export_model` starts with it, and `mrad export` calls it before
+    loading the model, so a wrong command line fails at once, not after the model has loaded."""
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"Unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}.")
+    if precision not in DEFAULT_TOLERANCE:
+        raise ExportError(f"Unsupported export precision {precision!r}; use one of {', '.join(DEFAULT_TOLERANCE)}.")
+    if precision == "bfloat16" and format != "openvino":
+        raise ExportError(
+            "--precision bfloat16 needs --format openvino (ONNX Runtime's CPU provider computes in float32)."
+        )
+    _check_output_folder(Path(output_dir))
+    return Path(output_dir)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -145,16 +161,7 @@ def export_model(
 
     Returns: the folder.
     """
-    if format not in EXPORT_FORMATS:
-        raise ExportError(f"Unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}.")
-    if precision not in DEFAULT_TOLERANCE:
-        raise ExportError(f"Unsupported export precision {precision!r}; use one of {', '.join(DEFAULT_TOLERANCE)}.")
-    if precision == "bfloat16" and format != "openvino":
-        raise ExportError(
-            "--precision bfloat16 needs --format openvino (ONNX Runtime's CPU provider computes in float32)."
-        )
-    output_dir = Path(output_dir)
-    _check_output_folder(output_dir)
+    output_dir = check_export_request(output_dir, format=format, precision=precision)
     backbone_dtype = next(model.clip.parameters()).dtype
     if backbone_dtype != torch.float32:
         raise ExportError(

@@ -17,7 +17,7 @@ from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_
 from ..models.mrad.retrieval_mrad import l2_normalize, one_hot_labels
 from .samples import batched, iter_samples, progress_bar
 
-__all__ = ["build_memory_bank", "patch_region_labels"]
+__all__ = ["CountedRows", "build_memory_bank", "patch_region_labels", "random_backbone"]
 
 
 def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact") -> torch.Tensor:
@@ -38,6 +38,31 @@ def patch_region_labels(masks: torch.Tensor, grid_size: int, rule: str = "exact"
     if rule == "majority":
         return (small > 0.5).long()
     raise ValueError(f"Unknown region rule {rule!r}; use 'exact' or 'majority'.")
+
+
+class CountedRows:
+    """Rows read as they come (e.g. `data.reading.iter_readable_rows`) with their dataset's length, so that the
+    progress bar of `build_memory_bank` has a total; an unreadable row is skipped, so the bar may stop short."""
+
+    def __init__(self, rows: Iterable[Any], count: int):
+        self.rows, self.count = rows, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def random_backbone(model) -> str | None:
+    """The name of `model`'s randomly initialised CLIP backbone (e.g. "random-small"), or None when none is known.
+
+    Whoever initialises a backbone at random says so (`model.random_backbone`, set by the CLI's `--clip random-*`);
+    every bank built from such a model records it (`metadata["random_backbone"]`), so a saved model, its banks and
+    every later command keep knowing that its scores say nothing about MRAD's accuracy."""
+    return getattr(model, "random_backbone", None) or (getattr(model, "memory_bank_metadata", None) or {}).get(
+        "random_backbone"
+    )
 
 
 @torch.no_grad()
@@ -158,6 +183,7 @@ def _assemble_memory_bank(model, entries: list[dict[str, Any]], source: str | No
             "image_ids": [entry["id"]["id"] for entry in entries],
             "image_sources": [entry["id"]["source"] or source or "unknown" for entry in entries],
             "image_sha256": [entry["id"]["sha256"] for entry in entries],
+            **({"random_backbone": name} if (name := random_backbone(model)) else {}),
         },
     )
 
@@ -173,8 +199,7 @@ def _check_anomalous_entries(bank: MemoryBank, allowed: bool) -> None:
             f"The memory bank would have no anomalous entry at the {levels} level ({counts['image_entries']} images, "
             f"{counts['image_anomalous']} anomalous, {counts['patch_anomalous']} anomalous regions): every score would be "
             "0. MRAD retrieves from labelled auxiliary images, normal AND defective: add defect images with label 1 "
-            "and their masks (e.g. the test split of a dataset, `mrad build-bank --split test`), or pass "
-            "allow_no_anomalies=True to build it anyway."
+            "and their masks (e.g. the test split of a dataset), or pass allow_no_anomalies=True to build it anyway."
         )
     warnings.warn(
         f"allow_no_anomalies=True: the bank has no anomalous entry at the {levels} level, so retrieval there returns "

@@ -46,7 +46,7 @@ from ..data.reading import iter_readable_rows
 from ..memory.samples import label_value
 from ..models.mrad.memory_bank_mrad import MemoryBank, MemoryBankError, feature_settings
 from ..models.mrad.retrieval_mrad import l2_normalize
-from .building import build_memory_bank
+from .building import CountedRows, build_memory_bank
 
 __all__ = [
     "DEFAULT_DEDUP_THRESHOLD",
@@ -425,7 +425,7 @@ def entries_from_samples(
                 unmasked.append(int(row["label"]) == 1 and row["mask"] is None)
                 yield row
 
-        samples_in = rows()
+        samples_in = CountedRows(rows(), len(samples))  # the progress bar's total
     else:
         samples_in = samples if isinstance(samples, (list, tuple)) else list(samples)
         unmasked = unmasked_anomalies(samples_in)
@@ -509,6 +509,7 @@ def bank_info(bank: MemoryBank) -> dict[str, Any]:
         "key_widths": {"image": int(bank.image_keys.shape[1]), "patch": int(bank.patch_keys.shape[1])},
         "per_source": {source: dict(counter) for source, counter in per_source.items()},
         "backbone": bank.metadata.get("backbone"),
+        "random_backbone": bank.metadata.get("random_backbone"),  # built with randomly initialised CLIP weights
         "features": bank.metadata.get("features"),
         "calibration": bank.metadata.get("calibration"),
         "history": bank.metadata.get("history") or [],

@@ -141,6 +141,7 @@ def calibrate(
         defect_images, defect_masks: optional known defects, only to report the recall of the thresholds.
     """
     from ..data.reading import readable_items
+    from ..memory.building import random_backbone
 
     pixel_fpr = min(target_fpr, 0.01) if pixel_fpr is None else pixel_fpr
     _check_rate(pixel_fpr, "pixel_fpr")
@@ -172,6 +173,7 @@ def calibrate(
         "normal_score_range": [float(scores.min()), float(scores.max())],
         "decision": "anomalous when score > image_threshold; mask = anomaly_map > pixel_threshold",
         "bank": _bank_signature(model),
+        "random_backbone": random_backbone(model),  # not None: thresholds of random features, for a pipeline check
         "defects": None,
         "skipped_files": skipped,
     }

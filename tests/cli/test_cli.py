@@ -159,6 +159,9 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert results["pretrained"] is False and results["protocol"] == "held-out-images"
     scores = results["scores"]
     assert len(scores) == 27 and printed.count(" score=") == 27  # every held-out image scored, none lost on a path
+    for record in scores:  # the label column is the ground truth, and says so (the demo makes no decision)
+        truth = "anomaly" if record["label"] else "normal "
+        assert f"truth={truth}  score={record['score']:.6f}  " in printed
     assert results["image_auroc"] == pytest.approx(
         roc_auc_score([s["label"] for s in scores], [s["score"] for s in scores])
     )
@@ -352,3 +355,86 @@ def test_hostile_or_edited_model_folders_are_one_error_line(model_with_bank, tmp
             assert "LOAD REPORT" not in printed.err and "custom code" not in printed.out + printed.err
             path.write_text(original[path])
     assert not marker.exists()
+
+
+def test_a_random_backbone_is_named_by_every_later_command_and_result(user_folder, tmp_path, capsys, monkeypatch):
+    """A model built on `--clip random-*` keeps saying so: its bank records the name, and predict / evaluate /
+    calibrate / explain print the NOTE and record it in their JSON (an evaluation is marked not pretrained)."""
+    from mrad_hf.memory.building import random_backbone
+
+    bank_path, model_dir = tmp_path / "bank.safetensors", tmp_path / "random_model"
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(user_folder)]
+    assert main([*build, "--output", str(bank_path), "--save-model", str(model_dir)]) == 0
+    capsys.readouterr()
+    assert load_bank(bank_path).metadata["random_backbone"] == "random-tiny"
+    from mrad_hf import MRADForAnomalyDetection
+
+    assert random_backbone(MRADForAnomalyDetection.from_pretrained(model_dir)) == "random-tiny"
+    assert random_backbone(make_tiny_model()) is None  # nothing said it was random: no claim either way
+
+    good = user_folder / "good"
+    assert main(["predict", "--model", str(model_dir), str(good), "--output-dir", str(tmp_path / "p")]) == 0
+    assert "RANDOMLY INITIALISED (random-tiny; its bank records it)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p" / "scores.json").read_text())["random_backbone"] == "random-tiny"
+
+    evaluate = ["evaluate", "--model", str(model_dir), "--dataset", "folder", "--data-root", str(user_folder)]
+    assert main([*evaluate, "--output-dir", str(tmp_path / "e"), "--heatmaps", "0"]) == 0
+    assert capsys.readouterr().out.count("RANDOMLY INITIALISED") == 2  # on loading, and again below the table
+    run = json.loads((tmp_path / "e" / "results.json").read_text())["run"]
+    assert run["pretrained"] is False and run["random_backbone"] == "random-tiny"
+
+    explain = ["explain", "--model", str(model_dir), str(good / "000.png"), "--output-dir", str(tmp_path / "x")]
+    assert main(explain) == 0
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "x" / "explanations.json").read_text())[0]["random_backbone"] == "random-tiny"
+
+    assert main(["bank", "info", str(bank_path)]) == 0
+    assert "RANDOMLY INITIALISED CLIP backbone (random-tiny)" in capsys.readouterr().out
+    assert main(["bank", "info", str(bank_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["random_backbone"] == "random-tiny"
+
+    from types import SimpleNamespace
+
+    from mrad_hf.hub import api
+
+    monkeypatch.setattr(api, "push_model", lambda *args, **kwargs: SimpleNamespace(oid="abc", commit_url="url"))
+    assert main(["push", str(model_dir), "someone/random-model"]) == 0  # no network: the Hub call is replaced
+    assert "RANDOMLY INITIALISED (random-tiny; its bank records it)" in capsys.readouterr().out
+
+
+def test_a_good_only_bank_is_refused_with_command_line_advice(tmp_path, capsys):
+    """A folder with only good/ images: the refusal tells a CLI user what to add, never a Python keyword."""
+    from reliability._files import write_folder_dataset
+
+    good_only = write_folder_dataset(tmp_path / "parts", [s for s in make_samples(6, seed=23) if s["mask"] is None])
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(good_only)]
+    assert main([*build, "--output", str(tmp_path / "b.safetensors")]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error.startswith("mrad build-bank: error: The memory bank would have no anomalous entry")
+    assert (
+        "add defect images with their masks. With --dataset folder: one folder per defect kind beside good/" in error
+    )
+    assert "allow_no_anomalies" not in error and "label 1" not in error
+
+
+def test_a_random_backbone_gets_the_sharp_retrieval_temperature_unless_one_is_given(user_folder, tmp_path, capsys):
+    """At the reference's 1.0 random features retrieve uniformly: a new random-backbone model uses
+    RANDOM_DEMO_TEMPERATURE and says so; an explicit --retrieval-temperature is kept, silently."""
+    from mrad_hf import MRADForAnomalyDetection
+    from mrad_hf.cli.common import RANDOM_DEMO_TEMPERATURE
+
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(user_folder)]
+    for extra, expected in (([], RANDOM_DEMO_TEMPERATURE), (["--retrieval-temperature", "0.5"], 0.5)):
+        model_dir = tmp_path / f"model{len(extra)}"
+        assert main([*build, *extra, "--output", str(tmp_path / "b.safetensors"), "--save-model", str(model_dir)]) == 0
+        said = f"Retrieval temperature: {RANDOM_DEMO_TEMPERATURE} for the random backbone" in capsys.readouterr().out
+        assert said == (not extra)
+        assert MRADForAnomalyDetection.from_pretrained(model_dir).config.retrieval_temperature == expected
+
+
+def test_build_bank_names_a_plain_folder_without_a_split_and_its_bar_has_a_total(user_folder, tmp_path, capsys):
+    build = ["build-bank", "--clip", "random-tiny", "--dataset", "folder", "--data-root", str(user_folder)]
+    assert main([*build, "--output", str(tmp_path / "b.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert f"Building the memory bank from 6 images in {user_folder}: 3 normal, 3 anomalous\n" in captured.out
+    assert "split" not in captured.out and "Building memory bank: 100%" in captured.err and "6/6" in captured.err

@@ -498,3 +498,26 @@ def test_org_slash_name_under_a_local_folder_is_a_missing_path_not_a_hub_id(tmp_
     assert main(["predict", "--model", "models/parts-calibrated", "part.png"]) == 2
     error = capsys.readouterr().err
     assert "no such file or folder" in error and "not tried on the Hub" in error
+
+
+def test_export_refuses_a_wrong_precision_or_output_before_loading_the_model(tmp_path, capsys):
+    """A bfloat16 ONNX export or a foreign --output whose files an export would overwrite is refused at once: no
+    model load, no 'Exporting'."""
+    model = tmp_path / "model"
+    detector = make_tiny_model()
+    build_memory_bank(detector, make_samples(4, seed=3), progress=False)
+    detector.save_pretrained(model)
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "model.onnx").write_bytes(b"someone else's graph")
+    capsys.readouterr()
+    cases = (
+        (["--format", "onnx", "--precision", "bfloat16", "--output", str(tmp_path / "x")], "needs --format openvino"),
+        (["--format", "onnx", "--output", str(foreign)], str(foreign)),
+    )
+    for options, expected in cases:
+        assert main(["export", "--model", str(model), *options]) == 2
+        captured = capsys.readouterr()
+        assert expected in captured.err and captured.err.startswith("mrad export: error:")
+        assert "Loaded MRAD model" not in captured.out and "Exporting" not in captured.out
+    assert (foreign / "model.onnx").read_bytes() == b"someone else's graph" and not (tmp_path / "x").exists()

@@ -173,6 +173,8 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
     )
     calibration = json.loads((workspace / "cal.json").read_text())
     assert calibration["n_normal_images"] == 9 and calibration["target_fpr"] == 0.1
+    written = f"Calibration written to {workspace / 'cal.json'}, {workspace / 'calibrated' / 'calibration.json'}"
+    assert written in capsys.readouterr().out
     assert MRADForAnomalyDetection.from_pretrained(workspace / "calibrated").calibration == calibration
     out = workspace / "explain"
     dents = sorted(str(p) for p in (workspace / "line" / "dent").glob("d?.png"))
@@ -182,6 +184,10 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
     )
     records = json.loads((out / "explanations.json").read_text())
     assert len(records) == 2 and all(Image.open(r["panel"]).size[0] > 0 for r in records)
+    printed = capsys.readouterr().out
+    for record in records:  # the console line shows the decision, as explanations.json records it
+        decision = "anomaly" if record["is_anomalous"] else "normal "
+        assert f"{record['score']:.6f}  {decision}  {record['path']}  nearest:" in printed
     for record in records:
         assert record["is_anomalous"] == (record["score"] > calibration["image_threshold"])
         assert [n["rank"] for n in record["explanation"]["image"]["neighbours"]] == [1, 2]
@@ -200,6 +206,9 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
     )
     scored = json.loads((workspace / "pred" / "scores.json").read_text())["results"]
     assert all(r["is_anomalous"] == (r["score"] > calibration["image_threshold"]) for r in scored)
+    printed = capsys.readouterr().out
+    for record in scored:
+        assert f"{record['score']:.6f}  {record['label']:7s}  {record['path']}" in printed
     assert all(r["thresholds"]["from"] == "calibration" for r in scored)
     capsys.readouterr()
     assert (
@@ -217,3 +226,65 @@ def test_calibrate_then_explain_and_predict_decide(workspace, capsys):
         == 2
     )
     assert "needs at least 19 known-good images" in capsys.readouterr().err
+
+
+def test_calibrate_writes_only_where_asked(workspace, capsys, monkeypatch):
+    """No calibration.json in the current folder by default: only --output, --save-model or --bank-output keep it,
+    and the last line says where it went (or that it went nowhere)."""
+    monkeypatch.chdir(workspace / "line")
+    args = [
+        "calibrate",
+        "--model",
+        str(workspace / "model"),
+        "--images",
+        str(workspace / "good"),
+        "--target-fpr",
+        "0.1",
+    ]
+    assert main(args) == 0
+    assert "The calibration was not saved (nothing asked for it): pass --save-model DIR" in capsys.readouterr().out
+    assert not (workspace / "line" / "calibration.json").exists()
+    assert main([*args, "--save-model", str(workspace / "calibrated")]) == 0
+    assert f"Calibration written to {workspace / 'calibrated' / 'calibration.json'}\n" in capsys.readouterr().out
+    assert not (workspace / "line" / "calibration.json").exists()
+    assert json.loads((workspace / "calibrated" / "calibration.json").read_text())["n_normal_images"] == 9
+
+
+def test_bank_add_says_what_de_duplication_dropped(workspace, capsys):
+    """The same good image given twice: its second copy (1 image + 1 region entry) is dropped, and the summary says
+    so and how to keep it; --no-dedup keeps both copies."""
+    bank = workspace / "bank.safetensors"
+    before = load_bank(bank).counts()
+    image = str(workspace / "good" / "ok0.png")
+    twin = workspace / "twin.png"
+    twin.write_bytes((workspace / "good" / "ok0.png").read_bytes())
+    add = ["bank", "add", str(bank), "--model", str(workspace / "model"), "--images", image, str(twin)]
+    assert main([*add, "--label", "normal", "--source", "ok", "--output", str(workspace / "a.safetensors")]) == 0
+    images, regions = before["image_entries"], before["patch_entries"]
+
+    def counts(added: int) -> str:
+        return f"image entries {images} -> {images + added}, region entries {regions} -> {regions + added}"
+
+    assert f"{counts(1)} (2 near-duplicate entries dropped; --no-dedup keeps them)" in capsys.readouterr().out
+    keep = [*add, "--label", "normal", "--source", "ok", "--no-dedup", "--output", str(workspace / "b.safetensors")]
+    assert main(keep) == 0
+    printed = capsys.readouterr().out
+    assert f"{counts(2)}\n" in printed
+    assert "near-duplicate" not in printed
+
+
+def test_bank_add_with_a_new_clip_model_takes_the_bank_s_image_size_and_shows_a_total(workspace, capsys):
+    """`bank add --clip` builds the model at the bank's feature settings (its image size passed once, not twice), and
+    the progress bar over a loader dataset has its total."""
+    bank = workspace / "random.safetensors"
+    build = ["build-bank", "--clip", "random-tiny", "--image-size", "112", "--dataset", "folder"]
+    assert main([*build, "--data-root", str(workspace / "line"), "--output", str(bank)]) == 0
+    capsys.readouterr()
+    add = ["bank", "add", str(bank), "--clip", "random-tiny", "--dataset", "folder", "--data-root"]
+    assert (
+        main([*add, str(workspace / "line"), "--source", "again", "--output", str(workspace / "r2.safetensors")]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "Building memory bank: 100%" in captured.err and "4/4" in captured.err
+    dropped = "image entries 4 -> 4, region entries 6 -> 6 (10 near-duplicate entries dropped; --no-dedup keeps them)"
+    assert dropped in captured.out  # the same 4 images again: all 4 image and 6 region entries are duplicates

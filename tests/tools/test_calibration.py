@@ -190,3 +190,15 @@ def test_known_defects_report_recall(brick_model_and_normals):
         float((maps[masks] > calibration["pixel_threshold"]).mean())
     )
     assert torch.is_tensor(torch.as_tensor(maps))
+
+
+def test_a_calibration_records_a_random_backbone(brick_model_and_normals):
+    """Thresholds chosen on a randomly initialised backbone say so (the JSON travels without the bank)."""
+    model, normals = brick_model_and_normals
+    assert calibrate(model, normals[:9], target_fpr=0.1, progress=False, batch_size=64)["random_backbone"] is None
+    model.random_backbone = "random-tiny"  # what `--clip random-tiny` sets
+    try:
+        calibration = calibrate(model, normals[:9], target_fpr=0.1, progress=False, batch_size=64)
+    finally:
+        del model.random_backbone
+    assert calibration["random_backbone"] == "random-tiny"
