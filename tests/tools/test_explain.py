@@ -192,6 +192,19 @@ def test_thumbnails_are_read_only_inside_the_image_root(tiny_model, tmp_path):
     assert np.all(_tile(panel, good, tile) == 225, axis=-1).mean() > 0.8
 
 
+def _save_panel(folder, image, explanation, notes):
+    """The panel of one explanation with thumbnails read from `folder` (`notes` collects the placeholder reasons)."""
+    save_explanation(
+        folder / "panel.png",
+        Image.fromarray(image),
+        np.zeros((8, 8), np.float32),
+        explanation,
+        tile=96,
+        image_root=folder,
+        notes=notes,
+    )
+
+
 def test_unusable_image_ids_are_placeholders_and_the_run_goes_on(tiny_model, tmp_path):
     """Ids the system refuses (a NUL byte, a name over the 255-byte limit, in characters or in UTF-8 bytes) are
     placeholder tiles with a note: resolving them never raises, and the panel is written."""
@@ -209,15 +222,7 @@ def test_unusable_image_ids_are_placeholders_and_the_run_goes_on(tiny_model, tmp
     query = MRADImageProcessor.from_config(tiny_model.config)(rows[0]["image"])["pixel_values"]
     explanation = explain_images(tiny_model, query, top_k=4)[0]
     notes = []
-    save_explanation(
-        tmp_path / "panel.png",
-        Image.fromarray(rows[0]["image"]),
-        np.zeros((8, 8), np.float32),
-        explanation,
-        tile=96,
-        image_root=tmp_path,
-        notes=notes,
-    )
+    _save_panel(tmp_path, rows[0]["image"], explanation, notes)
     assert (tmp_path / "panel.png").is_file()
     assert {note.split("': ", 1)[1] for note in notes} == {
         "unusable image id",
@@ -247,15 +252,7 @@ def test_bad_thumbnails_are_placeholders_and_the_run_goes_on(tiny_model, tmp_pat
         lambda self, size, *a, **k: decoded_sizes.append(self.size) or resize(self, size, *a, **k),
     )
     notes = []
-    save_explanation(
-        tmp_path / "panel.png",
-        Image.fromarray(rows[0]["image"]),
-        np.zeros((8, 8), np.float32),
-        explanation,
-        tile=96,
-        image_root=tmp_path,
-        notes=notes,
-    )
+    _save_panel(tmp_path, rows[0]["image"], explanation, notes)
     assert (tmp_path / "panel.png").is_file()
     assert (
         "thumbnail of 'huge.png': unreadable (ValueError: too large for a thumbnail (over PIL's decompression-bomb"
