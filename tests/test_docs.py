@@ -47,3 +47,13 @@ def test_every_mrad_hf_name_in_the_docs_exists(document):
     assert not missing, f"{document.name} mentions names that do not exist: {missing}"
     if document.name == "README.md":
         assert "mrad_hf.hub.load_model" in text  # the check reads real references
+
+
+@pytest.mark.parametrize("package, module", [("mrad_hf.hub", "api"), ("mrad_hf.training", "trainer")])
+def test_packages_export_their_modules_entry_points_lazily(package, module):
+    """`mrad_hf.hub.load_model` / `mrad_hf.training.train_mrad` are the module's own objects, listed once more in the
+    package (so that importing a light sibling such as `training.tokenization` does not import the heavy module)."""
+    exported = importlib.import_module(package)
+    source = importlib.import_module(f"{package}.{module}")
+    assert sorted(exported.__all__) == sorted(source.__all__)
+    assert all(getattr(exported, name) is getattr(source, name) for name in source.__all__)
