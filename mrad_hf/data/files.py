@@ -42,6 +42,7 @@ __all__ = [
     "PathOutsideRoot",
     "classify_file",
     "ignored_summary",
+    "is_absolute_text",
     "pair_image_files",
     "path_in_root",
     "scan_folder",
@@ -83,6 +84,11 @@ class PathOutsideRoot(ValueError):
         self.kind = kind
 
 
+def is_absolute_text(text: str) -> bool:
+    """Whether a path read from a file is absolute on any platform (``/x``, ``\\x``, ``~/x``, ``C:...``)."""
+    return text.startswith(("/", "\\", "~")) or (len(text) > 1 and text[1] == ":") or os.path.isabs(text)
+
+
 def path_in_root(root: str | os.PathLike[str], relative: str) -> Path:
     """``root / relative`` for a path read from a file's content, or :class:`PathOutsideRoot`.
 
@@ -91,10 +97,9 @@ def path_in_root(root: str | os.PathLike[str], relative: str) -> Path:
     folder included). The lexical path is returned, so that ids stay relative to ``root``. Nothing is opened.
     """
     text = os.fspath(relative)
-    posix = text.replace("\\", "/")
-    if posix.startswith(("/", "~")) or (len(text) > 1 and text[1] == ":") or os.path.isabs(text):
+    if is_absolute_text(text):
         raise PathOutsideRoot("an absolute path", "absolute")
-    if ".." in posix.split("/"):
+    if ".." in text.replace("\\", "/").split("/"):
         raise PathOutsideRoot("a '..' part leaves the root", "parent")
     candidate = Path(root) / text
     try:

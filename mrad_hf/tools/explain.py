@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.files import PathOutsideRoot, path_in_root
+from ..data.files import PathOutsideRoot, is_absolute_text, path_in_root
 from ..memory.files import atomic_write
 from ..memory.tools import provenance
 from ..models.mrad.memory_bank_mrad import MemoryBank
@@ -128,12 +128,6 @@ def explain_images(
 
 
 # ---------------------------------------------------------------------- thumbnails
-def _is_absolute(image_id: str) -> bool:
-    return (
-        image_id.startswith(("/", "\\", "~")) or (len(image_id) > 1 and image_id[1] == ":") or os.path.isabs(image_id)
-    )
-
-
 _OUTSIDE_NOTES = {
     "absolute": "absolute image id, not read",
     "parent": "image id leaves the image root",
@@ -206,7 +200,9 @@ def _thumbnail(entry: dict[str, Any], size: int, image_root=None, notes: list[st
             notes.append(f"thumbnail of '{image_id}': {note}")
         tile = Image.new("RGB", (size, size), (225, 225, 225))
         shown = (
-            os.path.basename(str(image_id)) if image_id and _is_absolute(str(image_id)) else (image_id or "unknown")
+            os.path.basename(str(image_id))
+            if image_id and is_absolute_text(str(image_id))
+            else (image_id or "unknown")
         )
         text = "\n".join(textwrap.wrap(f"no image: {shown}", 18)[:3] + textwrap.wrap(note, 18)[:3])
         ImageDraw.Draw(tile).multiline_text((4, size // 4), text, fill="black")
@@ -229,7 +225,7 @@ def public_explanation(explanation: dict[str, Any]) -> dict[str, Any]:
         for entry in explanation[level]["neighbours"]:
             entry = dict(entry)
             image_id = entry.get("image_id")
-            if image_id and _is_absolute(str(image_id)):
+            if image_id and is_absolute_text(str(image_id)):
                 entry.update(image_id=os.path.basename(str(image_id).replace("\\", "/")), image_id_redacted=True)
             neighbours.append(entry)
         out[level] = {**explanation[level], "neighbours": neighbours}
